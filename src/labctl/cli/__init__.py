@@ -1,0 +1,305 @@
+"""The labctl command line. Thin: parse, call labctl.service, render. Heavy modules load inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from labctl.errors import LabctlError
+
+app = typer.Typer(
+    help="Provision course lab environments on Chameleon (and an emulated testbed, `--site sim`).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+testbed_app = typer.Typer(help="The emulated Chameleon testbed (for trying labctl with no cloud).",
+                          no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+
+SiteOpt = Annotated[str, typer.Option("--site", "-s", help="chi@tacc, chi@uc, kvm@tacc, or sim[:chi@uc].")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+OwnerOpt = Annotated[str | None, typer.Option("--owner", envvar="LABCTL_OWNER", help="Owner name in resource names.")]
+CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="OS_CLOUD", help="clouds.yaml entry to use.")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Deployment name (default: the lab's name).")]
+
+
+def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False):  # noqa: ANN202
+    from labctl.service import Context
+
+    reporter = None
+    if progress:
+        from labctl.cli.render import progress_reporter
+
+        reporter = progress_reporter(quiet=as_json)
+    return Context.create(owner, reporter)
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+def up(
+    lab: Annotated[str, typer.Argument(help="Lab profile name (profiles/<lab>.yaml) or path.")],
+    site: SiteOpt,
+    name: NameOpt = None,
+    owner: OwnerOpt = None,
+    cloud: CloudOpt = None,
+    allow_host_changes: Annotated[bool, typer.Option(
+        help="On sim, also run setup steps that would change this machine (apt, sudo).")] = False,
+    ssh_timeout: Annotated[float, typer.Option(help="Seconds to wait for SSH on the nodes.")] = 900,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a lab: reserve, launch, attach IPs, run setup. Rerun it to resume after any failure.
+
+    Examples:\n
+      labctl up hello --site sim\n
+      labctl up gpu-a100 --site chi@tacc\n
+      labctl up gpu-a100 --site sim:chi@uc --json
+    """
+    from labctl import service
+    from labctl.cli.render import print_status
+
+    ctx = _ctx(owner, progress=True, as_json=as_json)
+    result = service.up(ctx, lab, site, name=name, cloud=cloud, allow_host_changes=allow_host_changes,
+                        ssh_timeout=ssh_timeout)
+    _stop_progress(ctx)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        print_status([result], detail=True)
+
+
+@app.command()
+def down(
+    lab: Annotated[str | None, typer.Argument(help="Deployment name (optional if you have one).")] = None,
+    owner: OwnerOpt = None,
+    cloud: CloudOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete everything labctl created for a lab (and nothing else), even after a crash.
+
+    Examples:\n
+      labctl down hello
+    """
+    from labctl import service
+
+    ctx = _ctx(owner, progress=True, as_json=as_json)
+    left = service.down(ctx, lab, cloud=cloud)
+    _stop_progress(ctx)
+    if as_json:
+        _print_json({"deleted": not left, "left": left})
+    elif left:
+        from labctl.errors import CloudError
+
+        raise CloudError("down left resources behind: " + "; ".join(left) + " (run 'labctl down' again)")
+    else:
+        typer.echo("Deleted. Nothing of this lab is left at the site.")
+
+
+@app.command()
+def status(
+    lab: Annotated[str | None, typer.Argument(help="Deployment name (default: all of yours).")] = None,
+    owner: OwnerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show your labs: site, nodes, IPs, lease end, setup state.
+
+    Examples:\n
+      labctl status\n
+      labctl status hello --json
+    """
+    from labctl import service
+    from labctl.cli.render import print_status
+
+    ctx = _ctx(owner)
+    results = [service.status(ctx, service.resolve_deployment(ctx, lab).id)] if lab else service.statuses(ctx)
+    if as_json:
+        _print_json([r.to_json() for r in results] if not lab else results[0].to_json())
+    else:
+        print_status(results, detail=bool(lab))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(
+    ctx: typer.Context,
+    lab: Annotated[str | None, typer.Argument(help="Deployment name.")] = None,
+    node: Annotated[str | None, typer.Argument(help="Node name (default: the first with an IP).")] = None,
+    forward: Annotated[list[int] | None, typer.Option("--forward", "-L",
+                                                        help="Forward a port to the node's localhost.")] = None,
+    owner: OwnerOpt = None,
+) -> None:
+    """Open a shell on a node, or run a command after `--`, with the pinned host key.
+
+    Examples:\n
+      labctl ssh hello\n
+      labctl ssh hello node-1 -- uname -a\n
+      labctl ssh gpu-a100 --forward 8888
+    """
+    import subprocess
+
+    from labctl import service
+
+    command = list(ctx.args)
+    if lab == "--":
+        lab, node = None, None
+    sctx = _ctx(owner)
+    argv = service.ssh_argv(sctx, lab, node, command, forward or [])
+    raise typer.Exit(subprocess.call(argv))
+
+
+@app.command()
+def plan(
+    lab: Annotated[str, typer.Argument(help="Lab profile name or path.")],
+    site: SiteOpt,
+    name: NameOpt = None,
+    owner: OwnerOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what `up` would create at a site. Changes nothing.
+
+    Examples:\n
+      labctl plan gpu-a100 --site chi@uc
+    """
+    from labctl import service
+    from labctl.cli.render import plan_json, print_plan
+
+    the_plan = service.plan(_ctx(owner), lab, site, name=name)
+    if as_json:
+        _print_json(plan_json(the_plan))
+    else:
+        print_plan(the_plan)
+
+
+@app.command()
+def validate(
+    profiles: Annotated[list[str] | None, typer.Argument(help="Profile names or paths (default: all found).")] = None,
+    site: Annotated[str | None, typer.Option("--site", "-s", help="Also check it can run at this site.")] = None,
+) -> None:
+    """Check lab profiles; exit 2 on the first problem, with file and field.
+
+    Examples:\n
+      labctl validate\n
+      labctl validate gpu-a100 --site chi@uc
+    """
+    from labctl import profile as profile_mod
+    from labctl import sites
+    from labctl.errors import UserError
+
+    refs = profiles or [str(p) for p in profile_mod.all_profile_paths()]
+    errors = []
+    for ref in refs:
+        try:
+            prof = profile_mod.load_profile(profile_mod.find_profile(ref))
+            for site_name in [site] if site else prof.sites:
+                problems = profile_mod.validate_for_site(prof, sites.resolve(site_name, prof))
+                errors += [f"{prof.name} at {site_name}: {p}" for p in problems]
+            if not errors:
+                typer.echo(f"ok: {prof.name} ({', '.join([site] if site else prof.sites)})")
+        except UserError as exc:
+            errors.append(str(exc))
+    if errors:
+        for line in errors:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of lab profiles (for editors)."""
+    from labctl.profile import json_schema
+
+    _print_json(json_schema())
+
+
+@app.command("sites")
+def sites_cmd(as_json: JsonOpt = False, cloud: CloudOpt = None) -> None:
+    """List known sites and whether credentials are found for each."""
+    from labctl import sites
+    from labctl.cli.render import print_sites
+    from labctl.credentials import describe
+
+    rows = [{"site": s.name, "provider": s.provider, "family": s.family, "region": s.region,
+             "reservation": s.reservation, "credentials": describe(s)} for s in sites.known_sites()]
+    rows.append({"site": "sim", "provider": "chameleon (emulated)", "family": "-", "region": "-",
+                 "reservation": "as the site it stands for", "credentials": "none needed"})
+    if as_json:
+        _print_json(rows)
+    else:
+        print_sites(rows)
+
+
+@app.command()
+def extend(
+    lab: Annotated[str | None, typer.Argument(help="Deployment name.")] = None,
+    hours: Annotated[float, typer.Option("--hours", help="Hours to add to the lease.")] = 1,
+    owner: OwnerOpt = None,
+    cloud: CloudOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Extend a lab's lease.
+
+    Examples:\n
+      labctl extend gpu-a100 --hours 2
+    """
+    from labctl import service
+
+    result = service.extend(_ctx(owner), lab, hours, cloud=cloud)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        typer.echo(f"{result.name}: lease now ends {result.lease_end}")
+
+
+@testbed_app.command("serve")
+def testbed_serve(
+    site: Annotated[str, typer.Option("--site", "-s", help="Emulated site to print the openrc for.")] = "chi@tacc",
+) -> None:
+    """Run the emulated testbed until Ctrl-C and print an openrc to source."""
+    import time
+
+    from labctl.testbed import Testbed
+
+    tb = Testbed.start()
+    typer.echo(tb.openrc(site))
+    typer.echo(f"# testbed state: {tb.world.state_dir}; Ctrl-C to stop", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        tb.stop()
+
+
+def _stop_progress(ctx: object) -> None:
+    stop = getattr(getattr(ctx, "on_progress", None), "stop", None)
+    if stop:
+        stop()
+
+
+def main() -> None:
+    try:
+        app()
+    except LabctlError as exc:
+        _stop_live()
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _stop_live()
+        _fail("interrupted; state is saved: rerun the same command to resume", 130)
+
+
+def _stop_live() -> None:
+    if "labctl.cli.render" in sys.modules:
+        sys.modules["labctl.cli.render"].stop_all()
+
+
+def _fail(message: str, code: int) -> None:
+    first, _, rest = message.partition("\n")
+    sys.stderr.write(f"error: {first}\n")
+    if rest:
+        sys.stderr.write(rest.rstrip() + "\n")
+    sys.exit(code)

@@ -1,0 +1,103 @@
+"""What each Chameleon site offers: bare-metal node types (with host and GPU counts) and KVM flavors.
+
+Facts from Chameleon's reference repository (node types per site, June 2026) and the KVM@TACC flavor list
+used by the course labs. Profiles are validated against this catalog, and the emulated testbed serves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    hosts: int
+    gpus: int = 0
+    gpu_model: str | None = None
+    gpu_vendor: str | None = None
+
+
+@dataclass(frozen=True)
+class Flavor:
+    name: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    gpus: int = 0
+    gpu_model: str | None = None
+    slots: int = 50  # how many instances of this flavor the emulated site can reserve at once
+
+
+_A100_40 = "GA100 [A100 PCIe 40GB]"
+_A100_80 = "GA100 [A100 PCIe 80GB]"
+
+# Sites whose node types are mixed (same name, different GPU counts) are summed per node type; the GPU
+# count is the most common one.
+BARE_METAL: dict[str, tuple[NodeType, ...]] = {
+    "chi@tacc": (
+        NodeType("compute_arm64", 8),
+        NodeType("compute_cascadelake", 24),
+        NodeType("compute_cascadelake_r", 56),
+        NodeType("compute_gigaio", 6, 1, _A100_40, "NVIDIA"),
+        NodeType("compute_haswell_ib", 17),
+        NodeType("compute_icelake_r650", 52),
+        NodeType("compute_icelake_r750", 20),
+        NodeType("compute_liqid", 8, 1, _A100_40, "NVIDIA"),
+        NodeType("compute_skylake", 32),
+        NodeType("compute_zen3", 32),
+        NodeType("gpu_h100", 2, 4, "GH100 [H100 SXM5 94GB]", "NVIDIA"),
+        NodeType("gpu_k80", 2, 2, "GK210GL [Tesla K80]", "NVIDIA"),
+        NodeType("gpu_m40", 2, 1, "GM200GL [Tesla M40]", "NVIDIA"),
+        NodeType("gpu_mi100", 8, 2, "Arcturus GL-XL [Instinct MI100]", "AMD"),
+        NodeType("gpu_p100", 15, 2, "GP100GL [Tesla P100 PCIe 16GB]", "NVIDIA"),
+        NodeType("gpu_p100_nvlink", 4, 4, "GP100GL [Tesla P100 SXM2 16GB]", "NVIDIA"),
+        NodeType("gpu_p100_v100", 1, 2, "GV100GL [Tesla V100 PCIe 16GB]", "NVIDIA"),
+        NodeType("gpu_pontevecchio", 2, 4, "Data Center GPU Max 1550", "Intel"),
+        NodeType("storage", 20),
+        NodeType("storage_hierarchy", 2),
+    ),
+    "chi@uc": (
+        NodeType("compute_cascadelake_r", 42),
+        NodeType("compute_gigaio", 8, 1, _A100_80, "NVIDIA"),
+        NodeType("compute_nvdimm", 2),
+        NodeType("compute_skylake", 23),
+        NodeType("fpga", 1),
+        NodeType("gpu_a100_nvlink", 1, 4, "GA100 [A100 SXM4 80GB]", "NVIDIA"),
+        NodeType("gpu_a100_pcie", 4, 4, _A100_80, "NVIDIA"),
+        NodeType("gpu_rtx_6000", 37, 1, "TU102GL [Quadro RTX 6000/8000]", "NVIDIA"),
+        NodeType("gpu_v100", 4, 4, "GV100GL [Tesla V100 32GB]", "NVIDIA"),
+        NodeType("storage_nvme", 10),
+    ),
+}
+
+KVM_FLAVORS: dict[str, tuple[Flavor, ...]] = {
+    "kvm@tacc": (
+        Flavor("m1.tiny", 1, 512, 1),
+        Flavor("m1.small", 1, 2048, 20),
+        Flavor("m1.medium", 2, 4096, 40),
+        Flavor("m1.large", 4, 8192, 40),
+        Flavor("m1.xlarge", 8, 16384, 40),
+        Flavor("g1.h100.pci.1", 24, 229376, 200, 1, "H100 PCIe", 4),
+        Flavor("g1.h100.pci.4", 96, 917504, 800, 4, "H100 PCIe", 1),
+    ),
+}
+
+# Chameleon's CHI@Edge site leases devices (containers on Raspberry Pis), not servers.
+EDGE_DEVICES: dict[str, tuple[str, ...]] = {"chi@edge": ("raspberrypi4-64", "raspberrypi5", "jetson-nano")}
+
+
+def node_types(site: str) -> dict[str, NodeType]:
+    return {t.name: t for t in BARE_METAL.get(site, ())}
+
+
+def flavors(site: str) -> dict[str, Flavor]:
+    return {f.name: f for f in KVM_FLAVORS.get(site, ())}
+
+
+def gpu_count(site: str, type_name: str) -> int:
+    if t := node_types(site).get(type_name):
+        return t.gpus
+    if f := flavors(site).get(type_name):
+        return f.gpus
+    return 0

@@ -1,0 +1,162 @@
+"""The plan: what a deployment needs, as provider-neutral resources with dependencies.
+
+`build_plan(profile, site, owner)` is pure (no cloud calls): `labctl plan` prints it, `labctl up` applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from labctl import naming
+
+if TYPE_CHECKING:
+    from labctl.profile import Profile
+    from labctl.sites import Site
+
+# Creation order; teardown runs it backwards.
+KIND_ORDER = ("keypair", "secgroup", "reservation", "server", "floating_ip")
+
+
+@dataclass(frozen=True)
+class Resource:
+    key: str  # unique within the deployment: "server:gpu-1", "reservation:gpu", "keypair"
+    kind: str
+    name: str  # the cloud-side name
+    spec: dict[str, Any]
+    depends_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str  # gpu-1
+    role: str
+    candidates: tuple[str, ...]  # node types / flavors in order of preference
+    image: str  # concrete image name at the site
+    floating_ip: bool
+
+
+@dataclass
+class Plan:
+    deployment: str
+    lab: str
+    owner: str
+    course: str | None
+    site: Site
+    lease_hours: float
+    tags: dict[str, str]
+    nodes: list[NodePlan]
+    resources: list[Resource] = field(default_factory=list)
+
+    def get(self, key: str) -> Resource:
+        for res in self.resources:
+            if res.key == key:
+                return res
+        raise KeyError(key)
+
+    def by_kind(self, kind: str) -> list[Resource]:
+        return [r for r in self.resources if r.kind == kind]
+
+    def levels(self) -> list[list[Resource]]:
+        """Resources grouped so that each group depends only on earlier groups (for concurrent apply)."""
+        placed: dict[str, int] = {}
+        pending = list(self.resources)
+        levels: list[list[Resource]] = []
+        while pending:
+            ready = [r for r in pending if all(d in placed for d in r.depends_on)]
+            if not ready:
+                raise ValueError(f"dependency cycle among {[r.key for r in pending]}")
+            for r in ready:
+                placed[r.key] = len(levels)
+            levels.append(ready)
+            pending = [r for r in pending if r.key not in placed]
+        return levels
+
+
+def build_plan(
+    profile: Profile,
+    site: Site,
+    owner: str,
+    public_key: str,
+    name: str | None = None,
+    course: str | None = None,
+    extra_keys: tuple[str, ...] = (),
+) -> Plan:
+    deployment = naming.deployment_id(name or profile.name, owner, course)
+    tags = {
+        naming.TAG_DEPLOYMENT: deployment,
+        naming.TAG_LAB: profile.name,
+        naming.TAG_OWNER: owner,
+    }
+    if course:
+        tags[naming.TAG_COURSE] = course
+    real_site = site.stands_for or site.name
+    nodes = [
+        NodePlan(
+            name=node,
+            role=role,
+            candidates=tuple(profile.types_for(role, real_site, site.family)),
+            image=site.images.get(profile.image_for(role), profile.image_for(role)),
+            floating_ip=profile.nodes[role].floating_ip,
+        )
+        for node, role in profile.node_names()
+    ]
+    plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, nodes)
+    res = plan.resources
+    res.append(Resource("keypair", "keypair", deployment, {"public_key": public_key}))
+    server_deps = ["keypair"]
+    if site.security_groups:
+        rules = [{"port": p.port, "protocol": p.protocol, "cidr": p.cidr} for p in profile.port_rules()]
+        res.append(Resource("secgroup", "secgroup", deployment, {"rules": rules}))
+        server_deps.append("secgroup")
+    reservations: dict[str, str] = {}
+    if site.reservation in ("host", "flavor"):
+        for role, group in profile.nodes.items():
+            key = f"reservation:{role}"
+            reservations[role] = key
+            candidates = next(n.candidates for n in nodes if n.role == role)
+            res.append(
+                Resource(
+                    key,
+                    "reservation",
+                    naming.resource_name(deployment, role),
+                    {
+                        "role": role,
+                        "count": group.count,
+                        "kind": site.reservation,
+                        "candidates": list(candidates),
+                        "hours": profile.lease_hours,
+                    },
+                )
+            )
+    for node in nodes:
+        deps = list(server_deps)
+        if node.role in reservations:
+            deps.append(reservations[node.role])
+        res.append(
+            Resource(
+                f"server:{node.name}",
+                "server",
+                naming.resource_name(deployment, node.name),
+                {
+                    "node": node.name,
+                    "role": node.role,
+                    "candidates": list(node.candidates),
+                    "image": node.image,
+                    "reservation": reservations.get(node.role),
+                    "extra_keys": list(extra_keys),
+                },
+                tuple(deps),
+            )
+        )
+        if node.floating_ip:
+            res.append(
+                Resource(
+                    f"floating_ip:{node.name}",
+                    "floating_ip",
+                    naming.resource_name(deployment, f"{node.name}-fip"),
+                    {"node": node.name, "server": f"server:{node.name}"},
+                    (f"server:{node.name}",),
+                )
+            )
+    return plan

@@ -1,0 +1,495 @@
+"""Chameleon (OpenStack + Blazar) adapter: openstacksdk for Nova/Neutron/Glance, python-blazarclient for leases.
+
+Both run on one keystoneauth session. python-chi's own helpers are deliberately not used on this path
+because of its traps (see docs/architecture.md): it leaks floating IPs on delete, takes any unbound
+floating IP of the project, and reports a lease in ERROR as success. Here:
+- floating IPs are allocated per node, described with the deployment and node, and deleted explicitly;
+- a lease in ERROR or a "not enough hosts" answer becomes `NoCapacity`, so the engine tries the next type;
+- every lookup is by deterministic name *and* labctl's metadata/description, never "the first one".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from labctl import naming
+from labctl.errors import (
+    CloudError,
+    CredentialsError,
+    NoCapacity,
+    QuotaExceeded,
+    RateLimited,
+    Transient,
+    UserError,
+)
+from labctl.providers.base import Found, ProgressFn
+
+if TYPE_CHECKING:
+    from labctl.plan import Plan, Resource
+    from labctl.sites import Site
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+LEASE_DONE = ("TERMINATED", "DELETED", "DELETING", "TERMINATING")
+_BLAZAR_DATE = "%Y-%m-%d %H:%M"
+
+
+class ChameleonProvider:
+    def __init__(self, site: Site, credentials: Any, poll_interval: float | None = None,
+                 call_retries: int = 6) -> None:
+        self.site = site
+        self.credentials = credentials
+        self.poll_interval = poll_interval if poll_interval is not None else site.poll_interval
+        self.call_retries = call_retries
+        self._conn: Any = None
+        self._blazar: Any = None
+        self._cache: dict[str, Any] = {}
+
+    # -- clients ----------------------------------------------------------------------------------
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            import openstack
+
+            c = self.credentials
+            self._conn = openstack.connect(
+                auth_type=c.auth_type,
+                auth=dict(c.auth),
+                region_name=c.region_name,
+                interface=c.interface or "public",
+                identity_api_version="3",
+                load_yaml_config=False,
+                load_envvars=False,
+                app_name="labctl",
+            )
+        return self._conn
+
+    @property
+    def blazar(self) -> Any:
+        if self._blazar is None:
+            from blazarclient import client as blazar_client
+
+            self._blazar = blazar_client.Client(
+                "1", session=self.conn.session, service_type="reservation",
+                region_name=self.credentials.region_name, interface="public",
+            )
+        return self._blazar
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """One cloud call, with its errors translated; rate limits and transient faults are retried."""
+        from tenacity import (
+            retry,
+            retry_if_exception_type,
+            stop_after_attempt,
+            wait_random_exponential,
+        )
+
+        @retry(
+            retry=retry_if_exception_type((RateLimited, Transient)),
+            wait=wait_random_exponential(multiplier=max(self.poll_interval, 0.01), max=30),
+            stop=stop_after_attempt(self.call_retries),
+            reraise=True,
+        )
+        def attempt() -> T:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - translated below, never leaks SDK types
+                raise self._translate(what, exc) from exc
+
+        return attempt()
+
+    def _translate(self, what: str, exc: Exception) -> Exception:
+        from keystoneauth1 import exceptions as ks_exc
+
+        if isinstance(exc, UserError | CloudError):
+            return exc
+        status = getattr(exc, "status_code", None) or getattr(exc, "code", None) or getattr(
+            getattr(exc, "response", None), "status_code", None)
+        text = _error_text(exc)
+        where = f"{self.site.name}: {what}"
+        if isinstance(exc, ks_exc.Unauthorized) or status == 401:
+            return CredentialsError(f"{where}: credentials rejected ({text}); check your openrc or clouds.yaml")
+        if isinstance(exc, ks_exc.ConnectFailure | ks_exc.ConnectTimeout):
+            return Transient(f"{where}: cannot reach the API ({text})")
+        if isinstance(exc, ks_exc.EndpointNotFound):
+            return UserError(f"{where}: the site's catalog has no such service ({text})")
+        if re.search(r"not enough .* available|no valid host", text, re.I):
+            return NoCapacity(f"{where}: {text}")
+        if status == 429:
+            return RateLimited(f"{where}: rate limited ({text})")
+        if re.search(r"quota|OverQuota|limit exceeded", text, re.I) or status == 413:
+            return QuotaExceeded(f"{where}: quota exceeded ({text})")
+        if status is not None and int(status) >= 500:
+            return Transient(f"{where}: server error {status} ({text})")
+        if isinstance(exc, TimeoutError | ks_exc.RequestTimeout):
+            return Transient(f"{where}: timed out")
+        return CloudError(f"{where}: {text}")
+
+    def _find_one(self, key: str, what: str, fn: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = self._call(what, fn)
+        return self._cache[key]
+
+    def _public_network(self) -> Any:
+        net = self._find_one("public", "find public network",
+                             lambda: self.conn.network.find_network(self.site.public_network))
+        if net is None:
+            raise CloudError(f"{self.site.name}: no network named '{self.site.public_network}'")
+        return net
+
+    def _network(self) -> Any:
+        net = self._find_one("network", "find network", lambda: self.conn.network.find_network(self.site.network))
+        if net is None:
+            raise CloudError(f"{self.site.name}: no network named '{self.site.network}'")
+        return net
+
+    # -- preflight --------------------------------------------------------------------------------
+    def preflight(self, plan: Plan) -> None:
+        # Authenticates (a wrong secret fails here, before anything is created) and checks the images.
+        self._call("authenticate", lambda: self.conn.authorize())
+        for image in sorted({n.image for n in plan.nodes}):
+            found = self._call(f"find image {image}", lambda im=image: self.conn.image.find_image(im))
+            if found is None:
+                raise UserError(f"{self.site.name}: image '{image}' not found at this site")
+            self._cache[f"image:{image}"] = found
+
+    # -- find -------------------------------------------------------------------------------------
+    def find(self, res: Resource, plan: Plan) -> Found | None:
+        finder = getattr(self, f"_find_{res.kind}")
+        return finder(res, plan)
+
+    def _find_keypair(self, res: Resource, plan: Plan) -> Found | None:
+        kp = self._call("get keypair", lambda: self.conn.compute.find_keypair(res.name, ignore_missing=True))
+        if kp is None:
+            return None
+        if kp.public_key and kp.public_key.split()[:2] != res.spec["public_key"].split()[:2]:
+            return Found("keypair", res.name, res.name, status="incomplete")  # stale key: replace it
+        return Found("keypair", res.name, res.name)
+
+    def _find_secgroup(self, res: Resource, plan: Plan) -> Found | None:
+        groups = self._call("list security groups",
+                            lambda: list(self.conn.network.security_groups(name=res.name)))
+        mine = [g for g in groups if _deployment_of(g.description) == plan.deployment]
+        if not mine:
+            return None
+        sg = mine[0]
+        have = {(r.get("port_range_min"), r.get("protocol"), r.get("remote_ip_prefix"))
+                for r in sg.security_group_rules or [] if r.get("direction") == "ingress"}
+        want = {(r["port"], r["protocol"], r["cidr"]) for r in res.spec["rules"]}
+        status = "ready" if want <= have else "incomplete"
+        return Found("secgroup", sg.id, sg.name, status=status)
+
+    def _find_reservation(self, res: Resource, plan: Plan) -> Found | None:
+        leases = self._call("list leases", lambda: self.blazar.lease.list())
+        for lease in leases:
+            if lease["name"] == res.name and lease["status"] not in LEASE_DONE:
+                return self._lease_found(lease, res)
+        return None
+
+    def _find_server(self, res: Resource, plan: Plan) -> Found | None:
+        servers = self._servers_named(f"^{re.escape(res.name)}$", plan)
+        live = [s for s in servers if s.status not in ("DELETED", "SOFT_DELETED")]
+        if not live:
+            return None
+        # Prefer a healthy one if an earlier run left an ERROR twin; the twin is swept by `down`.
+        live.sort(key=lambda s: s.status == "ERROR")
+        return self._server_found(live[0])
+
+    def _find_floating_ip(self, res: Resource, plan: Plan) -> Found | None:
+        desc = _description(plan.deployment, res.spec["node"])
+        ips = self._call("list floating IPs", lambda: list(self.conn.network.ips(description=desc)))
+        if not ips:
+            return None
+        ip = ips[0]
+        status = "ready" if ip.port_id else "incomplete"
+        return Found("floating_ip", ip.id, res.name, status=status,
+                     attrs={"floating_ip": ip.floating_ip_address, "port_id": ip.port_id})
+
+    # -- create -----------------------------------------------------------------------------------
+    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
+        creator = getattr(self, f"_create_{res.kind}")
+        return creator(res, plan, deps, candidate)
+
+    def _create_keypair(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        self._call("delete stale keypair",
+                   lambda: self.conn.compute.delete_keypair(res.name, ignore_missing=True))
+        self._call("create keypair", lambda: self.conn.compute.create_keypair(
+            name=res.name, public_key=res.spec["public_key"]))
+        return Found("keypair", res.name, res.name)
+
+    def _create_secgroup(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        existing = self._find_secgroup(res, plan)
+        if existing is None:
+            sg = self._call("create security group", lambda: self.conn.network.create_security_group(
+                name=res.name, description=_description(plan.deployment)))
+            sg_id, have = sg.id, set()
+        else:
+            sg_id = existing.cloud_id
+            rules = self._call("list rules", lambda: list(
+                self.conn.network.security_group_rules(security_group_id=sg_id, direction="ingress")))
+            have = {(r.port_range_min, r.protocol, r.remote_ip_prefix) for r in rules}
+        for rule in res.spec["rules"]:
+            if (rule["port"], rule["protocol"], rule["cidr"]) in have:
+                continue
+            self._call(f"open port {rule['port']}", lambda r=rule: self.conn.network.create_security_group_rule(
+                security_group_id=sg_id, direction="ingress", ethertype="IPv4", protocol=r["protocol"],
+                port_range_min=r["port"], port_range_max=r["port"], remote_ip_prefix=r["cidr"]))
+        return Found("secgroup", sg_id, res.name)
+
+    def _create_reservation(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
+                            candidate: str | None) -> Found:
+        spec = res.spec
+        count = spec["count"]
+        if spec["kind"] == "host":
+            reservation = {
+                "resource_type": "physical:host",
+                "resource_properties": json.dumps(["==", "$node_type", candidate]),
+                "hypervisor_properties": "",
+                "min": count,
+                "max": count,
+            }
+        else:
+            flavor = self._call(f"find flavor {candidate}",
+                                lambda: self.conn.compute.find_flavor(candidate, ignore_missing=True))
+            if flavor is None:
+                raise UserError(f"{self.site.name}: flavor '{candidate}' does not exist at this site")
+            reservation = {"resource_type": "flavor:instance", "flavor_id": flavor.id, "amount": count}
+        end = datetime.now(UTC) + timedelta(hours=spec["hours"])
+        lease = self._call(f"create lease {res.name} ({candidate})", lambda: self.blazar.lease.create(
+            name=res.name, start="now", end=end.strftime(_BLAZAR_DATE), reservations=[reservation],
+            events=[]))
+        found = self._lease_found(lease, res)
+        found.attrs["node_type"] = candidate
+        return found
+
+    def _create_server(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        spec = res.spec
+        image = self._cache.get(f"image:{spec['image']}") or self._call(
+            "find image", lambda: self.conn.image.find_image(spec["image"]))
+        if image is None:
+            raise UserError(f"{self.site.name}: image '{spec['image']}' not found at this site")
+        hints: dict[str, str] = {}
+        if spec.get("reservation"):
+            lease = deps[spec["reservation"]]
+            if self.site.reservation == "flavor":
+                flavor_name = f"reservation:{lease.attrs['reservation_id']}"
+            else:
+                flavor_name = "baremetal"
+                hints["reservation"] = lease.attrs["reservation_id"]
+        else:
+            flavor_name = spec["candidates"][0]
+        flavor = self._find_one(f"flavor:{flavor_name}", f"find flavor {flavor_name}",
+                                lambda: self.conn.compute.find_flavor(flavor_name, ignore_missing=True))
+        if flavor is None:
+            raise CloudError(f"{self.site.name}: flavor '{flavor_name}' not found")
+        metadata = {**plan.tags, naming.TAG_NODE: spec["node"]}
+        kwargs: dict[str, Any] = dict(
+            name=res.name, image_id=image.id, flavor_id=flavor.id, key_name=deps["keypair"].name,
+            networks=[{"uuid": self._network().id}], metadata=metadata,
+        )
+        if hints:
+            kwargs["scheduler_hints"] = hints
+        if "secgroup" in deps:
+            kwargs["security_groups"] = [{"name": deps["secgroup"].name}]
+        server = self._call(f"launch {spec['node']}", lambda: self.conn.compute.create_server(**kwargs))
+        return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
+
+    def _create_floating_ip(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
+                            _c: str | None) -> Found:
+        node = res.spec["node"]
+        server = deps[res.spec["server"]]
+        found = self._find_floating_ip(res, plan)
+        if found is None:
+            ip = self._call(f"allocate floating IP for {node}", lambda: self.conn.network.create_ip(
+                floating_network_id=self._public_network().id, description=_description(plan.deployment, node)))
+            found = Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
+        ports = self._call(f"find port of {node}",
+                           lambda: list(self.conn.network.ports(device_id=server.cloud_id)))
+        if not ports:
+            raise CloudError(f"{self.site.name}: server of {node} has no port to attach a floating IP to")
+        self._call(f"attach floating IP to {node}",
+                   lambda: self.conn.network.update_ip(found.cloud_id, port_id=ports[0].id))
+        found.status = "ready"
+        found.attrs["port_id"] = ports[0].id
+        return found
+
+    # -- wait -------------------------------------------------------------------------------------
+    def wait(self, items: Sequence[tuple[Resource, Found]], plan: Plan, timeout: float,
+             on_progress: ProgressFn) -> list[Found]:
+        results = {res.key: found for res, found in items}
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [(r, results[r.key]) for r, _ in items if results[r.key].status == "pending"]
+            if not pending:
+                return [results[r.key] for r, _ in items]
+            kinds = {r.kind for r, _ in pending}
+            if "reservation" in kinds:
+                leases = {lease["id"]: lease for lease in self._call("poll leases", lambda: self.blazar.lease.list())}
+                for r, f in pending:
+                    if r.kind == "reservation":
+                        lease = leases.get(f.cloud_id)
+                        results[r.key] = self._lease_found(lease, r, f) if lease else Found(
+                            "reservation", f.cloud_id, r.name, status="error", error="lease disappeared")
+                        on_progress(r.key, "lease " + results[r.key].attrs.get("lease_status", "?").lower(), "")
+            if "server" in kinds:
+                servers = {s.id: s for s in self._servers_named(f"^{re.escape(plan.deployment)}-", plan)}
+                for r, f in pending:
+                    if r.kind == "server":
+                        server = servers.get(f.cloud_id)
+                        results[r.key] = self._server_found(server) if server else Found(
+                            "server", f.cloud_id, r.name, status="error", error="server disappeared")
+                        stage = {"pending": "building", "ready": "booted", "error": "error"}[results[r.key].status]
+                        on_progress(r.spec["node"], stage, results[r.key].error or "")
+            if time.monotonic() > deadline:
+                for r, _ in pending:
+                    if results[r.key].status == "pending":
+                        results[r.key].status = "error"
+                        results[r.key].error = f"still not ready after {timeout:.0f}s"
+                return [results[r.key] for r, _ in items]
+            time.sleep(self.poll_interval)
+
+    # -- delete -----------------------------------------------------------------------------------
+    def delete(self, kind: str, found: Sequence[Found], plan: Plan) -> None:
+        if not found:
+            return
+        if kind == "floating_ip":
+            for f in found:
+                self._call("release floating IP", lambda f=f: self.conn.network.delete_ip(f.cloud_id,
+                                                                                          ignore_missing=True))
+        elif kind == "server":
+            for f in found:
+                self._call("delete server", lambda f=f: self.conn.compute.delete_server(f.cloud_id,
+                                                                                        ignore_missing=True))
+            self._wait_gone({f.cloud_id for f in found}, plan)
+        elif kind == "reservation":
+            for f in found:
+                self._call("delete lease", lambda f=f: self._delete_lease(f.cloud_id))
+        elif kind == "secgroup":
+            for f in found:
+                self._call("delete security group", lambda f=f: self.conn.network.delete_security_group(
+                    f.cloud_id, ignore_missing=True))
+        elif kind == "keypair":
+            for f in found:
+                self._call("delete keypair", lambda f=f: self.conn.compute.delete_keypair(
+                    f.name, ignore_missing=True))
+
+    def _delete_lease(self, lease_id: str) -> None:
+        from blazarclient import exception as bz_exc
+
+        try:
+            self.blazar.lease.delete(lease_id)
+        except bz_exc.BlazarClientException as exc:
+            if getattr(exc, "code", None) != 404:
+                raise
+
+    def _wait_gone(self, ids: set[str], plan: Plan, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = {s.id for s in self._servers_named(f"^{re.escape(plan.deployment)}-", plan)} & ids
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                raise CloudError(f"{self.site.name}: servers {sorted(left)} still exist after delete")
+            time.sleep(self.poll_interval)
+
+    # -- inventory --------------------------------------------------------------------------------
+    def list_owned(self, plan: Plan) -> list[Found]:
+        owned: list[Found] = []
+        for s in self._servers_named(f"^{re.escape(plan.deployment)}-", plan):
+            owned.append(self._server_found(s))
+        for ip in self._call("list floating IPs", lambda: list(self.conn.network.ips())):
+            if _deployment_of(ip.description) == plan.deployment:
+                owned.append(Found("floating_ip", ip.id, ip.description or "",
+                                   attrs={"floating_ip": ip.floating_ip_address}))
+        lease_names = {r.name for r in plan.by_kind("reservation")}
+        for lease in self._call("list leases", lambda: self.blazar.lease.list()):
+            if lease["name"] in lease_names and lease["status"] not in LEASE_DONE:
+                owned.append(Found("reservation", lease["id"], lease["name"]))
+        for sg in self._call("list security groups",
+                             lambda: list(self.conn.network.security_groups(name=plan.deployment))):
+            if _deployment_of(sg.description) == plan.deployment:
+                owned.append(Found("secgroup", sg.id, sg.name))
+        kp = self._call("get keypair", lambda: self.conn.compute.find_keypair(plan.deployment, ignore_missing=True))
+        if kp is not None:
+            owned.append(Found("keypair", kp.name, kp.name))
+        return owned
+
+    def extend(self, found: Found, hours: float, plan: Plan) -> Found:
+        lease = self._call("get lease", lambda: self.blazar.lease.get(found.cloud_id))
+        end = _parse_lease_date(lease["end_date"]) + timedelta(hours=hours)
+        lease = self._call("extend lease", lambda: self.blazar.lease.update(
+            found.cloud_id, end_date=end.strftime(_BLAZAR_DATE)))
+        found.attrs["end"] = _parse_lease_date(lease["end_date"]).isoformat()
+        return found
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _servers_named(self, pattern: str, plan: Plan) -> list[Any]:
+        servers = self._call("list servers", lambda: list(self.conn.compute.servers(details=True, name=pattern)))
+        return [s for s in servers if (s.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+
+    def _server_found(self, server: Any) -> Found:
+        fixed, floating = None, None
+        for addrs in (server.addresses or {}).values():
+            for a in addrs:
+                if a.get("OS-EXT-IPS:type") == "floating":
+                    floating = a.get("addr")
+                elif fixed is None:
+                    fixed = a.get("addr")
+        status = {"ACTIVE": "ready", "ERROR": "error"}.get(server.status, "pending")
+        error = None
+        if status == "error":
+            fault = server.fault or {}
+            error = fault.get("message") if isinstance(fault, dict) else str(fault)
+            error = error or "server went to ERROR"
+        return Found("server", server.id, server.name, status=status, error=error, attrs={
+            "node": (server.metadata or {}).get(naming.TAG_NODE), "fixed_ip": fixed, "floating_ip": floating,
+            "server_status": server.status})
+
+    def _lease_found(self, lease: Mapping[str, Any], res: Resource, previous: Found | None = None) -> Found:
+        status = lease["status"]
+        reservations = lease.get("reservations") or []
+        rid = reservations[0]["id"] if reservations else None
+        attrs = dict(previous.attrs) if previous else {}
+        attrs.update(lease_status=status, reservation_id=rid, end=_parse_lease_date(lease["end_date"]).isoformat())
+        if reservations and reservations[0].get("resource_properties"):
+            m = re.search(r'"\$node_type",\s*"([^"]+)"', reservations[0]["resource_properties"])
+            if m:
+                attrs["node_type"] = m.group(1)
+        if status == "ACTIVE":
+            return Found("reservation", lease["id"], lease["name"], attrs=attrs)
+        if status == "ERROR":
+            reason = (lease.get("degraded") and "degraded") or "lease went to ERROR (not enough hosts?)"
+            return Found("reservation", lease["id"], lease["name"], status="error", attrs=attrs, error=reason)
+        return Found("reservation", lease["id"], lease["name"], status="pending", attrs=attrs)
+
+
+def _description(deployment: str, node: str | None = None) -> str:
+    text = f"{naming.TAG_DEPLOYMENT}={deployment}"
+    return f"{text} {naming.TAG_NODE}={node}" if node else text
+
+
+def _deployment_of(description: str | None) -> str | None:
+    m = re.search(rf"{re.escape(naming.TAG_DEPLOYMENT)}=(\S+)", description or "")
+    return m.group(1) if m else None
+
+
+def _parse_lease_date(text: str) -> datetime:
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    raise CloudError(f"unexpected lease date format: {text!r}")
+
+
+def _error_text(exc: Exception) -> str:
+    details = getattr(exc, "details", None)
+    text = str(details or exc) or type(exc).__name__
+    return text.replace("ERROR: ", "").strip().splitlines()[0][:300]

@@ -1,0 +1,365 @@
+"""The use cases behind the CLI: plan, up, status, ssh, extend, down.
+
+Glue only: profile + site -> plan -> engine -> runner, with the state store recording everything. The CLI
+calls these and renders what they return; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labctl import naming
+from labctl.errors import CloudError, NoCapacity, SetupFailed, UserError
+from labctl.state import DeploymentRecord, DeploymentView, StateStore
+
+Progress = Callable[[str, str, str], None]
+
+
+def _noop(subject: str, stage: str, detail: str) -> None:
+    return None
+
+
+@dataclass
+class Context:
+    """What every command needs: the state store and who the user is."""
+
+    store: StateStore
+    owner: str
+    on_progress: Progress = _noop
+    _testbed: Any = None
+
+    @classmethod
+    def create(cls, owner: str | None = None, on_progress: Progress | None = None) -> Context:
+        return cls(StateStore(), naming.sanitise(owner) if owner else naming.default_owner(),
+                   on_progress or _noop)
+
+    def testbed(self, ssh: bool = True) -> Any:
+        """The emulated testbed, started in this process (its world lives on disk)."""
+        if self._testbed is None:
+            from labctl.testbed import Testbed
+
+            self._testbed = Testbed.start(ssh=ssh)
+        return self._testbed
+
+
+@dataclass
+class Node:
+    name: str
+    role: str
+    node_type: str | None = None
+    fixed_ip: str | None = None
+    floating_ip: str | None = None
+    server_status: str | None = None
+    setup: str = "pending"
+
+
+@dataclass
+class Status:
+    deployment: str
+    name: str
+    lab: str
+    owner: str
+    site: str
+    status: str
+    lease_end: str | None
+    nodes: list[Node] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- loading --------------------------------------------------------------------------------------
+def load(profile_ref: str, site_name: str) -> tuple[Any, Any]:
+    """Load and validate a profile and resolve the site; raise a one-line UserError on any problem."""
+    from labctl import profile as profile_mod
+    from labctl import sites
+
+    prof = profile_mod.load_profile(profile_mod.find_profile(profile_ref))
+    site = sites.resolve(site_name, prof)
+    problems = profile_mod.validate_for_site(prof, site)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{prof.name} cannot run at {site.name}: {problems[0]}{more}")
+    return prof, site
+
+
+def _connect(ctx: Context, site: Any, cloud: str | None) -> tuple[Any, Any]:
+    """The site as it will be used (sim gets the testbed's endpoints) and its credentials."""
+    from labctl.credentials import find_openstack_credentials
+
+    if site.emulated:
+        tb = ctx.testbed()
+        real = site.stands_for
+        site = dataclasses.replace(site, auth_url=tb.auth_url(real), ssh_port=tb.world.ssh_port)
+        return site, find_openstack_credentials(site, env=tb.os_env(real))
+    return site, find_openstack_credentials(site, cloud=cloud)
+
+
+def _provider(site: Any, creds: Any) -> Any:
+    from labctl.providers.base import provider_for
+
+    return provider_for(site.provider, site, credentials=creds)
+
+
+def plan(ctx: Context, profile_ref: str, site_name: str, name: str | None = None) -> Any:
+    from labctl.keys import ensure_keypair
+    from labctl.plan import build_plan
+
+    prof, site = load(profile_ref, site_name)
+    key = ensure_keypair(ctx.store.keys_dir)
+    return build_plan(prof, site, ctx.owner, key.public_key, name=name)
+
+
+# -- up -------------------------------------------------------------------------------------------
+def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = None, cloud: str | None = None,
+       allow_host_changes: bool = False, ssh_timeout: float = 900.0) -> Status:
+    from labctl.engine import Engine
+    from labctl.keys import ensure_keypair
+    from labctl.plan import build_plan
+
+    prof, site = load(profile_ref, site_name)
+    key = ensure_keypair(ctx.store.keys_dir)
+    the_plan = build_plan(prof, site, ctx.owner, key.public_key, name=name)
+    existing = ctx.store.get_deployment(the_plan.deployment)
+    if existing and existing.status != "destroyed" and existing.site != site.name:
+        raise UserError(
+            f"{existing.name} is already up at {existing.site}; run 'labctl down {existing.name}' first "
+            "or pass --name to make another deployment"
+        )
+    site, creds = _connect(ctx, site, cloud)
+    the_plan.site = site
+    provider = _provider(site, creds)
+    ctx.on_progress("preflight", "checking", f"credentials and images at {site.name}")
+    provider.preflight(the_plan)  # before anything is recorded or created
+    ctx.store.save_deployment(DeploymentRecord(
+        id=the_plan.deployment, name=name or prof.name, lab=prof.name, owner=ctx.owner, course=None,
+        site=site.name, status="applying", profile_path=str(prof.source_path),
+        data={"tags": the_plan.tags, "nodes": [[n.name, n.role] for n in the_plan.nodes],
+              "lease_hours": prof.lease_hours},
+    ))
+    engine = Engine(provider, ctx.store, ctx.on_progress)
+    try:
+        found = engine.apply(the_plan)
+    except NoCapacity:
+        # Nothing usable came up: leave nothing behind, then say why in one line.
+        ctx.on_progress("cleanup", "deleting", "what was created")
+        engine.destroy(the_plan)
+        ctx.store.forget_deployment(the_plan.deployment)
+        raise
+    except CloudError:
+        ctx.store.set_deployment_status(the_plan.deployment, "failed")
+        raise
+    lease_end = min((f.attrs["end"] for f in found.values() if f.kind == "reservation" and "end" in f.attrs),
+                    default=None)
+    ctx.store.set_deployment_status(the_plan.deployment, "setup", lease_end=lease_end)
+    _run_setup(ctx, prof, the_plan, site, key, found, allow_host_changes, ssh_timeout)
+    ctx.store.set_deployment_status(the_plan.deployment, "up")
+    return status(ctx, the_plan.deployment)
+
+
+def _targets(site: Any, nodes: list[tuple[str, str]], resources: dict[str, Any]) -> list[Any]:
+    from labctl.runner.ssh import NodeTarget
+
+    targets = []
+    for node, _role in nodes:
+        fip = resources.get(f"floating_ip:{node}")
+        if fip and fip.get("floating_ip"):
+            targets.append(NodeTarget(node, fip["floating_ip"], site.ssh_port, site.ssh_user))
+    return targets
+
+
+def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, found: dict[str, Any],
+               allow_host_changes: bool, ssh_timeout: float) -> None:
+    from labctl.runner.ssh import SetupStep, Upload, run_setup, wait_for_ssh
+
+    attrs = {k: f.attrs for k, f in found.items()}
+    nodes = [(n.name, n.role) for n in the_plan.nodes]
+    targets = _targets(site, nodes, attrs)
+    if not targets:
+        return
+    view = DeploymentView(ctx.store, the_plan.deployment)
+    reachable = {t.name for t in targets}
+    steps = []
+    for index, step in enumerate(prof.setup):
+        on = [step.on] if isinstance(step.on, str) else list(step.on)
+        step_nodes = [n for n, role in nodes if ("all" in on or n in on or role in on) and n in reachable]
+        skip = None
+        if site.emulated and not step.safe_on_sim and not allow_host_changes:
+            skip = "would change the host on sim (pass --allow-host-changes to run it)"
+        command = step.run if step.run is not None else (prof.lab_dir / step.script).read_text()
+        uploads = [Upload(prof.lab_dir / u.src, u.dest) for u in step.upload]
+        steps.append(SetupStep(index, step.name, step_nodes, command, uploads, step.timeout, skip))
+    ctx.on_progress("ssh", "waiting", f"{len(targets)} node(s)")
+    wait_for_ssh(targets, key.private_path, view, timeout=ssh_timeout, on_stage=ctx.on_progress)
+    results = run_setup(targets, steps, key.private_path, view, view,
+                        ctx.store.logs_dir / the_plan.deployment,
+                        on_event=lambda node, step, st: ctx.on_progress(node, f"setup {st}", step))
+    failed = [r for r in results.values() if not r.ok]
+    if failed:
+        ctx.store.set_deployment_status(the_plan.deployment, "setup-failed")
+        first = failed[0]
+        raise SetupFailed(
+            f"setup step '{first.failed_step}' failed on {', '.join(r.node for r in failed)}; "
+            f"log: {first.log_path}; run 'labctl up' again to resume at that step\n{first.log_tail}"
+        )
+
+
+# -- status ---------------------------------------------------------------------------------------
+def resolve_deployment(ctx: Context, name: str | None) -> DeploymentRecord:
+    deps = ctx.store.deployments(owner=ctx.owner)
+    if name:
+        matches = [d for d in deps if name in (d.name, d.id, d.lab)]
+        if not matches:
+            known = ", ".join(d.name for d in deps) or "none"
+            raise UserError(f"no deployment named '{name}' (yours: {known})")
+        return matches[0]
+    if len(deps) == 1:
+        return deps[0]
+    if not deps:
+        raise UserError("you have no deployments; start one with 'labctl up LAB --site SITE'")
+    raise UserError(f"you have {len(deps)} deployments; name one: {', '.join(d.name for d in deps)}")
+
+
+def status(ctx: Context, name: str) -> Status:
+    dep = ctx.store.get_deployment(name) or resolve_deployment(ctx, name)
+    resources = {r.key: r for r in ctx.store.resources(dep.id)}
+    steps = ctx.store.steps(dep.id)
+    nodes = []
+    for node, role in dep.data.get("nodes", []):
+        server = resources.get(f"server:{node}")
+        fip = resources.get(f"floating_ip:{node}")
+        lease = resources.get(f"reservation:{role}")
+        node_steps = [s for s in steps if s[0] == node]
+        if not node_steps:
+            setup = "pending"
+        elif any(s[3] == "failed" for s in node_steps):
+            setup = "failed: " + next(s[2] for s in node_steps if s[3] == "failed")
+        elif any(s[3] == "running" for s in node_steps):
+            setup = "running: " + next(s[2] for s in node_steps if s[3] == "running")
+        else:
+            done = sum(1 for s in node_steps if s[3] == "done")
+            skipped = sum(1 for s in node_steps if s[3] == "skipped")
+            setup = f"done ({done} ran, {skipped} skipped)" if skipped else f"done ({done} steps)"
+        nodes.append(Node(
+            name=node, role=role,
+            node_type=(lease.data.get("node_type") if lease else None) or (server.data.get("node_type")
+                                                                            if server else None),
+            fixed_ip=server.data.get("fixed_ip") if server else None,
+            floating_ip=fip.data.get("floating_ip") if fip else None,
+            server_status=server.data.get("server_status") if server else None,
+            setup=setup,
+        ))
+    outputs = _outputs(dep, nodes)
+    events = [f"{level}: {msg}" for _, level, msg in ctx.store.events(dep.id)[-10:]]
+    return Status(dep.id, dep.name, dep.lab, dep.owner, dep.site, dep.status, dep.data.get("lease_end"), nodes,
+                  outputs, events)
+
+
+def _outputs(dep: DeploymentRecord, nodes: list[Node]) -> dict[str, str]:
+    from labctl.profile import load_profile
+
+    if not dep.profile_path or not Path(dep.profile_path).exists():
+        return {}
+    try:
+        prof = load_profile(Path(dep.profile_path))
+    except UserError:
+        return {}
+    by_name = {n.name: n for n in nodes}
+
+    def fill(m: re.Match[str]) -> str:
+        node = by_name.get(m.group(1))
+        return str(getattr(node, m.group(2), None) or m.group(0)) if node else m.group(0)
+
+    return {o.name: re.sub(r"\{([a-z0-9-]+)\.(floating_ip|fixed_ip)\}", fill, o.value) for o in prof.outputs}
+
+
+def statuses(ctx: Context) -> list[Status]:
+    return [status(ctx, d.id) for d in ctx.store.deployments(owner=ctx.owner)]
+
+
+# -- ssh ------------------------------------------------------------------------------------------
+def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str] | None,
+             forwards: list[int]) -> list[str]:
+    from labctl.keys import ensure_keypair
+    from labctl.runner.ssh import known_hosts_file
+    from labctl.runner.ssh import ssh_argv as build_argv
+    from labctl.sites import resolve
+
+    dep = resolve_deployment(ctx, name)
+    site = resolve(dep.site)
+    if site.emulated:
+        tb = ctx.testbed()  # the emulated nodes answer SSH only while a labctl process serves them
+        site = dataclasses.replace(site, ssh_port=tb.world.ssh_port)
+    resources = {r.key: r.data for r in ctx.store.resources(dep.id)}
+    targets = _targets(site, dep.data.get("nodes", []), resources)
+    if not targets:
+        raise UserError(f"{dep.name} has no node with a floating IP to SSH to")
+    if node:
+        chosen = [t for t in targets if t.name == node]
+        if not chosen:
+            raise UserError(f"{dep.name} has no node '{node}' (nodes: {', '.join(t.name for t in targets)})")
+        target = chosen[0]
+    else:
+        target = targets[0]
+    view = DeploymentView(ctx.store, dep.id)
+    if view.get_host_key(target.name) is None:
+        raise UserError(f"{dep.name}/{target.name}: no pinned host key yet; run 'labctl up {dep.name}' first")
+    known = known_hosts_file([target], view, ctx.store.dir / "known_hosts" / f"{dep.id}")
+    key = ensure_keypair(ctx.store.keys_dir)
+    return build_argv(target, key.private_path, known, command or None, forwards)
+
+
+# -- extend / down --------------------------------------------------------------------------------
+def _teardown_plan(dep: DeploymentRecord, site: Any) -> Any:
+    from labctl.plan import Plan, Resource
+
+    the_plan = Plan(dep.id, dep.lab, dep.owner, dep.course, site, 0, dep.data.get("tags", {}), [])
+    return the_plan, Resource
+
+
+def extend(ctx: Context, name: str | None, hours: float, cloud: str | None = None) -> Status:
+    from labctl.providers.base import Found
+    from labctl.sites import resolve
+
+    dep = resolve_deployment(ctx, name)
+    site, creds = _connect(ctx, resolve(dep.site), cloud)
+    the_plan, _ = _teardown_plan(dep, site)
+    provider = _provider(site, creds)
+    leases = [r for r in ctx.store.resources(dep.id) if r.kind == "reservation" and r.cloud_id]
+    if not leases:
+        raise UserError(f"{dep.name} at {dep.site} has no lease to extend")
+    ends = []
+    for rec in leases:
+        f = provider.extend(Found("reservation", rec.cloud_id, rec.name), hours, the_plan)
+        ctx.store.record_resource(dep.id, rec.key, rec.status, rec.cloud_id, {"end": f.attrs["end"]})
+        ends.append(f.attrs["end"])
+    ctx.store.set_deployment_status(dep.id, dep.status, lease_end=min(ends))
+    ctx.store.event(dep.id, f"lease extended by {hours:g} h to {min(ends)}")
+    return status(ctx, dep.id)
+
+
+def down(ctx: Context, name: str | None, cloud: str | None = None) -> list[str]:
+    """Delete everything of the deployment; returns what is left (empty on success)."""
+    from labctl.engine import Engine
+    from labctl.sites import resolve
+
+    dep = resolve_deployment(ctx, name)
+    site, creds = _connect(ctx, resolve(dep.site), cloud)
+    the_plan, resource_cls = _teardown_plan(dep, site)
+    for rec in ctx.store.resources(dep.id):
+        the_plan.resources.append(resource_cls(rec.key, rec.kind, rec.name, {"node": rec.key.split(":")[-1]}))
+    ctx.store.set_deployment_status(dep.id, "destroying")
+    left = Engine(_provider(site, creds), ctx.store, ctx.on_progress).destroy(the_plan)
+    if left:
+        ctx.store.set_deployment_status(dep.id, "failed")
+        return [f"{f.kind} {f.name} ({f.cloud_id})" for f in left]
+    ctx.store.forget_deployment(dep.id)
+    ctx.store.event(dep.id, "deployment destroyed")
+    return []

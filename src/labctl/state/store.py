@@ -1,0 +1,314 @@
+"""The state store: deployments, their resources, SSH host keys, setup progress and events.
+
+SQLite under the user's state directory (private: 0700 directory, 0600 file), schema versioned. All SQL
+goes through `_Db`, written once with `?` placeholders, so that another DB-API driver can sit behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deployments (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, lab TEXT NOT NULL, owner TEXT NOT NULL, course TEXT,
+    site TEXT NOT NULL, status TEXT NOT NULL, profile_path TEXT, data TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS resources (
+    deployment_id TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+    status TEXT NOT NULL, cloud_id TEXT, data TEXT NOT NULL DEFAULT '{}', updated_at REAL NOT NULL,
+    PRIMARY KEY (deployment_id, key));
+CREATE TABLE IF NOT EXISTS host_keys (
+    deployment_id TEXT NOT NULL, node TEXT NOT NULL, host TEXT NOT NULL, port INTEGER NOT NULL,
+    key TEXT NOT NULL, pinned_at REAL NOT NULL, PRIMARY KEY (deployment_id, node));
+CREATE TABLE IF NOT EXISTS setup_steps (
+    deployment_id TEXT NOT NULL, node TEXT NOT NULL, step_index INTEGER NOT NULL, step_name TEXT NOT NULL,
+    status TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL,
+    PRIMARY KEY (deployment_id, node, step_index));
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, deployment_id TEXT NOT NULL, at REAL NOT NULL,
+    level TEXT NOT NULL, message TEXT NOT NULL);
+"""
+
+
+@dataclass
+class DeploymentRecord:
+    id: str
+    name: str
+    lab: str
+    owner: str
+    course: str | None
+    site: str
+    status: str  # planned | applying | up | failed | destroying | destroyed
+    profile_path: str | None
+    data: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass
+class ResourceRecord:
+    deployment_id: str
+    key: str
+    kind: str
+    name: str
+    status: str  # intent | created | ready | failed | deleting | deleted
+    cloud_id: str | None
+    data: dict[str, Any]
+    updated_at: float
+
+
+def default_state_dir() -> Path:
+    if env := os.environ.get("LABCTL_STATE_DIR"):
+        return Path(env)
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("labctl"))
+
+
+class StateStore:
+    """Thread-safe access to one state database."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.dir = (path.parent if path else default_state_dir())
+        self.path = path or self.dir / "state.db"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        if not self.path.exists():
+            # Create the file private before SQLite writes anything into it.
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        os.chmod(self.path, 0o600)
+        self._local = threading.local()
+        with self._tx() as db:
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) > SCHEMA_VERSION:
+                from labctl.errors import UserError
+
+                raise UserError(
+                    f"{self.path}: state schema v{row[0]} is newer than this labctl (v{SCHEMA_VERSION}); "
+                    "upgrade labctl"
+                )
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self._conn().execute(sql, args).fetchall()
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.dir / "logs"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.dir / "keys"
+
+    # -- deployments ------------------------------------------------------------------------------
+    def save_deployment(self, dep: DeploymentRecord) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT(id) DO UPDATE SET site=excluded.site, status=excluded.status,
+                   profile_path=excluded.profile_path, data=excluded.data, updated_at=excluded.updated_at""",
+                (dep.id, dep.name, dep.lab, dep.owner, dep.course, dep.site, dep.status, dep.profile_path,
+                 json.dumps(dep.data), dep.created_at or now, now),
+            )
+
+    def set_deployment_status(self, dep_id: str, status: str, **data: Any) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM deployments WHERE id=?", (dep_id,)).fetchone()
+            merged = {**json.loads(row[0]), **data} if row else data
+            db.execute(
+                "UPDATE deployments SET status=?, data=?, updated_at=? WHERE id=?",
+                (status, json.dumps(merged), time.time(), dep_id),
+            )
+
+    def get_deployment(self, dep_id: str) -> DeploymentRecord | None:
+        rows = self._query("SELECT * FROM deployments WHERE id=?", (dep_id,))
+        return _deployment(rows[0]) if rows else None
+
+    def deployments(self, owner: str | None = None, include_destroyed: bool = False) -> list[DeploymentRecord]:
+        sql, args = "SELECT * FROM deployments", []
+        clauses = []
+        if owner:
+            clauses.append("owner=?")
+            args.append(owner)
+        if not include_destroyed:
+            clauses.append("status<>'destroyed'")
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        return [_deployment(r) for r in self._query(sql + " ORDER BY created_at", tuple(args))]
+
+    def find_deployments(self, name: str, owner: str | None = None) -> list[DeploymentRecord]:
+        return [d for d in self.deployments(owner) if name in (d.name, d.id, d.lab)]
+
+    def forget_deployment(self, dep_id: str) -> None:
+        with self._tx() as db:
+            for table in ("resources", "host_keys", "setup_steps"):
+                db.execute(f"DELETE FROM {table} WHERE deployment_id=?", (dep_id,))
+            db.execute("UPDATE deployments SET status='destroyed', updated_at=? WHERE id=?", (time.time(), dep_id))
+
+    # -- resources --------------------------------------------------------------------------------
+    def record_intent(self, dep_id: str, key: str, kind: str, name: str, data: dict | None = None) -> None:
+        """Written before the create call: a crash after it is recovered by looking the name up."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT status, data FROM resources WHERE deployment_id=? AND key=?", (dep_id, key)
+            ).fetchone()
+            if row and row[0] in ("created", "ready"):
+                return
+            merged = {**(json.loads(row[1]) if row else {}), **(data or {})}
+            db.execute(
+                """INSERT INTO resources VALUES (?,?,?,?,'intent',NULL,?,?)
+                   ON CONFLICT(deployment_id, key) DO UPDATE SET status='intent', name=excluded.name,
+                   data=excluded.data, updated_at=excluded.updated_at""",
+                (dep_id, key, kind, name, json.dumps(merged), time.time()),
+            )
+
+    def record_resource(
+        self, dep_id: str, key: str, status: str, cloud_id: str | None = None, data: dict | None = None,
+        kind: str | None = None, name: str | None = None,
+    ) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT cloud_id, data FROM resources WHERE deployment_id=? AND key=?", (dep_id, key)
+            ).fetchone()
+            now = time.time()
+            if row is None:
+                db.execute(
+                    "INSERT INTO resources VALUES (?,?,?,?,?,?,?,?)",
+                    (dep_id, key, kind or key.split(":")[0], name or key, status, cloud_id,
+                     json.dumps(data or {}), now),
+                )
+                return
+            merged = {**json.loads(row[1]), **(data or {})}
+            db.execute(
+                "UPDATE resources SET status=?, cloud_id=?, data=?, updated_at=? WHERE deployment_id=? AND key=?",
+                (status, cloud_id if cloud_id is not None else row[0], json.dumps(merged), now, dep_id, key),
+            )
+
+    def delete_resource(self, dep_id: str, key: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM resources WHERE deployment_id=? AND key=?", (dep_id, key))
+
+    def resources(self, dep_id: str) -> list[ResourceRecord]:
+        rows = self._query("SELECT * FROM resources WHERE deployment_id=? ORDER BY key", (dep_id,))
+        return [ResourceRecord(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7]) for r in rows]
+
+    def resource(self, dep_id: str, key: str) -> ResourceRecord | None:
+        return next((r for r in self.resources(dep_id) if r.key == key), None)
+
+    # -- SSH host keys (the runner's HostKeyStore, per deployment) ----------------------------------
+    def get_host_key(self, dep_id: str, node: str) -> str | None:
+        rows = self._query("SELECT key FROM host_keys WHERE deployment_id=? AND node=?", (dep_id, node))
+        return rows[0][0] if rows else None
+
+    def pin_host_key(self, dep_id: str, node: str, host: str, port: int, key: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO host_keys VALUES (?,?,?,?,?,?) ON CONFLICT(deployment_id, node)
+                   DO UPDATE SET host=excluded.host, port=excluded.port, key=excluded.key,
+                   pinned_at=excluded.pinned_at""",
+                (dep_id, node, host, port, key, time.time()),
+            )
+
+    def forget_host_key(self, dep_id: str, node: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM host_keys WHERE deployment_id=? AND node=?", (dep_id, node))
+
+    # -- setup progress (the runner's ProgressStore, per deployment) --------------------------------
+    def steps(self, dep_id: str, node: str | None = None) -> list[tuple[str, int, str, str, str]]:
+        sql = "SELECT node, step_index, step_name, status, detail FROM setup_steps WHERE deployment_id=?"
+        args: tuple = (dep_id,)
+        if node:
+            sql += " AND node=?"
+            args += (node,)
+        return self._query(sql + " ORDER BY node, step_index", args)
+
+    def mark_step(self, dep_id: str, node: str, index: int, name: str, status: str, detail: str = "") -> None:
+        with self._tx() as db:
+            db.execute(
+                """INSERT INTO setup_steps VALUES (?,?,?,?,?,?,?) ON CONFLICT(deployment_id, node, step_index)
+                   DO UPDATE SET step_name=excluded.step_name, status=excluded.status,
+                   detail=excluded.detail, updated_at=excluded.updated_at""",
+                (dep_id, node, index, name, status, detail, time.time()),
+            )
+
+    def reset_steps(self, dep_id: str, node: str | None = None) -> None:
+        with self._tx() as db:
+            if node:
+                db.execute("DELETE FROM setup_steps WHERE deployment_id=? AND node=?", (dep_id, node))
+            else:
+                db.execute("DELETE FROM setup_steps WHERE deployment_id=?", (dep_id,))
+
+    # -- events -----------------------------------------------------------------------------------
+    def event(self, dep_id: str, message: str, level: str = "info") -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO events (deployment_id, at, level, message) VALUES (?,?,?,?)",
+                (dep_id, time.time(), level, message),
+            )
+
+    def events(self, dep_id: str) -> list[tuple[float, str, str]]:
+        return self._query(
+            "SELECT at, level, message FROM events WHERE deployment_id=? ORDER BY id", (dep_id,)
+        )
+
+
+def _deployment(row: tuple) -> DeploymentRecord:
+    return DeploymentRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                            json.loads(row[8]), row[9], row[10])
+
+
+class DeploymentView:
+    """The per-deployment view the SSH runner needs (HostKeyStore + ProgressStore)."""
+
+    def __init__(self, store: StateStore, dep_id: str) -> None:
+        self.store, self.dep_id = store, dep_id
+
+    def get_host_key(self, node: str) -> str | None:
+        return self.store.get_host_key(self.dep_id, node)
+
+    def pin_host_key(self, node: str, host: str, port: int, key: str) -> None:
+        self.store.pin_host_key(self.dep_id, node, host, port, key)
+        self.store.event(self.dep_id, f"{node}: pinned SSH host key of {host}:{port}")
+
+    def steps_done(self, node: str) -> set[int]:
+        return {r[1] for r in self.store.steps(self.dep_id, node) if r[3] == "done"}
+
+    def mark_step(self, node: str, index: int, name: str, status: str, detail: str = "") -> None:
+        self.store.mark_step(self.dep_id, node, index, name, status, detail)
