@@ -91,8 +91,8 @@ class StateStore:
             os.close(fd)
         os.chmod(self.path, 0o600)
         self._local = threading.local()
+        self._conn().executescript(_SCHEMA)  # idempotent DDL; executescript manages its own transaction
         with self._tx() as db:
-            db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))

@@ -1,0 +1,779 @@
+"""Lab profiles: the pydantic model of `profiles/<lab>.yaml`, the loader and the per-site checks.
+
+The format is described in docs/architecture.md. Every problem is reported as one `ProfileError` line that
+names the file and the field (`profiles/gpu.yaml: nodes.gpu.count: Input should be ...`), so that a student
+can fix it without reading a traceback. `validate_for_site` adds what can only be checked once the site is
+known (node types, flavors, images).
+
+Importing this module is cheap (pydantic and PyYAML only).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import types
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from labctl import hardware
+from labctl.errors import ProfileError
+
+if TYPE_CHECKING:
+    from labctl.sites import Site
+
+ROLE_PATTERN = r"^[a-z][a-z0-9-]{0,15}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: Keys of `nodes.<role>.types` that stand for every site of a family rather than one site.
+FAMILIES = ("chi", "kvm", "edge", "aws", "gcp")
+#: Attributes a `{node.attr}` placeholder in an output may name.
+NODE_ATTRS = ("floating_ip", "fixed_ip")
+SSH_PORT = 22
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_SHIPPED = Path(__file__).parent / "data"
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Gpu(_Model):
+    """The GPUs each node of a role needs."""
+
+    model: str = Field(
+        min_length=1,
+        title="GPU model",
+        description="GPU model the node must have, e.g. A100, H100, MI100, P100 (matched against the "
+        "node type's GPU name).",
+        examples=["A100"],
+    )
+    count: int = Field(1, ge=1, title="GPUs per node", description="How many GPUs each node needs (at least).")
+
+
+class NodeGroup(_Model):
+    """A role: `count` identical nodes named `<role>-1`, `<role>-2`, ..."""
+
+    count: int = Field(1, ge=1, le=32, title="Node count", description="How many nodes of this role (1..32).")
+    gpu: Gpu | None = Field(
+        None, title="GPU", description="GPUs each node needs; omit for CPU-only nodes."
+    )
+    image: str | None = Field(
+        None,
+        title="Image override",
+        description="Abstract image name for this role only (overrides the profile's `image`).",
+    )
+    floating_ip: bool = Field(
+        False, title="Floating IP", description="Give each node of this role a public (floating) IP."
+    )
+    types: dict[str, Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]] = Field(
+        min_length=1,
+        title="Node types per site",
+        description="Site name (e.g. chi@tacc) or site family (chi, kvm, aws, gcp) -> node types or flavors, "
+        "in order of preference; the next one is tried when a site has no capacity for the previous.",
+        examples=[{"chi@tacc": ["compute_liqid"], "chi@uc": ["gpu_a100_pcie", "compute_gigaio"]}],
+    )
+
+
+class Port(_Model):
+    """A port to open to the world (on sites that use security groups)."""
+
+    port: int = Field(ge=1, le=65535, title="Port", description="Port number (1..65535).")
+    protocol: Literal["tcp", "udp"] = Field("tcp", title="Protocol", description="tcp or udp.")
+    cidr: str = Field(
+        "0.0.0.0/0", title="Source CIDR", description="Who may connect, as a CIDR (default: anyone)."
+    )
+
+    @field_validator("cidr")
+    @classmethod
+    def _check_cidr(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_network(value.strip(), strict=True))
+        except ValueError as exc:
+            try:
+                loose = ipaddress.ip_network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a CIDR such as 10.0.0.0/24 ({exc})") from None
+            raise ValueError(f"{value!r} has host bits set (did you mean {loose}?)") from None
+
+
+def _port_kind(value: Any) -> str:
+    return "int" if isinstance(value, int) and not isinstance(value, bool) else "Port"
+
+
+PortSpec = Annotated[
+    Union[  # noqa: UP007 - a discriminated union needs the Union[...] spelling for its tags
+        Annotated[Annotated[int, Field(ge=1, le=65535)], Tag("int")],
+        Annotated[Port, Tag("Port")],
+    ],
+    Discriminator(_port_kind),
+]
+_UNION_TAGS = {"int", "Port"}
+
+
+class Upload(_Model):
+    """A file (or directory) under `labs/<lab>/` copied to the node before the step runs."""
+
+    src: str = Field(min_length=1, title="Source", description="Path under labs/<lab>/.")
+    dest: str = Field(min_length=1, title="Destination", description="Path on the node (relative to home).")
+
+
+class Step(_Model):
+    """One setup step: runs on all its targets in parallel; the next step starts when it is done."""
+
+    name: str = Field(min_length=1, title="Step name", description="Short unique name, shown in progress.")
+    on: str | list[str] = Field(
+        "all",
+        title="Targets",
+        description='"all", a role, a node name (e.g. gpu-1), or a list of those.',
+    )
+    run: str | None = Field(None, title="Command", description="Inline shell command (give run or script).")
+    script: str | None = Field(
+        None, title="Script", description="A script under labs/<lab>/ to run (give run or script)."
+    )
+    upload: list[Upload] = Field(
+        default_factory=list, title="Uploads", description="Files under labs/<lab>/ to upload first."
+    )
+    timeout: float = Field(600, gt=0, title="Timeout", description="Seconds before the step counts as failed.")
+    safe_on_sim: bool = Field(
+        False,
+        title="Safe on the emulated site",
+        description="Run this step on --site sim too; leave false for steps that change the host "
+        "(apt, sudo, docker).",
+    )
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _check_on(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError('must not be empty (use "all", a role or a node name)')
+            return value
+        if isinstance(value, list):
+            if not value:
+                raise ValueError('must not be an empty list (use "all", a role or a node name)')
+            if all(isinstance(v, str) and v.strip() for v in value):
+                return value
+        raise ValueError('should be "all", a role, a node name, or a list of those')
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Step:
+        if (self.run is None) == (self.script is None):
+            raise ValueError("give exactly one of 'run' (a command) or 'script' (a file under labs/<lab>/)")
+        return self
+
+    def targets(self) -> list[str]:
+        """`on` as a list."""
+        return [self.on] if isinstance(self.on, str) else list(self.on)
+
+
+class Output(_Model):
+    """Something to show the user after `up`, e.g. a URL built from a node's address."""
+
+    name: str = Field(min_length=1, title="Output name")
+    value: str = Field(
+        title="Value",
+        description="Text with {node.floating_ip} / {node.fixed_ip} placeholders, e.g. "
+        "http://{gpu-1.floating_ip}:8888 (write {{ and }} for literal braces).",
+    )
+    forward: int | None = Field(
+        None, ge=1, le=65535, title="Forwarded port", description="Port for `labctl ssh LAB --forward PORT`."
+    )
+
+    def placeholders(self) -> list[tuple[str, str]]:
+        """The (node, attribute) pairs the value refers to."""
+        out = []
+        for m in _PLACEHOLDER.finditer(_strip_escapes(self.value)):
+            node, _, attr = m.group(1).strip().rpartition(".")
+            out.append((node, attr))
+        return out
+
+    def render(self, addresses: Mapping[str, Mapping[str, Any]]) -> str:
+        """Fill the placeholders from {node: {"floating_ip": ..., "fixed_ip": ...}} (missing -> '?')."""
+
+        def repl(m: re.Match[str]) -> str:
+            node, _, attr = m.group(1).strip().rpartition(".")
+            value = addresses.get(node, {}).get(attr)
+            return "?" if value in (None, "") else str(value)
+
+        parts = self.value.split("{{")
+        rendered = ["}".join(_PLACEHOLDER.sub(repl, seg) for seg in p.split("}}")) for p in parts]
+        return "{".join(rendered)
+
+
+def _strip_escapes(text: str) -> str:
+    return text.replace("{{", "").replace("}}", "")
+
+
+class Profile(_Model):
+    """A lab profile (profiles/<lab>.yaml): where it runs, what nodes it needs, and how to set them up."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        title="labctl lab profile",
+        json_schema_extra={"$comment": "See docs/architecture.md, 'The profile format'."},
+    )
+
+    name: str = Field(
+        pattern=NAME_PATTERN, title="Lab name", description="Must equal the file name without .yaml."
+    )
+    description: str = Field("", title="Description", description="One line shown by `labctl profiles`.")
+    sites: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1,
+        title="Sites",
+        description="Where the lab may run, in order of preference (e.g. chi@tacc, chi@uc, kvm@tacc); "
+        "the first Chameleon site is what `--site sim` stands for.",
+    )
+    lease_hours: float = Field(
+        gt=0, le=168, title="Lease length (hours)", description="Chameleon caps leases at 7 days (168 h)."
+    )
+    image: str = Field(
+        min_length=1,
+        title="Image",
+        description="Abstract image name mapped per site, e.g. ubuntu-24.04, ubuntu-24.04-cuda.",
+    )
+    nodes: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], NodeGroup] = Field(
+        min_length=1,
+        title="Nodes",
+        description="Role -> node group. Nodes are named <role>-<i>, 1-based (gpu-1, gpu-2, ...).",
+    )
+    ports: list[PortSpec] = Field(
+        default_factory=list,
+        title="Open ports",
+        description="Ports to open (22/tcp is always open): ints, or {port, protocol, cidr}.",
+    )
+    setup: list[Step] = Field(default_factory=list, title="Setup steps", description="Run in order after boot.")
+    outputs: list[Output] = Field(
+        default_factory=list, title="Outputs", description="Shown after `labctl up` (URLs, SSH hints)."
+    )
+
+    _lab_dir: Path | None = PrivateAttr(None)
+    _path: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Profile:
+        problems = _cross_field_problems(self)
+        if problems:
+            raise ValueError(_first_of(problems))
+        return self
+
+    # -- accessors
+
+    def node_names(self) -> list[tuple[str, str]]:
+        """[(node, role)] in profile order: gpu-1, gpu-2, ..."""
+        return [(f"{role}-{i}", role) for role, group in self.nodes.items() for i in range(1, group.count + 1)]
+
+    def types_for(self, role: str, site_name: str, family: str) -> list[str]:
+        """Node types / flavors of `role` at a site: the exact site key, else the family key, else []."""
+        types_ = self.nodes[role].types
+        if site_name in types_:
+            return list(types_[site_name])
+        return list(types_.get(family, []))
+
+    def image_for(self, role: str) -> str:
+        """The abstract image of a role (its override, else the profile's)."""
+        return self.nodes[role].image or self.image
+
+    def port_rules(self) -> list[Port]:
+        """Ports as `Port`s, without duplicates, always including 22/tcp (first)."""
+        rules: list[Port] = []
+        seen: set[tuple[int, str, str]] = set()
+        for spec in [SSH_PORT, *self.ports]:
+            port = Port(port=spec) if isinstance(spec, int) else spec
+            key = (port.port, port.protocol, port.cidr)
+            if key not in seen:
+                seen.add(key)
+                rules.append(port)
+        return rules
+
+    @property
+    def lab_dir(self) -> Path:
+        """The lab's files (scripts, uploads): `X/labs/<lab>/` for a profile at `X/profiles/<lab>.yaml`."""
+        return self._lab_dir if self._lab_dir is not None else Path("labs") / self.name
+
+    @lab_dir.setter
+    def lab_dir(self, value: Path | str) -> None:
+        self._lab_dir = Path(value)
+
+    @property
+    def path(self) -> Path | None:
+        """The file this profile was loaded from (None if built in code)."""
+        return self._path
+
+
+# ------------------------------------------------------------------------------- cross-field checks
+
+
+def _first_of(problems: list[str]) -> str:
+    more = len(problems) - 1
+    return problems[0] + (f" (+{more} more)" if more else "")
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _cross_field_problems(p: Profile) -> list[str]:
+    problems: list[str] = []
+    roles = list(p.nodes)
+    nodes = [n for n, _ in p.node_names()]
+    for role in roles:
+        if role in nodes:
+            problems.append(f"nodes.{role}: role name '{role}' clashes with a node name of another role")
+    for role, group in p.nodes.items():
+        for key in group.types:
+            if key not in p.sites and key not in FAMILIES:
+                problems.append(
+                    f"nodes.{role}.types.{key}: '{key}' is neither one of the profile's sites "
+                    f"({', '.join(p.sites)}) nor a site family ({', '.join(FAMILIES)})"
+                    + _suggest(key, [*p.sites, *FAMILIES])
+                )
+    targets = ["all", *roles, *nodes]
+    seen_steps: dict[str, int] = {}
+    for i, step in enumerate(p.setup):
+        if step.name in seen_steps:
+            problems.append(f"setup[{i}].name: duplicate step name '{step.name}' (also setup[{seen_steps[step.name]}])")
+        seen_steps.setdefault(step.name, i)
+        on = step.targets()
+        for j, target in enumerate(on):
+            field = "on" if isinstance(step.on, str) else f"on[{j}]"
+            if target not in targets:
+                problems.append(
+                    f"setup[{i}].{field}: unknown target '{target}' (use all, a role or a node: "
+                    f"{', '.join(targets)})" + _suggest(target, targets)
+                )
+    seen_outputs: set[str] = set()
+    groups = dict(p.node_names())
+    for i, out in enumerate(p.outputs):
+        if out.name in seen_outputs:
+            problems.append(f"outputs[{i}].name: duplicate output name '{out.name}'")
+        seen_outputs.add(out.name)
+        for node, attr in out.placeholders():
+            text = f"{node}.{attr}" if node else attr
+            if not node:
+                problems.append(
+                    f"outputs[{i}].value: placeholder {{{text}}} should be {{<node>.<attribute>}}, "
+                    f"e.g. {{{nodes[0]}.floating_ip}} (write {{{{ and }}}} for literal braces)"
+                )
+            elif node not in groups:
+                problems.append(
+                    f"outputs[{i}].value: placeholder {{{text}}} names unknown node '{node}' "
+                    f"(nodes: {', '.join(nodes)})" + _suggest(node, nodes)
+                )
+            elif attr not in NODE_ATTRS:
+                problems.append(
+                    f"outputs[{i}].value: placeholder {{{text}}} has unknown attribute '{attr}' "
+                    f"(known: {', '.join(NODE_ATTRS)})" + _suggest(attr, NODE_ATTRS)
+                )
+            elif attr == "floating_ip" and not p.nodes[groups[node]].floating_ip:
+                problems.append(
+                    f"outputs[{i}].value: {{{text}}}: {node} has no floating IP "
+                    f"(set nodes.{groups[node]}.floating_ip: true)"
+                )
+    return problems
+
+
+def _file_problems(p: Profile, lab_dir: Path) -> list[str]:
+    """Scripts and uploads must be files under the lab directory."""
+    problems: list[str] = []
+    shown = _display(lab_dir)
+    root = Path(os.path.abspath(lab_dir))
+
+    def check(field: str, rel: str, want_file: bool) -> None:
+        if os.path.isabs(rel):
+            problems.append(f"{field}: '{rel}' must be a path relative to {shown}/")
+            return
+        target = Path(os.path.abspath(root / rel))
+        if not target.is_relative_to(root):
+            problems.append(f"{field}: '{rel}' is outside the lab directory {shown}/")
+        elif not (target.is_file() if want_file else target.exists()):
+            problems.append(f"{field}: '{rel}' not found under {shown}/")
+
+    for i, step in enumerate(p.setup):
+        if step.script is not None:
+            check(f"setup[{i}].script", step.script, True)
+        for j, up in enumerate(step.upload):
+            check(f"setup[{i}].upload[{j}].src", up.src, False)
+    return problems
+
+
+# ------------------------------------------------------------------------------------ error format
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop discriminated-union tags ('ports', 0, 'Port', 'cidr') -> ('ports', 0, 'cidr')."""
+    out: list[Any] = []
+    for part in loc:
+        if part in _UNION_TAGS and out and isinstance(out[-1], int):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _unwrap(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _descend(tp: Any, key: Any) -> Any:
+    tp = _unwrap(tp)
+    origin = get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(key) if isinstance(key, str) else None
+        return field.annotation if field else None
+    if origin is list:
+        return get_args(tp)[0] if isinstance(key, int) else None
+    if origin is dict:
+        return get_args(tp)[1]
+    if origin in (Union, types.UnionType):
+        for member in get_args(tp):
+            found = _descend(member, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    tp: Any = Profile
+    for part in loc:
+        tp = _descend(tp, part)
+        if tp is None:
+            return None
+    tp = _unwrap(tp)
+    candidates = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    for c in candidates:
+        c = _unwrap(c)
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
+
+
+def _describe_error(err: Mapping[str, Any]) -> str:
+    loc = _clean_loc(tuple(err.get("loc", ())))
+    kind = err.get("type", "")
+    msg = str(err.get("msg", ""))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if "[key]" in loc:
+        where = _loc(p for p in loc if p != "[key]")
+        if kind == "string_pattern_mismatch":
+            msg = "role names are lower-case letters, digits and '-', start with a letter, at most 16 characters"
+        return f"{where}: {msg}"
+    where = _loc(loc)
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = list(model.model_fields) if model else []
+        hint = _suggest(str(loc[-1]), known) if known else ""
+        if known and not hint:
+            hint = f" (known fields: {', '.join(known)})"
+        return f"{where}: unknown field{hint}"
+    value = err.get("input")
+    if kind not in ("missing",) and not kind.startswith("value_error") and isinstance(
+        value, (str, int, float, bool)
+    ):
+        shown = repr(value)
+        if len(shown) > 40:
+            shown = shown[:37] + "..."
+        msg = f"{msg} (got {shown})"
+    return f"{where}: {msg}" if where else msg
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """A pydantic error as one line: the first problem, plus '(+N more)'."""
+    errors = exc.errors(include_url=False)
+    return _first_of([_one_line(_describe_error(e)) for e in errors]) if errors else _one_line(str(exc))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _display(path: Path | str) -> str:
+    """The path as the user will recognise it: relative to the current directory when under it."""
+    absolute = os.path.abspath(path)
+    try:
+        rel = os.path.relpath(absolute)
+    except ValueError:
+        return str(path)
+    return absolute if rel.startswith("..") else rel
+
+
+def _error(shown: str, message: str, field: str | None = None) -> ProfileError:
+    err = ProfileError(_one_line(f"{shown}: {message}"))
+    err.path = shown  # type: ignore[attr-defined]
+    err.field = field  # type: ignore[attr-defined]
+    return err
+
+
+# ------------------------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (so `on:` stays a key) that rejects duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
+    return _error(where, f"YAML syntax error: {problem}")
+
+
+def read_yaml(path: Path | str, what: str = "a profile mapping") -> Any:
+    """Parse a YAML file with labctl's loader; errors are one-line `ProfileError`s with line:column."""
+    shown = _display(path)
+    p = Path(path)
+    if not p.exists():
+        raise _error(shown, "no such file")
+    if p.is_dir():
+        raise _error(shown, "is a directory, not a YAML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _error(shown, f"cannot read: {exc}") from None
+    if not text.strip():
+        raise _error(shown, f"empty file (expected {what})")
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise _yaml_error(shown, exc) from None
+    if data is None:
+        raise _error(shown, f"empty file (only comments; expected {what})")
+    return data
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def lab_dir_for(path: Path | str) -> Path:
+    """`X/labs/<lab>/` for a profile at `X/profiles/<lab>.yaml` (else `<dir>/labs/<lab>/`)."""
+    p = Path(os.path.abspath(path))
+    base = p.parent.parent if p.parent.name == "profiles" else p.parent
+    return base / "labs" / p.stem
+
+
+def load_profile(path: Path | str) -> Profile:
+    """Load and check a profile file. Raises `ProfileError` (one line naming the file and the field)."""
+    shown = _display(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string"}.get(type(data), type(data).__name__)
+        raise _error(shown, f"the top level must be a mapping of profile fields (name, sites, ...), not {kind}")
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as exc:
+        raise _error(shown, format_validation_error(exc)) from None
+    stem = Path(path).stem
+    if profile.name != stem:
+        raise _error(shown, f"name: '{profile.name}' must equal the file name without .yaml ('{stem}')", "name")
+    lab_dir = lab_dir_for(path)
+    problems = _file_problems(profile, lab_dir)
+    if problems:
+        raise _error(shown, _first_of(problems))
+    profile._lab_dir = lab_dir
+    profile._path = Path(path)
+    return profile
+
+
+def shipped_profiles_dir() -> Path:
+    return _SHIPPED / "profiles"
+
+
+def available_profiles() -> dict[str, Path]:
+    """Profile name -> file: the shipped ones, overridden by ./profiles/."""
+    found: dict[str, Path] = {}
+    for directory in (shipped_profiles_dir(), Path("profiles")):
+        if directory.is_dir():
+            for f in sorted(directory.glob("*.yaml")):
+                found[f.stem] = f
+    return found
+
+
+def find_profile(name_or_path: str | Path) -> Path:
+    """A path if it exists; else ./profiles/<name>.yaml; else the shipped profile <name>."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    text = str(name_or_path)
+    if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        raise _error(_display(p), "no such file")
+    for candidate in (Path("profiles") / f"{text}.yaml", shipped_profiles_dir() / f"{text}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(available_profiles())
+    raise ProfileError(
+        f"no profile named '{text}' in ./profiles/ or the shipped profiles "
+        f"({', '.join(names) or 'none'})" + _suggest(text, names)
+    )
+
+
+# ------------------------------------------------------------------------------------ site checks
+
+
+def _catalog(site: Site) -> str:
+    return getattr(site, "catalog", None) or site.stands_for or site.name
+
+
+def _gpu_matches(wanted: str, have: str | None) -> bool:
+    def norm(s: str) -> str:
+        return re.sub(r"[^a-z0-9]", "", s.lower())
+
+    return bool(have) and norm(wanted) in norm(have or "")
+
+
+def validate_for_site(profile: Profile, site: Site) -> list[str]:
+    """Problems with running `profile` at `site`, each one line naming the field ([] if none)."""
+    real = site.stands_for or site.name
+    if site.family == "edge" or site.reservation == "device":
+        return [f"sites: not supported at this site: {real} leases devices (containers), not servers"]
+    problems: list[str] = []
+    if real not in profile.sites:
+        what = f"{site.name} (stands for {real})" if site.emulated else site.name
+        problems.append(
+            f"sites: {what} is not one of this profile's sites ({', '.join(profile.sites)})"
+            + _suggest(real, profile.sites)
+        )
+    if profile.lease_hours > site.max_lease_hours:
+        problems.append(
+            f"lease_hours: {profile.lease_hours:g} h is longer than {real} allows ({site.max_lease_hours:g} h)"
+        )
+    catalog = _catalog(site)
+    bare_metal = hardware.node_types(catalog)
+    flavors = hardware.flavors(catalog)
+    images_reported: set[str] = set()
+    for role, group in profile.nodes.items():
+        key = real if real in group.types else site.family
+        wanted = profile.types_for(role, real, site.family)
+        if not wanted:
+            problems.append(
+                f"nodes.{role}.types: no node types for {real} (add a '{real}' or '{site.family}' key)"
+            )
+        for i, name in enumerate(wanted):
+            field = f"nodes.{role}.types.{key}[{i}]"
+            problem = _check_type(role, group, name, real, site.family, bare_metal, flavors)
+            if problem:
+                problems.append(f"{field}: {problem}")
+        image = profile.image_for(role)
+        field = f"nodes.{role}.image" if group.image else "image"
+        if site.images and image not in site.images and image not in site.images.values():
+            if field not in images_reported:
+                images_reported.add(field)
+                problems.append(
+                    f"{field}: unknown image '{image}' at {real} (known: {', '.join(site.images)})"
+                    + _suggest(image, site.images)
+                )
+    return problems
+
+
+def _check_type(
+    role: str,
+    group: NodeGroup,
+    name: str,
+    site_name: str,
+    family: str,
+    bare_metal: Mapping[str, hardware.NodeType],
+    flavors: Mapping[str, hardware.Flavor],
+) -> str | None:
+    if family == "kvm":
+        catalog: Mapping[str, Any] = flavors
+        noun = "flavor"
+    else:
+        catalog = bare_metal
+        noun = "node type"
+    if not catalog:
+        return None  # a user site without a hardware catalog: nothing to check against
+    item = catalog.get(name)
+    if item is None:
+        if group.gpu:
+            known = [n for n, t in catalog.items() if t.gpus]
+            label = f"known GPU {noun}s"
+        else:
+            known = list(catalog)
+            label = f"known {noun}s"
+        return (
+            f"unknown {noun} '{name}' at {site_name} ({label}: {', '.join(known)})" + _suggest(name, catalog)
+        )
+    if group.gpu:
+        want = group.gpu
+        if not item.gpus:
+            return f"{name} has no GPU, but nodes.{role}.gpu asks for {want.count}x {want.model}"
+        if item.gpus < want.count:
+            return f"{name} has {item.gpus} GPU(s), but nodes.{role}.gpu asks for {want.count}"
+        if not _gpu_matches(want.model, item.gpu_model):
+            return f"{name} has {item.gpu_model} GPUs, but nodes.{role}.gpu asks for {want.model}"
+    return None
+
+
+def require_valid_for_site(profile: Profile, site: Site) -> None:
+    """`validate_for_site` as a `ProfileError` (first problem, '(+N more)') naming the profile file."""
+    problems = validate_for_site(profile, site)
+    if problems:
+        shown = _display(profile.path) if profile.path else f"profile {profile.name}"
+        raise _error(shown, _first_of(problems))
+
+
+# ------------------------------------------------------------------------------------------ schema
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a profile, for editors (yaml-language-server) and `labctl schema`."""
+    schema = Profile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema.setdefault(
+        "description", "A labctl lab profile: where a lab runs, what nodes it needs and how to set them up."
+    )
+    return schema

@@ -1,0 +1,45 @@
+"""Shared fixtures: an isolated labctl home per test, and the loopback guard for every process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+GUARD_DIR = Path(__file__).parent / "loopback_guard"
+
+# Guard this process too: nothing in the tests may reach an address outside 127.0.0.0/8.
+_spec = importlib.util.spec_from_file_location("_loopback_guard", GUARD_DIR / "sitecustomize.py")
+assert _spec and _spec.loader
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+
+
+@pytest.fixture
+def labctl_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment for running labctl in a private home: state, testbed world, config, no real creds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "AWS_", "GOOGLE_"))}
+    env.update(
+        LABCTL_STATE_DIR=str(tmp_path / "state"),
+        LABCTL_TESTBED_DIR=str(tmp_path / "testbed"),
+        LABCTL_CONFIG_DIR=str(tmp_path / "config"),
+        LABCTL_TESTBED_TIME_SCALE=os.environ.get("LABCTL_TEST_TIME_SCALE", "0.002"),
+        LABCTL_OWNER="student1",
+        PYTHONPATH=os.pathsep.join([str(GUARD_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        NO_COLOR="1",
+        COLUMNS="200",
+        HOME=str(tmp_path / "home"),
+    )
+    (tmp_path / "home").mkdir()
+    for key in list(os.environ):
+        if key.startswith(("OS_", "AWS_", "GOOGLE_")):
+            monkeypatch.delenv(key)
+    for key in ("LABCTL_STATE_DIR", "LABCTL_TESTBED_DIR", "LABCTL_CONFIG_DIR", "LABCTL_TESTBED_TIME_SCALE",
+                "LABCTL_OWNER"):
+        monkeypatch.setenv(key, env[key])
+    return env
+
+
+LABCTL = [sys.executable, "-m", "labctl"]

@@ -1,0 +1,141 @@
+"""The engine's own rules, against an in-memory provider (the SDK paths are covered end to end in tests/e2e)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from labctl.engine import Engine
+from labctl.errors import NoCapacity
+from labctl.plan import NodePlan, Plan, Resource
+from labctl.providers.base import Found
+from labctl.state import StateStore
+
+
+@dataclass
+class FakeSite:
+    name: str = "fake"
+
+
+@dataclass
+class MemoryCloud:
+    """Resources by name; capacity per node type; counts creates."""
+
+    capacity: dict[str, int] = field(default_factory=dict)
+    items: dict[str, Found] = field(default_factory=dict)
+    creates: list[str] = field(default_factory=list)
+    crash_after_create: str | None = None
+    error_once: set[str] = field(default_factory=set)
+
+    def preflight(self, plan):
+        pass
+
+    def find(self, res, plan):
+        return self.items.get(res.name)
+
+    def create(self, res, plan, deps, candidate):
+        if candidate is not None:
+            if self.capacity.get(candidate, 0) < res.spec.get("count", 1):
+                raise NoCapacity(f"not enough hosts for {candidate}")
+            self.capacity[candidate] -= res.spec.get("count", 1)
+        self.creates.append(res.key)
+        status = "pending" if res.kind in ("server", "reservation") else "ready"
+        found = Found(res.kind, f"id-{res.name}-{len(self.creates)}", res.name, status, {"node_type": candidate})
+        self.items[res.name] = found
+        if self.crash_after_create == res.key:
+            raise KeyboardInterrupt("simulated crash after the create reached the cloud")
+        return found
+
+    def wait(self, items, plan, timeout, on_progress):
+        out = []
+        for res, f in items:
+            if res.key in self.error_once:
+                self.error_once.discard(res.key)
+                f.status, f.error = "error", "No valid host was found"
+            else:
+                f.status = "ready"
+            out.append(f)
+        return out
+
+    def delete(self, kind, found, plan):
+        for f in found:
+            self.items.pop(f.name, None)
+
+    def list_owned(self, plan):
+        return list(self.items.values())
+
+    def extend(self, found, hours, plan):
+        return found
+
+
+def make_plan(candidates=("big", "small")) -> Plan:
+    plan = Plan("labctl-u-lab", "lab", "u", None, FakeSite(), 1, {}, [NodePlan("n-1", "n", candidates, "img", True)])
+    plan.resources += [
+        Resource("keypair", "keypair", "labctl-u-lab", {"public_key": "k"}),
+        Resource("reservation:n", "reservation", "labctl-u-lab-n",
+                 {"role": "n", "count": 1, "kind": "host", "candidates": list(candidates), "hours": 1}),
+        Resource("server:n-1", "server", "labctl-u-lab-n-1", {"node": "n-1", "reservation": "reservation:n"},
+                 ("keypair", "reservation:n")),
+        Resource("floating_ip:n-1", "floating_ip", "labctl-u-lab-n-1-fip", {"node": "n-1", "server": "server:n-1"},
+                 ("server:n-1",)),
+    ]
+    return plan
+
+
+@pytest.fixture
+def store(tmp_path):
+    return StateStore(tmp_path / "state.db")
+
+
+def test_apply_twice_creates_once(store):
+    cloud = MemoryCloud(capacity={"big": 1})
+    plan = make_plan()
+    Engine(cloud, store).apply(plan)
+    Engine(cloud, store).apply(plan)
+    assert sorted(cloud.creates) == ["floating_ip:n-1", "keypair", "reservation:n", "server:n-1"]
+    assert {r.status for r in store.resources(plan.deployment)} == {"ready"}
+
+
+def test_falls_back_to_next_type_and_records_it(store):
+    cloud = MemoryCloud(capacity={"big": 0, "small": 1})
+    plan = make_plan()
+    seen = []
+    Engine(cloud, store, on_progress=lambda s, st, d: seen.append((st, d))).apply(plan)
+    assert store.resource(plan.deployment, "reservation:n").data["node_type"] == "small"
+    assert any(st == "fallback" and "trying small" in d for st, d in seen)
+    assert any("small" in msg for _, _, msg in store.events(plan.deployment))
+
+
+def test_no_capacity_anywhere_raises_one_clear_error(store):
+    cloud = MemoryCloud(capacity={})
+    with pytest.raises(NoCapacity, match="none of big, small"):
+        Engine(cloud, store).apply(make_plan())
+
+
+def test_crash_after_create_then_rerun_finds_it(store):
+    cloud = MemoryCloud(capacity={"big": 1}, crash_after_create="server:n-1")
+    plan = make_plan()
+    with pytest.raises(KeyboardInterrupt):
+        Engine(cloud, store).apply(plan)
+    assert store.resource(plan.deployment, "server:n-1").status == "intent"
+    cloud.crash_after_create = None
+    Engine(cloud, store).apply(plan)
+    assert cloud.creates.count("server:n-1") == 1
+
+
+def test_server_error_is_replaced_once(store):
+    cloud = MemoryCloud(capacity={"big": 1}, error_once={"server:n-1"})
+    Engine(cloud, store).apply(make_plan())
+    assert cloud.creates.count("server:n-1") == 2
+    assert len([f for f in cloud.items.values() if f.kind == "server"]) == 1
+
+
+def test_destroy_removes_recorded_and_tagged_strays(store):
+    cloud = MemoryCloud(capacity={"big": 1})
+    plan = make_plan()
+    Engine(cloud, store).apply(plan)
+    cloud.items["stray"] = Found("server", "id-stray", "stray")
+    left = Engine(cloud, store).destroy(plan)
+    assert left == [] and cloud.items == {}
+    assert store.resources(plan.deployment) == []
