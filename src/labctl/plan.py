@@ -95,7 +95,8 @@ def build_plan(
         NodePlan(
             name=node,
             role=role,
-            candidates=tuple(profile.types_for(role, real_site, site.family)),
+            candidates=tuple(profile.types_for(role, real_site, site.family)
+                             or profile.types_for(role, site.catalog or real_site, site.family)),
             image=site.images.get(profile.image_for(role), profile.image_for(role)),
             floating_ip=profile.nodes[role].floating_ip,
         )

@@ -35,6 +35,22 @@ from pydantic import (
 from labctl import hardware
 from labctl.errors import ProfileError
 
+__all__ = [
+    "Gpu",
+    "NodeGroup",
+    "Output",
+    "Port",
+    "Profile",
+    "ProfileError",
+    "Step",
+    "Upload",
+    "find_profile",
+    "json_schema",
+    "load_profile",
+    "require_valid_for_site",
+    "validate_for_site",
+]
+
 if TYPE_CHECKING:
     from labctl.sites import Site
 
@@ -67,16 +83,16 @@ class Gpu(_Model):
         "node type's GPU name).",
         examples=["A100"],
     )
-    count: int = Field(1, ge=1, title="GPUs per node", description="How many GPUs each node needs (at least).")
+    count: int = Field(
+        1, ge=1, title="GPUs per node", description="How many GPUs each node needs (at least)."
+    )
 
 
 class NodeGroup(_Model):
     """A role: `count` identical nodes named `<role>-1`, `<role>-2`, ..."""
 
     count: int = Field(1, ge=1, le=32, title="Node count", description="How many nodes of this role (1..32).")
-    gpu: Gpu | None = Field(
-        None, title="GPU", description="GPUs each node needs; omit for CPU-only nodes."
-    )
+    gpu: Gpu | None = Field(None, title="GPU", description="GPUs each node needs; omit for CPU-only nodes.")
     image: str | None = Field(
         None,
         title="Image override",
@@ -153,7 +169,9 @@ class Step(_Model):
     upload: list[Upload] = Field(
         default_factory=list, title="Uploads", description="Files under labs/<lab>/ to upload first."
     )
-    timeout: float = Field(600, gt=0, title="Timeout", description="Seconds before the step counts as failed.")
+    timeout: float = Field(
+        600, gt=0, title="Timeout", description="Seconds before the step counts as failed."
+    )
     safe_on_sim: bool = Field(
         False,
         title="Safe on the emulated site",
@@ -255,13 +273,16 @@ class Profile(_Model):
         min_length=1,
         title="Nodes",
         description="Role -> node group. Nodes are named <role>-<i>, 1-based (gpu-1, gpu-2, ...).",
+        json_schema_extra={"additionalProperties": False},
     )
     ports: list[PortSpec] = Field(
         default_factory=list,
         title="Open ports",
         description="Ports to open (22/tcp is always open): ints, or {port, protocol, cidr}.",
     )
-    setup: list[Step] = Field(default_factory=list, title="Setup steps", description="Run in order after boot.")
+    setup: list[Step] = Field(
+        default_factory=list, title="Setup steps", description="Run in order after boot."
+    )
     outputs: list[Output] = Field(
         default_factory=list, title="Outputs", description="Shown after `labctl up` (URLs, SSH hints)."
     )
@@ -280,7 +301,9 @@ class Profile(_Model):
 
     def node_names(self) -> list[tuple[str, str]]:
         """[(node, role)] in profile order: gpu-1, gpu-2, ..."""
-        return [(f"{role}-{i}", role) for role, group in self.nodes.items() for i in range(1, group.count + 1)]
+        return [
+            (f"{role}-{i}", role) for role, group in self.nodes.items() for i in range(1, group.count + 1)
+        ]
 
     def types_for(self, role: str, site_name: str, family: str) -> list[str]:
         """Node types / flavors of `role` at a site: the exact site key, else the family key, else []."""
@@ -329,8 +352,13 @@ def _first_of(problems: list[str]) -> str:
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+    """' (did you mean ...?)': names that extend the word (gpu_a100 -> gpu_a100_pcie), else the closest."""
+    options = list(choices)
+    longer = [c for c in options if c.startswith(word) and c != word][:3]
+    match = longer or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if not match:
+        return ""
+    return " (did you mean " + " or ".join(f"'{m}'" for m in match) + "?)"
 
 
 def _cross_field_problems(p: Profile) -> list[str]:
@@ -352,7 +380,9 @@ def _cross_field_problems(p: Profile) -> list[str]:
     seen_steps: dict[str, int] = {}
     for i, step in enumerate(p.setup):
         if step.name in seen_steps:
-            problems.append(f"setup[{i}].name: duplicate step name '{step.name}' (also setup[{seen_steps[step.name]}])")
+            problems.append(
+                f"setup[{i}].name: duplicate step name '{step.name}' (also setup[{seen_steps[step.name]}])"
+            )
         seen_steps.setdefault(step.name, i)
         on = step.targets()
         for j, target in enumerate(on):
@@ -461,8 +491,8 @@ def _descend(tp: Any, key: Any) -> Any:
     return None
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    tp: Any = Profile
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    tp: Any = root
     for part in loc:
         tp = _descend(tp, part)
         if tp is None:
@@ -476,29 +506,34 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return None
 
 
-def _describe_error(err: Mapping[str, Any]) -> str:
+def _describe_error(err: Mapping[str, Any], root: type[BaseModel]) -> str:
     loc = _clean_loc(tuple(err.get("loc", ())))
     kind = err.get("type", "")
     msg = str(err.get("msg", ""))
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     if "[key]" in loc:
         where = _loc(p for p in loc if p != "[key]")
         if kind == "string_pattern_mismatch":
-            msg = "role names are lower-case letters, digits and '-', start with a letter, at most 16 characters"
+            msg = (
+                "role names are lower-case letters, digits and '-', start with a letter, "
+                "at most 16 characters"
+            )
         return f"{where}: {msg}"
     where = _loc(loc)
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
+        model = _model_at(loc[:-1], root)
         known = list(model.model_fields) if model else []
         hint = _suggest(str(loc[-1]), known) if known else ""
         if known and not hint:
             hint = f" (known fields: {', '.join(known)})"
         return f"{where}: unknown field{hint}"
     value = err.get("input")
-    if kind not in ("missing",) and not kind.startswith("value_error") and isinstance(
-        value, (str, int, float, bool)
+    if (
+        kind not in ("missing",)
+        and not kind.startswith("value_error")
+        and isinstance(value, (str, int, float, bool))
     ):
         shown = repr(value)
         if len(shown) > 40:
@@ -507,10 +542,13 @@ def _describe_error(err: Mapping[str, Any]) -> str:
     return f"{where}: {msg}" if where else msg
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """A pydantic error as one line: the first problem, plus '(+N more)'."""
+def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """A pydantic error of `model` (default: Profile) as one line: the first problem, plus '(+N more)'."""
+    root = model or Profile
     errors = exc.errors(include_url=False)
-    return _first_of([_one_line(_describe_error(e)) for e in errors]) if errors else _one_line(str(exc))
+    if not errors:
+        return _one_line(str(exc))
+    return _first_of([_one_line(_describe_error(e, root)) for e in errors])
 
 
 def _one_line(text: str) -> str:
@@ -573,9 +611,9 @@ def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
     return _error(where, f"YAML syntax error: {problem}")
 
 
-def read_yaml(path: Path | str, what: str = "a profile mapping") -> Any:
+def read_yaml(path: Path | str, what: str = "a profile mapping", shown: str | None = None) -> Any:
     """Parse a YAML file with labctl's loader; errors are one-line `ProfileError`s with line:column."""
-    shown = _display(path)
+    shown = shown or _display(path)
     p = Path(path)
     if not p.exists():
         raise _error(shown, "no such file")
@@ -612,14 +650,18 @@ def load_profile(path: Path | str) -> Profile:
     data = read_yaml(path)
     if not isinstance(data, dict):
         kind = {list: "a list", str: "a string"}.get(type(data), type(data).__name__)
-        raise _error(shown, f"the top level must be a mapping of profile fields (name, sites, ...), not {kind}")
+        raise _error(
+            shown, f"the top level must be a mapping of profile fields (name, sites, ...), not {kind}"
+        )
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
         raise _error(shown, format_validation_error(exc)) from None
     stem = Path(path).stem
     if profile.name != stem:
-        raise _error(shown, f"name: '{profile.name}' must equal the file name without .yaml ('{stem}')", "name")
+        raise _error(
+            shown, f"name: '{profile.name}' must equal the file name without .yaml ('{stem}')", "name"
+        )
     lab_dir = lab_dir_for(path)
     problems = _file_problems(profile, lab_dir)
     if problems:
@@ -646,7 +688,7 @@ def available_profiles() -> dict[str, Path]:
 def find_profile(name_or_path: str | Path) -> Path:
     """A path if it exists; else ./profiles/<name>.yaml; else the shipped profile <name>."""
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     text = str(name_or_path)
     if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
@@ -681,23 +723,21 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
     if site.family == "edge" or site.reservation == "device":
         return [f"sites: not supported at this site: {real} leases devices (containers), not servers"]
     problems: list[str] = []
-    if real not in profile.sites:
+    if real not in profile.sites and (site.catalog or real) not in profile.sites:
         what = f"{site.name} (stands for {real})" if site.emulated else site.name
-        problems.append(
-            f"sites: {what} is not one of this profile's sites ({', '.join(profile.sites)})"
-            + _suggest(real, profile.sites)
-        )
+        problems.append(f"sites: {what} is not one of this profile's sites ({', '.join(profile.sites)})")
     if profile.lease_hours > site.max_lease_hours:
         problems.append(
-            f"lease_hours: {profile.lease_hours:g} h is longer than {real} allows ({site.max_lease_hours:g} h)"
+            f"lease_hours: {profile.lease_hours:g} h is longer than {real} allows "
+            f"({site.max_lease_hours:g} h)"
         )
     catalog = _catalog(site)
     bare_metal = hardware.node_types(catalog)
     flavors = hardware.flavors(catalog)
     images_reported: set[str] = set()
     for role, group in profile.nodes.items():
-        key = real if real in group.types else site.family
-        wanted = profile.types_for(role, real, site.family)
+        key = next((k for k in (real, site.catalog) if k and k in group.types), site.family)
+        wanted = profile.types_for(role, key, site.family)
         if not wanted:
             problems.append(
                 f"nodes.{role}.types: no node types for {real} (add a '{real}' or '{site.family}' key)"
@@ -709,13 +749,13 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
                 problems.append(f"{field}: {problem}")
         image = profile.image_for(role)
         field = f"nodes.{role}.image" if group.image else "image"
-        if site.images and image not in site.images and image not in site.images.values():
-            if field not in images_reported:
-                images_reported.add(field)
-                problems.append(
-                    f"{field}: unknown image '{image}' at {real} (known: {', '.join(site.images)})"
-                    + _suggest(image, site.images)
-                )
+        known_image = image in site.images or image in site.images.values()
+        if site.images and not known_image and field not in images_reported:
+            images_reported.add(field)
+            problems.append(
+                f"{field}: unknown image '{image}' at {real} (known: {', '.join(site.images)})"
+                + _suggest(image, site.images)
+            )
     return problems
 
 
@@ -740,12 +780,12 @@ def _check_type(
     if item is None:
         if group.gpu:
             known = [n for n, t in catalog.items() if t.gpus]
-            label = f"known GPU {noun}s"
+            label = "known GPU flavors" if family == "kvm" else "known GPU types"
         else:
             known = list(catalog)
             label = f"known {noun}s"
-        return (
-            f"unknown {noun} '{name}' at {site_name} ({label}: {', '.join(known)})" + _suggest(name, catalog)
+        return f"unknown {noun} '{name}' at {site_name} ({label}: {', '.join(known)})" + _suggest(
+            name, catalog
         )
     if group.gpu:
         want = group.gpu

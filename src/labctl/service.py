@@ -7,7 +7,6 @@ calls these and renders what they return; nothing here prints.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +82,7 @@ def load(profile_ref: str, site_name: str) -> tuple[Any, Any]:
 
     prof = profile_mod.load_profile(profile_mod.find_profile(profile_ref))
     site = sites.resolve(site_name, prof)
-    problems = profile_mod.validate_for_site(prof, site)
-    if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"{prof.name} cannot run at {site.name}: {problems[0]}{more}")
+    profile_mod.require_valid_for_site(prof, site)
     return prof, site
 
 
@@ -140,7 +136,7 @@ def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = Non
     provider.preflight(the_plan)  # before anything is recorded or created
     ctx.store.save_deployment(DeploymentRecord(
         id=the_plan.deployment, name=name or prof.name, lab=prof.name, owner=ctx.owner, course=None,
-        site=site.name, status="applying", profile_path=str(prof.source_path),
+        site=site.name, status="applying", profile_path=str(prof.path),
         data={"tags": the_plan.tags, "nodes": [[n.name, n.role] for n in the_plan.nodes],
               "lease_hours": prof.lease_hours},
     ))
@@ -271,13 +267,8 @@ def _outputs(dep: DeploymentRecord, nodes: list[Node]) -> dict[str, str]:
         prof = load_profile(Path(dep.profile_path))
     except UserError:
         return {}
-    by_name = {n.name: n for n in nodes}
-
-    def fill(m: re.Match[str]) -> str:
-        node = by_name.get(m.group(1))
-        return str(getattr(node, m.group(2), None) or m.group(0)) if node else m.group(0)
-
-    return {o.name: re.sub(r"\{([a-z0-9-]+)\.(floating_ip|fixed_ip)\}", fill, o.value) for o in prof.outputs}
+    addresses = {n.name: {"floating_ip": n.floating_ip, "fixed_ip": n.fixed_ip} for n in nodes}
+    return {o.name: o.render(addresses) for o in prof.outputs}
 
 
 def statuses(ctx: Context) -> list[Status]:

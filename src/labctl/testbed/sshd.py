@@ -1,0 +1,563 @@
+"""Real SSH for the emulated nodes.
+
+`SSHNodes(world).start()` runs an asyncio loop in a daemon thread that polls `world.ssh_targets()` and, for
+every ACTIVE server with a floating IP, serves SSH on `(address, port)` with asyncssh. Several labctl
+processes may serve the same world at once: listeners use SO_REUSEPORT and every node's host key lives in
+its directory (`<node_dir>/ssh_host_ed25519_key`, created once, race-safe), so whichever process the kernel
+hands a connection to presents the same key.
+
+What a node offers, as a real Chameleon node would:
+
+- public-key auth only, user `cc` only; the keys accepted are the target's `authorized_keys` plus the
+  lines of `<node_dir>/home/.ssh/authorized_keys` (re-read on every attempt);
+- exec requests run `bash -c <command>`, shells run `bash -i` (on a PTY when the client asks for one),
+  with cwd and HOME `<node_dir>/home`, USER=cc, LABCTL_NODE=<name>, LABCTL_SERVER_ID=<server id>; the
+  environment is otherwise minimal (PATH, LANG...), so the host's secrets do not leak into nodes;
+- SFTP (and scp) confined to `<node_dir>/home`;
+- local port forwarding (`ssh -L 8888:localhost:8888`) to the host's 127.0.0.1 only.
+
+When the client goes away while a command is still running, the command's process group is killed.
+Processes a command leaves running in the background (e.g. `nohup jupyter ... &`) survive the session, as
+on a real node; they also survive the server's deletion (they carry LABCTL_SERVER_ID in their environment
+so the world can find them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import pty
+import signal
+import struct
+import sys
+import termios
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HOST_KEY_NAME = "ssh_host_ed25519_key"
+USER = "cc"
+FORWARD_HOSTS = frozenset({"127.0.0.1", "localhost"})
+_ENV_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+# Child of a PTY session: become a session leader, take the PTY as controlling terminal, exec the shell.
+_PTY_CHILD = (
+    "import fcntl, os, sys, termios\n"
+    "os.setsid()\n"
+    "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+    "os.execvp(sys.argv[1], sys.argv[1:])\n"
+)
+
+
+def node_home(node_dir: Path) -> Path:
+    home = Path(node_dir) / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def load_host_key(node_dir: Path):
+    """The node's ed25519 host key, created on first use (race-safe across processes, mode 0600)."""
+    import asyncssh
+
+    from labctl.keys import write_private_file
+
+    node_dir = Path(node_dir)
+    node_dir.mkdir(parents=True, exist_ok=True)
+    path = node_dir / HOST_KEY_NAME
+    if not path.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment=f"host key of {node_dir.name}")
+        write_private_file(path, key.export_private_key("openssh"))
+    return asyncssh.read_private_key(str(path))
+
+
+def _parse_authorized(lines: list[str]) -> set[bytes]:
+    """Public key blobs of authorized_keys lines; options and comments are ignored, bad lines skipped."""
+    import asyncssh
+
+    blobs: set[bytes] = set()
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        # "[options] keytype base64 [comment]": find the key type followed by its base64 blob
+        for i in range(len(parts) - 1):
+            if parts[i].startswith(("ssh-", "ecdsa-", "sk-")) and parts[i + 1].startswith("AAAA"):
+                try:
+                    blobs.add(asyncssh.import_public_key(f"{parts[i]} {parts[i + 1]}").public_data)
+                except (asyncssh.KeyImportError, ValueError):
+                    pass
+                break
+    return blobs
+
+
+@dataclass
+class _Node:
+    """One served target; `target` is refreshed on every poll (authorized keys may change)."""
+
+    ident: tuple
+    target: dict[str, Any]
+    server: Any = None  # asyncssh listener
+    conns: set = field(default_factory=set)
+    pgids: set[int] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return str(self.target["name"])
+
+    @property
+    def node_dir(self) -> Path:
+        return Path(self.target["node_dir"])
+
+    def authorized(self) -> set[bytes]:
+        lines = list(self.target.get("authorized_keys") or [])
+        extra = self.node_dir / "home" / ".ssh" / "authorized_keys"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            lines += extra.read_text().splitlines()
+        return _parse_authorized(lines)
+
+    def env(self, home: Path) -> dict[str, str]:
+        env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env.update(
+            HOME=str(home), USER=USER, LOGNAME=USER, SHELL="/bin/bash",
+            LABCTL_NODE=self.name, LABCTL_SERVER_ID=str(self.target.get("server_id", "")),
+        )
+        return env
+
+
+def _make_server_class():
+    import asyncssh
+
+    class NodeServer(asyncssh.SSHServer):
+        def __init__(self, node: _Node) -> None:
+            self.node = node
+            self.conn = None
+
+        def connection_made(self, conn) -> None:
+            self.conn = conn
+            self.node.conns.add(conn)
+
+        def connection_lost(self, exc) -> None:
+            self.node.conns.discard(self.conn)
+
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def password_auth_supported(self) -> bool:
+            return False
+
+        def kbdint_auth_supported(self) -> bool:
+            return False
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key) -> bool:
+            if username != USER:
+                return False
+            try:
+                return key.public_data in self.node.authorized()
+            except Exception:  # never let a bad file crash the connection
+                log.exception("reading authorized keys of %s", self.node.name)
+                return False
+
+        def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
+            if dest_host in FORWARD_HOSTS:
+                return self.conn.forward_connection("127.0.0.1", dest_port)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                "emulated nodes forward only to 127.0.0.1 (use -L PORT:localhost:PORT)",
+            )
+
+        def server_requested(self, listen_host: str, listen_port: int):
+            return False  # no remote (-R) forwarding
+
+    return NodeServer
+
+
+class SSHNodes:
+    """Serves SSH for every emulated node of `world` that is ACTIVE with a floating IP."""
+
+    def __init__(self, world, poll_interval: float = 0.05) -> None:
+        self.world = world
+        self.poll_interval = poll_interval
+        self._nodes: dict[tuple[str, int], _Node] = {}  # by (address, port); touched only in the loop
+        self._listening: set[tuple[str, int]] = set()  # read from other threads
+        self._retry_at: dict[tuple[str, int], tuple[float, float]] = {}  # (when, backoff) after a bind error
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._server_class = None
+
+    # -- public API ---------------------------------------------------------------------------------
+    def start(self) -> SSHNodes:
+        if self._thread is not None:
+            return self
+        self._server_class = _make_server_class()
+        self._thread = threading.Thread(target=self._run, name="labctl-sshd", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop, thread = self._loop, self._thread
+        if thread is None or loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed
+            loop.call_soon_threadsafe(self._stopping.set)
+        thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> SSHNodes:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def listening(self) -> set[tuple[str, int]]:
+        with self._lock:
+            return set(self._listening)
+
+    def wait_listening(self, address: str, port: int, timeout: float = 5.0) -> None:
+        """Block until this instance serves (address, port); TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (address, int(port)) in self.listening():
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"no SSH listener on {address}:{port} after {timeout:g}s")
+
+    def wait_stopped_listening(self, address: str, port: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (address, int(port)) not in self.listening():
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"still listening on {address}:{port} after {timeout:g}s")
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stopping = asyncio.Event()
+        self._started.set()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    targets = list(self.world.ssh_targets())
+                except Exception:
+                    log.exception("world.ssh_targets() failed; retrying")
+                    targets = None
+                if targets is not None:
+                    await self._reconcile(targets)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
+        finally:
+            for key in list(self._nodes):
+                await self._close(key)
+
+    async def _reconcile(self, targets: list[dict]) -> None:
+        wanted: dict[tuple[str, int], dict] = {}
+        for t in targets:
+            wanted[(str(t["address"]), int(t["port"]))] = t
+        for key in list(self._nodes):
+            t = wanted.get(key)
+            if t is None or _ident(t) != self._nodes[key].ident:
+                await self._close(key)
+        now = time.monotonic()
+        for key, t in wanted.items():
+            node = self._nodes.get(key)
+            if node is not None:
+                node.target = t
+                continue
+            when, backoff = self._retry_at.get(key, (0.0, 0.0))
+            if now < when:
+                continue
+            try:
+                await self._open(key, t)
+                self._retry_at.pop(key, None)
+            except Exception as exc:
+                backoff = min(max(backoff * 2, 0.5), 10.0)
+                self._retry_at[key] = (now + backoff, backoff)
+                log.warning("cannot serve SSH for %s on %s:%s: %s (retrying in %.1fs)",
+                            t.get("name"), key[0], key[1], exc, backoff)
+
+    async def _open(self, key: tuple[str, int], target: dict) -> None:
+        import asyncssh
+
+        node = _Node(ident=_ident(target), target=target)
+        host_key = load_host_key(node.node_dir)
+        node_home(node.node_dir)
+        server_class = self._server_class
+
+        def sftp_factory(chan):
+            return asyncssh.SFTPServer(chan, chroot=os.fsencode(node_home(node.node_dir)))
+
+        async def process_factory(process):
+            await self._session(node, process)
+
+        node.server = await asyncssh.listen(
+            host=key[0], port=key[1], reuse_port=True, reuse_address=True,
+            server_factory=lambda: server_class(node),
+            server_host_keys=[host_key],
+            process_factory=process_factory,
+            sftp_factory=sftp_factory,
+            allow_scp=True,
+            encoding=None,
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            gss_host=None,
+            login_timeout=30,
+        )
+        self._nodes[key] = node
+        with self._lock:
+            self._listening.add(key)
+        log.debug("serving SSH for %s on %s:%s", node.name, *key)
+
+    async def _close(self, key: tuple[str, int]) -> None:
+        node = self._nodes.pop(key, None)
+        with self._lock:
+            self._listening.discard(key)
+        if node is None:
+            return
+        if node.server is not None:
+            node.server.close()
+        for conn in list(node.conns):
+            conn.close()
+        with contextlib.suppress(Exception):
+            if node.server is not None:
+                await asyncio.wait_for(node.server.wait_closed(), 2)
+        for conn in list(node.conns):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 1)
+
+    # -- sessions -----------------------------------------------------------------------------------
+    async def _session(self, node: _Node, process) -> None:
+        try:
+            if process.subsystem:
+                process.stderr.write(f"subsystem {process.subsystem!r} is not supported\n".encode())
+                process.exit(1)
+                return
+            home = node_home(node.node_dir)
+            env = node.env(home)
+            term = process.term_type
+            if process.command is None:
+                argv = ["bash", "-i"] if term else ["bash"]
+            else:
+                argv = ["bash", "-c", process.command]
+            if term:
+                env["TERM"] = term
+                status = await self._run_pty(node, process, argv, home, env)
+            else:
+                status = await self._run_pipes(node, process, argv, home, env)
+            if status is None:
+                return  # the client went away
+            if status >= 0:
+                process.exit(status)
+            else:
+                process.exit_with_signal(signal.Signals(-status).name.removeprefix("SIG"))
+        except Exception:
+            log.exception("SSH session on %s failed", node.name)
+            with contextlib.suppress(Exception):
+                process.exit(255)
+
+    async def _supervise(self, node: _Node, process, proc, pumps: list[asyncio.Task]) -> int | None:
+        """Wait for the command, or for the channel to close first (then kill its process group)."""
+        node.pgids.add(proc.pid)
+        waiter = asyncio.ensure_future(proc.wait())
+        closed = asyncio.ensure_future(process.wait_closed())
+        try:
+            await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                await _kill_group(proc)
+                for t in pumps:
+                    t.cancel()
+                return None
+            return proc.returncode
+        finally:
+            closed.cancel()
+            node.pgids.discard(proc.pid)
+            if not waiter.done():
+                waiter.cancel()
+
+    async def _run_pipes(self, node: _Node, process, argv, home, env) -> int | None:
+        import asyncssh
+
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=home, env=env, start_new_session=True,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+
+        async def pump_out(reader, writer):
+            while data := await reader.read(65536):
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                except (BrokenPipeError, ConnectionError, asyncssh.Error):
+                    return
+
+        async def pump_in():
+            try:
+                while True:
+                    try:
+                        data = await process.stdin.read(65536)
+                    except asyncssh.SignalReceived as sig:
+                        _signal_group(proc.pid, sig.signal)
+                        continue
+                    except (asyncssh.TerminalSizeChanged, asyncssh.BreakReceived):
+                        continue
+                    if not data:
+                        break
+                    proc.stdin.write(data)
+                    await proc.stdin.drain()
+            except (BrokenPipeError, ConnectionError, asyncssh.Error):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    proc.stdin.close()
+
+        outs = [asyncio.ensure_future(pump_out(proc.stdout, process.stdout)),
+                asyncio.ensure_future(pump_out(proc.stderr, process.stderr))]
+        feeder = asyncio.ensure_future(pump_in())
+        try:
+            status = await self._supervise(node, process, proc, [*outs, feeder])
+            if status is not None:
+                # Output written before the exit must reach the client before the exit status. Like sshd,
+                # wait for EOF on the pipes (a background child holding them keeps the session open) unless
+                # the client closes the channel first.
+                drained = asyncio.ensure_future(asyncio.gather(*outs, return_exceptions=True))
+                closed = asyncio.ensure_future(process.wait_closed())
+                await asyncio.wait({drained, closed}, return_when=asyncio.FIRST_COMPLETED)
+                closed.cancel()
+                if not drained.done():
+                    drained.cancel()
+                    return None
+            return status
+        finally:
+            feeder.cancel()
+            for t in outs:
+                t.cancel()
+
+    async def _run_pty(self, node: _Node, process, argv, home, env) -> int | None:
+        import asyncssh
+
+        loop = asyncio.get_running_loop()
+        master, slave = pty.openpty()
+        try:
+            _set_winsize(slave, process.term_size)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-c", _PTY_CHILD, *argv,
+                cwd=home, env=env, stdin=slave, stdout=slave, stderr=slave,
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        os.set_blocking(master, False)
+        eof = loop.create_future()
+
+        def on_readable():
+            try:
+                data = os.read(master, 65536)
+            except BlockingIOError:
+                return
+            except OSError:  # EIO: every slave fd closed
+                data = b""
+            if not data:
+                loop.remove_reader(master)
+                if not eof.done():
+                    eof.set_result(None)
+                return
+            with contextlib.suppress(Exception):
+                process.stdout.write(data)
+
+        loop.add_reader(master, on_readable)
+
+        async def pump_in():
+            try:
+                while True:
+                    try:
+                        data = await process.stdin.read(65536)
+                    except asyncssh.TerminalSizeChanged as change:
+                        _set_winsize(master, (change.width, change.height, change.pixwidth, change.pixheight))
+                        continue
+                    except asyncssh.SignalReceived as sig:
+                        _signal_group(proc.pid, sig.signal)
+                        continue
+                    except asyncssh.BreakReceived:
+                        continue
+                    if not data:
+                        return
+                    while data:
+                        try:
+                            n = os.write(master, data)
+                            data = data[n:]
+                        except BlockingIOError:
+                            await asyncio.sleep(0.01)
+            except (OSError, asyncssh.Error):
+                pass
+
+        feeder = asyncio.ensure_future(pump_in())
+        try:
+            status = await self._supervise(node, process, proc, [feeder])
+            if status is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(eof), 1.0)
+            return status
+        finally:
+            feeder.cancel()
+            loop.remove_reader(master)
+            os.close(master)
+
+
+def _ident(target: dict) -> tuple:
+    return (str(target.get("server_id")), str(target["address"]), int(target["port"]), str(target["node_dir"]))
+
+
+def _set_winsize(fd: int, size) -> None:
+    width, height, pixwidth, pixheight = (tuple(size) + (0, 0, 0, 0))[:4]
+    if width and height:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pixwidth, pixheight))
+
+
+def _signal_group(pgid: int, name: str) -> None:
+    signum = getattr(signal, "SIG" + str(name).upper().removeprefix("SIG"), None)
+    if signum is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signum)
+
+
+async def _kill_group(proc) -> None:
+    """SIGHUP then SIGKILL the session's process group, as sshd does when a client disconnects."""
+    for sig, grace in ((signal.SIGHUP, 1.0), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), grace)
+            return

@@ -1,0 +1,423 @@
+"""The emulated Chameleon's state: one SQLite file shared by every process and thread that serves it.
+
+All state lives in `<state_dir>/world.db` (WAL journal, short transactions, `BEGIN IMMEDIATE` for writes), so
+several labctl processes can each run their own HTTP endpoint over the same world. Nothing runs in the
+background: lifecycle states (lease PENDING → ACTIVE → TERMINATED, server BUILD → ACTIVE) are computed from
+stored timestamps, and the few side effects of time passing (reserved floating IPs created at lease start,
+servers removed at lease end) are applied lazily by whoever looks next (`World.tick`).
+
+Besides storage, `World` is the control API that tests and the SSH side use: host counts, fault injection,
+latency, the request log, an inventory of what exists, and the SSH targets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TIME_SCALE = 0.01
+FAULT_KINDS = ("error500", "error429", "server_error_state", "hang_after", "timeout_after")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (site TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                                     PRIMARY KEY (site, key));
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL, site TEXT NOT NULL, id TEXT NOT NULL, name TEXT,
+    created REAL NOT NULL, t_next REAL, data TEXT NOT NULL,
+    PRIMARY KEY (kind, site, id));
+CREATE INDEX IF NOT EXISTS objects_due ON objects (t_next) WHERE t_next IS NOT NULL;
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, site TEXT, method TEXT NOT NULL,
+    path TEXT NOT NULL, query TEXT NOT NULL DEFAULT '', operation TEXT);
+CREATE TABLE IF NOT EXISTS faults (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT, operation TEXT NOT NULL, kind TEXT NOT NULL,
+    remaining INTEGER NOT NULL, message TEXT);
+CREATE TABLE IF NOT EXISTS latency (operation TEXT PRIMARY KEY, seconds REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, site TEXT NOT NULL, expires REAL NOT NULL,
+                                   data TEXT NOT NULL);
+"""
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("LABCTL_TESTBED_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("labctl")) / "testbed"
+
+
+def _free_port(lo: int = 20000, hi: int = 40000) -> int:
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {lo}-{hi}")
+
+
+def _site_name(site: str | None) -> str | None:
+    if site is None:
+        return None
+    from labctl.testbed.openstack.catalog import resolve_site
+
+    return resolve_site(site).name
+
+
+def _norm_operation(operation: str) -> str:
+    operation = operation.strip()
+    if operation == "*":
+        return "*"
+    method, _, path = operation.partition(" ")
+    path = path.strip() or "*"
+    if path != "*" and not path.startswith("/"):
+        path = "/" + path
+    return f"{method.upper()} {path.rstrip('/') or '/'}"
+
+
+class Db:
+    """One open transaction on the world: typed helpers over the generic `objects` table."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    # objects -----------------------------------------------------------------------------------
+    def get(self, kind: str, site: str, id: str) -> dict | None:
+        row = self.conn.execute("SELECT data FROM objects WHERE kind=? AND site=? AND id=?",
+                                (kind, site, id)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def find(self, kind: str, site: str | None = None) -> list[dict]:
+        if site is None:
+            rows = self.conn.execute("SELECT data FROM objects WHERE kind=? ORDER BY created, rowid", (kind,))
+        else:
+            rows = self.conn.execute("SELECT data FROM objects WHERE kind=? AND site=? ORDER BY created, rowid",
+                                     (kind, site))
+        return [json.loads(r[0]) for r in rows]
+
+    def put(self, kind: str, site: str, obj: dict) -> dict:
+        """Insert or replace `obj` (needs `id`; `name`, `created`, `t_next` are mirrored into columns)."""
+        obj.setdefault("created", time.time())
+        self.conn.execute(
+            "INSERT INTO objects (kind, site, id, name, created, t_next, data) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT (kind, site, id) DO UPDATE SET name=excluded.name, t_next=excluded.t_next, "
+            "data=excluded.data",
+            (kind, site, obj["id"], obj.get("name"), obj["created"], obj.get("t_next"), json.dumps(obj)),
+        )
+        return obj
+
+    def delete(self, kind: str, site: str, id: str) -> bool:
+        cur = self.conn.execute("DELETE FROM objects WHERE kind=? AND site=? AND id=?", (kind, site, id))
+        return cur.rowcount > 0
+
+    def due(self, now: float) -> list[tuple[str, str, dict]]:
+        rows = self.conn.execute(
+            "SELECT kind, site, data FROM objects WHERE t_next IS NOT NULL AND t_next <= ? ORDER BY t_next",
+            (now,))
+        return [(k, s, json.loads(d)) for k, s, d in rows]
+
+    # meta, settings, counters --------------------------------------------------------------------
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: object) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
+
+    def setting(self, site: str, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE site=? AND key=?", (site, key)).fetchone()
+        return row[0] if row else default
+
+    def settings(self, site: str, prefix: str) -> dict[str, str]:
+        rows = self.conn.execute("SELECT key, value FROM settings WHERE site=? AND key LIKE ?",
+                                 (site, prefix + "%"))
+        return {k[len(prefix):]: v for k, v in rows}
+
+    def set_setting(self, site: str, key: str, value: object) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO settings (site, key, value) VALUES (?,?,?)",
+                          (site, key, str(value)))
+
+    def counter(self, key: str, start: int = 0) -> int:
+        """Return the next value of a named counter (first call returns `start`)."""
+        value = int(self.meta(f"counter:{key}", str(start)))
+        self.set_meta(f"counter:{key}", value + 1)
+        return value
+
+    # tokens --------------------------------------------------------------------------------------
+    def token(self, token_id: str) -> dict | None:
+        row = self.conn.execute("SELECT site, expires, data FROM tokens WHERE id=?", (token_id,)).fetchone()
+        if not row or row[1] < time.time():
+            return None
+        data = json.loads(row[2])
+        data["site"] = row[0]
+        return data
+
+    def put_token(self, token_id: str, site: str, expires: float, data: dict) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO tokens (id, site, expires, data) VALUES (?,?,?,?)",
+                          (token_id, site, expires, json.dumps(data)))
+
+    def delete_token(self, token_id: str) -> None:
+        self.conn.execute("DELETE FROM tokens WHERE id=?", (token_id,))
+
+
+class World:
+    """The emulated Chameleon's state and its control API (see the module docstring)."""
+
+    def __init__(self, state_dir: str | os.PathLike | None = None, time_scale: float | None = None):
+        self.state_dir = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.state_dir / "world.db"
+        if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
+            time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
+        self._explicit_scale = time_scale
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._init()
+
+    def __repr__(self) -> str:
+        return f"World({str(self.state_dir)!r})"
+
+    # connections and transactions -----------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            self._local.depth = 0
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self, mode: str) -> Iterator[Db]:
+        conn = self._conn()
+        if self._local.depth:  # nested: join the open transaction
+            self._local.depth += 1
+            try:
+                yield Db(conn)
+            finally:
+                self._local.depth -= 1
+            return
+        for attempt in range(50):
+            try:
+                conn.execute(f"BEGIN {mode}")
+                break
+            except sqlite3.OperationalError as e:  # "database is locked" beyond busy_timeout, rare
+                if "locked" not in str(e) or attempt == 49:
+                    raise
+                time.sleep(0.05)
+        self._local.depth = 1
+        try:
+            yield Db(conn)
+        except BaseException:
+            self._local.depth = 0
+            conn.execute("ROLLBACK")
+            raise
+        self._local.depth = 0
+        conn.execute("COMMIT")
+
+    def tx(self):
+        """A write transaction (`BEGIN IMMEDIATE`): `with world.tx() as db: ...`."""
+        return self._tx("IMMEDIATE")
+
+    def read(self):
+        """A read transaction (a consistent snapshot)."""
+        return self._tx("DEFERRED")
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._conns.clear()
+        self._local = threading.local()
+
+    def _init(self) -> None:
+        conn = self._conn()
+        for attempt in range(100):
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
+        with self.tx() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.conn.execute(statement)
+            if db.meta("created") is None:
+                db.set_meta("created", time.time())
+                db.set_meta("ssh_port", _free_port())
+                db.set_meta("time_scale", self._explicit_scale if self._explicit_scale is not None
+                            else DEFAULT_TIME_SCALE)
+                from labctl.testbed.openstack import model
+
+                model.seed(db)
+
+    # world-level settings ----------------------------------------------------------------------------
+    @property
+    def time_scale(self) -> float:
+        if self._explicit_scale is not None:
+            return float(self._explicit_scale)
+        with self.read() as db:
+            return float(db.meta("time_scale", str(DEFAULT_TIME_SCALE)))
+
+    @property
+    def ssh_port(self) -> int:
+        with self.read() as db:
+            return int(db.meta("ssh_port"))
+
+    def set_hosts(self, site: str, node_type: str, n: int) -> None:
+        """Make `node_type` at `site` have exactly `n` reservable hosts (0 = none free)."""
+        site = _site_name(site)
+        with self.tx() as db:
+            db.set_setting(site, f"hosts:{node_type}", int(n))
+
+    def set_flavor_slots(self, site: str, flavor: str, n: int) -> None:
+        """How many instances of KVM `flavor` the site can reserve at once."""
+        site = _site_name(site)
+        with self.tx() as db:
+            db.set_setting(site, f"slots:{flavor}", int(n))
+
+    def set_fip_quota(self, site: str, n: int) -> None:
+        """The project's floating IP quota at `site` (default 50)."""
+        site = _site_name(site)
+        with self.tx() as db:
+            db.set_setting(site, "quota:floatingip", int(n))
+
+    # faults and latency ------------------------------------------------------------------------------
+    def inject_fault(self, site: str | None, operation: str, kind: str, count: int = 1,
+                     message: str | None = None) -> None:
+        """Make the next `count` requests matching `operation` at `site` (None: any site) misbehave.
+
+        `operation` is "METHOD /path" relative to the service's versioned endpoint, either as the route
+        template or the concrete path: "POST /leases", "POST /servers", "DELETE /servers/{id}",
+        "POST /v2.0/floatingips", "PUT /v2.0/floatingips/{id}"; "*" matches everything.
+        `kind`: error500 | error429 | server_error_state | hang_after | timeout_after.
+        """
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
+        with self.tx() as db:
+            db.conn.execute("INSERT INTO faults (site, operation, kind, remaining, message) VALUES (?,?,?,?,?)",
+                            (_site_name(site), _norm_operation(operation), kind, int(count), message))
+
+    def clear_faults(self) -> None:
+        with self.tx() as db:
+            db.conn.execute("DELETE FROM faults")
+
+    def faults(self) -> list[dict]:
+        with self.read() as db:
+            rows = db.conn.execute("SELECT site, operation, kind, remaining, message FROM faults "
+                                   "WHERE remaining > 0 ORDER BY id").fetchall()
+        return [dict(zip(("site", "operation", "kind", "remaining", "message"), r, strict=True)) for r in rows]
+
+    def take_fault(self, site: str, method: str, template: str, path: str) -> tuple[str, str | None] | None:
+        """Consume one matching fault for this request, if any: (kind, message)."""
+        ops = {_norm_operation(f"{method} {template}"), _norm_operation(f"{method} {path}"),
+               f"{method.upper()} *", "*"}
+        marks = ",".join("?" * len(ops))
+        with self.tx() as db:
+            row = db.conn.execute(
+                f"SELECT id, kind, message FROM faults WHERE remaining > 0 AND (site IS NULL OR site = ?) "
+                f"AND operation IN ({marks}) ORDER BY id LIMIT 1", (site, *ops)).fetchone()
+            if not row:
+                return None
+            db.conn.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?", (row[0],))
+            return row[1], row[2]
+
+    def set_latency(self, operation: str, seconds: float) -> None:
+        """Delay matching requests by `seconds` × time scale ("*" for every request; 0 removes)."""
+        op = _norm_operation(operation)
+        with self.tx() as db:
+            if seconds:
+                db.conn.execute("INSERT OR REPLACE INTO latency (operation, seconds) VALUES (?, ?)",
+                                (op, float(seconds)))
+            else:
+                db.conn.execute("DELETE FROM latency WHERE operation = ?", (op,))
+
+    def latency_for(self, method: str, template: str, path: str) -> float:
+        ops = {_norm_operation(f"{method} {template}"), _norm_operation(f"{method} {path}"),
+               f"{method.upper()} *", "*"}
+        with self.read() as db:
+            rows = db.conn.execute("SELECT operation, seconds FROM latency").fetchall()
+        return max((s for op, s in rows if op in ops), default=0.0)
+
+    # request log ---------------------------------------------------------------------------------------
+    def log_request(self, site: str | None, method: str, path: str, query: str = "",
+                    operation: str | None = None) -> None:
+        with self.tx() as db:
+            db.conn.execute("INSERT INTO requests (ts, site, method, path, query, operation) VALUES (?,?,?,?,?,?)",
+                            (time.time(), site, method, path, query, operation))
+
+    def request_log(self, detail: bool = False) -> list:
+        """Every request served, in order: (site, method, path) with path below the site prefix
+        (e.g. ("chi@tacc", "POST", "/reservation/v1/leases")); site is "refapi" for the reference API.
+        With detail=True, dicts that also carry ts, query and operation ("POST /leases")."""
+        with self.read() as db:
+            rows = db.conn.execute("SELECT ts, site, method, path, query, operation FROM requests ORDER BY seq")
+            rows = rows.fetchall()
+        if detail:
+            keys = ("ts", "site", "method", "path", "query", "operation")
+            return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [(r[1], r[2], r[3]) for r in rows]
+
+    def clear_request_log(self) -> None:
+        with self.tx() as db:
+            db.conn.execute("DELETE FROM requests")
+
+    # lifecycle -----------------------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Apply what time has done since the last look (lease starts and ends)."""
+        from labctl.testbed.openstack import model
+
+        now = time.time() if now is None else now
+        with self.read() as db:
+            due = db.conn.execute("SELECT 1 FROM objects WHERE t_next IS NOT NULL AND t_next <= ? LIMIT 1",
+                                  (now,)).fetchone()
+        if due:
+            with self.tx() as db:
+                model.process_due(db, now)
+
+    # views -----------------------------------------------------------------------------------------------
+    def inventory(self, site: str | None = None) -> dict[str, list[dict]]:
+        """What exists (per site, or everywhere): servers, leases (not terminated), floating_ips,
+        security_groups (not `default`), keypairs. Each item has at least id, name and site."""
+        from labctl.testbed.openstack import model
+
+        self.tick()
+        now = time.time()
+        with self.read() as db:
+            return model.inventory(db, _site_name(site), now)
+
+    def ssh_targets(self) -> list[dict[str, Any]]:
+        """Every ACTIVE server with an associated floating IP, as the SSH side needs it."""
+        from labctl.testbed.openstack import model
+
+        self.tick()
+        now = time.time()
+        with self.read() as db:
+            targets = model.ssh_targets(db, now)
+            port = int(db.meta("ssh_port"))
+        for t in targets:
+            t["port"] = port
+            t["node_dir"] = self.state_dir / "nodes" / t["server_id"]
+        return targets
