@@ -80,10 +80,12 @@ def test_sim_stands_for_the_profiles_first_chameleon_site() -> None:
     assert sim.real_name == "chi@uc"
 
 
-def test_sim_needs_a_profile_with_a_chameleon_site() -> None:
+def test_sim_needs_a_profile_with_a_site_to_emulate() -> None:
     assert "give a profile" in _one_line_error("sim")
-    message = _one_line_error("sim", SimpleNamespace(name="x", sites=["aws:us-east-1", "chi@edge"]))
+    message = _one_line_error("sim", SimpleNamespace(name="x", sites=["chi@edge"]))
     assert "lists no Chameleon site" in message
+    cloud = sites.resolve("sim", SimpleNamespace(name="x", sites=["aws:us-east-1", "chi@edge"]))
+    assert cloud.emulated and cloud.provider == "aws" and cloud.stands_for == "aws:us-east-1"
 
 
 def test_explicit_sim_site() -> None:
@@ -100,9 +102,29 @@ def test_unknown_site_suggests_and_lists() -> None:
     assert "chi@tacc, chi@uc, kvm@tacc, chi@edge, sim" in message
 
 
-@pytest.mark.parametrize("name", ["aws:us-east-1", "gcp:us-central1-a", "sim:aws:us-east-1"])
-def test_other_clouds_are_not_supported_yet(name: str) -> None:
-    assert "not supported yet" in _one_line_error(name)
+@pytest.mark.parametrize(
+    ("name", "provider", "region", "zone"),
+    [
+        ("aws:us-east-1", "aws", "us-east-1", None),
+        ("aws:us-east-1b", "aws", "us-east-1", "us-east-1b"),
+        ("gcp:us-central1-a", "gcp", "us-central1", "us-central1-a"),
+        ("gcp:europe-west4", "gcp", "europe-west4", None),
+    ],
+)
+def test_commercial_cloud_sites(name: str, provider: str, region: str, zone: str | None) -> None:
+    site = sites.resolve(name)
+    assert (site.provider, site.region, site.zone) == (provider, region, zone)
+    assert site.reservation == "none" and site.security_groups
+
+
+@pytest.mark.parametrize("name", ["sim-aws", "sim-gcp", "sim:aws:us-west-2"])
+def test_emulated_commercial_sites(name: str) -> None:
+    site = sites.resolve(name)
+    assert site.emulated and site.provider in ("aws", "gcp")
+
+
+def test_malformed_cloud_site_says_the_form() -> None:
+    assert "expected aws:us-east-1" in _one_line_error("aws:moon-1")
 
 
 def test_user_sites(config_dir: Path) -> None:

@@ -74,7 +74,7 @@ class Engine:
         """A resource ended in error: delete it, then try the next candidate type or launch once more."""
         self.provider.delete(res.kind, [f], plan)
         self.store.delete_resource(plan.deployment, res.key)
-        if res.kind == "reservation":
+        if res.kind == "reservation" or f.no_capacity:
             self._note(plan, res.key, "no-capacity", f"{f.attrs.get('node_type')}: {f.error}")
             attempts[res.key] = attempts.get(res.key, 0) + 1
             return res
@@ -93,8 +93,8 @@ class Engine:
             return existing  # handled by _recover after the level's wait
         deps = {key: found[key] for key in res.depends_on}
         candidates: list[str | None] = list(res.spec.get("candidates") or []) or [None]
-        if res.kind != "reservation":
-            candidates = [None]
+        if res.kind not in ("reservation", "server") or res.spec.get("reservation"):
+            candidates = [None]  # the type was chosen by the reservation this server runs on
         start = attempts.get(res.key, 0)
         tried = []
         for index in range(start, len(candidates)):

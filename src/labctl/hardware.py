@@ -78,8 +78,8 @@ KVM_FLAVORS: dict[str, tuple[Flavor, ...]] = {
         Flavor("m1.medium", 2, 4096, 40),
         Flavor("m1.large", 4, 8192, 40),
         Flavor("m1.xlarge", 8, 16384, 40),
-        Flavor("g1.h100.pci.1", 24, 229376, 200, 1, "H100 PCIe", 4),
-        Flavor("g1.h100.pci.4", 96, 917504, 800, 4, "H100 PCIe", 1),
+        Flavor("g1.h100.pci.1", 24, 229376, 200, 1, "H100 PCIe", slots=4),
+        Flavor("g1.h100.pci.4", 96, 917504, 800, 4, "H100 PCIe", slots=1),
     ),
 }
 
@@ -101,3 +101,71 @@ def gpu_count(site: str, type_name: str) -> int:
     if f := flavors(site).get(type_name):
         return f.gpus
     return 0
+
+
+# -- commercial clouds ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InstanceType:
+    name: str
+    vcpus: int
+    memory_gib: float
+    gpus: int = 0
+    gpu_model: str | None = None
+    accelerator: str | None = None  # GCP: the acceleratorType attached (N1 machines), if not built in
+
+
+# EC2 instance types labctl maps lab needs to (GPU data as in EC2 DescribeInstanceTypes / moto's catalog).
+AWS_TYPES: dict[str, InstanceType] = {t.name: t for t in (
+    InstanceType("t3.micro", 2, 1),
+    InstanceType("t3.small", 2, 2),
+    InstanceType("t3.medium", 2, 4),
+    InstanceType("t3.large", 2, 8),
+    InstanceType("m5.large", 2, 8),
+    InstanceType("m5.xlarge", 4, 16),
+    InstanceType("m5.2xlarge", 8, 32),
+    InstanceType("g4dn.xlarge", 4, 16, 1, "NVIDIA T4"),
+    InstanceType("g5.xlarge", 4, 16, 1, "NVIDIA A10G"),
+    InstanceType("g5.2xlarge", 8, 32, 1, "NVIDIA A10G"),
+    InstanceType("g6.xlarge", 4, 16, 1, "NVIDIA L4"),
+    InstanceType("p3.2xlarge", 8, 61, 1, "NVIDIA V100"),
+    InstanceType("p4d.24xlarge", 96, 1152, 8, "NVIDIA A100"),
+    InstanceType("p5.48xlarge", 192, 2048, 8, "NVIDIA H100"),
+)}
+
+# Compute Engine machine types (a2/g2/a3 carry their GPUs; n1 takes an attached accelerator).
+GCP_TYPES: dict[str, InstanceType] = {t.name: t for t in (
+    InstanceType("e2-small", 2, 2),
+    InstanceType("e2-medium", 2, 4),
+    InstanceType("e2-standard-2", 2, 8),
+    InstanceType("e2-standard-4", 4, 16),
+    InstanceType("n1-standard-4", 4, 15),
+    InstanceType("n1-standard-4+t4", 4, 15, 1, "NVIDIA T4", "nvidia-tesla-t4"),
+    InstanceType("g2-standard-4", 4, 16, 1, "NVIDIA L4"),
+    InstanceType("a2-highgpu-1g", 12, 85, 1, "NVIDIA A100 40GB"),
+    InstanceType("a2-ultragpu-1g", 12, 170, 1, "NVIDIA A100 80GB"),
+    InstanceType("a3-highgpu-8g", 208, 1872, 8, "NVIDIA H100 80GB"),
+)}
+
+# What a profile gets on a commercial cloud when it names no types there: by GPU model, best first.
+DEFAULT_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "aws": {"cpu": ("t3.medium", "m5.large"), "A100": ("p4d.24xlarge", "g5.xlarge"), "H100": ("p5.48xlarge",),
+            "A10G": ("g5.xlarge", "g6.xlarge"), "L4": ("g6.xlarge", "g5.xlarge"), "T4": ("g4dn.xlarge",),
+            "V100": ("p3.2xlarge", "g5.xlarge"), "gpu": ("g5.xlarge", "g4dn.xlarge")},
+    "gcp": {"cpu": ("e2-medium", "e2-standard-2"), "A100": ("a2-highgpu-1g", "g2-standard-4"),
+            "H100": ("a3-highgpu-8g",), "L4": ("g2-standard-4",), "T4": ("n1-standard-4+t4",),
+            "A10G": ("g2-standard-4",), "gpu": ("g2-standard-4", "n1-standard-4+t4")},
+}
+
+
+def instance_types(provider: str) -> dict[str, InstanceType]:
+    return {"aws": AWS_TYPES, "gcp": GCP_TYPES}.get(provider, {})
+
+
+def default_types(provider: str, gpu_model: str | None) -> tuple[str, ...]:
+    table = DEFAULT_TYPES.get(provider, {})
+    if gpu_model is None:
+        return table.get("cpu", ())
+    for key, types in table.items():
+        if key not in ("cpu", "gpu") and key.lower() in gpu_model.lower():
+            return types
+    return table.get("gpu", ())

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from labctl import naming
+from labctl import hardware, naming
 
 if TYPE_CHECKING:
     from labctl.profile import Profile
@@ -91,12 +91,19 @@ def build_plan(
     if course:
         tags[naming.TAG_COURSE] = course
     real_site = site.stands_for or site.name
+    def candidates(role: str) -> tuple[str, ...]:
+        explicit = profile.types_for(role, real_site, site.family) or profile.types_for(
+            role, site.catalog or real_site, site.family)
+        if explicit or site.family not in ("aws", "gcp"):
+            return tuple(explicit)
+        gpu = profile.nodes[role].gpu
+        return hardware.default_types(site.family, gpu.model if gpu else None)
+
     nodes = [
         NodePlan(
             name=node,
             role=role,
-            candidates=tuple(profile.types_for(role, real_site, site.family)
-                             or profile.types_for(role, site.catalog or real_site, site.family)),
+            candidates=candidates(role),
             image=site.images.get(profile.image_for(role), profile.image_for(role)),
             floating_ip=profile.nodes[role].floating_ip,
         )

@@ -723,7 +723,8 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
     if site.family == "edge" or site.reservation == "device":
         return [f"sites: not supported at this site: {real} leases devices (containers), not servers"]
     problems: list[str] = []
-    if real not in profile.sites and (site.catalog or real) not in profile.sites:
+    declared = {real, site.catalog or real, f"{site.family}:{site.zone or site.region}", site.family}
+    if not declared & set(profile.sites):
         what = f"{site.name} (stands for {real})" if site.emulated else site.name
         problems.append(f"sites: {what} is not one of this profile's sites ({', '.join(profile.sites)})")
     if profile.lease_hours > site.max_lease_hours:
@@ -738,6 +739,8 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
     for role, group in profile.nodes.items():
         key = next((k for k in (real, site.catalog) if k and k in group.types), site.family)
         wanted = profile.types_for(role, key, site.family)
+        if not wanted and site.family in ("aws", "gcp"):
+            wanted = list(hardware.default_types(site.family, group.gpu.model if group.gpu else None))
         if not wanted:
             problems.append(
                 f"nodes.{role}.types: no node types for {real} (add a '{real}' or '{site.family}' key)"
@@ -768,8 +771,11 @@ def _check_type(
     bare_metal: Mapping[str, hardware.NodeType],
     flavors: Mapping[str, hardware.Flavor],
 ) -> str | None:
-    if family == "kvm":
-        catalog: Mapping[str, Any] = flavors
+    if family in ("aws", "gcp"):
+        catalog: Mapping[str, Any] = hardware.instance_types(family)
+        noun = "instance type" if family == "aws" else "machine type"
+    elif family == "kvm":
+        catalog = flavors
         noun = "flavor"
     else:
         catalog = bare_metal

@@ -86,22 +86,11 @@ def load(profile_ref: str, site_name: str) -> tuple[Any, Any]:
     return prof, site
 
 
-def _connect(ctx: Context, site: Any, cloud: str | None) -> tuple[Any, Any]:
-    """The site as it will be used (sim gets the testbed's endpoints) and its credentials."""
-    from labctl.credentials import find_openstack_credentials
+def _connect(ctx: Context, site: Any, cloud: str | None) -> Any:
+    """The provider adapter for the site (sim sites get the in-process testbed)."""
+    from labctl.providers.base import connect
 
-    if site.emulated:
-        tb = ctx.testbed()
-        real = site.stands_for
-        site = dataclasses.replace(site, auth_url=tb.auth_url(real), ssh_port=tb.world.ssh_port)
-        return site, find_openstack_credentials(site, env=tb.os_env(real))
-    return site, find_openstack_credentials(site, cloud=cloud)
-
-
-def _provider(site: Any, creds: Any) -> Any:
-    from labctl.providers.base import provider_for
-
-    return provider_for(site.provider, site, credentials=creds)
+    return connect(site, cloud=cloud, testbed=ctx.testbed if site.emulated else None)
 
 
 def plan(ctx: Context, profile_ref: str, site_name: str, name: str | None = None) -> Any:
@@ -129,9 +118,8 @@ def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = Non
             f"{existing.name} is already up at {existing.site}; run 'labctl down {existing.name}' first "
             "or pass --name to make another deployment"
         )
-    site, creds = _connect(ctx, site, cloud)
-    the_plan.site = site
-    provider = _provider(site, creds)
+    provider = _connect(ctx, site, cloud)
+    the_plan.site = site = provider.site
     ctx.on_progress("preflight", "checking", f"credentials and images at {site.name}")
     provider.preflight(the_plan)  # before anything is recorded or created
     ctx.store.save_deployment(DeploymentRecord(
@@ -320,9 +308,8 @@ def extend(ctx: Context, name: str | None, hours: float, cloud: str | None = Non
     from labctl.sites import resolve
 
     dep = resolve_deployment(ctx, name)
-    site, creds = _connect(ctx, resolve(dep.site), cloud)
-    the_plan, _ = _teardown_plan(dep, site)
-    provider = _provider(site, creds)
+    provider = _connect(ctx, resolve(dep.site), cloud)
+    the_plan, _ = _teardown_plan(dep, provider.site)
     leases = [r for r in ctx.store.resources(dep.id) if r.kind == "reservation" and r.cloud_id]
     if not leases:
         raise UserError(f"{dep.name} at {dep.site} has no lease to extend")
@@ -342,12 +329,12 @@ def down(ctx: Context, name: str | None, cloud: str | None = None) -> list[str]:
     from labctl.sites import resolve
 
     dep = resolve_deployment(ctx, name)
-    site, creds = _connect(ctx, resolve(dep.site), cloud)
-    the_plan, resource_cls = _teardown_plan(dep, site)
+    provider = _connect(ctx, resolve(dep.site), cloud)
+    the_plan, resource_cls = _teardown_plan(dep, provider.site)
     for rec in ctx.store.resources(dep.id):
         the_plan.resources.append(resource_cls(rec.key, rec.kind, rec.name, {"node": rec.key.split(":")[-1]}))
     ctx.store.set_deployment_status(dep.id, "destroying")
-    left = Engine(_provider(site, creds), ctx.store, ctx.on_progress).destroy(the_plan)
+    left = Engine(provider, ctx.store, ctx.on_progress).destroy(the_plan)
     if left:
         ctx.store.set_deployment_status(dep.id, "failed")
         return [f"{f.kind} {f.name} ({f.cloud_id})" for f in left]

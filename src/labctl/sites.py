@@ -46,7 +46,6 @@ FAMILY_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
 )
 SIM = "sim"
 SIM_POLL_INTERVAL = 0.05
-_NOT_YET = {"aws": "AWS", "gcp": "GCP"}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9@._-]{0,63}$")
 
 
@@ -71,6 +70,7 @@ class Site:
     stands_for: str | None = None  # for sim: the real site's name
     max_lease_hours: float = 168
     catalog: str | None = None  # which labctl.hardware catalog lists its node types (default: the real name)
+    zone: str | None = None  # AWS/GCP: a zone pinned by the site name (else any zone of the region)
 
     @property
     def real_name(self) -> str:
@@ -94,6 +94,33 @@ def _chameleon(name: str, family: str, region: str, host: str) -> Site:
         security_groups=defaults["security_groups"],
         images=defaults["images"],
     )
+
+
+#: Abstract image names on AWS and GCP; each adapter finds the concrete image (newest matching AMI, image family).
+CLOUD_IMAGES: Mapping[str, str] = MappingProxyType({k: k for k in CHAMELEON_IMAGES})
+
+_AWS_REGION = re.compile(r"^(?P<region>[a-z]{2}(-gov)?-[a-z]+-\d)(?P<zone>[a-z])?$")
+_GCP_ZONE = re.compile(r"^(?P<region>[a-z]+-[a-z]+\d+)(?P<zone>-[a-z])?$")
+SIM_CLOUD_SITES = {"sim-aws": "aws:us-east-1", "sim-gcp": "gcp:us-central1-a"}
+
+
+def _commercial(name: str) -> Site | None:
+    """aws:<region>|aws:<zone>|gcp:<zone>|gcp:<region>, or None if the name is not of that form."""
+    provider, _, where = name.partition(":")
+    if provider == "aws" and (m := _AWS_REGION.match(where)):
+        region, zone = m.group("region"), (where if m.group("zone") else None)
+        return Site(name=name, provider="aws", family="aws", region=region, auth_url="", reservation="none",
+                    ssh_user="ubuntu", network="", public_network="", security_groups=True,
+                    images=CLOUD_IMAGES, catalog="aws", zone=zone)
+    if provider == "gcp" and (m := _GCP_ZONE.match(where)):
+        region, zone = m.group("region"), (where if m.group("zone") else None)
+        return Site(name=name, provider="gcp", family="gcp", region=region, auth_url="", reservation="none",
+                    ssh_user="labctl", network="default", public_network="", security_groups=True,
+                    images=CLOUD_IMAGES, catalog="gcp", zone=zone)
+    if provider in ("aws", "gcp"):
+        example = "aws:us-east-1 or aws:us-east-1a" if provider == "aws" else "gcp:us-central1-a or gcp:us-central1"
+        raise UserError(f"unknown site '{name}': expected {example}")
+    return None
 
 
 BUILTIN_SITES: dict[str, Site] = {
@@ -275,11 +302,8 @@ def emulate(site: Site) -> Site:
 
 
 def _not_yet(name: str) -> None:
-    prefix = name.split(":", 1)[0]
-    if prefix in _NOT_YET:
-        raise UserError(
-            f"site '{name}': {_NOT_YET[prefix]} sites are not supported yet (Chameleon only for now)"
-        )
+    """Nothing is unsupported any more; kept as the one place to refuse a provider by prefix."""
+    return None
 
 
 def resolve(name: str, profile: Any = None) -> Site:
@@ -296,11 +320,17 @@ def resolve(name: str, profile: Any = None) -> Site:
             site = sites.get(str(candidate).lower())
             if site is not None and site.provider == "chameleon" and site.family != "edge":
                 return emulate(site)
+        for candidate in getattr(profile, "sites", []):
+            cloud = str(candidate).lower().split(":")[0]
+            if cloud in ("aws", "gcp"):
+                return emulate(resolve(SIM_CLOUD_SITES[f"sim-{cloud}"]))
         listed = ", ".join(getattr(profile, "sites", [])) or "none"
         raise UserError(
             f"--site sim: profile '{getattr(profile, 'name', '?')}' lists no Chameleon site to emulate "
             f"(sites: {listed}); use sim:chi@tacc, sim:chi@uc or sim:kvm@tacc"
         )
+    if key in SIM_CLOUD_SITES:
+        return emulate(resolve(SIM_CLOUD_SITES[key]))
     if key.startswith(f"{SIM}:"):
         real_name = key[len(SIM) + 1 :]
         _not_yet(real_name)
@@ -308,10 +338,11 @@ def resolve(name: str, profile: Any = None) -> Site:
             raise UserError(f"unknown site '{name}': sim:<site> takes a real site, e.g. sim:chi@tacc")
         real = resolve(real_name)
         return emulate(real)
-    _not_yet(key)
     sites = _all_sites()
     if key in sites:
         return sites[key]
+    if (cloud := _commercial(key)) is not None:
+        return cloud
     known = list(sites)
     raise UserError(
         f"unknown site '{name}'"

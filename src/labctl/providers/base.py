@@ -25,6 +25,7 @@ class Found:
     status: str = "ready"  # ready | pending | error | gone
     attrs: dict[str, Any] = field(default_factory=dict)  # e.g. floating_ip, fixed_ip, node_type, lease_end
     error: str | None = None
+    no_capacity: bool = False  # the error means "no room for this type here": the engine tries the next type
 
 
 # on_progress(node_or_resource_key, stage, detail)
@@ -34,6 +35,8 @@ ProgressFn = Callable[[str, str, str], None]
 class Provider(Protocol):
     """A cloud adapter. Every method is safe to call again after a crash."""
 
+    site: Any  # the site as used (an emulated site carries the testbed's endpoints and SSH port)
+
     def preflight(self, plan: Plan) -> None:
         """Check credentials, images and types before anything is created; raise UserError."""
 
@@ -41,7 +44,11 @@ class Provider(Protocol):
         """Look the resource up by its deterministic name and labctl's tags."""
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        """Create it (the engine called `find` first). `candidate` is the node type to try, if any."""
+        """Create it (the engine called `find` first, and calls this again for an "incomplete" one).
+
+        `candidate` is the node type / instance type / flavor to try: set for reservations, and for servers
+        that are not launched on a reservation. Raise NoCapacity to make the engine try the next one.
+        """
 
     def wait(self, items: Sequence[tuple[Resource, Found]], plan: Plan, timeout: float,
              on_progress: ProgressFn) -> list[Found]:
@@ -57,12 +64,19 @@ class Provider(Protocol):
         """Extend a reservation; return it with the new end time in attrs['end']."""
 
 
-def provider_for(site_provider: str, site: Any, **options: Any) -> Provider:
-    """Import only the adapter that this site needs."""
-    if site_provider == "chameleon":
-        from labctl.providers.chameleon import ChameleonProvider
+def connect(site: Any, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> Provider:
+    """The adapter for `site`, with credentials from that provider's standard sources.
 
-        return ChameleonProvider(site, **options)
-    from labctl.errors import UserError
+    Each adapter module `labctl.providers.<site.provider>` has a `connect(site, cloud=, testbed=)`; for an
+    emulated site, `testbed()` starts the emulated clouds in this process and the adapter takes its
+    endpoints and credentials from it. Only the adapter this site needs is imported.
+    """
+    import importlib
 
-    raise UserError(f"no provider adapter for '{site_provider}'")
+    try:
+        module = importlib.import_module(f"labctl.providers.{site.provider}")
+    except ModuleNotFoundError as exc:
+        from labctl.errors import UserError
+
+        raise UserError(f"{site.name}: no provider adapter for '{site.provider}'") from exc
+    return module.connect(site, cloud=cloud, testbed=testbed)

@@ -41,6 +41,22 @@ LEASE_DONE = ("TERMINATED", "DELETED", "DELETING", "TERMINATING")
 _BLAZAR_DATE = "%Y-%m-%d %H:%M"
 
 
+def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> ChameleonProvider:
+    """Credentials from clouds.yaml / OS_* variables, or from the emulated testbed for `sim` sites."""
+    import dataclasses
+
+    from labctl.credentials import find_openstack_credentials
+
+    if site.emulated:
+        if testbed is None:
+            raise UserError(f"{site.name} is emulated but no testbed was given")
+        tb = testbed()
+        real = site.stands_for or site.name
+        site = dataclasses.replace(site, auth_url=tb.auth_url(real), ssh_port=tb.world.ssh_port)
+        return ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env(real)))
+    return ChameleonProvider(site, find_openstack_credentials(site, cloud=cloud))
+
+
 class ChameleonProvider:
     def __init__(self, site: Site, credentials: Any, poll_interval: float | None = None,
                  call_retries: int = 6) -> None:
@@ -269,7 +285,8 @@ class ChameleonProvider:
         found.attrs["node_type"] = candidate
         return found
 
-    def _create_server(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    def _create_server(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
+                       candidate: str | None) -> Found:
         spec = res.spec
         image = self._cache.get(f"image:{spec['image']}") or self._call(
             "find image", lambda: self.conn.image.find_image(spec["image"]))
@@ -284,7 +301,7 @@ class ChameleonProvider:
                 flavor_name = "baremetal"
                 hints["reservation"] = lease.attrs["reservation_id"]
         else:
-            flavor_name = spec["candidates"][0]
+            flavor_name = candidate or spec["candidates"][0]
         flavor = self._find_one(f"flavor:{flavor_name}", f"find flavor {flavor_name}",
                                 lambda: self.conn.compute.find_flavor(flavor_name, ignore_missing=True))
         if flavor is None:

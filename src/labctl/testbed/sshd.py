@@ -90,10 +90,8 @@ def _parse_authorized(lines: list[str]) -> set[bytes]:
         # "[options] keytype base64 [comment]": find the key type followed by its base64 blob
         for i in range(len(parts) - 1):
             if parts[i].startswith(("ssh-", "ecdsa-", "sk-")) and parts[i + 1].startswith("AAAA"):
-                try:
+                with contextlib.suppress(asyncssh.KeyImportError, ValueError):
                     blobs.add(asyncssh.import_public_key(f"{parts[i]} {parts[i + 1]}").public_data)
-                except (asyncssh.KeyImportError, ValueError):
-                    pass
                 break
     return blobs
 
@@ -268,7 +266,7 @@ class SSHNodes:
                     targets = None
                 if targets is not None:
                     await self._reconcile(targets)
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
         finally:
             for key in list(self._nodes):
@@ -521,7 +519,7 @@ class SSHNodes:
         try:
             status = await self._supervise(node, process, proc, [feeder])
             if status is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(eof), 1.0)
             return status
         finally:
@@ -531,7 +529,8 @@ class SSHNodes:
 
 
 def _ident(target: dict) -> tuple:
-    return (str(target.get("server_id")), str(target["address"]), int(target["port"]), str(target["node_dir"]))
+    return (str(target.get("server_id")), str(target["address"]), int(target["port"]),
+            str(target["node_dir"]))
 
 
 def _set_winsize(fd: int, size) -> None:
@@ -558,6 +557,6 @@ async def _kill_group(proc) -> None:
         except OSError as exc:
             if exc.errno != errno.EPERM:
                 raise
-        with contextlib.suppress(asyncio.TimeoutError):
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), grace)
             return

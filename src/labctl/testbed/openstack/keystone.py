@@ -123,7 +123,7 @@ def _check_identity(req: Request, identity: dict) -> tuple[list[str], bool]:
                 raise _unauthorized()
             app_cred = bool(old.get("app_cred"))
         else:
-            raise _unauthorized(f"Attempted to authenticate with an unsupported method.")  # noqa: F541
+            raise _unauthorized("Attempted to authenticate with an unsupported method.")
     return methods, app_cred
 
 
