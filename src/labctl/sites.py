@@ -101,6 +101,7 @@ CLOUD_IMAGES: Mapping[str, str] = MappingProxyType({k: k for k in CHAMELEON_IMAG
 
 _AWS_REGION = re.compile(r"^(?P<region>[a-z]{2}(-gov)?-[a-z]+-\d)(?P<zone>[a-z])?$")
 _GCP_ZONE = re.compile(r"^(?P<region>[a-z]+-[a-z]+\d+)(?P<zone>-[a-z])?$")
+DEFAULT_CLOUD_SITES = {"aws": "aws:us-east-1", "gcp": "gcp:us-central1-a"}
 SIM_CLOUD_SITES = {"sim-aws": "aws:us-east-1", "sim-gcp": "gcp:us-central1-a"}
 
 
@@ -341,6 +342,8 @@ def resolve(name: str, profile: Any = None) -> Site:
     sites = _all_sites()
     if key in sites:
         return sites[key]
+    if key in DEFAULT_CLOUD_SITES:  # a profile's `sites: [aws]` means "any region": check the default one
+        return resolve(DEFAULT_CLOUD_SITES[key])
     if (cloud := _commercial(key)) is not None:
         return cloud
     known = list(sites)

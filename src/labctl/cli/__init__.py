@@ -191,7 +191,7 @@ def validate(
     from labctl import sites
     from labctl.errors import UserError
 
-    refs = profiles or [str(p) for p in profile_mod.all_profile_paths()]
+    refs = profiles or [str(p) for p in profile_mod.available_profiles().values()]
     errors = []
     for ref in refs:
         try:

@@ -360,14 +360,14 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
                     on_stage: StageCallback | None, connect_timeout: float, state: _WaitState) -> str | None:
     """None once the node accepts us; a one-line failure when the deadline passes."""
     import asyncssh
-    from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+    from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
     stat = state.nodes[target.name]
     stat.started = time.monotonic()
     if on_stage:
         on_stage(target.name, "ssh-wait", f"connecting to {target.host}:{target.port}")
     last_detail = None
-    backoff = wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2)
+    backoff = wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.2)
 
     async def attempt() -> None:
         nonlocal last_detail

@@ -202,6 +202,7 @@ class SSHNodes:
         if self._thread is not None:
             return self
         self._server_class = _make_server_class()
+        self._started.clear()
         self._thread = threading.Thread(target=self._run, name="labctl-sshd", daemon=True)
         self._thread.start()
         self._started.wait(10)
@@ -271,6 +272,13 @@ class SSHNodes:
         finally:
             for key in list(self._nodes):
                 await self._close(key)
+            # let sessions whose connections were just closed kill their commands and finish
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if others:
+                _, pending = await asyncio.wait(others, timeout=3)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
 
     async def _reconcile(self, targets: list[dict]) -> None:
         wanted: dict[tuple[str, int], dict] = {}
