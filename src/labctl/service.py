@@ -181,7 +181,11 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
         uploads = [Upload(prof.lab_dir / u.src, u.dest) for u in step.upload]
         steps.append(SetupStep(index, step.name, step_nodes, command, uploads, step.timeout, skip))
     ctx.on_progress("ssh", "waiting", f"{len(targets)} node(s)")
-    wait_for_ssh(targets, key.private_path, view, timeout=ssh_timeout, on_stage=ctx.on_progress)
+    # A booting node drops SSH packets just as a firewall does; on real sites, only call port 22 "blocked"
+    # once the node has had time to boot (bare metal takes minutes after ACTIVE).
+    blocked_after = None if site.emulated else {"chi": 900.0, "kvm": 240.0}.get(site.family, 300.0)
+    wait_for_ssh(targets, key.private_path, view, timeout=ssh_timeout, on_stage=ctx.on_progress,
+                 blocked_after=blocked_after)
     results = run_setup(targets, steps, key.private_path, view, view,
                         ctx.store.logs_dir / the_plan.deployment,
                         on_event=lambda node, step, st: ctx.on_progress(node, f"setup {st}", step))

@@ -212,7 +212,8 @@ def test_disconnect_kills_the_running_command(node):
 
 def test_deleted_target_stops_listening_and_shared_serving(node):
     address, port = node["address"], node["port"]
-    second = SSHNodes(node["world"], poll_interval=0.02).start()  # another labctl process serving the same world
+    # as if another labctl process served the same world
+    second = SSHNodes(node["world"], poll_interval=0.02).start()
     try:
         second.wait_listening(address, port, 5)
 

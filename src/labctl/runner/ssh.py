@@ -374,8 +374,10 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
         per_try = max(0.2, min(connect_timeout, deadline - time.monotonic()))
         stat.attempts += 1
         try:
-            pinned = await _pinned_key(target, hostkeys, per_try, on_stage)
-            stat.spoke_ssh = True
+            pinned = hostkeys.get_host_key(target.name)
+            if not pinned:
+                pinned = await _pinned_key(target, hostkeys, per_try, on_stage)
+                stat.spoke_ssh = True  # the node completed a key exchange: SSH gets through
             conn = await _connect(target, key_path, pinned, per_try)
         except HostKeyChanged:
             raise

@@ -335,6 +335,9 @@ class World:
         ops = {_norm_operation(f"{method} {template}"), _norm_operation(f"{method} {path}"),
                f"{method.upper()} *", "*"}
         marks = ",".join("?" * len(ops))
+        with self.read() as db:
+            if not db.conn.execute("SELECT 1 FROM faults WHERE remaining > 0 LIMIT 1").fetchone():
+                return None
         with self.tx() as db:
             row = db.conn.execute(
                 f"SELECT id, kind, message FROM faults WHERE remaining > 0 AND (site IS NULL OR site = ?) "

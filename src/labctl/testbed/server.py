@@ -1,0 +1,322 @@
+"""The testbed's HTTP endpoint: every emulated site's APIs behind one 127.0.0.1 port, and `Testbed`.
+
+URL layout (PORT is ephemeral unless asked otherwise):
+
+    http://127.0.0.1:PORT/<site>/identity/v3        Keystone   (site: chi-tacc, chi-uc, kvm-tacc, chi-edge)
+    http://127.0.0.1:PORT/<site>/compute/v2.1       Nova
+    http://127.0.0.1:PORT/<site>/network            Neutron    (clients append /v2.0)
+    http://127.0.0.1:PORT/<site>/image              Glance     (clients append /v2)
+    http://127.0.0.1:PORT/<site>/reservation/v1     Blazar
+    http://127.0.0.1:PORT/refapi/sites.json         resource discovery (CHI_RESOURCE_API_URL=.../refapi)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import ModuleType
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from labctl.testbed.http import HTTPError, Request, Response
+from labctl.testbed.openstack import blazar, glance, keystone, neutron, nova, refapi
+from labctl.testbed.openstack import catalog as cat
+from labctl.testbed.world import World
+
+SERVICES: dict[str, ModuleType] = {"identity": keystone, "compute": nova, "network": neutron, "image": glance,
+                                   "reservation": blazar}
+
+
+@dataclass
+class Outcome:
+    response: Response
+    action: str = "respond"  # respond | hang | drop
+
+
+class App:
+    """Routes one request to a service, with the testbed's cross-cutting behaviour: request log, lazy
+    lifecycle, latency, token check and fault injection."""
+
+    def __init__(self, world: World, base_url: str, stop_event: threading.Event):
+        self.world = world
+        self.base_url = base_url
+        self.stop_event = stop_event
+
+    def _error(self, module: ModuleType, err: HTTPError) -> Response:
+        if err.body is not None:
+            return Response(err.status, err.body, dict(err.headers))
+        body = module.error_body(err.status, err.message, err.kind)
+        ctype = getattr(module, "ERROR_CONTENT_TYPE", "application/json")
+        return Response(err.status, body, dict(err.headers), content_type=ctype)
+
+    def _unauthorized(self, site: cat.Site) -> HTTPError:
+        body = keystone.error_body(401, keystone.UNAUTHORIZED, "Unauthorized")
+        return HTTPError(401, keystone.UNAUTHORIZED, headers={
+            "WWW-Authenticate": f"Keystone uri=\"{self.base_url}/{site.slug}/identity\""}, body=body)
+
+    def handle(self, method: str, raw_path: str, headers, body: bytes) -> Outcome:
+        url = urlsplit(raw_path)
+        path = unquote(url.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        parts = path.strip("/").split("/", 2)
+        site: cat.Site | None = None
+        module: ModuleType = refapi
+        if parts[0] == "refapi":
+            rel = "/" + "/".join(parts[1:])
+            log_site, log_path = "refapi", rel
+        elif parts[0] in cat.BY_SLUG and len(parts) >= 2 and parts[1] in SERVICES:
+            site = cat.BY_SLUG[parts[0]]
+            module = SERVICES[parts[1]]
+            rel = "/" + parts[2] if len(parts) > 2 else "/"
+            log_site, log_path = site.name, "/" + "/".join(parts[1:])
+            if parts[1] not in site.services:
+                self.world.log_request(log_site, method, log_path, url.query)
+                return Outcome(self._error(module, HTTPError(404, "The resource could not be found.")))
+        else:
+            self.world.log_request(None, method, path, url.query)
+            return Outcome(Response(404, {"error": {"code": 404, "message": "The resource could not be found.",
+                                                    "title": "Not Found"}}))
+        if rel.endswith(".json") and module in (refapi, neutron, blazar):
+            rel = rel[: -len(".json")]
+        req = Request(method=method, path=rel, query=query, headers=headers, body=body, world=self.world,
+                      site=site, base_url=self.base_url, service=parts[1] if site else "refapi")
+        template = None
+        try:
+            prefix = getattr(module, "PREFIX", "")
+            if prefix and rel.rstrip("/") in ("", "/"):
+                handler, auth, template = module.root, False, "/"
+            else:
+                if prefix:
+                    if not (rel == prefix or rel.startswith(prefix + "/")):
+                        raise HTTPError(404, "The resource could not be found.", "NotFound")
+                    rel = rel[len(prefix):] or "/"
+                    req.path = rel
+                found = module.router.match(method, rel)
+                if not found:
+                    raise HTTPError(404, "The resource could not be found.", "NotFound")
+                route, req.params = found
+                handler, auth, template = route.handler, route.auth, route.template
+        except HTTPError as e:
+            self.world.log_request(log_site, method, log_path, url.query)
+            return Outcome(self._error(module, e))
+        operation = f"{method} {template}"
+        self.world.log_request(log_site, method, log_path, url.query, operation)
+        fault = None
+        try:
+            self.world.tick()
+            req.now = time.time()
+            delay = self.world.latency_for(method, template, rel)
+            if delay:
+                time.sleep(delay * self.world.time_scale)
+            if auth and site is not None:
+                token_id = headers.get("X-Auth-Token")
+                with self.world.read() as db:
+                    token = db.token(token_id) if token_id else None
+                if not token or token["site"] != site.name:
+                    raise self._unauthorized(site)
+                req.token = token
+            if site is not None:
+                fault = self.world.take_fault(site.name, method, template, rel)
+            if fault and fault[0] == "error500":
+                raise HTTPError(500, fault[1] or "Internal Server Error (injected by the testbed)",
+                                "InternalServerError")
+            if fault and fault[0] == "error429":
+                raise HTTPError(429, fault[1] or "Rate limit exceeded: too many requests (injected by the testbed)",
+                                "OverLimit", headers={"Retry-After": "1"})
+            if fault and fault[0] == "server_error_state":
+                req.fault = fault
+            req.now = time.time()
+            response = handler(req)
+        except HTTPError as e:
+            response = self._error(module, e)
+        if fault and fault[0] == "hang_after":
+            return Outcome(response, "hang")
+        if fault and fault[0] == "timeout_after":
+            return Outcome(response, "drop")
+        return Outcome(response)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "labctl-testbed/1"
+    sys_version = ""
+    server: _Server
+
+    def log_message(self, format: str, *args) -> None:  # quiet
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0] or b"0", 16)
+                if not size:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _handle(self) -> None:
+        body = self._body()
+        try:
+            outcome = self.server.app.handle(self.command, self.path, self.headers, body)
+        except Exception as e:  # a bug in the testbed: answer 500 rather than dropping the connection
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            outcome = Outcome(Response(500, {"error": {"code": 500, "message": f"testbed bug: {e!r}",
+                                                       "title": "Internal Server Error"}}))
+        if outcome.action == "hang":
+            self.server.stop_event.wait()
+            self.close_connection = True
+            return
+        if outcome.action == "drop":
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        resp = outcome.response
+        payload = resp.encode()
+        self.send_response(resp.status)
+        if payload or resp.status not in (204, 304):
+            self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("X-Openstack-Request-Id", f"req-{uuid.uuid4()}")
+        for k, v in resp.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD" and payload:
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    app: App
+    stop_event: threading.Event
+
+
+class Testbed:
+    """A running testbed: the HTTP endpoint (and, with ssh=True, the SSH nodes) over one world."""
+
+    def __init__(self, world: World, server: _Server, thread: threading.Thread):
+        self.world = world
+        self._server = server
+        self._thread = thread
+        self._ssh = None
+        self.port = server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(cls, state_dir: str | os.PathLike | None = None, time_scale: float | None = None, ssh: bool = True,
+              port: int = 0) -> Testbed:
+        world = World(state_dir, time_scale)
+        server = _Server(("127.0.0.1", port), _Handler)
+        server.stop_event = threading.Event()
+        server.app = App(world, f"http://127.0.0.1:{server.server_address[1]}", server.stop_event)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                                  name=f"labctl-testbed-{server.server_address[1]}", daemon=True)
+        thread.start()
+        tb = cls(world, server, thread)
+        if ssh:
+            try:
+                from labctl.testbed.sshd import SSHNodes
+            except ImportError as e:
+                tb.stop()
+                raise RuntimeError(f"the testbed's SSH side (labctl.testbed.sshd) cannot be imported ({e}); "
+                                   "start the testbed with ssh=False to run without SSH nodes") from e
+            tb._ssh = SSHNodes(world)
+            try:
+                tb._ssh.start()
+            except BaseException:
+                tb._ssh = None
+                tb.stop()
+                raise
+        return tb
+
+    # addresses and credentials ---------------------------------------------------------------------
+    @property
+    def refapi_url(self) -> str:
+        return f"{self.endpoint}/refapi"
+
+    def site_url(self, site: str) -> str:
+        return f"{self.endpoint}/{cat.resolve_site(site).slug}"
+
+    def auth_url(self, site: str) -> str:
+        return f"{self.site_url(site)}/identity/v3"
+
+    def os_env(self, site: str) -> dict[str, str]:
+        """OS_* variables for an application credential on `site` (what Chameleon's openrc would set)."""
+        s = cat.resolve_site(site)
+        return {
+            "OS_AUTH_TYPE": "v3applicationcredential",
+            "OS_AUTH_URL": self.auth_url(site),
+            "OS_IDENTITY_API_VERSION": "3",
+            "OS_REGION_NAME": s.region,
+            "OS_INTERFACE": "public",
+            "OS_APPLICATION_CREDENTIAL_ID": cat.APP_CRED_ID,
+            "OS_APPLICATION_CREDENTIAL_SECRET": cat.APP_CRED_SECRET,
+        }
+
+    def openrc(self, site: str) -> str:
+        s = cat.resolve_site(site)
+        lines = [f"# labctl testbed: {s.region} at {self.endpoint} (application credential)"]
+        lines += [f"export {k}={v}" for k, v in self.os_env(site).items()]
+        lines.append(f"export CHI_RESOURCE_API_URL={self.refapi_url}")
+        return "\n".join(lines) + "\n"
+
+    # lifecycle ---------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self._ssh is not None:
+            try:
+                self._ssh.stop()
+            finally:
+                self._ssh = None
+        self._server.stop_event.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Testbed {self.endpoint} world={self.world.state_dir}>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labctl.testbed",
+                                     description="Serve the emulated Chameleon until Ctrl-C.")
+    parser.add_argument("--state-dir", help="world directory (default: $LABCTL_TESTBED_DIR or the user state dir)")
+    parser.add_argument("--time-scale", type=float, help="multiply every emulated delay (default: the world's)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free one)")
+    parser.add_argument("--site", default="chi@tacc", help="site whose openrc to print (default chi@tacc)")
+    parser.add_argument("--no-ssh", action="store_true", help="do not start the SSH nodes")
+    args = parser.parse_args(argv)
+    tb = Testbed.start(args.state_dir, args.time_scale, ssh=not args.no_ssh, port=args.port)
+    print(f"# labctl testbed serving {tb.endpoint} (world {tb.world.state_dir}, time scale {tb.world.time_scale})")
+    print(tb.openrc(args.site), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tb.stop()
+    return 0
