@@ -21,8 +21,14 @@ if TYPE_CHECKING:
 class HTTPError(Exception):
     """An API error. `kind` is the service's error name (Neutron type, Nova key, Blazar name...)."""
 
-    def __init__(self, status: int, message: str, kind: str | None = None, headers: dict | None = None,
-                 body: Any = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str | None = None,
+        headers: dict | None = None,
+        body: Any = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -80,7 +86,9 @@ class Request:
         try:
             return json.loads(self.body)
         except ValueError:
-            raise HTTPError(400, "Malformed request body: the body is not valid JSON.", "BadRequest") from None
+            raise HTTPError(
+                400, "Malformed request body: the body is not valid JSON.", "BadRequest"
+            ) from None
 
 
 Handler = Callable[[Request], Response]

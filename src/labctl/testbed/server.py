@@ -13,6 +13,7 @@ URL layout (PORT is ephemeral unless asked otherwise):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -29,8 +30,13 @@ from labctl.testbed.openstack import blazar, glance, keystone, neutron, nova, re
 from labctl.testbed.openstack import catalog as cat
 from labctl.testbed.world import World
 
-SERVICES: dict[str, ModuleType] = {"identity": keystone, "compute": nova, "network": neutron, "image": glance,
-                                   "reservation": blazar}
+SERVICES: dict[str, ModuleType] = {
+    "identity": keystone,
+    "compute": nova,
+    "network": neutron,
+    "image": glance,
+    "reservation": blazar,
+}
 
 
 @dataclass
@@ -57,8 +63,12 @@ class App:
 
     def _unauthorized(self, site: cat.Site) -> HTTPError:
         body = keystone.error_body(401, keystone.UNAUTHORIZED, "Unauthorized")
-        return HTTPError(401, keystone.UNAUTHORIZED, headers={
-            "WWW-Authenticate": f"Keystone uri=\"{self.base_url}/{site.slug}/identity\""}, body=body)
+        return HTTPError(
+            401,
+            keystone.UNAUTHORIZED,
+            headers={"WWW-Authenticate": f'Keystone uri="{self.base_url}/{site.slug}/identity"'},
+            body=body,
+        )
 
     def handle(self, method: str, raw_path: str, headers, body: bytes) -> Outcome:
         url = urlsplit(raw_path)
@@ -80,12 +90,31 @@ class App:
                 return Outcome(self._error(module, HTTPError(404, "The resource could not be found.")))
         else:
             self.world.log_request(None, method, path, url.query)
-            return Outcome(Response(404, {"error": {"code": 404, "message": "The resource could not be found.",
-                                                    "title": "Not Found"}}))
+            return Outcome(
+                Response(
+                    404,
+                    {
+                        "error": {
+                            "code": 404,
+                            "message": "The resource could not be found.",
+                            "title": "Not Found",
+                        }
+                    },
+                )
+            )
         if rel.endswith(".json") and module in (refapi, neutron, blazar):
             rel = rel[: -len(".json")]
-        req = Request(method=method, path=rel, query=query, headers=headers, body=body, world=self.world,
-                      site=site, base_url=self.base_url, service=parts[1] if site else "refapi")
+        req = Request(
+            method=method,
+            path=rel,
+            query=query,
+            headers=headers,
+            body=body,
+            world=self.world,
+            site=site,
+            base_url=self.base_url,
+            service=parts[1] if site else "refapi",
+        )
         template = None
         try:
             prefix = getattr(module, "PREFIX", "")
@@ -95,7 +124,7 @@ class App:
                 if prefix:
                     if not (rel == prefix or rel.startswith(prefix + "/")):
                         raise HTTPError(404, "The resource could not be found.", "NotFound")
-                    rel = rel[len(prefix):] or "/"
+                    rel = rel[len(prefix) :] or "/"
                     req.path = rel
                 found = module.router.match(method, rel)
                 if not found:
@@ -124,11 +153,16 @@ class App:
             if site is not None:
                 fault = self.world.take_fault(site.name, method, template, rel)
             if fault and fault[0] == "error500":
-                raise HTTPError(500, fault[1] or "Internal Server Error (injected by the testbed)",
-                                "InternalServerError")
+                raise HTTPError(
+                    500, fault[1] or "Internal Server Error (injected by the testbed)", "InternalServerError"
+                )
             if fault and fault[0] == "error429":
-                raise HTTPError(429, fault[1] or "Rate limit exceeded: too many requests (injected by the testbed)",
-                                "OverLimit", headers={"Retry-After": "1"})
+                raise HTTPError(
+                    429,
+                    fault[1] or "Rate limit exceeded: too many requests (injected by the testbed)",
+                    "OverLimit",
+                    headers={"Retry-After": "1"},
+                )
             if fault and fault[0] == "server_error_state":
                 req.fault = fault
             req.now = time.time()
@@ -147,6 +181,17 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "labctl-testbed/1"
     sys_version = ""
     server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without this, Nagle + delayed ACK add 40 ms a request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.app.world.release()
 
     def log_message(self, format: str, *args) -> None:  # quiet
         pass
@@ -172,18 +217,26 @@ class _Handler(BaseHTTPRequestHandler):
             import traceback
 
             traceback.print_exc(file=sys.stderr)
-            outcome = Outcome(Response(500, {"error": {"code": 500, "message": f"testbed bug: {e!r}",
-                                                       "title": "Internal Server Error"}}))
+            outcome = Outcome(
+                Response(
+                    500,
+                    {
+                        "error": {
+                            "code": 500,
+                            "message": f"testbed bug: {e!r}",
+                            "title": "Internal Server Error",
+                        }
+                    },
+                )
+            )
         if outcome.action == "hang":
             self.server.stop_event.wait()
             self.close_connection = True
             return
         if outcome.action == "drop":
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
         resp = outcome.response
         payload = resp.encode()
@@ -212,6 +265,8 @@ class _Server(ThreadingHTTPServer):
 class Testbed:
     """A running testbed: the HTTP endpoint (and, with ssh=True, the SSH nodes) over one world."""
 
+    __test__ = False  # not a pytest test class
+
     def __init__(self, world: World, server: _Server, thread: threading.Thread):
         self.world = world
         self._server = server
@@ -221,14 +276,23 @@ class Testbed:
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, state_dir: str | os.PathLike | None = None, time_scale: float | None = None, ssh: bool = True,
-              port: int = 0) -> Testbed:
+    def start(
+        cls,
+        state_dir: str | os.PathLike | None = None,
+        time_scale: float | None = None,
+        ssh: bool = True,
+        port: int = 0,
+    ) -> Testbed:
         world = World(state_dir, time_scale)
         server = _Server(("127.0.0.1", port), _Handler)
         server.stop_event = threading.Event()
         server.app = App(world, f"http://127.0.0.1:{server.server_address[1]}", server.stop_event)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
-                                  name=f"labctl-testbed-{server.server_address[1]}", daemon=True)
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"labctl-testbed-{server.server_address[1]}",
+            daemon=True,
+        )
         thread.start()
         tb = cls(world, server, thread)
         if ssh:
@@ -236,8 +300,10 @@ class Testbed:
                 from labctl.testbed.sshd import SSHNodes
             except ImportError as e:
                 tb.stop()
-                raise RuntimeError(f"the testbed's SSH side (labctl.testbed.sshd) cannot be imported ({e}); "
-                                   "start the testbed with ssh=False to run without SSH nodes") from e
+                raise RuntimeError(
+                    f"the testbed's SSH side (labctl.testbed.sshd) cannot be imported ({e}); "
+                    "start the testbed with ssh=False to run without SSH nodes"
+                ) from e
             tb._ssh = SSHNodes(world)
             try:
                 tb._ssh.start()
@@ -301,16 +367,22 @@ class Testbed:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labctl.testbed",
-                                     description="Serve the emulated Chameleon until Ctrl-C.")
-    parser.add_argument("--state-dir", help="world directory (default: $LABCTL_TESTBED_DIR or the user state dir)")
-    parser.add_argument("--time-scale", type=float, help="multiply every emulated delay (default: the world's)")
+    parser = argparse.ArgumentParser(
+        prog="python -m labctl.testbed", description="Serve the emulated Chameleon until Ctrl-C."
+    )
+    parser.add_argument(
+        "--state-dir", help="world directory (default: $LABCTL_TESTBED_DIR or the user state dir)"
+    )
+    parser.add_argument(
+        "--time-scale", type=float, help="multiply every emulated delay (default: the world's)"
+    )
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free one)")
     parser.add_argument("--site", default="chi@tacc", help="site whose openrc to print (default chi@tacc)")
     parser.add_argument("--no-ssh", action="store_true", help="do not start the SSH nodes")
     args = parser.parse_args(argv)
     tb = Testbed.start(args.state_dir, args.time_scale, ssh=not args.no_ssh, port=args.port)
-    print(f"# labctl testbed serving {tb.endpoint} (world {tb.world.state_dir}, time scale {tb.world.time_scale})")
+    scale = tb.world.time_scale
+    print(f"# labctl testbed serving {tb.endpoint} (world {tb.world.state_dir}, time scale {scale})")
     print(tb.openrc(args.site), flush=True)
     try:
         while True:

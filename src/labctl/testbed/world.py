@@ -12,6 +12,7 @@ latency, the request log, an inventory of what exists, and the SSH targets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_TIME_SCALE = 0.01
+REQUEST_LOG_MAX = 100_000
 FAULT_KINDS = ("error500", "error429", "server_error_state", "hang_after", "timeout_after")
 
 _SCHEMA = """
@@ -96,16 +98,18 @@ class Db:
 
     # objects -----------------------------------------------------------------------------------
     def get(self, kind: str, site: str, id: str) -> dict | None:
-        row = self.conn.execute("SELECT data FROM objects WHERE kind=? AND site=? AND id=?",
-                                (kind, site, id)).fetchone()
+        row = self.conn.execute(
+            "SELECT data FROM objects WHERE kind=? AND site=? AND id=?", (kind, site, id)
+        ).fetchone()
         return json.loads(row[0]) if row else None
 
     def find(self, kind: str, site: str | None = None) -> list[dict]:
         if site is None:
             rows = self.conn.execute("SELECT data FROM objects WHERE kind=? ORDER BY created, rowid", (kind,))
         else:
-            rows = self.conn.execute("SELECT data FROM objects WHERE kind=? AND site=? ORDER BY created, rowid",
-                                     (kind, site))
+            rows = self.conn.execute(
+                "SELECT data FROM objects WHERE kind=? AND site=? ORDER BY created, rowid", (kind, site)
+            )
         return [json.loads(r[0]) for r in rows]
 
     def put(self, kind: str, site: str, obj: dict) -> dict:
@@ -126,7 +130,8 @@ class Db:
     def due(self, now: float) -> list[tuple[str, str, dict]]:
         rows = self.conn.execute(
             "SELECT kind, site, data FROM objects WHERE t_next IS NOT NULL AND t_next <= ? ORDER BY t_next",
-            (now,))
+            (now,),
+        )
         return [(k, s, json.loads(d)) for k, s, d in rows]
 
     # meta, settings, counters --------------------------------------------------------------------
@@ -142,13 +147,15 @@ class Db:
         return row[0] if row else default
 
     def settings(self, site: str, prefix: str) -> dict[str, str]:
-        rows = self.conn.execute("SELECT key, value FROM settings WHERE site=? AND key LIKE ?",
-                                 (site, prefix + "%"))
-        return {k[len(prefix):]: v for k, v in rows}
+        rows = self.conn.execute(
+            "SELECT key, value FROM settings WHERE site=? AND key LIKE ?", (site, prefix + "%")
+        )
+        return {k[len(prefix) :]: v for k, v in rows}
 
     def set_setting(self, site: str, key: str, value: object) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO settings (site, key, value) VALUES (?,?,?)",
-                          (site, key, str(value)))
+        self.conn.execute(
+            "INSERT OR REPLACE INTO settings (site, key, value) VALUES (?,?,?)", (site, key, str(value))
+        )
 
     def counter(self, key: str, start: int = 0) -> int:
         """Return the next value of a named counter (first call returns `start`)."""
@@ -166,8 +173,11 @@ class Db:
         return data
 
     def put_token(self, token_id: str, site: str, expires: float, data: dict) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO tokens (id, site, expires, data) VALUES (?,?,?,?)",
-                          (token_id, site, expires, json.dumps(data)))
+        self.conn.execute("DELETE FROM tokens WHERE expires < ?", (time.time(),))
+        self.conn.execute(
+            "INSERT OR REPLACE INTO tokens (id, site, expires, data) VALUES (?,?,?,?)",
+            (token_id, site, expires, json.dumps(data)),
+        )
 
     def delete_token(self, token_id: str) -> None:
         self.conn.execute("DELETE FROM tokens WHERE id=?", (token_id,))
@@ -240,13 +250,23 @@ class World:
         """A read transaction (a consistent snapshot)."""
         return self._tx("DEFERRED")
 
+    def release(self) -> None:
+        """Close this thread's connection (server threads call it when their HTTP connection ends)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.depth:
+            return
+        self._local.conn = None
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
     def close(self) -> None:
         with self._conns_lock:
             for conn in self._conns:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.close()
-                except sqlite3.Error:
-                    pass
             self._conns.clear()
         self._local = threading.local()
 
@@ -267,8 +287,10 @@ class World:
             if db.meta("created") is None:
                 db.set_meta("created", time.time())
                 db.set_meta("ssh_port", _free_port())
-                db.set_meta("time_scale", self._explicit_scale if self._explicit_scale is not None
-                            else DEFAULT_TIME_SCALE)
+                db.set_meta(
+                    "time_scale",
+                    self._explicit_scale if self._explicit_scale is not None else DEFAULT_TIME_SCALE,
+                )
                 from labctl.testbed.openstack import model
 
                 model.seed(db)
@@ -305,8 +327,9 @@ class World:
             db.set_setting(site, "quota:floatingip", int(n))
 
     # faults and latency ------------------------------------------------------------------------------
-    def inject_fault(self, site: str | None, operation: str, kind: str, count: int = 1,
-                     message: str | None = None) -> None:
+    def inject_fault(
+        self, site: str | None, operation: str, kind: str, count: int = 1, message: str | None = None
+    ) -> None:
         """Make the next `count` requests matching `operation` at `site` (None: any site) misbehave.
 
         `operation` is "METHOD /path" relative to the service's versioned endpoint, either as the route
@@ -317,8 +340,10 @@ class World:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
         with self.tx() as db:
-            db.conn.execute("INSERT INTO faults (site, operation, kind, remaining, message) VALUES (?,?,?,?,?)",
-                            (_site_name(site), _norm_operation(operation), kind, int(count), message))
+            db.conn.execute(
+                "INSERT INTO faults (site, operation, kind, remaining, message) VALUES (?,?,?,?,?)",
+                (_site_name(site), _norm_operation(operation), kind, int(count), message),
+            )
 
     def clear_faults(self) -> None:
         with self.tx() as db:
@@ -326,14 +351,21 @@ class World:
 
     def faults(self) -> list[dict]:
         with self.read() as db:
-            rows = db.conn.execute("SELECT site, operation, kind, remaining, message FROM faults "
-                                   "WHERE remaining > 0 ORDER BY id").fetchall()
-        return [dict(zip(("site", "operation", "kind", "remaining", "message"), r, strict=True)) for r in rows]
+            rows = db.conn.execute(
+                "SELECT site, operation, kind, remaining, message FROM faults WHERE remaining > 0 ORDER BY id"
+            ).fetchall()
+        return [
+            dict(zip(("site", "operation", "kind", "remaining", "message"), r, strict=True)) for r in rows
+        ]
 
     def take_fault(self, site: str, method: str, template: str, path: str) -> tuple[str, str | None] | None:
         """Consume one matching fault for this request, if any: (kind, message)."""
-        ops = {_norm_operation(f"{method} {template}"), _norm_operation(f"{method} {path}"),
-               f"{method.upper()} *", "*"}
+        ops = {
+            _norm_operation(f"{method} {template}"),
+            _norm_operation(f"{method} {path}"),
+            f"{method.upper()} *",
+            "*",
+        }
         marks = ",".join("?" * len(ops))
         with self.read() as db:
             if not db.conn.execute("SELECT 1 FROM faults WHERE remaining > 0 LIMIT 1").fetchone():
@@ -341,7 +373,9 @@ class World:
         with self.tx() as db:
             row = db.conn.execute(
                 f"SELECT id, kind, message FROM faults WHERE remaining > 0 AND (site IS NULL OR site = ?) "
-                f"AND operation IN ({marks}) ORDER BY id LIMIT 1", (site, *ops)).fetchone()
+                f"AND operation IN ({marks}) ORDER BY id LIMIT 1",
+                (site, *ops),
+            ).fetchone()
             if not row:
                 return None
             db.conn.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?", (row[0],))
@@ -352,31 +386,43 @@ class World:
         op = _norm_operation(operation)
         with self.tx() as db:
             if seconds:
-                db.conn.execute("INSERT OR REPLACE INTO latency (operation, seconds) VALUES (?, ?)",
-                                (op, float(seconds)))
+                db.conn.execute(
+                    "INSERT OR REPLACE INTO latency (operation, seconds) VALUES (?, ?)", (op, float(seconds))
+                )
             else:
                 db.conn.execute("DELETE FROM latency WHERE operation = ?", (op,))
 
     def latency_for(self, method: str, template: str, path: str) -> float:
-        ops = {_norm_operation(f"{method} {template}"), _norm_operation(f"{method} {path}"),
-               f"{method.upper()} *", "*"}
+        ops = {
+            _norm_operation(f"{method} {template}"),
+            _norm_operation(f"{method} {path}"),
+            f"{method.upper()} *",
+            "*",
+        }
         with self.read() as db:
             rows = db.conn.execute("SELECT operation, seconds FROM latency").fetchall()
         return max((s for op, s in rows if op in ops), default=0.0)
 
     # request log ---------------------------------------------------------------------------------------
-    def log_request(self, site: str | None, method: str, path: str, query: str = "",
-                    operation: str | None = None) -> None:
+    def log_request(
+        self, site: str | None, method: str, path: str, query: str = "", operation: str | None = None
+    ) -> None:
         with self.tx() as db:
-            db.conn.execute("INSERT INTO requests (ts, site, method, path, query, operation) VALUES (?,?,?,?,?,?)",
-                            (time.time(), site, method, path, query, operation))
+            cur = db.conn.execute(
+                "INSERT INTO requests (ts, site, method, path, query, operation) VALUES (?,?,?,?,?,?)",
+                (time.time(), site, method, path, query, operation),
+            )
+            if cur.lastrowid % 1000 == 0:  # keep the log bounded on long-lived worlds
+                db.conn.execute("DELETE FROM requests WHERE seq <= ?", (cur.lastrowid - REQUEST_LOG_MAX,))
 
     def request_log(self, detail: bool = False) -> list:
         """Every request served, in order: (site, method, path) with path below the site prefix
         (e.g. ("chi@tacc", "POST", "/reservation/v1/leases")); site is "refapi" for the reference API.
         With detail=True, dicts that also carry ts, query and operation ("POST /leases")."""
         with self.read() as db:
-            rows = db.conn.execute("SELECT ts, site, method, path, query, operation FROM requests ORDER BY seq")
+            rows = db.conn.execute(
+                "SELECT ts, site, method, path, query, operation FROM requests ORDER BY seq"
+            )
             rows = rows.fetchall()
         if detail:
             keys = ("ts", "site", "method", "path", "query", "operation")
@@ -394,8 +440,9 @@ class World:
 
         now = time.time() if now is None else now
         with self.read() as db:
-            due = db.conn.execute("SELECT 1 FROM objects WHERE t_next IS NOT NULL AND t_next <= ? LIMIT 1",
-                                  (now,)).fetchone()
+            due = db.conn.execute(
+                "SELECT 1 FROM objects WHERE t_next IS NOT NULL AND t_next <= ? LIMIT 1", (now,)
+            ).fetchone()
         if due:
             with self.tx() as db:
                 model.process_due(db, now)

@@ -17,8 +17,13 @@ def error_body(status: int, message: str, kind: str | None) -> dict:
 
 
 def _version(req: Request) -> dict:
-    return {"id": "v1.0", "status": "CURRENT", "min_version": "1.0", "max_version": "1.0",
-            "links": [{"rel": "self", "href": f"{req.site_url}/reservation/v1/"}]}
+    return {
+        "id": "v1.0",
+        "status": "CURRENT",
+        "min_version": "1.0",
+        "max_version": "1.0",
+        "links": [{"rel": "self", "href": f"{req.site_url}/reservation/v1/"}],
+    }
 
 
 def root(req: Request) -> Response:
@@ -86,10 +91,21 @@ def delete_lease(req: Request) -> Response:
 
 def host_view(host) -> dict:
     view = {
-        "id": host.id, "hypervisor_hostname": host.uid, "hypervisor_type": "ironic", "hypervisor_version": 1,
-        "vcpus": 48, "cpu_info": "baremetal cpu", "memory_mb": 196608, "local_gb": 240,
-        "service_name": host.uid, "reservable": True, "disabled": False, "status": None,
-        "trust_id": "", "created_at": "2024-01-01 00:00:00", "updated_at": None,
+        "id": host.id,
+        "hypervisor_hostname": host.uid,
+        "hypervisor_type": "ironic",
+        "hypervisor_version": 1,
+        "vcpus": 48,
+        "cpu_info": "baremetal cpu",
+        "memory_mb": 196608,
+        "local_gb": 240,
+        "service_name": host.uid,
+        "reservable": True,
+        "disabled": False,
+        "status": None,
+        "trust_id": "",
+        "created_at": "2024-01-01 00:00:00",
+        "updated_at": None,
     }
     view.update({k: (str(v) if isinstance(v, bool) else v) for k, v in host.properties().items()})
     return view
@@ -113,8 +129,10 @@ def host_properties(req: Request) -> Response:
     keys = sorted(hosts[0].properties()) if hosts else []
     if req.q("detail") in ("True", "true", "1"):
         values = {k: sorted({str(h.properties()[k]) for h in hosts}) for k in keys}
-        return Response(200, {"resource_properties": [{"property": k, "private": False, "values": values[k]}
-                                                      for k in keys]})
+        return Response(
+            200,
+            {"resource_properties": [{"property": k, "private": False, "values": values[k]} for k in keys]},
+        )
     return Response(200, {"resource_properties": [{"property": k} for k in keys]})
 
 
@@ -127,17 +145,24 @@ def _allocations(req: Request) -> dict[str, list[dict]]:
             continue
         for r in lease["reservations"]:
             for host_id in r.get("hosts", []):
-                out.setdefault(host_id, []).append({
-                    "id": r["id"], "lease_id": lease["id"], "start_date": model.blazar_dt(lease["start"]),
-                    "end_date": model.blazar_dt(lease["end"])})
+                out.setdefault(host_id, []).append(
+                    {
+                        "id": r["id"],
+                        "lease_id": lease["id"],
+                        "start_date": model.blazar_dt(lease["start"]),
+                        "end_date": model.blazar_dt(lease["end"]),
+                    }
+                )
     return out
 
 
 @router.route("GET", "/os-hosts/allocations")
 def list_allocations(req: Request) -> Response:
     allocs = _allocations(req)
-    return Response(200, {"allocations": [{"resource_id": h.id, "reservations": allocs.get(h.id, [])}
-                                          for h in _hosts(req)]})
+    return Response(
+        200,
+        {"allocations": [{"resource_id": h.id, "reservations": allocs.get(h.id, [])} for h in _hosts(req)]},
+    )
 
 
 def _host(req: Request):
@@ -155,5 +180,6 @@ def get_host(req: Request) -> Response:
 @router.route("GET", "/os-hosts/{id}/allocation")
 def get_allocation(req: Request) -> Response:
     host = _host(req)
-    return Response(200, {"allocation": {"resource_id": host.id,
-                                         "reservations": _allocations(req).get(host.id, [])}})
+    return Response(
+        200, {"allocation": {"resource_id": host.id, "reservations": _allocations(req).get(host.id, [])}}
+    )

@@ -168,17 +168,35 @@ def flavors(site: Site) -> list[FlavorSpec]:
     if site.kind == "baremetal":
         return [
             FlavorSpec(
-                stable_id(site.name, "flavor", "baremetal"), "baremetal", 48, 196608, 240,
-                {"resources:CUSTOM_BAREMETAL": "1", "resources:VCPU": "0", "resources:MEMORY_MB": "0",
-                 "resources:DISK_GB": "0"},
+                stable_id(site.name, "flavor", "baremetal"),
+                "baremetal",
+                48,
+                196608,
+                240,
+                {
+                    "resources:CUSTOM_BAREMETAL": "1",
+                    "resources:VCPU": "0",
+                    "resources:MEMORY_MB": "0",
+                    "resources:DISK_GB": "0",
+                },
             )
         ]
     if site.kind == "kvm":
         out = []
         for f in hardware.KVM_FLAVORS.get(site.name, ()):
             specs = {"trait:CUSTOM_GPU": "required"} if f.gpus else {}
-            out.append(FlavorSpec(stable_id(site.name, "flavor", f.name), f.name, f.vcpus, f.ram_mb, f.disk_gb,
-                                  specs, f.gpus, f.slots))
+            out.append(
+                FlavorSpec(
+                    stable_id(site.name, "flavor", f.name),
+                    f.name,
+                    f.vcpus,
+                    f.ram_mb,
+                    f.disk_gb,
+                    specs,
+                    f.gpus,
+                    f.slots,
+                )
+            )
         return out
     return []
 

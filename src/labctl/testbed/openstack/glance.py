@@ -13,14 +13,24 @@ PREFIX = ""
 ADMIN_PROJECT = "f3e1b2c4d5a6477889900aabbccddeef"
 router = Router()
 
-_STATUS_TEXT = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
-                429: "Too Many Requests", 500: "Internal Server Error"}
+_STATUS_TEXT = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+}
 
 
 def error_body(status: int, message: str, kind: str | None) -> str:
     # Glance errors come from webob: an HTML page, not JSON.
     title = f"{status} {_STATUS_TEXT.get(status, 'Error')}"
-    return f"<html>\n <head>\n  <title>{title}</title>\n </head>\n <body>\n  <h1>{title}</h1>\n  {message}<br /><br />\n\n\n\n </body>\n</html>"
+    return (
+        f"<html>\n <head>\n  <title>{title}</title>\n </head>\n <body>\n  <h1>{title}</h1>\n"
+        f"  {message}<br /><br />\n\n\n\n </body>\n</html>"
+    )
 
 
 ERROR_CONTENT_TYPE = "text/html; charset=UTF-8"
@@ -28,10 +38,35 @@ ERROR_CONTENT_TYPE = "text/html; charset=UTF-8"
 
 def _versions(req: Request) -> dict:
     href = f"{req.site_url}/image/v2/"
-    ids = ("v2.16", "v2.15", "v2.14", "v2.13", "v2.12", "v2.11", "v2.10", "v2.9", "v2.8", "v2.7", "v2.6", "v2.5",
-           "v2.4", "v2.3", "v2.2", "v2.1", "v2.0")
-    return {"versions": [{"id": v, "status": "CURRENT" if i == 0 else "SUPPORTED",
-                          "links": [{"rel": "self", "href": href}]} for i, v in enumerate(ids)]}
+    ids = (
+        "v2.16",
+        "v2.15",
+        "v2.14",
+        "v2.13",
+        "v2.12",
+        "v2.11",
+        "v2.10",
+        "v2.9",
+        "v2.8",
+        "v2.7",
+        "v2.6",
+        "v2.5",
+        "v2.4",
+        "v2.3",
+        "v2.2",
+        "v2.1",
+        "v2.0",
+    )
+    return {
+        "versions": [
+            {
+                "id": v,
+                "status": "CURRENT" if i == 0 else "SUPPORTED",
+                "links": [{"rel": "self", "href": href}],
+            }
+            for i, v in enumerate(ids)
+        ]
+    }
 
 
 @router.route("GET", "/", auth=False)
@@ -47,15 +82,35 @@ def versions(req: Request) -> Response:
 def image_view(req: Request, img: cat.Image) -> dict:
     digest = hashlib.sha512(img.id.encode()).hexdigest()
     return {
-        "id": img.id, "name": img.name, "status": "active", "visibility": "public", "protected": False,
-        "os_hidden": False, "owner": ADMIN_PROJECT, "checksum": hashlib.md5(img.id.encode()).hexdigest(),  # noqa: S324
-        "os_hash_algo": "sha512", "os_hash_value": digest, "size": img.size, "virtual_size": None,
-        "min_disk": 0, "min_ram": 0, "disk_format": "qcow2", "container_format": "bare",
-        "created_at": model.iso_z(1_750_000_000), "updated_at": model.iso_z(1_750_000_000), "tags": [],
-        "self": f"/v2/images/{img.id}", "file": f"/v2/images/{img.id}/file", "schema": "/v2/schemas/image",
-        "build-distro": "ubuntu", "build-release": img.release, "build-variant": img.variant,
-        "build-repo": "https://github.com/ChameleonCloud/cc-images", "os_distro": "ubuntu",
-        "os_version": "24.04" if img.release == "noble" else "22.04", "architecture": "x86_64",
+        "id": img.id,
+        "name": img.name,
+        "status": "active",
+        "visibility": "public",
+        "protected": False,
+        "os_hidden": False,
+        "owner": ADMIN_PROJECT,
+        "checksum": hashlib.md5(img.id.encode()).hexdigest(),  # noqa: S324
+        "os_hash_algo": "sha512",
+        "os_hash_value": digest,
+        "size": img.size,
+        "virtual_size": None,
+        "min_disk": 0,
+        "min_ram": 0,
+        "disk_format": "qcow2",
+        "container_format": "bare",
+        "created_at": model.iso_z(1_750_000_000),
+        "updated_at": model.iso_z(1_750_000_000),
+        "tags": [],
+        "self": f"/v2/images/{img.id}",
+        "file": f"/v2/images/{img.id}/file",
+        "schema": "/v2/schemas/image",
+        "build-distro": "ubuntu",
+        "build-release": img.release,
+        "build-variant": img.variant,
+        "build-repo": "https://github.com/ChameleonCloud/cc-images",
+        "os_distro": "ubuntu",
+        "os_version": "24.04" if img.release == "noble" else "22.04",
+        "architecture": "x86_64",
     }
 
 
@@ -78,10 +133,13 @@ def list_images(req: Request) -> Response:
         ids = [i["id"] for i in images]
         if req.q("marker") not in ids:
             raise HTTPError(400, f"marker {req.q('marker')} could not be found.", "BadRequest")
-        images = images[ids.index(req.q("marker")) + 1:]
+        images = images[ids.index(req.q("marker")) + 1 :]
     query = {k: v[0] for k, v in req.query.items() if k != "marker"}
-    body = {"images": images, "schema": "/v2/schemas/images",
-            "first": "/v2/images" + (f"?{urlencode(query)}" if query else "")}
+    body = {
+        "images": images,
+        "schema": "/v2/schemas/images",
+        "first": "/v2/images" + (f"?{urlencode(query)}" if query else ""),
+    }
     limit = int(req.q("limit") or 25)
     if len(images) > limit:
         body["images"] = images[:limit]
@@ -101,12 +159,28 @@ def get_image(req: Request) -> Response:
 def _schema() -> dict:
     nullable_str = {"type": ["null", "string"]}
     props = {
-        "id": {"type": "string", "description": "An identifier for the image",
-               "pattern": "^([0-9a-fA-F]){8}-([0-9a-fA-F]){4}-([0-9a-fA-F]){4}-([0-9a-fA-F]){4}-([0-9a-fA-F]){12}$"},
+        "id": {
+            "type": "string",
+            "description": "An identifier for the image",
+            "pattern": "^([0-9a-fA-F]){8}-([0-9a-fA-F]){4}-([0-9a-fA-F]){4}-([0-9a-fA-F]){4}"
+            "-([0-9a-fA-F]){12}$",
+        },
         "name": {**nullable_str, "maxLength": 255, "description": "Descriptive name for the image"},
-        "status": {"type": "string", "readOnly": True, "enum": ["queued", "saving", "active", "killed", "deleted",
-                                                                "uploading", "importing", "pending_delete",
-                                                                "deactivated"]},
+        "status": {
+            "type": "string",
+            "readOnly": True,
+            "enum": [
+                "queued",
+                "saving",
+                "active",
+                "killed",
+                "deleted",
+                "uploading",
+                "importing",
+                "pending_delete",
+                "deactivated",
+            ],
+        },
         "visibility": {"type": "string", "enum": ["community", "public", "private", "shared"]},
         "protected": {"type": "boolean"},
         "os_hidden": {"type": "boolean"},
@@ -116,10 +190,14 @@ def _schema() -> dict:
         "owner": {**nullable_str, "maxLength": 255},
         "size": {"type": ["null", "integer"], "readOnly": True},
         "virtual_size": {"type": ["null", "integer"], "readOnly": True},
-        "container_format": {**nullable_str, "enum": [None, "ami", "ari", "aki", "bare", "ovf", "ova", "docker",
-                                                      "compressed"]},
-        "disk_format": {**nullable_str, "enum": [None, "ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2",
-                                                 "vdi", "iso", "ploop"]},
+        "container_format": {
+            **nullable_str,
+            "enum": [None, "ami", "ari", "aki", "bare", "ovf", "ova", "docker", "compressed"],
+        },
+        "disk_format": {
+            **nullable_str,
+            "enum": [None, "ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop"],
+        },
         "created_at": {"type": "string", "readOnly": True},
         "updated_at": {"type": "string", "readOnly": True},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 255}},
@@ -130,16 +208,28 @@ def _schema() -> dict:
         "file": {"type": "string", "readOnly": True},
         "stores": {"type": "string", "readOnly": True},
         "schema": {"type": "string", "readOnly": True},
-        "locations": {"type": "array", "items": {"type": "object", "properties": {
-            "url": {"type": "string", "maxLength": 255}, "metadata": {"type": "object"}},
-            "required": ["url", "metadata"]}},
+        "locations": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"url": {"type": "string", "maxLength": 255}, "metadata": {"type": "object"}},
+                "required": ["url", "metadata"],
+            },
+        },
         "os_distro": {"type": "string", "is_base": False},
         "os_version": {"type": "string", "is_base": False},
         "architecture": {"type": "string", "is_base": False},
     }
-    return {"name": "image", "properties": props, "additionalProperties": {"type": "string"},
-            "links": [{"rel": "self", "href": "{self}"}, {"rel": "enclosure", "href": "{file}"},
-                      {"rel": "describedby", "href": "{schema}"}]}
+    return {
+        "name": "image",
+        "properties": props,
+        "additionalProperties": {"type": "string"},
+        "links": [
+            {"rel": "self", "href": "{self}"},
+            {"rel": "enclosure", "href": "{file}"},
+            {"rel": "describedby", "href": "{schema}"},
+        ],
+    }
 
 
 @router.route("GET", "/v2/schemas/image")
@@ -149,8 +239,20 @@ def image_schema(req: Request) -> Response:
 
 @router.route("GET", "/v2/schemas/images")
 def images_schema(req: Request) -> Response:
-    return Response(200, {"name": "images", "properties": {
-        "images": {"type": "array", "items": _schema()}, "schema": {"type": "string"},
-        "first": {"type": "string"}, "next": {"type": "string"}},
-        "links": [{"rel": "first", "href": "{first}"}, {"rel": "next", "href": "{next}"},
-                  {"rel": "describedby", "href": "{schema}"}]})
+    return Response(
+        200,
+        {
+            "name": "images",
+            "properties": {
+                "images": {"type": "array", "items": _schema()},
+                "schema": {"type": "string"},
+                "first": {"type": "string"},
+                "next": {"type": "string"},
+            },
+            "links": [
+                {"rel": "first", "href": "{first}"},
+                {"rel": "next", "href": "{next}"},
+                {"rel": "describedby", "href": "{schema}"},
+            ],
+        },
+    )

@@ -13,11 +13,21 @@ PREFIX = ""
 TOKEN_TTL = 24 * 3600
 router = Router()
 
-_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-           409: "Conflict", 429: "Too Many Requests", 500: "Internal Server Error"}
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+}
 UNAUTHORIZED = "The request you have made requires authentication."
-ROLES = [{"id": cat.stable_id("role", "member"), "name": "member"},
-         {"id": cat.stable_id("role", "reader"), "name": "reader"}]
+ROLES = [
+    {"id": cat.stable_id("role", "member"), "name": "member"},
+    {"id": cat.stable_id("role", "reader"), "name": "reader"},
+]
 SERVICE_ENDPOINTS = {  # service -> (type, name, path below the site prefix)
     "identity": ("identity", "keystone", "/identity"),
     "compute": ("compute", "nova", "/compute/v2.1"),
@@ -37,7 +47,9 @@ def _ts(ts: float) -> str:
 
 def _version(req: Request) -> dict:
     return {
-        "id": "v3.14", "status": "stable", "updated": "2020-04-07T00:00:00Z",
+        "id": "v3.14",
+        "status": "stable",
+        "updated": "2020-04-07T00:00:00Z",
         "links": [{"rel": "self", "href": f"{req.site_url}/identity/v3/"}],
         "media-types": [{"base": "application/json", "type": "application/vnd.openstack.identity-v3+json"}],
     }
@@ -57,25 +69,49 @@ def service_catalog(site: Site, site_url: str) -> list[dict]:
     out = []
     for svc in site.services:
         stype, name, path = SERVICE_ENDPOINTS[svc]
-        out.append({
-            "id": cat.stable_id(site.name, "service", stype), "type": stype, "name": name,
-            "endpoints": [{"id": cat.stable_id(site.name, "endpoint", stype), "interface": "public",
-                           "region": site.region, "region_id": site.region, "url": site_url + path}],
-        })
+        out.append(
+            {
+                "id": cat.stable_id(site.name, "service", stype),
+                "type": stype,
+                "name": name,
+                "endpoints": [
+                    {
+                        "id": cat.stable_id(site.name, "endpoint", stype),
+                        "interface": "public",
+                        "region": site.region,
+                        "region_id": site.region,
+                        "url": site_url + path,
+                    }
+                ],
+            }
+        )
     return out
 
 
 def _project(req: Request) -> dict:
-    return {"id": cat.PROJECT_ID, "name": cat.PROJECT_NAME, "domain_id": cat.DOMAIN["id"], "description": "",
-            "enabled": True, "is_domain": False, "parent_id": cat.DOMAIN["id"], "tags": [], "options": {},
-            "links": {"self": f"{req.site_url}/identity/v3/projects/{cat.PROJECT_ID}"}}
+    return {
+        "id": cat.PROJECT_ID,
+        "name": cat.PROJECT_NAME,
+        "domain_id": cat.DOMAIN["id"],
+        "description": "",
+        "enabled": True,
+        "is_domain": False,
+        "parent_id": cat.DOMAIN["id"],
+        "tags": [],
+        "options": {},
+        "links": {"self": f"{req.site_url}/identity/v3/projects/{cat.PROJECT_ID}"},
+    }
 
 
 def token_body(req: Request, data: dict) -> dict:
     token = {
         "methods": data["methods"],
-        "user": {"domain": dict(cat.DOMAIN), "id": cat.USER_ID, "name": cat.USER_NAME,
-                 "password_expires_at": None},
+        "user": {
+            "domain": dict(cat.DOMAIN),
+            "id": cat.USER_ID,
+            "name": cat.USER_NAME,
+            "password_expires_at": None,
+        },
         "audit_ids": [data["audit"]],
         "expires_at": _ts(data["expires"]),
         "issued_at": _ts(data["issued"]),
@@ -85,7 +121,11 @@ def token_body(req: Request, data: dict) -> dict:
         "catalog": service_catalog(req.site, req.site_url),
     }
     if data.get("app_cred"):
-        token["application_credential"] = {"id": cat.APP_CRED_ID, "name": cat.APP_CRED_NAME, "restricted": False}
+        token["application_credential"] = {
+            "id": cat.APP_CRED_ID,
+            "name": cat.APP_CRED_NAME,
+            "restricted": False,
+        }
     return {"token": token}
 
 
@@ -96,23 +136,31 @@ def _unauthorized(message: str = UNAUTHORIZED) -> HTTPError:
 def _check_identity(req: Request, identity: dict) -> tuple[list[str], bool]:
     methods = identity.get("methods")
     if not isinstance(methods, list) or not methods:
-        raise HTTPError(400, "Invalid input for field 'identity': 'methods' is a required property", "ValidationError")
+        raise HTTPError(
+            400, "Invalid input for field 'identity': 'methods' is a required property", "ValidationError"
+        )
     app_cred = False
     for method in methods:
         section = identity.get(method)
         if not isinstance(section, dict):
-            raise HTTPError(400, f"Invalid input for field 'identity': '{method}' is a required property",
-                            "ValidationError")
+            raise HTTPError(
+                400,
+                f"Invalid input for field 'identity': '{method}' is a required property",
+                "ValidationError",
+            )
         if method == "password":
             user = section.get("user") or {}
-            if not ((user.get("name") == cat.USER_NAME or user.get("id") == cat.USER_ID)
-                    and user.get("password") == cat.USER_PASSWORD):
+            if not (
+                (user.get("name") == cat.USER_NAME or user.get("id") == cat.USER_ID)
+                and user.get("password") == cat.USER_PASSWORD
+            ):
                 raise _unauthorized()
         elif method == "application_credential":
             ok_id = section.get("id") == cat.APP_CRED_ID
             ok_name = section.get("name") == cat.APP_CRED_NAME and (
                 (section.get("user") or {}).get("name") == cat.USER_NAME
-                or (section.get("user") or {}).get("id") == cat.USER_ID)
+                or (section.get("user") or {}).get("id") == cat.USER_ID
+            )
             if not (ok_id or ok_name) or section.get("secret") != cat.APP_CRED_SECRET:
                 raise _unauthorized()
             app_cred = True
@@ -132,12 +180,19 @@ def issue(req: Request) -> Response:
     body = req.json()
     identity = (body.get("auth") or {}).get("identity") if isinstance(body, dict) else None
     if not isinstance(identity, dict):
-        raise HTTPError(400, "Invalid input for field 'auth': 'identity' is a required property", "ValidationError")
+        raise HTTPError(
+            400, "Invalid input for field 'auth': 'identity' is a required property", "ValidationError"
+        )
     methods, app_cred = _check_identity(req, identity)
     now = time.time()
     token_id = "gAAAAA" + uuid.uuid4().hex + uuid.uuid4().hex
-    data = {"methods": methods, "app_cred": app_cred, "issued": now, "expires": now + TOKEN_TTL,
-            "audit": uuid.uuid4().hex[:22]}
+    data = {
+        "methods": methods,
+        "app_cred": app_cred,
+        "issued": now,
+        "expires": now + TOKEN_TTL,
+        "audit": uuid.uuid4().hex[:22],
+    }
     with req.world.tx() as db:
         db.put_token(token_id, req.site.name, data["expires"], data)
     return Response(201, token_body(req, data), headers={"X-Subject-Token": token_id})
@@ -168,15 +223,25 @@ def revoke(req: Request) -> Response:
 
 @router.route("GET", "/v3/auth/catalog")
 def auth_catalog(req: Request) -> Response:
-    return Response(200, {"catalog": service_catalog(req.site, req.site_url),
-                          "links": {"self": f"{req.site_url}/identity/v3/auth/catalog"}})
+    return Response(
+        200,
+        {
+            "catalog": service_catalog(req.site, req.site_url),
+            "links": {"self": f"{req.site_url}/identity/v3/auth/catalog"},
+        },
+    )
 
 
 def _projects(req: Request) -> Response:
     name = req.q("name")
     projects = [_project(req)] if name in (None, cat.PROJECT_NAME) else []
-    return Response(200, {"projects": projects, "links": {"self": req.site_url + "/identity" + req.path,
-                                                          "next": None, "previous": None}})
+    return Response(
+        200,
+        {
+            "projects": projects,
+            "links": {"self": req.site_url + "/identity" + req.path, "next": None, "previous": None},
+        },
+    )
 
 
 @router.route("GET", "/v3/auth/projects")
@@ -187,8 +252,11 @@ def auth_projects(req: Request) -> Response:
 @router.route("GET", "/v3/users/{user_id}/projects")
 def user_projects(req: Request) -> Response:
     if req.params["user_id"] != cat.USER_ID:
-        raise HTTPError(403, "You are not authorized to perform the requested action: "
-                             "identity:list_user_projects.", "Forbidden")
+        raise HTTPError(
+            403,
+            "You are not authorized to perform the requested action: identity:list_user_projects.",
+            "Forbidden",
+        )
     return _projects(req)
 
 
@@ -208,23 +276,55 @@ def project(req: Request) -> Response:
 def user(req: Request) -> Response:
     if req.params["user_id"] != cat.USER_ID:
         raise HTTPError(404, f"Could not find user: {req.params['user_id']}.", "UserNotFound")
-    return Response(200, {"user": {"id": cat.USER_ID, "name": cat.USER_NAME, "domain_id": cat.DOMAIN["id"],
-                                   "enabled": True, "default_project_id": cat.PROJECT_ID,
-                                   "password_expires_at": None, "options": {},
-                                   "links": {"self": f"{req.site_url}/identity/v3/users/{cat.USER_ID}"}}})
+    return Response(
+        200,
+        {
+            "user": {
+                "id": cat.USER_ID,
+                "name": cat.USER_NAME,
+                "domain_id": cat.DOMAIN["id"],
+                "enabled": True,
+                "default_project_id": cat.PROJECT_ID,
+                "password_expires_at": None,
+                "options": {},
+                "links": {"self": f"{req.site_url}/identity/v3/users/{cat.USER_ID}"},
+            }
+        },
+    )
 
 
 @router.route("GET", "/v3/users/{user_id}/application_credentials")
 def app_creds(req: Request) -> Response:
-    return Response(200, {"application_credentials": [
-        {"id": cat.APP_CRED_ID, "name": cat.APP_CRED_NAME, "description": "labctl testbed", "project_id":
-         cat.PROJECT_ID, "roles": ROLES, "unrestricted": True, "expires_at": None, "access_rules": [],
-         "links": {"self": f"{req.site_url}/identity/v3/users/{cat.USER_ID}/application_credentials/"
-                           f"{cat.APP_CRED_ID}"}}],
-        "links": {"self": req.site_url + "/identity" + req.path, "next": None, "previous": None}})
+    return Response(
+        200,
+        {
+            "application_credentials": [
+                {
+                    "id": cat.APP_CRED_ID,
+                    "name": cat.APP_CRED_NAME,
+                    "description": "labctl testbed",
+                    "project_id": cat.PROJECT_ID,
+                    "roles": ROLES,
+                    "unrestricted": True,
+                    "expires_at": None,
+                    "access_rules": [],
+                    "links": {
+                        "self": f"{req.site_url}/identity/v3/users/{cat.USER_ID}/application_credentials/"
+                        f"{cat.APP_CRED_ID}"
+                    },
+                }
+            ],
+            "links": {"self": req.site_url + "/identity" + req.path, "next": None, "previous": None},
+        },
+    )
 
 
 @router.route("GET", "/v3/regions")
 def regions(req: Request) -> Response:
-    return Response(200, {"regions": [{"id": req.site.region, "description": "", "parent_region_id": None,
-                                       "links": {}}], "links": {"self": None, "next": None, "previous": None}})
+    return Response(
+        200,
+        {
+            "regions": [{"id": req.site.region, "description": "", "parent_region_id": None, "links": {}}],
+            "links": {"self": None, "next": None, "previous": None},
+        },
+    )

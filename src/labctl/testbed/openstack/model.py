@@ -71,20 +71,46 @@ def seed(db) -> None:
 def _rule(sg_id: str, direction: str, ethertype: str, remote_group_id: str | None = None, **kw) -> dict:
     now = time.time()
     return {
-        "id": new_id(), "security_group_id": sg_id, "direction": direction, "ethertype": ethertype,
-        "protocol": kw.get("protocol"), "port_range_min": kw.get("port_range_min"),
-        "port_range_max": kw.get("port_range_max"), "remote_ip_prefix": kw.get("remote_ip_prefix"),
-        "remote_group_id": remote_group_id, "remote_address_group_id": None,
-        "description": kw.get("description") or "", "created": now, "updated": now, "revision": 0,
+        "id": new_id(),
+        "security_group_id": sg_id,
+        "direction": direction,
+        "ethertype": ethertype,
+        "protocol": kw.get("protocol"),
+        "port_range_min": kw.get("port_range_min"),
+        "port_range_max": kw.get("port_range_max"),
+        "remote_ip_prefix": kw.get("remote_ip_prefix"),
+        "remote_group_id": remote_group_id,
+        "remote_address_group_id": None,
+        "description": kw.get("description") or "",
+        "created": now,
+        "updated": now,
+        "revision": 0,
         "tags": [],
     }
 
 
-def create_security_group(db, site: Site, name: str, description: str = "", *, default: bool = False,
-                          tags: list | None = None, stateful: bool = True) -> dict:
+def create_security_group(
+    db,
+    site: Site,
+    name: str,
+    description: str = "",
+    *,
+    default: bool = False,
+    tags: list | None = None,
+    stateful: bool = True,
+) -> dict:
     now = time.time()
-    sg = {"id": new_id(), "name": name, "description": description, "tags": list(tags or []),
-          "created": now, "updated": now, "revision": 1, "stateful": stateful, "default": default}
+    sg = {
+        "id": new_id(),
+        "name": name,
+        "description": description,
+        "tags": list(tags or []),
+        "created": now,
+        "updated": now,
+        "revision": 1,
+        "stateful": stateful,
+        "default": default,
+    }
     db.put("secgroup", site.name, sg)
     for ethertype in ("IPv4", "IPv6"):
         db.put("sgrule", site.name, _rule(sg["id"], "egress", ethertype))
@@ -94,8 +120,12 @@ def create_security_group(db, site: Site, name: str, description: str = "", *, d
 
 
 def add_rule(db, site: Site, sg: dict, body: dict) -> dict:
-    return db.put("sgrule", site.name, _rule(sg["id"], body["direction"], body["ethertype"],
-                                             body.get("remote_group_id"), **body))
+    extra = {k: v for k, v in body.items() if k not in ("direction", "ethertype", "remote_group_id")}
+    return db.put(
+        "sgrule",
+        site.name,
+        _rule(sg["id"], body["direction"], body["ethertype"], body.get("remote_group_id"), **extra),
+    )
 
 
 def sg_rules(db, site: Site, sg_id: str) -> list[dict]:
@@ -136,16 +166,26 @@ def fingerprint(public_key: str) -> str:
 # ====================================================================== ports and addresses
 
 
-def create_port(db, site: Site, network_id: str, device_id: str, sg_ids: list[str],
-                device_owner: str = "compute:nova") -> dict:
+def create_port(
+    db, site: Site, network_id: str, device_id: str, sg_ids: list[str], device_owner: str = "compute:nova"
+) -> dict:
     now = time.time()
     k = db.counter(f"fixed_ip:{site.name}")
     port_id = new_id()
     port = {
-        "id": port_id, "name": "", "network_id": network_id, "device_id": device_id,
-        "device_owner": device_owner, "mac": catalog.mac_for(port_id),
-        "subnet_id": catalog.shared_subnet_id(site), "fixed_ip": catalog.fixed_ip(site, k),
-        "security_groups": sg_ids, "created": now, "updated": now, "revision": 1, "tags": [],
+        "id": port_id,
+        "name": "",
+        "network_id": network_id,
+        "device_id": device_id,
+        "device_owner": device_owner,
+        "mac": catalog.mac_for(port_id),
+        "subnet_id": catalog.shared_subnet_id(site),
+        "fixed_ip": catalog.fixed_ip(site, k),
+        "security_groups": sg_ids,
+        "created": now,
+        "updated": now,
+        "revision": 1,
+        "tags": [],
         "description": "",
     }
     return db.put("port", site.name, port)
@@ -166,12 +206,24 @@ def server_addresses(db, site: Site, server: dict) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for port in server_ports(db, site, server["id"]):
         entries = out.setdefault(network_name(site, port["network_id"]), [])
-        entries.append({"version": 4, "addr": port["fixed_ip"], "OS-EXT-IPS:type": "fixed",
-                        "OS-EXT-IPS-MAC:mac_addr": port["mac"]})
+        entries.append(
+            {
+                "version": 4,
+                "addr": port["fixed_ip"],
+                "OS-EXT-IPS:type": "fixed",
+                "OS-EXT-IPS-MAC:mac_addr": port["mac"],
+            }
+        )
         for fip in fips:
             if fip.get("port_id") == port["id"]:
-                entries.append({"version": 4, "addr": fip["address"], "OS-EXT-IPS:type": "floating",
-                                "OS-EXT-IPS-MAC:mac_addr": port["mac"]})
+                entries.append(
+                    {
+                        "version": 4,
+                        "addr": fip["address"],
+                        "OS-EXT-IPS:type": "floating",
+                        "OS-EXT-IPS-MAC:mac_addr": port["mac"],
+                    }
+                )
     return out
 
 
@@ -191,34 +243,66 @@ def _free_fip_octets(db, site: Site) -> list[int]:
     return [n for n in range(catalog.FIP_FIRST, catalog.FIP_LAST + 1) if n not in used]
 
 
-def allocate_fip(db, site: Site, *, description: str = "", tags: list | None = None,
-                 reservation_id: str | None = None, address: str | None = None, quota: bool = True) -> dict:
+def allocate_fip(
+    db,
+    site: Site,
+    *,
+    description: str = "",
+    tags: list | None = None,
+    reservation_id: str | None = None,
+    address: str | None = None,
+    quota: bool = True,
+) -> dict:
     net_id = catalog.public_net_id(site)
     if quota and fips_used(db, site) >= fip_quota(db, site):
         raise HTTPError(409, "Quota exceeded for resources: ['floatingip'].", "OverQuota")
     free = _free_fip_octets(db, site)
     if address:
         prefix = f"127.10.{site.number}."
-        n = int(address[len(prefix):]) if address.startswith(prefix) and address[len(prefix):].isdigit() else -1
+        n = (
+            int(address[len(prefix) :])
+            if address.startswith(prefix) and address[len(prefix) :].isdigit()
+            else -1
+        )
         if not catalog.FIP_FIRST <= n <= catalog.FIP_LAST:
-            raise HTTPError(400, f"IP address {address} is not a valid IP for the specified subnet.",
-                            "InvalidIpForNetwork")
+            raise HTTPError(
+                400,
+                f"IP address {address} is not a valid IP for the specified subnet.",
+                "InvalidIpForNetwork",
+            )
         if n not in free:
-            raise HTTPError(409, f"IP address {address} already allocated in subnet "
-                                 f"{catalog.public_subnet_id(site)}", "IpAddressAlreadyAllocated")
+            raise HTTPError(
+                409,
+                f"IP address {address} already allocated in subnet {catalog.public_subnet_id(site)}",
+                "IpAddressAlreadyAllocated",
+            )
     else:
         if not free:
-            raise HTTPError(409, f"No more IP addresses available on network {net_id}.",
-                            "IpAddressGenerationFailure")
+            raise HTTPError(
+                409, f"No more IP addresses available on network {net_id}.", "IpAddressGenerationFailure"
+            )
         # Hand out addresses round-robin, so a freed address is not reused at once (host keys!).
         start = int(db.meta(f"fip_next:{site.name}", str(catalog.FIP_FIRST)))
         n = next((x for x in free if x >= start), free[0])
         db.set_meta(f"fip_next:{site.name}", n + 1)
     now = time.time()
-    fip = {"id": new_id(), "name": catalog.floating_ip(site, n), "address": catalog.floating_ip(site, n),
-           "n": n, "network_id": net_id, "port_id": None, "fixed_ip": None, "router_id": None,
-           "status": "DOWN", "description": description or "", "tags": list(tags or []),
-           "reservation_id": reservation_id, "created": now, "updated": now, "revision": 0}
+    fip = {
+        "id": new_id(),
+        "name": catalog.floating_ip(site, n),
+        "address": catalog.floating_ip(site, n),
+        "n": n,
+        "network_id": net_id,
+        "port_id": None,
+        "fixed_ip": None,
+        "router_id": None,
+        "status": "DOWN",
+        "description": description or "",
+        "tags": list(tags or []),
+        "reservation_id": reservation_id,
+        "created": now,
+        "updated": now,
+        "revision": 0,
+    }
     return db.put("fip", site.name, fip)
 
 
@@ -237,9 +321,12 @@ def associate_fip(db, site: Site, fip: dict, port_id: str | None, fixed_ip: str 
                     409,
                     f"Cannot associate floating IP {fip['address']} ({fip['id']}) with port {port_id} using "
                     f"fixed IP {port['fixed_ip']}, as that fixed IP already has a floating IP on external "
-                    f"network {fip['network_id']}.", "FloatingIPPortAlreadyAssociated")
-        fip.update(port_id=port_id, fixed_ip=port["fixed_ip"], router_id=catalog.router_id(site),
-                   status="ACTIVE")
+                    f"network {fip['network_id']}.",
+                    "FloatingIPPortAlreadyAssociated",
+                )
+        fip.update(
+            port_id=port_id, fixed_ip=port["fixed_ip"], router_id=catalog.router_id(site), status="ACTIVE"
+        )
     fip["updated"] = time.time()
     fip["revision"] = fip.get("revision", 0) + 1
     return db.put("fip", site.name, fip)
@@ -259,8 +346,16 @@ def flavor_slots(db, site: Site, flavor_name: str) -> int:
 def all_flavors(db, site: Site) -> list[dict]:
     """Public flavors of the site plus the private `reservation:<id>` flavors Blazar made."""
     out = [
-        {"id": f.id, "name": f.name, "vcpus": f.vcpus, "ram": f.ram, "disk": f.disk,
-         "extra_specs": dict(f.extra_specs), "is_public": True, "created": 0.0}
+        {
+            "id": f.id,
+            "name": f.name,
+            "vcpus": f.vcpus,
+            "ram": f.ram,
+            "disk": f.disk,
+            "extra_specs": dict(f.extra_specs),
+            "is_public": True,
+            "created": 0.0,
+        }
         for f in catalog.flavors(site)
     ]
     out += db.find("flavor", site.name)
@@ -296,8 +391,9 @@ def busy_hosts(db, site: Site, start: float, end: float, exclude_lease: str | No
     return busy
 
 
-def used_flavor_slots(db, site: Site, flavor_name: str, start: float, end: float,
-                      exclude_lease: str | None = None) -> int:
+def used_flavor_slots(
+    db, site: Site, flavor_name: str, start: float, end: float, exclude_lease: str | None = None
+) -> int:
     used = 0
     for lease in db.find("lease", site.name):
         if lease["id"] == exclude_lease or not _overlaps(lease, start, end):
@@ -334,8 +430,7 @@ def _check_expr(expr: list, text) -> None:
                 raise HTTPError(400, f"Malformed requirements {text}", "MalformedRequirements")
             _check_expr(sub, text)
         return
-    if (len(expr) != 3 or expr[0] not in _OPS or not isinstance(expr[1], str)
-            or not expr[1].startswith("$")):
+    if len(expr) != 3 or expr[0] not in _OPS or not isinstance(expr[1], str) or not expr[1].startswith("$"):
         raise HTTPError(400, f"Malformed requirements {text}", "MalformedRequirements")
 
 
@@ -348,8 +443,15 @@ def _compare(op: str, have, want) -> bool:
         except (TypeError, ValueError):
             have, want = str(have), str(want)
     try:
-        return {"==": have == want, "=": have == want, "!=": have != want, "<": have < want,
-                "<=": have <= want, ">": have > want, ">=": have >= want}[op]
+        return {
+            "==": have == want,
+            "=": have == want,
+            "!=": have != want,
+            "<": have < want,
+            "<=": have <= want,
+            ">": have > want,
+            ">=": have >= want,
+        }[op]
     except TypeError:
         return False
 
@@ -382,8 +484,13 @@ def parse_lease_date(value, now: float, field: str) -> float:
         return now
     if not isinstance(value, str):
         raise HTTPError(400, f"{value} is an invalid date. Required format: %Y-%m-%d %H:%M", "InvalidDate")
-    for fmt in ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S",
-                "%Y-%m-%dT%H:%M"):
+    for fmt in (
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%dT%H:%M:%S.%f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+    ):
         try:
             return datetime.strptime(value, fmt).replace(tzinfo=UTC).timestamp()
         except ValueError:
@@ -403,7 +510,8 @@ def lease_status(lease: dict, now: float) -> str:
 
 def reservation_status(lease: dict, now: float) -> str:
     return {"PENDING": "pending", "ACTIVE": "active", "ERROR": "error", "TERMINATED": "deleted"}[
-        lease_status(lease, now)]
+        lease_status(lease, now)
+    ]
 
 
 def find_reservation(db, site: Site, reservation_id: str) -> tuple[dict, dict] | None:
@@ -432,8 +540,11 @@ def create_lease(db, site: Site, body: dict, now: float, scale: float, *, error:
         raise HTTPError(400, "Start date must be later than current date", "InvalidInput")
     if end <= start:
         raise HTTPError(400, "End date must be later than start date.", "InvalidInput")
-    before_end = (parse_lease_date(body["before_end_date"], now, "before_end_date")
-                  if body.get("before_end_date") else _before_end(start, end))
+    before_end = (
+        parse_lease_date(body["before_end_date"], now, "before_end_date")
+        if body.get("before_end_date")
+        else _before_end(start, end)
+    )
     lease_id = new_id()
     reservations = []
     claimed: set[str] = set()
@@ -441,11 +552,23 @@ def create_lease(db, site: Site, body: dict, now: float, scale: float, *, error:
         reservations.append(_reserve(db, site, lease_id, req, start, end, claimed))
     active_at = max(start, now) + LEASE_START_DELAY * scale
     lease = {
-        "id": lease_id, "name": name, "site": site.name, "project_id": PROJECT_ID, "user_id": USER_ID,
-        "created": now, "updated": None, "start": start, "end": end, "active_at": active_at,
-        "before_end": before_end, "error": bool(error), "reservations": reservations,
+        "id": lease_id,
+        "name": name,
+        "site": site.name,
+        "project_id": PROJECT_ID,
+        "user_id": USER_ID,
+        "created": now,
+        "updated": None,
+        "start": start,
+        "end": end,
+        "active_at": active_at,
+        "before_end": before_end,
+        "error": bool(error),
+        "reservations": reservations,
         "events": {e: new_id() for e in ("start_lease", "before_end_lease", "end_lease")},
-        "trust_id": uuid.uuid4().hex, "phase": "pending", "t_next": active_at,
+        "trust_id": uuid.uuid4().hex,
+        "phase": "pending",
+        "t_next": active_at,
     }
     for r in reservations:
         if r["resource_type"] == "flavor:instance":
@@ -455,16 +578,24 @@ def create_lease(db, site: Site, body: dict, now: float, scale: float, *, error:
 
 def _reserve(db, site: Site, lease_id: str, req: dict, start: float, end: float, claimed: set[str]) -> dict:
     rtype = req.get("resource_type")
-    base = {"id": new_id(), "lease_id": lease_id, "resource_id": new_id(), "resource_type": rtype,
-            "created": time.time()}
+    base = {
+        "id": new_id(),
+        "lease_id": lease_id,
+        "resource_id": new_id(),
+        "resource_type": rtype,
+        "created": time.time(),
+    }
     if rtype == "physical:host" and site.kind == "baremetal":
         try:
             lo, hi = int(req.get("min", 1)), int(req.get("max", req.get("min", 1)))
         except (TypeError, ValueError):
             raise HTTPError(400, "Malformed parameter min/max", "MalformedParameter") from None
         if lo < 1 or hi < lo:
-            raise HTTPError(400, "Invalid values for min/max of hosts. Max must be equal to or larger than min.",
-                            "InvalidRange")
+            raise HTTPError(
+                400,
+                "Invalid values for min/max of hosts. Max must be equal to or larger than min.",
+                "InvalidRange",
+            )
         props = req.get("resource_properties", "")
         expr = parse_requirements(props)
         parse_requirements(req.get("hypervisor_properties", ""))
@@ -475,10 +606,17 @@ def _reserve(db, site: Site, lease_id: str, req: dict, start: float, end: float,
         chosen = [h.id for h in free[:hi]]
         claimed.update(chosen)
         props_text = props if isinstance(props, str) else json.dumps(props)
-        return {**base, "min": lo, "max": hi, "resource_properties": props_text,
-                "hypervisor_properties": req.get("hypervisor_properties", "") or "",
-                "before_end": req.get("before_end", "default"), "on_start": req.get("on_start", "default"),
-                "on_end": req.get("on_end", "default"), "hosts": chosen}
+        return {
+            **base,
+            "min": lo,
+            "max": hi,
+            "resource_properties": props_text,
+            "hypervisor_properties": req.get("hypervisor_properties", "") or "",
+            "before_end": req.get("before_end", "default"),
+            "on_start": req.get("on_start", "default"),
+            "on_end": req.get("on_end", "default"),
+            "hosts": chosen,
+        }
     if rtype == "flavor:instance" and site.kind == "kvm":
         try:
             amount = int(req.get("amount", 1))
@@ -494,29 +632,55 @@ def _reserve(db, site: Site, lease_id: str, req: dict, start: float, end: float,
         slots = flavor_slots(db, site, source.name)
         if used_flavor_slots(db, site, source.name, start, end) + amount > slots:
             raise not_enough_hosts()
-        return {**base, "amount": amount, "affinity": req.get("affinity"), "source_flavor_id": source.id,
-                "source_flavor_name": source.name, "vcpus": source.vcpus, "memory_mb": source.ram,
-                "disk_gb": source.disk, "flavor_id": base["id"],
-                "resource_properties": json.dumps({"id": source.id, "name": source.name, "vcpus": source.vcpus,
-                                                   "ram": source.ram, "disk": source.disk,
-                                                   "OS-FLV-EXT-DATA:ephemeral": 0,
-                                                   "extra_specs": source.extra_specs}),
-                "aggregate_id": db.counter(f"aggregate:{site.name}", 10)}
+        return {
+            **base,
+            "amount": amount,
+            "affinity": req.get("affinity"),
+            "source_flavor_id": source.id,
+            "source_flavor_name": source.name,
+            "vcpus": source.vcpus,
+            "memory_mb": source.ram,
+            "disk_gb": source.disk,
+            "flavor_id": base["id"],
+            "resource_properties": json.dumps(
+                {
+                    "id": source.id,
+                    "name": source.name,
+                    "vcpus": source.vcpus,
+                    "ram": source.ram,
+                    "disk": source.disk,
+                    "OS-FLV-EXT-DATA:ephemeral": 0,
+                    "extra_specs": source.extra_specs,
+                }
+            ),
+            "aggregate_id": db.counter(f"aggregate:{site.name}", 10),
+        }
     if rtype == "virtual:floatingip" and site.kind in ("baremetal", "kvm"):
         try:
             amount = int(req.get("amount", 1))
         except (TypeError, ValueError):
             raise HTTPError(400, "Malformed parameter amount", "MalformedParameter") from None
         if req.get("network_id") != catalog.public_net_id(site):
-            raise HTTPError(400, f"Network {req.get('network_id')} is not a public network "
-                                 "with floating IPs", "InvalidInput")
-        pending = sum(int(r.get("amount", 0)) for lease in db.find("lease", site.name)
-                      if lease["phase"] == "pending" and _overlaps(lease, start, end)
-                      for r in lease["reservations"] if r["resource_type"] == "virtual:floatingip")
+            raise HTTPError(
+                400,
+                f"Network {req.get('network_id')} is not a public network with floating IPs",
+                "InvalidInput",
+            )
+        pending = sum(
+            int(r.get("amount", 0))
+            for lease in db.find("lease", site.name)
+            if lease["phase"] == "pending" and _overlaps(lease, start, end)
+            for r in lease["reservations"]
+            if r["resource_type"] == "virtual:floatingip"
+        )
         if amount < 1 or amount + pending > len(_free_fip_octets(db, site)):
             raise HTTPError(400, "Not enough floating IPs available", "NotEnoughFloatingIPAvailable")
-        return {**base, "network_id": req["network_id"], "amount": amount,
-                "required_floatingips": req.get("required_floatingips", [])}
+        return {
+            **base,
+            "network_id": req["network_id"],
+            "amount": amount,
+            "required_floatingips": req.get("required_floatingips", []),
+        }
     raise HTTPError(500, f"The {rtype} resource type is not supported", "UnsupportedResourceType")
 
 
@@ -526,11 +690,23 @@ def _create_reserved_flavor(db, site: Site, lease: dict, r: dict, now: float) ->
     specs = dict(source["extra_specs"])
     specs["aggregate_instance_extra_specs:reservation"] = rid
     specs["resources:CUSTOM_RESERVATION_" + rid.upper().replace("-", "_")] = "1"
-    db.put("flavor", site.name, {
-        "id": rid, "name": f"reservation:{rid}", "vcpus": source["vcpus"], "ram": source["ram"],
-        "disk": source["disk"], "extra_specs": specs, "is_public": False, "lease_id": lease["id"],
-        "reservation_id": rid, "source_flavor_name": r["source_flavor_name"], "created": now,
-    })
+    db.put(
+        "flavor",
+        site.name,
+        {
+            "id": rid,
+            "name": f"reservation:{rid}",
+            "vcpus": source["vcpus"],
+            "ram": source["ram"],
+            "disk": source["disk"],
+            "extra_specs": specs,
+            "is_public": False,
+            "lease_id": lease["id"],
+            "reservation_id": rid,
+            "source_flavor_name": r["source_flavor_name"],
+            "created": now,
+        },
+    )
 
 
 def update_lease(db, site: Site, lease: dict, body: dict, now: float) -> dict:
@@ -540,7 +716,9 @@ def update_lease(db, site: Site, lease: dict, body: dict, now: float) -> dict:
     start, end = lease["start"], lease["end"]
     if body.get("name"):
         if any(x["name"] == body["name"] and x["id"] != lease["id"] for x in db.find("lease", site.name)):
-            raise HTTPError(409, f"The lease with name: {body['name']} already exists", "LeaseNameAlreadyExists")
+            raise HTTPError(
+                409, f"The lease with name: {body['name']} already exists", "LeaseNameAlreadyExists"
+            )
         lease["name"] = body["name"]
     if body.get("start_date"):
         new_start = parse_lease_date(body["start_date"], now, "start_date")
@@ -622,8 +800,13 @@ def process_due(db, now: float) -> None:
                     if r["resource_type"] == "virtual:floatingip":
                         for _ in range(int(r["amount"])):
                             try:
-                                allocate_fip(db, site, tags=["blazar", f"reservation:{r['id']}"],
-                                             reservation_id=r["id"], quota=False)
+                                allocate_fip(
+                                    db,
+                                    site,
+                                    tags=["blazar", f"reservation:{r['id']}"],
+                                    reservation_id=r["id"],
+                                    quota=False,
+                                )
                             except HTTPError:
                                 break
             obj["phase"] = "started"
@@ -642,25 +825,54 @@ def lease_view(lease: dict, now: float) -> dict:
     updated = blazar_created(lease["updated"]) if lease.get("updated") else None
     reservations = []
     for r in lease["reservations"]:
-        view = {"id": r["id"], "lease_id": lease["id"], "resource_id": r["resource_id"],
-                "resource_type": r["resource_type"], "status": rstatus, "missing_resources": False,
-                "resources_changed": False, "created_at": created, "updated_at": updated}
+        view = {
+            "id": r["id"],
+            "lease_id": lease["id"],
+            "resource_id": r["resource_id"],
+            "resource_type": r["resource_type"],
+            "status": rstatus,
+            "missing_resources": False,
+            "resources_changed": False,
+            "created_at": created,
+            "updated_at": updated,
+        }
         if r["resource_type"] == "physical:host":
-            view.update(min=r["min"], max=r["max"], resource_properties=r["resource_properties"],
-                        hypervisor_properties=r["hypervisor_properties"], before_end=r["before_end"],
-                        on_start=r["on_start"], on_end=r["on_end"])
+            view.update(
+                min=r["min"],
+                max=r["max"],
+                resource_properties=r["resource_properties"],
+                hypervisor_properties=r["hypervisor_properties"],
+                before_end=r["before_end"],
+                on_start=r["on_start"],
+                on_end=r["on_end"],
+            )
         elif r["resource_type"] == "flavor:instance":
-            view.update(amount=r["amount"], affinity=r["affinity"], flavor_id=r["flavor_id"],
-                        vcpus=r["vcpus"], memory_mb=r["memory_mb"], disk_gb=r["disk_gb"],
-                        resource_properties=r["resource_properties"], aggregate_id=r["aggregate_id"],
-                        server_group_id=None)
+            view.update(
+                amount=r["amount"],
+                affinity=r["affinity"],
+                flavor_id=r["flavor_id"],
+                vcpus=r["vcpus"],
+                memory_mb=r["memory_mb"],
+                disk_gb=r["disk_gb"],
+                resource_properties=r["resource_properties"],
+                aggregate_id=r["aggregate_id"],
+                server_group_id=None,
+            )
         elif r["resource_type"] == "virtual:floatingip":
-            view.update(network_id=r["network_id"], amount=r["amount"],
-                        required_floatingips=r["required_floatingips"])
+            view.update(
+                network_id=r["network_id"], amount=r["amount"], required_floatingips=r["required_floatingips"]
+            )
         reservations.append(view)
-    times = {"start_lease": lease["active_at"], "before_end_lease": lease["before_end"],
-             "end_lease": lease["end"]}
-    shown = {"start_lease": lease["start"], "before_end_lease": lease["before_end"], "end_lease": lease["end"]}
+    times = {
+        "start_lease": lease["active_at"],
+        "before_end_lease": lease["before_end"],
+        "end_lease": lease["end"],
+    }
+    shown = {
+        "start_lease": lease["start"],
+        "before_end_lease": lease["before_end"],
+        "end_lease": lease["end"],
+    }
     events = []
     for etype, eid in lease["events"].items():
         done = now >= times[etype]
@@ -669,13 +881,31 @@ def lease_view(lease: dict, now: float) -> dict:
             estatus = "ERROR"
         if lease.get("error") and etype != "start_lease" and now >= lease["active_at"]:
             estatus = "UNDONE"
-        events.append({"id": eid, "lease_id": lease["id"], "event_type": etype, "time": blazar_dt(shown[etype]),
-                       "status": estatus, "created_at": created, "updated_at": updated})
+        events.append(
+            {
+                "id": eid,
+                "lease_id": lease["id"],
+                "event_type": etype,
+                "time": blazar_dt(shown[etype]),
+                "status": estatus,
+                "created_at": created,
+                "updated_at": updated,
+            }
+        )
     return {
-        "id": lease["id"], "name": lease["name"], "start_date": blazar_dt(lease["start"]),
-        "end_date": blazar_dt(lease["end"]), "status": status, "degraded": False,
-        "user_id": lease["user_id"], "project_id": lease["project_id"], "trust_id": lease["trust_id"],
-        "created_at": created, "updated_at": updated, "reservations": reservations, "events": events,
+        "id": lease["id"],
+        "name": lease["name"],
+        "start_date": blazar_dt(lease["start"]),
+        "end_date": blazar_dt(lease["end"]),
+        "status": status,
+        "degraded": False,
+        "user_id": lease["user_id"],
+        "project_id": lease["project_id"],
+        "trust_id": lease["trust_id"],
+        "created_at": created,
+        "updated_at": updated,
+        "reservations": reservations,
+        "events": events,
     }
 
 
@@ -703,7 +933,7 @@ def schedule(db, site: Site, server: dict, now: float) -> str | None:
         free = [h for h in r["hosts"] if h not in used]
         if not free:
             return NO_VALID_HOST
-        host = next(h for h in site_hosts(db, site) if h.id == free[0]) if free else None
+        host = next((h for h in site_hosts(db, site) if h.id == free[0]), None)
         server["host"] = free[0]
         server["hypervisor_hostname"] = host.uid if host else free[0]
         return None
@@ -746,48 +976,104 @@ def host_id_for(server: dict) -> str:
 
 def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
     sites = [SITES[site_name]] if site_name else list(SITES.values())
-    inv: dict[str, list[dict]] = {"servers": [], "leases": [], "floating_ips": [], "security_groups": [],
-                                  "keypairs": []}
+    inv: dict[str, list[dict]] = {
+        "servers": [],
+        "leases": [],
+        "floating_ips": [],
+        "security_groups": [],
+        "keypairs": [],
+    }
     for site in sites:
         flavors = {f["id"]: f["name"] for f in all_flavors(db, site)}
         for s in db.find("server", site.name):
-            inv["servers"].append({
-                "id": s["id"], "name": s["name"], "site": site.name, "status": server_status(s, now),
-                "metadata": s.get("metadata", {}), "key_name": s.get("key_name"),
-                "addresses": server_addresses(db, site, s), "flavor_id": s["flavor_id"],
-                "flavor_name": flavors.get(s["flavor_id"]), "image_id": s.get("image_id"),
-                "reservation_id": s.get("reservation_id"), "security_groups": s.get("security_groups", []),
-                "tags": s.get("tags", []), "fault": s.get("fault"), "created": s["created"],
-            })
+            inv["servers"].append(
+                {
+                    "id": s["id"],
+                    "name": s["name"],
+                    "site": site.name,
+                    "status": server_status(s, now),
+                    "metadata": s.get("metadata", {}),
+                    "key_name": s.get("key_name"),
+                    "addresses": server_addresses(db, site, s),
+                    "flavor_id": s["flavor_id"],
+                    "flavor_name": flavors.get(s["flavor_id"]),
+                    "image_id": s.get("image_id"),
+                    "reservation_id": s.get("reservation_id"),
+                    "security_groups": s.get("security_groups", []),
+                    "tags": s.get("tags", []),
+                    "fault": s.get("fault"),
+                    "created": s["created"],
+                }
+            )
         for lease in db.find("lease", site.name):
             status = lease_status(lease, now)
             if status == "TERMINATED":
                 continue
             view = lease_view(lease, now)
-            inv["leases"].append({"id": lease["id"], "name": lease["name"], "site": site.name, "status": status,
-                                  "start_date": view["start_date"], "end_date": view["end_date"],
-                                  "reservations": view["reservations"]})
+            inv["leases"].append(
+                {
+                    "id": lease["id"],
+                    "name": lease["name"],
+                    "site": site.name,
+                    "status": status,
+                    "start_date": view["start_date"],
+                    "end_date": view["end_date"],
+                    "reservations": view["reservations"],
+                }
+            )
         for f in db.find("fip", site.name):
-            inv["floating_ips"].append({
-                "id": f["id"], "name": f["address"], "site": site.name, "floating_ip_address": f["address"],
-                "port_id": f.get("port_id"), "fixed_ip_address": f.get("fixed_ip"),
-                "description": f.get("description", ""), "tags": f.get("tags", []), "status": f["status"],
-                "reservation_id": f.get("reservation_id"),
-            })
+            inv["floating_ips"].append(
+                {
+                    "id": f["id"],
+                    "name": f["address"],
+                    "site": site.name,
+                    "floating_ip_address": f["address"],
+                    "port_id": f.get("port_id"),
+                    "fixed_ip_address": f.get("fixed_ip"),
+                    "description": f.get("description", ""),
+                    "tags": f.get("tags", []),
+                    "status": f["status"],
+                    "reservation_id": f.get("reservation_id"),
+                }
+            )
         for g in db.find("secgroup", site.name):
             if g.get("default"):
                 continue
-            inv["security_groups"].append({
-                "id": g["id"], "name": g["name"], "site": site.name, "description": g.get("description", ""),
-                "tags": g.get("tags", []),
-                "rules": [{k: r[k] for k in ("id", "direction", "ethertype", "protocol", "port_range_min",
-                                             "port_range_max", "remote_ip_prefix")}
-                          for r in sg_rules(db, site, g["id"])],
-            })
+            inv["security_groups"].append(
+                {
+                    "id": g["id"],
+                    "name": g["name"],
+                    "site": site.name,
+                    "description": g.get("description", ""),
+                    "tags": g.get("tags", []),
+                    "rules": [
+                        {
+                            k: r[k]
+                            for k in (
+                                "id",
+                                "direction",
+                                "ethertype",
+                                "protocol",
+                                "port_range_min",
+                                "port_range_max",
+                                "remote_ip_prefix",
+                            )
+                        }
+                        for r in sg_rules(db, site, g["id"])
+                    ],
+                }
+            )
         for k in db.find("keypair", site.name):
-            inv["keypairs"].append({"id": k["name"], "name": k["name"], "site": site.name,
-                                    "fingerprint": k["fingerprint"], "public_key": k["public_key"],
-                                    "type": k.get("type", "ssh")})
+            inv["keypairs"].append(
+                {
+                    "id": k["name"],
+                    "name": k["name"],
+                    "site": site.name,
+                    "fingerprint": k["fingerprint"],
+                    "public_key": k["public_key"],
+                    "type": k.get("type", "ssh"),
+                }
+            )
     return inv
 
 
@@ -803,6 +1089,13 @@ def ssh_targets(db, now: float) -> list[dict]:
             if not addr:
                 continue
             keys = [s["key_data"].strip()] if s.get("key_data") else []
-            out.append({"server_id": s["id"], "site": site.name, "name": s["name"], "address": addr,
-                        "authorized_keys": keys})
+            out.append(
+                {
+                    "server_id": s["id"],
+                    "site": site.name,
+                    "name": s["name"],
+                    "address": addr,
+                    "authorized_keys": keys,
+                }
+            )
     return out

@@ -17,44 +17,122 @@ router = Router()
 
 
 def error_body(status: int, message: str, kind: str | None) -> dict:
-    default = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "HTTPNotFound", 405: "HTTPMethodNotAllowed",
-               409: "Conflict", 429: "OverLimit", 500: "InternalServerError"}.get(status, "NeutronError")
+    default = {
+        400: "BadRequest",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "HTTPNotFound",
+        405: "HTTPMethodNotAllowed",
+        409: "Conflict",
+        429: "OverLimit",
+        500: "InternalServerError",
+    }.get(status, "NeutronError")
     return {"NeutronError": {"type": kind or default, "message": message, "detail": ""}}
 
 
 @router.route("GET", "/", auth=False)
 def versions(req: Request) -> Response:
-    return Response(200, {"versions": [{"id": "v2.0", "status": "CURRENT",
-                                        "links": [{"rel": "self", "href": f"{req.site_url}/network/v2.0/"}]}]})
+    return Response(
+        200,
+        {
+            "versions": [
+                {
+                    "id": "v2.0",
+                    "status": "CURRENT",
+                    "links": [{"rel": "self", "href": f"{req.site_url}/network/v2.0/"}],
+                }
+            ]
+        },
+    )
 
 
-_RESOURCES = ("networks", "subnets", "ports", "routers", "floatingips", "security-groups", "security-group-rules",
-              "quotas", "extensions")
+_RESOURCES = (
+    "networks",
+    "subnets",
+    "ports",
+    "routers",
+    "floatingips",
+    "security-groups",
+    "security-group-rules",
+    "quotas",
+    "extensions",
+)
 
 
 @router.route("GET", "/v2.0")
 def resources(req: Request) -> Response:
-    return Response(200, {"resources": [
-        {"name": r.rstrip("s").replace("-", "_"), "collection": r,
-         "links": [{"rel": "self", "href": f"{req.site_url}/network/v2.0/{r}"}]} for r in _RESOURCES]})
+    return Response(
+        200,
+        {
+            "resources": [
+                {
+                    "name": r.rstrip("s").replace("-", "_"),
+                    "collection": r,
+                    "links": [{"rel": "self", "href": f"{req.site_url}/network/v2.0/{r}"}],
+                }
+                for r in _RESOURCES
+            ]
+        },
+    )
 
 
-_EXTENSIONS = ("router", "external-net", "security-group", "standard-attr-tag", "standard-attr-description",
-               "standard-attr-timestamp", "standard-attr-revisions", "quotas", "quota_details", "fip-port-details",
-               "project-id", "port-security", "binding", "extra_dhcp_opt", "allowed-address-pairs",
-               "filter-validation", "pagination", "sorting", "fields", "stateful-security-group")
+_EXTENSIONS = (
+    "router",
+    "external-net",
+    "security-group",
+    "standard-attr-tag",
+    "standard-attr-description",
+    "standard-attr-timestamp",
+    "standard-attr-revisions",
+    "quotas",
+    "quota_details",
+    "fip-port-details",
+    "project-id",
+    "port-security",
+    "binding",
+    "extra_dhcp_opt",
+    "allowed-address-pairs",
+    "filter-validation",
+    "pagination",
+    "sorting",
+    "fields",
+    "stateful-security-group",
+)
 
 
 @router.route("GET", "/v2.0/extensions")
 def extensions(req: Request) -> Response:
-    return Response(200, {"extensions": [{"alias": a, "name": a, "description": "", "links": [],
-                                          "updated": "2013-01-01T00:00:00-00:00"} for a in _EXTENSIONS]})
+    return Response(
+        200,
+        {
+            "extensions": [
+                {
+                    "alias": a,
+                    "name": a,
+                    "description": "",
+                    "links": [],
+                    "updated": "2013-01-01T00:00:00-00:00",
+                }
+                for a in _EXTENSIONS
+            ]
+        },
+    )
 
 
 # ============================================================================ generic listing
 
-_SPECIAL = {"fields", "limit", "marker", "sort_key", "sort_dir", "page_reverse", "tags", "tags-any", "not-tags",
-            "not-tags-any"}
+_SPECIAL = {
+    "fields",
+    "limit",
+    "marker",
+    "sort_key",
+    "sort_dir",
+    "page_reverse",
+    "tags",
+    "tags-any",
+    "not-tags",
+    "not-tags-any",
+}
 
 
 def _same(have, want: str) -> bool:
@@ -74,8 +152,11 @@ def _tags(req: Request, key: str) -> set[str]:
 def listing(req: Request, items: list[dict], collection: str) -> Response:
     out = []
     for item in items:
-        if any(key in item and not any(_same(item[key], v) for v in values)
-               for key, values in req.query.items() if key not in _SPECIAL):
+        if any(
+            key in item and not any(_same(item[key], v) for v in values)
+            for key, values in req.query.items()
+            if key not in _SPECIAL
+        ):
             continue
         tags = set(item.get("tags", []))
         if (all_ := _tags(req, "tags")) and not all_ <= tags:
@@ -93,15 +174,19 @@ def listing(req: Request, items: list[dict], collection: str) -> Response:
     body: dict = {}
     if req.q("marker"):
         ids = [i["id"] for i in out]
-        out = out[ids.index(req.q("marker")) + 1:] if req.q("marker") in ids else []
+        out = out[ids.index(req.q("marker")) + 1 :] if req.q("marker") in ids else []
     if req.q("limit"):
         n = int(req.q("limit"))
         if n and len(out) > n:
             out = out[:n]
             query = {k: v[0] for k, v in req.query.items() if k != "marker"}
             query["marker"] = out[-1]["id"]
-            body[f"{collection}_links"] = [{"rel": "next", "href": f"{req.site_url}/network/v2.0/"
-                                                                   f"{collection.replace('_', '-')}?{urlencode(query)}"}]
+            body[f"{collection}_links"] = [
+                {
+                    "rel": "next",
+                    "href": f"{req.site_url}/network/v2.0/{collection.replace('_', '-')}?{urlencode(query)}",
+                }
+            ]
     fields = [f for v in req.query.get("fields", []) for f in v.split(",") if f]
     if fields:
         out = [{k: v for k, v in i.items() if k in fields} for i in out]
@@ -115,10 +200,15 @@ def _fields(req: Request, item: dict) -> dict:
 
 
 def _std(obj: dict, project: str = PROJECT_ID) -> dict:
-    return {"tenant_id": project, "project_id": project, "description": obj.get("description", ""),
-            "tags": list(obj.get("tags", [])), "created_at": model.iso_z(obj.get("created", 0)),
-            "updated_at": model.iso_z(obj.get("updated", obj.get("created", 0))),
-            "revision_number": obj.get("revision", 0)}
+    return {
+        "tenant_id": project,
+        "project_id": project,
+        "description": obj.get("description", ""),
+        "tags": list(obj.get("tags", [])),
+        "created_at": model.iso_z(obj.get("created", 0)),
+        "updated_at": model.iso_z(obj.get("updated", obj.get("created", 0))),
+        "revision_number": obj.get("revision", 0),
+    }
 
 
 # ============================================================================ networks, subnets, routers
@@ -132,13 +222,28 @@ def networks(site: Site) -> list[dict]:
         ("public", cat.public_net_id(site), cat.public_subnet_id(site), True),
         ("sharednet1", cat.shared_net_id(site), cat.shared_subnet_id(site), False),
     ):
-        out.append({
-            "id": net_id, "name": name, "admin_state_up": True, "status": "ACTIVE", "subnets": [subnet_id],
-            "shared": not external, "router:external": external, "mtu": 1500, "availability_zones": ["nova"],
-            "availability_zone_hints": [], "ipv4_address_scope": None, "ipv6_address_scope": None,
-            "port_security_enabled": True, "is_default": external, "l2_adjacency": True, "qos_policy_id": None,
-            "dns_domain": "", **_std({"created": _EPOCH, "revision": 1}, ADMIN_PROJECT),
-        })
+        out.append(
+            {
+                "id": net_id,
+                "name": name,
+                "admin_state_up": True,
+                "status": "ACTIVE",
+                "subnets": [subnet_id],
+                "shared": not external,
+                "router:external": external,
+                "mtu": 1500,
+                "availability_zones": ["nova"],
+                "availability_zone_hints": [],
+                "ipv4_address_scope": None,
+                "ipv6_address_scope": None,
+                "port_security_enabled": True,
+                "is_default": external,
+                "l2_adjacency": True,
+                "qos_policy_id": None,
+                "dns_domain": "",
+                **_std({"created": _EPOCH, "revision": 1}, ADMIN_PROJECT),
+            }
+        )
     return out
 
 
@@ -146,31 +251,64 @@ def subnets(site: Site) -> list[dict]:
     out = []
     for name, sid, net_id, cidr, dhcp in (
         ("public-subnet", cat.public_subnet_id(site), cat.public_net_id(site), cat.public_cidr(site), False),
-        ("sharednet1-subnet", cat.shared_subnet_id(site), cat.shared_net_id(site), cat.shared_cidr(site), True),
+        (
+            "sharednet1-subnet",
+            cat.shared_subnet_id(site),
+            cat.shared_net_id(site),
+            cat.shared_cidr(site),
+            True,
+        ),
     ):
         net = ipaddress.ip_network(cidr)
         hosts = list(net.hosts()) if net.prefixlen >= 24 else None
         first = str(net.network_address + 2)
         last = str(hosts[-1]) if hosts else str(net.broadcast_address - 1)
-        out.append({
-            "id": sid, "name": name, "network_id": net_id, "cidr": cidr, "ip_version": 4,
-            "gateway_ip": str(net.network_address + 1), "enable_dhcp": dhcp,
-            "allocation_pools": [{"start": first, "end": last}], "dns_nameservers": ["8.8.8.8"] if dhcp else [],
-            "host_routes": [], "ipv6_ra_mode": None, "ipv6_address_mode": None, "subnetpool_id": None,
-            "service_types": [], "segment_id": None, **_std({"created": _EPOCH}, ADMIN_PROJECT),
-        })
+        out.append(
+            {
+                "id": sid,
+                "name": name,
+                "network_id": net_id,
+                "cidr": cidr,
+                "ip_version": 4,
+                "gateway_ip": str(net.network_address + 1),
+                "enable_dhcp": dhcp,
+                "allocation_pools": [{"start": first, "end": last}],
+                "dns_nameservers": ["8.8.8.8"] if dhcp else [],
+                "host_routes": [],
+                "ipv6_ra_mode": None,
+                "ipv6_address_mode": None,
+                "subnetpool_id": None,
+                "service_types": [],
+                "segment_id": None,
+                **_std({"created": _EPOCH}, ADMIN_PROJECT),
+            }
+        )
     return out
 
 
 def routers(site: Site) -> list[dict]:
-    return [{
-        "id": cat.router_id(site), "name": "sharednet1-router", "admin_state_up": True, "status": "ACTIVE",
-        "external_gateway_info": {"network_id": cat.public_net_id(site), "enable_snat": True,
-                                  "external_fixed_ips": [{"subnet_id": cat.public_subnet_id(site),
-                                                          "ip_address": cat.floating_ip(site, 2)}]},
-        "routes": [], "distributed": False, "ha": False, "availability_zones": ["nova"],
-        "availability_zone_hints": [], "flavor_id": None, **_std({"created": _EPOCH}, ADMIN_PROJECT),
-    }]
+    return [
+        {
+            "id": cat.router_id(site),
+            "name": "sharednet1-router",
+            "admin_state_up": True,
+            "status": "ACTIVE",
+            "external_gateway_info": {
+                "network_id": cat.public_net_id(site),
+                "enable_snat": True,
+                "external_fixed_ips": [
+                    {"subnet_id": cat.public_subnet_id(site), "ip_address": cat.floating_ip(site, 2)}
+                ],
+            },
+            "routes": [],
+            "distributed": False,
+            "ha": False,
+            "availability_zones": ["nova"],
+            "availability_zone_hints": [],
+            "flavor_id": None,
+            **_std({"created": _EPOCH}, ADMIN_PROJECT),
+        }
+    ]
 
 
 def _static(collection: str, items_fn, not_found: str):
@@ -196,13 +334,26 @@ _static("routers", routers, "RouterNotFound")
 
 def port_view(site: Site, p: dict) -> dict:
     return {
-        "id": p["id"], "name": p.get("name", ""), "network_id": p["network_id"], "mac_address": p["mac"],
-        "admin_state_up": True, "status": "ACTIVE", "device_id": p["device_id"], "device_owner": p["device_owner"],
+        "id": p["id"],
+        "name": p.get("name", ""),
+        "network_id": p["network_id"],
+        "mac_address": p["mac"],
+        "admin_state_up": True,
+        "status": "ACTIVE",
+        "device_id": p["device_id"],
+        "device_owner": p["device_owner"],
         "fixed_ips": [{"subnet_id": p["subnet_id"], "ip_address": p["fixed_ip"]}],
-        "security_groups": list(p.get("security_groups", [])), "allowed_address_pairs": [], "extra_dhcp_opts": [],
-        "binding:vnic_type": "baremetal" if site.kind == "baremetal" else "normal", "port_security_enabled": True,
-        "dns_name": "", "dns_assignment": [], "qos_policy_id": None, "propagate_uplink_status": False,
-        "ip_allocation": "immediate", **_std(p),
+        "security_groups": list(p.get("security_groups", [])),
+        "allowed_address_pairs": [],
+        "extra_dhcp_opts": [],
+        "binding:vnic_type": "baremetal" if site.kind == "baremetal" else "normal",
+        "port_security_enabled": True,
+        "dns_name": "",
+        "dns_assignment": [],
+        "qos_policy_id": None,
+        "propagate_uplink_status": False,
+        "ip_allocation": "immediate",
+        **_std(p),
     }
 
 
@@ -230,14 +381,29 @@ def fip_view(db, site: Site, f: dict) -> dict:
     if f.get("port_id"):
         p = db.get("port", site.name, f["port_id"])
         if p:
-            details = {"name": p.get("name", ""), "network_id": p["network_id"], "mac_address": p["mac"],
-                       "admin_state_up": True, "status": "ACTIVE", "device_id": p["device_id"],
-                       "device_owner": p["device_owner"]}
+            details = {
+                "name": p.get("name", ""),
+                "network_id": p["network_id"],
+                "mac_address": p["mac"],
+                "admin_state_up": True,
+                "status": "ACTIVE",
+                "device_id": p["device_id"],
+                "device_owner": p["device_owner"],
+            }
     return {
-        "id": f["id"], "floating_ip_address": f["address"], "floating_network_id": f["network_id"],
-        "router_id": f.get("router_id"), "port_id": f.get("port_id"), "fixed_ip_address": f.get("fixed_ip"),
-        "status": f["status"], "port_details": details, "dns_domain": "", "dns_name": "", "qos_policy_id": None,
-        "port_forwardings": [], **_std(f),
+        "id": f["id"],
+        "floating_ip_address": f["address"],
+        "floating_network_id": f["network_id"],
+        "router_id": f.get("router_id"),
+        "port_id": f.get("port_id"),
+        "fixed_ip_address": f.get("fixed_ip"),
+        "status": f["status"],
+        "port_details": details,
+        "dns_domain": "",
+        "dns_name": "",
+        "qos_policy_id": None,
+        "port_forwardings": [],
+        **_std(f),
     }
 
 
@@ -263,16 +429,27 @@ def create_fip(req: Request) -> Response:
         raise HTTPError(400, "Resource body required", "BadRequest")
     net_id = spec.get("floating_network_id")
     if not net_id:
-        raise HTTPError(400, "Failed to parse request. Required attribute 'floating_network_id' not specified",
-                        "BadRequest")
+        raise HTTPError(
+            400,
+            "Failed to parse request. Required attribute 'floating_network_id' not specified",
+            "BadRequest",
+        )
     if net_id != cat.public_net_id(req.site):
         if net_id == cat.shared_net_id(req.site):
-            raise HTTPError(400, f"Bad floatingip request: Network {net_id} is not a valid external network.",
-                            "BadRequest")
+            raise HTTPError(
+                400,
+                f"Bad floatingip request: Network {net_id} is not a valid external network.",
+                "BadRequest",
+            )
         raise HTTPError(404, f"Network {net_id} could not be found.", "NetworkNotFound")
     with req.world.tx() as db:
-        fip = model.allocate_fip(db, req.site, description=spec.get("description", ""),
-                                 tags=spec.get("tags"), address=spec.get("floating_ip_address"))
+        fip = model.allocate_fip(
+            db,
+            req.site,
+            description=spec.get("description", ""),
+            tags=spec.get("tags"),
+            address=spec.get("floating_ip_address"),
+        )
         if spec.get("port_id"):
             fip = model.associate_fip(db, req.site, fip, spec["port_id"], spec.get("fixed_ip_address"))
         return Response(201, {"floatingip": fip_view(db, req.site, fip)})
@@ -318,18 +495,32 @@ def rule_view(r: dict, default_sg: bool) -> dict:
     prefix = r.get("remote_ip_prefix")
     normalized = str(ipaddress.ip_network(prefix, strict=False)) if prefix else None
     return {
-        "id": r["id"], "security_group_id": r["security_group_id"], "direction": r["direction"],
-        "ethertype": r["ethertype"], "protocol": r.get("protocol"), "port_range_min": r.get("port_range_min"),
-        "port_range_max": r.get("port_range_max"), "remote_ip_prefix": prefix, "normalized_cidr": normalized,
-        "remote_group_id": r.get("remote_group_id"), "remote_address_group_id": None,
-        "belongs_to_default_sg": default_sg, **_std(r),
+        "id": r["id"],
+        "security_group_id": r["security_group_id"],
+        "direction": r["direction"],
+        "ethertype": r["ethertype"],
+        "protocol": r.get("protocol"),
+        "port_range_min": r.get("port_range_min"),
+        "port_range_max": r.get("port_range_max"),
+        "remote_ip_prefix": prefix,
+        "normalized_cidr": normalized,
+        "remote_group_id": r.get("remote_group_id"),
+        "remote_address_group_id": None,
+        "belongs_to_default_sg": default_sg,
+        **_std(r),
     }
 
 
 def sg_view(db, site: Site, g: dict) -> dict:
     rules = [rule_view(r, g.get("default", False)) for r in model.sg_rules(db, site, g["id"])]
-    return {"id": g["id"], "name": g["name"], "stateful": g.get("stateful", True), "shared": False,
-            "security_group_rules": rules, **_std(g)}
+    return {
+        "id": g["id"],
+        "name": g["name"],
+        "stateful": g.get("stateful", True),
+        "shared": False,
+        "security_group_rules": rules,
+        **_std(g),
+    }
 
 
 def _get_sg(db, req: Request, ref: str | None = None) -> dict:
@@ -357,8 +548,14 @@ def create_sg(req: Request) -> Response:
     if name == "default":
         raise HTTPError(409, "Default security group already exists.", "SecurityGroupDefaultAlreadyExists")
     with req.world.tx() as db:
-        g = model.create_security_group(db, req.site, name, spec.get("description", ""), tags=spec.get("tags"),
-                                        stateful=spec.get("stateful", True))
+        g = model.create_security_group(
+            db,
+            req.site,
+            name,
+            spec.get("description", ""),
+            tags=spec.get("tags"),
+            stateful=spec.get("stateful", True),
+        )
         return Response(201, {"security_group": sg_view(db, req.site, g)})
 
 
@@ -387,8 +584,11 @@ def delete_sg(req: Request) -> Response:
     with req.world.tx() as db:
         g = _get_sg(db, req)
         if g.get("default"):
-            raise HTTPError(409, "Insufficient rights for removing default security group.",
-                            "SecurityGroupCannotRemoveDefault")
+            raise HTTPError(
+                409,
+                "Insufficient rights for removing default security group.",
+                "SecurityGroupCannotRemoveDefault",
+            )
         if model.security_group_in_use(db, req.site, g["id"]):
             raise HTTPError(409, f"Security Group {g['id']} in use.", "SecurityGroupInUse")
         for r in model.sg_rules(db, req.site, g["id"]):
@@ -413,8 +613,9 @@ def get_rule(req: Request) -> Response:
     with req.world.read() as db:
         r = db.get("sgrule", req.site.name, req.params["id"])
         if not r:
-            raise HTTPError(404, f"Security group rule {req.params['id']} does not exist",
-                            "SecurityGroupRuleNotFound")
+            raise HTTPError(
+                404, f"Security group rule {req.params['id']} does not exist", "SecurityGroupRuleNotFound"
+            )
         g = db.get("secgroup", req.site.name, r["security_group_id"]) or {}
     return Response(200, {"security_group_rule": _fields(req, rule_view(r, g.get("default", False)))})
 
@@ -427,12 +628,18 @@ def create_rule(req: Request) -> Response:
         raise HTTPError(400, "Resource body required", "BadRequest")
     direction = spec.get("direction")
     if direction not in ("ingress", "egress"):
-        raise HTTPError(400, f"Invalid input for direction. Reason: '{direction}' is not in "
-                             "['ingress', 'egress'].", "HTTPBadRequest")
+        raise HTTPError(
+            400,
+            f"Invalid input for direction. Reason: '{direction}' is not in ['ingress', 'egress'].",
+            "HTTPBadRequest",
+        )
     ethertype = spec.get("ethertype") or "IPv4"
     if ethertype not in ("IPv4", "IPv6"):
-        raise HTTPError(400, f"Invalid input for ethertype. Reason: '{ethertype}' is not in ['IPv4', 'IPv6'].",
-                        "HTTPBadRequest")
+        raise HTTPError(
+            400,
+            f"Invalid input for ethertype. Reason: '{ethertype}' is not in ['IPv4', 'IPv6'].",
+            "HTTPBadRequest",
+        )
     proto_raw = spec.get("protocol")
     protocol = None if proto_raw is None else _PROTOCOLS.get(str(proto_raw).lower(), str(proto_raw).lower())
     lo, hi = spec.get("port_range_min"), spec.get("port_range_max")
@@ -442,39 +649,75 @@ def create_rule(req: Request) -> Response:
     except (TypeError, ValueError):
         raise HTTPError(400, "Invalid value for port", "InvalidInput") from None
     if protocol in ("tcp", "udp") and lo is not None and hi is not None and lo > hi:
-        raise HTTPError(400, "For TCP/UDP protocols, port_range_min must be <= port_range_max",
-                        "SecurityGroupInvalidPortRange")
-    if protocol in ("tcp", "udp") and ((lo is not None and not 0 <= lo <= 65535)
-                                       or (hi is not None and not 0 <= hi <= 65535)):
-        raise HTTPError(400, f"Invalid value for port {lo if lo and lo > 65535 else hi}", "SecurityGroupInvalidPortValue")
+        raise HTTPError(
+            400,
+            "For TCP/UDP protocols, port_range_min must be <= port_range_max",
+            "SecurityGroupInvalidPortRange",
+        )
+    if protocol in ("tcp", "udp") and (
+        (lo is not None and not 0 <= lo <= 65535) or (hi is not None and not 0 <= hi <= 65535)
+    ):
+        raise HTTPError(
+            400, f"Invalid value for port {lo if lo and lo > 65535 else hi}", "SecurityGroupInvalidPortValue"
+        )
     if (lo is not None or hi is not None) and protocol is None:
-        raise HTTPError(400, "Must also specify protocol if port range is given.",
-                        "SecurityGroupProtocolRequiredWithPorts")
+        raise HTTPError(
+            400,
+            "Must also specify protocol if port range is given.",
+            "SecurityGroupProtocolRequiredWithPorts",
+        )
     prefix = spec.get("remote_ip_prefix")
     if prefix:
         try:
             prefix = str(ipaddress.ip_network(prefix, strict=False)) if "/" not in prefix else prefix
             ipaddress.ip_network(prefix, strict=False)
         except ValueError:
-            raise HTTPError(400, f"Invalid input for remote_ip_prefix. Reason: '{prefix}' is not a valid IP "
-                                 "prefix.", "HTTPBadRequest") from None
+            raise HTTPError(
+                400,
+                f"Invalid input for remote_ip_prefix. Reason: '{prefix}' is not a valid IP prefix.",
+                "HTTPBadRequest",
+            ) from None
     if prefix and spec.get("remote_group_id"):
-        raise HTTPError(400, "Only remote_ip_prefix or remote_group_id may be provided.",
-                        "SecurityGroupRemoteGroupAndRemoteIpPrefix")
+        raise HTTPError(
+            400,
+            "Only remote_ip_prefix or remote_group_id may be provided.",
+            "SecurityGroupRemoteGroupAndRemoteIpPrefix",
+        )
     with req.world.tx() as db:
         g = _get_sg(db, req, spec.get("security_group_id"))
         if spec.get("remote_group_id"):
             _get_sg(db, req, spec["remote_group_id"])
         key = (direction, ethertype, protocol, lo, hi, prefix, spec.get("remote_group_id"))
         for r in model.sg_rules(db, req.site, g["id"]):
-            if (r["direction"], r["ethertype"], r.get("protocol"), r.get("port_range_min"), r.get("port_range_max"),
-                    r.get("remote_ip_prefix"), r.get("remote_group_id")) == key:
-                raise HTTPError(409, f"Security group rule already exists. Rule id is {r['id']}.",
-                                "SecurityGroupRuleExists")
-        rule = model.add_rule(db, req.site, g, {
-            "direction": direction, "ethertype": ethertype, "protocol": protocol, "port_range_min": lo,
-            "port_range_max": hi, "remote_ip_prefix": prefix, "remote_group_id": spec.get("remote_group_id"),
-            "description": spec.get("description", "")})
+            if (
+                r["direction"],
+                r["ethertype"],
+                r.get("protocol"),
+                r.get("port_range_min"),
+                r.get("port_range_max"),
+                r.get("remote_ip_prefix"),
+                r.get("remote_group_id"),
+            ) == key:
+                raise HTTPError(
+                    409,
+                    f"Security group rule already exists. Rule id is {r['id']}.",
+                    "SecurityGroupRuleExists",
+                )
+        rule = model.add_rule(
+            db,
+            req.site,
+            g,
+            {
+                "direction": direction,
+                "ethertype": ethertype,
+                "protocol": protocol,
+                "port_range_min": lo,
+                "port_range_max": hi,
+                "remote_ip_prefix": prefix,
+                "remote_group_id": spec.get("remote_group_id"),
+                "description": spec.get("description", ""),
+            },
+        )
         return Response(201, {"security_group_rule": rule_view(rule, g.get("default", False))})
 
 
@@ -482,8 +725,9 @@ def create_rule(req: Request) -> Response:
 def delete_rule(req: Request) -> Response:
     with req.world.tx() as db:
         if not db.delete("sgrule", req.site.name, req.params["id"]):
-            raise HTTPError(404, f"Security group rule {req.params['id']} does not exist",
-                            "SecurityGroupRuleNotFound")
+            raise HTTPError(
+                404, f"Security group rule {req.params['id']} does not exist", "SecurityGroupRuleNotFound"
+            )
     return Response(204)
 
 
@@ -566,8 +810,15 @@ def delete_tag(req: Request) -> Response:
 
 
 def _quota(db, site: Site) -> dict:
-    return {"floatingip": model.fip_quota(db, site), "network": 100, "port": 500, "router": 10, "subnet": 100,
-            "security_group": 100, "security_group_rule": 1000}
+    return {
+        "floatingip": model.fip_quota(db, site),
+        "network": 100,
+        "port": 500,
+        "router": 10,
+        "subnet": 100,
+        "security_group": 100,
+        "security_group_rule": 1000,
+    }
 
 
 @router.route("GET", "/v2.0/quotas/{project}")
@@ -580,8 +831,12 @@ def get_quota(req: Request) -> Response:
 def get_quota_details(req: Request) -> Response:
     with req.world.read() as db:
         quota = _quota(db, req.site)
-        used = {"floatingip": model.fips_used(db, req.site), "port": len(db.find("port", req.site.name)),
-                "security_group": len(db.find("secgroup", req.site.name)),
-                "security_group_rule": len(db.find("sgrule", req.site.name))}
-    return Response(200, {"quota": {k: {"limit": v, "used": used.get(k, 0), "reserved": 0}
-                                    for k, v in quota.items()}})
+        used = {
+            "floatingip": model.fips_used(db, req.site),
+            "port": len(db.find("port", req.site.name)),
+            "security_group": len(db.find("secgroup", req.site.name)),
+            "security_group_rule": len(db.find("sgrule", req.site.name)),
+        }
+    return Response(
+        200, {"quota": {k: {"limit": v, "used": used.get(k, 0), "reserved": 0} for k, v in quota.items()}}
+    )

@@ -17,9 +17,19 @@ PREFIX = "/v2.1"
 MIN_VERSION, MAX_VERSION = (2, 1), (2, 96)
 router = Router()
 
-_KEYS = {400: "badRequest", 403: "forbidden", 404: "itemNotFound", 405: "badMethod", 406: "notAcceptable",
-         409: "conflictingRequest", 413: "overLimit", 429: "overLimit", 500: "computeFault",
-         501: "notImplemented", 503: "serviceUnavailable"}
+_KEYS = {
+    400: "badRequest",
+    403: "forbidden",
+    404: "itemNotFound",
+    405: "badMethod",
+    406: "notAcceptable",
+    409: "conflictingRequest",
+    413: "overLimit",
+    429: "overLimit",
+    500: "computeFault",
+    501: "notImplemented",
+    503: "serviceUnavailable",
+}
 
 
 def error_body(status: int, message: str, kind: str | None) -> dict:
@@ -35,12 +45,18 @@ def _fmt(v: tuple[int, int]) -> str:
 
 def _version_doc(req: Request) -> dict:
     return {
-        "id": "v2.1", "status": "CURRENT", "version": _fmt(MAX_VERSION), "min_version": _fmt(MIN_VERSION),
+        "id": "v2.1",
+        "status": "CURRENT",
+        "version": _fmt(MAX_VERSION),
+        "min_version": _fmt(MIN_VERSION),
         "updated": "2013-07-23T11:33:21Z",
-        "links": [{"rel": "self", "href": f"{req.site_url}/compute/v2.1/"},
-                  {"rel": "describedby", "type": "text/html", "href": "http://docs.openstack.org/"}],
-        "media-types": [{"base": "application/json",
-                         "type": "application/vnd.openstack.compute+json;version=2.1"}],
+        "links": [
+            {"rel": "self", "href": f"{req.site_url}/compute/v2.1/"},
+            {"rel": "describedby", "type": "text/html", "href": "http://docs.openstack.org/"},
+        ],
+        "media-types": [
+            {"base": "application/json", "type": "application/vnd.openstack.compute+json;version=2.1"}
+        ],
     }
 
 
@@ -66,12 +82,19 @@ def microversion(req: Request) -> tuple[int, int]:
         return MAX_VERSION
     m = re.fullmatch(r"(\d+)\.(\d+)", raw.strip())
     if not m:
-        raise HTTPError(400, f"API Version String {raw} is of invalid format. Must be of format "
-                             "MajorNum.MinorNum.", "VersionNotFoundForAPIMethod")
+        raise HTTPError(
+            400,
+            f"API Version String {raw} is of invalid format. Must be of format MajorNum.MinorNum.",
+            "VersionNotFoundForAPIMethod",
+        )
     v = (int(m.group(1)), int(m.group(2)))
     if not MIN_VERSION <= v <= MAX_VERSION:
-        raise HTTPError(406, f"Version {raw} is not supported by the API. Minimum is {_fmt(MIN_VERSION)} and "
-                             f"maximum is {_fmt(MAX_VERSION)}.", "InvalidGlobalAPIVersion")
+        raise HTTPError(
+            406,
+            f"Version {raw} is not supported by the API. Minimum is {_fmt(MIN_VERSION)} and "
+            f"maximum is {_fmt(MAX_VERSION)}.",
+            "InvalidGlobalAPIVersion",
+        )
     return v
 
 
@@ -83,9 +106,13 @@ def api(method: str, template: str, *, auth: bool = True):
         def handler(req: Request) -> Response:
             mv = microversion(req)
             resp = fn(req, mv)
-            resp.headers.update({"OpenStack-API-Version": f"compute {_fmt(mv)}",
-                                 "X-OpenStack-Nova-API-Version": _fmt(mv),
-                                 "Vary": "OpenStack-API-Version, X-OpenStack-Nova-API-Version"})
+            resp.headers.update(
+                {
+                    "OpenStack-API-Version": f"compute {_fmt(mv)}",
+                    "X-OpenStack-Nova-API-Version": _fmt(mv),
+                    "Vary": "OpenStack-API-Version, X-OpenStack-Nova-API-Version",
+                }
+            )
             return resp
 
         router.route(method, template, auth=auth)(handler)
@@ -100,8 +127,10 @@ def version(req: Request, mv) -> Response:
 
 
 def _link(req: Request, kind: str, id: str) -> list[dict]:
-    return [{"rel": "self", "href": f"{req.site_url}/compute/v2.1/{kind}/{id}"},
-            {"rel": "bookmark", "href": f"{req.site_url}/compute/{kind}/{id}"}]
+    return [
+        {"rel": "self", "href": f"{req.site_url}/compute/v2.1/{kind}/{id}"},
+        {"rel": "bookmark", "href": f"{req.site_url}/compute/{kind}/{id}"},
+    ]
 
 
 def _not_found_server(sid: str) -> HTTPError:
@@ -114,35 +143,69 @@ def _not_found_server(sid: str) -> HTTPError:
 def server_view(db, req: Request, s: dict, mv, flavors: dict, addresses: dict | None = None) -> dict:
     site, now = req.site, req.now
     status = model.server_status(s, now)
-    flavor = flavors.get(s["flavor_id"]) or {"id": s["flavor_id"], "name": s.get("flavor_name", ""),
-                                              "vcpus": 0, "ram": 0, "disk": 0, "extra_specs": {}}
+    flavor = flavors.get(s["flavor_id"]) or {
+        "id": s["flavor_id"],
+        "name": s.get("flavor_name", ""),
+        "vcpus": 0,
+        "ram": 0,
+        "disk": 0,
+        "extra_specs": {},
+    }
     if mv >= (2, 47):
-        flavor_view = {"vcpus": flavor["vcpus"], "ram": flavor["ram"], "disk": flavor["disk"], "ephemeral": 0,
-                       "swap": 0, "original_name": flavor["name"], "extra_specs": dict(flavor["extra_specs"])}
+        flavor_view = {
+            "vcpus": flavor["vcpus"],
+            "ram": flavor["ram"],
+            "disk": flavor["disk"],
+            "ephemeral": 0,
+            "swap": 0,
+            "original_name": flavor["name"],
+            "extra_specs": dict(flavor["extra_specs"]),
+        }
     else:
-        flavor_view = {"id": flavor["id"], "links": [{"rel": "bookmark",
-                                                       "href": f"{req.site_url}/compute/flavors/{flavor['id']}"}]}
-    task, vm, power = {"BUILD": ("spawning", "building", 0), "ACTIVE": (None, "active", 1),
-                       "ERROR": (None, "error", 0)}[status]
+        flavor_view = {
+            "id": flavor["id"],
+            "links": [{"rel": "bookmark", "href": f"{req.site_url}/compute/flavors/{flavor['id']}"}],
+        }
+    task, vm, power = {
+        "BUILD": ("spawning", "building", 0),
+        "ACTIVE": (None, "active", 1),
+        "ERROR": (None, "error", 0),
+    }[status]
     if status == "BUILD" and s.get("fault"):
         task = "scheduling"
     view = {
-        "id": s["id"], "name": s["name"], "status": status, "tenant_id": PROJECT_ID, "user_id": USER_ID,
-        "metadata": dict(s.get("metadata", {})), "hostId": model.host_id_for(s) if status != "ERROR" else "",
-        "image": {"id": s["image_id"], "links": [{"rel": "bookmark",
-                                                  "href": f"{req.site_url}/compute/images/{s['image_id']}"}]}
-        if s.get("image_id") else "",
+        "id": s["id"],
+        "name": s["name"],
+        "status": status,
+        "tenant_id": PROJECT_ID,
+        "user_id": USER_ID,
+        "metadata": dict(s.get("metadata", {})),
+        "hostId": model.host_id_for(s) if status != "ERROR" else "",
+        "image": {
+            "id": s["image_id"],
+            "links": [{"rel": "bookmark", "href": f"{req.site_url}/compute/images/{s['image_id']}"}],
+        }
+        if s.get("image_id")
+        else "",
         "flavor": flavor_view,
-        "created": model.iso_z(s["created"]), "updated": model.iso_z(max(s["updated"], min(
-            now, s["error_at"] if s.get("fault") else s["ready_at"]))),
+        "created": model.iso_z(s["created"]),
+        "updated": model.iso_z(
+            max(s["updated"], min(now, s["error_at"] if s.get("fault") else s["ready_at"]))
+        ),
         "addresses": addresses if addresses is not None else model.server_addresses(db, site, s),
-        "accessIPv4": "", "accessIPv6": "", "links": _link(req, "servers", s["id"]),
-        "OS-DCF:diskConfig": "MANUAL", "progress": 0 if status != "ACTIVE" else 100,
-        "OS-EXT-AZ:availability_zone": "nova", "config_drive": "True" if s.get("config_drive") else "",
+        "accessIPv4": "",
+        "accessIPv6": "",
+        "links": _link(req, "servers", s["id"]),
+        "OS-DCF:diskConfig": "MANUAL",
+        "progress": 0 if status != "ACTIVE" else 100,
+        "OS-EXT-AZ:availability_zone": "nova",
+        "config_drive": "True" if s.get("config_drive") else "",
         "key_name": s.get("key_name"),
         "OS-SRV-USG:launched_at": model.iso_us(s["ready_at"]) if status == "ACTIVE" else None,
         "OS-SRV-USG:terminated_at": None,
-        "OS-EXT-STS:task_state": task, "OS-EXT-STS:vm_state": vm, "OS-EXT-STS:power_state": power,
+        "OS-EXT-STS:task_state": task,
+        "OS-EXT-STS:vm_state": vm,
+        "OS-EXT-STS:power_state": power,
         "os-extended-volumes:volumes_attached": [],
     }
     if status != "ERROR" or not s.get("fault"):
@@ -210,7 +273,9 @@ def _filter_servers(db, req: Request, servers: list[dict]) -> list[dict]:
         if q("not-tags-any") and set(q("not-tags-any").split(",")) & tags:
             continue
         if q("changes-since"):
-            since = model.parse_lease_date(q("changes-since").replace("Z", "").split("+")[0], req.now, "since")
+            since = model.parse_lease_date(
+                q("changes-since").replace("Z", "").split("+")[0], req.now, "since"
+            )
             if s["updated"] < since:
                 continue
         out.append(s)
@@ -224,13 +289,14 @@ def _paginate(req: Request, items: list[dict], key: str, path: str) -> tuple[lis
         ids = [i["id"] for i in items]
         if marker not in ids:
             raise HTTPError(400, f"marker [{marker}] not found", "MarkerNotFound")
-        items = items[ids.index(marker) + 1:]
+        items = items[ids.index(marker) + 1 :]
     if limit:
         try:
             n = int(limit)
         except ValueError:
-            raise HTTPError(400, f"Invalid input for query parameters limit. Value: {limit}.", "ValidationError") \
-                from None
+            raise HTTPError(
+                400, f"Invalid input for query parameters limit. Value: {limit}.", "ValidationError"
+            ) from None
         if len(items) > n:
             items = items[:n]
             query = {k: v[0] for k, v in req.query.items() if k != "marker"}
@@ -244,8 +310,11 @@ def list_servers(req: Request, mv) -> Response:
     with req.world.read() as db:
         servers = _filter_servers(db, req, db.find("server", req.site.name))
     servers, links = _paginate(req, servers, "servers", "/servers")
-    body = {"servers": [{"id": s["id"], "name": s["name"], "links": _link(req, "servers", s["id"])}
-                        for s in servers]}
+    body = {
+        "servers": [
+            {"id": s["id"], "name": s["name"], "links": _link(req, "servers", s["id"])} for s in servers
+        ]
+    }
     if links:
         body["servers_links"] = links
     return Response(200, body)
@@ -273,26 +342,39 @@ def create_server(req: Request, mv) -> Response:
     body = req.json()
     spec = body.get("server") if isinstance(body, dict) else None
     if not isinstance(spec, dict):
-        raise HTTPError(400, "Invalid input for field/attribute server. Value: None. None is not of type 'object'",
-                        "ValidationError")
+        raise HTTPError(
+            400,
+            "Invalid input for field/attribute server. Value: None. None is not of type 'object'",
+            "ValidationError",
+        )
     name = spec.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 255:
-        raise HTTPError(400, f"Invalid input for field/attribute name. Value: {name}. 'name' is a required "
-                             "property" if name is None else f"Invalid input for field/attribute name. "
-                             f"Value: {name}.", "ValidationError")
+        raise HTTPError(
+            400,
+            f"Invalid input for field/attribute name. Value: {name}. 'name' is a required property"
+            if name is None
+            else f"Invalid input for field/attribute name. Value: {name}.",
+            "ValidationError",
+        )
     hints = body.get("OS-SCH-HNT:scheduler_hints") or body.get("os:scheduler_hints") or {}
     metadata = spec.get("metadata") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 255
-                                                 for k, v in metadata.items()):
-        raise HTTPError(400, "Invalid input for field/attribute metadata. Value: "
-                             f"{metadata}. Metadata values must be strings of at most 255 characters",
-                        "ValidationError")
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) <= 255 for k, v in metadata.items()
+    ):
+        raise HTTPError(
+            400,
+            "Invalid input for field/attribute metadata. Value: "
+            f"{metadata}. Metadata values must be strings of at most 255 characters",
+            "ValidationError",
+        )
     site, now = req.site, time.time()
     scale = req.world.time_scale
     with req.world.tx() as db:
         flavor = model.get_flavor(db, site, _ref_id(spec.get("flavorRef")))
         if not flavor:
-            raise HTTPError(400, f"Flavor {_ref_id(spec.get('flavorRef'))} could not be found.", "FlavorNotFound")
+            raise HTTPError(
+                400, f"Flavor {_ref_id(spec.get('flavorRef'))} could not be found.", "FlavorNotFound"
+            )
         image_id = _ref_id(spec.get("imageRef"))
         if image_id and image_id not in {i.id for i in cat.images(site)}:
             raise HTTPError(400, f"Image {image_id} could not be found.", "ImageNotFound")
@@ -306,8 +388,11 @@ def create_server(req: Request, mv) -> Response:
             key_data = kp["public_key"]
         networks = spec.get("networks")
         if networks is None and mv >= (2, 37):
-            raise HTTPError(400, "Invalid input for field/attribute server. Value: ... 'networks' is a required "
-                                 "property", "ValidationError")
+            raise HTTPError(
+                400,
+                "Invalid input for field/attribute server. Value: ... 'networks' is a required property",
+                "ValidationError",
+            )
         if networks in (None, "auto"):
             net_ids = [cat.shared_net_id(site)]
         elif networks == "none":
@@ -317,35 +402,53 @@ def create_server(req: Request, mv) -> Response:
             for n in networks:
                 nid = (n or {}).get("uuid")
                 if (n or {}).get("port"):
-                    raise HTTPError(400, "Booting from pre-created ports is not supported by the testbed.",
-                                    "BadRequest")
+                    raise HTTPError(
+                        400, "Booting from pre-created ports is not supported by the testbed.", "BadRequest"
+                    )
                 if nid == cat.public_net_id(site):
-                    raise HTTPError(400, "Creating an instance on the external network 'public' is not allowed.",
-                                    "ExternalNetworkAttachForbidden")
+                    raise HTTPError(
+                        400,
+                        "Creating an instance on the external network 'public' is not allowed.",
+                        "ExternalNetworkAttachForbidden",
+                    )
                 if nid != cat.shared_net_id(site):
                     raise HTTPError(400, f"Network {nid} could not be found.", "NetworkNotFound")
                 net_ids.append(nid)
         else:
-            raise HTTPError(400, f"Invalid input for field/attribute networks. Value: {networks}.",
-                            "ValidationError")
+            raise HTTPError(
+                400, f"Invalid input for field/attribute networks. Value: {networks}.", "ValidationError"
+            )
         sg_names, sg_ids = [], []
         for ref in spec.get("security_groups") or [{"name": "default"}]:
             sg = model.find_security_group(db, site, str((ref or {}).get("name")))
             if not sg:
-                raise HTTPError(400, f"Security group {(ref or {}).get('name')} not found.",
-                                "SecurityGroupNotFound")
+                raise HTTPError(
+                    400, f"Security group {(ref or {}).get('name')} not found.", "SecurityGroupNotFound"
+                )
             if sg["name"] not in sg_names:
                 sg_names.append(sg["name"])
                 sg_ids.append(sg["id"])
         boot = model.BOOT_SECONDS["baremetal" if site.kind == "baremetal" else "kvm"] * scale
         server = {
-            "id": model.new_id(), "name": name, "image_id": image_id or None, "flavor_id": flavor["id"],
-            "flavor_name": flavor["name"], "key_name": spec.get("key_name"), "key_data": key_data,
-            "metadata": metadata, "tags": list(spec.get("tags") or []) if mv >= (2, 52) else [],
-            "description": spec.get("description"), "security_groups": sg_names,
-            "reservation_id": hints.get("reservation"), "created": now, "updated": now,
-            "ready_at": now + boot, "error_at": now + model.SCHEDULE_SECONDS * scale, "fault": None,
-            "user_data": spec.get("user_data"), "config_drive": bool(spec.get("config_drive")),
+            "id": model.new_id(),
+            "name": name,
+            "image_id": image_id or None,
+            "flavor_id": flavor["id"],
+            "flavor_name": flavor["name"],
+            "key_name": spec.get("key_name"),
+            "key_data": key_data,
+            "metadata": metadata,
+            "tags": list(spec.get("tags") or []) if mv >= (2, 52) else [],
+            "description": spec.get("description"),
+            "security_groups": sg_names,
+            "reservation_id": hints.get("reservation"),
+            "created": now,
+            "updated": now,
+            "ready_at": now + boot,
+            "error_at": now + model.SCHEDULE_SECONDS * scale,
+            "fault": None,
+            "user_data": spec.get("user_data"),
+            "config_drive": bool(spec.get("config_drive")),
             "network_ids": net_ids,
         }
         if req.fault:
@@ -356,8 +459,13 @@ def create_server(req: Request, mv) -> Response:
         if not server["fault"]:
             for nid in net_ids:
                 model.create_port(db, site, nid, server["id"], sg_ids)
-    resp = {"id": server["id"], "links": _link(req, "servers", server["id"]), "OS-DCF:diskConfig": "MANUAL",
-            "security_groups": [{"name": n} for n in sg_names], "adminPass": secrets.token_urlsafe(9)}
+    resp = {
+        "id": server["id"],
+        "links": _link(req, "servers", server["id"]),
+        "OS-DCF:diskConfig": "MANUAL",
+        "security_groups": [{"name": n} for n in sg_names],
+        "adminPass": secrets.token_urlsafe(9),
+    }
     return Response(202, {"server": resp})
 
 
@@ -409,24 +517,33 @@ def server_action(req: Request, mv) -> Response:
             ports = model.server_ports(db, req.site, s["id"])
             if action == "addSecurityGroup":
                 if sg["name"] in names:
-                    raise HTTPError(400, f"Security group {sg['name']} is already associated with the instance "
-                                         f"{s['id']}", "SecurityGroupExistsForInstance")
+                    raise HTTPError(
+                        400,
+                        f"Security group {sg['name']} is already associated with the instance {s['id']}",
+                        "SecurityGroupExistsForInstance",
+                    )
                 names.append(sg["name"])
                 for p in ports:
                     p["security_groups"] = [*p["security_groups"], sg["id"]]
                     db.put("port", req.site.name, p)
             else:
                 if sg["name"] not in names:
-                    raise HTTPError(400, f"Security group {sg['name']} is not associated with the instance "
-                                         f"{s['id']}", "SecurityGroupNotExistsForInstance")
+                    raise HTTPError(
+                        400,
+                        f"Security group {sg['name']} is not associated with the instance {s['id']}",
+                        "SecurityGroupNotExistsForInstance",
+                    )
                 names.remove(sg["name"])
                 for p in ports:
                     p["security_groups"] = [g for g in p["security_groups"] if g != sg["id"]]
                     db.put("port", req.site.name, p)
         elif action in ("reboot", "os-start", "os-stop"):
             if model.server_status(s, req.now) != "ACTIVE":
-                raise HTTPError(409, f"Cannot '{action}' instance {s['id']} while it is in vm_state building",
-                                "InstanceInvalidState")
+                raise HTTPError(
+                    409,
+                    f"Cannot '{action}' instance {s['id']} while it is in vm_state building",
+                    "InstanceInvalidState",
+                )
         else:
             raise HTTPError(400, f"There is no such action: {action}", "BadRequest")
         s["updated"] = time.time()
@@ -439,8 +556,17 @@ def server_security_groups(req: Request, mv) -> Response:
     with req.world.read() as db:
         s = _get_server(db, req)
         groups = [model.find_security_group(db, req.site, n) for n in s.get("security_groups", [])]
-        out = [{"id": g["id"], "name": g["name"], "description": g["description"], "tenant_id": PROJECT_ID,
-                "rules": []} for g in groups if g]
+        out = [
+            {
+                "id": g["id"],
+                "name": g["name"],
+                "description": g["description"],
+                "tenant_id": PROJECT_ID,
+                "rules": [],
+            }
+            for g in groups
+            if g
+        ]
     return Response(200, {"security_groups": out})
 
 
@@ -449,9 +575,21 @@ def server_interfaces(req: Request, mv) -> Response:
     with req.world.read() as db:
         s = _get_server(db, req)
         ports = model.server_ports(db, req.site, s["id"])
-    return Response(200, {"interfaceAttachments": [
-        {"port_id": p["id"], "net_id": p["network_id"], "mac_addr": p["mac"], "port_state": "ACTIVE",
-         "fixed_ips": [{"subnet_id": p["subnet_id"], "ip_address": p["fixed_ip"]}]} for p in ports]})
+    return Response(
+        200,
+        {
+            "interfaceAttachments": [
+                {
+                    "port_id": p["id"],
+                    "net_id": p["network_id"],
+                    "mac_addr": p["mac"],
+                    "port_state": "ACTIVE",
+                    "fixed_ips": [{"subnet_id": p["subnet_id"], "ip_address": p["fixed_ip"]}],
+                }
+                for p in ports
+            ]
+        },
+    )
 
 
 @api("GET", "/servers/{id}/metadata")
@@ -549,8 +687,10 @@ def add_tag(req: Request, mv) -> Response:
         if not existed:
             s.setdefault("tags", []).append(req.params["tag"])
             db.put("server", req.site.name, s)
-    return Response(204 if existed else 201,
-                    headers={"Location": f"{req.site_url}/compute/v2.1/servers/{s['id']}/tags/{req.params['tag']}"})
+    return Response(
+        204 if existed else 201,
+        headers={"Location": f"{req.site_url}/compute/v2.1/servers/{s['id']}/tags/{req.params['tag']}"},
+    )
 
 
 @api("GET", "/servers/{id}/tags/{tag}")
@@ -581,9 +721,18 @@ def flavor_view(req: Request, f: dict, mv, detail: bool = True) -> dict:
         view["description"] = None
     if not detail:
         return view
-    view.update({"ram": f["ram"], "disk": f["disk"], "vcpus": f["vcpus"], "OS-FLV-EXT-DATA:ephemeral": 0,
-                 "OS-FLV-DISABLED:disabled": False, "swap": 0 if mv >= (2, 75) else "", "rxtx_factor": 1.0,
-                 "os-flavor-access:is_public": f.get("is_public", True)})
+    view.update(
+        {
+            "ram": f["ram"],
+            "disk": f["disk"],
+            "vcpus": f["vcpus"],
+            "OS-FLV-EXT-DATA:ephemeral": 0,
+            "OS-FLV-DISABLED:disabled": False,
+            "swap": 0 if mv >= (2, 75) else "",
+            "rxtx_factor": 1.0,
+            "os-flavor-access:is_public": f.get("is_public", True),
+        }
+    )
     if mv >= (2, 61):
         view["extra_specs"] = dict(f["extra_specs"])
     return view
@@ -642,8 +791,11 @@ def get_extra_specs(req: Request, mv) -> Response:
 def get_extra_spec(req: Request, mv) -> Response:
     specs = _get_flavor(req)["extra_specs"]
     if req.params["key"] not in specs:
-        raise HTTPError(404, f"Flavor {req.params['id']} has no extra specs with key {req.params['key']}.",
-                        "FlavorExtraSpecsNotFound")
+        raise HTTPError(
+            404,
+            f"Flavor {req.params['id']} has no extra specs with key {req.params['key']}.",
+            "FlavorExtraSpecsNotFound",
+        )
     return Response(200, {req.params["key"]: specs[req.params["key"]]})
 
 
@@ -657,8 +809,16 @@ def keypair_view(kp: dict, mv, full: bool = False) -> dict:
     if mv >= (2, 2):
         view["type"] = kp.get("type", "ssh")
     if full:
-        view.update({"user_id": USER_ID, "created_at": model.iso_us(kp["created"]), "updated_at": None,
-                     "deleted_at": None, "deleted": False, "id": kp["seq"]})
+        view.update(
+            {
+                "user_id": USER_ID,
+                "created_at": model.iso_us(kp["created"]),
+                "updated_at": None,
+                "deleted_at": None,
+                "deleted": False,
+                "id": kp["seq"],
+            }
+        )
     return view
 
 
@@ -685,30 +845,44 @@ def create_keypair(req: Request, mv) -> Response:
     body = req.json()
     spec = body.get("keypair") if isinstance(body, dict) else None
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise HTTPError(400, "Invalid input for field/attribute keypair. 'name' is a required property",
-                        "ValidationError")
+        raise HTTPError(
+            400, "Invalid input for field/attribute keypair. 'name' is a required property", "ValidationError"
+        )
     name = spec["name"]
     if not _KEYPAIR_NAME.match(name) or name.strip() != name:
-        raise HTTPError(400, "Keypair data is invalid: Keypair name contains unsafe characters",
-                        "InvalidKeypair")
+        raise HTTPError(
+            400, "Keypair data is invalid: Keypair name contains unsafe characters", "InvalidKeypair"
+        )
     private_key = None
     public_key = spec.get("public_key")
     if not public_key:
         if mv >= (2, 92):
-            raise HTTPError(400, "Invalid input for field/attribute keypair. 'public_key' is a required property",
-                            "ValidationError")
+            raise HTTPError(
+                400,
+                "Invalid input for field/attribute keypair. 'public_key' is a required property",
+                "ValidationError",
+            )
         public_key, private_key = _generate_keypair(name)
     public_key = public_key.strip()
     try:
         fp = model.fingerprint(public_key)
     except ValueError:
-        raise HTTPError(400, "Keypair data is invalid: failed to generate fingerprint", "InvalidKeypair") from None
+        raise HTTPError(
+            400, "Keypair data is invalid: failed to generate fingerprint", "InvalidKeypair"
+        ) from None
     ktype = spec.get("type", "ssh") if mv >= (2, 2) else "ssh"
     with req.world.tx() as db:
         if db.get("keypair", req.site.name, name):
             raise HTTPError(409, f"Key pair '{name}' already exists.", "KeyPairExists")
-        kp = {"id": name, "name": name, "public_key": public_key, "fingerprint": fp, "type": ktype,
-              "created": time.time(), "seq": db.counter(f"keypair:{req.site.name}", 1)}
+        kp = {
+            "id": name,
+            "name": name,
+            "public_key": public_key,
+            "fingerprint": fp,
+            "type": ktype,
+            "created": time.time(),
+            "seq": db.counter(f"keypair:{req.site.name}", 1),
+        }
         db.put("keypair", req.site.name, kp)
     view = keypair_view(kp, mv)
     view["user_id"] = USER_ID
@@ -724,10 +898,14 @@ def _generate_keypair(name: str) -> tuple[str, str]:
     except ImportError:  # pragma: no cover - cryptography comes with openstacksdk/paramiko
         raise HTTPError(400, "Key generation is not available; send a public_key", "BadRequest") from None
     key = ed25519.Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption()).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH).decode()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
     return f"{public} Generated-by-Nova", private
 
 
@@ -750,8 +928,15 @@ def delete_keypair(req: Request, mv) -> Response:
 
 # ============================================================================ limits, quotas, misc
 
-_QUOTAS = {"instances": 100, "cores": 2000, "ram": 5_120_000, "key_pairs": 100, "metadata_items": 128,
-           "server_groups": 10, "server_group_members": 10}
+_QUOTAS = {
+    "instances": 100,
+    "cores": 2000,
+    "ram": 5_120_000,
+    "key_pairs": 100,
+    "metadata_items": 128,
+    "server_groups": 10,
+    "server_group_members": 10,
+}
 
 
 def _usage(req: Request) -> dict:
@@ -767,12 +952,22 @@ def _usage(req: Request) -> dict:
 @api("GET", "/limits")
 def limits(req: Request, mv) -> Response:
     used = _usage(req)
-    absolute = {"maxTotalInstances": _QUOTAS["instances"], "maxTotalCores": _QUOTAS["cores"],
-                "maxTotalRAMSize": _QUOTAS["ram"], "maxTotalKeypairs": _QUOTAS["key_pairs"],
-                "maxServerMeta": _QUOTAS["metadata_items"], "maxServerGroups": _QUOTAS["server_groups"],
-                "maxServerGroupMembers": _QUOTAS["server_group_members"], "maxImageMeta": 128,
-                "maxPersonality": 5, "maxPersonalitySize": 10240, "totalInstancesUsed": used["instances"],
-                "totalCoresUsed": used["cores"], "totalRAMUsed": used["ram"], "totalServerGroupsUsed": 0}
+    absolute = {
+        "maxTotalInstances": _QUOTAS["instances"],
+        "maxTotalCores": _QUOTAS["cores"],
+        "maxTotalRAMSize": _QUOTAS["ram"],
+        "maxTotalKeypairs": _QUOTAS["key_pairs"],
+        "maxServerMeta": _QUOTAS["metadata_items"],
+        "maxServerGroups": _QUOTAS["server_groups"],
+        "maxServerGroupMembers": _QUOTAS["server_group_members"],
+        "maxImageMeta": 128,
+        "maxPersonality": 5,
+        "maxPersonalitySize": 10240,
+        "totalInstancesUsed": used["instances"],
+        "totalCoresUsed": used["cores"],
+        "totalRAMUsed": used["ram"],
+        "totalServerGroupsUsed": 0,
+    }
     if mv >= (2, 57):
         absolute.pop("maxPersonality")
         absolute.pop("maxPersonalitySize")
@@ -787,14 +982,22 @@ def quota_set(req: Request, mv) -> Response:
 @api("GET", "/os-quota-sets/{project}/detail")
 def quota_set_detail(req: Request, mv) -> Response:
     used = _usage(req)
-    return Response(200, {"quota_set": {"id": req.params["project"], **{
-        k: {"limit": v, "in_use": used.get(k, 0), "reserved": 0} for k, v in _QUOTAS.items()}}})
+    return Response(
+        200,
+        {
+            "quota_set": {
+                "id": req.params["project"],
+                **{k: {"limit": v, "in_use": used.get(k, 0), "reserved": 0} for k, v in _QUOTAS.items()},
+            }
+        },
+    )
 
 
 @api("GET", "/os-availability-zone")
 def availability_zones(req: Request, mv) -> Response:
-    return Response(200, {"availabilityZoneInfo": [{"zoneName": "nova", "zoneState": {"available": True},
-                                                    "hosts": None}]})
+    return Response(
+        200, {"availabilityZoneInfo": [{"zoneName": "nova", "zoneState": {"available": True}, "hosts": None}]}
+    )
 
 
 @api("GET", "/extensions")

@@ -16,11 +16,17 @@ def error_body(status: int, message: str, kind: str | None) -> dict:
 def _site_doc(req: Request, site: cat.Site) -> dict:
     return {
         "uid": site.uid if site.kind != "kvm" else "kvm",
-        "name": site.region, "description": f"Emulated {site.region} (labctl testbed)",
-        "location": site.location, "web": f"{req.base_url}/{site.slug}",
-        "user_support_contact": "help@chameleoncloud.org", "email_contact": "help@chameleoncloud.org",
+        "name": site.region,
+        "description": f"Emulated {site.region} (labctl testbed)",
+        "location": site.location,
+        "web": f"{req.base_url}/{site.slug}",
+        "user_support_contact": "help@chameleoncloud.org",
+        "email_contact": "help@chameleoncloud.org",
         "site_class": "core" if site.kind == "baremetal" else "kvm" if site.kind == "kvm" else "edge",
-        "latitude": 30.39, "longitude": -97.73, "type": "site", "version": "testbed",
+        "latitude": 30.39,
+        "longitude": -97.73,
+        "type": "site",
+        "version": "testbed",
         "links": [{"rel": "self", "href": f"{req.base_url}/refapi/sites/{site.uid}"}],
     }
 
@@ -28,8 +34,16 @@ def _site_doc(req: Request, site: cat.Site) -> dict:
 @router.route("GET", "/sites", auth=False)
 def sites(req: Request) -> Response:
     items = [_site_doc(req, s) for s in cat.SITES.values() if s.kind != "kvm"]
-    return Response(200, {"items": items, "total": len(items), "offset": 0, "version": "testbed",
-                          "links": [{"rel": "self", "href": f"{req.base_url}/refapi/sites"}]})
+    return Response(
+        200,
+        {
+            "items": items,
+            "total": len(items),
+            "offset": 0,
+            "version": "testbed",
+            "links": [{"rel": "self", "href": f"{req.base_url}/refapi/sites"}],
+        },
+    )
 
 
 def _bm_site(uid: str) -> cat.Site:
@@ -52,22 +66,51 @@ def node_doc(req: Request, site: cat.Site, h: cat.Host) -> dict:
     if h.gpus:
         gpu.update(gpu_count=h.gpus, gpu_model=h.gpu_model, gpu_vendor=h.gpu_vendor)
     return {
-        "uid": h.uid, "node_name": h.node_name, "node_type": h.node_type, "type": "node",
+        "uid": h.uid,
+        "node_name": h.node_name,
+        "node_type": h.node_type,
+        "type": "node",
         "architecture": {"platform_type": h.arch, "smp_size": 2, "smt_size": 48},
         "bios": {"vendor": "Dell Inc.", "version": "2.0", "release_date": "01/01/2024"},
-        "processor": {"model": "Intel Xeon" if h.arch == "x86_64" else "Ampere Altra", "clock_speed": 2_400_000_000,
-                      "instruction_set": "x86-64" if h.arch == "x86_64" else "arm64", "vendor": "Intel"},
+        "processor": {
+            "model": "Intel Xeon" if h.arch == "x86_64" else "Ampere Altra",
+            "clock_speed": 2_400_000_000,
+            "instruction_set": "x86-64" if h.arch == "x86_64" else "arm64",
+            "vendor": "Intel",
+        },
         "gpu": gpu,
         "main_memory": {"humanized_ram_size": "192 GiB", "ram_size": 206158430208},
-        "network_adapters": [{"device": "eno1", "enabled": True, "mounted": True, "interface": "Ethernet",
-                              "rate": 10_000_000_000, "mac": cat.mac_for(h.uid)}],
-        "storage_devices": [{"device": "sda", "size": 240_057_409_536, "interface": "SATA", "driver": "ahci",
-                             "humanized_size": "240 GB", "model": "SSD", "media_type": "SSD"}],
+        "network_adapters": [
+            {
+                "device": "eno1",
+                "enabled": True,
+                "mounted": True,
+                "interface": "Ethernet",
+                "rate": 10_000_000_000,
+                "mac": cat.mac_for(h.uid),
+            }
+        ],
+        "storage_devices": [
+            {
+                "device": "sda",
+                "size": 240_057_409_536,
+                "interface": "SATA",
+                "driver": "ahci",
+                "humanized_size": "240 GB",
+                "model": "SSD",
+                "media_type": "SSD",
+            }
+        ],
         "placement": {"node": h.node_name.rsplit("-", 1)[-1], "rack": "1"},
-        "monitoring": {"wattmeter": False}, "supported_job_types": {"virtual": "ivt", "deploy": True},
+        "monitoring": {"wattmeter": False},
+        "supported_job_types": {"virtual": "ivt", "deploy": True},
         "version": "testbed",
-        "links": [{"rel": "self", "href": f"{req.base_url}/refapi/sites/{site.uid}/clusters/chameleon/nodes/"
-                                          f"{h.uid}"}],
+        "links": [
+            {
+                "rel": "self",
+                "href": f"{req.base_url}/refapi/sites/{site.uid}/clusters/chameleon/nodes/{h.uid}",
+            }
+        ],
     }
 
 
