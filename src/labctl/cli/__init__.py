@@ -127,9 +127,7 @@ def status(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ssh(
-    ctx: typer.Context,
-    lab: Annotated[str | None, typer.Argument(help="Deployment name.")] = None,
-    node: Annotated[str | None, typer.Argument(help="Node name (default: the first with an IP).")] = None,
+    words: Annotated[list[str] | None, typer.Argument(help="[LAB] [NODE] [-- COMMAND...]", show_default=False)] = None,
     forward: Annotated[list[int] | None, typer.Option("--forward", "-L",
                                                         help="Forward a port to the node's localhost.")] = None,
     owner: OwnerOpt = None,
@@ -145,12 +143,18 @@ def ssh(
 
     from labctl import service
 
-    command = list(ctx.args)
-    if lab == "--":
-        lab, node = None, None
-    sctx = _ctx(owner)
-    argv = service.ssh_argv(sctx, lab, node, command, forward or [])
-    raise typer.Exit(subprocess.call(argv))
+    words = list(words or [])
+    # Click drops the "--" itself; find where it was in the command line to split target from command.
+    argv = sys.argv[1:]
+    n_command = len(argv) - argv.index("--") - 1 if "--" in argv else 0
+    target, command = (words[: len(words) - n_command], words[len(words) - n_command:])
+    if len(target) > 2:
+        from labctl.errors import UserError
+
+        raise UserError(f"labctl ssh takes [LAB] [NODE], then '--' and a command; got {' '.join(target)}")
+    lab, node = (target + [None, None])[:2]
+    argv_ssh = service.ssh_argv(_ctx(owner), lab, node, command, forward or [])
+    raise typer.Exit(subprocess.call(argv_ssh))
 
 
 @app.command()

@@ -104,7 +104,7 @@ def plan_json(plan: Any) -> dict[str, Any]:
         "nodes": [{"name": n.name, "role": n.role, "types": list(n.candidates), "image": n.image,
                    "floating_ip": n.floating_ip} for n in plan.nodes],
         "resources": [{"key": r.key, "kind": r.kind, "name": r.name, "depends_on": list(r.depends_on),
-                       **{k: v for k, v in r.spec.items() if k != "public_key"}} for r in plan.resources],
+                       "spec": {k: v for k, v in r.spec.items() if k != "public_key"}} for r in plan.resources],
     }
 
 

@@ -126,8 +126,14 @@ class ChameleonProvider:
 
         if isinstance(exc, UserError | CloudError):
             return exc
-        status = getattr(exc, "status_code", None) or getattr(exc, "code", None) or getattr(
-            getattr(exc, "response", None), "status_code", None)
+        # openstacksdk wraps keystoneauth's errors (e.g. a 401 at authorize()) in a bare SDKException:
+        # look through the chain for the most specific one.
+        chain = [exc]
+        while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 8:
+            chain.append(nxt)
+        exc = next((e for e in chain if isinstance(e, ks_exc.ClientException)), exc)
+        status = getattr(exc, "status_code", None) or getattr(exc, "http_status", None) or getattr(
+            exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
         text = _error_text(exc)
         where = f"{self.site.name}: {what}"
         if isinstance(exc, ks_exc.Unauthorized) or status == 401:

@@ -309,7 +309,7 @@ CREATE TABLE IF NOT EXISTS regions (region TEXT PRIMARY KEY);
 # Parameters left out of the request log summary (long or secret) and of the idempotency hash.
 _NOT_LOGGED = {"Action", "Version", "PublicKeyMaterial", "UserData"}
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")
-_IPV4_DASHED = re.compile(r"(?<![\d-])(\d{1,3}(?:-\d{1,3}){3})(?![\d-])")
+_IPV4_DASHED = re.compile(r"(?:(?<=ec2-)|(?<=ip-))(\d{1,3}(?:-\d{1,3}){3})(?![\d-])")  # DNS names
 _PUBLIC_IP_TAGS = re.compile(r"<(ipAddress|publicIp|carrierIp)>([\d.]+)</\1>")
 _LOOP = re.compile(rf"^{re.escape(LOOPBACK_PREFIX)}\.\d{{1,3}}\.\d{{1,3}}$")
 _REGION = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")

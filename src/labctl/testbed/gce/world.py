@@ -1,0 +1,688 @@
+"""The emulated Compute Engine's state: one SQLite file (`<state_dir>/gce.db`) shared by threads and processes.
+
+Every labctl process may run its own HTTP endpoint over the same file (WAL journal, `BEGIN IMMEDIATE` for
+writes, so capacity and quota checks are race-free across processes). Nothing runs in the background:
+operation and instance states are computed from timestamps stored at creation (already multiplied by the
+time scale of the process that created them), and deleted resources disappear when their delete
+operation is DONE (rows are purged lazily by whoever looks next, `GceWorld.tick`).
+
+Besides storage, `GceWorld` is the control API for tests and the SSH side: capacity and quotas, fault
+injection, the request log, an inventory of what exists and the SSH targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import random
+import re
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from labctl.testbed.gce import catalog
+
+DEFAULT_TIME_SCALE = 0.01
+FAULT_KINDS = ("error500", "error503", "error429", "hang_after", "timeout_after")
+
+# Unscaled durations in seconds (multiplied by the time scale when a resource or operation is created).
+INSERT_OP = {"instances": 10.0, "firewalls": 6.0, "addresses": 3.0}
+DELETE_OP = {"instances": 30.0, "firewalls": 6.0, "addresses": 3.0}
+ACCESS_CONFIG_OP = 4.0
+PATCH_OP = 6.0
+FAILED_OP = 4.0  # an insert that ends in ZONE_RESOURCE_POOL_EXHAUSTED / QUOTA_EXCEEDED
+INSTANCE_STAGING_AT = 6.0  # PROVISIONING -> STAGING
+INSTANCE_RUNNING_AT = 20.0  # STAGING -> RUNNING
+PENDING_SHARE = 0.2  # the first 20 % of an operation's life is PENDING, then RUNNING, then DONE
+WAIT_CAP = 120.0  # zoneOperations.wait returns after at most this long (real seconds), DONE or not
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS resources (
+    kind TEXT NOT NULL, project TEXT NOT NULL, scope TEXT NOT NULL, name TEXT NOT NULL, id TEXT NOT NULL,
+    created REAL NOT NULL, gone_at REAL, data TEXT NOT NULL,
+    PRIMARY KEY (kind, project, scope, name));
+CREATE INDEX IF NOT EXISTS resources_gone ON resources (gone_at) WHERE gone_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS request_ids (
+    project TEXT NOT NULL, request_id TEXT NOT NULL, scope TEXT NOT NULL, operation TEXT NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (project, request_id));
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL,
+    query TEXT NOT NULL DEFAULT '', operation TEXT);
+CREATE TABLE IF NOT EXISTS faults (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, operation TEXT NOT NULL, kind TEXT NOT NULL,
+    remaining INTEGER NOT NULL, message TEXT);
+"""
+
+try:
+    from zoneinfo import ZoneInfo
+
+    _PACIFIC: Any = ZoneInfo("America/Los_Angeles")
+except Exception:  # noqa: BLE001 - no tz database: fixed offset
+    _PACIFIC = timezone(timedelta(hours=-8))
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """Compute Engine's timestamps: Pacific time with milliseconds, "2025-10-14T09:31:07.552-07:00"."""
+    if ts is None:
+        return None
+    dt = datetime.fromtimestamp(ts, _PACIFIC)
+    text = dt.isoformat(timespec="milliseconds")
+    return text
+
+
+def new_id() -> str:
+    """A numeric uint64 id as Compute Engine returns it (a string of 18-19 digits)."""
+    return str(random.randint(10**18, 2**63 - 1))
+
+
+def fingerprint() -> str:
+    import base64
+
+    return base64.b64encode(os.urandom(8)).decode()
+
+
+def _free_port(lo: int = 20000, hi: int = 40000) -> int:
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {lo}-{hi}")
+
+
+def external_ip(k: int) -> str:
+    """The k-th external address: 127.30.1.1, 127.30.1.2, ... (loopback, bindable on Linux)."""
+    n, m = divmod(k, 254)
+    if n >= 254:
+        raise RuntimeError("the emulated Compute Engine ran out of external addresses")
+    return f"127.30.{n + 1}.{m + 1}"
+
+
+# ------------------------------------------------------------------------------------ storage
+class Db:
+    """One open transaction: typed helpers over the `resources` table."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float):
+        self.conn = conn
+        self.now = now
+
+    def get(self, kind: str, project: str, scope: str, name: str, include_gone: bool = False) -> dict | None:
+        row = self.conn.execute(
+            "SELECT data, gone_at FROM resources WHERE kind=? AND project=? AND scope=? AND name=?",
+            (kind, project, scope, name),
+        ).fetchone()
+        if not row or (not include_gone and row[1] is not None and row[1] <= self.now):
+            return None
+        return json.loads(row[0])
+
+    def find(self, kind: str, project: str | None = None, scope: str | None = None) -> list[dict]:
+        sql = "SELECT data FROM resources WHERE kind=? AND (gone_at IS NULL OR gone_at > ?)"
+        args: list[Any] = [kind, self.now]
+        if project is not None:
+            sql += " AND project=?"
+            args.append(project)
+        if scope is not None:
+            sql += " AND scope=?"
+            args.append(scope)
+        rows = self.conn.execute(sql + " ORDER BY created, rowid", args)
+        return [json.loads(r[0]) for r in rows]
+
+    def put(self, kind: str, obj: dict) -> dict:
+        """Insert or replace `obj` (needs `_project`, `_scope`, `name`, `id`; `_gone_at` mirrors a column)."""
+        obj.setdefault("_created", self.now)
+        self.conn.execute(
+            "INSERT INTO resources (kind, project, scope, name, id, created, gone_at, data) "
+            "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (kind, project, scope, name) DO UPDATE SET "
+            "id=excluded.id, created=excluded.created, gone_at=excluded.gone_at, data=excluded.data",
+            (kind, obj["_project"], obj["_scope"], obj["name"], obj["id"], obj["_created"],
+             obj.get("_gone_at"), json.dumps(obj)),
+        )
+        return obj
+
+    def delete(self, kind: str, project: str, scope: str, name: str) -> None:
+        self.conn.execute("DELETE FROM resources WHERE kind=? AND project=? AND scope=? AND name=?",
+                          (kind, project, scope, name))
+
+    def setting(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_setting(self, key: str, value: object) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, str(value)))
+
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: object) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
+
+    def counter(self, key: str, start: int = 0) -> int:
+        value = int(self.meta(f"counter:{key}", str(start)))
+        self.set_meta(f"counter:{key}", value + 1)
+        return value
+
+
+# ------------------------------------------------------------------------------------ lifecycles
+def instance_status(inst: dict, now: float) -> str:
+    if inst.get("_stopping_at") is not None and now >= inst["_stopping_at"]:
+        return "STOPPING"
+    if now < inst["_staging_at"]:
+        return "PROVISIONING"
+    if now < inst["_running_at"]:
+        return "STAGING"
+    return "RUNNING"
+
+
+def operation_status(op: dict, now: float) -> str:
+    if now >= op["_done_at"]:
+        return "DONE"
+    if now >= op["_start_at"]:
+        return "RUNNING"
+    return "PENDING"
+
+
+def new_operation(db: Db, project: str, scope: str, op_type: str, target_link: str, target_id: str,
+                  duration: float, *, user: str, error: dict | None = None, http_status: int | None = None,
+                  http_message: str | None = None) -> dict:
+    """Store an operation that is PENDING now, RUNNING soon and DONE after `duration` (already scaled)."""
+    now = db.now
+    name = (f"operation-{int(now * 1000)}-{uuid.uuid4().hex[:13]}-{uuid.uuid4().hex[:8]}-"
+            f"{uuid.uuid4().hex[:8]}")
+    op: dict[str, Any] = {
+        "kind": "compute#operation",
+        "id": new_id(),
+        "name": name,
+        "operationType": op_type,
+        "targetLink": target_link,
+        "targetId": target_id,
+        "user": user,
+        "insertTime": rfc3339(now),
+        "selfLink": f"projects/{project}/{scope}/operations/{name}",
+        "_project": project,
+        "_scope": scope,
+        "_start_at": now + duration * PENDING_SHARE,
+        "_done_at": now + duration,
+    }
+    if scope.startswith("zones/"):
+        op["zone"] = f"projects/{project}/{scope}"
+    elif scope.startswith("regions/"):
+        op["region"] = f"projects/{project}/{scope}"
+    if error is not None:
+        op["_error"] = error
+        op["_http"] = [http_status, http_message]
+    return db.put("operation", op)
+
+
+def render_operation(op: dict, now: float) -> dict:
+    out = {k: v for k, v in op.items() if not k.startswith("_")}
+    status = operation_status(op, now)
+    out["status"] = status
+    out["progress"] = {"PENDING": 0, "RUNNING": 50, "DONE": 100}[status]
+    if status != "PENDING":
+        out["startTime"] = rfc3339(op["_start_at"])
+    if status == "DONE":
+        out["endTime"] = rfc3339(op["_done_at"])
+        if op.get("_error"):
+            out["error"] = op["_error"]
+            out["httpErrorStatusCode"], out["httpErrorMessage"] = op["_http"]
+    return out
+
+
+def render_instance(inst: dict, now: float) -> dict:
+    out = {k: v for k, v in inst.items() if not k.startswith("_")}
+    status = instance_status(inst, now)
+    out["status"] = status
+    if status == "PROVISIONING":  # no external address and no CPU platform until the VM is placed
+        out["cpuPlatform"] = "Unknown CPU Platform"
+        out["networkInterfaces"] = [
+            {**nic, "accessConfigs": [{k: v for k, v in ac.items() if k != "natIP"}
+                                      for ac in nic.get("accessConfigs", [])]}
+            for nic in inst["networkInterfaces"]
+        ]
+    if status in ("RUNNING", "STOPPING"):
+        out["lastStartTimestamp"] = rfc3339(inst["_running_at"])
+    return out
+
+
+def render_address(addr: dict, now: float) -> dict:
+    return {k: v for k, v in addr.items() if not k.startswith("_")}
+
+
+def render_plain(obj: dict, now: float) -> dict:
+    return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+
+RENDER = {"instance": render_instance, "address": render_address, "firewall": render_plain,
+          "operation": render_operation}
+
+
+def labels_of(obj: dict) -> dict[str, str]:
+    return dict(obj.get("labels") or {})
+
+
+def nat_ips(inst: dict) -> list[str]:
+    return [ac["natIP"] for nic in inst.get("networkInterfaces", []) for ac in nic.get("accessConfigs", [])
+            if ac.get("natIP")]
+
+
+# ------------------------------------------------------------------------------------ filters
+_TERM = re.compile(
+    r"""\s*(?:AND\s+)?\(?\s*(?P<field>[A-Za-z_][\w.\-]*)\s*(?P<op>!=|=|:|\beq\b|\bne\b)\s*
+        (?P<value>"(?:[^"\\]|\\.)*"|'[^']*'|[^\s()]+)\s*\)?\s*""",
+    re.X,
+)
+
+
+class FilterError(ValueError):
+    pass
+
+
+def parse_filter(expr: str | None) -> list[tuple[str, str, str]]:
+    """`labels.a = "x"`, `labels.a=x`, `(labels.a = "x") (name != "y")`, `... AND ...`, `name eq 'regex'`."""
+    if not expr or not expr.strip():
+        return []
+    terms = []
+    pos = 0
+    text = expr.strip()
+    while pos < len(text):
+        m = _TERM.match(text, pos)
+        if not m or m.end() == pos:
+            raise FilterError(f"Invalid list filter expression '{expr}'.")
+        value = m.group("value")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1].replace('\\"', '"')
+        terms.append((m.group("field"), m.group("op"), value))
+        pos = m.end()
+    return terms
+
+
+def _field(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(obj, dict):
+            obj = obj.get(part)
+        else:
+            return None
+    return obj
+
+
+def _eq(actual: Any, value: str) -> bool:
+    if actual is None:
+        return False
+    if isinstance(actual, bool):
+        actual = "true" if actual else "false"
+    actual = str(actual)
+    if "/" in actual and "/" not in value:  # links compare by their last segment (zone = us-central1-a)
+        actual = actual.rsplit("/", 1)[-1]
+    return fnmatch.fnmatchcase(actual, value) if "*" in value else actual == value
+
+
+def matches(obj: dict, terms: list[tuple[str, str, str]]) -> bool:
+    for field, op, value in terms:
+        actual = _field(obj, field)
+        if op == "=":
+            ok = _eq(actual, value)
+        elif op == "!=":
+            ok = not _eq(actual, value)
+        elif op == ":":
+            ok = actual is not None if value == "*" else _eq(actual, value)
+        else:  # eq / ne: RE2 full match
+            try:
+                ok = actual is not None and re.fullmatch(value, str(actual)) is not None
+            except re.error:
+                raise FilterError(f"Invalid regular expression '{value}' in list filter.") from None
+            ok = ok if op == "eq" else not ok
+        if not ok:
+            return False
+    return True
+
+
+def _norm_fault_op(operation: str) -> str:
+    return operation.strip()
+
+
+# ------------------------------------------------------------------------------------ the world
+class GceWorld:
+    """The emulated Compute Engine's state and control API (see the module docstring)."""
+
+    def __init__(self, state_dir: str | os.PathLike, time_scale: float | None = None,
+                 project: str = catalog.PROJECT):
+        self.state_dir = Path(state_dir).expanduser()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.state_dir / "gce.db"
+        if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
+            time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
+        self._explicit_scale = time_scale
+        self.project = project
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._init()
+        with self.read() as db:
+            self.ssh_port: int = int(db.meta("ssh_port"))
+
+    def __repr__(self) -> str:
+        return f"GceWorld({str(self.state_dir)!r})"
+
+    # connections and transactions -----------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            self._local.depth = 0
+            self._local.db = None
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _tx(self, mode: str, now: float | None = None) -> Iterator[Db]:
+        conn = self._conn()
+        if self._local.depth:  # nested: join the open transaction
+            self._local.depth += 1
+            try:
+                yield self._local.db
+            finally:
+                self._local.depth -= 1
+            return
+        for attempt in range(50):
+            try:
+                conn.execute(f"BEGIN {mode}")
+                break
+            except sqlite3.OperationalError as e:  # "database is locked" beyond busy_timeout, rare
+                if "locked" not in str(e) or attempt == 49:
+                    raise
+                time.sleep(0.05)
+        db = Db(conn, time.time() if now is None else now)
+        self._local.depth = 1
+        self._local.db = db
+        try:
+            yield db
+        except BaseException:
+            self._local.depth = 0
+            self._local.db = None
+            conn.execute("ROLLBACK")
+            raise
+        self._local.depth = 0
+        self._local.db = None
+        conn.execute("COMMIT")
+
+    def tx(self, now: float | None = None):
+        """A write transaction (`BEGIN IMMEDIATE`): `with world.tx() as db: ...`."""
+        return self._tx("IMMEDIATE", now)
+
+    def read(self, now: float | None = None):
+        """A read transaction (a consistent snapshot)."""
+        return self._tx("DEFERRED", now)
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+    def _init(self) -> None:
+        conn = self._conn()
+        for attempt in range(100):
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
+        with self.tx() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.conn.execute(statement)
+            if db.meta("created") is None:
+                db.set_meta("created", time.time())
+                db.set_meta("ssh_port", _free_port())
+                db.set_meta("time_scale", self._explicit_scale if self._explicit_scale is not None
+                            else DEFAULT_TIME_SCALE)
+
+    # settings -----------------------------------------------------------------------------------------
+    @property
+    def time_scale(self) -> float:
+        if self._explicit_scale is not None:
+            return float(self._explicit_scale)
+        with self.read() as db:
+            return float(db.meta("time_scale", str(DEFAULT_TIME_SCALE)))
+
+    def set_capacity(self, zone: str, machine_or_accelerator_type: str, n: int) -> None:
+        """How many instances of a machine type (or cards of an accelerator type) `zone` can hold at once.
+
+        Defaults: 8 for GPU machine types and accelerators, 1000 for CPU machine types. Beyond it, an insert's
+        operation ends DONE with ZONE_RESOURCE_POOL_EXHAUSTED (httpErrorStatusCode 503)."""
+        if zone not in catalog.ZONES:
+            raise ValueError(f"unknown zone {zone!r}")
+        with self.tx() as db:
+            db.set_setting(f"capacity:{zone}:{machine_or_accelerator_type}", int(n))
+
+    def capacity(self, zone: str, type_name: str, db: Db | None = None) -> int:
+        default = catalog.DEFAULT_GPU_CAPACITY if catalog.is_gpu_type(type_name) else catalog.DEFAULT_CPU_CAPACITY
+        if db is None:
+            with self.read() as db2:
+                return int(db2.setting(f"capacity:{zone}:{type_name}", str(default)))
+        return int(db.setting(f"capacity:{zone}:{type_name}", str(default)))
+
+    def set_quota(self, region: str, metric: str, limit: float) -> None:
+        """A regional quota limit (CPUS, INSTANCES, IN_USE_ADDRESSES, STATIC_ADDRESSES, NVIDIA_T4_GPUS, ...)."""
+        if region not in catalog.REGIONS:
+            raise ValueError(f"unknown region {region!r}")
+        with self.tx() as db:
+            db.set_setting(f"quota:{region}:{metric}", float(limit))
+
+    def quota(self, region: str, metric: str, db: Db) -> float:
+        return float(db.setting(f"quota:{region}:{metric}", str(catalog.DEFAULT_QUOTAS.get(metric, 1e9))))
+
+    def quota_usage(self, region: str, db: Db) -> dict[str, float]:
+        usage: dict[str, float] = dict.fromkeys(catalog.DEFAULT_QUOTAS, 0.0)
+        for inst in db.find("instance", self.project):
+            if catalog.ZONES.get(inst["_scope"].split("/")[1]) != region:
+                continue
+            for metric, amount in instance_quota(inst).items():
+                usage[metric] = usage.get(metric, 0.0) + amount
+        for addr in db.find("address", self.project, f"regions/{region}"):
+            usage["STATIC_ADDRESSES"] += 1
+            if addr.get("status") == "IN_USE":
+                usage["IN_USE_ADDRESSES"] += 1
+        return usage
+
+    # faults -------------------------------------------------------------------------------------------
+    def inject_fault(self, operation: str, kind: str, count: int = 1, message: str | None = None) -> None:
+        """Make the next `count` requests of `operation` misbehave.
+
+        `operation` is an API method id as in the discovery document ("instances.insert", "instances.list",
+        "zoneOperations.wait", "firewalls.insert", "addresses.delete"), a glob of them ("instances.*"),
+        or "*". `kind`: error503 | error500 | error429 (answer with that error, do nothing) |
+        hang_after (do it and commit, then never answer) | timeout_after (do it and commit, then drop
+        the connection)."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
+        with self.tx() as db:
+            db.conn.execute("INSERT INTO faults (operation, kind, remaining, message) VALUES (?,?,?,?)",
+                            (_norm_fault_op(operation), kind, int(count), message))
+
+    def clear_faults(self) -> None:
+        with self.tx() as db:
+            db.conn.execute("DELETE FROM faults")
+
+    def faults(self) -> list[dict]:
+        with self.read() as db:
+            rows = db.conn.execute(
+                "SELECT operation, kind, remaining, message FROM faults WHERE remaining > 0 ORDER BY id"
+            ).fetchall()
+        return [dict(zip(("operation", "kind", "remaining", "message"), r, strict=True)) for r in rows]
+
+    def take_fault(self, operation: str) -> tuple[str, str | None] | None:
+        """Consume one fault matching this API method, if any: (kind, message)."""
+        with self.read() as db:
+            if not db.conn.execute("SELECT 1 FROM faults WHERE remaining > 0 LIMIT 1").fetchone():
+                return None
+        with self.tx() as db:
+            rows = db.conn.execute(
+                "SELECT id, operation, kind, message FROM faults WHERE remaining > 0 ORDER BY id").fetchall()
+            for fid, pattern, kind, message in rows:
+                if pattern == "*" or fnmatch.fnmatchcase(operation, pattern):
+                    db.conn.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?", (fid,))
+                    return kind, message
+        return None
+
+    # request log --------------------------------------------------------------------------------------
+    def log_request(self, method: str, path: str, query: str = "", operation: str | None = None) -> None:
+        with self.tx() as db:
+            db.conn.execute("INSERT INTO requests (ts, method, path, query, operation) VALUES (?,?,?,?,?)",
+                            (time.time(), method, path, query, operation))
+
+    def request_log(self, detail: bool = False) -> list:
+        """Every request served, in order: (method, path), e.g. ("POST", "/compute/v1/projects/sim-project/
+        zones/us-central1-a/instances"). With detail=True, dicts that also carry ts, query and operation
+        (the API method id, "instances.insert")."""
+        with self.read() as db:
+            rows = db.conn.execute("SELECT ts, method, path, query, operation FROM requests ORDER BY seq")
+            rows = rows.fetchall()
+        if detail:
+            return [dict(zip(("ts", "method", "path", "query", "operation"), r, strict=True)) for r in rows]
+        return [(r[1], r[2]) for r in rows]
+
+    def clear_request_log(self) -> None:
+        with self.tx() as db:
+            db.conn.execute("DELETE FROM requests")
+
+    # lifecycle ----------------------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Purge what was deleted (delete operation DONE) and free the addresses it held."""
+        now = time.time() if now is None else now
+        with self.read(now) as db:
+            due = db.conn.execute("SELECT 1 FROM resources WHERE gone_at IS NOT NULL AND gone_at <= ? LIMIT 1",
+                                  (now,)).fetchone()
+        if due:
+            with self.tx(now) as db:
+                purge(db)
+
+    # views --------------------------------------------------------------------------------------------
+    def inventory(self) -> dict[str, list[dict]]:
+        """What exists in the project: instances (with status, labels, zone, machine type, internal and
+        external IPs), firewalls (with description, target tags, allowed) and addresses (with labels,
+        status, users)."""
+        self.tick()
+        with self.read() as db:
+            now = db.now
+            instances = []
+            for inst in db.find("instance", self.project):
+                r = render_instance(inst, now)
+                instances.append({
+                    "id": inst["id"], "name": inst["name"], "zone": inst["_scope"].split("/")[1],
+                    "status": r["status"], "labels": labels_of(inst),
+                    "machine_type": inst["machineType"].rsplit("/", 1)[-1],
+                    "accelerators": [(a["acceleratorType"].rsplit("/", 1)[-1], a["acceleratorCount"])
+                                     for a in inst.get("guestAccelerators", [])],
+                    "tags": list((inst.get("tags") or {}).get("items", [])),
+                    "internal_ip": inst["networkInterfaces"][0].get("networkIP"),
+                    "external_ip": (nat_ips(inst) or [None])[0],
+                })
+            firewalls = [{"id": f["id"], "name": f["name"], "description": f.get("description", ""),
+                          "target_tags": f.get("targetTags", []), "allowed": f.get("allowed", []),
+                          "source_ranges": f.get("sourceRanges", [])}
+                         for f in db.find("firewall", self.project)]
+            addresses = [{"id": a["id"], "name": a["name"], "region": a["_scope"].split("/")[1],
+                          "address": a["address"], "status": a["status"], "labels": labels_of(a),
+                          "description": a.get("description", ""), "users": list(a.get("users", []))}
+                         for a in db.find("address", self.project)]
+        return {"instances": instances, "firewalls": firewalls, "addresses": addresses}
+
+    def ssh_targets(self) -> list[dict[str, Any]]:
+        """Every RUNNING instance with an external IP, as the SSH side (`labctl.testbed.sshd`) needs it."""
+        self.tick()
+        out = []
+        with self.read() as db:
+            now = db.now
+            for inst in db.find("instance", self.project):
+                if instance_status(inst, now) != "RUNNING":
+                    continue
+                ips = nat_ips(inst)
+                if not ips:
+                    continue
+                keys, users = [], []
+                for item in (inst.get("metadata") or {}).get("items", []):
+                    if item.get("key") != "ssh-keys":
+                        continue
+                    for line in str(item.get("value") or "").splitlines():
+                        user, sep, key = line.strip().partition(":")
+                        if sep and key.strip():
+                            keys.append(key.strip())
+                            users.append(user)
+                zone = inst["_scope"].split("/")[1]
+                out.append({
+                    "server_id": inst["id"],
+                    "site": f"gcp:{zone}",
+                    "name": inst["name"],
+                    "address": ips[0],
+                    "port": self.ssh_port,
+                    "authorized_keys": keys,
+                    "user": users[0] if users else None,
+                    "users": sorted(set(users)),
+                    "node_dir": self.state_dir / "nodes" / inst["id"],
+                })
+        return out
+
+
+# ------------------------------------------------------------------------------------ shared behaviour
+def instance_quota(inst: dict) -> dict[str, float]:
+    """What one instance counts against its region's quotas."""
+    mt = catalog.MACHINE_TYPES.get(inst["machineType"].rsplit("/", 1)[-1])
+    use: dict[str, float] = {"INSTANCES": 1.0, "CPUS": float(mt.cpus if mt else 1)}
+    if mt and mt.accelerator:
+        metric = catalog.ACCELERATORS[mt.accelerator].quota_metric
+        use[metric] = use.get(metric, 0.0) + mt.gpus
+    for acc in inst.get("guestAccelerators", []):
+        a = catalog.ACCELERATORS.get(acc["acceleratorType"].rsplit("/", 1)[-1])
+        if a:
+            use[a.quota_metric] = use.get(a.quota_metric, 0.0) + int(acc.get("acceleratorCount", 1))
+    if nat_ips(inst):
+        use["IN_USE_ADDRESSES"] = 1.0
+    return use
+
+
+def purge(db: Db) -> None:
+    """Remove resources whose delete operation is DONE; an instance's static addresses become RESERVED."""
+    rows = db.conn.execute(
+        "SELECT kind, project, scope, name, data FROM resources WHERE gone_at IS NOT NULL AND gone_at <= ?",
+        (db.now,)).fetchall()
+    for kind, project, scope, name, data in rows:
+        if kind == "instance":
+            release_static(db, project, json.loads(data))
+        db.delete(kind, project, scope, name)
+    # operations and request ids are kept for a day (Compute Engine keeps them for a while too)
+    db.conn.execute("DELETE FROM resources WHERE kind='operation' AND created < ?", (db.now - 86400,))
+    db.conn.execute("DELETE FROM request_ids WHERE created < ?", (db.now - 86400,))
+
+
+def release_static(db: Db, project: str, inst: dict, only_ip: str | None = None) -> None:
+    region = catalog.ZONES[inst["_scope"].split("/")[1]]
+    link = inst["selfLink"]
+    for addr in db.find("address", project, f"regions/{region}"):
+        if link in addr.get("users", []) and (only_ip is None or addr["address"] == only_ip):
+            addr["users"] = [u for u in addr["users"] if u != link]
+            addr["status"] = "IN_USE" if addr["users"] else "RESERVED"
+            db.put("address", addr)
