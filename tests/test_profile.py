@@ -79,7 +79,7 @@ def test_shipped_profile_loads_and_fits_each_of_its_sites(name: str) -> None:
 
 def test_hello_profile() -> None:
     p = load_profile(find_profile("hello"))
-    assert p.sites == ["kvm@tacc"]
+    assert p.sites == ["kvm@tacc", "aws", "gcp"]
     assert p.types_for("node", "kvm@tacc", "kvm") == ["m1.small", "m1.medium"]
     assert p.node_names() == [("node-1", "node")]
     assert p.lease_hours == 6

@@ -294,6 +294,12 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
     view = DeploymentView(ctx.store, dep.id)
     if view.get_host_key(target.name) is None:
         raise UserError(f"{dep.name}/{target.name}: no pinned host key yet; run 'labctl up {dep.name}' first")
+    if site.emulated:
+        try:
+            ctx.testbed().wait_ssh(target.host, target.port)
+        except TimeoutError as exc:
+            raise CloudError(f"{dep.name}/{target.name}: the emulated node does not answer SSH ({exc}); "
+                             "was its server deleted or its lease ended? see 'labctl status'") from exc
     known = known_hosts_file([target], view, ctx.store.dir / "known_hosts" / f"{dep.id}")
     key = ensure_keypair(ctx.store.keys_dir)
     return build_argv(target, key.private_path, known, command or None, forwards)

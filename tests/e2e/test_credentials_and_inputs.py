@@ -11,7 +11,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from tests.e2e.helpers import labctl_leftovers, run, run_json
 
 pytestmark = pytest.mark.slow

@@ -620,10 +620,7 @@ class _StepRunner:
             if needs_file:
                 remote_script = uploaded
         remaining = max(1.0, deadline - time.monotonic())
-        if remote_script:
-            inner = f"bash -l {shlex.quote(remote_script)}"
-        else:
-            inner = f"bash -lc {shlex.quote(script)}"
+        inner = f"bash -l {shlex.quote(remote_script)}" if remote_script else f"bash -lc {shlex.quote(script)}"
         # The node enforces the timeout itself too, so that a step does not outlive us on a real node.
         command = f"timeout -k 10 {remaining:.1f} {inner}"
 

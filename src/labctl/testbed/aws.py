@@ -302,7 +302,8 @@ CREATE TABLE IF NOT EXISTS requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts R
     action TEXT NOT NULL, summary TEXT NOT NULL, status INTEGER);
 CREATE TABLE IF NOT EXISTS keys (region TEXT NOT NULL, name TEXT NOT NULL, public_key TEXT NOT NULL,
     PRIMARY KEY (region, name));
-CREATE TABLE IF NOT EXISTS instance_keys (instance_id TEXT PRIMARY KEY, public_key TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS launches (instance_id TEXT PRIMARY KEY, region TEXT NOT NULL, launched REAL NOT NULL,
+    keys TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS regions (region TEXT PRIMARY KEY);
 """
 
@@ -491,6 +492,13 @@ class AwsWorld:
         value = self._meta(f"vcpu_limit:{region}") or self._meta("vcpu_limit:*")
         return int(value) if value is not None else None
 
+    def reset_controls(self) -> None:
+        """Back to defaults: no capacity or vCPU limits, no faults, no boot time."""
+        with self._tx() as db:
+            db.execute("DELETE FROM capacity")
+            db.execute("DELETE FROM faults")
+            db.execute("DELETE FROM meta WHERE key LIKE 'vcpu_limit:%' OR key = 'boot_seconds'")
+
     def inject_fault(self, action: str, kind: str, count: int = 1) -> None:
         """Make the next `count` requests of `action` ("RunInstances", "*" for any) misbehave.
 
@@ -636,16 +644,58 @@ class AwsWorld:
         rows = self._read("SELECT public_key FROM keys WHERE region=? AND name=?", (region, name))
         return rows[0][0] if rows else None
 
-    def record_instance_keys(self, region: str, key_name: str | None, body: bytes) -> None:
-        if not key_name:
-            return
-        line = self.key_line(region, key_name)
-        if not line:
-            return
+    def record_launch(self, region: str, params: dict[str, str], body: bytes) -> None:
+        """Remember when each new instance was launched and which keys it accepts (the key pair's line as
+        imported, plus `ssh_authorized_keys` of cloud-config user data)."""
+        keys = []
+        if params.get("KeyName") and (line := self.key_line(region, params["KeyName"])):
+            keys.append(line)
+        keys += _cloud_config_keys(params.get("UserData"))
         ids = re.findall(r"<instanceId>(i-[0-9a-f]+)</instanceId>", body.decode(errors="replace"))
+        now = time.time()
         with self._tx() as db:
             for iid in ids:
-                db.execute("INSERT OR REPLACE INTO instance_keys (instance_id, public_key) VALUES (?,?)", (iid, line))
+                db.execute("INSERT OR IGNORE INTO launches (instance_id, region, launched, keys) VALUES (?,?,?,?)",
+                           (iid, region, now, json.dumps(keys)))
+
+    def instance_keys(self, instance_id: str) -> list[str] | None:
+        rows = self._read("SELECT keys FROM launches WHERE instance_id=?", (instance_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    # -- boot time ---------------------------------------------------------------------------------------
+    def set_boot_seconds(self, seconds: float) -> None:
+        """New instances say `pending` for this long after launch (moto says `running` at once; default 0)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('boot_seconds', ?)", (str(float(seconds)),))
+
+    def boot_seconds(self) -> float:
+        return float(self._meta("boot_seconds", "0") or 0)
+
+    def booting(self) -> set[str]:
+        """Instances launched less than boot_seconds ago."""
+        boot = self.boot_seconds()
+        if boot <= 0:
+            return set()
+        rows = self._read("SELECT instance_id FROM launches WHERE launched > ?", (time.time() - boot,))
+        return {r[0] for r in rows}
+
+    def apply_boot(self, body: bytes) -> bytes:
+        """Show instances that are still booting as `pending` (DescribeInstances, RunInstances answers)."""
+        booting = self.booting()
+        if not booting or not any(i.encode() in body for i in booting):
+            return body
+        import xml.etree.ElementTree as ET
+
+        ns = EC2_NS.rstrip("/")
+        ET.register_namespace("", ns)
+        root = ET.fromstring(body)
+        for item in root.iter(f"{{{ns}}}item"):
+            iid = item.findtext(f"{{{ns}}}instanceId")
+            state = item.find(f"{{{ns}}}instanceState")
+            if iid in booting and state is not None and state.findtext(f"{{{ns}}}name") == "running":
+                state.find(f"{{{ns}}}code").text = "0"
+                state.find(f"{{{ns}}}name").text = "pending"
+        return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
 
     # -- EC2 facts (from moto's data) ------------------------------------------------------------------
     def offered_zones(self, region: str, itype: str) -> list[str]:
@@ -713,7 +763,7 @@ class AwsWorld:
             if status == 200:
                 if token:
                     self._store(generation, region, "RunInstances", token, digest, status, body)
-                self.record_instance_keys(region, params.get("KeyName"), body)
+                self.record_launch(region, params, body)
             return status, body
 
     def idempotent(self, region: str, action: str, params: dict[str, str], forward) -> tuple[int, bytes]:
@@ -864,16 +914,16 @@ class AwsWorld:
         if cached is not None and time.monotonic() - cached[0] < 0.2:
             return [dict(t) for t in cached[1]]
         port = self.ssh_port
+        booting = self.booting()
         targets = []
         for region in self.regions():
             for i in self._instances(region, ("running",)):
                 public = i.get("PublicIpAddress")
-                if not public:
+                if not public or i["InstanceId"] in booting:
                     continue
-                keys = [r[0] for r in self._read("SELECT public_key FROM instance_keys WHERE instance_id=?",
-                                                 (i["InstanceId"],))]
-                if not keys and i.get("KeyName") and (line := self.key_line(region, i["KeyName"])):
-                    keys = [line]
+                keys = self.instance_keys(i["InstanceId"])
+                if keys is None:
+                    keys = [line] if i.get("KeyName") and (line := self.key_line(region, i["KeyName"])) else []
                 tags = _tags(i.get("Tags"))
                 targets.append({
                     "server_id": i["InstanceId"], "site": f"aws:{region}",
@@ -889,6 +939,27 @@ class AwsWorld:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _cloud_config_keys(user_data: str | None) -> list[str]:
+    """`ssh_authorized_keys` of base64 cloud-config user data (what cloud-init would add on a real node)."""
+    if not user_data:
+        return []
+    try:
+        text = base64.b64decode(user_data).decode()
+    except (ValueError, UnicodeDecodeError):
+        return []
+    if not text.startswith("#cloud-config"):
+        return []
+    keys, inside = [], False
+    for line in text.splitlines():
+        if re.match(r"^ssh_authorized_keys:\s*$", line):
+            inside = True
+        elif inside and (m := re.match(r"^\s+-\s+(.+?)\s*$", line)):
+            keys.append(m.group(1).strip("'\""))
+        elif inside and line.strip():
+            inside = False
+    return keys
 
 
 def _params_hash(params: dict[str, str]) -> str:
@@ -968,6 +1039,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status, out = forward(real_params)
             if status == 200 and action == "ImportKeyPair":
                 world.record_key(region, params.get("KeyName", ""), params.get("PublicKeyMaterial", ""))
+            if status == 200 and action in ("DescribeInstances", "RunInstances"):
+                out = world.apply_boot(out)
             out = world.map_response(out)
         except ApiError as exc:
             status, out, fault = exc.status, error_xml(exc.code, exc.message), None

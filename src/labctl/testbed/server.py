@@ -344,6 +344,11 @@ class Testbed:
         lines.append(f"export CHI_RESOURCE_API_URL={self.refapi_url}")
         return "\n".join(lines) + "\n"
 
+    def wait_ssh(self, address: str, port: int, timeout: float = 10.0) -> None:
+        """Block until this process serves SSH for the node at address:port (listeners start asynchronously)."""
+        if self._ssh is not None:
+            self._ssh.wait_listening(address, port, timeout)
+
     # lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
         if self._ssh is not None:

@@ -1,0 +1,3 @@
+from labctl.testbed.gce import main
+
+raise SystemExit(main())
