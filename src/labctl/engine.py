@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from labctl.errors import CloudError, NoCapacity
+from labctl.errors import CloudError, Interrupted, NoCapacity
 from labctl.plan import KIND_ORDER, Plan, Resource
 from labctl.providers.base import Found, Provider
 from labctl.state import StateStore
@@ -32,7 +32,9 @@ class Timeouts:
 
 class Engine:
     def __init__(self, provider: Provider, store: StateStore, on_progress: Progress | None = None,
-                 concurrency: int = 8, timeouts: Timeouts | None = None) -> None:
+                 concurrency: int = 8, timeouts: Timeouts | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.should_stop = should_stop or (lambda: False)
         self.provider = provider
         self.store = store
         self.on_progress = on_progress or (lambda subject, stage, detail: None)
@@ -98,6 +100,8 @@ class Engine:
         start = attempts.get(res.key, 0)
         tried = []
         for index in range(start, len(candidates)):
+            if self.should_stop():
+                raise Interrupted(f"stopped before creating {res.key}: state is saved, rerun to resume")
             candidate = candidates[index]
             attempts[res.key] = index
             self.store.record_intent(plan.deployment, res.key, res.kind, res.name,

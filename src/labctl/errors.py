@@ -50,3 +50,9 @@ class Transient(CloudError):
 
 class SetupFailed(LabctlError):
     """A setup step failed on one or more nodes; rerunning `labctl up` resumes at that step."""
+
+
+class Interrupted(LabctlError):
+    """The user asked to stop (Ctrl-C): no new work was started, state is saved, a rerun resumes."""
+
+    exit_code = 130

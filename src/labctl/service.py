@@ -105,7 +105,6 @@ def plan(ctx: Context, profile_ref: str, site_name: str, name: str | None = None
 # -- up -------------------------------------------------------------------------------------------
 def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = None, cloud: str | None = None,
        allow_host_changes: bool = False, ssh_timeout: float = 900.0) -> Status:
-    from labctl.engine import Engine
     from labctl.keys import ensure_keypair
     from labctl.plan import build_plan
 
@@ -119,33 +118,55 @@ def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = Non
             "or pass --name to make another deployment"
         )
     provider = _connect(ctx, site, cloud)
-    the_plan.site = site = provider.site
-    ctx.on_progress("preflight", "checking", f"credentials and images at {site.name}")
+    the_plan.site = provider.site
+    ctx.on_progress("preflight", "checking", f"credentials and images at {provider.site.name}")
     provider.preflight(the_plan)  # before anything is recorded or created
+    provision(ctx, prof, the_plan, provider, key, name=name or prof.name,
+              allow_host_changes=allow_host_changes, ssh_timeout=ssh_timeout)
+    return status(ctx, the_plan.deployment)
+
+
+@dataclass
+class ExtraStep:
+    """A setup step labctl adds itself (e.g. authorising a student's key), run before the profile's steps."""
+
+    name: str
+    command: str
+    timeout: float = 60.0
+
+
+def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *, name: str,
+              allow_host_changes: bool = False, ssh_timeout: float = 900.0, data: dict | None = None,
+              extra_steps: tuple[ExtraStep, ...] = (), on_progress: Progress | None = None,
+              should_stop: Callable[[], bool] | None = None) -> None:
+    """Apply one deployment's plan, then run its setup. Idempotent: a rerun resumes where it stopped."""
+    from labctl.engine import Engine
+
+    progress = on_progress or ctx.on_progress
+    site = provider.site
     ctx.store.save_deployment(DeploymentRecord(
-        id=the_plan.deployment, name=name or prof.name, lab=prof.name, owner=ctx.owner, course=None,
+        id=the_plan.deployment, name=name, lab=prof.name, owner=the_plan.owner, course=the_plan.course,
         site=site.name, status="applying", profile_path=str(prof.path),
         data={"tags": the_plan.tags, "nodes": [[n.name, n.role] for n in the_plan.nodes],
-              "lease_hours": prof.lease_hours},
+              "lease_hours": prof.lease_hours, **(data or {})},
     ))
-    engine = Engine(provider, ctx.store, ctx.on_progress)
+    engine = Engine(provider, ctx.store, progress, should_stop=should_stop)
     try:
         found = engine.apply(the_plan)
     except NoCapacity:
         # Nothing usable came up: leave nothing behind, then say why in one line.
-        ctx.on_progress("cleanup", "deleting", "what was created")
+        progress("cleanup", "deleting", "what was created")
         engine.destroy(the_plan)
         ctx.store.forget_deployment(the_plan.deployment)
         raise
-    except CloudError:
-        ctx.store.set_deployment_status(the_plan.deployment, "failed")
+    except CloudError as exc:
+        ctx.store.set_deployment_status(the_plan.deployment, "failed", error=str(exc))
         raise
     lease_end = min((f.attrs["end"] for f in found.values() if f.kind == "reservation" and "end" in f.attrs),
                     default=None)
     ctx.store.set_deployment_status(the_plan.deployment, "setup", lease_end=lease_end)
-    _run_setup(ctx, prof, the_plan, site, key, found, allow_host_changes, ssh_timeout)
-    ctx.store.set_deployment_status(the_plan.deployment, "up")
-    return status(ctx, the_plan.deployment)
+    _run_setup(ctx, prof, the_plan, site, key, found, allow_host_changes, ssh_timeout, extra_steps, progress)
+    ctx.store.set_deployment_status(the_plan.deployment, "up", error=None)
 
 
 def _targets(site: Any, nodes: list[tuple[str, str]], resources: dict[str, Any]) -> list[Any]:
@@ -160,7 +181,8 @@ def _targets(site: Any, nodes: list[tuple[str, str]], resources: dict[str, Any])
 
 
 def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, found: dict[str, Any],
-               allow_host_changes: bool, ssh_timeout: float) -> None:
+               allow_host_changes: bool, ssh_timeout: float, extra_steps: tuple[ExtraStep, ...] = (),
+               progress: Progress | None = None) -> None:
     from labctl.runner.ssh import SetupStep, Upload, run_setup, wait_for_ssh
 
     attrs = {k: f.attrs for k, f in found.items()}
@@ -170,8 +192,10 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
         return
     view = DeploymentView(ctx.store, the_plan.deployment)
     reachable = {t.name for t in targets}
-    steps = []
-    for index, step in enumerate(prof.setup):
+    progress = progress or ctx.on_progress
+    everywhere = [n for n, _ in nodes if n in reachable]
+    steps = [SetupStep(i, x.name, everywhere, x.command, [], x.timeout) for i, x in enumerate(extra_steps)]
+    for index, step in enumerate(prof.setup, start=len(extra_steps)):
         on = [step.on] if isinstance(step.on, str) else list(step.on)
         step_nodes = [n for n, role in nodes if ("all" in on or n in on or role in on) and n in reachable]
         skip = None
@@ -180,15 +204,15 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
         command = step.run if step.run is not None else (prof.lab_dir / step.script).read_text()
         uploads = [Upload(prof.lab_dir / u.src, u.dest) for u in step.upload]
         steps.append(SetupStep(index, step.name, step_nodes, command, uploads, step.timeout, skip))
-    ctx.on_progress("ssh", "waiting", f"{len(targets)} node(s)")
+    progress("ssh", "waiting", f"{len(targets)} node(s)")
     # A booting node drops SSH packets just as a firewall does; on real sites, only call port 22 "blocked"
     # once the node has had time to boot (bare metal takes minutes after ACTIVE).
     blocked_after = None if site.emulated else {"chi": 900.0, "kvm": 240.0}.get(site.family, 300.0)
-    wait_for_ssh(targets, key.private_path, view, timeout=ssh_timeout, on_stage=ctx.on_progress,
+    wait_for_ssh(targets, key.private_path, view, timeout=ssh_timeout, on_stage=progress,
                  blocked_after=blocked_after)
     results = run_setup(targets, steps, key.private_path, view, view,
                         ctx.store.logs_dir / the_plan.deployment,
-                        on_event=lambda node, step, st: ctx.on_progress(node, f"setup {st}", step))
+                        on_event=lambda node, step, st: progress(node, f"setup {st}", step))
     failed = [r for r in results.values() if not r.ok]
     if failed:
         ctx.store.set_deployment_status(the_plan.deployment, "setup-failed")

@@ -101,16 +101,19 @@ def _session(site: Site, cloud: str | None) -> tuple[Any, str]:
     import boto3
     from botocore import exceptions as bex
 
+    def profile_missing() -> CredentialsError:
+        if cloud:
+            return CredentialsError(
+                f"{site.name}: AWS profile '{cloud}' not found in ~/.aws/config or ~/.aws/credentials")
+        env = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE"
+        return CredentialsError(f"{site.name}: AWS profile '{os.environ.get(env)}' (named by {env}) not found "
+                                f"in ~/.aws/config or ~/.aws/credentials; fix or unset {env}")
+
     try:
         session = boto3.session.Session(profile_name=cloud, region_name=site.region)
-    except bex.ProfileNotFound:
-        raise CredentialsError(
-            f"{site.name}: AWS profile '{cloud}' not found in ~/.aws/config or ~/.aws/credentials") from None
-    try:
         creds = session.get_credentials()
-    except bex.ProfileNotFound as exc:
-        env = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE"
-        raise CredentialsError(f"{site.name}: {exc} (named by {env}); fix {env} or ~/.aws/config") from None
+    except bex.ProfileNotFound:
+        raise profile_missing() from None
     except bex.PartialCredentialsError as exc:
         raise CredentialsError(f"{site.name}: incomplete AWS credentials ({exc})") from None
     except (bex.BotoCoreError, ValueError) as exc:

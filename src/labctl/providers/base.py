@@ -7,6 +7,9 @@ SDK exception escape. It imports its SDK lazily, so `labctl --help` loads none o
 
 from __future__ import annotations
 
+import threading
+import time
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -80,3 +83,49 @@ def connect(site: Any, *, cloud: str | None = None, testbed: Callable[[], Any] |
 
         raise UserError(f"{site.name}: no provider adapter for '{site.provider}'") from exc
     return module.connect(site, cloud=cloud, testbed=testbed)
+
+
+class RateLimiter:
+    """A client-side token bucket shared by the threads of one adapter: at most `rate` calls per second."""
+
+    def __init__(self, rate: float | None, burst: int = 5) -> None:
+        self.rate = rate
+        self.capacity = float(max(1, burst))
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+        self.lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if not self.rate:
+            return
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+                self.updated = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                delay = (1 - self.tokens) / self.rate
+            time.sleep(delay)
+
+
+class Snapshot:
+    """One list call per poll round, shared by every thread that polls (a whole class on one site).
+
+    Concurrent callers within `ttl` seconds get the same result; the lock makes the others wait for the
+    one call in flight instead of sending their own.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.lock = threading.Lock()
+        self.at = -1e18
+        self.value: Any = None
+
+    def get(self, fetch: Callable[[], Any]) -> Any:
+        with self.lock:
+            if self.value is None or time.monotonic() - self.at >= self.ttl:
+                self.value = fetch()
+                self.at = time.monotonic()
+            return self.value

@@ -28,7 +28,7 @@ from labctl.errors import (
     Transient,
     UserError,
 )
-from labctl.providers.base import Found, ProgressFn
+from labctl.providers.base import Found, ProgressFn, RateLimiter, Snapshot
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -67,6 +67,13 @@ class ChameleonProvider:
         self._conn: Any = None
         self._blazar: Any = None
         self._cache: dict[str, Any] = {}
+        self.limiter = RateLimiter(None)
+        # Polls share one list call per round across all deployments on this site (class mode).
+        self._server_list = Snapshot(self.poll_interval * 0.9)
+        self._lease_list = Snapshot(self.poll_interval * 0.9)
+
+    def set_rate_limit(self, calls_per_second: float | None) -> None:
+        self.limiter = RateLimiter(calls_per_second)
 
     # -- clients ----------------------------------------------------------------------------------
     @property
@@ -114,6 +121,7 @@ class ChameleonProvider:
             reraise=True,
         )
         def attempt() -> T:
+            self.limiter.acquire()
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - translated below, never leaks SDK types
@@ -347,6 +355,7 @@ class ChameleonProvider:
     def wait(self, items: Sequence[tuple[Resource, Found]], plan: Plan, timeout: float,
              on_progress: ProgressFn) -> list[Found]:
         results = {res.key: found for res, found in items}
+        missing: dict[str, int] = {}  # a list shared across threads may predate a create: allow a few misses
         deadline = time.monotonic() + timeout
         while True:
             pending = [(r, results[r.key]) for r, _ in items if results[r.key].status == "pending"]
@@ -354,20 +363,26 @@ class ChameleonProvider:
                 return [results[r.key] for r, _ in items]
             kinds = {r.kind for r, _ in pending}
             if "reservation" in kinds:
-                leases = {lease["id"]: lease for lease in self._call("poll leases", lambda: self.blazar.lease.list())}
+                leases = {lease["id"]: lease for lease in self._polled_leases()}
                 for r, f in pending:
                     if r.kind == "reservation":
                         lease = leases.get(f.cloud_id)
-                        results[r.key] = self._lease_found(lease, r, f) if lease else Found(
-                            "reservation", f.cloud_id, r.name, status="error", error="lease disappeared")
+                        if lease:
+                            results[r.key] = self._lease_found(lease, r, f)
+                        elif self._gone(missing, r.key):
+                            results[r.key] = Found("reservation", f.cloud_id, r.name, status="error",
+                                                   error="lease disappeared")
                         on_progress(r.key, "lease " + results[r.key].attrs.get("lease_status", "?").lower(), "")
             if "server" in kinds:
-                servers = {s.id: s for s in self._servers_named(f"^{re.escape(plan.deployment)}-", plan)}
+                servers = {s.id: s for s in self._polled_servers(plan)}
                 for r, f in pending:
                     if r.kind == "server":
                         server = servers.get(f.cloud_id)
-                        results[r.key] = self._server_found(server) if server else Found(
-                            "server", f.cloud_id, r.name, status="error", error="server disappeared")
+                        if server:
+                            results[r.key] = self._server_found(server)
+                        elif self._gone(missing, r.key):
+                            results[r.key] = Found("server", f.cloud_id, r.name, status="error",
+                                                   error="server disappeared")
                         stage = {"pending": "building", "ready": "booted", "error": "error"}[results[r.key].status]
                         on_progress(r.spec["node"], stage, results[r.key].error or "")
             if time.monotonic() > deadline:
@@ -377,6 +392,11 @@ class ChameleonProvider:
                         results[r.key].error = f"still not ready after {timeout:.0f}s"
                 return [results[r.key] for r, _ in items]
             time.sleep(self.poll_interval)
+
+    @staticmethod
+    def _gone(missing: dict[str, int], key: str, rounds: int = 5) -> bool:
+        missing[key] = missing.get(key, 0) + 1
+        return missing[key] >= rounds
 
     # -- delete -----------------------------------------------------------------------------------
     def delete(self, kind: str, found: Sequence[Found], plan: Plan) -> None:
@@ -415,7 +435,7 @@ class ChameleonProvider:
     def _wait_gone(self, ids: set[str], plan: Plan, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            left = {s.id for s in self._servers_named(f"^{re.escape(plan.deployment)}-", plan)} & ids
+            left = {s.id for s in self._polled_servers(plan)} & ids
             if not left:
                 return
             if time.monotonic() > deadline:
@@ -453,6 +473,15 @@ class ChameleonProvider:
         return found
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _polled_servers(self, plan: Plan) -> list[Any]:
+        """This deployment's servers, from the poll round's one list of every labctl server on the site."""
+        servers = self._server_list.get(lambda: self._call("poll servers", lambda: list(
+            self.conn.compute.servers(details=True, name=f"^{naming.PREFIX}-"))))
+        return [s for s in servers if (s.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+
+    def _polled_leases(self) -> list[Any]:
+        return self._lease_list.get(lambda: self._call("poll leases", lambda: self.blazar.lease.list()))
+
     def _servers_named(self, pattern: str, plan: Plan) -> list[Any]:
         servers = self._call("list servers", lambda: list(self.conn.compute.servers(details=True, name=pattern)))
         return [s for s in servers if (s.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment]
