@@ -338,11 +338,15 @@ def _teardown_plan(dep: DeploymentRecord, site: Any) -> Any:
 
 
 def extend(ctx: Context, name: str | None, hours: float, cloud: str | None = None) -> Status:
-    from labctl.providers.base import Found
     from labctl.sites import resolve
 
     dep = resolve_deployment(ctx, name)
-    provider = _connect(ctx, resolve(dep.site), cloud)
+    return extend_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud), hours)
+
+
+def extend_deployment(ctx: Context, dep: DeploymentRecord, provider: Any, hours: float) -> Status:
+    from labctl.providers.base import Found
+
     the_plan, _ = _teardown_plan(dep, provider.site)
     leases = [r for r in ctx.store.resources(dep.id) if r.kind == "reservation" and r.cloud_id]
     if not leases:
@@ -359,16 +363,21 @@ def extend(ctx: Context, name: str | None, hours: float, cloud: str | None = Non
 
 def down(ctx: Context, name: str | None, cloud: str | None = None) -> list[str]:
     """Delete everything of the deployment; returns what is left (empty on success)."""
-    from labctl.engine import Engine
     from labctl.sites import resolve
 
     dep = resolve_deployment(ctx, name)
-    provider = _connect(ctx, resolve(dep.site), cloud)
+    return destroy_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud))
+
+
+def destroy_deployment(ctx: Context, dep: DeploymentRecord, provider: Any,
+                       on_progress: Progress | None = None) -> list[str]:
+    from labctl.engine import Engine
+
     the_plan, resource_cls = _teardown_plan(dep, provider.site)
     for rec in ctx.store.resources(dep.id):
         the_plan.resources.append(resource_cls(rec.key, rec.kind, rec.name, {"node": rec.key.split(":")[-1]}))
     ctx.store.set_deployment_status(dep.id, "destroying")
-    left = Engine(provider, ctx.store, ctx.on_progress).destroy(the_plan)
+    left = Engine(provider, ctx.store, on_progress or ctx.on_progress).destroy(the_plan)
     if left:
         ctx.store.set_deployment_status(dep.id, "failed")
         return [f"{f.kind} {f.name} ({f.cloud_id})" for f in left]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
+from tests.aws.helpers import ec2_client
 
 from labctl.testbed.aws import CANONICAL, ensure_moto, moto_info, start_aws, stop_moto
-from tests.aws.helpers import ec2_client
 
 UBUNTU = "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-amd64-server-*"
 DLAMI = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.aws.helpers import StandInTestbed
 
 from labctl import sites
 from labctl.engine import Engine
@@ -17,7 +18,6 @@ from labctl.plan import build_plan
 from labctl.profile import find_profile, load_profile
 from labctl.providers import aws as aws_provider
 from labctl.state import StateStore
-from tests.aws.helpers import StandInTestbed
 
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d", "us-east-1e", "us-east-1f")
 
@@ -226,7 +226,7 @@ def test_unknown_image_and_unoffered_types_fail_preflight(emu, tmp_path: Path, p
 
 def test_errors_are_translated(emu, tmp_path: Path, public_key: str):
     provider = connect(emu)
-    provider.poll_interval = 0.001
+    provider.poll_interval, provider.call_retries = 0.001, 2  # each call: 2 tries here x 2 by botocore
     emu.world.inject_fault("DescribeVpcs", "RequestLimitExceeded", 100)
     with pytest.raises(RateLimited):
         provider._default_vpc()

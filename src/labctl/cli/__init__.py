@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,6 +21,9 @@ app = typer.Typer(
 testbed_app = typer.Typer(help="The emulated Chameleon testbed (for trying labctl with no cloud).",
                           no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
+class_app = typer.Typer(help="Provision a lab for a whole class roster, watch it, report, tear it down.",
+                        no_args_is_help=True)
+app.add_typer(class_app, name="class")
 
 SiteOpt = Annotated[str, typer.Option("--site", "-s", help="chi@tacc, chi@uc, kvm@tacc, or sim[:chi@uc].")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -258,6 +262,192 @@ def extend(
         _print_json(result.to_json())
     else:
         typer.echo(f"{result.name}: lease now ends {result.lease_end}")
+
+
+CourseOpt = Annotated[str, typer.Option("--course", envvar="LABCTL_COURSE", help="Course name in resource names.")]
+
+
+def _class_options(lab: str, roster: Path | None, site: str | None, sites: str | None, **kw: object):  # noqa: ANN202
+    from labctl.classroom import ClassOptions
+    from labctl.errors import UserError
+
+    names = [s.strip() for s in (sites or "").split(",") if s.strip()] or ([site] if site else [])
+    if not names:
+        raise UserError("class up needs --site SITE or --sites S1,S2")
+    return ClassOptions(lab=lab, sites=names, roster=roster, **kw)
+
+
+def _class_run(opts, as_json: bool) -> None:  # noqa: ANN001
+    from labctl import classroom
+    from labctl.cli.render import class_progress, print_class_results
+
+    ui = class_progress(quiet=as_json)
+    try:
+        results = classroom.class_up(_ctx(), opts, ui.events())
+    finally:
+        ui.stop()
+    if as_json:
+        _print_json([r.__dict__ for r in results])
+    else:
+        print_class_results(results)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
+
+
+@class_app.command("up")
+def class_up(
+    lab: Annotated[str, typer.Argument(help="Lab profile name or path.")],
+    roster: Annotated[Path, typer.Option("--roster", "-r", help="Roster CSV: student_id, name, email, ssh_public_key.")],
+    site: Annotated[str | None, typer.Option("--site", "-s", help="Site for every student.")] = None,
+    sites: Annotated[str | None, typer.Option("--sites", help="Several sites, in order: S1,S2.")] = None,
+    spread: Annotated[bool, typer.Option(help="Spread students evenly over --sites.")] = False,
+    course: CourseOpt = "course",
+    keys: Annotated[Path | None, typer.Option("--keys", help="Directory of <student>.pub keys.")] = None,
+    skip_bad_rows: Annotated[bool, typer.Option(help="Provision the good rows, report the bad.")] = False,
+    concurrency: Annotated[int, typer.Option(help="Environments in flight per site.")] = 16,
+    rate: Annotated[float | None, typer.Option(help="Client-side API calls per second per site.")] = None,
+    allow_host_changes: Annotated[bool, typer.Option(help="On sim, also run host-changing setup steps.")] = False,
+    cloud: CloudOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Provision LAB for every student of a roster. Rerun to resume; Ctrl-C stops cleanly.
+
+    Examples:\n
+      labctl class up hello --roster roster.csv --site sim --course ml-sys\n
+      labctl class up gpu-a100 --roster roster.csv --sites chi@tacc,chi@uc --spread
+    """
+    _class_run(_class_options(lab, roster, site, sites, course=course, keys_dir=keys, spread=spread,
+                              skip_bad_rows=skip_bad_rows, concurrency=concurrency, rate=rate,
+                              allow_host_changes=allow_host_changes, cloud=cloud), as_json)
+
+
+@class_app.command("retry")
+def class_retry(
+    lab: Annotated[str, typer.Argument(help="Lab profile name or path.")],
+    roster: Annotated[Path, typer.Option("--roster", "-r", help="The roster CSV used for class up.")],
+    site: Annotated[str | None, typer.Option("--site", "-s")] = None,
+    sites: Annotated[str | None, typer.Option("--sites")] = None,
+    course: CourseOpt = "course",
+    keys: Annotated[Path | None, typer.Option("--keys")] = None,
+    skip_bad_rows: Annotated[bool, typer.Option()] = False,
+    concurrency: Annotated[int, typer.Option()] = 16,
+    allow_host_changes: Annotated[bool, typer.Option()] = False,
+    cloud: CloudOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Provision again only the students whose environment is not up.
+
+    Examples:\n
+      labctl class retry hello --roster roster.csv --site sim
+    """
+    _class_run(_class_options(lab, roster, site, sites, course=course, keys_dir=keys, only_failed=True,
+                              skip_bad_rows=skip_bad_rows, concurrency=concurrency,
+                              allow_host_changes=allow_host_changes, cloud=cloud), as_json)
+
+
+@class_app.command("status")
+def class_status(
+    lab: Annotated[str, typer.Argument(help="Lab name.")],
+    course: CourseOpt = "course",
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per student: site, state, IP, setup step, error.
+
+    Examples:\n
+      labctl class status hello --watch
+    """
+    from labctl import classroom
+    from labctl.cli.render import class_status_table, out_console
+
+    ctx = _ctx()
+    if as_json:
+        _print_json([r.__dict__ for r in classroom.class_status(ctx, lab, course)])
+        return
+    if not watch:
+        out_console.print(class_status_table(classroom.class_status(ctx, lab, course), lab))
+        return
+    import time
+
+    from rich.live import Live
+
+    with Live(class_status_table(classroom.class_status(ctx, lab, course), lab), console=out_console) as live:
+        try:
+            while True:
+                time.sleep(2)
+                live.update(class_status_table(classroom.class_status(ctx, lab, course), lab))
+        except KeyboardInterrupt:
+            pass
+
+
+@class_app.command("report")
+def class_report(
+    lab: Annotated[str, typer.Argument(help="Lab name.")],
+    course: CourseOpt = "course",
+    fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+) -> None:
+    """Who got what: IPs, SSH commands, lease ends, failures (CSV or JSON).
+
+    Examples:\n
+      labctl class report hello --format csv -o hello.csv
+    """
+    from labctl import classroom
+    from labctl.cli.render import class_report_text
+    from labctl.errors import UserError
+
+    if fmt not in ("csv", "json"):
+        raise UserError(f"--format must be csv or json, not '{fmt}'")
+    text = class_report_text(classroom.class_status(_ctx(), lab, course), fmt)
+    if output:
+        output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@class_app.command("down")
+def class_down(
+    lab: Annotated[str, typer.Argument(help="Lab name.")],
+    course: CourseOpt = "course",
+    student: Annotated[str | None, typer.Option("--student", help="Only this student's environment.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Environments deleted at once.")] = 16,
+    cloud: CloudOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete every student's environment of LAB (or one with --student).
+
+    Examples:\n
+      labctl class down hello\n
+      labctl class down hello --student alice
+    """
+    from labctl import classroom
+    from labctl.cli.render import class_progress, print_class_results
+
+    ui = class_progress(quiet=as_json)
+    try:
+        results = classroom.class_down(_ctx(), lab, course, student, concurrency, ui.events(), cloud=cloud)
+    finally:
+        ui.stop()
+    if as_json:
+        _print_json([r.__dict__ for r in results])
+    else:
+        print_class_results(results)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
+
+
+@class_app.command("extend")
+def class_extend(
+    lab: Annotated[str, typer.Argument(help="Lab name.")],
+    hours: Annotated[float, typer.Option("--hours", help="Hours to add to every lease.")] = 1,
+    course: CourseOpt = "course",
+    cloud: CloudOpt = None,
+) -> None:
+    """Extend the lease of every student's environment."""
+    from labctl import classroom
+
+    for line in classroom.class_extend(_ctx(), lab, course, hours, cloud=cloud):
+        typer.echo(line)
 
 
 @testbed_app.command("serve")

@@ -138,3 +138,107 @@ def print_sites(rows: list[dict[str, str]]) -> None:
 
 def flush() -> None:
     sys.stdout.flush()
+
+
+class ClassProgress:
+    """A progress bar for a whole class: done / failed / in progress, with an ETA."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.total = 0
+        self.done = 0
+        self.failed = 0
+        self.started: set[str] = set()
+        self.lock = threading.Lock()
+        self.progress = None
+        self.task = None
+
+    def events(self) -> Any:
+        from labctl.classroom import ClassEvents
+
+        return ClassEvents(start=self._start, student=self._student, finished=self._finished)
+
+    def _start(self, total: int) -> None:
+        self.total = total
+        if self.quiet:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(TextColumn("[bold]class[/bold]"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[counts]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), console=err_console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("class", total=total, counts=self._counts())
+
+    def _counts(self) -> str:
+        running = len(self.started) - self.done - self.failed
+        return f"ok {self.done}  failed {self.failed}  in progress {max(running, 0)}"
+
+    def _student(self, student_id: str, stage: str, detail: str) -> None:
+        with self.lock:
+            self.started.add(student_id)
+            if self.progress is not None:
+                self.progress.update(self.task, counts=self._counts())
+
+    def _finished(self, result: Any) -> None:
+        with self.lock:
+            self.started.add(result.student_id)
+            if result.status in ("failed",):
+                self.failed += 1
+            else:
+                self.done += 1
+            if self.progress is not None:
+                self.progress.update(self.task, completed=self.done + self.failed, counts=self._counts())
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def class_progress(quiet: bool = False) -> ClassProgress:
+    return ClassProgress(quiet)
+
+
+def print_class_results(results: list[Any]) -> None:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    out_console.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do")
+    for r in results:
+        if r.status in ("failed", "busy", "interrupted"):
+            out_console.print(f"  {r.student_id}: {r.status}" + (f": {r.error}" if r.error else ""), highlight=False)
+
+
+def class_status_table(rows: list[Any], lab: str) -> Table:
+    table = Table(title=f"class status: {lab} ({len(rows)} students)")
+    for col in ("student", "site", "state", "IP", "setup", "lease ends", "error"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        ips = ", ".join(n["ip"] for n in r.nodes if n.get("ip")) or "-"
+        table.add_row(r.student_id, r.site, r.status, ips, r.setup, r.lease_end or "-", r.error or "")
+    return table
+
+
+def class_report_text(rows: list[Any], fmt: str) -> str:
+    import csv
+    import io
+    import json
+
+    records = [{"student_id": r.student_id, "name": r.name, "email": r.email, "site": r.site, "status": r.status,
+                "ips": " ".join(n["ip"] for n in r.nodes if n.get("ip")), "ssh": r.ssh or "",
+                "lease_end": r.lease_end or "", "setup": r.setup, "error": r.error or ""} for r in rows]
+    if fmt == "json":
+        return json.dumps(records, indent=2) + "\n"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["student_id"])
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue()

@@ -268,10 +268,7 @@ class AwsProvider:
             if not images:
                 raise UserError(f"{self.site.name}: image {abstract} not found in {self.region}")
         else:
-            if abstract in IMAGES:
-                owners, pattern = IMAGES[abstract]
-            else:
-                owners, pattern = ("self",), abstract
+            owners, pattern = IMAGES.get(abstract, (("self",), abstract))
             res = self._call(f"find image {abstract}", lambda: self.ec2.describe_images(
                 Owners=list(owners), Filters=[{"Name": "name", "Values": [pattern]},
                                               {"Name": "state", "Values": ["available"]},
@@ -558,8 +555,8 @@ class AwsProvider:
                     now = results[r.key]
                     stage = {"pending": "building", "ready": "booted", "error": "error"}.get(now.status, now.status)
                     on_progress(r.spec["node"], stage, now.error or now.attrs.get("server_status") or "")
-            for r, f in pending:
-                if r.kind != "server":
+            for r, _ in pending:
+                if r.kind != "server":  # nothing else here has a pending state
                     results[r.key].status = "ready"
             if time.monotonic() > deadline:
                 for r, _ in pending:

@@ -171,7 +171,8 @@ IMAGES: tuple[Image, ...] = (
     Image(DLVM_PROJECT, "common-cu124-ubuntu-2204-py310-v20250925", "common-cu124-ubuntu-2204-py310",
           "Google, Deep Learning VM with CUDA 12.4, M131, Ubuntu 22.04, Python 3.10", 50,
           "2025-09-25T12:44:10.307-07:00", "3108829556604419217"),
-    Image(DLVM_PROJECT, "pytorch-2-7-cu128-ubuntu-2204-nvidia-570-v20251009", "pytorch-2-7-cu128-ubuntu-2204-nvidia-570",
+    Image(DLVM_PROJECT, "pytorch-2-7-cu128-ubuntu-2204-nvidia-570-v20251009",
+          "pytorch-2-7-cu128-ubuntu-2204-nvidia-570",
           "Google, Deep Learning VM for PyTorch 2.7 with CUDA 12.8, M132, Ubuntu 22.04", 50,
           "2025-10-09T16:20:55.918-07:00", "8841736301935120557"),
 )

@@ -1,0 +1,348 @@
+"""Class mode: the same lab for every student of a roster, concurrently, resumable, shared among staff.
+
+Each student's environment is an ordinary deployment (same plan, engine and state as `labctl up`), named
+and tagged with the course, lab and student. The instructor's key (labctl's) is the launch key, so staff
+reach every node; each student's own key is added to their own nodes only, as the first setup step.
+
+Concurrency is bounded per site; each environment is created under a lock in the state store, so two
+operators running `class up` (or `class down`) at once never both work on the same student.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labctl import service
+from labctl.errors import CloudError, Interrupted, LabctlError, NoCapacity, QuotaExceeded, UserError
+from labctl.state import DeploymentRecord
+
+UP, FAILED, BUSY, ALREADY, INTERRUPTED = "up", "failed", "busy", "already up", "interrupted"
+
+
+@dataclass
+class ClassOptions:
+    lab: str
+    course: str
+    sites: list[str]
+    roster: Path | None = None
+    keys_dir: Path | None = None
+    spread: bool = False
+    skip_bad_rows: bool = False
+    concurrency: int = 16  # environments in flight per site
+    rate: float | None = None  # client-side API calls per second per site
+    allow_host_changes: bool = False
+    ssh_timeout: float = 900.0
+    cloud: str | None = None
+    only_failed: bool = False  # `class retry`
+
+
+@dataclass
+class StudentResult:
+    student_id: str
+    site: str | None
+    status: str
+    error: str | None = None
+    deployment: str | None = None
+
+
+@dataclass
+class ClassEvents:
+    """What the CLI shows while a class is provisioned (no-ops by default)."""
+
+    start: Callable[[int], None] = lambda total: None
+    student: Callable[[str, str, str], None] = lambda student_id, stage, detail: None
+    finished: Callable[[StudentResult], None] = lambda result: None
+
+
+@dataclass
+class _Site:
+    name: str
+    provider: Any
+    prof: Any
+    executor: ThreadPoolExecutor
+    exhausted: str | None = None  # why no new environment goes here any more
+
+
+@dataclass
+class _Run:
+    opts: ClassOptions
+    ctx: service.Context
+    key: Any
+    events: ClassEvents
+    sites: list[_Site]
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def class_deployments(ctx: service.Context, course: str, lab: str) -> list[DeploymentRecord]:
+    return [d for d in ctx.store.deployments() if d.course == course and d.lab == lab]
+
+
+def authorize_step(public_key: str) -> service.ExtraStep:
+    line = shlex.quote(public_key.strip())
+    command = (
+        "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
+        f"chmod 600 ~/.ssh/authorized_keys && (grep -qxF {line} ~/.ssh/authorized_keys || "
+        f"echo {line} >> ~/.ssh/authorized_keys)"
+    )
+    return service.ExtraStep("authorize-student-key", command)
+
+
+def class_up(ctx: service.Context, opts: ClassOptions, events: ClassEvents | None = None) -> list[StudentResult]:
+    """Provision (or resume) every student's environment; returns one result per student."""
+    from labctl.keys import ensure_keypair
+    from labctl.roster import load_roster
+
+    events = events or ClassEvents()
+    if opts.roster is None:
+        raise UserError("class up needs --roster FILE")
+    students = load_roster(opts.roster, opts.keys_dir).require_valid(opts.skip_bad_rows)
+    if not students:
+        raise UserError(f"{opts.roster}: no students to provision")
+    existing = {d.owner: d for d in class_deployments(ctx, opts.course, _lab_name(opts.lab))}
+    if opts.only_failed:
+        students = [s for s in students if s.slug not in existing or existing[s.slug].status != "up"]
+    key = ensure_keypair(ctx.store.keys_dir)
+    run = _Run(opts, ctx, key, events, _open_sites(ctx, opts))
+    events.start(len(students))
+    futures: dict[Future, Any] = {}
+    try:
+        for i, student in enumerate(students):
+            site = _initial_site(run, i, existing.get(student.slug))
+            futures[site.executor.submit(_provision_one, run, student, site)] = student
+        results = _collect(run, futures)
+    finally:
+        for site in run.sites:
+            site.executor.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _lab_name(ref: str) -> str:
+    return Path(ref).stem if ref.endswith((".yaml", ".yml")) else ref
+
+
+def _open_sites(ctx: service.Context, opts: ClassOptions) -> list[_Site]:
+    from labctl.keys import ensure_keypair
+    from labctl.plan import build_plan
+
+    opened = []
+    for name in opts.sites:
+        prof, site = service.load(opts.lab, name)
+        provider = service._connect(ctx, site, opts.cloud)
+        if hasattr(provider, "set_rate_limit"):
+            provider.set_rate_limit(opts.rate)
+        sample = build_plan(prof, provider.site, "preflight", ensure_keypair(ctx.store.keys_dir).public_key,
+                            course=opts.course)
+        provider.preflight(sample)  # credentials and images, once per site, before anything is created
+        opened.append(_Site(provider.site.name, provider, prof,
+                            ThreadPoolExecutor(max_workers=max(1, opts.concurrency),
+                                               thread_name_prefix=f"class-{name}")))
+    return opened
+
+
+def _initial_site(run: _Run, index: int, existing: DeploymentRecord | None) -> _Site:
+    if existing is not None and existing.status != "destroyed":
+        for site in run.sites:
+            if site.name == existing.site:
+                return site  # resume where this student's environment already is
+    if run.opts.spread:
+        return run.sites[index % len(run.sites)]
+    return run.sites[0]
+
+
+def _next_site(run: _Run, after: _Site) -> _Site | None:
+    with run.lock:
+        for site in run.sites:
+            if site is not after and site.exhausted is None:
+                return site
+    return None
+
+
+def _collect(run: _Run, futures: dict[Future, Any]) -> list[StudentResult]:
+    results: list[StudentResult] = []
+    pending = set(futures)
+    while pending:
+        try:
+            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        except KeyboardInterrupt:
+            # Ctrl-C: start nothing new; calls in flight finish and record their state.
+            run.stop.set()
+            for f in pending:
+                f.cancel()
+            continue
+        for f in done:
+            student = futures[f]
+            if f.cancelled():
+                results.append(StudentResult(student.student_id, None, INTERRUPTED))
+                continue
+            outcome = f.result()
+            if isinstance(outcome, _Site):  # moved: its site ran out of capacity or quota
+                nf = outcome.executor.submit(_provision_one, run, student, outcome)
+                futures[nf] = student
+                pending.add(nf)
+                continue
+            results.append(outcome)
+            run.events.finished(outcome)
+    if run.stop.is_set():
+        raise Interrupted(f"stopped: {sum(r.status == UP for r in results)} environments up; "
+                          "state is saved, rerun 'labctl class up' to resume")
+    return results
+
+
+def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Site:
+    from labctl.plan import build_plan
+
+    sid = student.student_id
+    if run.stop.is_set():
+        return StudentResult(sid, site.name, INTERRUPTED)
+    if site.exhausted:
+        nxt = _next_site(run, site)
+        return nxt if nxt else StudentResult(sid, site.name, FAILED, site.exhausted)
+    the_plan = build_plan(site.prof, site.provider.site, student.slug, run.key.public_key, name=site.prof.name,
+                          course=run.opts.course)
+    store = run.ctx.store
+    with store.lock(f"env:{the_plan.deployment}") as mine:
+        if not mine:
+            return StudentResult(sid, site.name, BUSY, "another operator is working on it", the_plan.deployment)
+        current = store.get_deployment(the_plan.deployment)
+        if current and current.status == "up" and current.site == site.name:
+            return StudentResult(sid, site.name, ALREADY, None, the_plan.deployment)
+        run.events.student(sid, "starting", site.name)
+        try:
+            service.provision(
+                run.ctx, site.prof, the_plan, site.provider, run.key, name=site.prof.name,
+                allow_host_changes=run.opts.allow_host_changes, ssh_timeout=run.opts.ssh_timeout,
+                data={"student": {"id": sid, "name": student.name, "email": student.email,
+                                  "public_key": student.ssh_public_key}},
+                extra_steps=(authorize_step(student.ssh_public_key),),
+                on_progress=lambda subject, stage, detail: run.events.student(sid, stage, f"{subject} {detail}"),
+                should_stop=run.stop.is_set,
+            )
+        except (NoCapacity, QuotaExceeded) as exc:
+            return _site_exhausted(run, site, student, the_plan, exc)
+        except Interrupted:
+            return StudentResult(sid, site.name, INTERRUPTED, None, the_plan.deployment)
+        except LabctlError as exc:
+            return StudentResult(sid, site.name, FAILED, str(exc).splitlines()[0], the_plan.deployment)
+    return StudentResult(sid, site.name, UP, None, the_plan.deployment)
+
+
+def _site_exhausted(run: _Run, site: _Site, student: Any, the_plan: Any, exc: CloudError) -> StudentResult | _Site:
+    """Stop creating at this site; clean this student's partial environment and move them on if we can."""
+    from labctl.engine import Engine
+
+    with run.lock:
+        if site.exhausted is None:
+            site.exhausted = f"{site.name} is out of {'quota' if isinstance(exc, QuotaExceeded) else 'capacity'}"
+            run.events.student(student.student_id, "site exhausted", str(exc).splitlines()[0])
+    if run.ctx.store.get_deployment(the_plan.deployment) is not None:
+        Engine(site.provider, run.ctx.store).destroy(the_plan)
+        run.ctx.store.forget_deployment(the_plan.deployment)
+    nxt = _next_site(run, site)
+    if nxt is not None:
+        return nxt
+    return StudentResult(student.student_id, site.name, FAILED, str(exc).splitlines()[0], the_plan.deployment)
+
+
+# -- status / report ------------------------------------------------------------------------------
+@dataclass
+class StudentStatus:
+    student_id: str
+    name: str
+    email: str
+    site: str
+    status: str
+    nodes: list[dict[str, Any]]
+    setup: str
+    lease_end: str | None
+    error: str | None
+    ssh: str | None
+
+
+def class_status(ctx: service.Context, lab: str, course: str) -> list[StudentStatus]:
+    rows = []
+    for dep in class_deployments(ctx, course, _lab_name(lab)):
+        st = service.status(ctx, dep.id)
+        student = dep.data.get("student", {})
+        ip = next((n.floating_ip for n in st.nodes if n.floating_ip), None)
+        setups = {n.setup for n in st.nodes} or {"-"}
+        rows.append(StudentStatus(
+            student.get("id", dep.owner), student.get("name", ""), student.get("email", ""), dep.site,
+            dep.status, [{"name": n.name, "ip": n.floating_ip, "type": n.node_type} for n in st.nodes],
+            ", ".join(sorted(setups)), st.lease_end, dep.data.get("error"), _ssh_command(dep, ip),
+        ))
+    return sorted(rows, key=lambda r: r.student_id)
+
+
+def _ssh_command(dep: DeploymentRecord, ip: str | None) -> str | None:
+    """What the student types (with their own key)."""
+    from labctl.sites import resolve
+
+    if not ip:
+        return None
+    try:
+        site = resolve(dep.site)
+    except UserError:
+        return f"ssh cc@{ip}"
+    if site.emulated:
+        from labctl.testbed.world import World
+
+        return f"ssh -p {World().ssh_port} {site.ssh_user}@{ip}"
+    return f"ssh {site.ssh_user}@{ip}" + (f" -p {site.ssh_port}" if site.ssh_port != 22 else "")
+
+
+# -- down / extend --------------------------------------------------------------------------------
+def class_down(ctx: service.Context, lab: str, course: str, student: str | None = None,
+               concurrency: int = 16, events: ClassEvents | None = None, cloud: str | None = None
+               ) -> list[StudentResult]:
+    events = events or ClassEvents()
+    deps = class_deployments(ctx, course, _lab_name(lab))
+    if student:
+        deps = [d for d in deps if student in (d.owner, d.data.get("student", {}).get("id"))]
+        if not deps:
+            raise UserError(f"no environment of student '{student}' in {course}/{lab}")
+    events.start(len(deps))
+    providers: dict[str, Any] = {}
+    plock = threading.Lock()
+
+    def provider_for(site_name: str) -> Any:
+        from labctl.sites import resolve
+
+        with plock:
+            if site_name not in providers:
+                providers[site_name] = service._connect(ctx, resolve(site_name), cloud)
+            return providers[site_name]
+
+    def one(dep: DeploymentRecord) -> StudentResult:
+        sid = dep.data.get("student", {}).get("id", dep.owner)
+        with ctx.store.lock(f"env:{dep.id}") as mine:
+            if not mine:
+                return StudentResult(sid, dep.site, BUSY, "another operator is working on it", dep.id)
+            try:
+                left = service.destroy_deployment(ctx, dep, provider_for(dep.site), on_progress=lambda *a: None)
+            except LabctlError as exc:
+                return StudentResult(sid, dep.site, FAILED, str(exc).splitlines()[0], dep.id)
+        result = StudentResult(sid, dep.site, "deleted" if not left else FAILED,
+                               ("left: " + "; ".join(left)) if left else None, dep.id)
+        events.finished(result)
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        return list(pool.map(one, deps))
+
+
+def class_extend(ctx: service.Context, lab: str, course: str, hours: float, cloud: str | None = None) -> list[str]:
+    ends = []
+    for dep in class_deployments(ctx, course, _lab_name(lab)):
+        from labctl.sites import resolve
+
+        st = service.extend_deployment(ctx, dep, service._connect(ctx, resolve(dep.site), cloud), hours)
+        ends.append(f"{dep.data.get('student', {}).get('id', dep.owner)}: {st.lease_end}")
+    return ends
+
