@@ -297,7 +297,7 @@ def _class_run(opts, as_json: bool) -> None:  # noqa: ANN001
 @class_app.command("up")
 def class_up(
     lab: Annotated[str, typer.Argument(help="Lab profile name or path.")],
-    roster: Annotated[Path, typer.Option("--roster", "-r", help="Roster CSV: student_id, name, email, ssh_public_key.")],
+    roster: Annotated[Path, typer.Option("--roster", "-r", help="Roster CSV: student_id,name,email,ssh_public_key")],
     site: Annotated[str | None, typer.Option("--site", "-s", help="Site for every student.")] = None,
     sites: Annotated[str | None, typer.Option("--sites", help="Several sites, in order: S1,S2.")] = None,
     spread: Annotated[bool, typer.Option(help="Spread students evenly over --sites.")] = False,
