@@ -58,6 +58,7 @@ class ClassEvents:
     start: Callable[[int], None] = lambda total: None
     student: Callable[[str, str, str], None] = lambda student_id, stage, detail: None
     finished: Callable[[StudentResult], None] = lambda result: None
+    warn: Callable[[str], None] = lambda message: None
 
 
 @dataclass
@@ -102,7 +103,10 @@ def class_up(ctx: service.Context, opts: ClassOptions, events: ClassEvents | Non
     events = events or ClassEvents()
     if opts.roster is None:
         raise UserError("class up needs --roster FILE")
-    students = load_roster(opts.roster, opts.keys_dir).require_valid(opts.skip_bad_rows)
+    roster = load_roster(opts.roster, opts.keys_dir)
+    students = roster.require_valid(opts.skip_bad_rows)
+    for error in roster.errors:  # only reached with --skip-bad-rows
+        events.warn(f"skipped {error}")
     if not students:
         raise UserError(f"{opts.roster}: no students to provision")
     existing = {d.owner: d for d in class_deployments(ctx, opts.course, _lab_name(opts.lab))}

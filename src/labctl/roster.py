@@ -26,6 +26,7 @@ import io
 import re
 import struct
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,10 +60,14 @@ ACCEPTED_KEY_TYPES = (
 )
 MIN_RSA_BITS = 2048
 EXPECTED_KEY = "expected 'ssh-ed25519 AAAA...' or 'ssh-rsa ...'"
+PRIVATE_KEY_MESSAGE = (
+    "this is a PRIVATE key: ask the student for the .pub file (and for a new key pair: this one is no longer private)"
+)
 
 _ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _EMAIL_OK = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+\Z")
 _GITHUB_OK = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}\Z")
+_KEY_FRAGMENT = re.compile(r"-----(BEGIN|END) [A-Z0-9 ]+-----|[A-Za-z0-9+/]{40,}={0,2}\Z")
 _COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 ._@+=:,/-]+")
 _SHELL_META = set(";|&$`'\"<>(){}[]*?!~#\\%^,=+:@/")
 # Invisible characters that reorder or hide text ("Trojan Source"): never allowed, even in names.
@@ -141,9 +146,9 @@ def load_roster(path: Path | str, keys_dir: Path | str | None = None) -> Roster:
     if keys_dir is not None and not keys_dir.is_dir():
         raise UserError(f"{where}: keys directory {keys_dir} does not exist or is not a directory")
 
-    delimiter = _guess_delimiter(text)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    rows = _numbered_rows(reader, where)
+    lines = list(io.StringIO(text, newline=""))  # split like the csv module: \n, \r\n or \r
+    reader = csv.reader(lines, delimiter=_guess_delimiter(lines))
+    rows = _numbered_rows(reader, lines, where)
 
     header_line, header = next(rows, (0, []))
     if not header:
@@ -244,9 +249,9 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _guess_delimiter(text: str) -> str:
+def _guess_delimiter(lines: list[str]) -> str:
     """',' unless the header line clearly uses ';' or a tab (spreadsheet exports in some locales)."""
-    for raw in text.splitlines():
+    for raw in lines:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -256,16 +261,22 @@ def _guess_delimiter(text: str) -> str:
     return ","
 
 
-def _numbered_rows(reader: csv.Reader, where: str):  # type: ignore[name-defined]
+def _numbered_rows(reader: Iterator[list[str]], lines: list[str], where: str) -> Iterator[tuple[int, list[str]]]:
     """Yield (first line number, cells) for every row that is not blank or a '#' comment."""
     while True:
-        start = reader.line_num + 1
+        start = reader.line_num + 1  # type: ignore[attr-defined]
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
             raise UserError(f"{where}:{start}: not valid CSV ({exc})") from None
+        end = reader.line_num  # type: ignore[attr-defined]
+        if end > start and sum(ln.count('"') for ln in lines[start - 1 : end]) % 2:
+            # The csv module reads an unclosed quote to the end of the file: every later row would vanish
+            # into one value, so this is a file error rather than a bad row.
+            raise UserError(f"{where}:{start}: a '\"' opened on this line is never closed "
+                            f"(lines {start}-{end} would be read as one value)")
         if not row or all(not c.strip() for c in row):
             continue
         if row[0].lstrip().startswith("#"):
@@ -305,16 +316,16 @@ def _map_columns(
         missing.remove("ssh_public_key")
     if missing:
         found = ", ".join(h.strip() or "(blank)" for h in header)
+        unused = [h.strip() for h, n in zip(header, normalised, strict=True) if n and n not in _ALL_ALIASES]
         parts = []
         for canonical in missing:
             hint = ""
-            unused = [h for h, n in zip(header, normalised, strict=True) if n and n not in _ALL_ALIASES]
             for h in unused:
                 if difflib.get_close_matches(_norm(h), ALIASES[canonical], n=1, cutoff=0.6):
-                    hint = f" (did you mean '{h.strip()}'?)"
+                    hint = f" (did you mean to call column '{h}' '{canonical}'?)"
                     break
             accepted = ", ".join(ALIASES[canonical])
-            parts.append(f"no {canonical} column{hint}: use one of {accepted}")
+            parts.append(f"no {canonical} column{hint}; accepted names: {accepted}")
         extra = ""
         if "ssh_public_key" in missing:
             extra = "; or pass --keys DIR with one <student_id>.pub file per student"
@@ -352,6 +363,13 @@ def _check_row(
     def err(fld: str, message: str) -> None:
         errors.append(_err(where, line, sid_for_errors, fld, message))
 
+    filled = [c.strip() for c in row if c.strip()]
+    if len(filled) == 1 and _KEY_FRAGMENT.match(filled[0]):
+        if "PRIVATE" in filled[0]:
+            return [_err(where, line, None, "ssh_public_key", PRIVATE_KEY_MESSAGE)], None, b""
+        return [_err(where, line, None, "row", "a piece of a key pasted over several lines: a key must be one "
+                                               "line, in the ssh_public_key column")], None, b""
+
     if len(row) != len(header) and not (len(row) > len(header) and all(not c.strip() for c in row[len(header):])):
         hint = ""
         if len(row) > len(header):
@@ -370,7 +388,7 @@ def _check_row(
         name = ""
 
     email = _cell(row, index.get("email")).strip()
-    if email and (len(email) > 254 or not _EMAIL_OK.match(email) or not email.isascii() and not email.isprintable()):
+    if email and (len(email) > 254 or not email.isprintable() or not _EMAIL_OK.match(email)):
         err("email", f"{_show(email)} is not an email address")
 
     github = _cell(row, index.get("github_username")).strip() or None
@@ -431,9 +449,10 @@ def _check_id(sid: str) -> str | None:
 
 
 def _check_name(raw: str) -> str | None:
-    if any(unicodedata.category(c) == "Cc" and c not in " " for c in raw.strip()):
-        kind = "a line break" if ("\n" in raw.strip() or "\r" in raw.strip()) else "control characters"
-        return f"{_show(raw.strip())} contains {kind}"
+    text = raw.strip()
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        kind = "a line break" if ("\n" in text or "\r" in text) else "control characters"
+        return f"{_show(text)} contains {kind}"
     if any(c in _BIDI for c in raw):
         return f"{_show(raw.strip())} contains invisible text-direction characters"
     if len(raw.strip()) > MAX_NAME_LEN:
@@ -478,8 +497,8 @@ def _key_text(
                 return "", "", f"{candidate} is empty"
             return content.strip(), f"{candidate}: ", None
     looked = " or ".join(str(keys_dir / f"{n}.pub") for n in names)
-    where = "no key column value and " if "ssh_public_key" in index else ""
-    return "", "", f"{where}no key file ({looked} not found)"
+    empty = "empty, and " if "ssh_public_key" in index else ""
+    return "", "", f"{empty}no key file ({looked} not found)"
 
 
 # ------------------------------------------------------------------------------------------- keys
@@ -491,8 +510,7 @@ def parse_public_key(text: str) -> tuple[str, bytes, str | None]:
     fail = ("", b"")
     upper = text.upper()
     if "PRIVATE KEY" in upper or text.startswith("PuTTY-User-Key-File"):
-        return (*fail, "this is a PRIVATE key: ask the student for the .pub file "
-                       "(and for a new key pair: this one is no longer private)")
+        return (*fail, PRIVATE_KEY_MESSAGE)
     if "BEGIN SSH2 PUBLIC KEY" in upper:
         return (*fail, "an RFC 4716 (PuTTY/SSH2) public key; convert it with 'ssh-keygen -i -f KEY.pub' "
                        f"to the one-line OpenSSH form ({EXPECTED_KEY})")
@@ -598,6 +616,7 @@ __all__ = [
     "ACCEPTED_KEY_TYPES",
     "ALIASES",
     "MAX_ROWS",
+    "PRIVATE_KEY_MESSAGE",
     "Roster",
     "RowError",
     "Student",

@@ -278,3 +278,65 @@ def test_key_material_is_recorded_as_imported(emu):
     ec2.import_key_pair(KeyName=name, PublicKeyMaterial=key.encode())
     assert emu.world.key_line("us-east-1", name) == key
     assert base64.b64encode(key.encode())  # botocore sent it base64-encoded; the record is the plain line
+
+
+# -- SSH --------------------------------------------------------------------------------------------------
+
+
+def _ssh_run(address: str, port: int, user: str, key_path: Path, command: str) -> str:
+    import asyncio
+
+    import asyncssh
+
+    async def go() -> str:
+        async with asyncssh.connect(address, port, username=user, client_keys=[str(key_path)],
+                                    known_hosts=None) as conn:
+            return (await conn.run(command, check=True)).stdout
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def ssh_node(emu, tmp_path: Path):
+    from labctl.keys import ensure_keypair
+    from labctl.testbed.sshd import SSHNodes
+
+    key = ensure_keypair(tmp_path / "keys")
+    ec2 = ec2_client(emu)
+    name = f"k-{uuid.uuid4().hex[:8]}"
+    ec2.import_key_pair(KeyName=name, PublicKeyMaterial=key.public_key.encode())
+    inst = _launch(ec2, KeyName=name)
+    nodes = SSHNodes(emu.world).start()
+    try:
+        nodes.wait_listening(inst["PublicIpAddress"], emu.world.ssh_port, timeout=10)
+        yield inst, key
+    finally:
+        nodes.stop()
+        ec2.terminate_instances(InstanceIds=[inst["InstanceId"]])
+
+
+def test_sshd_serves_running_instances_on_their_loopback_address(ssh_node):
+    inst, _ = ssh_node
+    assert inst["PublicIpAddress"].startswith("127.20.")
+
+
+@pytest.mark.xfail(reason="labctl.testbed.sshd accepts only user 'cc'; AWS nodes log in as target['user'] "
+                          "('ubuntu') once sshd honours it", strict=False)
+def test_ssh_login_as_ubuntu(emu, ssh_node):
+    inst, key = ssh_node
+    out = _ssh_run(inst["PublicIpAddress"], emu.world.ssh_port, "ubuntu", key.private_path,
+                   "echo $LABCTL_SERVER_ID")
+    assert out.strip() == inst["InstanceId"]
+
+
+def test_client_token_filter_works(emu):
+    """moto's own client-token filter crashes it; the front layer applies the filter itself."""
+    ec2 = ec2_client(emu)
+    token = f"tok-{uuid.uuid4().hex[:12]}"
+    inst = _launch(ec2, ClientToken=token)
+    _launch(ec2)
+    found = ec2.describe_instances(Filters=[{"Name": "client-token", "Values": [token]},
+                                            {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+    assert [i["InstanceId"] for r in found["Reservations"] for i in r["Instances"]] == [inst["InstanceId"]]
+    none = ec2.describe_instances(Filters=[{"Name": "client-token", "Values": ["no-such-token"]}])
+    assert none["Reservations"] == []

@@ -117,6 +117,7 @@ def test_engine_applies_and_destroys_hello(emu, tmp_path: Path, public_key: str)
     servers = [f for key, f in found.items() if key.startswith("server:")]
     assert servers and all(f.status == "ready" and f.attrs["server_status"] == "running" for f in servers)
     assert all(f.attrs["node_type"] == "t3.small" and f.attrs["zone"].startswith("us-east-1") for f in servers)
+    assert all(f.attrs["floating_ip"].startswith("127.20.") for f in servers)
     fips = [f for key, f in found.items() if key.startswith("floating_ip:")]
     assert fips and all(f.attrs["floating_ip"].startswith("127.20.") for f in fips)
     inv = owned_in_inventory(emu, plan.deployment)
@@ -329,3 +330,19 @@ def test_extend_is_a_no_op(emu, tmp_path: Path, public_key: str):
     plan = lab_plan(tmp_path, public_key, "extend")
     f = Found("server", "i-1", "x", attrs={"zone": "us-east-1a"})
     assert connect(emu).extend(f, 3, plan) is f
+
+
+def test_lost_answers_do_not_duplicate_anything(emu, tmp_path: Path, public_key: str):
+    """Key pair, security group and Elastic IP calls carry no idempotency token: a lost answer is followed by
+    a look-up, never by a second resource."""
+    plan = lab_plan(tmp_path, public_key, "lost")
+    provider = connect(emu)
+    provider.poll_interval = 0.001
+    for action in ("ImportKeyPair", "CreateSecurityGroup", "AllocateAddress"):
+        emu.world.inject_fault(action, "timeout_after", 1)
+    found = Engine(provider, StateStore(tmp_path / "s.db")).apply(plan)
+    assert found["floating_ip:node-1"].attrs["floating_ip"].startswith("127.20.")
+    inv = owned_in_inventory(emu, plan.deployment)
+    assert (len(inv["key_pairs"]), len(inv["security_groups"]), len(inv["addresses"])) == (1, 1, 1)
+    assert [a for a, s in emu.world.request_log() if plan.deployment in s].count("AllocateAddress") == 1
+    assert Engine(provider, StateStore(tmp_path / "s.db")).destroy(plan) == []

@@ -156,7 +156,8 @@ class ClassProgress:
     def events(self) -> Any:
         from labctl.classroom import ClassEvents
 
-        return ClassEvents(start=self._start, student=self._student, finished=self._finished)
+        return ClassEvents(start=self._start, student=self._student, finished=self._finished,
+                           warn=lambda message: err_console.print(f"warning: {message}", highlight=False))
 
     def _start(self, total: int) -> None:
         self.total = total

@@ -162,9 +162,10 @@ class AwsProvider:
         self.call_retries = call_retries
         self.credential_source = credential_source
         self._ec2: Any = None
+        self._ec2_once: Any = None
         self._lock = threading.Lock()
         self._cache: dict[str, Any] = {}
-        self._dead: dict[str, int] = {}  # server key -> how many earlier instances of the node are gone
+        self._dead: dict[tuple[str, str], int] = {}  # (deployment, server key) -> earlier instances, all gone
 
     # -- clients ----------------------------------------------------------------------------------
     @property
@@ -179,8 +180,22 @@ class AwsProvider:
                                                 config=config)
             return self._ec2
 
-    def _call(self, what: str, fn: Callable[[], T], missing_ok: bool = False) -> T | None:
-        """One EC2 call, errors translated; throttling and transient faults are retried with backoff."""
+    @property
+    def ec2_once(self) -> Any:
+        """A client that never resends a request (for calls without an idempotency token)."""
+        with self._lock:
+            if self._ec2_once is None:
+                from botocore.config import Config
+
+                config = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=10,
+                                read_timeout=60, user_agent_appid="labctl")
+                self._ec2_once = self.session.client("ec2", region_name=self.region,
+                                                     endpoint_url=self.endpoint_url, config=config)
+            return self._ec2_once
+
+    def _call(self, what: str, fn: Callable[[], T], missing_ok: bool = False, resend: bool = True) -> T | None:
+        """One EC2 call, errors translated; throttling and transient faults are retried with backoff
+        (unless resend=False)."""
         from tenacity import (
             retry,
             retry_if_exception_type,
@@ -191,7 +206,7 @@ class AwsProvider:
         @retry(
             retry=retry_if_exception_type((RateLimited, Transient)),
             wait=wait_random_exponential(multiplier=max(self.poll_interval, 0.01), max=30),
-            stop=stop_after_attempt(self.call_retries),
+            stop=stop_after_attempt(self.call_retries if resend else 1),
             reraise=True,
         )
         def attempt() -> T:
@@ -394,7 +409,7 @@ class AwsProvider:
         if live:
             live.sort(key=lambda i: i["State"]["Name"] != "running")
             return self._instance_found(live[0])
-        self._dead[res.key] = len(instances)
+        self._dead[(plan.deployment, res.key)] = len(instances)
         stopped = [i for i in instances if i["State"]["Name"] in ("stopping", "stopped")]
         if stopped:
             found = self._instance_found(stopped[0])
@@ -430,19 +445,35 @@ class AwsProvider:
 
     def _create_keypair(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         self._call("delete stale key pair", lambda: self.ec2.delete_key_pair(KeyName=res.name), missing_ok=True)
-        out = self._call("import key pair", lambda: self.ec2.import_key_pair(
-            KeyName=res.name, PublicKeyMaterial=res.spec["public_key"].encode(),
-            TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tag_list(plan)}]))
+        try:
+            out = self._call("import key pair", lambda: self.ec2.import_key_pair(
+                KeyName=res.name, PublicKeyMaterial=res.spec["public_key"].encode(),
+                TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tag_list(plan)}]))
+        except CloudError as exc:
+            # A retry after a lost answer, or a concurrent run: fine if it is the same key.
+            found = self._find_keypair(res, plan) if "Duplicate" in str(exc) else None
+            if found is None or found.status != "ready":
+                raise
+            return found
         return Found("keypair", res.name, res.name, attrs={"key_pair_id": out.get("KeyPairId")})
 
     def _create_secgroup(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         existing = self._find_secgroup(res, plan)
         if existing is None:
             vpc = self._default_vpc()
-            out = self._call("create security group", lambda: self.ec2.create_security_group(
-                GroupName=res.name, Description=f"labctl {plan.deployment}", VpcId=vpc,
-                TagSpecifications=[{"ResourceType": "security-group",
-                                    "Tags": self._tag_list(plan, name=res.name)}]))
+            try:
+                out = self._call("create security group", lambda: self.ec2.create_security_group(
+                    GroupName=res.name, Description=f"labctl {plan.deployment}", VpcId=vpc,
+                    TagSpecifications=[{"ResourceType": "security-group",
+                                        "Tags": self._tag_list(plan, name=res.name)}]))
+            except CloudError as exc:
+                if "Duplicate" not in str(exc):
+                    raise
+                existing = self._find_secgroup(res, plan)  # a retry after a lost answer made it already
+                if existing is None:
+                    raise CloudError(f"{self.site.name}: a security group named {res.name} exists in the default "
+                                     "VPC but is not this deployment's (no labctl tags); delete or rename it") from exc
+        if existing is None:
             sg_id, have = out["GroupId"], set()
         else:
             sg_id = existing.cloud_id
@@ -471,9 +502,10 @@ class AwsProvider:
         if not zones:
             log.warning("%s: %s is not offered in %s", self.site.name, itype, where)
             raise NoCapacity(f"{self.site.name}: {itype} is not offered in {where}")
-        if res.key not in self._dead:
-            self._dead[res.key] = len(self._node_instances(plan, node))
-        attempt = self._dead[res.key]
+        dead_key = (plan.deployment, res.key)
+        if dead_key not in self._dead:
+            self._dead[dead_key] = len(self._node_instances(plan, node))
+        attempt = self._dead[dead_key]
         base: dict[str, Any] = dict(
             ImageId=image["ImageId"], InstanceType=itype, MinCount=1, MaxCount=1, KeyName=deps["keypair"].name,
             TagSpecifications=[
@@ -506,7 +538,7 @@ class AwsProvider:
                             ", ".join(tried))
             else:
                 log.info("%s: launched %s as %s in %s (%s)", self.site.name, node, itype, zone, inst["InstanceId"])
-            self._dead.pop(res.key, None)
+            self._dead.pop(dead_key, None)
             found = self._instance_found(inst)
             found.status = "pending" if found.status != "error" else found.status
             return found
@@ -518,10 +550,7 @@ class AwsProvider:
         server = deps[res.spec["server"]]
         found = self._find_floating_ip(res, plan)
         if found is None:
-            out = self._call(f"allocate Elastic IP for {node}", lambda: self.ec2.allocate_address(
-                Domain="vpc", TagSpecifications=[{"ResourceType": "elastic-ip",
-                                                  "Tags": self._tag_list(plan, node, res.name)}]))
-            found = Found("floating_ip", out["AllocationId"], res.name, attrs={"floating_ip": out["PublicIp"]})
+            found = self._allocate_address(res, plan, node)
         if found.attrs.get("instance_id") != server.cloud_id or found.status != "ready":
             out = self._call(f"associate Elastic IP with {node}", lambda: self.ec2.associate_address(
                 AllocationId=found.cloud_id, InstanceId=server.cloud_id, AllowReassociation=True))
@@ -530,6 +559,26 @@ class AwsProvider:
         found.attrs["instance_id"] = server.cloud_id
         log.info("%s: %s has Elastic IP %s", self.site.name, node, found.attrs.get("floating_ip"))
         return found
+
+    def _allocate_address(self, res: Resource, plan: Plan, node: str) -> Found:
+        """AllocateAddress has no ClientToken: never resent blindly. After a lost answer, look for the tagged
+        address first (it is tagged at allocation) and allocate again only if there is none."""
+        def allocate() -> Any:
+            return self.ec2_once.allocate_address(Domain="vpc", TagSpecifications=[
+                {"ResourceType": "elastic-ip", "Tags": self._tag_list(plan, node, res.name)}])
+
+        for attempt in range(3):
+            try:
+                out = self._call(f"allocate Elastic IP for {node}", allocate, resend=False)
+                return Found("floating_ip", out["AllocationId"], res.name, attrs={"floating_ip": out["PublicIp"]})
+            except (Transient, RateLimited):
+                found = self._find_floating_ip(res, plan)
+                if found is not None:
+                    return found
+                if attempt == 2:
+                    raise
+                time.sleep(max(self.poll_interval, 0.05) * (attempt + 1))
+        raise AssertionError("unreachable")
 
     # -- wait -------------------------------------------------------------------------------------
     def wait(self, items: Sequence[tuple[Resource, Found]], plan: Plan, timeout: float,

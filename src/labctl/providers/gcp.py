@@ -301,10 +301,9 @@ class GcpProvider:
         return [self.site.zone] if self.site.zone else self._region_zones()
 
     def _zones_offering(self, candidate: str) -> list[str]:
-        """Zones of the site that offer the machine type (and accelerator) of `candidate`."""
+        """Zones of the site that offer the machine type (and accelerator) of `candidate` (one aggregated
+        list call each, cached)."""
         zones = self._zones()
-        if self.site.zone:
-            return zones  # a pinned zone: the insert says if the type is not offered there
 
         def load() -> list[str]:
             machine, accel, _ = parse_type(candidate)
@@ -352,9 +351,15 @@ class GcpProvider:
                             f"(zones: {', '.join(zones)})")
         for image in sorted({n.image for n in plan.nodes}):
             self._image(image)
+        where = self.site.zone or f"any zone of {self.region}"
         for node in plan.nodes:
-            for candidate in node.candidates:
-                parse_type(candidate)  # UserError for a malformed type name
+            offered = [c for c in node.candidates if self._zones_offering(c)]
+            if node.candidates and not offered:
+                raise UserError(f"{self.site.name}: none of {', '.join(node.candidates)} (for {node.name}) is "
+                                f"offered in {where}")
+            for candidate in sorted(set(node.candidates) - set(offered)):
+                log.warning("%s: %s is not offered in %s; %s will skip it", self.site.name, candidate, where,
+                            node.name)
 
     # -- find -------------------------------------------------------------------------------------
     def find(self, res: Resource, plan: Plan) -> Found | None:
@@ -464,7 +469,8 @@ class GcpProvider:
         static_ip = self._static_ip(plan, node)
         zones = self._zones_offering(candidate)
         if not zones:
-            raise NoCapacity(f"{self.site.name}: {candidate} is not offered in any zone of {self.region}")
+            where = self.site.zone or f"any zone of {self.region}"
+            raise NoCapacity(f"{self.site.name}: {candidate} is not offered in {where}")
         with self._lock:
             attempt = self._attempts.get((plan.deployment, node), -1) + 1
             self._attempts[(plan.deployment, node)] = attempt

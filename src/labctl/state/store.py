@@ -1,21 +1,25 @@
 """The state store: deployments, their resources, SSH host keys, setup progress and events.
 
-SQLite under the user's state directory (private: 0700 directory, 0600 file), schema versioned. All SQL
-goes through `_Db`, written once with `?` placeholders, so that another DB-API driver can sit behind it.
+One code path on two databases: SQLite under the user's state directory (the default; private: 0700
+directory, 0600 file) or a shared PostgreSQL database (`--state postgresql://...` or `LABCTL_STATE_URL`),
+so that several operators see the same deployments. The SQL below is written once, with `?` placeholders
+and portable types; `labctl.state.db` adapts it to the driver. Schema versioned in `meta.schema_version`.
+
+Operators working on the same environment at the same time coordinate with `StateStore.lock(name)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from labctl.state.db import POSTGRES_SCHEMES, Database, PostgresDatabase, SqliteDatabase, Tx
 
 SCHEMA_VERSION = 1
 
@@ -40,6 +44,10 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, deployment_id TEXT NOT NULL, at REAL NOT NULL,
     level TEXT NOT NULL, message TEXT NOT NULL);
 """
+
+# Schema migrations: _MIGRATIONS[v] is the DDL taking a v database to v+1 (e.g. `ALTER TABLE t ADD COLUMN
+# c TEXT`), run in the same serialised transaction that creates the schema. None yet: v1 is current.
+_MIGRATIONS: dict[int, str] = {}
 
 
 @dataclass
@@ -77,56 +85,144 @@ def default_state_dir() -> Path:
     return Path(user_state_dir("labctl"))
 
 
-class StateStore:
-    """Thread-safe access to one state database."""
+def parse_state_url(url: str | Path | None) -> tuple[str, Any]:
+    """("sqlite", Path) or ("postgresql", url) for a --state value / LABCTL_STATE_URL.
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.dir = (path.parent if path else default_state_dir())
-        self.path = path or self.dir / "state.db"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        if not self.path.exists():
-            # Create the file private before SQLite writes anything into it.
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
-        os.chmod(self.path, 0o600)
-        self._local = threading.local()
-        self._conn().executescript(_SCHEMA)  # idempotent DDL; executescript manages its own transaction
-        with self._tx() as db:
+    None or "" -> LABCTL_STATE_URL if set, else `<state dir>/state.db`; `sqlite:///abs/path.db` or a plain
+    path -> SQLite; `postgresql://...` (or `postgres://`) -> PostgreSQL.
+    """
+    if isinstance(url, Path):
+        return "sqlite", url
+    if not url or not url.strip():
+        env = os.environ.get("LABCTL_STATE_URL", "").strip()
+        if env:
+            return parse_state_url(env)
+        return "sqlite", default_state_dir() / "state.db"
+    url = url.strip()
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in POSTGRES_SCHEMES:
+        return "postgresql", url
+    if scheme == "sqlite" or url.lower().startswith("sqlite:"):
+        rest = url[len("sqlite:"):]
+        rest = rest[2:] if rest.startswith("//") else rest
+        rest = rest[1:] if rest.startswith("//") else rest  # sqlite:////abs/path (SQLAlchemy style)
+        if not rest:
+            return "sqlite", default_state_dir() / "state.db"
+        return "sqlite", Path(rest).expanduser()
+    if scheme:
+        from labctl.errors import UserError
+        from labctl.state.db import redact_url
+
+        raise UserError(f"unsupported state database {redact_url(url)}: use a path, sqlite:///path or postgresql://")
+    return "sqlite", Path(url).expanduser()
+
+
+class StateStore:
+    """Thread-safe access to one state database (SQLite file or PostgreSQL).
+
+    `StateStore()` and `StateStore.open()` use `LABCTL_STATE_URL` if set, else the SQLite default;
+    `StateStore(path)` is that SQLite file. Local artefacts (SSH keys, logs, known_hosts) live in `dir`,
+    the database's directory for SQLite and the local state directory for PostgreSQL.
+    """
+
+    def __init__(self, path: Path | None = None, *, url: str | None = None) -> None:
+        if path is not None and url is not None:
+            raise TypeError("give a path or a url, not both")
+        backend, target = parse_state_url(Path(path) if path is not None else url)
+        self.backend: str = backend
+        self.path: Path | None
+        self._db: Database
+        if backend == "sqlite":
+            self.path = target
+            self.dir = target.parent
+            self._private_dir(self.dir)
+            if not target.exists():
+                # Create the file private before SQLite writes anything into it.
+                fd = os.open(target, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+            os.chmod(target, 0o600)
+            self._db = SqliteDatabase(target)
+        else:
+            self.path = None
+            self.dir = default_state_dir()
+            self._db = PostgresDatabase(target)
+            self._private_dir(self.dir)
+        try:
+            self._init_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open(cls, url: str | None = None) -> StateStore:
+        """The store at `url` (a path, sqlite:///path or postgresql://...); None: LABCTL_STATE_URL or default."""
+        return cls(url=url)
+
+    @property
+    def url(self) -> str:
+        """Where the state lives, safe to print (a PostgreSQL URL's password is removed)."""
+        return self._db.url
+
+    def __repr__(self) -> str:
+        return f"StateStore({self.url!r})"
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _private_dir(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+
+    def _init_schema(self) -> None:
+        with self._tx(serialize="labctl-schema") as db:  # concurrent first opens must not race on DDL
+            db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+                return
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
                 from labctl.errors import UserError
 
                 raise UserError(
-                    f"{self.path}: state schema v{row[0]} is newer than this labctl (v{SCHEMA_VERSION}); "
-                    "upgrade labctl"
+                    f"{self.path or self.url}: state schema v{version} is newer than this labctl "
+                    f"(v{SCHEMA_VERSION}); upgrade labctl"
                 )
+            while version < SCHEMA_VERSION:
+                db.executescript(_MIGRATIONS[version])
+                version += 1
+                db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
-
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _tx(self, serialize: str | None = None) -> Iterator[Tx]:
+        with self._db.tx(serialize) as tx:
+            yield tx
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
-        return self._conn().execute(sql, args).fetchall()
+        return self._db.query(sql, args)
+
+    # -- locks between operators --------------------------------------------------------------------
+    def lock(self, name: str, *, wait: bool = False, timeout: float | None = None) -> AbstractContextManager[bool]:
+        """`with store.lock("env:<name>") as held:` -- True if this process now holds the lock `name`.
+
+        Every process using the same store (on any host, for PostgreSQL) sees the same lock. Without
+        `wait`, False at once when another process holds it; with `wait`, blocks until it is free, or until
+        `timeout` seconds have passed (then False). The lock is released when the block ends, and by the
+        OS / the database server if the holder dies. Re-entrant within one thread.
+        """
+        return self._db.lock(name, wait=wait, timeout=timeout)
+
+    def lock_holder(self, name: str) -> str | None:
+        """Who holds the lock `name` ("labctl <host> pid <pid>"), or None: for messages to the operator."""
+        return self._db.lock_holder(name)
 
     @property
     def logs_dir(self) -> Path:
@@ -150,7 +246,7 @@ class StateStore:
 
     def set_deployment_status(self, dep_id: str, status: str, **data: Any) -> None:
         with self._tx() as db:
-            row = db.execute("SELECT data FROM deployments WHERE id=?", (dep_id,)).fetchone()
+            row = db.execute("SELECT data FROM deployments WHERE id=? FOR UPDATE", (dep_id,)).fetchone()
             merged = {**json.loads(row[0]), **data} if row else data
             db.execute(
                 "UPDATE deployments SET status=?, data=?, updated_at=? WHERE id=?",
@@ -187,7 +283,7 @@ class StateStore:
         """Written before the create call: a crash after it is recovered by looking the name up."""
         with self._tx() as db:
             row = db.execute(
-                "SELECT status, data FROM resources WHERE deployment_id=? AND key=?", (dep_id, key)
+                "SELECT status, data FROM resources WHERE deployment_id=? AND key=? FOR UPDATE", (dep_id, key)
             ).fetchone()
             if row and row[0] in ("created", "ready"):
                 return
@@ -203,18 +299,19 @@ class StateStore:
         self, dep_id: str, key: str, status: str, cloud_id: str | None = None, data: dict | None = None,
         kind: str | None = None, name: str | None = None,
     ) -> None:
+        select = "SELECT cloud_id, data FROM resources WHERE deployment_id=? AND key=? FOR UPDATE"
         with self._tx() as db:
-            row = db.execute(
-                "SELECT cloud_id, data FROM resources WHERE deployment_id=? AND key=?", (dep_id, key)
-            ).fetchone()
+            row = db.execute(select, (dep_id, key)).fetchone()
             now = time.time()
             if row is None:
-                db.execute(
-                    "INSERT INTO resources VALUES (?,?,?,?,?,?,?,?)",
+                inserted = db.execute(
+                    "INSERT INTO resources VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(deployment_id, key) DO NOTHING",
                     (dep_id, key, kind or key.split(":")[0], name or key, status, cloud_id,
                      json.dumps(data or {}), now),
-                )
-                return
+                ).rowcount
+                if inserted:
+                    return
+                row = db.execute(select, (dep_id, key)).fetchone()  # another writer inserted it meanwhile
             merged = {**json.loads(row[1]), **(data or {})}
             db.execute(
                 "UPDATE resources SET status=?, cloud_id=?, data=?, updated_at=? WHERE deployment_id=? AND key=?",

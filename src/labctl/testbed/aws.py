@@ -22,8 +22,12 @@ file `<state_dir>/aws.db` (WAL, short transactions), shared by all processes:
   connected to. Every one is mapped to a loopback address ``127.20.<n>.<m>`` in responses (DNS names too) and
   back in requests, so labctl only ever sees loopback addresses; the SSH side (`labctl.testbed.sshd.SSHNodes`)
   serves each running instance on its loopback address (`AwsWorld.ssh_targets`).
+- the ``client-token`` filter of DescribeInstances (moto crashes on it) is applied here;
+- boot time: with `set_boot_seconds(s)` new instances say ``pending`` for s seconds (moto: ``running`` at once);
 - a request log and fault injection (``error503``, ``throttle`` = RequestLimitExceeded, ``hang_after``,
   ``timeout_after``) for tests.
+
+Other protocols (JSON/REST services such as SSM or STS) are passed through to moto unchanged.
 """
 
 from __future__ import annotations
@@ -188,9 +192,20 @@ def ensure_moto(state_dir: Path, timeout: float = 90.0) -> dict[str, Any]:
     if info is not None:
         return info
     with _file_lock(state_dir / MOTO_LOCK):
-        info = moto_info(state_dir)
-        if info is not None:
-            return info
+        try:
+            old = json.loads((state_dir / MOTO_FILE).read_text())
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and _pid_alive(int(old.get("pid", 0))):
+            # Alive but not answering: give a busy daemon time before replacing it.
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if _port_open(old["port"]):
+                    return old
+                time.sleep(0.2)
+            log.warning("moto daemon %s does not answer on port %s; replacing it", old["pid"], old["port"])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(old["pid"]), 9)
         with contextlib.suppress(FileNotFoundError):
             (state_dir / MOTO_FILE).unlink()
         amis = state_dir / AMIS_FILE
@@ -962,6 +977,51 @@ def _cloud_config_keys(user_data: str | None) -> list[str]:
     return keys
 
 
+def split_filter(params: dict[str, str], name: str) -> tuple[dict[str, str], list[str] | None]:
+    """Take filter `name` out of query parameters (renumbering the others): (params, its values or None)."""
+    filters: dict[int, dict[str, Any]] = {}
+    rest: dict[str, str] = {}
+    for key, value in params.items():
+        m = re.match(r"^Filter\.(\d+)\.(Name|Value\.(\d+))$", key)
+        if not m:
+            rest[key] = value
+            continue
+        f = filters.setdefault(int(m.group(1)), {"name": None, "values": {}})
+        if m.group(2) == "Name":
+            f["name"] = value
+        else:
+            f["values"][int(m.group(3))] = value
+    wanted = [f for _, f in sorted(filters.items()) if f["name"] == name]
+    if not wanted:
+        return params, None
+    kept = [f for _, f in sorted(filters.items()) if f["name"] != name]
+    for i, f in enumerate(kept, 1):
+        rest[f"Filter.{i}.Name"] = f["name"]
+        for j, (_, v) in enumerate(sorted(f["values"].items()), 1):
+            rest[f"Filter.{i}.Value.{j}"] = v
+    return rest, [v for f in wanted for _, v in sorted(f["values"].items())]
+
+
+def keep_instances(body: bytes, keep) -> bytes:
+    """A DescribeInstances answer with only the instances for which keep(item) is true (and their reservations)."""
+    import xml.etree.ElementTree as ET
+
+    ns = EC2_NS.rstrip("/")
+    ET.register_namespace("", ns)
+    root = ET.fromstring(body)
+    rset = root.find(f"{{{ns}}}reservationSet")
+    if rset is None:
+        return body
+    for reservation in list(rset):
+        iset = reservation.find(f"{{{ns}}}instancesSet")
+        for item in list(iset if iset is not None else []):
+            if not keep(item, ns):
+                iset.remove(item)
+        if iset is None or not len(iset):
+            rset.remove(reservation)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
+
+
 def _params_hash(params: dict[str, str]) -> str:
     items = sorted((k, v) for k, v in params.items() if k not in ("Action", "Version", "ClientToken"))
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
@@ -1010,16 +1070,27 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._handle()
 
+    def do_PUT(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._handle()
+
     def _handle(self) -> None:
+        self._reply_type = "text/xml;charset=UTF-8"
         world = self.server.world
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         query = urlsplit(self.path).query
         params = dict(parse_qsl(query, keep_blank_values=True))
         ctype = self.headers.get("Content-Type", "")
-        if body and ("x-www-form-urlencoded" in ctype or not ctype):
+        # EC2 speaks the query protocol (form-encoded POST); anything else (JSON or REST services) is passed
+        # through unchanged, with the public addresses in the answer still mapped.
+        query_protocol = "x-www-form-urlencoded" in ctype or (not body and "Action" in params)
+        if body and query_protocol:
             params.update(parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True))
-        action = params.get("Action", "")
+        target = self.headers.get("X-Amz-Target", "")
+        action = params.get("Action", "") if query_protocol else (target.rsplit(".", 1)[-1] or self.command)
         m = _REGION.search(self.headers.get("Authorization", ""))
         region = m.group(1) if m else "us-east-1"
         seq = None
@@ -1036,7 +1107,12 @@ class _Handler(BaseHTTPRequestHandler):
             def forward(p: dict[str, str]) -> tuple[int, bytes]:
                 return self._forward(p)
 
-            if action == "RunInstances":
+            tokens = None
+            if action == "DescribeInstances":  # moto crashes on the client-token filter: applied here
+                real_params, tokens = split_filter(real_params, "client-token")
+            if not query_protocol:
+                status, out = self._passthrough(body)
+            elif action == "RunInstances":
                 status, out = world.run_instances(region, real_params, forward)
             elif action and real_params.get("ClientToken"):
                 status, out = world.idempotent(region, action, real_params, forward)
@@ -1044,6 +1120,8 @@ class _Handler(BaseHTTPRequestHandler):
                 status, out = forward(real_params)
             if status == 200 and action == "ImportKeyPair":
                 world.record_key(region, params.get("KeyName", ""), params.get("PublicKeyMaterial", ""))
+            if status == 200 and tokens is not None:
+                out = keep_instances(out, lambda item, ns: item.findtext(f"{{{ns}}}clientToken") in tokens)
             if status == 200 and action in ("DescribeInstances", "RunInstances"):
                 out = world.apply_boot(out)
             out = world.map_response(out)
@@ -1065,11 +1143,23 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(Exception):
                 world._log_status(seq, status)
         self.send_response(status)
-        self.send_header("Content-Type", "text/xml;charset=UTF-8")
+        self.send_header("Content-Type", self._reply_type)
         self.send_header("Content-Length", str(len(out)))
         self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
         self.end_headers()
         self.wfile.write(out)
+
+    def _passthrough(self, body: bytes) -> tuple[int, bytes]:
+        port = self.server.world.moto()["port"]
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        try:
+            conn.request(self.command, self.path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            self._reply_type = resp.getheader("Content-Type") or self._reply_type
+            return resp.status, resp.read()
+        finally:
+            conn.close()
 
     def _forward(self, params: dict[str, str]) -> tuple[int, bytes]:
         port = self.server.world.moto()["port"]

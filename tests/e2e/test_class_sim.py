@@ -1,0 +1,153 @@
+"""Class mode end to end on the emulated testbed: a roster of 30, per-student access, kills, teardown."""
+
+from __future__ import annotations
+
+import csv
+import random
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import kill_when, labctl_leftovers, run, run_json, start
+
+pytestmark = pytest.mark.slow
+
+N = 30
+
+
+def make_keys(directory: Path, n: int) -> list[tuple[Path, str]]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for i in range(n):
+        key = Ed25519PrivateKey.generate()
+        path = directory / f"s{i:02d}"
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        keys.append((path, public.decode() + f" s{i:02d}@laptop"))
+    return keys
+
+
+def write_roster(path: Path, keys: list[tuple[Path, str]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["student_id", "name", "email", "ssh_public_key"])
+        for i, (_, public) in enumerate(keys):
+            w.writerow([f"s{i:02d}", f"Student {i}", f"s{i:02d}@uni.edu", public])
+
+
+@pytest.fixture
+def klass(labctl_env, tmp_path):
+    keys = make_keys(tmp_path / "keys", N)
+    roster = tmp_path / "roster.csv"
+    write_roster(roster, keys)
+    return keys, roster
+
+
+def world(env):
+    from labctl.testbed.world import World
+
+    return World(Path(env["LABCTL_TESTBED_DIR"]))
+
+
+def labctl_servers(w, site="kvm@tacc"):
+    return [s for s in w.inventory(site)["servers"] if s["name"].startswith("labctl-")]
+
+
+def known_hosts(env, path: Path) -> Path:
+    with sqlite3.connect(Path(env["LABCTL_STATE_DIR"]) / "state.db") as db:
+        rows = db.execute("SELECT host, port, key FROM host_keys").fetchall()
+    path.write_text("".join(f"[{h}]:{p} {k}\n" for h, p, k in rows))
+    return path
+
+
+def ssh_as(key: Path, ip: str, port: int, kh: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ssh", "-i", str(key), "-p", str(port), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+         "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
+         f"cc@{ip}", "echo", "ok"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_class_of_30_each_key_on_its_own_node_only_then_down(labctl_env, klass, tmp_path):
+    keys, roster = klass
+    run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "mlsys",
+        timeout=600)
+    w = world(labctl_env)
+    assert len(labctl_servers(w)) == N
+    status = run_json(labctl_env, "class", "status", "hello", "--course", "mlsys")
+    assert sorted(r["student_id"] for r in status) == [f"s{i:02d}" for i in range(N)]
+    assert all(r["status"] == "up" for r in status)
+    ip_of = {r["student_id"]: r["nodes"][0]["ip"] for r in status}
+    assert len(set(ip_of.values())) == N
+
+    # Serve the emulated nodes from this process, then try every student's key on their own node and
+    # on a neighbour's.
+    from labctl.testbed import Testbed
+
+    kh = known_hosts(labctl_env, tmp_path / "known_hosts")
+    tb = Testbed.start(state_dir=Path(labctl_env["LABCTL_TESTBED_DIR"]))
+    try:
+        port = tb.world.ssh_port
+        for i, (key, _) in enumerate(keys):
+            own, other = ip_of[f"s{i:02d}"], ip_of[f"s{(i + 1) % N:02d}"]
+            tb.wait_ssh(own, port)
+            tb.wait_ssh(other, port)
+            mine = ssh_as(key, own, port, kh)
+            assert mine.returncode == 0 and mine.stdout.strip() == "ok", mine.stderr
+            theirs = ssh_as(key, other, port, kh)
+            assert theirs.returncode != 0 and "Permission denied" in theirs.stderr
+    finally:
+        tb.stop()
+
+    report = run(labctl_env, "class", "report", "hello", "--course", "mlsys").stdout
+    rows = list(csv.DictReader(report.splitlines()))
+    assert len(rows) == N and all(r["ips"] and r["ssh"].startswith("ssh ") for r in rows)
+
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    assert labctl_leftovers(w) == {}
+    assert run_json(labctl_env, "class", "status", "hello", "--course", "mlsys") == []
+
+
+def test_class_up_killed_three_times_then_completes_without_duplicates(labctl_env, klass):
+    _, roster = klass
+    w = world(labctl_env)
+    args = ("class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "mlsys")
+    rng = random.Random(9183)
+    for _ in range(3):
+        proc = start(labctl_env, *args)
+        # Kill after a random number of API calls, so the kill lands at a different point each time.
+        target = len(w.request_log()) + rng.randint(20, 200)
+        kill_when(proc, lambda t=target: len(w.request_log()) >= t, timeout=300)
+    run(labctl_env, *args, timeout=600)
+    servers = labctl_servers(w)
+    assert len(servers) == N
+    assert len({s["name"] for s in servers}) == N  # one server per student, no duplicates
+    assert len([lease for lease in w.inventory("kvm@tacc")["leases"]]) == N
+    status = run_json(labctl_env, "class", "status", "hello", "--course", "mlsys")
+    assert len(status) == N and all(r["status"] == "up" for r in status)
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    assert labctl_leftovers(w) == {}
+
+
+def test_bad_roster_creates_nothing(labctl_env, tmp_path, klass):
+    keys, _ = klass
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "student_id,name,email,ssh_public_key\n"
+        f"s01,One,s01@uni.edu,{keys[0][1]}\n"
+        f"s01,Dup,dup@uni.edu,{keys[1][1]}\n"
+        "s;rm -rf,Evil,e@uni.edu,ssh-ed25519 AAAA\n"
+    )
+    proc = run(labctl_env, "class", "up", "hello", "--roster", str(bad), "--site", "sim", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "bad.csv:3" in proc.stderr and "bad.csv:4" in proc.stderr
+    assert not Path(labctl_env["LABCTL_TESTBED_DIR"]).exists() or labctl_leftovers(world(labctl_env)) == {}
