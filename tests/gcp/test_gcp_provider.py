@@ -93,7 +93,9 @@ def test_missing_credentials_are_one_line(monkeypatch, tmp_path):
             monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
-    monkeypatch.setenv("NO_GCE_CHECK", "True")  # do not probe the metadata server
+    # do not probe the metadata server (the variable is read when google.auth is imported: set both)
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.setattr("google.auth.compute_engine._metadata._NO_GCE_CHECK", True, raising=False)
     with pytest.raises(CredentialsError) as err:
         gcp.connect(sites.resolve("gcp:us-central1-a"))
     assert str(err.value) == gcp.NO_CREDENTIALS
@@ -150,13 +152,14 @@ def test_engine_apply_and_destroy_hello(tmp_path, sim_site, testbed, emu):
 def test_wait_lists_once_per_poll_round(tmp_path, sim_site, testbed, emu):
     plan = build_plan(profile("four", count=4, floating_ip=False), sim_site, "student1", public_key(tmp_path))
     provider = provider_for(sim_site, testbed)
+    emu.world.set_time_scale(0.02)  # instances take 0.4 s to be RUNNING: several poll rounds
     deps = {"keypair": provider.create(plan.get("keypair"), plan, {}, None),
             "secgroup": provider.create(plan.get("secgroup"), plan, {}, None)}
     servers = plan.by_kind("server")
     items = [(r, provider.create(r, plan, deps, "e2-small")) for r in servers]
     assert all(f.status == "pending" for _, f in items)
     emu.world.clear_request_log()
-    provider.poll_interval = 0.005  # several rounds before the instances are RUNNING
+    provider.poll_interval = 0.05
     rounds = []
     real_list = provider._list_instances
 

@@ -7,7 +7,6 @@ PostgreSQL binaries the PostgreSQL cases are skipped -- except on CI (CI=true), 
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import itertools
 import os
@@ -16,19 +15,12 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).parent
-WORKER = HERE / "lock_worker.py"
-GUARD_DIR = HERE.parent / "loopback_guard"
 
 
 def _find_pg_bin() -> Path | None:
@@ -165,38 +157,3 @@ def store(state_url: str):
     s = StateStore.open(state_url)
     yield s
     s.close()
-
-
-# -- two real processes ------------------------------------------------------------------------------
-def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(GUARD_DIR), env.get("PYTHONPATH", "")] if p)
-    return env
-
-
-def start_worker(url: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(WORKER), url, *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
-
-
-def read_line(proc: subprocess.Popen, timeout: float = 60) -> str:
-    """The worker's next line of output; kills it and fails if none comes within `timeout` seconds."""
-    assert proc.stdout is not None
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(proc.stdout.readline)
-        try:
-            return future.result(timeout=timeout).strip()
-        except FuturesTimeout:
-            with contextlib.suppress(Exception):
-                proc.kill()
-            raise AssertionError(f"worker {proc.args} said nothing for {timeout} s") from None
-
-
-def expect_line(proc: subprocess.Popen, expected: str, timeout: float = 60) -> None:
-    """Wait for the worker to print `expected` (its handshake)."""
-    line = read_line(proc, timeout)
-    if line != expected:
-        with contextlib.suppress(Exception):
-            proc.kill()
-        _, err = proc.communicate(timeout=10)
-        raise AssertionError(f"worker said {line!r}, expected {expected!r}; stderr: {err}")

@@ -292,7 +292,8 @@ class GcpProvider:
             region = self._call(f"get region {self.region}", lambda: self._client("RegionsClient").get(
                 request={"project": self.project, "region": self.region}, **self._opts()), missing_ok=True)
             if region is None:
-                raise UserError(f"{self.site.name}: Compute Engine has no region '{self.region}'")
+                raise UserError(f"{self.site.name}: region '{self.region}' not found in project '{self.project}' "
+                                "(check the project id, and that the Compute Engine API is enabled)")
             return sorted(_last(z) for z in region.zones)
 
         return self._cached("zones", load)

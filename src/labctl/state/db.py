@@ -25,19 +25,25 @@ import os
 import re
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from labctl.errors import UserError
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+T = TypeVar("T")
 _MAX_IDLE = 8  # idle connections kept per pool
+
+
+class ConnectionLost(UserError):
+    """The database connection broke under a statement (server restart, network, idle timeout)."""
 
 
 # -- URLs ---------------------------------------------------------------------------------------------
@@ -200,12 +206,10 @@ class Database(ABC):
             conn = self._connect()
             with self._mu:
                 self._open.add(conn)
-        keep = False
         try:
             yield conn
-            keep = True
         finally:
-            keep = keep and self._reusable(conn)
+            keep = self._reusable(conn)  # rolled back or idle: yes; broken or mid-statement: no
             with self._mu:
                 if keep and not self._closed and len(self._idle) < _MAX_IDLE:
                     self._idle.append(conn)
@@ -214,15 +218,39 @@ class Database(ABC):
                     with contextlib.suppress(Exception):
                         conn.close()
 
+    def _borrow(self, stack: contextlib.ExitStack, first: Callable[[Any], T]) -> tuple[Any, T]:
+        """Borrow a connection (returned when `stack` closes) and run `first(conn)` on it.
+
+        A pooled connection the server dropped meanwhile (restart, idle timeout) fails in `first`, before
+        anything happened: it is replaced by a fresh connection, once.
+        """
+        for attempt in range(2):
+            borrowed = self.connection()
+            conn = borrowed.__enter__()
+            try:
+                result = first(conn)
+            except ConnectionLost:
+                borrowed.__exit__(None, None, None)  # broken: not put back
+                if attempt:
+                    raise
+                continue
+            except BaseException:
+                borrowed.__exit__(*sys.exc_info())
+                raise
+            stack.push(borrowed)
+            return conn, result
+        raise AssertionError("unreachable")
+
     def query(self, sql: str, args: tuple | list = ()) -> list[tuple]:
-        with self.connection() as conn:
-            return [tuple(r) for r in self._execute(conn, sql, args).fetchall()]
+        with contextlib.ExitStack() as stack:
+            _, cursor = self._borrow(stack, lambda conn: self._execute(conn, sql, args))
+            return [tuple(r) for r in cursor.fetchall()]
 
     @contextlib.contextmanager
     def tx(self, serialize: str | None = None) -> Iterator[Tx]:
         """A write transaction. `serialize` names a key that orders such transactions on every backend."""
-        with self.connection() as conn:
-            self._begin(conn, serialize)
+        with contextlib.ExitStack() as stack:
+            conn, _ = self._borrow(stack, lambda conn: self._begin(conn, serialize))
             try:
                 yield Tx(self, conn)
             except BaseException:
@@ -429,7 +457,7 @@ class PostgresDatabase(Database):
         except self._pg.OperationalError as exc:
             if conn.broken or conn.closed:
                 reason = _one_line(str(exc), self._secret)
-                raise UserError(f"lost the connection to the state database {self.url}: {reason}") from None
+                raise ConnectionLost(f"lost the connection to the state database {self.url}: {reason}") from None
             raise
 
     def _reusable(self, conn: Any) -> bool:
@@ -461,26 +489,18 @@ class PostgresDatabase(Database):
     @contextlib.contextmanager
     def _acquire(self, name: str, wait: bool, timeout: float | None) -> Iterator[bool]:
         key = lock_key(name)
-        conn = self._lock_conn()
-        try:
-            if not wait or (timeout is not None and timeout <= 0):
-                got = bool(self._execute(conn, "SELECT pg_try_advisory_lock(?::bigint)", (key,)).fetchone()[0])
-            elif timeout is None:
-                self._execute(conn, "SELECT pg_advisory_lock(?::bigint)", (key,))
-                got = True
-            else:
-                ms = f"{max(1, int(timeout * 1000))}ms"
-                self._execute(conn, "SELECT set_config('lock_timeout', ?, false)", (ms,))
-                try:
-                    self._execute(conn, "SELECT pg_advisory_lock(?::bigint)", (key,))
-                    got = True
-                except self._pg.errors.LockNotAvailable:
-                    got = False
-                finally:
-                    self._execute(conn, "SELECT set_config('lock_timeout', '0', false)", ())
-        except BaseException:
-            self._drop_lock_conn(conn, reusable=False)
-            raise
+        for attempt in range(2):
+            conn = self._lock_conn()
+            try:
+                got = self._take_advisory_lock(conn, key, wait, timeout)
+                break
+            except ConnectionLost:  # a pooled session the server dropped meanwhile: once more on a new one
+                self._drop_lock_conn(conn, reusable=False)
+                if attempt:
+                    raise
+            except BaseException:
+                self._drop_lock_conn(conn, reusable=False)
+                raise
         released = not got
         try:
             yield got
@@ -491,6 +511,22 @@ class PostgresDatabase(Database):
                         self._execute(conn, "SELECT pg_advisory_unlock(?::bigint)", (key,)).fetchone()[0]
                     )
             self._drop_lock_conn(conn, reusable=released)
+
+    def _take_advisory_lock(self, conn: Any, key: int, wait: bool, timeout: float | None) -> bool:
+        if not wait or (timeout is not None and timeout <= 0):
+            return bool(self._execute(conn, "SELECT pg_try_advisory_lock(?::bigint)", (key,)).fetchone()[0])
+        if timeout is None:
+            self._execute(conn, "SELECT pg_advisory_lock(?::bigint)", (key,))
+            return True
+        ms = f"{max(1, int(timeout * 1000))}ms"
+        self._execute(conn, "SELECT set_config('lock_timeout', ?, false)", (ms,))
+        try:
+            self._execute(conn, "SELECT pg_advisory_lock(?::bigint)", (key,))
+            return True
+        except self._pg.errors.LockNotAvailable:
+            return False
+        finally:
+            self._execute(conn, "SELECT set_config('lock_timeout', '0', false)", ())
 
     def lock_holder(self, name: str) -> str | None:
         key = lock_key(name) & 0xFFFFFFFFFFFFFFFF

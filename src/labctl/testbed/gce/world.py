@@ -468,6 +468,13 @@ class GceWorld:
         with self.read() as db:
             return float(db.meta("time_scale", str(DEFAULT_TIME_SCALE)))
 
+    def set_time_scale(self, scale: float) -> None:
+        """Change the time scale (for resources and operations created from now on, by every process that
+        did not choose its own)."""
+        self._explicit_scale = float(scale)
+        with self.tx() as db:
+            db.set_meta("time_scale", float(scale))
+
     def set_capacity(self, zone: str, machine_or_accelerator_type: str, n: int) -> None:
         """How many instances of a machine type (or cards of an accelerator type) `zone` can hold at once.
 
