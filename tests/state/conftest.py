@@ -13,7 +13,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tests.state.helpers import free_port
 
 
 def _find_pg_bin() -> Path | None:
@@ -37,12 +37,6 @@ def _find_pg_bin() -> Path | None:
         if (Path(path).parent / "pg_ctl").exists():
             return Path(path).parent
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -104,7 +98,7 @@ def _start_server() -> Iterator[PgServer]:
     options = (f"-c listen_addresses=127.0.0.1 -c unix_socket_directories={root} -c fsync=off "
                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
     for _attempt in range(5):
-        port = _free_port()
+        port = free_port()
         proc = run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
                    "-o", f"{options} -p {port}", "start", timeout=120)
         if proc.returncode == 0:

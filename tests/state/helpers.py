@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,12 @@ from pathlib import Path
 HERE = Path(__file__).parent
 WORKER = HERE / "lock_worker.py"
 GUARD_DIR = HERE.parent / "loopback_guard"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- two real processes ------------------------------------------------------------------------------

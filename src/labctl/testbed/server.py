@@ -12,6 +12,8 @@ URL layout (PORT is ephemeral unless asked otherwise):
 
 from __future__ import annotations
 
+from typing import Any
+
 import argparse
 import contextlib
 import os
@@ -272,6 +274,8 @@ class Testbed:
         self._server = server
         self._thread = thread
         self._ssh = None
+        self._clouds: dict[str, Any] = {}  # lazily started emulators of other clouds, with their SSH sides
+        self._clouds_lock = threading.Lock()
         self.port = server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
@@ -346,11 +350,46 @@ class Testbed:
 
     def wait_ssh(self, address: str, port: int, timeout: float = 10.0) -> None:
         """Block until this process serves SSH for the node at address:port (listeners start asynchronously)."""
-        if self._ssh is not None:
-            self._ssh.wait_listening(address, port, timeout)
+        for ssh in self._ssh_sides():
+            if ssh.world.ssh_port == port:
+                ssh.wait_listening(address, port, timeout)
+                return
+
+    def _ssh_sides(self) -> list[Any]:
+        sides = [self._ssh] if self._ssh is not None else []
+        return sides + [ssh for _, ssh in self._clouds.values() if ssh is not None]
+
+    def gce(self) -> Any:
+        """The emulated Compute Engine over this testbed's state dir (started on first use)."""
+        from labctl.testbed.gce import start_gce
+
+        return self._cloud("gce", lambda: start_gce(self.world.state_dir, self.world._explicit_scale))
+
+    def aws(self) -> Any:
+        """EC2 (moto's server behind labctl's thin layer) over this testbed's state dir (started on first use)."""
+        from labctl.testbed.aws import start_aws
+
+        return self._cloud("aws", lambda: start_aws(self.world.state_dir))
+
+    def _cloud(self, name: str, start: Any) -> Any:
+        with self._clouds_lock:
+            if name not in self._clouds:
+                emulator = start()
+                ssh = None
+                if self._ssh is not None:
+                    from labctl.testbed.sshd import SSHNodes
+
+                    ssh = SSHNodes(emulator.world).start()
+                self._clouds[name] = (emulator, ssh)
+            return self._clouds[name][0]
 
     # lifecycle ---------------------------------------------------------------------------------------
     def stop(self) -> None:
+        for emulator, ssh in self._clouds.values():
+            if ssh is not None:
+                ssh.stop()
+            emulator.stop()
+        self._clouds.clear()
         if self._ssh is not None:
             try:
                 self._ssh.stop()

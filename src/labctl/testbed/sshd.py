@@ -121,11 +121,20 @@ class _Node:
             lines += extra.read_text().splitlines()
         return _parse_authorized(lines)
 
+    @property
+    def users(self) -> set[str]:
+        """Login names this node accepts: `cc` on Chameleon; the cloud's user (ubuntu, labctl) elsewhere."""
+        return set(self.target.get("users") or [self.target.get("user") or USER])
+
+    @property
+    def user(self) -> str:
+        return self.target.get("user") or USER
+
     def env(self, home: Path) -> dict[str, str]:
         env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         env.update(
-            HOME=str(home), USER=USER, LOGNAME=USER, SHELL="/bin/bash",
+            HOME=str(home), USER=self.user, LOGNAME=self.user, SHELL="/bin/bash",
             LABCTL_NODE=self.name, LABCTL_SERVER_ID=str(self.target.get("server_id", "")),
         )
         return env
@@ -159,7 +168,7 @@ def _make_server_class():
             return True
 
         def validate_public_key(self, username: str, key) -> bool:
-            if username != USER:
+            if username not in self.node.users:
                 return False
             try:
                 return key.public_data in self.node.authorized()
