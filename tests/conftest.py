@@ -18,7 +18,7 @@ _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
 @pytest.fixture
-def labctl_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def labctl_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> dict[str, str]:
     """Environment for running labctl in a private home: state, testbed world, config, no real creds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OS_", "AWS_", "GOOGLE_"))}
     env.update(
@@ -36,6 +36,7 @@ def labctl_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     for key in list(os.environ):
         if key.startswith(("OS_", "AWS_", "GOOGLE_")):
             monkeypatch.delenv(key)
+    request.addfinalizer(lambda: _stop_moto(tmp_path / "testbed" / "aws"))
     for key in ("LABCTL_STATE_DIR", "LABCTL_TESTBED_DIR", "LABCTL_CONFIG_DIR", "LABCTL_TESTBED_TIME_SCALE",
                 "LABCTL_OWNER"):
         monkeypatch.setenv(key, env[key])
@@ -43,3 +44,11 @@ def labctl_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
 
 
 LABCTL = [sys.executable, "-m", "labctl"]
+
+
+def _stop_moto(state_dir: Path) -> None:
+    """A test that used --site sim-aws left a moto daemon for its testbed: stop it."""
+    if (state_dir / "moto.json").exists():
+        from labctl.testbed.aws import stop_moto
+
+        stop_moto(state_dir)

@@ -302,8 +302,8 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
     dep = resolve_deployment(ctx, name)
     site = resolve(dep.site)
     if site.emulated:
-        tb = ctx.testbed()  # the emulated nodes answer SSH only while a labctl process serves them
-        site = dataclasses.replace(site, ssh_port=tb.world.ssh_port)
+        # The emulated nodes answer SSH only while a labctl process serves them; the adapter knows the port.
+        site = _connect(ctx, site, None).site
     resources = {r.key: r.data for r in ctx.store.resources(dep.id)}
     targets = _targets(site, dep.data.get("nodes", []), resources)
     if not targets:

@@ -191,6 +191,9 @@ class Database(ABC):
     def lock_holder(self, name: str) -> str | None:
         """Who holds lock `name` ("labctl <host> pid <pid>"), or None if nobody does."""
 
+    @abstractmethod
+    def has_table(self, table: str) -> bool: ...
+
     def ddl(self, stmt: str) -> str:
         return stmt
 
@@ -336,6 +339,9 @@ class SqliteDatabase(Database):
     def _reusable(self, conn: sqlite3.Connection) -> bool:
         return not conn.in_transaction
 
+    def has_table(self, table: str) -> bool:
+        return bool(self.query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)))
+
     def _lock_file(self, name: str) -> Path:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
         return self.locks_dir / f"{readable}-{lock_key(name) & 0xFFFFFFFFFFFFFFFF:016x}.lock"
@@ -462,6 +468,9 @@ class PostgresDatabase(Database):
 
     def _reusable(self, conn: Any) -> bool:
         return not conn.closed and conn.info.transaction_status == self._pg.pq.TransactionStatus.IDLE
+
+    def has_table(self, table: str) -> bool:
+        return self.query("SELECT to_regclass(?) IS NOT NULL", (table,))[0][0]
 
     # -- advisory locks, each on a dedicated session -------------------------------------------------
     def _lock_conn(self) -> Any:

@@ -181,6 +181,10 @@ class StateStore:
         os.chmod(path, 0o700)
 
     def _init_schema(self) -> None:
+        if self._db.has_table("meta") and self._query(
+            "SELECT value FROM meta WHERE key='schema_version'"
+        ) == [(str(SCHEMA_VERSION),)]:
+            return  # the usual case: nothing to create or migrate
         with self._tx(serialize="labctl-schema") as db:  # concurrent first opens must not race on DDL
             db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

@@ -350,10 +350,13 @@ class Testbed:
 
     def wait_ssh(self, address: str, port: int, timeout: float = 10.0) -> None:
         """Block until this process serves SSH for the node at address:port (listeners start asynchronously)."""
-        for ssh in self._ssh_sides():
-            if ssh.world.ssh_port == port:
-                ssh.wait_listening(address, port, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            if any((address, int(port)) in ssh.listening() for ssh in self._ssh_sides()):
                 return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no SSH listener on {address}:{port} after {timeout:g}s")
+            time.sleep(0.01)
 
     def _ssh_sides(self) -> list[Any]:
         sides = [self._ssh] if self._ssh is not None else []
@@ -369,7 +372,7 @@ class Testbed:
         """EC2 (moto's server behind labctl's thin layer) over this testbed's state dir (started on first use)."""
         from labctl.testbed.aws import start_aws
 
-        return self._cloud("aws", lambda: start_aws(self.world.state_dir))
+        return self._cloud("aws", lambda: start_aws(self.world.state_dir / "aws"))
 
     def _cloud(self, name: str, start: Any) -> Any:
         with self._clouds_lock:
