@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
@@ -32,6 +33,21 @@ def worker_env() -> dict[str, str]:
 def start_worker(url: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(WORKER), url, *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
+
+
+@contextlib.contextmanager
+def worker(url: str, *args: str) -> Iterator[subprocess.Popen]:
+    """A running lock_worker.py; killed if still alive at the end, its pipes closed."""
+    proc = start_worker(url, *args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(Exception):
+                stream.close()
 
 
 def read_line(proc: subprocess.Popen, timeout: float = 60) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.state.helpers import expect_line, read_line, start_worker
+from tests.state.helpers import expect_line, read_line, worker
 
 from labctl.errors import UserError
 from labctl.state import DeploymentRecord, DeploymentView, StateStore
@@ -76,6 +77,23 @@ def test_concurrent_status_updates_lose_nothing(store):
     for t in threads:
         t.join()
     assert len(store.get_deployment("d1").data) == 40
+
+
+def test_concurrent_first_records_of_one_resource_merge(store):
+    """Threads racing to record a resource that does not exist yet: one inserts, the others merge."""
+    for round_ in range(5):
+        barrier = threading.Barrier(4)
+
+        def writer(t: int, key: str = f"server:r{round_}", barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            store.record_resource("d1", key, "created", data={f"t{t}": t})
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.resource("d1", f"server:r{round_}").data == {f"t{t}": t for t in range(4)}
 
 
 def test_forget_marks_destroyed_and_drops_children(store):
@@ -338,8 +356,8 @@ N_ENVS = 30
 
 def _run_operators(url: str, mode: str, *flags: str) -> list[dict]:
     """Two worker processes doing `mode` on the same N_ENVS environments, started together."""
-    procs = [start_worker(url, mode, str(N_ENVS), *flags) for _ in range(2)]
-    try:
+    with contextlib.ExitStack() as stack:
+        procs = [stack.enter_context(worker(url, mode, str(N_ENVS), *flags)) for _ in range(2)]
         for p in procs:
             expect_line(p, "ready")
         for p in procs:  # both go at (nearly) the same instant
@@ -349,11 +367,6 @@ def _run_operators(url: str, mode: str, *flags: str) -> list[dict]:
         for p in procs:
             assert p.wait(30) == 0, p.stderr.read()
         return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def _counts(store: StateStore, verb: str) -> Counter:
@@ -387,8 +400,7 @@ def test_without_the_lock_two_processes_do_race(store, state_url):
 
 
 def test_lock_held_by_another_process_then_released(store, state_url):
-    holder = start_worker(state_url, "hold", "env:shared")
-    try:
+    with worker(state_url, "hold", "env:shared") as holder:
         expect_line(holder, "held")
         with store.lock("env:shared") as held:
             assert held is False
@@ -402,35 +414,25 @@ def test_lock_held_by_another_process_then_released(store, state_url):
             assert held is True
         expect_line(holder, "released")
         assert holder.wait(20) == 0
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
 
 
 def test_lock_of_a_killed_holder_is_released(store, state_url):
-    holder = start_worker(state_url, "hold", "env:crash")
-    try:
+    with worker(state_url, "hold", "env:crash") as holder:
         expect_line(holder, "held")
         with store.lock("env:crash") as held:
             assert held is False
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(20)
-        start = time.monotonic()
-        with store.lock("env:crash", wait=True, timeout=20) as held:
-            assert held is True, "the lock of a SIGKILLed holder was not released"
-        assert time.monotonic() - start < 10
-        # and a second process can take it too once we let go
-        other = start_worker(state_url, "hold", "env:crash")
+    start = time.monotonic()
+    with store.lock("env:crash", wait=True, timeout=20) as held:
+        assert held is True, "the lock of a SIGKILLed holder was not released"
+    assert time.monotonic() - start < 10
+    with worker(state_url, "hold", "env:crash") as other:  # and another process can take it after us
         expect_line(other, "held")
         other.stdin.write("release\n")
         other.stdin.flush()
         expect_line(other, "released")
         assert other.wait(20) == 0
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
 
 
 def test_tests_use_fresh_databases(store):
