@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.pgserver import pg_server  # noqa: F401  (a real PostgreSQL server, session-wide)
 
 GUARD_DIR = Path(__file__).parent / "loopback_guard"
 

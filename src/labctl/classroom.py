@@ -328,6 +328,9 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
         with ctx.store.lock(f"env:{dep.id}") as mine:
             if not mine:
                 return StudentResult(sid, dep.site, BUSY, "another operator is working on it", dep.id)
+            current = ctx.store.get_deployment(dep.id)
+            if current is None or current.status == "destroyed":  # another operator finished it meanwhile
+                return StudentResult(sid, dep.site, "deleted", None, dep.id)
             try:
                 left = service.destroy_deployment(ctx, dep, provider_for(dep.site), on_progress=lambda *a: None)
             except LabctlError as exc:

@@ -60,10 +60,11 @@ def labctl_servers(w, site="kvm@tacc"):
     return [s for s in w.inventory(site)["servers"] if s["name"].startswith("labctl-")]
 
 
-def known_hosts(env, path: Path) -> Path:
+def known_hosts(env, path: Path, port: int) -> Path:
+    """The host keys labctl pinned, for the port this process serves the emulated nodes on."""
     with sqlite3.connect(Path(env["LABCTL_STATE_DIR"]) / "state.db") as db:
-        rows = db.execute("SELECT host, port, key FROM host_keys").fetchall()
-    path.write_text("".join(f"[{h}]:{p} {k}\n" for h, p, k in rows))
+        rows = db.execute("SELECT host, key FROM host_keys").fetchall()
+    path.write_text("".join(f"[{h}]:{port} {k}\n" for h, k in rows))
     return path
 
 
@@ -92,10 +93,10 @@ def test_class_of_30_each_key_on_its_own_node_only_then_down(labctl_env, klass, 
     # on a neighbour's.
     from labctl.testbed import Testbed
 
-    kh = known_hosts(labctl_env, tmp_path / "known_hosts")
     tb = Testbed.start(state_dir=Path(labctl_env["LABCTL_TESTBED_DIR"]))
     try:
-        port = tb.world.ssh_port
+        port = tb.ssh_port
+        kh = known_hosts(labctl_env, tmp_path / "known_hosts", port)
         for i, (key, _) in enumerate(keys):
             own, other = ip_of[f"s{i:02d}"], ip_of[f"s{(i + 1) % N:02d}"]
             tb.wait_ssh(own, port)
@@ -151,3 +152,26 @@ def test_bad_roster_creates_nothing(labctl_env, tmp_path, klass):
     assert "Traceback" not in proc.stderr
     assert "bad.csv:3" in proc.stderr and "bad.csv:4" in proc.stderr
     assert not Path(labctl_env["LABCTL_TESTBED_DIR"]).exists() or labctl_leftovers(world(labctl_env)) == {}
+
+
+def test_two_operators_on_one_postgresql_state_make_one_environment_per_student(labctl_env, klass, pg_server):
+    _, roster = klass
+    env = {**labctl_env, "LABCTL_STATE_URL": pg_server.new_database()}
+    args = ("class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "mlsys", "--json")
+    first, second = start(env, *args), start(env, *args)
+    outs = [p.communicate(timeout=600) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outs
+    import json
+
+    results = [json.loads(out) for out, _ in outs]
+    made = [r["student_id"] for rs in results for r in rs if r["status"] == "up"]
+    assert sorted(made) == sorted(set(made))  # nobody provisioned the same student twice
+    w = world(env)
+    servers = labctl_servers(w)
+    assert len(servers) == N and len({s["name"] for s in servers}) == N
+    assert len(w.inventory("kvm@tacc")["leases"]) == N
+    # Whatever one operator skipped because the other held it, the other finished: all 30 are up.
+    status = run_json(env, "class", "status", "hello", "--course", "mlsys")
+    assert len(status) == N and all(r["status"] == "up" for r in status)
+    run(env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    assert labctl_leftovers(w) == {}

@@ -51,7 +51,7 @@ setup:
 
 
 def test_openrc_credentials_on_a_user_site_end_to_end(labctl_env, cloud, tmp_path):
-    user_site(labctl_env, cloud, cloud.world.ssh_port)
+    user_site(labctl_env, cloud, cloud.ssh_port)
     (tmp_path / "profiles").mkdir()
     profile = tmp_path / "profiles" / "hello.yaml"
     profile.write_text(HARMLESS)
@@ -83,7 +83,7 @@ def test_openrc_credentials_on_a_user_site_end_to_end(labctl_env, cloud, tmp_pat
 
 
 def test_wrong_secret_is_one_line_exit_2_and_creates_nothing(labctl_env, cloud):
-    user_site(labctl_env, cloud, cloud.world.ssh_port)
+    user_site(labctl_env, cloud, cloud.ssh_port)
     env = {**labctl_env, **cloud.os_env("kvm@tacc"), "OS_APPLICATION_CREDENTIAL_SECRET": "wrong"}
     proc = run(env, "up", "hello", "--site", "my-kvm", check=False)
     assert proc.returncode == 2, proc.stderr

@@ -18,6 +18,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _global_options(
+    state: Annotated[str | None, typer.Option(
+        "--state", envvar="LABCTL_STATE_URL", show_envvar=True,
+        help="State database: a SQLite path or postgresql://... (shared among course staff).")] = None,
+) -> None:
+    """Provision course lab environments on Chameleon, AWS, GCP (and emulated testbeds, `--site sim`)."""
+    import os
+
+    if state:
+        os.environ["LABCTL_STATE_URL"] = state  # read by the state store when a command opens it
+
+
 testbed_app = typer.Typer(help="The emulated Chameleon testbed (for trying labctl with no cloud).",
                           no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
@@ -459,8 +474,9 @@ def testbed_serve(
 
     from labctl.testbed import Testbed
 
-    tb = Testbed.start()
+    tb = Testbed.start(shared_ssh_port=True)
     typer.echo(tb.openrc(site))
+    typer.echo(f"# emulated nodes answer SSH on port {tb.ssh_port} of their floating IPs (user cc)")
     typer.echo(f"# testbed state: {tb.world.state_dir}; Ctrl-C to stop", err=True)
     try:
         while True:

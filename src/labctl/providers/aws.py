@@ -87,8 +87,9 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
     if site.emulated:
         if testbed is None:
             raise UserError(f"{site.name} is emulated but no testbed was given")
-        emu = testbed().aws()
-        site = dataclasses.replace(site, ssh_port=emu.world.ssh_port)
+        tb = testbed()
+        emu = tb.aws()
+        site = dataclasses.replace(site, ssh_port=tb.ssh_port or emu.world.ssh_port)
         return AwsProvider(site, _isolated_session(site.region), endpoint_url=emu.endpoint,
                            credential_source="the emulated testbed")
     session, source = _session(site, cloud)

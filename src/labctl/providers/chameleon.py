@@ -52,7 +52,7 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
             raise UserError(f"{site.name} is emulated but no testbed was given")
         tb = testbed()
         real = site.stands_for or site.name
-        site = dataclasses.replace(site, auth_url=tb.auth_url(real), ssh_port=tb.world.ssh_port)
+        site = dataclasses.replace(site, auth_url=tb.auth_url(real), ssh_port=tb.ssh_port or tb.world.ssh_port)
         return ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env(real)))
     return ChameleonProvider(site, find_openstack_credentials(site, cloud=cloud))
 

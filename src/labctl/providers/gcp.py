@@ -94,8 +94,9 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
     if site.emulated:
         if testbed is None:
             raise UserError(f"{site.name} is emulated but no testbed was given")
-        emu = testbed().gce()
-        site = dataclasses.replace(site, ssh_port=emu.world.ssh_port)
+        tb = testbed()
+        emu = tb.gce()
+        site = dataclasses.replace(site, ssh_port=tb.ssh_port or emu.world.ssh_port)
         return GcpProvider(site, emu.project, credentials=None, endpoint=emu.endpoint)
     credentials, project = google_credentials(cloud)
     return GcpProvider(site, project, credentials=credentials)

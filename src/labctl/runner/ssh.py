@@ -550,9 +550,22 @@ class _StepRunner:
         conn = self.conns.get(node)
         if conn is not None and not conn.is_closed():
             return conn
+        import asyncssh
+
         target = self.by_name[node]
         pinned = await _pinned_key(target, self.hostkeys, self.connect_timeout)
-        conn = await _connect(target, self.key_path, pinned, self.connect_timeout)
+        # A node that answered before can drop one handshake (sshd restarting, a load balancer, a listener
+        # going away): try a few times before failing the step. Nothing has run yet, so this is safe.
+        for attempt in range(3):
+            try:
+                conn = await _connect(target, self.key_path, pinned, self.connect_timeout)
+                break
+            except HostKeyChanged:
+                raise
+            except (TimeoutError, OSError, asyncssh.Error):
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.5 * (attempt + 1))
         self.conns[node] = conn
         return conn
 
@@ -601,6 +614,49 @@ class _StepRunner:
         import asyncssh
 
         deadline = time.monotonic() + step.timeout
+        # A cached connection may have died since the last step (e.g. the node's sshd went away and came
+        # back): if it fails before the command starts, reconnect once; uploads are idempotent.
+        for attempt in range(2):
+            try:
+                started_or_failure = await self._start(node, step, log, deadline)
+                break
+            except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError, ConnectionResetError):
+                self.conns.pop(node, None)
+                if attempt == 1:
+                    raise
+        if isinstance(started_or_failure[0], str):
+            return started_or_failure  # type: ignore[return-value]
+        process, remaining, started = started_or_failure
+
+        async def pump() -> None:
+            while chunk := await process.stdout.read(65536):
+                log.output(chunk)
+            await process.wait_closed()
+
+        try:
+            await asyncio.wait_for(pump(), remaining + TIMEOUT_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                process.send_signal("KILL")
+            process.close()
+            return "failed", f"timed out after {step.timeout:g}s"
+        finally:
+            log.flush()
+        code = process.returncode
+        if code == 0:
+            return "done", ""
+        if code == TIMEOUT_EXIT and time.monotonic() - started >= remaining - 0.5:
+            return "failed", f"timed out after {step.timeout:g}s"
+        if process.exit_signal:
+            return "failed", f"killed by signal {process.exit_signal[0]}"
+        if code is None:
+            return "failed", "the connection closed before the command finished"
+        return "failed", f"exit status {code}"
+
+    async def _start(self, node: str, step: SetupStep, log: _NodeLog, deadline: float) -> tuple:
+        """Upload the step's files and start its command: (process, remaining, started) or (status, detail)."""
+        import asyncssh
+
         conn = await self._conn(node)
         script = step.command
         needs_file = len(script.encode()) > INLINE_SCRIPT_LIMIT
@@ -627,31 +683,7 @@ class _StepRunner:
         started = time.monotonic()
         process = await conn.create_process(command, stderr=asyncssh.STDOUT, encoding=None)
         process.stdin.write_eof()
-
-        async def pump() -> None:
-            while chunk := await process.stdout.read(65536):
-                log.output(chunk)
-            await process.wait_closed()
-
-        try:
-            await asyncio.wait_for(pump(), remaining + TIMEOUT_GRACE)
-        except TimeoutError:
-            with contextlib.suppress(Exception):
-                process.send_signal("KILL")
-            process.close()
-            return "failed", f"timed out after {step.timeout:g}s"
-        finally:
-            log.flush()
-        code = process.returncode
-        if code == 0:
-            return "done", ""
-        if code == TIMEOUT_EXIT and time.monotonic() - started >= remaining - 0.5:
-            return "failed", f"timed out after {step.timeout:g}s"
-        if process.exit_signal:
-            return "failed", f"killed by signal {process.exit_signal[0]}"
-        if code is None:
-            return "failed", "the connection closed before the command finished"
-        return "failed", f"exit status {code}"
+        return process, remaining, started
 
     async def _upload(self, conn, step: SetupStep, log: _NodeLog, script: str | None) -> str:
         """SFTP the step's uploads (creating parent directories); returns the script's remote path."""

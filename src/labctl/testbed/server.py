@@ -264,6 +264,12 @@ class _Server(ThreadingHTTPServer):
     stop_event: threading.Event
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Testbed:
     """A running testbed: the HTTP endpoint (and, with ssh=True, the SSH nodes) over one world."""
 
@@ -274,6 +280,7 @@ class Testbed:
         self._server = server
         self._thread = thread
         self._ssh = None
+        self.ssh_port: int | None = None  # where this process serves the emulated nodes' SSH
         self._clouds: dict[str, Any] = {}  # lazily started emulators of other clouds, with their SSH sides
         self._clouds_lock = threading.Lock()
         self.port = server.server_address[1]
@@ -286,7 +293,10 @@ class Testbed:
         time_scale: float | None = None,
         ssh: bool = True,
         port: int = 0,
+        shared_ssh_port: bool = False,
     ) -> Testbed:
+        """Serve the world in this process. SSH listens on a port private to this process, unless
+        `shared_ssh_port` (`labctl testbed serve`): then on the world's own port, which it prints."""
         world = World(state_dir, time_scale)
         server = _Server(("127.0.0.1", port), _Handler)
         server.stop_event = threading.Event()
@@ -308,7 +318,8 @@ class Testbed:
                     f"the testbed's SSH side (labctl.testbed.sshd) cannot be imported ({e}); "
                     "start the testbed with ssh=False to run without SSH nodes"
                 ) from e
-            tb._ssh = SSHNodes(world)
+            tb.ssh_port = world.ssh_port if shared_ssh_port else _free_port()
+            tb._ssh = SSHNodes(world, port=tb.ssh_port)
             try:
                 tb._ssh.start()
             except BaseException:
@@ -382,7 +393,7 @@ class Testbed:
                 if self._ssh is not None:
                     from labctl.testbed.sshd import SSHNodes
 
-                    ssh = SSHNodes(emulator.world).start()
+                    ssh = SSHNodes(emulator.world, port=self.ssh_port).start()
                 self._clouds[name] = (emulator, ssh)
             return self._clouds[name][0]
 
@@ -427,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", default="chi@tacc", help="site whose openrc to print (default chi@tacc)")
     parser.add_argument("--no-ssh", action="store_true", help="do not start the SSH nodes")
     args = parser.parse_args(argv)
-    tb = Testbed.start(args.state_dir, args.time_scale, ssh=not args.no_ssh, port=args.port)
+    tb = Testbed.start(args.state_dir, args.time_scale, ssh=not args.no_ssh, port=args.port, shared_ssh_port=True)
     scale = tb.world.time_scale
     print(f"# labctl testbed serving {tb.endpoint} (world {tb.world.state_dir}, time scale {scale})")
     print(tb.openrc(args.site), flush=True)

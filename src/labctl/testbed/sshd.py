@@ -193,8 +193,11 @@ def _make_server_class():
 class SSHNodes:
     """Serves SSH for every emulated node of `world` that is ACTIVE with a floating IP."""
 
-    def __init__(self, world, poll_interval: float = 0.05) -> None:
+    def __init__(self, world, poll_interval: float = 0.05, port: int | None = None) -> None:
         self.world = world
+        # Each labctl process serves the nodes on a port of its own (`port`), so that a connection is never
+        # served by another process that may exit while it runs; None = the ports the world gives.
+        self.port = port
         self.poll_interval = poll_interval
         self._nodes: dict[tuple[str, int], _Node] = {}  # by (address, port); touched only in the loop
         self._listening: set[tuple[str, int]] = set()  # read from other threads
@@ -233,6 +236,7 @@ class SSHNodes:
         self.stop()
 
     def listening(self) -> set[tuple[str, int]]:
+        """The (address, port) pairs served right now."""
         with self._lock:
             return set(self._listening)
 
@@ -271,6 +275,8 @@ class SSHNodes:
             while not self._stopping.is_set():
                 try:
                     targets = list(self.world.ssh_targets())
+                    if self.port:
+                        targets = [{**t, "port": self.port} for t in targets]
                 except Exception:
                     log.exception("world.ssh_targets() failed; retrying")
                     targets = None
