@@ -13,6 +13,7 @@ from tests.pgserver import pg_server  # noqa: F401  (a real PostgreSQL server, s
 GUARD_DIR = Path(__file__).parent / "loopback_guard"
 
 # Guard this process too: nothing in the tests may reach an address outside 127.0.0.0/8.
+os.environ["NO_GCE_CHECK"] = "True"
 _spec = importlib.util.spec_from_file_location("_loopback_guard", GUARD_DIR / "sitecustomize.py")
 assert _spec and _spec.loader
 _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
@@ -30,6 +31,7 @@ def labctl_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.
         LABCTL_OWNER="student1",
         PYTHONPATH=os.pathsep.join([str(GUARD_DIR), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         NO_COLOR="1",
+        NO_GCE_CHECK="True",  # google-auth must not probe the GCE metadata server (169.254.169.254)
         COLUMNS="200",
         HOME=str(tmp_path / "home"),
     )

@@ -345,11 +345,16 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
 
 
 def class_extend(ctx: service.Context, lab: str, course: str, hours: float, cloud: str | None = None) -> list[str]:
-    ends = []
-    for dep in class_deployments(ctx, course, _lab_name(lab)):
-        from labctl.sites import resolve
+    from labctl.sites import resolve
 
-        st = service.extend_deployment(ctx, dep, service._connect(ctx, resolve(dep.site), cloud), hours)
+    ends = []
+    providers: dict[str, Any] = {}
+    for dep in class_deployments(ctx, course, _lab_name(lab)):
+        if not any(r.kind == "reservation" and r.cloud_id for r in ctx.store.resources(dep.id)):
+            continue  # nothing to extend: the site has no leases (AWS, GCP, a site without reservations)
+        if dep.site not in providers:
+            providers[dep.site] = service._connect(ctx, resolve(dep.site), cloud)
+        st = service.extend_deployment(ctx, dep, providers[dep.site], hours)
         ends.append(f"{dep.data.get('student', {}).get('id', dep.owner)}: {st.lease_end}")
     return ends
 

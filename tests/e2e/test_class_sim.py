@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from tests.e2e.helpers import kill_when, labctl_leftovers, run, run_json, start
 
 pytestmark = pytest.mark.slow
@@ -68,42 +67,51 @@ def known_hosts(env, path: Path, port: int) -> Path:
     return path
 
 
-def ssh_as(key: Path, ip: str, port: int, kh: Path) -> subprocess.CompletedProcess:
+def ssh_as(key: Path, ip: str, port: int, kh: Path, user: str = "cc") -> subprocess.CompletedProcess:
     return subprocess.run(
         ["ssh", "-i", str(key), "-p", str(port), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
          "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10",
-         f"cc@{ip}", "echo", "ok"],
+         f"{user}@{ip}", "echo", "ok"],
         capture_output=True, text=True, timeout=60,
     )
 
 
-def test_class_of_30_each_key_on_its_own_node_only_then_down(labctl_env, klass, tmp_path):
+def gce_servers(env):
+    from labctl.testbed.gce.world import GceWorld
+
+    return [i for i in GceWorld(Path(env["LABCTL_TESTBED_DIR"])).inventory()["instances"]
+            if "labctl" in str(i.get("labels"))]
+
+
+def test_class_of_30_on_chameleon_and_gcp_each_key_on_its_own_node_only_then_down(labctl_env, klass, tmp_path):
     keys, roster = klass
-    run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "mlsys",
-        timeout=600)
+    run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--sites", "sim:kvm@tacc,sim-gcp", "--spread",
+        "--course", "mlsys", timeout=600)
     w = world(labctl_env)
-    assert len(labctl_servers(w)) == N
+    assert len(labctl_servers(w)) == N // 2 and len(gce_servers(labctl_env)) == N // 2
     status = run_json(labctl_env, "class", "status", "hello", "--course", "mlsys")
     assert sorted(r["student_id"] for r in status) == [f"s{i:02d}" for i in range(N)]
     assert all(r["status"] == "up" for r in status)
     ip_of = {r["student_id"]: r["nodes"][0]["ip"] for r in status}
+    user_of = {r["student_id"]: "labctl" if "gcp" in r["site"] else "cc" for r in status}
     assert len(set(ip_of.values())) == N
 
     # Serve the emulated nodes from this process, then try every student's key on their own node and
-    # on a neighbour's.
+    # on a neighbour's (on the other cloud, since students alternate between the two sites).
     from labctl.testbed import Testbed
 
     tb = Testbed.start(state_dir=Path(labctl_env["LABCTL_TESTBED_DIR"]))
+    tb.gce()
     try:
         port = tb.ssh_port
         kh = known_hosts(labctl_env, tmp_path / "known_hosts", port)
         for i, (key, _) in enumerate(keys):
-            own, other = ip_of[f"s{i:02d}"], ip_of[f"s{(i + 1) % N:02d}"]
-            tb.wait_ssh(own, port)
-            tb.wait_ssh(other, port)
-            mine = ssh_as(key, own, port, kh)
+            me, neighbour = f"s{i:02d}", f"s{(i + 1) % N:02d}"
+            tb.wait_ssh(ip_of[me], port)
+            tb.wait_ssh(ip_of[neighbour], port)
+            mine = ssh_as(key, ip_of[me], port, kh, user_of[me])
             assert mine.returncode == 0 and mine.stdout.strip() == "ok", mine.stderr
-            theirs = ssh_as(key, other, port, kh)
+            theirs = ssh_as(key, ip_of[neighbour], port, kh, user_of[neighbour])
             assert theirs.returncode != 0 and "Permission denied" in theirs.stderr
     finally:
         tb.stop()
@@ -113,8 +121,29 @@ def test_class_of_30_each_key_on_its_own_node_only_then_down(labctl_env, klass, 
     assert len(rows) == N and all(r["ips"] and r["ssh"].startswith("ssh ") for r in rows)
 
     run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
-    assert labctl_leftovers(w) == {}
+    assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
     assert run_json(labctl_env, "class", "status", "hello", "--course", "mlsys") == []
+
+
+def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, klass):
+    _, roster = klass
+    w = world(labctl_env)
+    w.set_flavor_slots("kvm@tacc", "m1.small", 8)
+    w.set_flavor_slots("kvm@tacc", "m1.medium", 0)
+    out = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--sites", "sim:kvm@tacc,sim-gcp",
+              "--course", "mlsys", "--concurrency", "4", "--json", timeout=600)
+    import json
+
+    results = json.loads(out.stdout)
+    assert all(r["status"] == "up" for r in results)
+    assert len(labctl_servers(w)) == 8 and len(gce_servers(labctl_env)) == N - 8
+    assert len(w.inventory("kvm@tacc")["leases"]) == 8  # the failed leases were cleaned up
+
+    extended = run(labctl_env, "class", "extend", "hello", "--hours", "2", "--course", "mlsys").stdout
+    assert len(extended.splitlines()) == 8  # only Chameleon environments have leases
+
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
 
 def test_class_up_killed_three_times_then_completes_without_duplicates(labctl_env, klass):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tests.e2e.helpers import run, run_json
 
 pytestmark = pytest.mark.slow

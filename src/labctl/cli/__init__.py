@@ -245,12 +245,15 @@ def sites_cmd(as_json: JsonOpt = False, cloud: CloudOpt = None) -> None:
     """List known sites and whether credentials are found for each."""
     from labctl import sites
     from labctl.cli.render import print_sites
-    from labctl.credentials import describe
+    from labctl.providers.base import describe_credentials
 
-    rows = [{"site": s.name, "provider": s.provider, "family": s.family, "region": s.region,
-             "reservation": s.reservation, "credentials": describe(s)} for s in sites.known_sites()]
-    rows.append({"site": "sim", "provider": "chameleon (emulated)", "family": "-", "region": "-",
-                 "reservation": "as the site it stands for", "credentials": "none needed"})
+    known = [*sites.known_sites(), sites.resolve("aws"), sites.resolve("gcp")]
+    rows = [{"site": s.name if s.provider == "chameleon" else f"{s.provider}:<region|zone>",
+             "provider": s.provider, "family": s.family, "region": s.region if s.provider == "chameleon" else "any",
+             "reservation": s.reservation, "credentials": describe_credentials(s, cloud)} for s in known]
+    for name, what in (("sim", "chameleon (emulated)"), ("sim-aws", "aws (moto)"), ("sim-gcp", "gcp (emulated)")):
+        rows.append({"site": name, "provider": what, "family": "-", "region": "-",
+                     "reservation": "as the site it stands for", "credentials": "none needed"})
     if as_json:
         _print_json(rows)
     else:

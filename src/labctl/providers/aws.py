@@ -96,6 +96,14 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
     return AwsProvider(site, session, credential_source=source)
 
 
+def describe_credentials(site: Site, cloud: str | None = None) -> str:
+    """One line for `labctl sites`: where the AWS credentials come from, or what is missing."""
+    try:
+        return f"found: {_session(site, cloud)[1]}"
+    except CredentialsError as exc:
+        return "missing: " + str(exc).removeprefix(f"{site.name}: ")
+
+
 def _session(site: Site, cloud: str | None) -> tuple[Any, str]:
     import os
 

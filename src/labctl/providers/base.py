@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -129,3 +128,11 @@ class Snapshot:
                 self.value = fetch()
                 self.at = time.monotonic()
             return self.value
+
+
+def describe_credentials(site: Any, cloud: str | None = None) -> str:
+    """`found: <source>` or `missing: <what>` for one site, from its adapter (never a secret)."""
+    import importlib
+
+    module = importlib.import_module(f"labctl.providers.{site.provider}")
+    return module.describe_credentials(site, cloud)

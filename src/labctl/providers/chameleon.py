@@ -41,6 +41,13 @@ LEASE_DONE = ("TERMINATED", "DELETED", "DELETING", "TERMINATING")
 _BLAZAR_DATE = "%Y-%m-%d %H:%M"
 
 
+def describe_credentials(site: Site, cloud: str | None = None) -> str:
+    """One line for `labctl sites`: which OpenStack source was found for the site, or what is missing."""
+    from labctl.credentials import describe
+
+    return describe(site, cloud)
+
+
 def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> ChameleonProvider:
     """Credentials from clouds.yaml / OS_* variables, or from the emulated testbed for `sim` sites."""
     import dataclasses

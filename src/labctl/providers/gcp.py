@@ -102,6 +102,16 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
     return GcpProvider(site, project, credentials=credentials)
 
 
+def describe_credentials(site: Site, cloud: str | None = None) -> str:
+    """One line for `labctl sites`: Application Default Credentials and project, or what is missing."""
+    try:
+        credentials, project = google_credentials(cloud)
+    except CredentialsError as exc:
+        return f"missing: {exc}"
+    kind = type(credentials).__name__
+    return f"found: Application Default Credentials ({kind}), project {project}"
+
+
 def google_credentials(project: str | None = None) -> tuple[Any, str]:
     """(credentials, project) from Application Default Credentials; one-line CredentialsError if missing."""
     import google.auth

@@ -12,8 +12,6 @@ URL layout (PORT is ephemeral unless asked otherwise):
 
 from __future__ import annotations
 
-from typing import Any
-
 import argparse
 import contextlib
 import os
@@ -25,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import ModuleType
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from labctl.testbed.http import HTTPError, Request, Response
