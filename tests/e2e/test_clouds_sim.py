@@ -50,3 +50,44 @@ def test_up_status_ssh_down_on_commercial_clouds(labctl_env, site, lab, node, no
 
     run(labctl_env, "down", lab, timeout=300)
     assert owned(cloud_inventory(labctl_env, site), st["deployment"]) == {}
+
+
+def fill(env: dict[str, str], cloud: str, zones: list[str], instance_type: str) -> None:
+    testbed = Path(env["LABCTL_TESTBED_DIR"])
+    if cloud == "aws":
+        from labctl.testbed.aws import AwsWorld
+
+        w = AwsWorld(testbed / "aws")
+    else:
+        from labctl.testbed.gce.world import GceWorld
+
+        w = GceWorld(testbed)
+    for zone in zones:
+        w.set_capacity(zone, instance_type, 0)
+
+
+@pytest.mark.parametrize(
+    ("site", "cloud", "gpu_type", "zones"),
+    [
+        ("sim:aws:us-east-1", "aws", "p4d.24xlarge",
+         ["us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d", "us-east-1e", "us-east-1f"]),
+        ("sim:gcp:us-central1", "gcp", "a2-highgpu-1g",
+         ["us-central1-a", "us-central1-b", "us-central1-c", "us-central1-f"]),
+    ],
+)
+def test_full_zone_moves_on_and_none_left_is_one_line(labctl_env, site, cloud, gpu_type, zones):
+    fill(labctl_env, cloud, zones[:1], gpu_type)
+    up = run(labctl_env, "up", "gpu-a100", "--site", site, timeout=300)
+    st = run_json(labctl_env, "status", "gpu-a100")
+    assert st["status"] == "up"
+    said = up.stdout + up.stderr
+    assert zones[0] in said  # it says which zone was full
+    run(labctl_env, "down", "gpu-a100", timeout=300)
+
+    fill(labctl_env, cloud, zones, gpu_type)
+    failed = run(labctl_env, "up", "gpu-a100", "--site", site, check=False, timeout=300)
+    assert failed.returncode == 1
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "capacity" in errors[0].lower(), failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert owned(cloud_inventory(labctl_env, "sim-aws" if cloud == "aws" else "sim-gcp"), st["deployment"]) == {}

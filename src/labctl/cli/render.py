@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -30,6 +31,10 @@ class LiveProgress:
 
             self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
             self.live.start()
+        # What an adapter decides on its own (e.g. "zone a full, launched in zone b") reaches the user too.
+        self.handler = _ProgressLogHandler(self)
+        logging.getLogger("labctl.providers").addHandler(self.handler)
+        logging.getLogger("labctl.providers").setLevel(logging.INFO)
         _active.append(self)
 
     def __call__(self, subject: str, stage: str, detail: str) -> None:
@@ -55,11 +60,24 @@ class LiveProgress:
         return table
 
     def stop(self) -> None:
+        logging.getLogger("labctl.providers").removeHandler(self.handler)
         if self.live is not None:
             self.live.stop()
             self.live = None
         if self in _active:
             _active.remove(self)
+
+
+class _ProgressLogHandler(logging.Handler):
+    def __init__(self, progress: LiveProgress) -> None:
+        super().__init__(logging.INFO)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.progress(record.name.rsplit(".", 1)[-1], "note", record.getMessage())
+        except Exception:  # noqa: BLE001 - a display problem must never break provisioning
+            self.handleError(record)
 
 
 def progress_reporter(quiet: bool = False) -> LiveProgress:
