@@ -69,6 +69,15 @@ def test_setup_ran_safe_steps_and_skipped_host_changing_ones(labctl_env):
     assert out.stdout.strip()
     logs = list(Path(labctl_env["LABCTL_STATE_DIR"], "logs").rglob("node-1.log"))
     assert logs and "skipped" in logs[0].read_text()
+
+    from datetime import datetime
+
+    before = datetime.fromisoformat(st["lease_end"])
+    extended = run_json(labctl_env, "extend", "hello", "--hours", "2")
+    after = datetime.fromisoformat(extended["lease_end"])
+    assert 7140 <= (after - before).total_seconds() <= 7260
+    (lease,) = world(labctl_env).inventory("kvm@tacc")["leases"]
+    assert lease["end_date"].startswith(after.strftime("%Y-%m-%dT%H:%M"))
     run(labctl_env, "down", "hello")
 
 

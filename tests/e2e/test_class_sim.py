@@ -204,3 +204,28 @@ def test_two_operators_on_one_postgresql_state_make_one_environment_per_student(
     assert len(status) == N and all(r["status"] == "up" for r in status)
     run(env, "class", "down", "hello", "--course", "mlsys", timeout=600)
     assert labctl_leftovers(w) == {}
+
+
+def test_ctrl_c_stops_new_work_saves_state_and_a_rerun_finishes(labctl_env, klass):
+    import signal
+
+    _, roster = klass
+    w = world(labctl_env)
+    args = ("class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "mlsys",
+            "--concurrency", "4")
+    proc = start(labctl_env, *args)
+    kill_point = lambda: len(labctl_servers(w)) >= 4  # noqa: E731
+    import time
+
+    deadline = time.monotonic() + 120
+    while not kill_point() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rerun" in err
+    assert len(labctl_servers(w)) < N  # it stopped starting new environments
+    run(labctl_env, *args[:-2], timeout=600)  # the rerun at the default concurrency
+    assert len(labctl_servers(w)) == N and len({s["name"] for s in labctl_servers(w)}) == N
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    assert labctl_leftovers(w) == {}
