@@ -320,8 +320,6 @@ def test_sshd_serves_running_instances_on_their_loopback_address(ssh_node):
     assert inst["PublicIpAddress"].startswith("127.20.")
 
 
-@pytest.mark.xfail(reason="labctl.testbed.sshd accepts only user 'cc'; AWS nodes log in as target['user'] "
-                          "('ubuntu') once sshd honours it", strict=False)
 def test_ssh_login_as_ubuntu(emu, ssh_node):
     inst, key = ssh_node
     out = _ssh_run(inst["PublicIpAddress"], emu.world.ssh_port, "ubuntu", key.private_path,

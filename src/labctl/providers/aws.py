@@ -89,7 +89,7 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
             raise UserError(f"{site.name} is emulated but no testbed was given")
         tb = testbed()
         emu = tb.aws()
-        site = dataclasses.replace(site, ssh_port=tb.ssh_port or emu.world.ssh_port)
+        site = dataclasses.replace(site, ssh_port=getattr(tb, "ssh_port", None) or emu.world.ssh_port)
         return AwsProvider(site, _isolated_session(site.region), endpoint_url=emu.endpoint,
                            credential_source="the emulated testbed")
     session, source = _session(site, cloud)

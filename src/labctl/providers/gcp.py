@@ -96,7 +96,7 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
             raise UserError(f"{site.name} is emulated but no testbed was given")
         tb = testbed()
         emu = tb.gce()
-        site = dataclasses.replace(site, ssh_port=tb.ssh_port or emu.world.ssh_port)
+        site = dataclasses.replace(site, ssh_port=getattr(tb, "ssh_port", None) or emu.world.ssh_port)
         return GcpProvider(site, emu.project, credentials=None, endpoint=emu.endpoint)
     credentials, project = google_credentials(cloud)
     return GcpProvider(site, project, credentials=credentials)
