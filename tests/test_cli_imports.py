@@ -38,6 +38,8 @@ def test_help_imports_no_sdk_ssh_or_pydantic(labctl_env):
 
 
 def test_status_and_validate_import_no_sdk(labctl_env):
-    assert heavy_in(loaded_modules(labctl_env, "status")) == []
+    status = loaded_modules(labctl_env, "status")
+    assert heavy_in(status) == []
+    assert "pydantic" not in status  # (Typer 0.29 would import it for every command: see pyproject.toml)
     assert heavy_in(loaded_modules(labctl_env, "validate")) == []
     assert heavy_in(loaded_modules(labctl_env, "plan", "hello", "--site", "kvm@tacc")) == []

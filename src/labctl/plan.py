@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +15,10 @@ if TYPE_CHECKING:
     from labctl.profile import Profile
     from labctl.sites import Site
 
-# Creation order; teardown runs it backwards.
-KIND_ORDER = ("keypair", "secgroup", "reservation", "server", "floating_ip")
+# Creation order; teardown runs it backwards: floating IPs, servers, then the ports made for servers on private
+# networks (not plan resources: the adapter makes them while launching a server, `list_owned` reports them),
+# leases, routers (their interfaces first), subnets, networks, security groups, the keypair.
+KIND_ORDER = ("keypair", "secgroup", "network", "subnet", "router", "reservation", "port", "server", "floating_ip")
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,23 @@ def build_plan(
         rules = [{"port": p.port, "protocol": p.protocol, "cidr": p.cidr} for p in profile.port_rules()]
         res.append(Resource("secgroup", "secgroup", deployment, {"rules": rules}))
         server_deps.append("secgroup")
+    fixed = profile.fixed_ips()
+    for net_name, net in profile.networks.items():
+        cidr = ipaddress.ip_network(net.cidr)
+        gateway = str(cidr.network_address + 1)
+        taken = sorted(ipaddress.ip_address(a) for (_, n), a in fixed.items() if n == net_name and a)
+        res.append(Resource(f"network:{net_name}", "network", naming.resource_name(deployment, net_name),
+                            {"network": net_name, "port_security": net.port_security}))
+        res.append(Resource(
+            f"subnet:{net_name}", "subnet", naming.resource_name(deployment, f"{net_name}-subnet"),
+            {"network": f"network:{net_name}", "cidr": str(cidr), "gateway_ip": gateway if net.gateway else None,
+             "allocation_pools": _pools(cidr, taken)},
+            (f"network:{net_name}",)))
+        if net.gateway:
+            res.append(Resource(
+                f"router:{net_name}", "router", naming.resource_name(deployment, f"{net_name}-router"),
+                {"subnet": f"subnet:{net_name}", "external_network": site.public_network},
+                (f"subnet:{net_name}",)))
     reservations: dict[str, str] = {}
     if site.reservation in ("host", "flavor"):
         for role, group in profile.nodes.items():
@@ -141,6 +161,16 @@ def build_plan(
         deps = list(server_deps)
         if node.role in reservations:
             deps.append(reservations[node.role])
+        networks = []
+        for ref in profile.nodes[node.role].network_refs():
+            networks.append({
+                "network": f"network:{ref.network}",
+                "subnet": f"subnet:{ref.network}",
+                "fixed_ip": fixed.get((node.name, ref.network)),
+                "port_security": profile.networks[ref.network].port_security,
+                "port_name": naming.resource_name(deployment, f"{node.name}-{ref.network}"),
+            })
+            deps += [f"network:{ref.network}", f"subnet:{ref.network}"]
         res.append(
             Resource(
                 f"server:{node.name}",
@@ -153,6 +183,7 @@ def build_plan(
                     "image": node.image,
                     "reservation": reservations.get(node.role),
                     "extra_keys": list(extra_keys),
+                    "networks": networks,
                 },
                 tuple(deps),
             )
@@ -168,3 +199,16 @@ def build_plan(
                 )
             )
     return plan
+
+
+def _pools(cidr: ipaddress.IPv4Network, taken: list[ipaddress.IPv4Address]) -> list[dict[str, str]]:
+    """Allocation pools of a subnet: its hosts after the gateway (.1), minus the nodes' fixed addresses, so
+    an address from the pool never takes one a node asks for."""
+    pools: list[dict[str, str]] = []
+    start = cidr.network_address + 2
+    last = cidr.broadcast_address - 1
+    for address in [*taken, last + 1]:
+        if address > start:
+            pools.append({"start": str(start), "end": str(min(address - 1, last))})
+        start = max(start, address + 1)
+    return pools

@@ -37,7 +37,9 @@ from labctl.errors import ProfileError
 
 __all__ = [
     "Gpu",
+    "Network",
     "NodeGroup",
+    "NodeNetwork",
     "Output",
     "Port",
     "Profile",
@@ -88,6 +90,75 @@ class Gpu(_Model):
     )
 
 
+class Network(_Model):
+    """A private network of the lab (one IPv4 subnet), made for the deployment and removed by `down`."""
+
+    cidr: str = Field(
+        title="CIDR",
+        description="The subnet, a private IPv4 range such as 192.168.1.0/24 (/8 to /29). Host .1 is the "
+        "gateway address and is never given to a node.",
+        examples=["192.168.1.0/24"],
+    )
+    gateway: bool = Field(
+        False,
+        title="Gateway",
+        description="Add a router from this network to the site's public network, so nodes on it alone can "
+        "reach out. Leave false when every node also has the site's shared network (the course labs' setup).",
+    )
+    port_security: bool = Field(
+        True,
+        title="Port security",
+        description="Neutron port security (security groups, anti-spoofing) on this network's ports; the "
+        "course's cluster labs turn it off so nodes talk freely on the private network.",
+    )
+
+    @field_validator("cidr")
+    @classmethod
+    def _check_cidr(cls, value: str) -> str:
+        try:
+            net = ipaddress.ip_network(str(value).strip(), strict=True)
+        except ValueError as exc:
+            try:
+                loose = ipaddress.ip_network(str(value).strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a CIDR such as 192.168.1.0/24 ({exc})") from None
+            raise ValueError(f"{value!r} has host bits set (did you mean {loose}?)") from None
+        if net.version != 4:
+            raise ValueError(f"{value!r} is not an IPv4 network (use e.g. 192.168.1.0/24)")
+        if not 8 <= net.prefixlen <= 29:
+            raise ValueError(f"{value!r}: the prefix must be /8 to /29")
+        if not net.is_private or net.is_loopback or net.is_link_local:
+            raise ValueError(f"{value!r} is not a private range (use 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16)")
+        return str(net)
+
+
+class NodeNetwork(_Model):
+    """A private network a role joins, with an optional fixed address for its nodes."""
+
+    network: str = Field(min_length=1, title="Network", description="A key of the profile's `networks`.")
+    first_ip: int | None = Field(
+        None,
+        ge=0,
+        title="First host number",
+        description="Host number of the role's first node on the network (e.g. 11 -> 192.168.1.11 on "
+        "192.168.1.0/24); the next nodes count up (12, 13, ...). Omit for an address from the pool.",
+        examples=[11],
+    )
+
+
+def _net_kind(value: Any) -> str:
+    return "str" if isinstance(value, str) else "NodeNetwork"
+
+
+NodeNetworkSpec = Annotated[
+    Union[  # noqa: UP007 - a discriminated union needs the Union[...] spelling for its tags
+        Annotated[Annotated[str, Field(min_length=1)], Tag("str")],
+        Annotated[NodeNetwork, Tag("NodeNetwork")],
+    ],
+    Discriminator(_net_kind),
+]
+
+
 class NodeGroup(_Model):
     """A role: `count` identical nodes named `<role>-1`, `<role>-2`, ..."""
 
@@ -108,6 +179,17 @@ class NodeGroup(_Model):
         "in order of preference; the next one is tried when a site has no capacity for the previous.",
         examples=[{"chi@tacc": ["compute_liqid"], "chi@uc": ["gpu_a100_pcie", "compute_gigaio"]}],
     )
+    networks: list[NodeNetworkSpec] = Field(
+        default_factory=list,
+        title="Private networks",
+        description="Private networks (keys of the profile's `networks`) this role joins, as names or "
+        "{network, first_ip}; the site's shared network stays the first NIC and carries the floating IP.",
+        examples=[[{"network": "cluster", "first_ip": 11}]],
+    )
+
+    def network_refs(self) -> list[NodeNetwork]:
+        """`networks` as `NodeNetwork`s."""
+        return [NodeNetwork(network=n) if isinstance(n, str) else n for n in self.networks]
 
 
 class Port(_Model):
@@ -143,7 +225,7 @@ PortSpec = Annotated[
     ],
     Discriminator(_port_kind),
 ]
-_UNION_TAGS = {"int", "Port"}
+_UNION_TAGS = {"int", "Port", "str", "NodeNetwork"}
 
 
 class Upload(_Model):
@@ -275,6 +357,13 @@ class Profile(_Model):
         description="Role -> node group. Nodes are named <role>-<i>, 1-based (gpu-1, gpu-2, ...).",
         json_schema_extra={"additionalProperties": False},
     )
+    networks: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], Network] = Field(
+        default_factory=dict,
+        title="Private networks",
+        description="Name -> private network made for the deployment (Chameleon sites); roles join them "
+        "through nodes.<role>.networks.",
+        json_schema_extra={"additionalProperties": False},
+    )
     ports: list[PortSpec] = Field(
         default_factory=list,
         title="Open ports",
@@ -311,6 +400,19 @@ class Profile(_Model):
         if site_name in types_:
             return list(types_[site_name])
         return list(types_.get(family, []))
+
+    def fixed_ips(self) -> dict[tuple[str, str], str | None]:
+        """{(node, network): fixed address or None (from the pool)} for every node on a private network."""
+        out: dict[tuple[str, str], str | None] = {}
+        for role, group in self.nodes.items():
+            for ref in group.network_refs():
+                net = self.networks.get(ref.network)
+                for i in range(1, group.count + 1):
+                    address = None
+                    if net is not None and ref.first_ip is not None:
+                        address = str(ipaddress.ip_network(net.cidr).network_address + ref.first_ip + i - 1)
+                    out[(f"{role}-{i}", ref.network)] = address
+        return out
 
     def image_for(self, role: str) -> str:
         """The abstract image of a role (its override, else the profile's)."""
@@ -376,6 +478,7 @@ def _cross_field_problems(p: Profile) -> list[str]:
                     f"({', '.join(p.sites)}) nor a site family ({', '.join(FAMILIES)})"
                     + _suggest(key, [*p.sites, *FAMILIES])
                 )
+    problems += _network_problems(p)
     targets = ["all", *roles, *nodes]
     seen_steps: dict[str, int] = {}
     for i, step in enumerate(p.setup):
@@ -420,6 +523,54 @@ def _cross_field_problems(p: Profile) -> list[str]:
                     f"outputs[{i}].value: {{{text}}}: {node} has no floating IP "
                     f"(set nodes.{groups[node]}.floating_ip: true)"
                 )
+    return problems
+
+
+def _network_problems(p: Profile) -> list[str]:
+    problems: list[str] = []
+    names = list(p.networks)
+    nets = {name: ipaddress.ip_network(n.cidr) for name, n in p.networks.items()}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if nets[a].overlaps(nets[b]):
+                problems.append(f"networks.{b}.cidr: {nets[b]} overlaps networks.{a} ({nets[a]})")
+    taken: dict[tuple[str, str], str] = {}  # (network, address) -> node
+    for role, group in p.nodes.items():
+        seen: set[str] = set()
+        for j, entry in enumerate(group.networks):
+            ref = NodeNetwork(network=entry) if isinstance(entry, str) else entry
+            field = f"nodes.{role}.networks[{j}]" + ("" if isinstance(entry, str) else ".network")
+            if ref.network not in p.networks:
+                known = f"networks: {', '.join(names)}" if names else "the profile has no `networks`"
+                problems.append(f"{field}: unknown network '{ref.network}' ({known})" + _suggest(ref.network, names))
+                continue
+            if ref.network in seen:
+                problems.append(f"{field}: network '{ref.network}' is listed twice for role {role}")
+                continue
+            seen.add(ref.network)
+            if ref.first_ip is None:
+                continue
+            net = nets[ref.network]
+            field = f"nodes.{role}.networks[{j}].first_ip"
+            for i in range(1, group.count + 1):
+                node = f"{role}-{i}"
+                address = net.network_address + ref.first_ip + i - 1
+                if address not in net or address == net.broadcast_address:
+                    problems.append(
+                        f"{field}: {node} would get host {ref.first_ip + i - 1}, outside {ref.network} ({net}, "
+                        f"hosts 2..{net.num_addresses - 2})"
+                    )
+                    break
+                if address == net.network_address:
+                    problems.append(f"{field}: {node} would get {address}, the network address of {ref.network}")
+                    break
+                if address == net.network_address + 1:
+                    problems.append(f"{field}: {node} would get {address}, the gateway address of {ref.network}")
+                    break
+                other = taken.setdefault((ref.network, str(address)), node)
+                if other != node:
+                    problems.append(f"{field}: {node} would get {address} on {ref.network}, already {other}'s")
+                    break
     return problems
 
 
@@ -516,8 +667,9 @@ def _describe_error(err: Mapping[str, Any], root: type[BaseModel]) -> str:
     if "[key]" in loc:
         where = _loc(p for p in loc if p != "[key]")
         if kind == "string_pattern_mismatch":
+            what = "network" if loc and loc[0] == "networks" else "role"
             msg = (
-                "role names are lower-case letters, digits and '-', start with a letter, "
+                f"{what} names are lower-case letters, digits and '-', start with a letter, "
                 "at most 16 characters"
             )
         return f"{where}: {msg}"
@@ -732,6 +884,8 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
             f"lease_hours: {profile.lease_hours:g} h is longer than {real} allows "
             f"({site.max_lease_hours:g} h)"
         )
+    if profile.networks and site.provider != "chameleon":
+        problems.append(f"networks: private networks are not supported at {real} yet (Chameleon sites only)")
     catalog = _catalog(site)
     bare_metal = hardware.node_types(catalog)
     flavors = hardware.flavors(catalog)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from labctl import naming
@@ -164,7 +163,12 @@ def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *
         raise
     lease_end = min((f.attrs["end"] for f in found.values() if f.kind == "reservation" and "end" in f.attrs),
                     default=None)
-    ctx.store.set_deployment_status(the_plan.deployment, "setup", lease_end=lease_end)
+    # Outputs are rendered once here, so that `status` need not load the profile (it stays fast).
+    addresses = {n.name: {"floating_ip": (found.get(f"floating_ip:{n.name}") or found[f"server:{n.name}"])
+                          .attrs.get("floating_ip"), "fixed_ip": found[f"server:{n.name}"].attrs.get("fixed_ip")}
+                 for n in the_plan.nodes}
+    outputs = {o.name: o.render(addresses) for o in prof.outputs}
+    ctx.store.set_deployment_status(the_plan.deployment, "setup", lease_end=lease_end, outputs=outputs)
     _run_setup(ctx, prof, the_plan, site, key, found, allow_host_changes, ssh_timeout, extra_steps, progress)
     ctx.store.set_deployment_status(the_plan.deployment, "up", error=None)
 
@@ -268,23 +272,10 @@ def status(ctx: Context, name: str) -> Status:
             server_status=server.data.get("server_status") if server else None,
             setup=setup,
         ))
-    outputs = _outputs(dep, nodes)
+    outputs = dep.data.get("outputs") or {}
     events = [f"{level}: {msg}" for _, level, msg in ctx.store.events(dep.id)[-10:]]
     return Status(dep.id, dep.name, dep.lab, dep.owner, dep.site, dep.status, dep.data.get("lease_end"), nodes,
                   outputs, events)
-
-
-def _outputs(dep: DeploymentRecord, nodes: list[Node]) -> dict[str, str]:
-    from labctl.profile import load_profile
-
-    if not dep.profile_path or not Path(dep.profile_path).exists():
-        return {}
-    try:
-        prof = load_profile(Path(dep.profile_path))
-    except UserError:
-        return {}
-    addresses = {n.name: {"floating_ip": n.floating_ip, "fixed_ip": n.fixed_ip} for n in nodes}
-    return {o.name: o.render(addresses) for o in prof.outputs}
 
 
 def statuses(ctx: Context) -> list[Status]:

@@ -12,7 +12,7 @@ import typer
 from labctl.errors import LabctlError
 
 app = typer.Typer(
-    help="Provision course lab environments on Chameleon (and an emulated testbed, `--site sim`).",
+    help="Provision course lab environments on Chameleon, AWS and GCP (or emulated ones: `--site sim`).",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -183,20 +183,25 @@ def plan(
     name: NameOpt = None,
     owner: OwnerOpt = None,
     as_json: JsonOpt = False,
+    prices: Annotated[Path | None, typer.Option(
+        "--prices", help="Price table (JSON, same shape as the shipped one) to use instead of labctl's.")] = None,
 ) -> None:
-    """Show what `up` would create at a site. Changes nothing.
+    """Show what `up` would create at a site, with lease hours and cost (or Chameleon SUs). Changes nothing.
 
     Examples:\n
-      labctl plan gpu-a100 --site chi@uc
+      labctl plan gpu-a100 --site chi@uc\n
+      labctl plan hello --site aws:us-east-1 --prices my-prices.json
     """
-    from labctl import service
+    from labctl import pricing, service
     from labctl.cli.render import plan_json, print_plan
 
+    table = pricing.load_prices(prices)
     the_plan = service.plan(_ctx(owner), lab, site, name=name)
+    estimate = pricing.estimate(the_plan, table)
     if as_json:
-        _print_json(plan_json(the_plan))
+        _print_json({**plan_json(the_plan), "estimate": estimate.to_json()})
     else:
-        print_plan(the_plan)
+        print_plan(the_plan, estimate)
 
 
 @app.command()

@@ -126,7 +126,7 @@ def plan_json(plan: Any) -> dict[str, Any]:
     }
 
 
-def print_plan(plan: Any) -> None:
+def print_plan(plan: Any, estimate: Any = None) -> None:
     table = Table(title=f"plan: {plan.lab} at {plan.site.name} ({plan.lease_hours:g} h lease)")
     for col in ("resource", "kind", "name", "details"):
         table.add_column(col)
@@ -142,7 +142,49 @@ def print_plan(plan: Any) -> None:
             details = ""
         table.add_row(r.key, r.kind, r.name, details)
     out_console.print(table)
+    if estimate is not None:
+        print_estimate(estimate)
     out_console.print("Nothing was created. Run the same with [bold]labctl up[/bold] to create it.")
+
+
+def _money(value: float | None, currency: str, precise: bool = False) -> str:
+    if value is None:
+        return "no price"
+    symbol = "$" if currency == "USD" else f"{currency} "
+    return f"{symbol}{value:,.4f}" if precise and value < 10 else f"{symbol}{value:,.2f}"
+
+
+def print_estimate(est: Any) -> None:
+    """Per node: type (and fallbacks), lease hours, then cost (AWS/GCP) or SUs (Chameleon); a total line."""
+    what = {"cost": "on-demand cost", "sus": "Chameleon allocation (SUs)"}.get(est.kind, "cost")
+    table = Table(title=f"estimate: {what} in {est.region}")
+    for col in ("node", "type", "hours"):
+        table.add_column(col)
+    if est.kind == "cost":
+        table.add_column("per hour", justify="right")
+        table.add_column("cost", justify="right")
+    elif est.kind == "sus":
+        table.add_column("SUs", justify="right")
+    table.add_column("note")
+    for line in est.lines:
+        kind = line.type + (f" (then {', '.join(line.types[1:])})" if len(line.types) > 1 else "")
+        row = [line.node, kind, f"{line.hours:g}"]
+        if est.kind == "cost":
+            row += [_money(line.unit_price, est.currency, precise=True), _money(line.cost, est.currency)]
+        elif est.kind == "sus":
+            row += [f"{line.sus:g}"]
+        table.add_row(*row, line.note)
+    out_console.print(table)
+    if est.kind == "cost":
+        total = _money(est.total, est.currency) if est.total is not None else "no price"
+        out_console.print(f"Total: {total} for the {est.lines[0].hours:g} h lease" if est.lines else
+                          f"Total: {total}", ("" if est.complete else " (incomplete)"), sep="", highlight=False)
+        out_console.print(f"Prices: on-demand, as of {est.as_of}; source: {est.source}", highlight=False)
+    elif est.kind == "sus":
+        bound = "" if est.complete else "at least "
+        out_console.print(f"Total: {bound}{est.total:g} SUs", highlight=False)
+    for note in est.notes:
+        out_console.print(f"Note: {note}", highlight=False, markup=False)
 
 
 def print_sites(rows: list[dict[str, str]]) -> None:

@@ -239,6 +239,35 @@ class ChameleonProvider:
         live.sort(key=lambda s: s.status == "ERROR")
         return self._server_found(live[0])
 
+    def _owned_named(self, what: str, lister: Callable[..., Any], name: str, plan: Plan) -> list[Any]:
+        items = self._call(f"list {what}", lambda: list(lister(name=name)))
+        return [i for i in items if _deployment_of(i.description) == plan.deployment]
+
+    def _find_network(self, res: Resource, plan: Plan) -> Found | None:
+        mine = self._owned_named("networks", self.conn.network.networks, res.name, plan)
+        return Found("network", mine[0].id, res.name) if mine else None
+
+    def _find_subnet(self, res: Resource, plan: Plan) -> Found | None:
+        mine = self._owned_named("subnets", self.conn.network.subnets, res.name, plan)
+        if not mine:
+            return None
+        return Found("subnet", mine[0].id, res.name, attrs={"network_id": mine[0].network_id,
+                                                            "cidr": mine[0].cidr})
+
+    def _find_router(self, res: Resource, plan: Plan) -> Found | None:
+        mine = self._owned_named("routers", self.conn.network.routers, res.name, plan)
+        if not mine:
+            return None
+        router = mine[0]
+        ports = self._call("list router ports", lambda: list(self.conn.network.ports(device_id=router.id)))
+        subnets = {ip.get("subnet_id") for p in ports for ip in p.fixed_ips or []}
+        have_gateway = bool(router.external_gateway_info)
+        # An interface or gateway missing (a crash between the calls): "incomplete", create() finishes it.
+        subnet_name = _subnet_name_of(res)
+        subnet = self._owned_named("subnets", self.conn.network.subnets, subnet_name, plan)
+        complete = have_gateway and bool(subnet) and subnet[0].id in subnets
+        return Found("router", router.id, res.name, status="ready" if complete else "incomplete")
+
     def _find_floating_ip(self, res: Resource, plan: Plan) -> Found | None:
         desc = _description(plan.deployment, res.spec["node"])
         ips = self._call("list floating IPs", lambda: list(self.conn.network.ips(description=desc)))
@@ -279,6 +308,44 @@ class ChameleonProvider:
                 security_group_id=sg_id, direction="ingress", ethertype="IPv4", protocol=r["protocol"],
                 port_range_min=r["port"], port_range_max=r["port"], remote_ip_prefix=r["cidr"]))
         return Found("secgroup", sg_id, res.name)
+
+    def _create_network(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        existing = self._find_network(res, plan)
+        if existing is not None:
+            return existing
+        net = self._call(f"create network {res.name}", lambda: self.conn.network.create_network(
+            name=res.name, description=_description(plan.deployment),
+            port_security_enabled=res.spec["port_security"]))
+        return Found("network", net.id, res.name)
+
+    def _create_subnet(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        existing = self._find_subnet(res, plan)
+        if existing is not None:
+            return existing
+        spec = res.spec
+        subnet = self._call(f"create subnet {res.name}", lambda: self.conn.network.create_subnet(
+            name=res.name, description=_description(plan.deployment), network_id=deps[spec["network"]].cloud_id,
+            ip_version=4, cidr=spec["cidr"], gateway_ip=spec["gateway_ip"], enable_dhcp=True,
+            allocation_pools=spec["allocation_pools"]))
+        return Found("subnet", subnet.id, res.name, attrs={"network_id": subnet.network_id, "cidr": subnet.cidr})
+
+    def _create_router(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        mine = self._owned_named("routers", self.conn.network.routers, res.name, plan)
+        gateway = {"network_id": self._public_network().id}
+        if mine:
+            router = mine[0]
+            if not router.external_gateway_info:
+                router = self._call("set router gateway", lambda: self.conn.network.update_router(
+                    router, external_gateway_info=gateway))
+        else:
+            router = self._call(f"create router {res.name}", lambda: self.conn.network.create_router(
+                name=res.name, description=_description(plan.deployment), external_gateway_info=gateway))
+        subnet_id = deps[res.spec["subnet"]].cloud_id
+        ports = self._call("list router ports", lambda: list(self.conn.network.ports(device_id=router.id)))
+        if not any(ip.get("subnet_id") == subnet_id for p in ports for ip in p.fixed_ips or []):
+            self._call("add router interface", lambda: self.conn.network.add_interface_to_router(
+                router, subnet_id=subnet_id))
+        return Found("router", router.id, res.name)
 
     def _create_reservation(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
                             candidate: str | None) -> Found:
@@ -328,9 +395,12 @@ class ChameleonProvider:
         if flavor is None:
             raise CloudError(f"{self.site.name}: flavor '{flavor_name}' not found")
         metadata = {**plan.tags, naming.TAG_NODE: spec["node"]}
+        nics: list[dict[str, str]] = [{"uuid": self._network().id}]
+        for net in spec.get("networks") or []:
+            nics.append({"port": self._ensure_port(spec["node"], net, deps, plan)})
         kwargs: dict[str, Any] = dict(
             name=res.name, image_id=image.id, flavor_id=flavor.id, key_name=deps["keypair"].name,
-            networks=[{"uuid": self._network().id}], metadata=metadata,
+            networks=nics, metadata=metadata,
         )
         if hints:
             kwargs["scheduler_hints"] = hints
@@ -338,6 +408,31 @@ class ChameleonProvider:
             kwargs["security_groups"] = [{"name": deps["secgroup"].name}]
         server = self._call(f"launch {spec['node']}", lambda: self.conn.compute.create_server(**kwargs))
         return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
+
+    def _ensure_port(self, node: str, net: Mapping[str, Any], deps: Mapping[str, Found], plan: Plan) -> str:
+        """The node's port on a private network: the one an earlier (crashed) run made, else a new one."""
+        network_id = deps[net["network"]].cloud_id
+        subnet_id = deps[net["subnet"]].cloud_id
+        ports = self._call("list ports", lambda: list(self.conn.network.ports(
+            name=net["port_name"], network_id=network_id)))
+        mine = [p for p in ports if _deployment_of(p.description) == plan.deployment]
+        mine.sort(key=lambda p: bool(p.device_id))  # an unbound one first
+        if mine and not mine[0].device_id:
+            for extra in mine[1:]:
+                if not extra.device_id:
+                    self._call("delete extra port", lambda e=extra: self.conn.network.delete_port(
+                        e.id, ignore_missing=True))
+            return mine[0].id
+        fixed: dict[str, str] = {"subnet_id": subnet_id}
+        if net.get("fixed_ip"):
+            fixed["ip_address"] = net["fixed_ip"]
+        kwargs: dict[str, Any] = dict(
+            network_id=network_id, name=net["port_name"], description=_description(plan.deployment, node),
+            fixed_ips=[fixed])
+        if not net.get("port_security", True):
+            kwargs["port_security_enabled"] = False
+        port = self._call(f"create port for {node}", lambda: self.conn.network.create_port(**kwargs))
+        return port.id
 
     def _create_floating_ip(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
                             _c: str | None) -> Found:
@@ -348,8 +443,8 @@ class ChameleonProvider:
             ip = self._call(f"allocate floating IP for {node}", lambda: self.conn.network.create_ip(
                 floating_network_id=self._public_network().id, description=_description(plan.deployment, node)))
             found = Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
-        ports = self._call(f"find port of {node}",
-                           lambda: list(self.conn.network.ports(device_id=server.cloud_id)))
+        ports = self._call(f"find port of {node}", lambda: list(self.conn.network.ports(
+            device_id=server.cloud_id, network_id=self._network().id)))
         if not ports:
             raise CloudError(f"{self.site.name}: server of {node} has no port to attach a floating IP to")
         self._call(f"attach floating IP to {node}",
@@ -421,6 +516,28 @@ class ChameleonProvider:
         elif kind == "reservation":
             for f in found:
                 self._call("delete lease", lambda f=f: self._delete_lease(f.cloud_id))
+        elif kind == "port":
+            for f in found:
+                self._call("delete port", lambda f=f: self.conn.network.delete_port(f.cloud_id,
+                                                                                    ignore_missing=True))
+        elif kind == "router":
+            for f in found:
+                ports = self._call("list router ports", lambda f=f: list(self.conn.network.ports(
+                    device_id=f.cloud_id, device_owner="network:router_interface")))
+                for p in ports:
+                    for ip in p.fixed_ips or []:
+                        self._call("remove router interface", lambda ip=ip, f=f: self._remove_interface(
+                            f.cloud_id, ip["subnet_id"]))
+                self._call("delete router", lambda f=f: self.conn.network.delete_router(
+                    f.cloud_id, ignore_missing=True))
+        elif kind == "subnet":
+            for f in found:
+                self._call("delete subnet", lambda f=f: self.conn.network.delete_subnet(
+                    f.cloud_id, ignore_missing=True))
+        elif kind == "network":
+            for f in found:
+                self._call("delete network", lambda f=f: self.conn.network.delete_network(
+                    f.cloud_id, ignore_missing=True))
         elif kind == "secgroup":
             for f in found:
                 self._call("delete security group", lambda f=f: self.conn.network.delete_security_group(
@@ -429,6 +546,14 @@ class ChameleonProvider:
             for f in found:
                 self._call("delete keypair", lambda f=f: self.conn.compute.delete_keypair(
                     f.name, ignore_missing=True))
+
+    def _remove_interface(self, router_id: str, subnet_id: str) -> None:
+        import contextlib
+
+        from openstack import exceptions as os_exc
+
+        with contextlib.suppress(os_exc.NotFoundException):  # already gone
+            self.conn.network.remove_interface_from_router(router_id, subnet_id=subnet_id)
 
     def _delete_lease(self, lease_id: str) -> None:
         from blazarclient import exception as bz_exc
@@ -466,6 +591,13 @@ class ChameleonProvider:
                              lambda: list(self.conn.network.security_groups(name=plan.deployment))):
             if _deployment_of(sg.description) == plan.deployment:
                 owned.append(Found("secgroup", sg.id, sg.name))
+        # Private networks and the ports made for servers on them: matched by the deployment in the
+        # description (one list call per kind; the ports Nova makes on sharednet1 have no description).
+        for kind, lister in (("port", self.conn.network.ports), ("router", self.conn.network.routers),
+                             ("subnet", self.conn.network.subnets), ("network", self.conn.network.networks)):
+            for item in self._call(f"list {kind}s", lambda lister=lister: list(lister())):
+                if _deployment_of(item.description) == plan.deployment:
+                    owned.append(Found(kind, item.id, item.name or ""))
         kp = self._call("get keypair", lambda: self.conn.compute.find_keypair(plan.deployment, ignore_missing=True))
         if kp is not None:
             owned.append(Found("keypair", kp.name, kp.name))
@@ -495,7 +627,11 @@ class ChameleonProvider:
 
     def _server_found(self, server: Any) -> Found:
         fixed, floating = None, None
-        for addrs in (server.addresses or {}).values():
+        addresses = dict(server.addresses or {})
+        private = {net: a.get("addr") for net, addrs in addresses.items() if net != self.site.network
+                   for a in addrs if a.get("OS-EXT-IPS:type") != "floating"}
+        ordered = sorted(addresses.items(), key=lambda kv: kv[0] != self.site.network)  # the site network first
+        for _net, addrs in ordered:
             for a in addrs:
                 if a.get("OS-EXT-IPS:type") == "floating":
                     floating = a.get("addr")
@@ -509,7 +645,7 @@ class ChameleonProvider:
             error = error or "server went to ERROR"
         return Found("server", server.id, server.name, status=status, error=error, attrs={
             "node": (server.metadata or {}).get(naming.TAG_NODE), "fixed_ip": fixed, "floating_ip": floating,
-            "server_status": server.status})
+            "server_status": server.status, **({"private_ips": private} if private else {})})
 
     def _lease_found(self, lease: Mapping[str, Any], res: Resource, previous: Found | None = None) -> Found:
         status = lease["status"]
@@ -532,6 +668,11 @@ class ChameleonProvider:
 def _description(deployment: str, node: str | None = None) -> str:
     text = f"{naming.TAG_DEPLOYMENT}={deployment}"
     return f"{text} {naming.TAG_NODE}={node}" if node else text
+
+
+def _subnet_name_of(res: Resource) -> str:
+    """The subnet a router resource attaches to, by its deterministic name (<deployment>-<net>-subnet)."""
+    return res.name[: -len("-router")] + "-subnet" if res.name.endswith("-router") else res.name
 
 
 def _deployment_of(description: str | None) -> str | None:

@@ -450,7 +450,10 @@ class World:
     # views -----------------------------------------------------------------------------------------------
     def inventory(self, site: str | None = None) -> dict[str, list[dict]]:
         """What exists (per site, or everywhere): servers, leases (not terminated), floating_ips,
-        security_groups (not `default`), keypairs. Each item has at least id, name and site."""
+        security_groups (not `default`), keypairs, and the project's own networks, subnets, routers and
+        ports (not the built-in public/sharednet1 networks, their subnets and router, nor the ports Nova
+        made on sharednet1 for a server; ports made through POST /ports and router interfaces are listed).
+        Each item has at least id, name and site."""
         from labctl.testbed.openstack import model
 
         self.tick()

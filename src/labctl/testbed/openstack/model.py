@@ -8,6 +8,7 @@ on them whatever its own time scale.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import time
 import uuid
@@ -192,20 +193,25 @@ def create_port(
 
 
 def server_ports(db, site: Site, server_id: str) -> list[dict]:
-    return [p for p in db.find("port", site.name) if p["device_id"] == server_id]
+    """The server's ports in the order they were attached (the order of the boot request's networks)."""
+    ports = [p for p in db.find("port", site.name) if p["device_id"] == server_id]
+    return sorted(ports, key=lambda p: (p.get("bound_at") or p.get("created", 0)))
 
 
-def network_name(site: Site, network_id: str) -> str:
+def network_name(site: Site, network_id: str, db=None) -> str:
     if network_id == catalog.public_net_id(site):
         return "public"
-    return "sharednet1"
+    if network_id == catalog.shared_net_id(site) or db is None:
+        return "sharednet1"
+    net = db.get("network", site.name, network_id)
+    return net["name"] if net else network_id
 
 
 def server_addresses(db, site: Site, server: dict) -> dict[str, list[dict]]:
     fips = db.find("fip", site.name)
     out: dict[str, list[dict]] = {}
     for port in server_ports(db, site, server["id"]):
-        entries = out.setdefault(network_name(site, port["network_id"]), [])
+        entries = out.setdefault(network_name(site, port["network_id"], db) or port["network_id"], [])
         entries.append(
             {
                 "version": 4,
@@ -225,6 +231,157 @@ def server_addresses(db, site: Site, server: dict) -> dict[str, list[dict]]:
                     }
                 )
     return out
+
+
+# ====================================================================== project networks, subnets, routers
+# Objects made through the API (kinds "network", "subnet", "router"); the site's public and sharednet1
+# networks, their subnets and router are built in (see neutron.py) and cannot be changed.
+
+
+def _stamp(obj: dict) -> dict:
+    now = time.time()
+    obj.setdefault("created", now)
+    obj["updated"] = now
+    obj["revision"] = obj.get("revision", 0) + 1
+    return obj
+
+
+def create_network(db, site: Site, spec: dict) -> dict:
+    net = _stamp({
+        "id": new_id(),
+        "name": spec.get("name") or "",
+        "description": spec.get("description") or "",
+        "tags": list(spec.get("tags") or []),
+        "admin_state_up": spec.get("admin_state_up", True),
+        "port_security_enabled": bool(spec.get("port_security_enabled", True)),
+        "mtu": int(spec.get("mtu") or 1500),
+        "revision": 0,
+    })
+    return db.put("network", site.name, net)
+
+
+def network_ports(db, site: Site, network_id: str) -> list[dict]:
+    return [p for p in db.find("port", site.name) if p["network_id"] == network_id]
+
+
+def network_subnets(db, site: Site, network_id: str) -> list[dict]:
+    return [s for s in db.find("subnet", site.name) if s["network_id"] == network_id]
+
+
+def subnet_ports(db, site: Site, subnet_id: str) -> list[dict]:
+    return [p for p in db.find("port", site.name) if p.get("subnet_id") == subnet_id]
+
+
+def default_pools(net: ipaddress.IPv4Network, gateway: str | None) -> list[dict]:
+    hosts = [h for h in net.hosts() if str(h) != gateway]
+    if not hosts:
+        return []
+    # Split around the gateway when it sits inside the host range.
+    pools, start, prev = [], hosts[0], hosts[0]
+    for h in hosts[1:]:
+        if int(h) != int(prev) + 1:
+            pools.append({"start": str(start), "end": str(prev)})
+            start = h
+        prev = h
+    pools.append({"start": str(start), "end": str(prev)})
+    return pools
+
+
+def in_pools(address: str, pools: list[dict]) -> bool:
+    a = ipaddress.ip_address(address)
+    return any(ipaddress.ip_address(p["start"]) <= a <= ipaddress.ip_address(p["end"]) for p in pools)
+
+
+def allocate_ip(db, site: Site, subnet: dict, requested: str | None = None) -> str:
+    """A fixed address on a project subnet: `requested` (anywhere in the cidr) or the next free pool address."""
+    net = ipaddress.ip_network(subnet["cidr"])
+    used = {p["fixed_ip"] for p in subnet_ports(db, site, subnet["id"])}
+    if requested:
+        try:
+            addr = ipaddress.ip_address(requested)
+        except ValueError:
+            raise HTTPError(
+                400, f"Invalid input for ip_address. Reason: '{requested}' is not a valid IP address.",
+                "HTTPBadRequest") from None
+        if addr not in net or addr in (net.network_address, net.broadcast_address):
+            raise HTTPError(
+                400, f"IP address {requested} is not a valid IP for the specified subnet.", "InvalidIpForSubnet")
+        if requested in used or (requested == subnet.get("gateway_ip")):
+            raise HTTPError(
+                409, f"IP address {requested} already allocated in subnet {subnet['id']}",
+                "IpAddressAlreadyAllocated")
+        return requested
+    for pool in subnet.get("allocation_pools") or []:
+        a, b = int(ipaddress.ip_address(pool["start"])), int(ipaddress.ip_address(pool["end"]))
+        for n in range(a, b + 1):
+            text = str(ipaddress.ip_address(n))
+            if text not in used and text != subnet.get("gateway_ip"):
+                return text
+    raise HTTPError(
+        409, f"No more IP addresses available on network {subnet['network_id']}.", "IpAddressGenerationFailure")
+
+
+def new_port(
+    db,
+    site: Site,
+    *,
+    network_id: str,
+    subnet_id: str,
+    fixed_ip: str,
+    name: str = "",
+    description: str = "",
+    device_id: str = "",
+    device_owner: str = "",
+    sg_ids: list[str] | None = None,
+    port_security: bool = True,
+    preserve: bool = True,
+    tags: list | None = None,
+) -> dict:
+    now = time.time()
+    port_id = new_id()
+    port = {
+        "id": port_id,
+        "name": name,
+        "network_id": network_id,
+        "device_id": device_id,
+        "device_owner": device_owner,
+        "mac": catalog.mac_for(port_id),
+        "subnet_id": subnet_id,
+        "fixed_ip": fixed_ip,
+        "security_groups": list(sg_ids or []),
+        "port_security": port_security,
+        "preserve": preserve,  # made through POST /ports: Nova unbinds it on server delete, never deletes it
+        "created": now,
+        "updated": now,
+        "bound_at": now if device_id else None,
+        "revision": 1,
+        "tags": list(tags or []),
+        "description": description,
+    }
+    return db.put("port", site.name, port)
+
+
+def unbind_port(db, site: Site, port: dict) -> None:
+    for fip in db.find("fip", site.name):
+        if fip.get("port_id") == port["id"]:
+            associate_fip(db, site, fip, None)
+    port.update(device_id="", device_owner="", bound_at=None, updated=time.time())
+    port["revision"] = port.get("revision", 0) + 1
+    db.put("port", site.name, port)
+
+
+def delete_port(db, site: Site, port: dict) -> None:
+    for fip in db.find("fip", site.name):
+        if fip.get("port_id") == port["id"]:
+            associate_fip(db, site, fip, None)
+    db.delete("port", site.name, port["id"])
+
+
+def router_ports(db, site: Site, router_id: str) -> list[dict]:
+    return [
+        p for p in db.find("port", site.name)
+        if p["device_id"] == router_id and p["device_owner"] == "network:router_interface"
+    ]
 
 
 # ====================================================================== floating IPs
@@ -958,10 +1115,10 @@ def schedule(db, site: Site, server: dict, now: float) -> str | None:
 
 def delete_server(db, site: Site, server_id: str) -> bool:
     for port in server_ports(db, site, server_id):
-        for fip in db.find("fip", site.name):
-            if fip.get("port_id") == port["id"]:
-                associate_fip(db, site, fip, None)
-        db.delete("port", site.name, port["id"])
+        if port.get("preserve"):
+            unbind_port(db, site, port)  # a port passed in at boot outlives the server, as in Nova
+        else:
+            delete_port(db, site, port)
     return db.delete("server", site.name, server_id)
 
 
@@ -982,6 +1139,10 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
         "floating_ips": [],
         "security_groups": [],
         "keypairs": [],
+        "networks": [],
+        "subnets": [],
+        "routers": [],
+        "ports": [],
     }
     for site in sites:
         flavors = {f["id"]: f["name"] for f in all_flavors(db, site)}
@@ -1063,6 +1224,38 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
                     ],
                 }
             )
+        # Project networks, subnets and routers (the built-in public/sharednet1 ones are not listed), and
+        # every port except those Nova made for a server on sharednet1 (they go with their server).
+        for n in db.find("network", site.name):
+            inv["networks"].append({
+                "id": n["id"], "name": n["name"], "site": site.name, "description": n.get("description", ""),
+                "tags": n.get("tags", []), "port_security_enabled": n.get("port_security_enabled", True),
+                "subnets": [x["id"] for x in network_subnets(db, site, n["id"])],
+            })
+        for x in db.find("subnet", site.name):
+            inv["subnets"].append({
+                "id": x["id"], "name": x["name"], "site": site.name, "description": x.get("description", ""),
+                "tags": x.get("tags", []), "network_id": x["network_id"], "cidr": x["cidr"],
+                "gateway_ip": x.get("gateway_ip"), "allocation_pools": x.get("allocation_pools", []),
+            })
+        for r in db.find("router", site.name):
+            inv["routers"].append({
+                "id": r["id"], "name": r["name"], "site": site.name, "description": r.get("description", ""),
+                "tags": r.get("tags", []), "external_network_id": (r.get("gateway") or {}).get("network_id"),
+                "interfaces": [{"port_id": p["id"], "subnet_id": p["subnet_id"], "ip_address": p["fixed_ip"]}
+                               for p in router_ports(db, site, r["id"])],
+            })
+        shared = catalog.shared_net_id(site)
+        for port in db.find("port", site.name):
+            if port["network_id"] == shared and not port.get("preserve"):
+                continue
+            inv["ports"].append({
+                "id": port["id"], "name": port.get("name", ""), "site": site.name,
+                "description": port.get("description", ""), "tags": port.get("tags", []),
+                "network_id": port["network_id"], "network_name": network_name(site, port["network_id"], db),
+                "subnet_id": port.get("subnet_id"), "fixed_ip": port["fixed_ip"], "device_id": port["device_id"],
+                "device_owner": port["device_owner"], "port_security_enabled": port.get("port_security", True),
+            })
         for k in db.find("keypair", site.name):
             inv["keypairs"].append(
                 {

@@ -311,22 +311,394 @@ def routers(site: Site) -> list[dict]:
     ]
 
 
-def _static(collection: str, items_fn, not_found: str):
+# ---------------------------------------------------------------------------- the project's own
+
+
+def _body(req: Request, key: str) -> dict:
+    body = req.json()
+    spec = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(spec, dict):
+        raise HTTPError(400, "Resource body required", "BadRequest")
+    return spec
+
+
+def _forbidden(what: str, id_: str) -> HTTPError:
+    return HTTPError(403, f"(rule:delete_{what}) is disallowed by policy", "PolicyNotAuthorized")
+
+
+def network_view(db, site: Site, n: dict) -> dict:
+    return {
+        "id": n["id"],
+        "name": n["name"],
+        "admin_state_up": n.get("admin_state_up", True),
+        "status": "ACTIVE",
+        "subnets": [x["id"] for x in model.network_subnets(db, site, n["id"])],
+        "shared": False,
+        "router:external": False,
+        "mtu": n.get("mtu", 1500),
+        "availability_zones": ["nova"],
+        "availability_zone_hints": [],
+        "ipv4_address_scope": None,
+        "ipv6_address_scope": None,
+        "port_security_enabled": n.get("port_security_enabled", True),
+        "is_default": False,
+        "l2_adjacency": True,
+        "qos_policy_id": None,
+        "dns_domain": "",
+        **_std(n),
+    }
+
+
+def subnet_view(x: dict) -> dict:
+    return {
+        "id": x["id"],
+        "name": x["name"],
+        "network_id": x["network_id"],
+        "cidr": x["cidr"],
+        "ip_version": 4,
+        "gateway_ip": x.get("gateway_ip"),
+        "enable_dhcp": x.get("enable_dhcp", True),
+        "allocation_pools": list(x.get("allocation_pools") or []),
+        "dns_nameservers": list(x.get("dns_nameservers") or []),
+        "host_routes": [],
+        "ipv6_ra_mode": None,
+        "ipv6_address_mode": None,
+        "subnetpool_id": None,
+        "service_types": [],
+        "segment_id": None,
+        **_std(x),
+    }
+
+
+def router_view(db, site: Site, r: dict) -> dict:
+    return {
+        "id": r["id"],
+        "name": r["name"],
+        "admin_state_up": r.get("admin_state_up", True),
+        "status": "ACTIVE",
+        "external_gateway_info": r.get("gateway"),
+        "routes": [],
+        "distributed": False,
+        "ha": False,
+        "availability_zones": ["nova"],
+        "availability_zone_hints": [],
+        "flavor_id": None,
+        **_std(r),
+    }
+
+
+def _all_networks(db, site: Site) -> list[dict]:
+    return networks(site) + [network_view(db, site, n) for n in db.find("network", site.name)]
+
+
+def _all_subnets(db, site: Site) -> list[dict]:
+    return subnets(site) + [subnet_view(x) for x in db.find("subnet", site.name)]
+
+
+def _all_routers(db, site: Site) -> list[dict]:
+    return routers(site) + [router_view(db, site, r) for r in db.find("router", site.name)]
+
+
+def _collection(collection: str, all_fn, not_found: str, what: str):
+    singular = collection.rstrip("s")
+
     @router.route("GET", f"/v2.0/{collection}")
     def _list(req: Request) -> Response:
-        return listing(req, items_fn(req.site), collection.replace("-", "_"))
+        with req.world.read() as db:
+            items = all_fn(db, req.site)
+        return listing(req, items, collection)
 
     @router.route("GET", f"/v2.0/{collection}/{{id}}")
     def _get(req: Request) -> Response:
-        for item in items_fn(req.site):
+        with req.world.read() as db:
+            items = all_fn(db, req.site)
+        for item in items:
             if item["id"] == req.params["id"]:
-                return Response(200, {collection.rstrip("s"): _fields(req, item)})
-        raise HTTPError(404, f"{not_found.split('Not')[0]} {req.params['id']} could not be found.", not_found)
+                return Response(200, {singular: _fields(req, item)})
+        raise HTTPError(404, f"{what} {req.params['id']} could not be found.", not_found)
 
 
-_static("networks", networks, "NetworkNotFound")
-_static("subnets", subnets, "SubnetNotFound")
-_static("routers", routers, "RouterNotFound")
+_collection("networks", _all_networks, "NetworkNotFound", "Network")
+_collection("subnets", _all_subnets, "SubnetNotFound", "Subnet")
+_collection("routers", _all_routers, "RouterNotFound", "Router")
+
+
+def _get_own(db, req: Request, kind: str, ref: str, what: str, not_found: str, builtin: set[str]) -> dict:
+    obj = db.get(kind, req.site.name, ref)
+    if obj:
+        return obj
+    if ref in builtin:
+        raise _forbidden(kind, ref)
+    raise HTTPError(404, f"{what} {ref} could not be found.", not_found)
+
+
+@router.route("POST", "/v2.0/networks")
+def create_network(req: Request) -> Response:
+    spec = _body(req, "network")
+    with req.world.tx() as db:
+        n = model.create_network(db, req.site, spec)
+        return Response(201, {"network": network_view(db, req.site, n)})
+
+
+@router.route("PUT", "/v2.0/networks/{id}")
+def update_network(req: Request) -> Response:
+    spec = _body(req, "network")
+    with req.world.tx() as db:
+        n = _get_own(db, req, "network", req.params["id"], "Network", "NetworkNotFound",
+                     {cat.public_net_id(req.site), cat.shared_net_id(req.site)})
+        for key in ("name", "description", "port_security_enabled", "admin_state_up"):
+            if key in spec:
+                n[key] = spec[key]
+        db.put("network", req.site.name, model._stamp(n))
+        return Response(200, {"network": network_view(db, req.site, n)})
+
+
+@router.route("DELETE", "/v2.0/networks/{id}")
+def delete_network(req: Request) -> Response:
+    with req.world.tx() as db:
+        n = _get_own(db, req, "network", req.params["id"], "Network", "NetworkNotFound",
+                     {cat.public_net_id(req.site), cat.shared_net_id(req.site)})
+        if model.network_ports(db, req.site, n["id"]):
+            raise HTTPError(
+                409,
+                f"Unable to complete operation on network {n['id']}. There are one or more ports still in use "
+                "on the network.",
+                "NetworkInUse",
+            )
+        for x in model.network_subnets(db, req.site, n["id"]):  # Neutron deletes a network's subnets with it
+            db.delete("subnet", req.site.name, x["id"])
+        db.delete("network", req.site.name, n["id"])
+    return Response(204)
+
+
+@router.route("POST", "/v2.0/subnets")
+def create_subnet(req: Request) -> Response:
+    spec = _body(req, "subnet")
+    net_id = spec.get("network_id")
+    if not net_id:
+        raise HTTPError(
+            400, "Failed to parse request. Required attribute 'network_id' not specified", "BadRequest")
+    if str(spec.get("ip_version", 4)) != "4":
+        raise HTTPError(400, "Invalid input for ip_version. Reason: only 4 is supported here.", "HTTPBadRequest")
+    try:
+        net = ipaddress.ip_network(str(spec.get("cidr")), strict=True)
+        if net.version != 4:
+            raise ValueError
+    except ValueError:
+        raise HTTPError(
+            400, f"Invalid input for cidr. Reason: '{spec.get('cidr')}' is not a valid IP subnet.",
+            "HTTPBadRequest") from None
+    if "gateway_ip" in spec:
+        gateway = spec["gateway_ip"]
+        if gateway is not None and ipaddress.ip_address(gateway) not in net:
+            raise HTTPError(
+                400, f"Invalid input for operation: Gateway is not valid on subnet {net}.", "InvalidInput")
+    else:
+        gateway = str(net.network_address + 1)
+    pools = spec.get("allocation_pools") or model.default_pools(net, gateway)
+    for pool in pools:
+        try:
+            start, end = ipaddress.ip_address(pool["start"]), ipaddress.ip_address(pool["end"])
+        except (KeyError, TypeError, ValueError):
+            raise HTTPError(400, f"Invalid input for allocation_pools: {pool}", "HTTPBadRequest") from None
+        if start not in net or end not in net or start > end:
+            raise HTTPError(
+                400, f"The allocation pool {pool['start']}-{pool['end']} spans beyond the subnet cidr {net}.",
+                "OutOfBoundsAllocationPool")
+        if gateway and start <= ipaddress.ip_address(gateway) <= end:
+            raise HTTPError(
+                409, f"Gateway ip {gateway} conflicts with allocation pool {pool['start']}-{pool['end']}.",
+                "GatewayConflictWithAllocationPools")
+    with req.world.tx() as db:
+        n = db.get("network", req.site.name, net_id)
+        if not n:
+            if net_id in (cat.public_net_id(req.site), cat.shared_net_id(req.site)):
+                raise HTTPError(403, "(rule:create_subnet) is disallowed by policy", "PolicyNotAuthorized")
+            raise HTTPError(404, f"Network {net_id} could not be found.", "NetworkNotFound")
+        for other in model.network_subnets(db, req.site, net_id):
+            if ipaddress.ip_network(other["cidr"]).overlaps(net):
+                raise HTTPError(
+                    400,
+                    f"Invalid input for operation: Requested subnet with cidr: {net} for network: {net_id} "
+                    "overlaps with another subnet.",
+                    "InvalidInput",
+                )
+        x = model._stamp({
+            "id": model.new_id(),
+            "name": spec.get("name") or "",
+            "description": spec.get("description") or "",
+            "tags": list(spec.get("tags") or []),
+            "network_id": net_id,
+            "cidr": str(net),
+            "gateway_ip": gateway,
+            "enable_dhcp": spec.get("enable_dhcp", True),
+            "allocation_pools": [{"start": p["start"], "end": p["end"]} for p in pools],
+            "dns_nameservers": list(spec.get("dns_nameservers") or []),
+            "revision": 0,
+        })
+        db.put("subnet", req.site.name, x)
+        return Response(201, {"subnet": subnet_view(x)})
+
+
+@router.route("DELETE", "/v2.0/subnets/{id}")
+def delete_subnet(req: Request) -> Response:
+    with req.world.tx() as db:
+        x = _get_own(db, req, "subnet", req.params["id"], "Subnet", "SubnetNotFound",
+                     {cat.public_subnet_id(req.site), cat.shared_subnet_id(req.site)})
+        if model.subnet_ports(db, req.site, x["id"]):
+            raise HTTPError(
+                409,
+                f"Unable to complete operation on subnet {x['id']}: One or more ports have an IP allocation "
+                "from this subnet.",
+                "SubnetInUse",
+            )
+        db.delete("subnet", req.site.name, x["id"])
+    return Response(204)
+
+
+def _gateway_info(req: Request, info) -> dict | None:
+    if not info:
+        return None
+    net_id = info.get("network_id")
+    if net_id != cat.public_net_id(req.site):
+        raise HTTPError(
+            400, f"Bad router request: Network {net_id} is not a valid external network.", "BadRequest")
+    with req.world.tx() as db:
+        k = db.counter(f"router_gw:{req.site.name}")
+    # Router gateways take addresses below the floating IP range (127.10.<site>.3 .. .9, then wrap).
+    address = cat.floating_ip(req.site, 3 + k % (cat.FIP_FIRST - 3))
+    return {
+        "network_id": net_id,
+        "enable_snat": bool(info.get("enable_snat", True)),
+        "external_fixed_ips": [{"subnet_id": cat.public_subnet_id(req.site), "ip_address": address}],
+    }
+
+
+@router.route("POST", "/v2.0/routers")
+def create_router(req: Request) -> Response:
+    spec = _body(req, "router")
+    gateway = _gateway_info(req, spec.get("external_gateway_info"))
+    with req.world.tx() as db:
+        r = model._stamp({
+            "id": model.new_id(),
+            "name": spec.get("name") or "",
+            "description": spec.get("description") or "",
+            "tags": list(spec.get("tags") or []),
+            "admin_state_up": spec.get("admin_state_up", True),
+            "gateway": gateway,
+            "revision": 0,
+        })
+        db.put("router", req.site.name, r)
+        return Response(201, {"router": router_view(db, req.site, r)})
+
+
+def _get_router(db, req: Request) -> dict:
+    return _get_own(db, req, "router", req.params["id"], "Router", "RouterNotFound", {cat.router_id(req.site)})
+
+
+@router.route("PUT", "/v2.0/routers/{id}")
+def update_router(req: Request) -> Response:
+    spec = _body(req, "router")
+    gateway = _gateway_info(req, spec["external_gateway_info"]) if "external_gateway_info" in spec else None
+    with req.world.tx() as db:
+        r = _get_router(db, req)
+        for key in ("name", "description", "admin_state_up"):
+            if key in spec:
+                r[key] = spec[key]
+        if "external_gateway_info" in spec:
+            r["gateway"] = gateway
+        db.put("router", req.site.name, model._stamp(r))
+        return Response(200, {"router": router_view(db, req.site, r)})
+
+
+@router.route("DELETE", "/v2.0/routers/{id}")
+def delete_router(req: Request) -> Response:
+    with req.world.tx() as db:
+        r = _get_router(db, req)
+        if model.router_ports(db, req.site, r["id"]):
+            raise HTTPError(409, f"Router {r['id']} still has ports", "RouterInUse")
+        db.delete("router", req.site.name, r["id"])
+    return Response(204)
+
+
+def _interface_info(r: dict, port: dict) -> dict:
+    return {
+        "id": r["id"],
+        "subnet_id": port["subnet_id"],
+        "subnet_ids": [port["subnet_id"]],
+        "port_id": port["id"],
+        "network_id": port["network_id"],
+        "tenant_id": PROJECT_ID,
+        "project_id": PROJECT_ID,
+        "tags": [],
+    }
+
+
+def _interface_ref(req: Request) -> tuple[str | None, str | None]:
+    body = req.json()
+    if not isinstance(body, dict) or not (body.get("subnet_id") or body.get("port_id")):
+        raise HTTPError(400, "Bad router request: Either subnet_id or port_id must be specified.", "BadRequest")
+    return body.get("subnet_id"), body.get("port_id")
+
+
+@router.route("PUT", "/v2.0/routers/{id}/add_router_interface")
+def add_router_interface(req: Request) -> Response:
+    subnet_id, port_id = _interface_ref(req)
+    if subnet_id and port_id:
+        raise HTTPError(400, "Bad router request: Cannot specify both subnet-id and port-id.", "BadRequest")
+    with req.world.tx() as db:
+        r = _get_router(db, req)
+        if port_id:
+            port = db.get("port", req.site.name, port_id)
+            if not port:
+                raise HTTPError(404, f"Port {port_id} could not be found.", "PortNotFound")
+            if port["device_id"]:
+                raise HTTPError(409, f"Port {port_id} is still in use.", "PortInUse")
+            subnet_id = port["subnet_id"]
+        x = db.get("subnet", req.site.name, subnet_id)
+        if not x:
+            raise HTTPError(404, f"Subnet {subnet_id} could not be found.", "SubnetNotFound")
+        for other in model.router_ports(db, req.site, r["id"]):
+            if other["subnet_id"] == subnet_id:
+                raise HTTPError(
+                    400, f"Bad router request: Router already has a port on subnet {subnet_id}.", "BadRequest")
+        if port_id:
+            port.update(device_id=r["id"], device_owner="network:router_interface", bound_at=time.time())
+            db.put("port", req.site.name, port)
+        else:
+            if not x.get("gateway_ip"):
+                raise HTTPError(
+                    400, f"Bad router request: Subnet {subnet_id} does not have a gateway IP.", "BadRequest")
+            address = model.allocate_ip(db, req.site, {**x, "gateway_ip": None}, x["gateway_ip"])
+            port = model.new_port(
+                db, req.site, network_id=x["network_id"], subnet_id=subnet_id, fixed_ip=address,
+                device_id=r["id"], device_owner="network:router_interface", preserve=False)
+        return Response(200, _interface_info(r, port))
+
+
+@router.route("PUT", "/v2.0/routers/{id}/remove_router_interface")
+def remove_router_interface(req: Request) -> Response:
+    subnet_id, port_id = _interface_ref(req)
+    with req.world.tx() as db:
+        r = _get_router(db, req)
+        ports = model.router_ports(db, req.site, r["id"])
+        if port_id:
+            port = next((p for p in ports if p["id"] == port_id), None)
+            if port is None:
+                raise HTTPError(
+                    404, f"Router {r['id']} does not have an interface with id {port_id}",
+                    "RouterInterfaceNotFound")
+            if subnet_id and port["subnet_id"] != subnet_id:
+                raise HTTPError(
+                    409, f"Subnet {subnet_id} is not the subnet of port {port_id}", "SubnetMismatchForPort")
+        else:
+            port = next((p for p in ports if p["subnet_id"] == subnet_id), None)
+            if port is None:
+                raise HTTPError(
+                    404, f"Router {r['id']} has no interface on subnet {subnet_id}",
+                    "RouterInterfaceNotFoundForSubnet")
+        model.delete_port(db, req.site, port)
+        return Response(200, _interface_info(r, port))
 
 
 # ============================================================================ ports
@@ -347,7 +719,7 @@ def port_view(site: Site, p: dict) -> dict:
         "allowed_address_pairs": [],
         "extra_dhcp_opts": [],
         "binding:vnic_type": "baremetal" if site.kind == "baremetal" else "normal",
-        "port_security_enabled": True,
+        "port_security_enabled": p.get("port_security", True),
         "dns_name": "",
         "dns_assignment": [],
         "qos_policy_id": None,
@@ -371,6 +743,117 @@ def get_port(req: Request) -> Response:
     if not p:
         raise HTTPError(404, f"Port {req.params['id']} could not be found.", "PortNotFound")
     return Response(200, {"port": _fields(req, port_view(req.site, p))})
+
+
+@router.route("POST", "/v2.0/ports")
+def create_port(req: Request) -> Response:
+    spec = _body(req, "port")
+    net_id = spec.get("network_id")
+    if not net_id:
+        raise HTTPError(
+            400, "Failed to parse request. Required attribute 'network_id' not specified", "BadRequest")
+    fixed = spec.get("fixed_ips") or []
+    if not isinstance(fixed, list) or len(fixed) > 1 or not all(isinstance(f, dict) for f in fixed):
+        raise HTTPError(400, "Invalid input for fixed_ips: the testbed takes at most one entry.", "HTTPBadRequest")
+    with req.world.tx() as db:
+        site = req.site
+        shared = net_id == cat.shared_net_id(site)
+        n = db.get("network", site.name, net_id)
+        if not n and not shared:
+            if net_id == cat.public_net_id(site):
+                raise HTTPError(403, "(rule:create_port) is disallowed by policy", "PolicyNotAuthorized")
+            raise HTTPError(404, f"Network {net_id} could not be found.", "NetworkNotFound")
+        security = spec.get("port_security_enabled")
+        if security is None:
+            security = True if shared else n.get("port_security_enabled", True)
+        sg_refs = spec.get("security_groups")
+        if not security and sg_refs:
+            raise HTTPError(
+                400,
+                "Port security must be enabled and port must have an IP address in order to use security groups.",
+                "PortSecurityAndIPRequiredForSecurityGroups",
+            )
+        sg_ids = []
+        if security:
+            for ref in sg_refs if sg_refs is not None else ["default"]:
+                g = model.find_security_group(db, site, str(ref))
+                if not g:
+                    raise HTTPError(404, f"Security group {ref} does not exist", "SecurityGroupNotFound")
+                sg_ids.append(g["id"])
+        want = fixed[0] if fixed else {}
+        if shared:
+            subnet_id = cat.shared_subnet_id(site)
+            if want.get("subnet_id") not in (None, subnet_id) or want.get("ip_address"):
+                raise HTTPError(400, "The testbed assigns sharednet1 addresses itself.", "BadRequest")
+            address = cat.fixed_ip(site, db.counter(f"fixed_ip:{site.name}"))
+        else:
+            subnets_ = model.network_subnets(db, site, net_id)
+            if want.get("subnet_id"):
+                x = next((s for s in subnets_ if s["id"] == want["subnet_id"]), None)
+                if x is None:
+                    if db.get("subnet", site.name, want["subnet_id"]):
+                        raise HTTPError(
+                            400,
+                            f"Invalid input for operation: Failed to create port on network {net_id}, because "
+                            f"fixed_ips included invalid subnet {want['subnet_id']}.",
+                            "InvalidInput",
+                        )
+                    raise HTTPError(404, f"Subnet {want['subnet_id']} could not be found.", "SubnetNotFound")
+            elif want.get("ip_address"):
+                x = next((s for s in subnets_
+                          if ipaddress.ip_address(want["ip_address"]) in ipaddress.ip_network(s["cidr"])), None)
+                if x is None:
+                    raise HTTPError(
+                        400, f"IP address {want['ip_address']} is not a valid IP for the specified network.",
+                        "InvalidIpForNetwork")
+            else:
+                x = subnets_[0] if subnets_ else None
+                if x is None:
+                    raise HTTPError(
+                        400, f"Network {net_id} has no subnet to allocate an address from.", "BadRequest")
+            subnet_id = x["id"]
+            address = model.allocate_ip(db, site, x, want.get("ip_address"))
+        p = model.new_port(
+            db, site, network_id=net_id, subnet_id=subnet_id, fixed_ip=address, name=spec.get("name") or "",
+            description=spec.get("description") or "", device_id=spec.get("device_id") or "",
+            device_owner=spec.get("device_owner") or "", sg_ids=sg_ids, port_security=bool(security),
+            tags=spec.get("tags"))
+        return Response(201, {"port": port_view(site, p)})
+
+
+@router.route("PUT", "/v2.0/ports/{id}")
+def update_port(req: Request) -> Response:
+    spec = _body(req, "port")
+    with req.world.tx() as db:
+        p = db.get("port", req.site.name, req.params["id"])
+        if not p:
+            raise HTTPError(404, f"Port {req.params['id']} could not be found.", "PortNotFound")
+        for key in ("name", "description"):
+            if key in spec:
+                p[key] = spec[key] or ""
+        if "port_security_enabled" in spec:
+            p["port_security"] = bool(spec["port_security_enabled"])
+            if not p["port_security"]:
+                p["security_groups"] = []
+        db.put("port", req.site.name, model._stamp(p))
+        return Response(200, {"port": port_view(req.site, p)})
+
+
+@router.route("DELETE", "/v2.0/ports/{id}")
+def delete_port(req: Request) -> Response:
+    with req.world.tx() as db:
+        p = db.get("port", req.site.name, req.params["id"])
+        if not p:
+            raise HTTPError(404, f"Port {req.params['id']} could not be found.", "PortNotFound")
+        if p["device_owner"] == "network:router_interface":
+            raise HTTPError(
+                409,
+                f"Port {p['id']} cannot be deleted directly via the port API: has device owner "
+                "network:router_interface.",
+                "L3PortInUse",
+            )
+        model.delete_port(db, req.site, p)
+    return Response(204)
 
 
 # ============================================================================ floating IPs
@@ -733,7 +1216,14 @@ def delete_rule(req: Request) -> Response:
 
 # ============================================================================ tags
 
-_TAGGABLE = {"floatingips": "fip", "security-groups": "secgroup", "ports": "port"}
+_TAGGABLE = {
+    "floatingips": "fip",
+    "security-groups": "secgroup",
+    "ports": "port",
+    "networks": "network",
+    "subnets": "subnet",
+    "routers": "router",
+}
 
 
 def _taggable(db, req: Request) -> tuple[str, dict]:
@@ -834,6 +1324,9 @@ def get_quota_details(req: Request) -> Response:
         used = {
             "floatingip": model.fips_used(db, req.site),
             "port": len(db.find("port", req.site.name)),
+            "network": len(db.find("network", req.site.name)),
+            "subnet": len(db.find("subnet", req.site.name)),
+            "router": len(db.find("router", req.site.name)),
             "security_group": len(db.find("secgroup", req.site.name)),
             "security_group_rule": len(db.find("sgrule", req.site.name)),
         }

@@ -393,31 +393,42 @@ def create_server(req: Request, mv) -> Response:
                 "Invalid input for field/attribute server. Value: ... 'networks' is a required property",
                 "ValidationError",
             )
+        # Each requested NIC in order: ("net", network id) for a port Nova makes, ("port", port) for a port
+        # made beforehand through Neutron (bound to the server, and left behind unbound when it is deleted).
+        nics: list[tuple[str, object]] = []
         if networks in (None, "auto"):
-            net_ids = [cat.shared_net_id(site)]
+            nics = [("net", cat.shared_net_id(site))]
         elif networks == "none":
-            net_ids = []
+            nics = []
         elif isinstance(networks, list):
-            net_ids = []
             for n in networks:
-                nid = (n or {}).get("uuid")
-                if (n or {}).get("port"):
-                    raise HTTPError(
-                        400, "Booting from pre-created ports is not supported by the testbed.", "BadRequest"
-                    )
+                n = n if isinstance(n, dict) else {}
+                if n.get("port"):
+                    port = db.get("port", site.name, str(n["port"]))
+                    if not port:
+                        raise HTTPError(400, f"Port {n['port']} could not be found.", "PortNotFound")
+                    if port["device_id"]:
+                        raise HTTPError(
+                            409, f"Port {port['id']} is still in use.", "PortInUse")
+                    if any(kind == "port" and other["id"] == port["id"] for kind, other in nics):
+                        raise HTTPError(400, f"Port {port['id']} is requested twice.", "BadRequest")
+                    nics.append(("port", port))
+                    continue
+                nid = n.get("uuid")
                 if nid == cat.public_net_id(site):
                     raise HTTPError(
                         400,
                         "Creating an instance on the external network 'public' is not allowed.",
                         "ExternalNetworkAttachForbidden",
                     )
-                if nid != cat.shared_net_id(site):
+                if nid != cat.shared_net_id(site) and not db.get("network", site.name, str(nid)):
                     raise HTTPError(400, f"Network {nid} could not be found.", "NetworkNotFound")
-                net_ids.append(nid)
+                nics.append(("net", nid))
         else:
             raise HTTPError(
                 400, f"Invalid input for field/attribute networks. Value: {networks}.", "ValidationError"
             )
+        net_ids = [nic["network_id"] if kind == "port" else nic for kind, nic in nics]
         sg_names, sg_ids = [], []
         for ref in spec.get("security_groups") or [{"name": "default"}]:
             sg = model.find_security_group(db, site, str((ref or {}).get("name")))
@@ -457,8 +468,30 @@ def create_server(req: Request, mv) -> Response:
             server["fault"] = model.schedule(db, site, server, now)
         db.put("server", site.name, server)
         if not server["fault"]:
-            for nid in net_ids:
-                model.create_port(db, site, nid, server["id"], sg_ids)
+            for i, (kind, nic) in enumerate(nics):
+                bound_at = now + i * 1e-6
+                if kind == "port":
+                    nic.update(device_id=server["id"], device_owner="compute:nova", bound_at=bound_at)
+                    db.put("port", site.name, nic)
+                elif nic == cat.shared_net_id(site):
+                    port = model.create_port(db, site, nic, server["id"], sg_ids)
+                    port["bound_at"] = bound_at
+                    db.put("port", site.name, port)
+                else:
+                    subnets = model.network_subnets(db, site, nic)
+                    if not subnets:
+                        raise HTTPError(
+                            400, f"Network {nic} requires a subnet in order to boot instances on.",
+                            "NetworkRequiresSubnet")
+                    net = db.get("network", site.name, nic)
+                    security = net.get("port_security_enabled", True)
+                    port = model.new_port(
+                        db, site, network_id=nic, subnet_id=subnets[0]["id"],
+                        fixed_ip=model.allocate_ip(db, site, subnets[0]), device_id=server["id"],
+                        device_owner="compute:nova", sg_ids=sg_ids if security else [], port_security=security,
+                        preserve=False)
+                    port["bound_at"] = bound_at
+                    db.put("port", site.name, port)
     resp = {
         "id": server["id"],
         "links": _link(req, "servers", server["id"]),
