@@ -129,3 +129,9 @@ def test_import_is_cheap() -> None:
     code = "import sys, labctl.pricing; print('pydantic' in sys.modules, 'rich' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_kvm_says_the_rule_is_unconfirmed(labctl_env) -> None:
+    est = plan_json(labctl_env, "hello", "--site", "kvm@tacc")["estimate"]
+    assert est["kind"] == "unknown" and est["total"] is None and not est["complete"]
+    assert any("no documented SU rule" in note for note in est["notes"])

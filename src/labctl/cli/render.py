@@ -156,7 +156,7 @@ def _money(value: float | None, currency: str, precise: bool = False) -> str:
 
 def print_estimate(est: Any) -> None:
     """Per node: type (and fallbacks), lease hours, then cost (AWS/GCP) or SUs (Chameleon); a total line."""
-    what = {"cost": "on-demand cost", "sus": "Chameleon allocation (SUs)"}.get(est.kind, "cost")
+    what = {"cost": "on-demand cost", "sus": "Chameleon allocation (SUs)"}.get(est.kind, "lease hours")
     table = Table(title=f"estimate: {what} in {est.region}")
     for col in ("node", "type", "hours"):
         table.add_column(col)
