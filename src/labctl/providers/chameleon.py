@@ -344,7 +344,7 @@ class ChameleonProvider:
         ports = self._call("list router ports", lambda: list(self.conn.network.ports(device_id=router.id)))
         if not any(ip.get("subnet_id") == subnet_id for p in ports for ip in p.fixed_ips or []):
             self._call("add router interface", lambda: self.conn.network.add_interface_to_router(
-                router, subnet_id=subnet_id))
+                router, subnet=subnet_id))
         return Found("router", router.id, res.name)
 
     def _create_reservation(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
@@ -553,7 +553,7 @@ class ChameleonProvider:
         from openstack import exceptions as os_exc
 
         with contextlib.suppress(os_exc.NotFoundException):  # already gone
-            self.conn.network.remove_interface_from_router(router_id, subnet_id=subnet_id)
+            self.conn.network.remove_interface_from_router(router_id, subnet=subnet_id)
 
     def _delete_lease(self, lease_id: str) -> None:
         from blazarclient import exception as bz_exc

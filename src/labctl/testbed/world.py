@@ -452,7 +452,8 @@ class World:
         """What exists (per site, or everywhere): servers, leases (not terminated), floating_ips,
         security_groups (not `default`), keypairs, and the project's own networks, subnets, routers and
         ports (not the built-in public/sharednet1 networks, their subnets and router, nor the ports Nova
-        made on sharednet1 for a server; ports made through POST /ports and router interfaces are listed).
+        made on sharednet1 for a server; ports made through POST /ports and router interfaces are listed); those four
+        keys are present only when there is at least one such item.
         Each item has at least id, name and site."""
         from labctl.testbed.openstack import model
 

@@ -1267,6 +1267,9 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
                     "type": k.get("type", "ssh"),
                 }
             )
+    for key in ("networks", "subnets", "routers", "ports"):
+        if not inv[key]:
+            del inv[key]  # listed only when there are some (keeps the five-key shape of a world without them)
     return inv
 
 
