@@ -303,8 +303,8 @@ def _ssh_command(dep: DeploymentRecord, ip: str | None) -> str | None:
 
 # -- down / extend --------------------------------------------------------------------------------
 def class_down(ctx: service.Context, lab: str, course: str, student: str | None = None,
-               concurrency: int = 16, events: ClassEvents | None = None, cloud: str | None = None
-               ) -> list[StudentResult]:
+               concurrency: int = 16, events: ClassEvents | None = None, cloud: str | None = None,
+               delete_volumes: bool = False) -> list[StudentResult]:
     events = events or ClassEvents()
     deps = class_deployments(ctx, course, _lab_name(lab))
     if student:
@@ -332,7 +332,8 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
             if current is None or current.status == "destroyed":  # another operator finished it meanwhile
                 return StudentResult(sid, dep.site, "deleted", None, dep.id)
             try:
-                left = service.destroy_deployment(ctx, dep, provider_for(dep.site), on_progress=lambda *a: None)
+                left = service.destroy_deployment(ctx, dep, provider_for(dep.site), on_progress=lambda *a: None,
+                                                  delete_volumes=delete_volumes)
             except LabctlError as exc:
                 return StudentResult(sid, dep.site, FAILED, str(exc).splitlines()[0], dep.id)
         result = StudentResult(sid, dep.site, "deleted" if not left else FAILED,

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from labctl.errors import CloudError, Interrupted, NoCapacity
-from labctl.plan import KIND_ORDER, Plan, Resource
+from labctl.plan import KEEPABLE_KINDS, KIND_ORDER, Plan, Resource
 from labctl.providers.base import Found, Provider
 from labctl.state import StateStore
 
@@ -142,9 +142,10 @@ class Engine:
                 found[res.key] = f
 
     def _record(self, plan: Plan, res: Resource, status: str, f: Found) -> None:
-        self.store.record_resource(plan.deployment, res.key, status, f.cloud_id,
-                                   {**f.attrs, "error": f.error} if f.error else dict(f.attrs),
-                                   kind=res.kind, name=res.name)
+        data = {**f.attrs, "error": f.error} if f.error else dict(f.attrs)
+        if res.kind in KEEPABLE_KINDS:
+            data["keep"] = bool(res.spec.get("keep"))  # read back by destroy(keep=True), without the profile
+        self.store.record_resource(plan.deployment, res.key, status, f.cloud_id, data, kind=res.kind, name=res.name)
 
     def _note(self, plan: Plan, subject: str, stage: str, detail: str) -> None:
         self.on_progress(subject, stage, detail)
@@ -152,17 +153,31 @@ class Engine:
             self.store.event(plan.deployment, f"{subject}: {detail}", "warning")
 
     # -- destroy ----------------------------------------------------------------------------------
-    def destroy(self, plan: Plan) -> list[Found]:
+    def destroy(self, plan: Plan, keep: bool = False) -> list[Found]:
         """Delete everything recorded for the deployment and everything tagged with it, in reverse order.
 
-        Returns what is still there afterwards (empty on success).
+        With `keep`, resources of a keepable kind (volumes, buckets) marked keep -- in their recorded data, or in
+        `attrs["keep"]` of what `list_owned` reports -- are left alone, and so are their state rows; they are
+        returned in `self.kept`. Returns what is still there afterwards, kept resources excluded (empty on
+        success).
         """
         recorded = self.store.resources(plan.deployment)
         owned = self.provider.list_owned(plan)
+        kept_ids: set[str] = set()
+        self.kept: list[Found] = []
+        if keep:
+            for rec in recorded:
+                if rec.kind in KEEPABLE_KINDS and rec.data.get("keep") and rec.cloud_id:
+                    kept_ids.add(rec.cloud_id)
+                    self.kept.append(Found(rec.kind, rec.cloud_id, rec.name, attrs={**rec.data, "key": rec.key}))
+            for f in owned:
+                if f.kind in KEEPABLE_KINDS and f.attrs.get("keep") and f.cloud_id not in kept_ids:
+                    kept_ids.add(f.cloud_id)
+                    self.kept.append(f)
         for kind in reversed(KIND_ORDER):
             targets: dict[str, Found] = {}
             for rec in recorded:
-                if rec.kind != kind:
+                if rec.kind != kind or rec.cloud_id in kept_ids:
                     continue
                 if rec.cloud_id:
                     targets[rec.cloud_id] = Found(kind, rec.cloud_id, rec.name)
@@ -172,15 +187,15 @@ class Engine:
                     if f is not None:
                         targets[f.cloud_id] = f
             for f in owned:
-                if f.kind == kind:
+                if f.kind == kind and f.cloud_id not in kept_ids:
                     targets.setdefault(f.cloud_id, f)
             if targets:
                 self.on_progress(kind, "deleting", f"{len(targets)}")
                 self.provider.delete(kind, list(targets.values()), plan)
             for rec in recorded:
-                if rec.kind == kind:
+                if rec.kind == kind and rec.cloud_id not in kept_ids:
                     self.store.delete_resource(plan.deployment, rec.key)
-        return self.provider.list_owned(plan)
+        return [f for f in self.provider.list_owned(plan) if f.cloud_id not in kept_ids]
 
 
 def _spec_for_lookup(plan: Plan, key: str, data: dict) -> dict:

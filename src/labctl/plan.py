@@ -15,10 +15,14 @@ if TYPE_CHECKING:
     from labctl.profile import Profile
     from labctl.sites import Site
 
-# Creation order; teardown runs it backwards: floating IPs, servers, then the ports made for servers on private
-# networks (not plan resources: the adapter makes them while launching a server, `list_owned` reports them),
-# leases, routers (their interfaces first), subnets, networks, security groups, the keypair.
-KIND_ORDER = ("keypair", "secgroup", "network", "subnet", "router", "reservation", "port", "server", "floating_ip")
+# Creation order; teardown runs it backwards: floating IPs, volume attachments, servers, object-store containers
+# ("bucket"), volumes, then the ports made for servers on private networks (not plan resources: the adapter makes
+# them while launching a server, `list_owned` reports them), leases, routers (their interfaces first), subnets,
+# networks, security groups, the keypair. Volumes and buckets with `keep` survive `down` (see Engine.destroy).
+KIND_ORDER = ("keypair", "secgroup", "network", "subnet", "router", "reservation", "port", "volume", "bucket",
+              "server", "volume_attachment", "floating_ip")
+#: Kinds that may outlive a deployment's `down` (their spec / recorded data says keep: true).
+KEEPABLE_KINDS = ("volume", "bucket")
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ def build_plan(
             role=role,
             candidates=candidates(role),
             image=site.images.get(profile.image_for(role), profile.image_for(role)),
-            floating_ip=profile.nodes[role].floating_ip,
+            floating_ip=profile.nodes[role].floating_ip_for(int(node.rsplit("-", 1)[1])),
         )
         for node, role in profile.node_names()
     ]
@@ -198,6 +202,18 @@ def build_plan(
                     (f"server:{node.name}",),
                 )
             )
+    for vol_name, vol in profile.volumes.items():
+        res.append(Resource(f"volume:{vol_name}", "volume", naming.resource_name(deployment, vol_name),
+                            {"volume": vol_name, "size_gb": vol.size_gb, "keep": vol.keep}))
+        res.append(Resource(
+            f"volume_attachment:{vol_name}", "volume_attachment",
+            naming.resource_name(deployment, f"{vol_name}-attachment"),
+            {"volume": f"volume:{vol_name}", "server": f"server:{vol.node}", "node": vol.node,
+             "mount": profile.mount_of(vol_name), "filesystem": vol.filesystem},
+            (f"volume:{vol_name}", f"server:{vol.node}")))
+    for store_name, store in profile.object_stores.items():
+        res.append(Resource(f"bucket:{store_name}", "bucket", naming.resource_name(deployment, store_name),
+                            {"bucket": store_name, "keep": store.keep}))
     return plan
 
 

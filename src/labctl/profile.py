@@ -40,12 +40,14 @@ __all__ = [
     "Network",
     "NodeGroup",
     "NodeNetwork",
+    "ObjectStore",
     "Output",
     "Port",
     "Profile",
     "ProfileError",
     "Step",
     "Upload",
+    "Volume",
     "find_profile",
     "json_schema",
     "load_profile",
@@ -146,6 +148,43 @@ class NodeNetwork(_Model):
     )
 
 
+class Volume(_Model):
+    """A block-storage volume attached to one node, formatted once and mounted; kept across `down` by default."""
+
+    size_gb: int = Field(ge=1, le=2000, title="Size (GiB)", description="Size in GiB (1..2000).", examples=[2])
+    node: str = Field(min_length=1, title="Node", description="The node it is attached to (a node name, e.g. "
+                      "node-1).", examples=["node-1"])
+    mount: str | None = Field(
+        None, title="Mount point", description="Absolute path where it is mounted (default /mnt/<name>).",
+        examples=["/mnt/block"])
+    filesystem: Literal["ext4", "xfs"] = Field(
+        "ext4", title="Filesystem", description="Made once, only when the volume has no filesystem yet.")
+    keep: bool = Field(
+        True, title="Keep on down", description="`labctl down` keeps the volume (and its data) for the next "
+        "`up`, which reattaches it; `labctl down --delete-volumes` deletes it.")
+
+    @field_validator("mount")
+    @classmethod
+    def _check_mount(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        text = value.strip()
+        if not text.startswith("/") or text.rstrip("/") == "" or re.search(r"\s|//|/\.\.?(/|$)", text):
+            raise ValueError(f"{value!r} is not an absolute path such as /mnt/data")
+        if text.rstrip("/") in ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/root", "/sbin", "/sys",
+                                "/tmp", "/usr", "/var"):
+            raise ValueError(f"{value!r} is a system directory; mount the volume under /mnt or /data")
+        return text.rstrip("/")
+
+
+class ObjectStore(_Model):
+    """An object-storage container (Swift on Chameleon) made for the lab; kept across `down` by default."""
+
+    keep: bool = Field(
+        True, title="Keep on down", description="`labctl down` keeps the container and its objects; "
+        "`labctl down --delete-volumes` deletes them.")
+
+
 def _net_kind(value: Any) -> str:
     return "str" if isinstance(value, str) else "NodeNetwork"
 
@@ -169,8 +208,10 @@ class NodeGroup(_Model):
         title="Image override",
         description="Abstract image name for this role only (overrides the profile's `image`).",
     )
-    floating_ip: bool = Field(
-        False, title="Floating IP", description="Give each node of this role a public (floating) IP."
+    floating_ip: bool | Literal["first"] = Field(
+        False, title="Floating IP",
+        description="Give each node of this role a public (floating) IP; `first`: only the role's first node "
+        "(the others are reached through it over a private network they share, as with `ssh -J`).",
     )
     types: dict[str, Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]] = Field(
         min_length=1,
@@ -179,6 +220,10 @@ class NodeGroup(_Model):
         "in order of preference; the next one is tried when a site has no capacity for the previous.",
         examples=[{"chi@tacc": ["compute_liqid"], "chi@uc": ["gpu_a100_pcie", "compute_gigaio"]}],
     )
+    def floating_ip_for(self, index: int) -> bool:
+        """Whether the role's node number `index` (1-based) gets a floating IP."""
+        return self.floating_ip is True or (self.floating_ip == "first" and index == 1)
+
     networks: list[NodeNetworkSpec] = Field(
         default_factory=list,
         title="Private networks",
@@ -364,6 +409,18 @@ class Profile(_Model):
         "through nodes.<role>.networks.",
         json_schema_extra={"additionalProperties": False},
     )
+    volumes: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], Volume] = Field(
+        default_factory=dict,
+        title="Block volumes",
+        description="Name -> a persistent block volume attached to one node and mounted (Chameleon KVM sites).",
+        json_schema_extra={"additionalProperties": False},
+    )
+    object_stores: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], ObjectStore] = Field(
+        default_factory=dict,
+        title="Object-store containers",
+        description="Name -> an object-storage container on the site's object store (Swift on Chameleon).",
+        json_schema_extra={"additionalProperties": False},
+    )
     ports: list[PortSpec] = Field(
         default_factory=list,
         title="Open ports",
@@ -413,6 +470,10 @@ class Profile(_Model):
                         address = str(ipaddress.ip_network(net.cidr).network_address + ref.first_ip + i - 1)
                     out[(f"{role}-{i}", ref.network)] = address
         return out
+
+    def mount_of(self, volume: str) -> str:
+        """Where a volume is mounted: its `mount`, else /mnt/<name>."""
+        return self.volumes[volume].mount or f"/mnt/{volume}"
 
     def image_for(self, role: str) -> str:
         """The abstract image of a role (its override, else the profile's)."""
@@ -479,6 +540,7 @@ def _cross_field_problems(p: Profile) -> list[str]:
                     + _suggest(key, [*p.sites, *FAMILIES])
                 )
     problems += _network_problems(p)
+    problems += _storage_problems(p, nodes)
     targets = ["all", *roles, *nodes]
     seen_steps: dict[str, int] = {}
     for i, step in enumerate(p.setup):
@@ -518,7 +580,7 @@ def _cross_field_problems(p: Profile) -> list[str]:
                     f"outputs[{i}].value: placeholder {{{text}}} has unknown attribute '{attr}' "
                     f"(known: {', '.join(NODE_ATTRS)})" + _suggest(attr, NODE_ATTRS)
                 )
-            elif attr == "floating_ip" and not p.nodes[groups[node]].floating_ip:
+            elif attr == "floating_ip" and not p.nodes[groups[node]].floating_ip_for(int(node.rsplit("-")[-1])):
                 problems.append(
                     f"outputs[{i}].value: {{{text}}}: {node} has no floating IP "
                     f"(set nodes.{groups[node]}.floating_ip: true)"
@@ -571,6 +633,21 @@ def _network_problems(p: Profile) -> list[str]:
                 if other != node:
                     problems.append(f"{field}: {node} would get {address} on {ref.network}, already {other}'s")
                     break
+    return problems
+
+
+def _storage_problems(p: Profile, nodes: list[str]) -> list[str]:
+    problems: list[str] = []
+    mounts: dict[tuple[str, str], str] = {}
+    for name, vol in p.volumes.items():
+        if vol.node not in nodes:
+            problems.append(f"volumes.{name}.node: unknown node '{vol.node}' (nodes: {', '.join(nodes)})"
+                            + _suggest(vol.node, nodes))
+            continue
+        mount = vol.mount or f"/mnt/{name}"
+        other = mounts.setdefault((vol.node, mount), name)
+        if other != name:
+            problems.append(f"volumes.{name}.mount: {mount} on {vol.node} is already volumes.{other}'s mount point")
     return problems
 
 
@@ -667,7 +744,8 @@ def _describe_error(err: Mapping[str, Any], root: type[BaseModel]) -> str:
     if "[key]" in loc:
         where = _loc(p for p in loc if p != "[key]")
         if kind == "string_pattern_mismatch":
-            what = "network" if loc and loc[0] == "networks" else "role"
+            what = {"networks": "network", "volumes": "volume", "object_stores": "object store"}.get(
+                str(loc[0]) if loc else "", "role")
             msg = (
                 f"{what} names are lower-case letters, digits and '-', start with a letter, "
                 "at most 16 characters"
@@ -886,6 +964,7 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
         )
     if profile.networks and site.provider != "chameleon":
         problems.append(f"networks: private networks are not supported at {real} yet (Chameleon sites only)")
+    problems += _storage_site_problems(profile, site, real)
     catalog = _catalog(site)
     bare_metal = hardware.node_types(catalog)
     flavors = hardware.flavors(catalog)
@@ -913,6 +992,25 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
                 f"{field}: unknown image '{image}' at {real} (known: {', '.join(site.images)})"
                 + _suggest(image, site.images)
             )
+    return problems
+
+
+def _storage_site_problems(profile: Profile, site: Site, real: str) -> list[str]:
+    problems: list[str] = []
+    for name in profile.volumes:
+        if site.provider != "chameleon":
+            problems.append(f"volumes.{name}: block volumes at {real} are not supported yet by labctl "
+                            "(Chameleon KVM sites only, e.g. kvm@tacc)")
+        elif not getattr(site, "block_storage", False):
+            problems.append(f"volumes.{name}: {real} has no block storage (volumes need a KVM site such as kvm@tacc)")
+        break  # one line is enough: every volume has the same problem
+    for name in profile.object_stores:
+        if site.provider != "chameleon":
+            problems.append(f"object_stores.{name}: object-store containers at {real} are not supported yet by "
+                            "labctl (Chameleon sites only)")
+        elif not getattr(site, "object_storage", None):
+            problems.append(f"object_stores.{name}: {real} has no object store (use chi@tacc, chi@uc or kvm@tacc)")
+        break
     return problems
 
 

@@ -132,6 +132,38 @@ class ExtraStep:
     name: str
     command: str
     timeout: float = 60.0
+    on: tuple[str, ...] = ()  # node names; empty: every reachable node
+    changes_host: bool = False  # skipped on sim unless --allow-host-changes, like a profile step not safe_on_sim
+
+
+def volume_steps(the_plan: Any, found: dict[str, Any]) -> tuple[ExtraStep, ...]:
+    """The built-in step per attached volume: make a filesystem only if it has none, mount it, add it to fstab."""
+    steps = []
+    for res in the_plan.by_kind("volume_attachment"):
+        f = found.get(res.key)
+        if f is None:
+            continue
+        spec = res.spec
+        device = f.attrs.get("device") or "/dev/vdb"
+        volume_id = f.attrs.get("volume_id") or ""
+        mount = spec["mount"]
+        fs = spec["filesystem"]
+        # The device Nova reports is a hint; virtio names the disk by the first 20 characters of the volume id.
+        command = "\n".join([
+            "set -eu",
+            f"DEV=/dev/disk/by-id/virtio-{volume_id[:20]}",
+            f'[ -e "$DEV" ] || DEV={device}',
+            f'sudo blkid "$DEV" >/dev/null || sudo mkfs.{fs} -q "$DEV"',
+            f"sudo mkdir -p {mount}",
+            f"mountpoint -q {mount} || sudo mount \"$DEV\" {mount}",
+            'UUID=$(sudo blkid -s UUID -o value "$DEV")',
+            f'grep -q "UUID=$UUID" /etc/fstab || echo "UUID=$UUID {mount} {fs} defaults,nofail 0 2" '
+            "| sudo tee -a /etc/fstab >/dev/null",
+            f'sudo chown "$(id -u):$(id -g)" {mount}',
+        ])
+        steps.append(ExtraStep(f"mount volume {spec['volume'].split(':', 1)[-1]} at {mount}", command, 300.0,
+                               on=(spec["node"],), changes_host=True))
+    return tuple(steps)
 
 
 def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *, name: str,
@@ -153,10 +185,10 @@ def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *
     try:
         found = engine.apply(the_plan)
     except NoCapacity:
-        # Nothing usable came up: leave nothing behind, then say why in one line.
+        # Nothing usable came up: leave nothing behind (but kept volumes and buckets), then say why in one line.
         progress("cleanup", "deleting", "what was created")
-        engine.destroy(the_plan)
-        ctx.store.forget_deployment(the_plan.deployment)
+        engine.destroy(the_plan, keep=True)
+        _forget_keeping(ctx, the_plan.deployment, engine.kept)
         raise
     except CloudError as exc:
         ctx.store.set_deployment_status(the_plan.deployment, "failed", error=str(exc))
@@ -169,19 +201,40 @@ def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *
                  for n in the_plan.nodes}
     outputs = {o.name: o.render(addresses) for o in prof.outputs}
     ctx.store.set_deployment_status(the_plan.deployment, "setup", lease_end=lease_end, outputs=outputs)
+    extra_steps = (*extra_steps, *volume_steps(the_plan, found))
     _run_setup(ctx, prof, the_plan, site, key, found, allow_host_changes, ssh_timeout, extra_steps, progress)
     ctx.store.set_deployment_status(the_plan.deployment, "up", error=None)
 
 
-def _targets(site: Any, nodes: list[tuple[str, str]], resources: dict[str, Any]) -> list[Any]:
+def _targets(site: Any, nodes: list[tuple[str, str]], resources: dict[str, Any]) -> tuple[list[Any], dict[str, str]]:
+    """SSH targets in node order, and {node: why it cannot be reached}. A node with a floating IP is reached
+    directly; one without, through the first node with one that shares a private network with it (at its
+    fixed IP there, port 22), as `ssh -J` does."""
     from labctl.runner.ssh import NodeTarget
 
-    targets = []
+    direct: dict[str, Any] = {}
     for node, _role in nodes:
         fip = resources.get(f"floating_ip:{node}")
         if fip and fip.get("floating_ip"):
-            targets.append(NodeTarget(node, fip["floating_ip"], site.ssh_port, site.ssh_user))
-    return targets
+            direct[node] = NodeTarget(node, fip["floating_ip"], site.ssh_port, site.ssh_user)
+
+    def private(node: str) -> dict[str, str]:
+        return dict((resources.get(f"server:{node}") or {}).get("private_ips") or {})
+
+    targets, unreachable = [], {}
+    for node, _role in nodes:
+        if node in direct:
+            targets.append(direct[node])
+            continue
+        mine = private(node)
+        hop = next(((j, net) for j in direct for net in mine if net in private(j)), None)
+        if hop is None:
+            unreachable[node] = ("it has no floating IP and shares no private network with a node that has one"
+                                 if direct or not mine else "it has no floating IP and no node has one")
+            continue
+        jump, net = hop
+        targets.append(NodeTarget(node, mine[net], 22, site.ssh_user, via=direct[jump]))
+    return targets, unreachable
 
 
 def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, found: dict[str, Any],
@@ -191,14 +244,28 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
 
     attrs = {k: f.attrs for k, f in found.items()}
     nodes = [(n.name, n.role) for n in the_plan.nodes]
-    targets = _targets(site, nodes, attrs)
+    targets, unreachable = _targets(site, nodes, attrs)
+    progress = progress or ctx.on_progress
+    needed = sorted({n for step in prof.setup for n, role in nodes if n in unreachable
+                     and ({step.on} if isinstance(step.on, str) else set(step.on)) & {"all", n, role}})
+    if needed:
+        raise SetupFailed(
+            "labctl cannot reach " + "; ".join(f"{n} ({unreachable[n]})" for n in needed)
+            + " over SSH, so setup cannot run there: give it a floating IP (nodes.<role>.floating_ip) or put "
+            "it on a private network with a node that has one"
+        )
+    for node, why in unreachable.items():
+        progress(node, "unreachable", why)
     if not targets:
         return
     view = DeploymentView(ctx.store, the_plan.deployment)
     reachable = {t.name for t in targets}
-    progress = progress or ctx.on_progress
     everywhere = [n for n, _ in nodes if n in reachable]
-    steps = [SetupStep(i, x.name, everywhere, x.command, [], x.timeout) for i, x in enumerate(extra_steps)]
+    host_skip = None
+    if site.emulated and not allow_host_changes:
+        host_skip = "would change the host on sim (pass --allow-host-changes to run it)"
+    steps = [SetupStep(i, x.name, [n for n in everywhere if not x.on or n in x.on], x.command, [], x.timeout,
+                       host_skip if x.changes_host else None) for i, x in enumerate(extra_steps)]
     for index, step in enumerate(prof.setup, start=len(extra_steps)):
         on = [step.on] if isinstance(step.on, str) else list(step.on)
         step_nodes = [n for n, role in nodes if ("all" in on or n in on or role in on) and n in reachable]
@@ -296,7 +363,9 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
         # The emulated nodes answer SSH only while a labctl process serves them; the adapter knows the port.
         site = _connect(ctx, site, None).site
     resources = {r.key: r.data for r in ctx.store.resources(dep.id)}
-    targets = _targets(site, dep.data.get("nodes", []), resources)
+    targets, unreachable = _targets(site, dep.data.get("nodes", []), resources)
+    if node in unreachable:
+        raise UserError(f"{dep.name}/{node}: labctl cannot reach it over SSH: {unreachable[node]}")
     if not targets:
         raise UserError(f"{dep.name} has no node with a floating IP to SSH to")
     if node:
@@ -305,13 +374,15 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
             raise UserError(f"{dep.name} has no node '{node}' (nodes: {', '.join(t.name for t in targets)})")
         target = chosen[0]
     else:
-        target = targets[0]
+        target = next((t for t in targets if t.via is None), targets[0])
     view = DeploymentView(ctx.store, dep.id)
-    if view.get_host_key(target.name) is None:
-        raise UserError(f"{dep.name}/{target.name}: no pinned host key yet; run 'labctl up {dep.name}' first")
+    for hop in ([target.via] if target.via else []) + [target]:
+        if view.get_host_key(hop.name) is None:
+            raise UserError(f"{dep.name}/{hop.name}: no pinned host key yet; run 'labctl up {dep.name}' first")
     if site.emulated:
+        entry = target.via or target  # a node behind a jump host is served through the jump host's listener
         try:
-            ctx.testbed().wait_ssh(target.host, target.port)
+            ctx.testbed().wait_ssh(entry.host, entry.port)
         except TimeoutError as exc:
             raise CloudError(f"{dep.name}/{target.name}: the emulated node does not answer SSH ({exc}); "
                              "was its server deleted or its lease ended? see 'labctl status'") from exc
@@ -352,26 +423,55 @@ def extend_deployment(ctx: Context, dep: DeploymentRecord, provider: Any, hours:
     return status(ctx, dep.id)
 
 
-def down(ctx: Context, name: str | None, cloud: str | None = None) -> list[str]:
-    """Delete everything of the deployment; returns what is left (empty on success)."""
+def down(ctx: Context, name: str | None, cloud: str | None = None, *, delete_volumes: bool = False,
+         kept: list[str] | None = None) -> list[str]:
+    """Delete everything of the deployment but kept volumes and buckets (all of it with `delete_volumes`);
+    returns what is left (empty on success). `kept`, if given, receives one line per kept resource."""
     from labctl.sites import resolve
 
     dep = resolve_deployment(ctx, name)
-    return destroy_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud))
+    return destroy_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud), delete_volumes=delete_volumes,
+                              kept=kept)
 
 
 def destroy_deployment(ctx: Context, dep: DeploymentRecord, provider: Any,
-                       on_progress: Progress | None = None) -> list[str]:
+                       on_progress: Progress | None = None, *, delete_volumes: bool = False,
+                       kept: list[str] | None = None) -> list[str]:
     from labctl.engine import Engine
 
     the_plan, resource_cls = _teardown_plan(dep, provider.site)
     for rec in ctx.store.resources(dep.id):
         the_plan.resources.append(resource_cls(rec.key, rec.kind, rec.name, {"node": rec.key.split(":")[-1]}))
     ctx.store.set_deployment_status(dep.id, "destroying")
-    left = Engine(provider, ctx.store, on_progress or ctx.on_progress).destroy(the_plan)
+    engine = Engine(provider, ctx.store, on_progress or ctx.on_progress)
+    left = engine.destroy(the_plan, keep=not delete_volumes)
     if left:
         ctx.store.set_deployment_status(dep.id, "failed")
         return [f"{f.kind} {f.name} ({f.cloud_id})" for f in left]
-    ctx.store.forget_deployment(dep.id)
-    ctx.store.event(dep.id, "deployment destroyed")
+    _forget_keeping(ctx, dep.id, engine.kept)
+    if kept is not None:
+        kept += [_kept_line(f) for f in engine.kept]
+    ctx.store.event(dep.id, "deployment destroyed" + (f", {len(engine.kept)} kept" if engine.kept else ""))
     return []
+
+
+def _forget_keeping(ctx: Context, dep_id: str, kept: list[Any]) -> None:
+    """Forget a deployment's state, but keep the rows of its kept volumes and buckets (status `kept`), so that
+    `labctl down --delete-volumes` still finds them and the next `up` reattaches them."""
+    ctx.store.forget_deployment(dep_id)
+    if not kept:
+        return
+    for f in kept:
+        key = f.attrs.get("key") or f"{f.kind}:{f.name.rsplit('-', 1)[-1]}"
+        ctx.store.record_resource(dep_id, key, "ready", f.cloud_id, {**f.attrs, "keep": True}, kind=f.kind,
+                                  name=f.name)
+    ctx.store.set_deployment_status(dep_id, "kept")
+
+
+def _kept_line(f: Any) -> str:
+    if f.kind == "volume":
+        size = f.attrs.get("size_gb")
+        what = f"kept volume {f.name}" + (f" (size {size} GiB)" if size else "")
+    else:
+        what = f"kept object-store container {f.name}"
+    return what + "; `labctl down --delete-volumes` removes it"

@@ -71,6 +71,9 @@ class Site:
     max_lease_hours: float = 168
     catalog: str | None = None  # which labctl.hardware catalog lists its node types (default: the real name)
     zone: str | None = None  # AWS/GCP: a zone pinned by the site name (else any zone of the region)
+    block_storage: bool = False  # block volumes (Cinder on Chameleon KVM; EBS / persistent disks on AWS / GCP)
+    # The object store labctl makes containers in: "swift" (the site's own `object-store` catalog entry) or None.
+    object_storage: str | None = None
 
     @property
     def real_name(self) -> str:
@@ -82,7 +85,8 @@ class Site:
         return self.images.get(abstract, abstract)
 
 
-def _chameleon(name: str, family: str, region: str, host: str) -> Site:
+def _chameleon(name: str, family: str, region: str, host: str, *, block_storage: bool = False,
+               object_storage: str | None = None) -> Site:
     defaults = FAMILY_DEFAULTS[family]
     return Site(
         name=name,
@@ -93,6 +97,8 @@ def _chameleon(name: str, family: str, region: str, host: str) -> Site:
         reservation=defaults["reservation"],
         security_groups=defaults["security_groups"],
         images=defaults["images"],
+        block_storage=block_storage,
+        object_storage=object_storage,
     )
 
 
@@ -112,12 +118,12 @@ def _commercial(name: str) -> Site | None:
         region, zone = m.group("region"), (where if m.group("zone") else None)
         return Site(name=name, provider="aws", family="aws", region=region, auth_url="", reservation="none",
                     ssh_user="ubuntu", network="", public_network="", security_groups=True,
-                    images=CLOUD_IMAGES, catalog="aws", zone=zone)
+                    images=CLOUD_IMAGES, catalog="aws", zone=zone, block_storage=True)
     if provider == "gcp" and (m := _GCP_ZONE.match(where)):
         region, zone = m.group("region"), (where if m.group("zone") else None)
         return Site(name=name, provider="gcp", family="gcp", region=region, auth_url="", reservation="none",
                     ssh_user="labctl", network="default", public_network="", security_groups=True,
-                    images=CLOUD_IMAGES, catalog="gcp", zone=zone)
+                    images=CLOUD_IMAGES, catalog="gcp", zone=zone, block_storage=True)
     if provider in ("aws", "gcp"):
         example = "aws:us-east-1 or aws:us-east-1a" if provider == "aws" else "gcp:us-central1-a or gcp:us-central1"
         raise UserError(f"unknown site '{name}': expected {example}")
@@ -127,9 +133,13 @@ def _commercial(name: str) -> Site | None:
 BUILTIN_SITES: dict[str, Site] = {
     s.name: s
     for s in (
-        _chameleon("chi@tacc", "chi", "CHI@TACC", "chi.tacc.chameleoncloud.org"),
-        _chameleon("chi@uc", "chi", "CHI@UC", "chi.uc.chameleoncloud.org"),
-        _chameleon("kvm@tacc", "kvm", "KVM@TACC", "kvm.tacc.chameleoncloud.org"),
+        # Object store: on real Chameleon the course's containers live in the Swift of CHI@TACC / CHI@UC; labctl
+        # makes a lab's containers in the `object-store` entry of the lab's own site's Keystone catalog.
+        # Block storage (Cinder): KVM@TACC only; the bare-metal sites have none.
+        _chameleon("chi@tacc", "chi", "CHI@TACC", "chi.tacc.chameleoncloud.org", object_storage="swift"),
+        _chameleon("chi@uc", "chi", "CHI@UC", "chi.uc.chameleoncloud.org", object_storage="swift"),
+        _chameleon("kvm@tacc", "kvm", "KVM@TACC", "kvm.tacc.chameleoncloud.org", block_storage=True,
+                   object_storage="swift"),
         _chameleon("chi@edge", "edge", "CHI@Edge", "chi.edge.chameleoncloud.org"),
     )
 }

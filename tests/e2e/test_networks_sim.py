@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.e2e.helpers import REPO, kill_when, labctl_leftovers, run, start
+from tests.e2e.helpers import REPO, kill_when, labctl_leftovers, run, run_json, start
 
 pytestmark = pytest.mark.slow
 SITE = "kvm@tacc"
@@ -58,13 +58,32 @@ def test_k8s_cluster_up_order_down(labctl_env):
         assert s["addresses"][net["name"]] == [
             {"version": 4, "addr": f"192.168.1.{10 + i}", "OS-EXT-IPS:type": "fixed",
              "OS-EXT-IPS-MAC:mac_addr": s["addresses"][net["name"]][0]["OS-EXT-IPS-MAC:mac_addr"]}]
-        assert any(a["OS-EXT-IPS:type"] == "floating" for a in s["addresses"]["sharednet1"])
+        # Only node-1 has a floating IP (`floating_ip: first`), as in the course labs.
+        floating = [a for a in s["addresses"]["sharednet1"] if a["OS-EXT-IPS:type"] == "floating"]
+        assert len(floating) == (1 if i == 1 else 0), (s["name"], floating)
+    assert len(inv["floating_ips"]) == 1
+    status = run_json(labctl_env, "status", "k8s-cluster", "--json")
+    nodes = {n["name"]: n for n in status["nodes"]}
+    assert nodes["node-1"]["floating_ip"].startswith("127.10.")
+    assert nodes["node-2"]["floating_ip"] is None and nodes["node-3"]["floating_ip"] is None
+    assert all(n["setup"].startswith("done") for n in nodes.values()), nodes
+    # node-1's listener is the only public one; the others answer only through it.
+    fips = {t["address"] for t in w.ssh_targets() if t["address"]}
+    assert fips == {nodes["node-1"]["floating_ip"]}
 
-    order = run(labctl_env, "ssh", "k8s-cluster", "node-2", "--", "cat", "setup-order.txt").stdout.split("\n")
-    node2 = servers[1]["name"]
-    assert [line for line in order if line] == [f"prepare {node2}", f"bootstrapped-before {node2}", f"join {node2}"]
+    # Setup ran on every node, in phase order; node-2 and node-3 are read through node-1 (ProxyCommand).
+    for k in (1, 2, 3):
+        order = run(labctl_env, "ssh", "k8s-cluster", f"node-{k}", "--", "cat", "setup-order.txt").stdout.split("\n")
+        name = servers[k - 1]["name"]
+        expected = [f"prepare {name}", f"bootstrapped-before {name}"] + ([f"join {name}"] if k > 1 else [])
+        assert [line for line in order if line] == expected
     hosts = run(labctl_env, "ssh", "k8s-cluster", "node-3", "--", "cat", "cluster-hosts").stdout
     assert "192.168.1.13 node-3" in hosts
+    # `labctl ssh` checked both hops against labctl's pinned keys: node-3 under its private address.
+    (known,) = (Path(labctl_env["LABCTL_STATE_DIR"]) / "known_hosts").iterdir()
+    lines = known.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"[{nodes['node-1']['floating_ip']}]:")
+    assert lines[1].startswith("192.168.1.13 ssh-ed25519 ")
 
     run(labctl_env, "down", "k8s-cluster")
     assert labctl_leftovers(w) == {}
@@ -88,7 +107,9 @@ def test_sigkill_after_port_create_then_resume_with_router(labctl_env, tmp_path)
     w = world(labctl_env)
     w.inject_fault(SITE, "POST /v2.0/ports", "hang_after")
     proc = start(labctl_env, "up", path, "--site", "sim")
-    kill_when(proc, lambda: any(m == "POST" and p.endswith("/v2.0/ports") for _, m, p in w.request_log()))
+    # Kill once a port exists (requests are logged before they are handled; `hang_after` commits, then hangs).
+    kill_when(proc, lambda: any(p["device_owner"] != "network:router_interface"
+                                for p in w.inventory(SITE).get("ports", [])))
     w.clear_faults()
     # The ports the killed run made (one per node whose launch got that far), none on a server yet.
     orphans = [p for p in w.inventory(SITE)["ports"] if p["device_owner"] != "network:router_interface"]

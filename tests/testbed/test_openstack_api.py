@@ -227,7 +227,7 @@ def test_password_auth_token_validation_and_401s(tb):
     )
     assert check.status_code == 200 and check.headers["X-Subject-Token"] == token
     catalog = check.json()["token"]["catalog"]
-    assert {c["type"] for c in catalog} == {"identity", "compute", "network", "image", "reservation"}
+    assert {c["type"] for c in catalog} == {"identity", "compute", "network", "image", "reservation", "object-store"}
     assert all(
         e["url"].startswith(tb.endpoint) and e["region_id"] == "CHI@UC" and e["interface"] == "public"
         for c in catalog

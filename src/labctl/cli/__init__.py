@@ -45,6 +45,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 OwnerOpt = Annotated[str | None, typer.Option("--owner", envvar="LABCTL_OWNER", help="Owner name in resource names.")]
 CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="OS_CLOUD", help="clouds.yaml entry to use.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Deployment name (default: the lab's name).")]
+DeleteVolumesOpt = Annotated[bool, typer.Option(
+    "--delete-volumes", help="Also delete the volumes and object-store containers the profile keeps across down.")]
 
 
 def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False):  # noqa: ANN202
@@ -99,24 +101,34 @@ def down(
     lab: Annotated[str | None, typer.Argument(help="Deployment name (optional if you have one).")] = None,
     owner: OwnerOpt = None,
     cloud: CloudOpt = None,
+    delete_volumes: DeleteVolumesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete everything labctl created for a lab (and nothing else), even after a crash.
 
+    Volumes and object-store containers marked `keep` (the default) stay for the next `up`, unless
+    --delete-volumes.
+
     Examples:\n
-      labctl down hello
+      labctl down hello\n
+      labctl down data-persist --delete-volumes
     """
     from labctl import service
 
     ctx = _ctx(owner, progress=True, as_json=as_json)
-    left = service.down(ctx, lab, cloud=cloud)
+    kept: list[str] = []
+    left = service.down(ctx, lab, cloud=cloud, delete_volumes=delete_volumes, kept=kept)
     _stop_progress(ctx)
     if as_json:
-        _print_json({"deleted": not left, "left": left})
+        _print_json({"deleted": not left, "left": left, "kept": kept})
     elif left:
         from labctl.errors import CloudError
 
         raise CloudError("down left resources behind: " + "; ".join(left) + " (run 'labctl down' again)")
+    elif kept:
+        for line in kept:
+            typer.echo(line)
+        typer.echo("Deleted everything else of this lab at the site.")
     else:
         typer.echo("Deleted. Nothing of this lab is left at the site.")
 
@@ -435,9 +447,11 @@ def class_down(
     student: Annotated[str | None, typer.Option("--student", help="Only this student's environment.")] = None,
     concurrency: Annotated[int, typer.Option(help="Environments deleted at once.")] = 16,
     cloud: CloudOpt = None,
+    delete_volumes: DeleteVolumesOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete every student's environment of LAB (or one with --student).
+    """Delete every student's environment of LAB (or one with --student); kept volumes and containers stay
+    unless --delete-volumes.
 
     Examples:\n
       labctl class down hello\n
@@ -448,7 +462,8 @@ def class_down(
 
     ui = class_progress(quiet=as_json)
     try:
-        results = classroom.class_down(_ctx(), lab, course, student, concurrency, ui.events(), cloud=cloud)
+        results = classroom.class_down(_ctx(), lab, course, student, concurrency, ui.events(), cloud=cloud,
+                                       delete_volumes=delete_volumes)
     finally:
         ui.stop()
     if as_json:

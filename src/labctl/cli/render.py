@@ -138,6 +138,12 @@ def print_plan(plan: Any, estimate: Any = None) -> None:
                                                     f", flavor {r.spec['candidates'][0]}")
         elif r.kind == "secgroup":
             details = "ports " + ", ".join(f"{x['port']}/{x['protocol']}" for x in r.spec["rules"])
+        elif r.kind == "volume":
+            details = f"{r.spec['size_gb']} GiB" + (", kept on down" if r.spec["keep"] else "")
+        elif r.kind == "volume_attachment":
+            details = f"on {r.spec['node']} at {r.spec['mount']} ({r.spec['filesystem']}, formatted once)"
+        elif r.kind == "bucket":
+            details = "object-store container" + (", kept on down" if r.spec["keep"] else "")
         else:
             details = ""
         table.add_row(r.key, r.kind, r.name, details)

@@ -38,6 +38,13 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 LEASE_DONE = ("TERMINATED", "DELETED", "DELETING", "TERMINATING")
+VOLUME_GONE = ("deleting", "deleted", "error_deleting")
+VOLUME_BUSY = ("creating", "attaching", "detaching", "in-use", "reserved", "extending", "downloading")
+VOLUME_NAME = "labctl:volume"  # volume metadata: the profile's name for it (its key in the plan)
+VOLUME_KEEP = "labctl:keep"  # "true" when `down` keeps it
+# Swift container metadata (X-Container-Meta-Labctl-Deployment / -Labctl-Keep): who made it, and keep on down.
+CONTAINER_DEPLOYMENT = "labctl-deployment"
+CONTAINER_KEEP = "labctl-keep"
 _BLAZAR_DATE = "%Y-%m-%d %H:%M"
 
 
@@ -268,6 +275,33 @@ class ChameleonProvider:
         complete = have_gateway and bool(subnet) and subnet[0].id in subnets
         return Found("router", router.id, res.name, status="ready" if complete else "incomplete")
 
+    def _find_volume(self, res: Resource, plan: Plan) -> Found | None:
+        vols = self._call("list volumes", lambda: list(self.conn.block_storage.volumes(details=True, name=res.name)))
+        mine = [v for v in vols if (v.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment
+                and v.status not in VOLUME_GONE]
+        if not mine:
+            return None
+        mine.sort(key=lambda v: v.status == "error")  # a healthy one first
+        return self._volume_found(mine[0])
+
+    def _find_volume_attachment(self, res: Resource, plan: Plan) -> Found | None:
+        if "volume" not in res.spec or "server" not in res.spec:
+            return None  # a teardown lookup: attachments are found through list_owned
+        vol = self._find_volume(plan.get(res.spec["volume"]), plan)
+        server = self._find_server(plan.get(res.spec["server"]), plan)
+        if vol is None or server is None:
+            return None
+        for a in vol.attrs.get("attachments", []):
+            if a.get("server_id") == server.cloud_id:
+                return self._attachment_found(res.name, server.cloud_id, vol, a.get("device"))
+        return None
+
+    def _find_bucket(self, res: Resource, plan: Plan) -> Found | None:
+        meta = self._container_meta(res.name)
+        if meta is None or meta.get(CONTAINER_DEPLOYMENT) != plan.deployment:
+            return None
+        return Found("bucket", res.name, res.name, attrs={"key": res.key, "keep": meta.get(CONTAINER_KEEP) == "true"})
+
     def _find_floating_ip(self, res: Resource, plan: Plan) -> Found | None:
         desc = _description(plan.deployment, res.spec["node"])
         ips = self._call("list floating IPs", lambda: list(self.conn.network.ips(description=desc)))
@@ -346,6 +380,45 @@ class ChameleonProvider:
             self._call("add router interface", lambda: self.conn.network.add_interface_to_router(
                 router, subnet=subnet_id))
         return Found("router", router.id, res.name)
+
+    def _create_volume(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        existing = self._find_volume(res, plan)
+        if existing is not None and existing.status != "error":
+            return existing
+        metadata = {**plan.tags, VOLUME_NAME: res.spec["volume"], VOLUME_KEEP: "true" if res.spec["keep"] else "false"}
+        vol = self._call(f"create volume {res.name}", lambda: self.conn.block_storage.create_volume(
+            size=res.spec["size_gb"], name=res.name, metadata=metadata,
+            description=_description(plan.deployment)))
+        return self._volume_found(vol)
+
+    def _create_volume_attachment(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
+                                  _c: str | None) -> Found:
+        vol_found = deps[res.spec["volume"]]
+        server_id = deps[res.spec["server"]].cloud_id
+        vol = self._call("get volume", lambda: self.conn.block_storage.get_volume(vol_found.cloud_id))
+        for a in vol.attachments or []:
+            if a.get("server_id") == server_id:
+                return self._attachment_found(res.name, server_id, self._volume_found(vol), a.get("device"))
+        for a in vol.attachments or []:
+            # Attached to a server of an earlier `up` that is still going away: detach it from that one first.
+            self._call("detach volume from old server", lambda a=a: self.conn.compute.delete_volume_attachment(
+                a["server_id"], vol.id, ignore_missing=True))
+        if vol.attachments:
+            self._wait_volume(vol.id, lambda v: not v.attachments and v.status == "available")
+        att = self._call(f"attach volume {res.name}", lambda: self.conn.compute.create_volume_attachment(
+            server_id, vol.id))
+        found = self._attachment_found(res.name, server_id, self._volume_found(vol), att.device)
+        found.status = "pending"  # until Cinder says in-use
+        return found
+
+    def _create_bucket(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        meta = self._container_meta(res.name)
+        if meta is not None and meta.get(CONTAINER_DEPLOYMENT) not in (None, plan.deployment):
+            raise CloudError(f"{self.site.name}: object-store container '{res.name}' belongs to another deployment")
+        metadata = {CONTAINER_DEPLOYMENT: plan.deployment, CONTAINER_KEEP: "true" if res.spec["keep"] else "false"}
+        self._call(f"create container {res.name}", lambda: self.conn.object_store.create_container(
+            name=res.name, metadata=metadata))
+        return Found("bucket", res.name, res.name, attrs={"key": res.key, "keep": bool(res.spec["keep"])})
 
     def _create_reservation(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
                             candidate: str | None) -> Found:
@@ -487,6 +560,24 @@ class ChameleonProvider:
                                                    error="server disappeared")
                         stage = {"pending": "building", "ready": "booted", "error": "error"}[results[r.key].status]
                         on_progress(r.spec["node"], stage, results[r.key].error or "")
+            if kinds & {"volume", "volume_attachment"}:
+                for r, f in pending:
+                    if r.kind not in ("volume", "volume_attachment"):
+                        continue
+                    vol_id = f.attrs.get("volume_id") or f.cloud_id
+                    vol = self._call("get volume", lambda v=vol_id: self.conn.block_storage.get_volume(v))
+                    if r.kind == "volume":
+                        results[r.key] = self._volume_found(vol)
+                    else:
+                        attached = [a for a in vol.attachments or [] if a.get("server_id") == f.attrs["server_id"]]
+                        if vol.status == "in-use" and attached:
+                            f.status = "ready"
+                            f.attrs["device"] = attached[0].get("device") or f.attrs.get("device")
+                        elif vol.status in ("error", "error_attaching") or (vol.status == "available"
+                                                                              and f.attrs.get("polled")):
+                            f.status, f.error = "error", f"volume {vol.id} did not attach (status {vol.status})"
+                        f.attrs["polled"] = True
+                    on_progress(r.key, results[r.key].attrs.get("volume_status", "attaching"), "")
             if time.monotonic() > deadline:
                 for r, _ in pending:
                     if results[r.key].status == "pending":
@@ -516,6 +607,24 @@ class ChameleonProvider:
         elif kind == "reservation":
             for f in found:
                 self._call("delete lease", lambda f=f: self._delete_lease(f.cloud_id))
+        elif kind == "volume_attachment":
+            for f in found:
+                server_id, _, vol_id = f.cloud_id.partition("/")
+                self._call("detach volume", lambda s=server_id, v=vol_id: self._detach(s, v))
+            for f in found:
+                server_id, _, vol_id = f.cloud_id.partition("/")
+                self._wait_volume(vol_id, lambda v, s=server_id: v is None or not any(
+                    a.get("server_id") == s for a in v.attachments or []))
+        elif kind == "volume":
+            for f in found:
+                self._wait_volume(f.cloud_id, lambda v: v is None or v.status not in VOLUME_BUSY)
+                self._call("delete volume", lambda f=f: self.conn.block_storage.delete_volume(
+                    f.cloud_id, ignore_missing=True))
+            for f in found:
+                self._wait_volume(f.cloud_id, lambda v: v is None)
+        elif kind == "bucket":
+            for f in found:
+                self._call("delete container", lambda f=f: self._delete_container(f.cloud_id))
         elif kind == "port":
             for f in found:
                 self._call("delete port", lambda f=f: self.conn.network.delete_port(f.cloud_id,
@@ -546,6 +655,75 @@ class ChameleonProvider:
             for f in found:
                 self._call("delete keypair", lambda f=f: self.conn.compute.delete_keypair(
                     f.name, ignore_missing=True))
+
+    def _detach(self, server_id: str, volume_id: str) -> None:
+        import contextlib
+
+        from openstack import exceptions as os_exc
+
+        with contextlib.suppress(os_exc.NotFoundException):  # the server or the attachment is gone already
+            self.conn.compute.delete_volume_attachment(server_id, volume_id, ignore_missing=True)
+
+    def _delete_container(self, name: str) -> None:
+        import contextlib
+
+        from openstack import exceptions as os_exc
+
+        with contextlib.suppress(os_exc.NotFoundException):
+            for obj in list(self.conn.object_store.objects(name)):
+                self.conn.object_store.delete_object(obj, container=name, ignore_missing=True)
+            self.conn.object_store.delete_container(name, ignore_missing=True)
+
+    def _container_meta(self, name: str) -> dict[str, str] | None:
+        """A container's labctl metadata ({} if none), or None if there is no such container."""
+        from openstack import exceptions as os_exc
+
+        def head() -> dict[str, str] | None:
+            try:
+                c = self.conn.object_store.get_container_metadata(name)
+            except os_exc.NotFoundException:
+                return None
+            return {str(k).lower(): str(v) for k, v in (c.metadata or {}).items()}
+
+        return self._call(f"get container {name}", head)
+
+    def _get_volume(self, volume_id: str) -> Any:
+        from openstack import exceptions as os_exc
+
+        try:
+            vol = self.conn.block_storage.get_volume(volume_id)
+        except os_exc.NotFoundException:
+            return None
+        return None if vol.status in ("deleted",) else vol
+
+    def _wait_volume(self, volume_id: str, done: Callable[[Any], bool], timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            vol = self._call("get volume", lambda: self._get_volume(volume_id))
+            if done(vol):
+                return
+            if vol is not None and vol.status in ("error_deleting", "error_detaching"):
+                raise CloudError(f"{self.site.name}: volume {volume_id} is in {vol.status}")
+            if time.monotonic() > deadline:
+                raise CloudError(f"{self.site.name}: volume {volume_id} still {vol.status if vol else '?'} "
+                                 f"after {timeout:.0f}s")
+            time.sleep(self.poll_interval)
+
+    def _volume_found(self, vol: Any) -> Found:
+        meta = vol.metadata or {}
+        status = {"available": "ready", "in-use": "ready", "error": "error"}.get(vol.status, "pending")
+        name = meta.get(VOLUME_NAME)
+        return Found("volume", vol.id, vol.name or "", status=status,
+                     error=f"volume went to {vol.status}" if status == "error" else None,
+                     attrs={"size_gb": vol.size, "volume_status": vol.status, "keep": meta.get(VOLUME_KEEP) == "true",
+                            **({"key": f"volume:{name}"} if name else {}),
+                            "attachments": [{"server_id": a.get("server_id"), "device": a.get("device")}
+                                            for a in vol.attachments or []]})
+
+    @staticmethod
+    def _attachment_found(name: str, server_id: str, vol: Found, device: str | None) -> Found:
+        return Found("volume_attachment", f"{server_id}/{vol.cloud_id}", name,
+                     attrs={"server_id": server_id, "volume_id": vol.cloud_id, "device": device})
 
     def _remove_interface(self, router_id: str, subnet_id: str) -> None:
         import contextlib
@@ -601,6 +779,22 @@ class ChameleonProvider:
         kp = self._call("get keypair", lambda: self.conn.compute.find_keypair(plan.deployment, ignore_missing=True))
         if kp is not None:
             owned.append(Found("keypair", kp.name, kp.name))
+        # Volumes (and their attachments) and containers: only asked for when the deployment has some, so that
+        # labs without storage cost no extra calls (and sites without the service are never asked).
+        if self.site.block_storage and (plan.by_kind("volume") or plan.by_kind("volume_attachment")):
+            for vol in self._call("list volumes", lambda: list(self.conn.block_storage.volumes(details=True))):
+                if (vol.metadata or {}).get(naming.TAG_DEPLOYMENT) != plan.deployment or vol.status in VOLUME_GONE:
+                    continue
+                found = self._volume_found(vol)
+                owned.append(found)
+                for a in found.attrs["attachments"]:
+                    owned.append(self._attachment_found(f"{vol.name}-attachment", a["server_id"], found, a["device"]))
+        if self.site.object_storage and plan.by_kind("bucket"):
+            for c in self._call("list containers", lambda: list(self.conn.object_store.containers(
+                    prefix=f"{plan.deployment}-"))):
+                meta = self._container_meta(c.name)
+                if meta is not None and meta.get(CONTAINER_DEPLOYMENT) == plan.deployment:
+                    owned.append(Found("bucket", c.name, c.name, attrs={"keep": meta.get(CONTAINER_KEEP) == "true"}))
         return owned
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:

@@ -48,10 +48,19 @@ EventCallback = Callable[[str, str, str], Any]  # (node, step name, status)
 # -- data -------------------------------------------------------------------------------------------------
 @dataclass
 class NodeTarget:
+    """A node to SSH to; `via` is the jump host when the node has no public address (then `host` is its
+    private address on a network the jump host shares, and `port` 22)."""
+
     name: str
     host: str
     port: int = 22
     user: str = DEFAULT_USER
+    via: NodeTarget | None = None
+
+    def where(self) -> str:
+        """host:port, and the jump host it is reached through."""
+        hop = f" via {self.via.user}@{self.via.host}:{self.via.port} ({self.via.name})" if self.via else ""
+        return f"{self.host}:{self.port}{hop}"
 
 
 @dataclass
@@ -148,12 +157,13 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-async def _fetch_host_key(target: NodeTarget, timeout: float):
+async def _fetch_host_key(target: NodeTarget, timeout: float, tunnel: Any = None):
     import asyncssh
 
+    hop = {"tunnel": tunnel} if tunnel is not None else {}
     key = await asyncio.wait_for(
         asyncssh.get_server_host_key(
-            target.host, target.port, config=[], server_host_key_algs=PIN_HOST_KEY_ALGS
+            target.host, target.port, config=[], server_host_key_algs=PIN_HOST_KEY_ALGS, **hop
         ),
         timeout,
     )
@@ -163,12 +173,13 @@ async def _fetch_host_key(target: NodeTarget, timeout: float):
 
 
 async def _pinned_key(target: NodeTarget, hostkeys: HostKeyStore, timeout: float,
-                      on_stage: StageCallback | None = None) -> str:
-    """The node's pinned host key; on first contact fetch it from the node and pin it (TOFU)."""
+                      on_stage: StageCallback | None = None, tunnel: Any = None) -> str:
+    """The node's pinned host key; on first contact fetch it from the node (through `tunnel`, the jump host's
+    connection, for a node behind one) and pin it (TOFU)."""
     pinned = hostkeys.get_host_key(target.name)
     if pinned:
         return pinned
-    key = await _fetch_host_key(target, timeout)
+    key = await _fetch_host_key(target, timeout, tunnel)
     line = _key_line(key)
     hostkeys.pin_host_key(target.name, target.host, target.port, line)
     if on_stage:
@@ -178,14 +189,16 @@ async def _pinned_key(target: NodeTarget, hostkeys: HostKeyStore, timeout: float
     return line
 
 
-async def _connect(target: NodeTarget, key_path: Path, pinned: str, timeout: float):
-    """An authenticated asyncssh connection that trusts only the pinned host key."""
+async def _connect(target: NodeTarget, key_path: Path, pinned: str, timeout: float, tunnel: Any = None):
+    """An authenticated asyncssh connection that trusts only the pinned host key (opened over `tunnel`, the
+    jump host's connection, when given)."""
     import asyncssh
 
     trusted = asyncssh.import_public_key(pinned)
+    hop = {"tunnel": tunnel} if tunnel is not None else {}
     try:
         return await asyncssh.connect(
-            target.host, target.port,
+            target.host, target.port, **hop,
             username=target.user,
             known_hosts=([trusted], [], []),
             client_keys=[str(key_path)],
@@ -200,21 +213,53 @@ async def _connect(target: NodeTarget, key_path: Path, pinned: str, timeout: flo
         raise HostKeyChanged(target.name, target.host, target.port) from None
 
 
+class _Jumps:
+    """One authenticated connection per jump host, shared by every node reached through it."""
+
+    def __init__(self, key_path: Path, hostkeys: HostKeyStore, on_stage: StageCallback | None = None) -> None:
+        self.key_path, self.hostkeys, self.on_stage = key_path, hostkeys, on_stage
+        self.conns: dict[str, Any] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def get(self, via: NodeTarget, timeout: float):
+        async with self.locks.setdefault(via.name, asyncio.Lock()):
+            conn = self.conns.get(via.name)
+            if conn is not None and not conn.is_closed():
+                return conn
+            pinned = await _pinned_key(via, self.hostkeys, timeout, self.on_stage)
+            conn = await _connect(via, self.key_path, pinned, timeout)
+            self.conns[via.name] = conn
+            return conn
+
+    async def close(self) -> None:
+        conns, self.conns = list(self.conns.values()), {}
+        for conn in conns:
+            conn.close()
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.wait_closed(), 5)
+
+
 # -- known_hosts / system ssh -------------------------------------------------------------------------------
 def _known_hosts_pattern(host: str, port: int) -> str:
     return host if int(port) == 22 else f"[{host}]:{port}"
 
 
 def known_hosts_file(targets: list[NodeTarget], hostkeys: HostKeyStore, path: Path) -> Path:
-    """Write an OpenSSH known_hosts file (0600) with the pinned key of every target."""
-    lines = []
-    missing = []
-    for t in targets:
+    """Write an OpenSSH known_hosts file (0600) with the pinned key of every target and of its jump host (a
+    node behind one is listed under its private address, e.g. `192.168.1.12 ssh-ed25519 ...`)."""
+    lines: list[str] = []
+    missing: list[str] = []
+    hops = [h for t in targets for h in ([t.via] if t.via else []) + [t]]
+    for t in hops:
         key = hostkeys.get_host_key(t.name)
         if not key:
-            missing.append(t.name)
+            if t.name not in missing:
+                missing.append(t.name)
             continue
-        lines.append(f"{_known_hosts_pattern(t.host, t.port)} {' '.join(key.split()[:2])}\n")
+        line = f"{_known_hosts_pattern(t.host, t.port)} {' '.join(key.split()[:2])}\n"
+        if line not in lines:
+            lines.append(line)
     if missing:
         raise SetupFailed(
             f"no pinned SSH host key for {', '.join(missing)}: labctl has not reached "
@@ -231,16 +276,17 @@ def ssh_argv(target: NodeTarget, key_path: Path, known_hosts: Path, command: lis
 
     `command` words are passed as ssh passes them: joined with spaces and run by the node's shell.
     `forwards` are local ports forwarded to the same port on the node's localhost.
+    A node behind a jump host is reached with a ProxyCommand running `ssh -W %h:%p` on the jump host with
+    the same key and known_hosts file (options given to `ssh -J` would not apply to the jump hop).
     """
-    argv = [
-        ssh, "-i", str(key_path), "-p", str(target.port),
-        "-o", f"UserKnownHostsFile={known_hosts}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "StrictHostKeyChecking=yes",
-        "-o", "UpdateHostKeys=no",
-        "-o", "IdentitiesOnly=yes",
-        "-o", "PreferredAuthentications=publickey",
-    ]
+    argv = [ssh, "-i", str(key_path), "-p", str(target.port), *_check_options(known_hosts)]
+    if target.via is not None:
+        via = target.via
+        hop = [ssh, "-i", str(key_path), "-p", str(via.port), *_check_options(known_hosts)]
+        # ssh expands %-tokens in ProxyCommand: double the ones in paths; the shell gets quoted words.
+        words = [shlex.quote(a.replace("%", "%%")) for a in hop]
+        words += ["-W", "%h:%p", shlex.quote(f"{via.user}@{via.host}")]
+        argv += ["-o", "ProxyCommand=" + " ".join(words)]
     for port in forwards:
         argv += ["-L", f"{int(port)}:localhost:{int(port)}"]
     if forwards:
@@ -249,6 +295,17 @@ def ssh_argv(target: NodeTarget, key_path: Path, known_hosts: Path, command: lis
     if command:
         argv += ["--", *command]
     return argv
+
+
+def _check_options(known_hosts: Path) -> list[str]:
+    return [
+        "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "UpdateHostKeys=no",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "PreferredAuthentications=publickey",
+    ]
 
 
 # -- waiting for SSH -------------------------------------------------------------------------------------
@@ -266,6 +323,8 @@ def _classify(exc: BaseException) -> tuple[str, str, bool]:
         return "refused", "connection refused (the node is probably still booting)", False
     if isinstance(exc, TimeoutError):
         return "timeout", "connection timed out", False
+    if isinstance(exc, asyncssh.ChannelOpenError):
+        return "refused", f"the jump host could not connect to it: {exc.reason}", False
     if isinstance(exc, asyncssh.PermissionDenied):
         return "auth", "SSH is up but refuses labctl's key (still being installed on the node?)", True
     if isinstance(exc, asyncssh.ConnectionLost):
@@ -332,8 +391,9 @@ def wait_for_ssh(targets: list[NodeTarget], key_path: Path, hostkeys: HostKeySto
 
 async def _wait_all(targets, key_path, hostkeys, timeout, on_stage, connect_timeout, state) -> None:
     deadline = time.monotonic() + timeout
+    jumps = _Jumps(key_path, hostkeys, on_stage)
     tasks = [
-        asyncio.ensure_future(_wait_one(t, key_path, hostkeys, deadline, on_stage, connect_timeout, state))
+        asyncio.ensure_future(_wait_one(t, key_path, hostkeys, deadline, on_stage, connect_timeout, state, jumps))
         for t in targets
     ]
     try:
@@ -342,6 +402,7 @@ async def _wait_all(targets, key_path, hostkeys, timeout, on_stage, connect_time
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await jumps.close()
     errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
     for kind in (HostKeyChanged, SSHBlocked):
         for exc in errors:
@@ -357,7 +418,8 @@ async def _wait_all(targets, key_path, hostkeys, timeout, on_stage, connect_time
 
 
 async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, deadline: float,
-                    on_stage: StageCallback | None, connect_timeout: float, state: _WaitState) -> str | None:
+                    on_stage: StageCallback | None, connect_timeout: float, state: _WaitState,
+                    jumps: _Jumps) -> str | None:
     """None once the node accepts us; a one-line failure when the deadline passes."""
     import asyncssh
     from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
@@ -365,7 +427,7 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
     stat = state.nodes[target.name]
     stat.started = time.monotonic()
     if on_stage:
-        on_stage(target.name, "ssh-wait", f"connecting to {target.host}:{target.port}")
+        on_stage(target.name, "ssh-wait", f"connecting to {target.where()}")
     last_detail = None
     backoff = wait_exponential(multiplier=0.2, max=5.0) + wait_random(0, 0.2)
 
@@ -373,16 +435,21 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
         nonlocal last_detail
         per_try = max(0.2, min(connect_timeout, deadline - time.monotonic()))
         stat.attempts += 1
+        tunnel = None
         try:
+            if target.via is not None:
+                tunnel = await jumps.get(target.via, per_try)
             pinned = hostkeys.get_host_key(target.name)
             if not pinned:
-                pinned = await _pinned_key(target, hostkeys, per_try, on_stage)
+                pinned = await _pinned_key(target, hostkeys, per_try, on_stage, tunnel)
                 stat.spoke_ssh = True  # the node completed a key exchange: SSH gets through
-            conn = await _connect(target, key_path, pinned, per_try)
+            conn = await _connect(target, key_path, pinned, per_try, tunnel)
         except HostKeyChanged:
             raise
         except (TimeoutError, OSError, asyncssh.Error) as exc:
             kind, detail, spoke = _classify(exc)
+            if target.via is not None and tunnel is None:
+                detail = f"jump host {target.via.name} ({target.via.host}:{target.via.port}): {detail}"
             stat.spoke_ssh = stat.spoke_ssh or spoke
             stat.only_timeouts = stat.only_timeouts and kind == "timeout"
             stat.last = detail
@@ -408,9 +475,9 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
             with try_:
                 await attempt()
     except _NotReady as exc:
-        return f"{target.name} ({target.host}:{target.port}): {exc.detail}"
+        return f"{target.name} ({target.where()}): {exc.detail}"
     if on_stage:
-        on_stage(target.name, "ssh-ready", f"{target.user}@{target.host}:{target.port}")
+        on_stage(target.name, "ssh-ready", f"{target.user}@{target.where()}")
     return None
 
 
@@ -528,6 +595,7 @@ async def _setup_all(by_name, steps, key_path, hostkeys, progress, logs, on_even
         for conn in conns.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 5)
+        await runner.jumps.close()
     return failed
 
 
@@ -541,6 +609,7 @@ class _StepRunner:
         self.on_event = on_event
         self.conns = conns
         self.connect_timeout = connect_timeout
+        self.jumps: _Jumps = _Jumps(key_path, hostkeys)
 
     def _event(self, node: str, step: str, status: str) -> None:
         if self.on_event:
@@ -553,12 +622,16 @@ class _StepRunner:
         import asyncssh
 
         target = self.by_name[node]
-        pinned = await _pinned_key(target, self.hostkeys, self.connect_timeout)
+        pinned = self.hostkeys.get_host_key(target.name)
         # A node that answered before can drop one handshake (sshd restarting, a load balancer, a listener
         # going away): try a few times before failing the step. Nothing has run yet, so this is safe.
         for attempt in range(3):
             try:
-                conn = await _connect(target, self.key_path, pinned, self.connect_timeout)
+                # A node behind a jump host: over the one shared connection to it (reopened if it died).
+                tunnel = await self.jumps.get(target.via, self.connect_timeout) if target.via else None
+                if not pinned:
+                    pinned = await _pinned_key(target, self.hostkeys, self.connect_timeout, tunnel=tunnel)
+                conn = await _connect(target, self.key_path, pinned, self.connect_timeout, tunnel)
                 break
             except HostKeyChanged:
                 raise

@@ -7,6 +7,8 @@ URL layout (PORT is ephemeral unless asked otherwise):
     http://127.0.0.1:PORT/<site>/network            Neutron    (clients append /v2.0)
     http://127.0.0.1:PORT/<site>/image              Glance     (clients append /v2)
     http://127.0.0.1:PORT/<site>/reservation/v1     Blazar
+    http://127.0.0.1:PORT/<site>/volume/v3/<project> Cinder     (kvm-tacc only: the bare-metal sites have none)
+    http://127.0.0.1:PORT/<site>/object-store/v1/AUTH_<project>  Swift (chi-tacc, chi-uc, kvm-tacc)
     http://127.0.0.1:PORT/refapi/sites.json         resource discovery (CHI_RESOURCE_API_URL=.../refapi)
 """
 
@@ -27,7 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from labctl.testbed.http import HTTPError, Request, Response
-from labctl.testbed.openstack import blazar, glance, keystone, neutron, nova, refapi
+from labctl.testbed.openstack import blazar, cinder, glance, keystone, neutron, nova, refapi, swift
 from labctl.testbed.openstack import catalog as cat
 from labctl.testbed.world import World
 
@@ -37,6 +39,8 @@ SERVICES: dict[str, ModuleType] = {
     "network": neutron,
     "image": glance,
     "reservation": blazar,
+    "volume": cinder,
+    "object-store": swift,
 }
 
 

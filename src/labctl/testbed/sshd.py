@@ -1,10 +1,13 @@
 """Real SSH for the emulated nodes.
 
 `SSHNodes(world).start()` runs an asyncio loop in a daemon thread that polls `world.ssh_targets()` and, for
-every ACTIVE server with a floating IP, serves SSH on `(address, port)` with asyncssh. Several labctl
-processes may serve the same world at once: listeners use SO_REUSEPORT and every node's host key lives in
-its directory (`<node_dir>/ssh_host_ed25519_key`, created once, race-safe), so whichever process the kernel
-hands a connection to presents the same key.
+every ACTIVE server with a floating IP, serves SSH on `(address, port)` with asyncssh. A target that also has
+an `internal_address` (a loopback address of its own) and `fixed_ips` ({network id: fixed IP}) is served
+there too: that listener is what a node sharing one of its networks reaches when a client asks it to forward
+to `<fixed IP>:22` (`ssh -J`), as on a real cloud a node without a floating IP is reached through one with.
+Several labctl processes may serve the same world at once: listeners use SO_REUSEPORT and every node's host
+key lives in its directory (`<node_dir>/ssh_host_ed25519_key`, created once, race-safe), so whichever process
+the kernel hands a connection to presents the same key.
 
 What a node offers, as a real Chameleon node would:
 
@@ -14,7 +17,8 @@ What a node offers, as a real Chameleon node would:
   with cwd and HOME `<node_dir>/home`, USER=cc, LABCTL_NODE=<name>, LABCTL_SERVER_ID=<server id>; the
   environment is otherwise minimal (PATH, LANG...), so the host's secrets do not leak into nodes;
 - SFTP (and scp) confined to `<node_dir>/home`;
-- local port forwarding (`ssh -L 8888:localhost:8888`) to the host's 127.0.0.1 only.
+- local port forwarding (`ssh -L 8888:localhost:8888`) to the host's 127.0.0.1 only, and to port 22 of a
+  node on a network this node shares (its fixed IP there, e.g. 192.168.1.12:22): the jump-host hop.
 
 When the client goes away while a command is still running, the command's process group is killed.
 Processes a command leaves running in the background (e.g. `nohup jupyter ... &`) survive the session, as
@@ -102,6 +106,7 @@ class _Node:
 
     ident: tuple
     target: dict[str, Any]
+    sshd: Any = None  # the SSHNodes serving it (resolves jump-host destinations)
     server: Any = None  # asyncssh listener
     conns: set = field(default_factory=set)
     pgids: set[int] = field(default_factory=set)
@@ -179,9 +184,14 @@ def _make_server_class():
         def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
             if dest_host in FORWARD_HOSTS:
                 return self.conn.forward_connection("127.0.0.1", dest_port)
+            sshd = self.node.sshd
+            listener = sshd.private_listener(self.node.target, dest_host, dest_port) if sshd else None
+            if listener is not None:
+                return sshd.forward_private(self.conn, listener)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                "emulated nodes forward only to 127.0.0.1 (use -L PORT:localhost:PORT)",
+                "emulated nodes forward only to 127.0.0.1 (use -L PORT:localhost:PORT) and to port 22 of "
+                "nodes on a network they share",
             )
 
         def server_requested(self, listen_host: str, listen_port: int):
@@ -202,6 +212,7 @@ class SSHNodes:
         self._nodes: dict[tuple[str, int], _Node] = {}  # by (address, port); touched only in the loop
         self._listening: set[tuple[str, int]] = set()  # read from other threads
         self._retry_at: dict[tuple[str, int], tuple[float, float]] = {}  # (when, backoff) after a bind error
+        self._targets: list[dict] = []  # the last poll's targets (for jump-host destinations)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -295,13 +306,37 @@ class SSHNodes:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
 
+    # -- jump-host hops -----------------------------------------------------------------------------
+    def private_listener(self, jump: dict, dest_host: str, dest_port: int) -> tuple[str, int] | None:
+        """The internal listener of the node at `dest_host:22` on a network `jump` is on, if any."""
+        nets = set(jump.get("fixed_ips") or {})
+        if int(dest_port) != 22 or not nets:
+            return None
+        for t in self._targets:
+            if t.get("site") != jump.get("site") or not t.get("internal_address"):
+                continue
+            if any((t.get("fixed_ips") or {}).get(net) == dest_host for net in nets):
+                return str(t["internal_address"]), int(t["port"])
+        return None
+
+    async def forward_private(self, conn, listener: tuple[str, int]):
+        # A node that just became ACTIVE may not be served yet: wait a little for its listener.
+        deadline = time.monotonic() + 5.0
+        while listener not in self.listening() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return await conn.forward_connection(*listener)
+
     async def _reconcile(self, targets: list[dict]) -> None:
+        self._targets = targets
         wanted: dict[tuple[str, int], dict] = {}
         for t in targets:
-            wanted[(str(t["address"]), int(t["port"]))] = t
+            if t.get("address"):
+                wanted[(str(t["address"]), int(t["port"]))] = t
+            if t.get("internal_address"):
+                wanted[(str(t["internal_address"]), int(t["port"]))] = t
         for key in list(self._nodes):
             t = wanted.get(key)
-            if t is None or _ident(t) != self._nodes[key].ident:
+            if t is None or _ident(t, key) != self._nodes[key].ident:
                 await self._close(key)
         now = time.monotonic()
         for key, t in wanted.items():
@@ -324,7 +359,7 @@ class SSHNodes:
     async def _open(self, key: tuple[str, int], target: dict) -> None:
         import asyncssh
 
-        node = _Node(ident=_ident(target), target=target)
+        node = _Node(ident=_ident(target, key), target=target, sshd=self)
         host_key = load_host_key(node.node_dir)
         node_home(node.node_dir)
         server_class = self._server_class
@@ -551,9 +586,8 @@ class SSHNodes:
             os.close(master)
 
 
-def _ident(target: dict) -> tuple:
-    return (str(target.get("server_id")), str(target["address"]), int(target["port"]),
-            str(target["node_dir"]))
+def _ident(target: dict, key: tuple[str, int]) -> tuple:
+    return (str(target.get("server_id")), key[0], key[1], str(target["node_dir"]))
 
 
 def _set_winsize(fd: int, size) -> None:

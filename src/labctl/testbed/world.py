@@ -463,7 +463,11 @@ class World:
             return model.inventory(db, _site_name(site), now)
 
     def ssh_targets(self) -> list[dict[str, Any]]:
-        """Every ACTIVE server with an associated floating IP, as the SSH side needs it."""
+        """Every ACTIVE server, as the SSH side needs it: `address` is its floating IP (None without one),
+        `fixed_ips` its fixed IP per network id, `internal_address` a loopback address (127.11.x.y, derived
+        from the server id) on which it is reachable only through a node that shares one of its networks."""
+        import hashlib
+
         from labctl.testbed.openstack import model
 
         self.tick()
@@ -471,7 +475,13 @@ class World:
         with self.read() as db:
             targets = model.ssh_targets(db, now)
             port = int(db.meta("ssh_port"))
-        for t in targets:
+        taken: set[str] = set()
+        for t in sorted(targets, key=lambda t: t["server_id"]):
+            n = int.from_bytes(hashlib.sha256(t["server_id"].encode()).digest()[:4], "big")
+            while (internal := f"127.11.{n // 254 % 256}.{n % 254 + 1}") in taken:
+                n += 1
+            taken.add(internal)
+            t["internal_address"] = internal
             t["port"] = port
             t["node_dir"] = self.state_dir / "nodes" / t["server_id"]
         return targets

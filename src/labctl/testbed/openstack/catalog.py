@@ -43,7 +43,9 @@ class Site:
     def services(self) -> tuple[str, ...]:
         if self.kind == "edge":
             return ("identity",)
-        return ("identity", "compute", "network", "image", "reservation")
+        base = ("identity", "compute", "network", "image", "reservation")
+        # Cinder only at KVM@TACC (bare metal has no block storage); Swift at every non-edge site.
+        return (*base, "volume", "object-store") if self.kind == "kvm" else (*base, "object-store")
 
 
 SITES: dict[str, Site] = {

@@ -34,7 +34,11 @@ SERVICE_ENDPOINTS = {  # service -> (type, name, path below the site prefix)
     "network": ("network", "neutron", "/network"),
     "image": ("image", "glance", "/image"),
     "reservation": ("reservation", "blazar", "/reservation/v1"),
+    "volume": ("block-storage", "cinder", f"/volume/v3/{cat.PROJECT_ID}"),
+    "object-store": ("object-store", "swift", f"/object-store/v1/AUTH_{cat.PROJECT_ID}"),
 }
+#: Extra catalog types for a service under another name (older clients look Cinder up as volumev3).
+SERVICE_ALIASES = {"volume": ("volumev3", "cinderv3")}
 
 
 def error_body(status: int, message: str, kind: str | None) -> dict:
@@ -67,8 +71,13 @@ def version(req: Request) -> Response:
 
 def service_catalog(site: Site, site_url: str) -> list[dict]:
     out = []
+    entries = []
     for svc in site.services:
         stype, name, path = SERVICE_ENDPOINTS[svc]
+        entries.append((stype, name, path))
+        if svc in SERVICE_ALIASES:
+            entries.append((*SERVICE_ALIASES[svc], path))
+    for stype, name, path in entries:
         out.append(
             {
                 "id": cat.stable_id(site.name, "service", stype),

@@ -23,6 +23,10 @@ BOOT_SECONDS = {"baremetal": 600.0, "kvm": 60.0}  # BUILD → ACTIVE (× time sc
 SCHEDULE_SECONDS = 5.0  # BUILD → ERROR when scheduling fails (× time scale)
 BEFORE_END_MINUTES = 60
 FIP_QUOTA = 50
+VOLUME_CREATE_SECONDS = 5.0  # creating -> available (× time scale)
+VOLUME_DELETE_SECONDS = 2.0  # deleting -> gone (× time scale)
+VOLUME_QUOTA_GB = 1000
+VOLUME_TYPE_ID = "7f3a1c2e-5b4d-4e6f-8a9b-0c1d2e3f4a5b"
 NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
 BLAZAR_DT = "%Y-%m-%dT%H:%M:%S.%f"
 BLAZAR_CREATED = "%Y-%m-%d %H:%M:%S"
@@ -948,6 +952,9 @@ def delete_lease(db, site: Site, lease: dict) -> None:
 
 def process_due(db, now: float) -> None:
     for kind, site_name, obj in db.due(now):
+        if kind == "volume" and obj.get("gone_at") is not None and now >= obj["gone_at"]:
+            db.delete("volume", site_name, obj["id"])
+            continue
         if kind != "lease":
             continue
         site = site_of(site_name)
@@ -1114,6 +1121,9 @@ def schedule(db, site: Site, server: dict, now: float) -> str | None:
 
 
 def delete_server(db, site: Site, server_id: str) -> bool:
+    for vol in db.find("volume", site.name):  # Nova detaches the server's volumes, as on a real cloud
+        if any(a["server_id"] == server_id for a in vol.get("attachments", [])):
+            detach_volume(db, site, vol, server_id)
     for port in server_ports(db, site, server_id):
         if port.get("preserve"):
             unbind_port(db, site, port)  # a port passed in at boot outlives the server, as in Nova
@@ -1126,6 +1136,74 @@ def host_id_for(server: dict) -> str:
     if not server.get("host"):
         return ""
     return hashlib.sha224(f"{PROJECT_ID}{server['host']}".encode()).hexdigest()
+
+
+# ====================================================================== volumes (Cinder) and containers (Swift)
+
+
+def volume_quota_gb(db, site: Site) -> int:
+    return int(db.setting(site.name, "quota:gigabytes", str(VOLUME_QUOTA_GB)))
+
+
+def volume_gb_used(db, site: Site) -> int:
+    return sum(int(v["size"]) for v in db.find("volume", site.name) if v.get("gone_at") is None)
+
+
+def volume_status(v: dict, now: float) -> str:
+    if v.get("gone_at") is not None:
+        return "deleting"
+    if now < v["ready_at"]:
+        return "creating"
+    return "in-use" if v.get("attachments") else "available"
+
+
+def create_volume(db, site: Site, name: str | None, size: int, metadata: dict, description: str | None,
+                  now: float, scale: float) -> dict:
+    return db.put("volume", site.name, {
+        "id": new_id(), "name": name, "size": size, "metadata": dict(metadata), "description": description,
+        "created": now, "updated": now, "ready_at": now + VOLUME_CREATE_SECONDS * scale, "attachments": [],
+    })
+
+
+def start_volume_delete(db, site: Site, v: dict, now: float, scale: float) -> None:
+    v["gone_at"] = now + VOLUME_DELETE_SECONDS * scale
+    v["t_next"] = v["gone_at"]
+    v["updated"] = now
+    db.put("volume", site.name, v)
+
+
+def attachment_view(v: dict, a: dict) -> dict:
+    """One entry of a Cinder volume's `attachments`."""
+    return {"id": v["id"], "attachment_id": a["attachment_id"], "volume_id": v["id"], "server_id": a["server_id"],
+            "host_name": None, "device": a["device"], "attached_at": iso_us(a["attached_at"])}
+
+
+def next_device(db, site: Site, server_id: str) -> str:
+    used = {a["device"] for v in db.find("volume", site.name) for a in v.get("attachments", [])
+            if a["server_id"] == server_id}
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        if f"/dev/vd{letter}" not in used:
+            return f"/dev/vd{letter}"
+    raise HTTPError(400, f"No free disk device names for instance {server_id}", "BadRequest")
+
+
+def attach_volume(db, site: Site, v: dict, server_id: str, now: float) -> dict:
+    a = {"server_id": server_id, "device": next_device(db, site, server_id), "attachment_id": new_id(),
+         "bdm_uuid": new_id(), "attached_at": now}
+    v.setdefault("attachments", []).append(a)
+    v["updated"] = now
+    db.put("volume", site.name, v)
+    return a
+
+
+def detach_volume(db, site: Site, v: dict, server_id: str) -> None:
+    v["attachments"] = [a for a in v.get("attachments", []) if a["server_id"] != server_id]
+    v["updated"] = time.time()
+    db.put("volume", site.name, v)
+
+
+def container_bytes(c: dict) -> int:
+    return sum(int(o["bytes"]) for o in c.get("objects", {}).values())
 
 
 # ====================================================================== views for the control API
@@ -1143,6 +1221,8 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
         "subnets": [],
         "routers": [],
         "ports": [],
+        "volumes": [],
+        "containers": [],
     }
     for site in sites:
         flavors = {f["id"]: f["name"] for f in all_flavors(db, site)}
@@ -1267,7 +1347,19 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
                     "type": k.get("type", "ssh"),
                 }
             )
-    for key in ("networks", "subnets", "routers", "ports"):
+        for v in db.find("volume", site.name):
+            inv["volumes"].append({
+                "id": v["id"], "name": v.get("name") or "", "site": site.name, "size": v["size"],
+                "status": volume_status(v, now), "metadata": dict(v.get("metadata") or {}),
+                "description": v.get("description") or "",
+                "attachments": [{"server_id": a["server_id"], "device": a["device"]} for a in v.get("attachments", [])],
+            })
+        for c in db.find("container", site.name):
+            inv["containers"].append({
+                "id": c["name"], "name": c["name"], "site": site.name, "metadata": dict(c.get("metadata") or {}),
+                "objects": sorted(c.get("objects", {})), "bytes": container_bytes(c),
+            })
+    for key in ("networks", "subnets", "routers", "ports", "volumes", "containers"):
         if not inv[key]:
             del inv[key]  # listed only when there are some (keeps the five-key shape of a world without them)
     return inv
@@ -1280,10 +1372,10 @@ def ssh_targets(db, now: float) -> list[dict]:
         for s in db.find("server", site.name):
             if server_status(s, now) != "ACTIVE":
                 continue
-            ports = {p["id"] for p in server_ports(db, site, s["id"])}
+            sports = server_ports(db, site, s["id"])
+            ports = {p["id"] for p in sports}
+            # No floating IP: still listed (address None), reachable only from a node on one of its networks.
             addr = next((f["address"] for f in fips if f.get("port_id") in ports), None)
-            if not addr:
-                continue
             keys = [s["key_data"].strip()] if s.get("key_data") else []
             out.append(
                 {
@@ -1292,6 +1384,7 @@ def ssh_targets(db, now: float) -> list[dict]:
                     "name": s["name"],
                     "address": addr,
                     "authorized_keys": keys,
+                    "fixed_ips": {p["network_id"]: p["fixed_ip"] for p in sports if p.get("fixed_ip")},
                 }
             )
     return out
