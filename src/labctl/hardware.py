@@ -146,14 +146,15 @@ GCP_TYPES: dict[str, InstanceType] = {t.name: t for t in (
     InstanceType("a3-highgpu-8g", 208, 1872, 8, "NVIDIA H100 80GB"),
 )}
 
-# What a profile gets on a commercial cloud when it names no types there: by GPU model, best first.
+# What a profile gets on a commercial cloud when it names no types there: by GPU model, best first. A profile
+# that accepts other GPU models (`gpu.alternatives`) gets their types after these.
 DEFAULT_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
-    "aws": {"cpu": ("t3.medium", "m5.large"), "A100": ("p4d.24xlarge", "g5.xlarge"), "H100": ("p5.48xlarge",),
-            "A10G": ("g5.xlarge", "g6.xlarge"), "L4": ("g6.xlarge", "g5.xlarge"), "T4": ("g4dn.xlarge",),
-            "V100": ("p3.2xlarge", "g5.xlarge"), "gpu": ("g5.xlarge", "g4dn.xlarge")},
-    "gcp": {"cpu": ("e2-medium", "e2-standard-2"), "A100": ("a2-highgpu-1g", "g2-standard-4"),
+    "aws": {"cpu": ("t3.medium", "m5.large"), "A100": ("p4d.24xlarge",), "H100": ("p5.48xlarge",),
+            "A10G": ("g5.xlarge",), "L4": ("g6.xlarge",), "T4": ("g4dn.xlarge",),
+            "V100": ("p3.2xlarge",), "gpu": ("g5.xlarge", "g4dn.xlarge")},
+    "gcp": {"cpu": ("e2-medium", "e2-standard-2"), "A100": ("a2-highgpu-1g", "a2-ultragpu-1g"),
             "H100": ("a3-highgpu-8g",), "L4": ("g2-standard-4",), "T4": ("n1-standard-4+t4",),
-            "A10G": ("g2-standard-4",), "gpu": ("g2-standard-4", "n1-standard-4+t4")},
+            "gpu": ("g2-standard-4", "n1-standard-4+t4")},
 }
 
 
@@ -161,11 +162,15 @@ def instance_types(provider: str) -> dict[str, InstanceType]:
     return {"aws": AWS_TYPES, "gcp": GCP_TYPES}.get(provider, {})
 
 
-def default_types(provider: str, gpu_model: str | None) -> tuple[str, ...]:
+def default_types(provider: str, gpu_models: str | list[str] | None) -> tuple[str, ...]:
+    """Instance types for a node's needs on AWS/GCP: the GPU models in order, or CPU-only types."""
     table = DEFAULT_TYPES.get(provider, {})
-    if gpu_model is None:
+    if gpu_models is None:
         return table.get("cpu", ())
-    for key, types in table.items():
-        if key not in ("cpu", "gpu") and key.lower() in gpu_model.lower():
-            return types
-    return table.get("gpu", ())
+    models = [gpu_models] if isinstance(gpu_models, str) else gpu_models
+    found: list[str] = []
+    for model in models:
+        for key, types in table.items():
+            if key not in ("cpu", "gpu") and key.lower() in model.lower():
+                found += [t for t in types if t not in found]
+    return tuple(found) or table.get("gpu", ())

@@ -104,7 +104,7 @@ def build_plan(
         if explicit or site.family not in ("aws", "gcp"):
             return tuple(explicit)
         gpu = profile.nodes[role].gpu
-        return hardware.default_types(site.family, gpu.model if gpu else None)
+        return hardware.default_types(site.family, gpu.models() if gpu else None)
 
     nodes = [
         NodePlan(

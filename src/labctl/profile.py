@@ -90,6 +90,16 @@ class Gpu(_Model):
     count: int = Field(
         1, ge=1, title="GPUs per node", description="How many GPUs each node needs (at least)."
     )
+    alternatives: list[str] = Field(
+        default_factory=list,
+        title="Acceptable fallback GPU models",
+        description="Other GPU models this lab also runs on, in order, for fallback types (e.g. [A10G, L4] "
+        "after A100 on AWS/GCP).",
+        examples=[["A10G", "L4"]],
+    )
+
+    def models(self) -> list[str]:
+        return [self.model, *self.alternatives]
 
 
 class Network(_Model):
@@ -973,7 +983,7 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
         key = next((k for k in (real, site.catalog) if k and k in group.types), site.family)
         wanted = profile.types_for(role, key, site.family)
         if not wanted and site.family in ("aws", "gcp"):
-            wanted = list(hardware.default_types(site.family, group.gpu.model if group.gpu else None))
+            wanted = list(hardware.default_types(site.family, group.gpu.models() if group.gpu else None))
         if not wanted:
             problems.append(
                 f"nodes.{role}.types: no node types for {real} (add a '{real}' or '{site.family}' key)"
@@ -1051,8 +1061,9 @@ def _check_type(
             return f"{name} has no GPU, but nodes.{role}.gpu asks for {want.count}x {want.model}"
         if item.gpus < want.count:
             return f"{name} has {item.gpus} GPU(s), but nodes.{role}.gpu asks for {want.count}"
-        if not _gpu_matches(want.model, item.gpu_model):
-            return f"{name} has {item.gpu_model} GPUs, but nodes.{role}.gpu asks for {want.model}"
+        if not any(_gpu_matches(model, item.gpu_model) for model in want.models()):
+            also = f" (or {', '.join(want.alternatives)})" if want.alternatives else ""
+            return f"{name} has {item.gpu_model} GPUs, but nodes.{role}.gpu asks for {want.model}{also}"
     return None
 
 

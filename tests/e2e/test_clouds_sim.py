@@ -85,6 +85,13 @@ def test_full_zone_moves_on_and_none_left_is_one_line(labctl_env, site, cloud, g
     run(labctl_env, "down", "gpu-a100", timeout=300)
 
     fill(labctl_env, cloud, zones, gpu_type)
+    fallback = {"aws": "g5.xlarge", "gcp": "g2-standard-4"}[cloud]  # the profile's A10G/L4 fallback type
+    moved = run(labctl_env, "up", "gpu-a100", "--site", site, timeout=300)
+    assert run_json(labctl_env, "status", "gpu-a100")["nodes"][0]["node_type"] == fallback
+    assert gpu_type in moved.stdout + moved.stderr and fallback in moved.stdout + moved.stderr
+    run(labctl_env, "down", "gpu-a100", timeout=300)
+
+    fill(labctl_env, cloud, zones, fallback)
     failed = run(labctl_env, "up", "gpu-a100", "--site", site, check=False, timeout=300)
     assert failed.returncode == 1
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
