@@ -1,0 +1,648 @@
+"""`labctl class up` for a whole class on the emulated testbed, next to a python-chi notebook loop.
+
+Provisions `--students` environments of `--lab` with labctl's class mode (in-process: `classroom.class_up`)
+against a fresh emulated site where every API call takes `--latency` realistic seconds and labctl may send
+at most `--rate` realistic calls per second, all in scaled time (`--time-scale`). Then provisions
+`--baseline-students` of them one after another with python-chi, as a course notebook loop does, on another
+fresh world, and extrapolates that linearly to `--students`. Prints, for both: wall time, the lower bound
+that the latencies and the rate limit allow, their ratio, API calls per environment and peak memory, then
+the speed-up. Tears labctl's class down with `class_down` and exits 1 if the world still holds anything of
+labctl's (or a student was not provisioned).
+
+Usage: python benchmarks/class_up.py [--students 200] [--time-scale 0.01] [--latency 0.3] [--rate 10]
+                                     [--concurrency 32] [--baseline-students 10] [--lab hello]
+                                     [--site sim:kvm@tacc] [--tracemalloc]
+
+Each run happens in a fresh interpreter of its own (this script, with `--role`), so that its peak RSS is
+its own and the two runs share no module state; the emulated testbed (HTTP APIs and SSH nodes) is served
+inside that interpreter, as `labctl class up --site sim` does. Everything listens and connects on 127.0.0.1
+only (a guard in each run refuses any other address). See benchmarks/README.md for the lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import functools
+import json
+import logging
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+COURSE = "bench"
+LABEL_DEFAULT = "other"  # requests made outside any resource's ensure / wait (auth, discovery, preflight)
+WAIT = "wait"  # status polls (shared by the whole class in labctl, per student in python-chi)
+
+
+# ================================================================================================ arguments
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--students", type=int, default=200, help="class size for labctl (default 200)")
+    p.add_argument("--time-scale", type=float, default=0.01,
+                   help="emulated seconds per realistic second (default 0.01: a 60 s boot takes 0.6 s)")
+    p.add_argument("--latency", type=float, default=0.3, help="realistic seconds per API call (default 0.3)")
+    p.add_argument("--rate", type=float, default=10.0,
+                   help="realistic API calls per second allowed per site (default 10); labctl gets rate/scale")
+    p.add_argument("--concurrency", type=int, default=32, help="labctl environments in flight (default 32)")
+    p.add_argument("--baseline-students", type=int, default=10,
+                   help="students the python-chi loop provisions; extrapolated linearly (default 10, 0 = skip)")
+    p.add_argument("--lab", default="hello", help="a single-node lab (default hello: KVM flavor lease + VM + FIP)")
+    p.add_argument("--site", default="sim:kvm@tacc", help="an emulated Chameleon site (default sim:kvm@tacc)")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="also report tracemalloc's peak (slows allocation-heavy code, so wall times grow)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (worlds, state, logs)")
+    p.add_argument("--role", choices=("labctl", "baseline"), help=argparse.SUPPRESS)
+    p.add_argument("--roster", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.students < 1 or a.baseline_students < 0 or a.time_scale <= 0 or a.rate <= 0 or a.latency < 0:
+        p.error("--students >= 1, --baseline-students >= 0, --time-scale > 0, --rate > 0, --latency >= 0")
+    if not a.site.startswith("sim:"):
+        p.error("--site must be an emulated Chameleon site, e.g. sim:kvm@tacc")
+    return a
+
+
+# ================================================================================ helpers for both runs
+def loopback_only() -> None:
+    """Refuse any connection to an address outside 127.0.0.0/8 (or to a name) in this process."""
+    import ipaddress
+
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def check(address: Any) -> None:
+        if isinstance(address, tuple) and address:
+            try:
+                ok = ipaddress.ip_address(address[0]).is_loopback
+            except ValueError:
+                ok = False
+            if not ok:
+                raise OSError(f"benchmark loopback guard: refusing to connect to {address[0]!r}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        check(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        check(address)
+        return real_connect_ex(self, address)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+
+
+class HttpCounter:
+    """Counts the HTTP requests every OpenStack client sends, by what the sending thread was doing.
+
+    openstacksdk, python-blazarclient and python-chi's clients all go through keystoneauth's
+    `Session.request`; the label is a per-thread stack set around each resource's ensure/wait.
+    """
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def install(self) -> None:
+        from keystoneauth1 import session
+
+        original = session.Session.request
+        counter = self
+
+        @functools.wraps(original)
+        def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+            stack = getattr(counter.local, "stack", None)
+            with counter.lock:
+                counter.counts[stack[-1] if stack else LABEL_DEFAULT] += 1
+            return original(self, *args, **kwargs)
+
+        session.Session.request = request
+
+    @contextlib.contextmanager
+    def label(self, name: str) -> Iterator[None]:
+        stack = self.local.__dict__.setdefault("stack", [])
+        stack.append(name)
+        try:
+            yield
+        finally:
+            stack.pop()
+
+    def wrap(self, cls: Any, method: str, name: Any) -> None:
+        """Label every request `cls.method` makes: `name` is a string or a function of the call's arguments."""
+        original = getattr(cls, method, None)
+        if original is None:
+            print(f"note: {cls.__name__}.{method} not found; its requests count as '{LABEL_DEFAULT}'",
+                  file=sys.stderr)
+            return
+        counter = self
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with counter.label(name(*args, **kwargs) if callable(name) else name):
+                return original(*args, **kwargs)
+
+        setattr(cls, method, wrapper)
+
+    def take(self) -> dict[str, int]:
+        with self.lock:
+            out = dict(self.counts)
+            self.counts.clear()
+        return out
+
+
+def peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def lab_shape(lab: str, site_name: str, scale: float) -> dict[str, Any]:
+    """What the lower bound needs from the lab's plan: its dependency levels (kinds), resources per kind,
+    the lifecycle delay of each kind at this time scale, and the node's image and types."""
+    from labctl import service
+    from labctl.plan import build_plan
+    from labctl.testbed.openstack import catalog, model
+
+    prof, site = service.load(lab, site_name)
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkKvZ0Qz2Zl7uF6yN1dYx3dQ3bVQ3bVQ3bVQ3bVQ3bV bench"
+    plan = build_plan(prof, site, "shape", key, course=COURSE)
+    real = site.stands_for or site.name
+    kind = catalog.resolve_site(real).kind  # "kvm" | "baremetal"
+    delays = {"reservation": model.LEASE_START_DELAY * scale, "server": model.BOOT_SECONDS.get(kind, 0.0) * scale}
+    levels = [sorted({r.kind for r in level}) for level in plan.levels()]
+    per_kind = Counter(r.kind for r in plan.resources)
+    skipped = [s.name for s in prof.setup if not s.safe_on_sim]
+    return {"real_site": real, "site_kind": kind, "reservation": site.reservation, "levels": levels,
+            "per_kind": dict(per_kind), "delays": delays, "nodes": len(plan.nodes),
+            "image": plan.nodes[0].image, "candidates": list(plan.nodes[0].candidates),
+            "lease_hours": prof.lease_hours, "skipped_steps": skipped, "setup_steps": len(prof.setup)}
+
+
+def configure_world(world: Any, shape: dict[str, Any], latency: float, n: int) -> None:
+    """Realistic latency on every call, and room for the whole class (a course asks Chameleon for that)."""
+    world.set_latency("*", latency)
+    real = shape["real_site"]
+    for candidate in shape["candidates"]:
+        if shape["reservation"] == "flavor":
+            world.set_flavor_slots(real, candidate, n * shape["nodes"] + 10)
+        else:
+            world.set_hosts(real, candidate, n * shape["nodes"] + 10)
+    world.set_fip_quota(real, n * shape["nodes"] + 10)
+
+
+def site_requests(world: Any) -> list[dict[str, Any]]:
+    return [r for r in world.request_log(detail=True) if r["site"] != "refapi"]
+
+
+def peak_rate(requests: list[dict[str, Any]], window: float = 1.0) -> float:
+    """Most requests within any `window` seconds of wall time, per second."""
+    ts = sorted(r["ts"] for r in requests)
+    best, lo = 0, 0
+    for hi, t in enumerate(ts):
+        while t - ts[lo] > window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best / window
+
+
+def leftovers(world: Any, site: str, marker: str) -> dict[str, list[str]]:
+    inv = world.inventory(site)
+    left: dict[str, list[str]] = {}
+    for kind, items in inv.items():
+        mine = [str(i.get("name") or i.get("id")) for i in items
+                if marker in (str(i.get("name") or "") + str(i.get("description") or ""))]
+        if mine:
+            left[kind] = mine
+    return left
+
+
+def lower_bound(shape: dict[str, Any], calls_by_label: dict[str, int], envs: int, total_requests: float,
+                latency_s: float, rate_s: float) -> dict[str, Any]:
+    """max(critical path of one environment, all requests / rate); see the README for the derivation."""
+    path, chain = 0.0, []
+    for level in shape["levels"]:
+        best_kind, best_cost, best_calls = None, -1.0, 0.0
+        for kind in level:
+            calls = calls_by_label.get(kind, 0) / envs / max(1, shape["per_kind"].get(kind, 1))
+            cost = calls * latency_s + shape["delays"].get(kind, 0.0)
+            if cost > best_cost:
+                best_kind, best_cost, best_calls = kind, cost, calls
+        path += best_cost
+        chain.append((best_kind, round(best_calls, 2), round(shape["delays"].get(best_kind, 0.0), 4)))
+    seq_calls = sum(c for _, c, _ in chain)
+    rate_term = total_requests / rate_s
+    return {"bound": max(path, rate_term), "path": path, "rate_term": rate_term, "chain": chain,
+            "sequential_calls": seq_calls, "delays": sum(d for _, _, d in chain)}
+
+
+def write_result(path: str, data: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=1, default=str))
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ======================================================================================= the labctl run
+def run_labctl(a: argparse.Namespace) -> int:
+    """Child: `class_up` for the roster on a fresh world, then `class_down`. Env vars are set by the parent."""
+    loopback_only()
+    if a.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start()
+    from labctl import classroom, service
+    from labctl.engine import Engine
+    from labctl.testbed.world import World
+
+    scale = a.time_scale
+    shape = lab_shape(a.lab, a.site, scale)
+    world = World(os.environ["LABCTL_TESTBED_DIR"])
+    configure_world(world, shape, a.latency, a.students)
+    world.clear_request_log()
+
+    counter = HttpCounter()
+    counter.install()
+    counter.wrap(Engine, "_ensure", lambda self, plan, res, *rest, **kw: res.kind)
+    counter.wrap(Engine, "_wait", WAIT)
+
+    done: list[str] = []
+    started = time.perf_counter()
+
+    def finished(result: Any) -> None:
+        done.append(result.status)
+        if len(done) % max(1, a.students // 10) == 0 or len(done) == a.students:
+            say(f"  labctl: {len(done)}/{a.students} finished ({Counter(done)}) at "
+                f"{time.perf_counter() - started:.1f} s")
+
+    ctx = service.Context.create(owner="bench")
+    opts = classroom.ClassOptions(lab=a.lab, course=COURSE, sites=[a.site], roster=Path(a.roster),
+                                  concurrency=a.concurrency, rate=a.rate / scale)
+    say(f"labctl: class up {a.lab} for {a.students} students at {a.site} (concurrency {a.concurrency}, "
+        f"rate {a.rate / scale:g}/s, latency {a.latency * scale * 1000:g} ms, time scale {scale:g})")
+    cpu0 = cpu_seconds()
+    started = time.perf_counter()
+    results = classroom.class_up(ctx, opts, classroom.ClassEvents(finished=finished))
+    wall = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu0
+    up_requests = site_requests(world)
+    by_label = counter.take()
+    statuses = Counter(r.status for r in results)
+    errors = sorted({r.error for r in results if r.error})[:5]
+    tm_peak = None
+    if a.tracemalloc:
+        import tracemalloc
+
+        tm_peak = tracemalloc.get_traced_memory()[1] / 2**20
+    rss = peak_rss_mib()
+
+    say(f"labctl: class down {a.lab} ({a.students} environments)")
+    world.clear_request_log()
+    started = time.perf_counter()
+    down = classroom.class_down(ctx, a.lab, COURSE, concurrency=a.concurrency)
+    down_wall = time.perf_counter() - started
+    down_requests = len(site_requests(world))
+    left = leftovers(world, shape["real_site"], "labctl")
+    left_state = [d.id for d in classroom.class_deployments(ctx, COURSE, a.lab)]
+    with contextlib.suppress(Exception):
+        ctx.testbed().stop()
+
+    total = len(up_requests)
+    bound = lower_bound(shape, by_label, a.students, total, a.latency * scale, a.rate / scale)
+    write_result(a.result, {
+        "who": "labctl", "students": a.students, "wall": wall, "cpu": cpu, "requests": total,
+        "requests_counted": sum(by_label.values()), "by_label": by_label, "statuses": dict(statuses),
+        "errors": errors, "peak_rss_mib": rss, "tracemalloc_peak_mib": tm_peak,
+        "peak_rate": peak_rate(up_requests), "bound": bound, "shape": shape,
+        "down_wall": down_wall, "down_requests": down_requests,
+        "down_statuses": dict(Counter(r.status for r in down)), "leftovers": left, "left_in_state": left_state,
+    })
+    return 0
+
+
+# ================================================================================ the python-chi baseline
+class ScaledTime:
+    """Stands in for the `time` module inside python-chi's modules: sleeps are scaled, the rest is `time`."""
+
+    def __init__(self, scale: float) -> None:
+        self._scale = scale
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds * self._scale)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def run_baseline(a: argparse.Namespace) -> int:
+    """Child: python-chi 1.2.10, one student after another, as a course notebook loop does."""
+    loopback_only()
+    if a.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start()
+    from labctl.testbed import Testbed
+
+    scale = a.time_scale
+    shape = lab_shape(a.lab, a.site, scale)
+    if shape["nodes"] != 1 or shape["reservation"] not in ("flavor", "host"):
+        raise SystemExit(f"the python-chi baseline supports single-node leased labs only ({a.lab} is not one)")
+    tb = Testbed.start(os.environ["LABCTL_TESTBED_DIR"], time_scale=scale, ssh=True)
+    world = tb.world
+    configure_world(world, shape, a.latency, a.baseline_students)
+    real = shape["real_site"]
+
+    os.environ["CHI_RESOURCE_API_URL"] = tb.refapi_url  # read when chi is first imported
+    # python-chi makes a neutronclient per call, which logs a deprecation warning each time.
+    logging.getLogger("neutronclient.v2_0.client").setLevel(logging.ERROR)
+    import chi
+    import chi.lease
+    import chi.network
+    import chi.server
+    import chi.util
+
+    # python-chi polls every 5 s of wall time (TimerProgressBar.wait, and a few fixed sleeps): scale them
+    # like everything else by replacing only these modules' own `time` name. Their timeouts stay unscaled.
+    for module in (chi.util, chi.lease, chi.server):
+        if hasattr(module, "time"):
+            module.time = ScaledTime(scale)
+
+    counter = HttpCounter()
+    counter.install()
+    counter.wrap(chi.lease.Lease, "wait", WAIT)
+    counter.wrap(chi.server.Server, "wait", WAIT)
+
+    env = tb.os_env(real)
+    chi.reset()
+    chi.set("auth_type", "v3applicationcredential")  # use_site() is skipped: it would look the site up online
+    chi.set("auth_url", env["OS_AUTH_URL"])
+    chi.set("region_name", env["OS_REGION_NAME"])
+    chi.set("application_credential_id", env["OS_APPLICATION_CREDENTIAL_ID"])
+    chi.set("application_credential_secret", env["OS_APPLICATION_CREDENTIAL_SECRET"])
+
+    with open(a.roster, newline="") as f:
+        students = list(csv.DictReader(f))[: a.baseline_students]
+    flavor_or_type = shape["candidates"][0]
+    made: list[tuple[Any, Any, str]] = []
+    connectivity = "checked"
+
+    def one(student: dict[str, str]) -> None:
+        nonlocal connectivity
+        sid = student["student_id"]
+        with counter.label("keypair"):
+            chi.server.update_keypair(f"chi-{sid}", public_key=student["ssh_public_key"])
+        with counter.label("reservation"):
+            lease = chi.lease.Lease(f"chi-{sid}", duration=timedelta(hours=shape["lease_hours"]))
+            if shape["reservation"] == "flavor":
+                lease.add_flavor_reservation(name=flavor_or_type, amount=1)
+            else:
+                lease.add_node_reservation(amount=1, node_type=flavor_or_type)
+            lease.submit(wait_for_active=True, idempotent=True)
+        with counter.label("server"):
+            if shape["reservation"] == "flavor":
+                rid = lease.flavor_reservations[0]["id"]
+                flavor = lease.get_reserved_flavors()[0].name  # python-chi's helper: "reservation:<id>"
+            else:
+                rid, flavor = lease.node_reservations[0]["id"], "baremetal"
+            server = chi.server.Server(f"chi-{sid}-node", reservation_id=rid, image_name=shape["image"],
+                                       key_name=f"chi-{sid}", flavor_name=flavor)
+            server.submit(show=None, wait_for_active=True, idempotent=True)
+        made.append((lease, server, sid))
+        with counter.label("floating_ip"):
+            server.associate_floating_ip()  # no argument: any unbound floating IP of the project, or a new one
+        with counter.label("connectivity"):
+            # The emulated node answers SSH on the testbed's port, not 22; python-chi can target it.
+            try:
+                server.check_connectivity(port=tb.ssh_port, show=None)
+            except Exception as exc:  # noqa: BLE001 - reported, the loop goes on as a notebook would
+                connectivity = f"failed: {exc}"
+
+    say(f"python-chi: {len(students)} students one after another at {real} (emulated)")
+    world.clear_request_log()
+    cpu0 = cpu_seconds()
+    started = time.perf_counter()
+    errors: list[str] = []
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # python-chi prints progress
+        for i, student in enumerate(students, 1):
+            try:
+                one(student)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{student['student_id']}: {exc}")
+            say(f"  python-chi: {i}/{len(students)} at {time.perf_counter() - started:.1f} s")
+    wall = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu0
+    up_requests = site_requests(world)
+    by_label = counter.take()
+    tm_peak = None
+    if a.tracemalloc:
+        import tracemalloc
+
+        tm_peak = tracemalloc.get_traced_memory()[1] / 2**20
+    rss = peak_rss_mib()
+
+    # Clean up (not timed): servers, their floating IPs, leases, key pairs.
+    conn = chi.server.connection(session=chi.server.session())
+    from blazarclient import client as blazar_client
+
+    bz = blazar_client.Client("1", session=conn.session, service_type="reservation", region_name=env["OS_REGION_NAME"])
+    ids = set()
+    for _, server, _ in made:
+        with contextlib.suppress(Exception):
+            s = conn.compute.find_server(server.name)
+            if s:
+                ids.add(s.id)
+                conn.compute.delete_server(s.id)
+    deadline = time.monotonic() + 60
+    while ids and time.monotonic() < deadline:
+        ids &= {s.id for s in conn.compute.servers()}
+        time.sleep(0.05)
+    for ip in conn.network.ips():
+        conn.network.delete_ip(ip)
+    for lease in bz.lease.list():
+        bz.lease.delete(lease["id"])
+    for kp in conn.compute.keypairs():
+        conn.compute.delete_keypair(kp)
+    left = leftovers(world, real, "chi-")
+    tb.stop()
+
+    n = len(students)
+    total = len(up_requests)
+    bound = lower_bound(shape, by_label, n, total / n * a.students, a.latency * scale, a.rate / scale)
+    write_result(a.result, {
+        "who": "python-chi", "students": n, "wall": wall, "cpu": cpu, "requests": total,
+        "requests_counted": sum(by_label.values()), "by_label": by_label, "errors": errors,
+        "peak_rss_mib": rss, "tracemalloc_peak_mib": tm_peak, "peak_rate": peak_rate(up_requests),
+        "bound": bound, "shape": shape, "connectivity": connectivity, "leftovers": left,
+    })
+    return 0
+
+
+# ================================================================================================ parent
+def make_roster(path: Path, n: int) -> None:
+    """n students with real ed25519 keys (as tests/e2e/test_class_sim.py makes them)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["student_id", "name", "email", "ssh_public_key"])
+        for i in range(n):
+            public = Ed25519PrivateKey.generate().public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+            w.writerow([f"s{i:03d}", f"Student {i}", f"s{i:03d}@uni.edu", f"{public} s{i:03d}@laptop"])
+
+
+def child_env(root: Path, name: str, scale: float) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OS_", "AWS_", "GOOGLE_", "CLOUDSDK_", "LABCTL_", "CHI_"))}
+    home = root / name / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    env.update(
+        HOME=str(home),
+        LABCTL_TESTBED_DIR=str(root / name / "testbed"),
+        LABCTL_STATE_DIR=str(root / name / "state"),
+        LABCTL_CONFIG_DIR=str(root / name / "config"),
+        LABCTL_TESTBED_TIME_SCALE=repr(scale),
+        LABCTL_OWNER="bench",
+        NO_COLOR="1",
+    )
+    return env
+
+
+def run_child(role: str, argv: list[str], root: Path, roster: Path, scale: float) -> dict[str, Any]:
+    result = root / f"{role}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--role", role, "--roster", str(roster),
+           "--result", str(result)]
+    proc = subprocess.run(cmd, env=child_env(root, role, scale), cwd=root)
+    if proc.returncode != 0 or not result.exists():
+        raise SystemExit(f"the {role} run failed (exit {proc.returncode})")
+    return json.loads(result.read_text())
+
+
+def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | None) -> None:
+    scale = a.time_scale
+    n = a.students
+    shape = lab["shape"]
+    rows = [("", "students", "wall s", "bound s", "wall/bound", "API calls/env", "peak RSS MiB", "CPU s")]
+    lb = lab["bound"]
+    rows.append(("labctl class up", f"{n}", f"{lab['wall']:.1f}", f"{lb['bound']:.2f}",
+                 f"{lab['wall'] / lb['bound']:.1f}", f"{lab['requests'] / n:.1f}", f"{lab['peak_rss_mib']:.0f}",
+                 f"{lab['cpu']:.1f}"))
+    if base:
+        m = base["students"]
+        bb = base["bound"]
+        extra = base["wall"] / m * n
+        rows.append((f"python-chi loop ({m} -> {n})", f"{n}", f"{extra:.1f}", f"{bb['bound']:.2f}",
+                     f"{extra / bb['bound']:.1f}", f"{base['requests'] / m:.1f}", f"{base['peak_rss_mib']:.0f}",
+                     f"{base['cpu'] / m * n:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    print(f"class up of lab '{a.lab}' at {a.site}: {n} students, latency {a.latency:g} s/call, rate limit "
+          f"{a.rate:g} calls/s, time scale {scale:g} (all times below are scaled wall times)")
+    for r in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    if base:
+        speedup = base["wall"] / base["students"] * n / lab["wall"]
+        print(f"speed-up (python-chi extrapolated wall / labctl wall): {speedup:.1f}x")
+        print(f"python-chi ran {base['students']} students one after another in {base['wall']:.1f} s "
+              f"({base['wall'] / base['students']:.2f} s each); its wall, CPU and bound for {n} are extrapolated "
+              "linearly (its calls per student grow with the class, see the README: this favours python-chi)")
+    print()
+    print("lower bound = max(critical path of one environment, all API calls / rate)")
+    print("  critical path = sum over the plan's dependency levels of max over the level's kinds of")
+    print("                  (calls the client sent for that kind per env x latency + lifecycle delay of the kind)")
+    for who, res, envs in (("labctl", lab, n), ("python-chi", base, n)):
+        if not res:
+            continue
+        b = res["bound"]
+        chain = " + ".join(f"{k} {c:g} calls" + (f" & {d:g} s" if d else "") for k, c, d in b["chain"])
+        print(f"  {who}: path = {b['sequential_calls']:g} sequential calls x {a.latency * scale * 1000:g} ms + "
+              f"{b['delays']:g} s of lease start & boot = {b['path']:.3f} s   [{chain}]")
+        total = res["requests"] / res["students"] * envs
+        print(f"  {who}: rate term = {total:.0f} calls / {a.rate / scale:g} per s = {b['rate_term']:.2f} s")
+    print()
+    labels = sorted(set(lab["by_label"]) | set(base["by_label"] if base else {}))
+    print("API calls per environment by what they were for (client-side count; polls = status waits):")
+    for who, res in (("labctl", lab), ("python-chi", base)):
+        if res:
+            parts = ", ".join(f"{k} {res['by_label'].get(k, 0) / res['students']:.2f}" for k in labels)
+            print(f"  {who:10} {parts}  (server log: {res['requests']} requests, client count "
+                  f"{res['requests_counted']})")
+    print()
+    print(f"labctl: {lab['statuses']}, CPU {lab['cpu']:.1f} s in {lab['wall']:.1f} s wall "
+          f"({lab['cpu'] / lab['wall']:.0%} of one core; {lab['cpu'] / max(1, lab['requests']) * 1000:.1f} ms CPU per "
+          f"API call, client and emulator together); peak API rate {lab['peak_rate'] * scale:.1f} realistic calls/s "
+          f"(limit {a.rate:g}), average {lab['requests'] / lab['wall'] * scale:.2f}")
+    if lab["errors"]:
+        print(f"labctl errors: {lab['errors']}")
+    print(f"labctl setup over SSH per student: the student's key + {shape['setup_steps']} steps of '{a.lab}'"
+          + (f", of which {', '.join(shape['skipped_steps'])} skipped on sim (would change the host)"
+             if shape["skipped_steps"] else "") + "; SSH time is not in the lower bound")
+    if base:
+        print(f"python-chi per student: key pair, lease (wait ACTIVE), server (wait ACTIVE), floating IP, TCP "
+              f"check of the emulated SSH port ({base['connectivity']}); no security group, no setup"
+              + (f"; errors: {base['errors']}" if base["errors"] else ""))
+        print("peak RSS includes the emulated testbed (HTTP APIs and SSH nodes) served in the same process"
+              + ("" if not a.tracemalloc else
+                 f"; tracemalloc peak: labctl {lab['tracemalloc_peak_mib']:.0f} MiB, "
+                 f"python-chi {base['tracemalloc_peak_mib']:.0f} MiB"))
+    print(f"labctl class down: {lab['down_statuses']} in {lab['down_wall']:.1f} s, "
+          f"{lab['down_requests'] / n:.1f} API calls per environment")
+    print(f"left in the world after class down: {lab['leftovers'] or 'nothing of labctl'}; "
+          f"in labctl's state: {lab['left_in_state'] or 'nothing'}")
+    if base and base["leftovers"]:
+        print(f"python-chi cleanup left: {base['leftovers']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.role == "labctl":
+        return run_labctl(a)
+    if a.role == "baseline":
+        return run_baseline(a)
+    passthrough = ["--students", str(a.students), "--time-scale", repr(a.time_scale), "--latency", repr(a.latency),
+                   "--rate", repr(a.rate), "--concurrency", str(a.concurrency), "--baseline-students",
+                   str(a.baseline_students), "--lab", a.lab, "--site", a.site]
+    if a.tracemalloc:
+        passthrough.append("--tracemalloc")
+    root = Path(tempfile.mkdtemp(prefix="labctl-bench-"))
+    try:
+        roster = root / "roster.csv"
+        make_roster(roster, max(a.students, a.baseline_students))
+        started = time.perf_counter()
+        lab = run_child("labctl", passthrough, root, roster, a.time_scale)
+        base = run_child("baseline", passthrough, root, roster, a.time_scale) if a.baseline_students else None
+        report(a, lab, base)
+        print(f"benchmark wall time: {time.perf_counter() - started:.0f} s")
+    finally:
+        if a.keep:
+            print(f"kept {root}")
+        else:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+    failed = lab["statuses"].get("up", 0) + lab["statuses"].get("already up", 0) != a.students
+    if lab["leftovers"] or lab["left_in_state"] or failed:
+        print("FAILED: labctl left resources behind or did not provision every student", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
