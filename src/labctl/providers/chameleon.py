@@ -106,7 +106,19 @@ class ChameleonProvider:
                 load_envvars=False,
                 app_name="labctl",
             )
+            self._limit_requests(self._conn.session)
         return self._conn
+
+    def _limit_requests(self, session: Any) -> None:
+        """Apply the client-side rate limit to every HTTP request of this adapter's own session (Nova,
+        Neutron, Glance, Blazar and Keystone all go through it), not to whole adapter calls."""
+        send = session.request
+
+        def limited(*args: Any, **kwargs: Any) -> Any:
+            self.limiter.acquire()
+            return send(*args, **kwargs)
+
+        session.request = limited
 
     @property
     def blazar(self) -> Any:
@@ -135,7 +147,6 @@ class ChameleonProvider:
             reraise=True,
         )
         def attempt() -> T:
-            self.limiter.acquire()
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - translated below, never leaks SDK types
@@ -433,8 +444,8 @@ class ChameleonProvider:
                 "max": count,
             }
         else:
-            flavor = self._call(f"find flavor {candidate}",
-                                lambda: self.conn.compute.find_flavor(candidate, ignore_missing=True))
+            flavor = self._find_one(f"flavor:{candidate}", f"find flavor {candidate}",
+                                    lambda: self.conn.compute.find_flavor(candidate, ignore_missing=True))
             if flavor is None:
                 raise UserError(f"{self.site.name}: flavor '{candidate}' does not exist at this site")
             reservation = {"resource_type": "flavor:instance", "flavor_id": flavor.id, "amount": count}
