@@ -99,12 +99,22 @@ def test_two_roles_on_the_same_address(tmp_path):
         "nodes.extra.networks[0].first_ip: extra-1 would get 192.168.1.13 on cluster, already node-3's")
 
 
-def test_networks_are_chameleon_only_for_now(tmp_path):
-    p = _load(tmp_path, PROFILE.replace("sites: [kvm@tacc]", "sites: [kvm@tacc, aws]").replace(
-        "types: {kvm@tacc: [m1.medium]}", "types: {kvm@tacc: [m1.medium], aws: [t3.medium]}"))
-    assert validate_for_site(p, sites.resolve("kvm@tacc")) == []
-    assert validate_for_site(p, sites.resolve("aws")) == [
-        "networks: private networks are not supported at aws:us-east-1 yet (Chameleon sites only)"]
+def test_networks_on_aws_and_gcp_one_per_deployment(tmp_path):
+    p = _load(tmp_path, PROFILE.replace("sites: [kvm@tacc]", "sites: [kvm@tacc, aws, gcp]").replace(
+        "types: {kvm@tacc: [m1.medium]}", "types: {kvm@tacc: [m1.medium], aws: [t3.medium], gcp: [e2-medium]}"))
+    for site in ("kvm@tacc", "aws", "aws:us-east-1a", "gcp", "gcp:us-central1"):
+        assert validate_for_site(p, sites.resolve(site)) == [], site
+    two = _load(tmp_path, PROFILE.replace("sites: [kvm@tacc]", "sites: [kvm@tacc, aws]").replace(
+        "types: {kvm@tacc: [m1.medium]}", "types: {kvm@tacc: [m1.medium], aws: [t3.medium]}").replace(
+        "networks:\n", "networks:\n  storage: {cidr: 10.9.0.0/24}\n", 1))
+    assert validate_for_site(two, sites.resolve("kvm@tacc")) == []
+    assert validate_for_site(two, sites.resolve("aws")) == [
+        "networks: aws:us-east-1 gives a deployment one private network, but this profile declares 2 "
+        "(storage, cluster)"]
+    wide = _load(tmp_path, PROFILE.replace("sites: [kvm@tacc]", "sites: [aws]").replace(
+        "types: {kvm@tacc: [m1.medium]}", "types: {aws: [t3.medium]}").replace("192.168.1.0/24", "10.0.0.0/12"))
+    assert validate_for_site(wide, sites.resolve("aws")) == ["networks.cluster.cidr: an AWS subnet is /16 to /28, "
+                                                             "not /12"]
 
 
 def test_plan_kinds_dependencies_and_teardown_order():

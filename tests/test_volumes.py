@@ -93,10 +93,13 @@ def test_sites_without_block_storage_or_object_store(tmp_path):
     assert validate_for_site(p, sites.resolve("kvm@tacc")) == []
     assert validate_for_site(p, sites.resolve("sim:kvm@tacc")) == []
     assert validate_for_site(p, sites.resolve("chi@tacc")) == [
-        "volumes.block: chi@tacc has no block storage (volumes need a KVM site such as kvm@tacc)"]
-    aws = validate_for_site(p, sites.resolve("aws"))
-    assert [x.split(":")[0] for x in aws] == ["volumes.block", "object_stores.persist"]
-    assert all("not supported yet by labctl" in x for x in aws)
+        "volumes.block: chi@tacc has no block storage (volumes need a KVM site such as kvm@tacc, or AWS / GCP)"]
+    assert validate_for_site(p, sites.resolve("aws")) == []  # EBS volume and S3 bucket
+    gcp = _load(tmp_path, **{"sites: [kvm@tacc]": "sites: [gcp]", "types: {kvm@tacc: [m1.large]}":
+                             "types: {gcp: [e2-standard-2]}"})
+    assert validate_for_site(gcp, sites.resolve("gcp")) == [
+        "object_stores.persist: labctl does not create Cloud Storage buckets (gcp:us-central1-a); object stores are "
+        "Swift containers on chi@tacc, chi@uc, kvm@tacc and S3 buckets on AWS"]
     assert sites.resolve("chi@uc").object_storage == "swift" and not sites.resolve("chi@uc").block_storage
     assert sites.resolve("kvm@tacc").block_storage and sites.resolve("kvm@tacc").object_storage == "swift"
     assert sites.resolve("chi@edge").object_storage is None and not sites.resolve("chi@edge").block_storage
@@ -106,7 +109,9 @@ def test_plan_resources_and_teardown_order(tmp_path):
     p = _load(tmp_path)
     plan = build_plan(p, sites.resolve("kvm@tacc"), "alice", "ssh-ed25519 AAAA k")
     vol, att, bucket = plan.get("volume:block"), plan.get("volume_attachment:block"), plan.get("bucket:persist")
-    assert (vol.name, vol.spec) == ("labctl-alice-vol-block", {"volume": "block", "size_gb": 2, "keep": True})
+    assert (vol.name, vol.spec) == ("labctl-alice-vol-block", {"volume": "block", "size_gb": 2, "keep": True,
+                                                                "node": "node-1", "server": "server:node-1"})
+    assert vol.depends_on == ("server:node-1",)  # a zonal volume is made in its server's zone
     assert att.depends_on == ("volume:block", "server:node-1")
     assert att.spec == {"volume": "volume:block", "server": "server:node-1", "node": "node-1",
                         "mount": "/mnt/block", "filesystem": "ext4"}
@@ -115,7 +120,9 @@ def test_plan_resources_and_teardown_order(tmp_path):
     assert teardown.index("volume_attachment") < teardown.index("server") < teardown.index("volume")
     assert teardown.index("server") < teardown.index("bucket")
     levels = [[r.key for r in level] for level in plan.levels()]
-    assert "volume:block" in levels[0] and "volume_attachment:block" in levels[-1]
+    level_of = {key: i for i, keys in enumerate(levels) for key in keys}
+    assert level_of["server:node-1"] < level_of["volume:block"] < level_of["volume_attachment:block"]
+    assert "volume_attachment:block" in levels[-1]
 
 
 def test_shipped_data_persist_profile_validates():

@@ -17,9 +17,10 @@ if TYPE_CHECKING:
 
 # Creation order; teardown runs it backwards: floating IPs, volume attachments, servers, object-store containers
 # ("bucket"), volumes, then the ports made for servers on private networks (not plan resources: the adapter makes
-# them while launching a server, `list_owned` reports them), leases, routers (their interfaces first), subnets,
-# networks, security groups, the keypair. Volumes and buckets with `keep` survive `down` (see Engine.destroy).
-KIND_ORDER = ("keypair", "secgroup", "network", "subnet", "router", "reservation", "port", "volume", "bucket",
+# them while launching a server, `list_owned` reports them), leases, security groups (before the network: an AWS
+# security group lives in the deployment's VPC), routers (their interfaces first), subnets, networks, the keypair.
+# Volumes and buckets with `keep` survive `down` (see Engine.destroy).
+KIND_ORDER = ("keypair", "network", "subnet", "router", "secgroup", "reservation", "port", "volume", "bucket",
               "server", "volume_attachment", "floating_ip")
 #: Kinds that may outlive a deployment's `down` (their spec / recorded data says keep: true).
 KEEPABLE_KINDS = ("volume", "bucket")
@@ -120,10 +121,6 @@ def build_plan(
     res = plan.resources
     res.append(Resource("keypair", "keypair", deployment, {"public_key": public_key}))
     server_deps = ["keypair"]
-    if site.security_groups:
-        rules = [{"port": p.port, "protocol": p.protocol, "cidr": p.cidr} for p in profile.port_rules()]
-        res.append(Resource("secgroup", "secgroup", deployment, {"rules": rules}))
-        server_deps.append("secgroup")
     fixed = profile.fixed_ips()
     for net_name, net in profile.networks.items():
         cidr = ipaddress.ip_network(net.cidr)
@@ -141,6 +138,15 @@ def build_plan(
                 f"router:{net_name}", "router", naming.resource_name(deployment, f"{net_name}-router"),
                 {"subnet": f"subnet:{net_name}", "external_network": site.public_network},
                 (f"subnet:{net_name}",)))
+    if site.security_groups:
+        rules = [{"port": p.port, "protocol": p.protocol, "cidr": p.cidr} for p in profile.port_rules()]
+        # On AWS and GCP the group / firewall belongs to the deployment's network, and a network without port
+        # security lets its nodes talk freely (all traffic from its CIDR), as Neutron does with port security off.
+        nets = [{"network": f"network:{n}", "cidr": net.cidr, "open": not net.port_security}
+                for n, net in profile.networks.items()]
+        res.append(Resource("secgroup", "secgroup", deployment, {"rules": rules, "networks": nets},
+                            tuple(n["network"] for n in nets)))
+        server_deps.append("secgroup")
     reservations: dict[str, str] = {}
     if site.reservation in ("host", "flavor"):
         for role, group in profile.nodes.items():
@@ -203,8 +209,11 @@ def build_plan(
                 )
             )
     for vol_name, vol in profile.volumes.items():
+        # Made once the server is up: on AWS and GCP a volume lives in one zone, and must be in its server's.
         res.append(Resource(f"volume:{vol_name}", "volume", naming.resource_name(deployment, vol_name),
-                            {"volume": vol_name, "size_gb": vol.size_gb, "keep": vol.keep}))
+                            {"volume": vol_name, "size_gb": vol.size_gb, "keep": vol.keep, "node": vol.node,
+                             "server": f"server:{vol.node}"},
+                            (f"server:{vol.node}",)))
         res.append(Resource(
             f"volume_attachment:{vol_name}", "volume_attachment",
             naming.resource_name(deployment, f"{vol_name}-attachment"),

@@ -972,8 +972,7 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
             f"lease_hours: {profile.lease_hours:g} h is longer than {real} allows "
             f"({site.max_lease_hours:g} h)"
         )
-    if profile.networks and site.provider != "chameleon":
-        problems.append(f"networks: private networks are not supported at {real} yet (Chameleon sites only)")
+    problems += _network_site_problems(profile, site, real)
     problems += _storage_site_problems(profile, site, real)
     catalog = _catalog(site)
     bare_metal = hardware.node_types(catalog)
@@ -1005,22 +1004,35 @@ def validate_for_site(profile: Profile, site: Site) -> list[str]:
     return problems
 
 
+def _network_site_problems(profile: Profile, site: Site, real: str) -> list[str]:
+    """AWS and GCP give a deployment one private network: a VPC of its own with one subnet on AWS, a network
+    with one subnetwork on GCP (an instance's network interfaces cannot span VPCs on AWS)."""
+    if not profile.networks or site.provider == "chameleon":
+        return []
+    if len(profile.networks) > 1:
+        return [f"networks: {real} gives a deployment one private network, but this profile declares "
+                f"{len(profile.networks)} ({', '.join(profile.networks)})"]
+    name, net = next(iter(profile.networks.items()))
+    prefix = ipaddress.ip_network(net.cidr).prefixlen
+    if site.family == "aws" and not 16 <= prefix <= 28:
+        return [f"networks.{name}.cidr: an AWS subnet is /16 to /28, not /{prefix}"]
+    return []
+
+
 def _storage_site_problems(profile: Profile, site: Site, real: str) -> list[str]:
     problems: list[str] = []
-    for name in profile.volumes:
-        if site.provider != "chameleon":
-            problems.append(f"volumes.{name}: block volumes at {real} are not supported yet by labctl "
-                            "(Chameleon KVM sites only, e.g. kvm@tacc)")
-        elif not getattr(site, "block_storage", False):
-            problems.append(f"volumes.{name}: {real} has no block storage (volumes need a KVM site such as kvm@tacc)")
-        break  # one line is enough: every volume has the same problem
-    for name in profile.object_stores:
-        if site.provider != "chameleon":
-            problems.append(f"object_stores.{name}: object-store containers at {real} are not supported yet by "
-                            "labctl (Chameleon sites only)")
-        elif not getattr(site, "object_storage", None):
-            problems.append(f"object_stores.{name}: {real} has no object store (use chi@tacc, chi@uc or kvm@tacc)")
-        break
+    if profile.volumes and not getattr(site, "block_storage", False):
+        name = next(iter(profile.volumes))  # one line is enough: every volume has the same problem
+        problems.append(f"volumes.{name}: {real} has no block storage (volumes need a KVM site such as kvm@tacc, "
+                        "or AWS / GCP)")
+    if profile.object_stores and not getattr(site, "object_storage", None):
+        name = next(iter(profile.object_stores))
+        if site.family == "gcp":
+            problems.append(f"object_stores.{name}: labctl does not create Cloud Storage buckets ({real}); object "
+                            "stores are Swift containers on chi@tacc, chi@uc, kvm@tacc and S3 buckets on AWS")
+        else:
+            problems.append(f"object_stores.{name}: {real} has no object store (use chi@tacc, chi@uc, kvm@tacc "
+                            "or an AWS site)")
     return problems
 
 

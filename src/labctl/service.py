@@ -7,6 +7,7 @@ calls these and renders what they return; nothing here prints.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,15 +145,18 @@ def volume_steps(the_plan: Any, found: dict[str, Any]) -> tuple[ExtraStep, ...]:
         if f is None:
             continue
         spec = res.spec
-        device = f.attrs.get("device") or "/dev/vdb"
         volume_id = f.attrs.get("volume_id") or ""
+        # Stable names first: the adapter's (AWS NVMe / GCP by-id links), else virtio's (the first 20 characters of
+        # the volume id); the device the cloud reports (Nova's /dev/vdb) is only a hint.
+        paths = list(f.attrs.get("device_paths") or [f"/dev/disk/by-id/virtio-{volume_id[:20]}"])
+        paths.append(f.attrs.get("device") or "/dev/vdb")
         mount = spec["mount"]
         fs = spec["filesystem"]
-        # The device Nova reports is a hint; virtio names the disk by the first 20 characters of the volume id.
         command = "\n".join([
             "set -eu",
-            f"DEV=/dev/disk/by-id/virtio-{volume_id[:20]}",
-            f'[ -e "$DEV" ] || DEV={device}',
+            "DEV=",
+            f'for d in {" ".join(shlex.quote(p) for p in paths)}; do [ -e "$d" ] && {{ DEV=$d; break; }}; done',
+            f'[ -n "$DEV" ] || {{ echo "volume {volume_id} is not attached here" >&2; exit 1; }}',
             f'sudo blkid "$DEV" >/dev/null || sudo mkfs.{fs} -q "$DEV"',
             f"sudo mkdir -p {mount}",
             f"mountpoint -q {mount} || sudo mount \"$DEV\" {mount}",

@@ -118,7 +118,8 @@ def _commercial(name: str) -> Site | None:
         region, zone = m.group("region"), (where if m.group("zone") else None)
         return Site(name=name, provider="aws", family="aws", region=region, auth_url="", reservation="none",
                     ssh_user="ubuntu", network="", public_network="", security_groups=True,
-                    images=CLOUD_IMAGES, catalog="aws", zone=zone, block_storage=True)
+                    images=CLOUD_IMAGES, catalog="aws", zone=zone, block_storage=True,
+                    object_storage="s3")
     if provider == "gcp" and (m := _GCP_ZONE.match(where)):
         region, zone = m.group("region"), (where if m.group("zone") else None)
         return Site(name=name, provider="gcp", family="gcp", region=region, auth_url="", reservation="none",
