@@ -85,6 +85,9 @@ class ChameleonProvider:
         # Polls share one list call per round across all deployments on this site (class mode).
         self._server_list = Snapshot(self.poll_interval * 0.9)
         self._lease_list = Snapshot(self.poll_interval * 0.9)
+        # What `find` just said about a resource, for the `create` the engine calls right after it in the same
+        # thread (so create does not list again what find listed). Taken once; a missing entry means "look".
+        self._just_found: dict[tuple[str, str], Found | None] = {}
 
     def set_rate_limit(self, calls_per_second: float | None) -> None:
         self.limiter = RateLimiter(calls_per_second)
@@ -218,10 +221,31 @@ class ChameleonProvider:
     # -- find -------------------------------------------------------------------------------------
     def find(self, res: Resource, plan: Plan) -> Found | None:
         finder = getattr(self, f"_find_{res.kind}")
-        return finder(res, plan)
+        found = finder(res, plan)
+        self._just_found[(plan.deployment, res.key)] = found
+        return found
+
+    def _found_before_create(self, res: Resource, plan: Plan) -> Found | None:
+        """What `find` said just before this create, else a fresh look."""
+        key = (plan.deployment, res.key)
+        if key in self._just_found:
+            return self._just_found.pop(key)
+        return getattr(self, f"_find_{res.kind}")(res, plan)
+
+    def _get_keypair(self, name: str) -> Any:
+        """One GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404)."""
+        from openstack import exceptions as os_exc
+
+        def get() -> Any:
+            try:
+                return self.conn.compute.get_keypair(name)
+            except os_exc.NotFoundException:
+                return None
+
+        return self._call("get keypair", get)
 
     def _find_keypair(self, res: Resource, plan: Plan) -> Found | None:
-        kp = self._call("get keypair", lambda: self.conn.compute.find_keypair(res.name, ignore_missing=True))
+        kp = self._get_keypair(res.name)
         if kp is None:
             return None
         if kp.public_key and kp.public_key.split()[:2] != res.spec["public_key"].split()[:2]:
@@ -329,14 +353,21 @@ class ChameleonProvider:
         return creator(res, plan, deps, candidate)
 
     def _create_keypair(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-        self._call("delete stale keypair",
-                   lambda: self.conn.compute.delete_keypair(res.name, ignore_missing=True))
-        self._call("create keypair", lambda: self.conn.compute.create_keypair(
-            name=res.name, public_key=res.spec["public_key"]))
+        if self._found_before_create(res, plan) is not None:  # another key under this name: replace it
+            self._call("delete stale keypair",
+                       lambda: self.conn.compute.delete_keypair(res.name, ignore_missing=True))
+        try:
+            self._call("create keypair", lambda: self.conn.compute.create_keypair(
+                name=res.name, public_key=res.spec["public_key"]))
+        except CloudError as exc:
+            # 409: made by a retry after a lost answer or by a concurrent run. Fine if it holds this key.
+            again = self._find_keypair(res, plan) if "409" in str(exc) or "exists" in str(exc) else None
+            if again is None or again.status != "ready":
+                raise
         return Found("keypair", res.name, res.name)
 
     def _create_secgroup(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-        existing = self._find_secgroup(res, plan)
+        existing = self._found_before_create(res, plan)
         if existing is None:
             sg = self._call("create security group", lambda: self.conn.network.create_security_group(
                 name=res.name, description=_description(plan.deployment)))
@@ -522,17 +553,19 @@ class ChameleonProvider:
                             _c: str | None) -> Found:
         node = res.spec["node"]
         server = deps[res.spec["server"]]
-        found = self._find_floating_ip(res, plan)
-        if found is None:
-            ip = self._call(f"allocate floating IP for {node}", lambda: self.conn.network.create_ip(
-                floating_network_id=self._public_network().id, description=_description(plan.deployment, node)))
-            found = Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
+        found = self._found_before_create(res, plan)
         ports = self._call(f"find port of {node}", lambda: list(self.conn.network.ports(
             device_id=server.cloud_id, network_id=self._network().id)))
         if not ports:
             raise CloudError(f"{self.site.name}: server of {node} has no port to attach a floating IP to")
-        self._call(f"attach floating IP to {node}",
-                   lambda: self.conn.network.update_ip(found.cloud_id, port_id=ports[0].id))
+        if found is None:  # allocated and attached in one request
+            ip = self._call(f"allocate floating IP for {node}", lambda: self.conn.network.create_ip(
+                floating_network_id=self._public_network().id, description=_description(plan.deployment, node),
+                port_id=ports[0].id))
+            found = Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
+        else:
+            self._call(f"attach floating IP to {node}",
+                       lambda: self.conn.network.update_ip(found.cloud_id, port_id=ports[0].id))
         found.status = "ready"
         found.attrs["port_id"] = ports[0].id
         return found
@@ -787,7 +820,7 @@ class ChameleonProvider:
             for item in self._call(f"list {kind}s", lambda lister=lister: list(lister())):
                 if _deployment_of(item.description) == plan.deployment:
                     owned.append(Found(kind, item.id, item.name or ""))
-        kp = self._call("get keypair", lambda: self.conn.compute.find_keypair(plan.deployment, ignore_missing=True))
+        kp = self._get_keypair(plan.deployment)
         if kp is not None:
             owned.append(Found("keypair", kp.name, kp.name))
         # Volumes (and their attachments) and containers: only asked for when the deployment has some, so that
