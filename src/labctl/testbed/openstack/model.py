@@ -134,7 +134,7 @@ def add_rule(db, site: Site, sg: dict, body: dict) -> dict:
 
 
 def sg_rules(db, site: Site, sg_id: str) -> list[dict]:
-    return [r for r in db.find("sgrule", site.name) if r["security_group_id"] == sg_id]
+    return db.find("sgrule", site.name, security_group_id=sg_id)
 
 
 def find_security_group(db, site: Site, ref: str) -> dict | None:

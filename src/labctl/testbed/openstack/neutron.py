@@ -199,6 +199,18 @@ def _fields(req: Request, item: dict) -> dict:
     return {k: v for k, v in item.items() if k in fields} if fields else item
 
 
+def _rows(db, req: Request, kind: str, *fields: str) -> list[dict]:
+    """Stored objects of `kind`, narrowed in SQLite by the query's single, non-empty values of `fields` (fields
+    stored as the view shows them), so a filtered list does not build a view of every object; `listing` still
+    applies every filter to the views."""
+    equal = {}
+    for field in fields:
+        values = req.query.get(field) or []
+        if len(values) == 1 and values[0]:
+            equal[field] = values[0]
+    return db.find(kind, req.site.name, **equal)
+
+
 def _std(obj: dict, project: str = PROJECT_ID) -> dict:
     return {
         "tenant_id": project,
@@ -732,7 +744,7 @@ def port_view(site: Site, p: dict) -> dict:
 @router.route("GET", "/v2.0/ports")
 def list_ports(req: Request) -> Response:
     with req.world.read() as db:
-        ports = [port_view(req.site, p) for p in db.find("port", req.site.name)]
+        ports = [port_view(req.site, p) for p in _rows(db, req, "port", "device_id", "network_id")]
     return listing(req, ports, "ports")
 
 
@@ -900,7 +912,7 @@ def _get_fip(db, req: Request) -> dict:
 @router.route("GET", "/v2.0/floatingips")
 def list_fips(req: Request) -> Response:
     with req.world.read() as db:
-        fips = [fip_view(db, req.site, f) for f in db.find("fip", req.site.name)]
+        fips = [fip_view(db, req.site, f) for f in _rows(db, req, "fip", "description", "port_id")]
     return listing(req, fips, "floatingips")
 
 
@@ -994,8 +1006,10 @@ def rule_view(r: dict, default_sg: bool) -> dict:
     }
 
 
-def sg_view(db, site: Site, g: dict) -> dict:
-    rules = [rule_view(r, g.get("default", False)) for r in model.sg_rules(db, site, g["id"])]
+def sg_view(db, site: Site, g: dict, rules_of: dict[str, list[dict]] | None = None) -> dict:
+    """A group as Neutron shows it; `rules_of` (group id -> rules) when rendering many groups at once."""
+    raw = rules_of.get(g["id"], []) if rules_of is not None else model.sg_rules(db, site, g["id"])
+    rules = [rule_view(r, g.get("default", False)) for r in raw]
     return {
         "id": g["id"],
         "name": g["name"],
@@ -1017,7 +1031,12 @@ def _get_sg(db, req: Request, ref: str | None = None) -> dict:
 @router.route("GET", "/v2.0/security-groups")
 def list_sgs(req: Request) -> Response:
     with req.world.read() as db:
-        groups = [sg_view(db, req.site, g) for g in db.find("secgroup", req.site.name)]
+        # Narrow by name in SQLite first (labctl and python-chi look groups up by name), then build the views.
+        rows = _rows(db, req, "secgroup", "name")
+        rules_of: dict[str, list[dict]] = {}
+        for r in db.find("sgrule", req.site.name) if len(rows) > 1 else []:
+            rules_of.setdefault(r["security_group_id"], []).append(r)
+        groups = [sg_view(db, req.site, g, rules_of if len(rows) > 1 else None) for g in rows]
     return listing(req, groups, "security_groups")
 
 
