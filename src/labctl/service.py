@@ -354,8 +354,21 @@ def statuses(ctx: Context) -> list[Status]:
 
 
 # -- ssh ------------------------------------------------------------------------------------------
+def parse_forward(text: str) -> tuple[int, int]:
+    """`8888` (the same port here and on the node) or `18888:8888` (local:remote), as `labctl ssh --forward`."""
+    local, _, remote = text.partition(":")
+    try:
+        ports = (int(local), int(remote or local))
+    except ValueError:
+        ports = (0, 0)
+    if not all(0 < p < 65536 for p in ports):
+        raise UserError(f"--forward {text}: expected PORT or LOCAL:REMOTE, ports 1-65535 (e.g. 8888 or 18888:8888)")
+    return ports
+
+
 def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str] | None,
-             forwards: list[int]) -> list[str]:
+             forwards: list[str]) -> list[str]:
+    ports = [parse_forward(f) for f in forwards]  # bad input fails before any lookup
     from labctl.keys import ensure_keypair
     from labctl.runner.ssh import known_hosts_file
     from labctl.runner.ssh import ssh_argv as build_argv
@@ -392,7 +405,7 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
                              "was its server deleted or its lease ended? see 'labctl status'") from exc
     known = known_hosts_file([target], view, ctx.store.dir / "known_hosts" / f"{dep.id}")
     key = ensure_keypair(ctx.store.keys_dir)
-    return build_argv(target, key.private_path, known, command or None, forwards)
+    return build_argv(target, key.private_path, known, command or None, ports)
 
 
 # -- extend / down --------------------------------------------------------------------------------

@@ -176,3 +176,52 @@ def test_sigkill_during_setup_then_resume(labctl_env, tmp_path):
 def test_status_json_is_plain_json(labctl_env):
     proc = run(labctl_env, "status", "--json")
     assert json.loads(proc.stdout) == []
+
+
+def test_ssh_forward_carries_a_port_to_the_node(labctl_env):
+    """`labctl ssh LAB --forward LOCAL:REMOTE` forwards through the real SSH session to the node's localhost
+    (an emulated node's localhost is this host's loopback, where a stand-in for the lab's web UI listens)."""
+    import http.server
+    import socket
+    import threading
+    import time
+    import urllib.request
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = b"the node's web UI"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote = server.server_address[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        local = s.getsockname()[1]
+    run(labctl_env, "up", "hello", "--site", "sim")
+    bad = run(labctl_env, "ssh", "hello", "--forward", "88x", check=False)
+    assert bad.returncode == 2 and "--forward 88x: expected PORT or LOCAL:REMOTE" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    proc = start(labctl_env, "ssh", "hello", "--forward", f"{local}:{remote}", "--", "sleep", "60")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{local}/", timeout=5) as answer:
+                    assert answer.read() == b"the node's web UI"
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the forward never came up"
+                time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+        server.shutdown()
+    run(labctl_env, "down", "hello")

@@ -51,12 +51,12 @@ def test_ssh_argv_and_known_hosts_format(tmp_path, mem_store):
     path = known_hosts_file(targets, store, tmp_path / "kh")
     assert path.read_text() == "10.0.0.1 ssh-ed25519 AAAAkeyA\n[127.10.1.11]:2222 ssh-ed25519 AAAAkeyB\n"
     assert path.stat().st_mode & 0o777 == 0o600
-    argv = ssh_argv(targets[1], Path("/k"), path, forwards=[8888])
+    argv = ssh_argv(targets[1], Path("/k"), path, forwards=[(8888, 8888), (18888, 8000)])
     assert argv[0] == "ssh" and argv[-1] == "cc@127.10.1.11"
     for opt in ("StrictHostKeyChecking=yes", "IdentitiesOnly=yes", f"UserKnownHostsFile={path}"):
         assert opt in argv
     assert argv[1:3] == ["-i", "/k"] and argv[3:5] == ["-p", "2222"]
-    assert "8888:localhost:8888" in argv
+    assert "127.0.0.1:8888:localhost:8888" in argv and "127.0.0.1:18888:localhost:8000" in argv
     with pytest.raises(SetupFailed, match="no pinned SSH host key for c"):
         known_hosts_file([NodeTarget("c", "h", 22, "cc")], store, tmp_path / "kh2")
 

@@ -159,8 +159,9 @@ def status(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def ssh(
     words: Annotated[list[str] | None, typer.Argument(help="[LAB] [NODE] [-- COMMAND...]", show_default=False)] = None,
-    forward: Annotated[list[int] | None, typer.Option("--forward", "-L",
-                                                        help="Forward a port to the node's localhost.")] = None,
+    forward: Annotated[list[str] | None, typer.Option(
+        "--forward", "-L", metavar="PORT|LOCAL:REMOTE",
+        help="Forward 127.0.0.1:LOCAL here to the node's localhost:REMOTE (PORT: the same on both).")] = None,
     owner: OwnerOpt = None,
 ) -> None:
     """Open a shell on a node, or run a command after `--`, with the pinned host key.
@@ -168,7 +169,8 @@ def ssh(
     Examples:\n
       labctl ssh hello\n
       labctl ssh hello node-1 -- uname -a\n
-      labctl ssh gpu-a100 --forward 8888
+      labctl ssh gpu-a100 --forward 8888\n
+      labctl ssh gpu-a100 --forward 18888:8888   (local 18888 -> the node's 8888)
     """
     import subprocess
 

@@ -271,11 +271,11 @@ def known_hosts_file(targets: list[NodeTarget], hostkeys: HostKeyStore, path: Pa
 
 
 def ssh_argv(target: NodeTarget, key_path: Path, known_hosts: Path, command: list[str] | None = None,
-             forwards: Sequence[int] = (), ssh: str = "ssh") -> list[str]:
+             forwards: Sequence[tuple[int, int]] = (), ssh: str = "ssh") -> list[str]:
     """argv for the system OpenSSH client, checking the host key against `known_hosts` only.
 
     `command` words are passed as ssh passes them: joined with spaces and run by the node's shell.
-    `forwards` are local ports forwarded to the same port on the node's localhost.
+    `forwards` are (local port, port on the node's localhost) pairs; the local end listens on 127.0.0.1 only.
     A node behind a jump host is reached with a ProxyCommand running `ssh -W %h:%p` on the jump host with
     the same key and known_hosts file (options given to `ssh -J` would not apply to the jump hop).
     """
@@ -287,8 +287,8 @@ def ssh_argv(target: NodeTarget, key_path: Path, known_hosts: Path, command: lis
         words = [shlex.quote(a.replace("%", "%%")) for a in hop]
         words += ["-W", "%h:%p", shlex.quote(f"{via.user}@{via.host}")]
         argv += ["-o", "ProxyCommand=" + " ".join(words)]
-    for port in forwards:
-        argv += ["-L", f"{int(port)}:localhost:{int(port)}"]
+    for local, remote in forwards:
+        argv += ["-L", f"127.0.0.1:{int(local)}:localhost:{int(remote)}"]
     if forwards:
         argv += ["-o", "ExitOnForwardFailure=yes"]
     argv.append(f"{target.user}@{target.host}")
