@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tests import profile_text
 
 from labctl import sites
 from labctl.errors import ProfileError
@@ -32,16 +32,8 @@ outputs:
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_user_sites(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LABCTL_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
-
-
 def _load(tmp_path: Path, text: str):
-    path = tmp_path / "profiles" / "net.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return load_profile(path)
+    return profile_text.load(tmp_path, text, "net")
 
 
 def test_floating_ip_first_only_the_roles_first_node(tmp_path):

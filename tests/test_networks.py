@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
+from tests import profile_text
 
 from labctl import sites
 from labctl.errors import ProfileError
@@ -28,27 +28,12 @@ nodes:
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_user_sites(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LABCTL_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
-
-
 def _load(tmp_path: Path, text: str = PROFILE, **replace: str):
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / "profiles" / "net.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return load_profile(path)
+    return profile_text.load(tmp_path, text, "net", **replace)
 
 
 def _error(tmp_path: Path, **replace: str) -> str:
-    with pytest.raises(ProfileError) as exc:
-        _load(tmp_path, **replace)
-    message = str(exc.value)
-    assert "\n" not in message and "profiles/net.yaml: " in message
-    return message.split("net.yaml: ", 1)[1]
+    return profile_text.error(tmp_path, PROFILE, "net", **replace)
 
 
 def test_fixed_addresses_count_up_from_first_ip(tmp_path):

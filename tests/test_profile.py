@@ -27,11 +27,6 @@ BAD = Path(__file__).parent / "data" / "bad_profiles"
 SHIPPED = sorted(p.stem for p in shipped_profiles_dir().glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _no_user_sites(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LABCTL_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
-
-
 def _profile(**changes: object) -> Profile:
     data: dict[str, object] = {
         "name": "lab",

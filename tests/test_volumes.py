@@ -3,15 +3,14 @@ keep-on-down policy."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
+from tests import profile_text
 from tests.test_engine import FakeSite, MemoryCloud
 
 from labctl import sites
 from labctl.engine import Engine
-from labctl.errors import ProfileError
 from labctl.plan import KIND_ORDER, NodePlan, Plan, Resource, build_plan
 from labctl.profile import find_profile, load_profile, validate_for_site
 from labctl.providers.base import Found
@@ -34,27 +33,12 @@ object_stores:
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_user_sites(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LABCTL_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
-
-
 def _load(tmp_path: Path, text: str = PROFILE, **replace: str):
-    for old, new in replace.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / "profiles" / "vol.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return load_profile(path)
+    return profile_text.load(tmp_path, text, "vol", **replace)
 
 
 def _error(tmp_path: Path, **replace: str) -> str:
-    with pytest.raises(ProfileError) as exc:
-        _load(tmp_path, **replace)
-    message = str(exc.value)
-    assert "\n" not in message and "profiles/vol.yaml: " in message
-    return message.split("vol.yaml: ", 1)[1]
+    return profile_text.error(tmp_path, PROFILE, "vol", **replace)
 
 
 def test_defaults(tmp_path):
