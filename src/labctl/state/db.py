@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from labctl.errors import UserError
+from labctl.writer_locks import writer_lock
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 T = TypeVar("T")
@@ -177,6 +178,10 @@ class Database(ABC):
     @abstractmethod
     def _begin(self, conn: Any, serialize: str | None) -> None: ...
 
+    def _write_guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Held around a write transaction (SQLite: this process's writers queue on a lock)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def _execute(self, conn: Any, sql: str, args: tuple | list) -> Any: ...
 
@@ -253,6 +258,7 @@ class Database(ABC):
     def tx(self, serialize: str | None = None) -> Iterator[Tx]:
         """A write transaction. `serialize` names a key that orders such transactions on every backend."""
         with contextlib.ExitStack() as stack:
+            stack.enter_context(self._write_guard())
             conn, _ = self._borrow(stack, lambda conn: self._begin(conn, serialize))
             try:
                 yield Tx(self, conn)
@@ -329,6 +335,9 @@ class SqliteDatabase(Database):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
+
+    def _write_guard(self) -> contextlib.AbstractContextManager[Any]:
+        return writer_lock(self.path)
 
     def _begin(self, conn: sqlite3.Connection, serialize: str | None) -> None:
         conn.execute("BEGIN IMMEDIATE")  # the write lock up front: no upgrade deadlocks, FOR UPDATE implied

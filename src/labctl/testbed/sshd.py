@@ -285,7 +285,9 @@ class SSHNodes:
         try:
             while not self._stopping.is_set():
                 try:
-                    targets = list(self.world.ssh_targets())
+                    # Off the event loop: a world's query takes a while, and every SSH session waits on this loop.
+                    targets = await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: list(self.world.ssh_targets()))
                     if self.port:
                         targets = [{**t, "port": self.port} for t in targets]
                 except Exception:

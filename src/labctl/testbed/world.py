@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from labctl.writer_locks import writer_lock
+
 DEFAULT_TIME_SCALE = 0.01
 REQUEST_LOG_MAX = 100_000
 FAULT_KINDS = ("error500", "error429", "server_error_state", "hang_after", "timeout_after")
@@ -229,23 +231,25 @@ class World:
             finally:
                 self._local.depth -= 1
             return
-        for attempt in range(50):
+        writer = writer_lock(self.db_path) if mode != "DEFERRED" else contextlib.nullcontext()
+        with writer:
+            for attempt in range(50):
+                try:
+                    conn.execute(f"BEGIN {mode}")
+                    break
+                except sqlite3.OperationalError as e:  # "database is locked" beyond busy_timeout, rare
+                    if "locked" not in str(e) or attempt == 49:
+                        raise
+                    time.sleep(0.05)
+            self._local.depth = 1
             try:
-                conn.execute(f"BEGIN {mode}")
-                break
-            except sqlite3.OperationalError as e:  # "database is locked" beyond busy_timeout, rare
-                if "locked" not in str(e) or attempt == 49:
-                    raise
-                time.sleep(0.05)
-        self._local.depth = 1
-        try:
-            yield Db(conn)
-        except BaseException:
+                yield Db(conn)
+            except BaseException:
+                self._local.depth = 0
+                conn.execute("ROLLBACK")
+                raise
             self._local.depth = 0
-            conn.execute("ROLLBACK")
-            raise
-        self._local.depth = 0
-        conn.execute("COMMIT")
+            conn.execute("COMMIT")
 
     def tx(self):
         """A write transaction (`BEGIN IMMEDIATE`): `with world.tx() as db: ...`."""

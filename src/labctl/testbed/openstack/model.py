@@ -198,7 +198,10 @@ def create_port(
 
 def server_ports(db, site: Site, server_id: str) -> list[dict]:
     """The server's ports in the order they were attached (the order of the boot request's networks)."""
-    ports = [p for p in db.find("port", site.name) if p["device_id"] == server_id]
+    return _attach_order(db.find("port", site.name, device_id=server_id))
+
+
+def _attach_order(ports: list[dict]) -> list[dict]:
     return sorted(ports, key=lambda p: (p.get("bound_at") or p.get("created", 0)))
 
 
@@ -1368,14 +1371,20 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
 def ssh_targets(db, now: float) -> list[dict]:
     out = []
     for site in SITES.values():
-        fips = db.find("fip", site.name)
+        # One read of each kind, grouped here: this runs every poll of the SSH side, for every server.
+        fip_of_port: dict[str, str] = {}
+        for f in db.find("fip", site.name):
+            if f.get("port_id"):
+                fip_of_port.setdefault(f["port_id"], f["address"])
+        ports_of: dict[str, list[dict]] = {}
+        for p in db.find("port", site.name):
+            ports_of.setdefault(p["device_id"], []).append(p)
         for s in db.find("server", site.name):
             if server_status(s, now) != "ACTIVE":
                 continue
-            sports = server_ports(db, site, s["id"])
-            ports = {p["id"] for p in sports}
+            sports = _attach_order(ports_of.get(s["id"], []))
             # No floating IP: still listed (address None), reachable only from a node on one of its networks.
-            addr = next((f["address"] for f in fips if f.get("port_id") in ports), None)
+            addr = next((fip_of_port[p["id"]] for p in sports if p["id"] in fip_of_port), None)
             keys = [s["key_data"].strip()] if s.get("key_data") else []
             out.append(
                 {
