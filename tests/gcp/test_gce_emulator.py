@@ -356,12 +356,18 @@ def test_ssh_targets_inventory_and_ssh_port(emu, clients, tmp_path):
     wait_zone(clients, insert(clients, instance_body("ssh-1")))
     wait_zone(clients, insert(clients, instance_body("no-ip", external=False)))
     time.sleep(0.1)
-    targets = emu.world.ssh_targets()
-    assert len(targets) == 1
-    t = targets[0]
-    assert t["name"] == "ssh-1" and t["address"].startswith("127.30.") and t["port"] == emu.world.ssh_port
+    targets = {t["name"]: t for t in emu.world.ssh_targets()}
+    assert sorted(targets) == ["no-ip", "ssh-1"]  # without an external IP too: reached through a jump host
+    t = targets["ssh-1"]
+    assert t["address"].startswith("127.30.") and t["port"] == emu.world.ssh_port
     assert t["authorized_keys"] == [SSH_KEY] and t["user"] == "labctl"
     assert t["node_dir"] == tmp_path / "testbed" / "nodes" / t["server_id"]
+    assert targets["no-ip"]["address"] is None
+    internal = {t["internal_address"] for t in targets.values()}
+    assert len(internal) == 2 and all(a.startswith("127.13.") for a in internal)
+    default = f"projects/{emu.project}/global/networks/default"
+    assert all(list(t["fixed_ips"]) == [default] and t["fixed_ips"][default].startswith("10.128.")
+               for t in targets.values())
     inv = emu.world.inventory()["instances"]
     assert {i["name"]: i["external_ip"] is not None for i in inv} == {"ssh-1": True, "no-ip": False}
     # the SSH port is chosen once, when the world is created

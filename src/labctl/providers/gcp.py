@@ -14,6 +14,18 @@ How labctl's plan maps onto Compute Engine:
   insert that is retried after a timeout returns the first operation instead of making a second instance.
 - `floating_ip`: a static regional address named after the node and labelled; the instance's ephemeral
   address is promoted in place (same IP), or the address is put into the instance's access config.
+- `network` / `subnet`: a custom-mode VPC network (`autoCreateSubnetworks: false`) and one subnetwork in the
+  site's region (`ipCidrRange` = the profile's cidr; Compute Engine sets the gateway to its first host). Networks
+  and subnetworks have no labels: the deployment id is in the description, as for firewalls. A node on the
+  network has its one interface there, with `networkIP` = its fixed IP, and keeps an ephemeral external address
+  (outbound traffic, as on Chameleon's shared network); `attrs["private_ips"]` = {network name: networkIP}.
+- `router`: nothing to make (a VPC network has a default route to the internet); a ready Found, delete is a no-op.
+- `secgroup` with private networks: the firewalls go on the deployment's network, plus one per network without
+  port security allowing every protocol from its CIDR to the deployment's instances (nodes talk freely).
+- `volume`: a pd-balanced zonal disk in its server's zone (at least 10 GB: Compute Engine's minimum), labelled
+  like instances plus `labctl-keep` and `labctl-volume`; a kept disk of an earlier `up` is found by name and
+  labels and reused (on a region site the server is then launched in the disk's zone). `volume_attachment`:
+  `instances.attachDisk` with deviceName = the disk's name, seen in the guest as /dev/disk/by-id/google-<name>.
 - Zones: `gcp:<zone>` uses that zone only; `gcp:<region>` tries the region's zones that offer the type, in
   order, moving on when one answers ZONE_RESOURCE_POOL_EXHAUSTED, and raises NoCapacity when none has room
   (the engine then tries the next type). Regional quota errors are the same in every zone: a quota on a
@@ -86,6 +98,13 @@ _NOT_OFFERED = re.compile(r"does not exist in zone|not (?:available|supported) i
 _REQUEST_NS = uuid.UUID("6f1d7c52-3f0e-5b7a-9c1e-4a2b8d0e6c31")
 NAT_NAME = "External NAT"
 MAX_REPLAYS = 4
+KEEP_LABEL = "labctl-keep"  # a disk's label: "true" when `down` keeps it (Chameleon's `labctl:keep` metadata)
+VOLUME_LABEL = "labctl-volume"  # a disk's label: the profile's name for the volume
+DISK_TYPE = "pd-balanced"
+MIN_DISK_GB = 10  # persistent disks cannot be smaller
+DEVICE_PREFIX = "/dev/disk/by-id/google-"
+IN_USE_GRACE = 180.0  # seconds a delete keeps trying while its resource is in use (by something going away)
+_IN_USE = re.compile(r"already being used by|RESOURCE_IN_USE_BY_ANOTHER_RESOURCE|resourceInUseByAnotherResource")
 
 
 def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> GcpProvider:
@@ -182,6 +201,18 @@ class GcpProvider:
     @property
     def addresses(self) -> Any:
         return self._client("AddressesClient")
+
+    @property
+    def networks(self) -> Any:
+        return self._client("NetworksClient")
+
+    @property
+    def subnetworks(self) -> Any:
+        return self._client("SubnetworksClient")
+
+    @property
+    def disks(self) -> Any:
+        return self._client("DisksClient")
 
     def _opts(self, timeout: float | None = None) -> dict[str, Any]:
         """Per-call options: our own timeout, and no SDK-level retry (`_call` retries, and counts)."""
@@ -375,17 +406,66 @@ class GcpProvider:
 
     # -- find -------------------------------------------------------------------------------------
     def find(self, res: Resource, plan: Plan) -> Found | None:
-        return getattr(self, f"_find_{res.kind}")(res, plan)
+        finder = getattr(self, f"_find_{res.kind}", None)
+        return finder(res, plan) if finder is not None else None  # kinds labctl never makes on GCP
+
+    def _find_network(self, res: Resource, plan: Plan) -> Found | None:
+        name = gce_name(res.name)
+        net = self._call(f"get network {name}", lambda: self.networks.get(
+            request={"project": self.project, "network": name}, **self._opts()), missing_ok=True)
+        if net is None or _deployment_of(net.description) != plan.deployment:
+            return None
+        return _network_found(net, res.name)
+
+    def _find_subnet(self, res: Resource, plan: Plan) -> Found | None:
+        name = gce_name(res.name)
+        sub = self._call(f"get subnetwork {name}", lambda: self.subnetworks.get(
+            request={"project": self.project, "region": self.region, "subnetwork": name}, **self._opts()),
+            missing_ok=True)
+        if sub is None or _deployment_of(sub.description) != plan.deployment:
+            return None
+        return _subnet_found(sub, res.name)
+
+    def _find_router(self, res: Resource, plan: Plan) -> Found | None:
+        return Found("router", f"implicit/{gce_name(res.name)}", res.name, attrs={
+            "note": "a VPC network routes to the internet itself (default route); nodes keep an ephemeral "
+                    "external address for outbound traffic"})
+
+    def _find_volume(self, res: Resource, plan: Plan) -> Found | None:
+        name = gce_name(res.name)
+        mine = [d for d in self._list_disks(f'name = "{name}"')
+                if d.labels.get(_label_key(naming.TAG_DEPLOYMENT)) == _label_value(plan.deployment)
+                and d.status != "DELETING"]
+        if not mine:
+            return None
+        mine.sort(key=lambda d: {"READY": 0, "CREATING": 1}.get(d.status, 2))  # a healthy one first
+        return _volume_found(mine[0])
+
+    def _find_volume_attachment(self, res: Resource, plan: Plan) -> Found | None:
+        if "volume" not in res.spec or "server" not in res.spec:
+            return None  # a teardown lookup: attachments are found through list_owned
+        vol = self._find_volume(plan.get(res.spec["volume"]), plan)
+        server = self._find_server(plan.get(res.spec["server"]), plan)
+        if vol is None or server is None:
+            return None
+        zone, iname = _instance_ref(server)
+        if not any(u.endswith(f"zones/{zone}/instances/{iname}") for u in vol.attrs.get("users", [])):
+            return None
+        inst = self._get_instance(zone, iname)
+        device = _device_of(inst, vol.cloud_id) if inst is not None else None
+        return _attachment_found(res.name, zone, iname, vol.cloud_id, device) if device else None
 
     def _find_keypair(self, res: Resource, plan: Plan) -> Found | None:
         return Found("keypair", res.name, res.name, attrs={"public_key": res.spec["public_key"],
                                                            "note": "GCP has no key pairs: ssh-keys metadata"})
 
     def _find_secgroup(self, res: Resource, plan: Plan) -> Found | None:
-        want = self._firewall_specs(res, plan)
         have = {fw.name: fw for fw in self._owned_firewalls(plan.deployment)}
         if not have:
             return None
+        if "rules" not in res.spec:  # a teardown lookup from state records: every firewall of the deployment
+            return Found("secgroup", f"global/firewalls/{min(have)}", res.name, attrs={"firewalls": sorted(have)})
+        want = self._firewall_specs(res, plan)
         primary = next(iter(want))
         complete = all(name in have and _firewall_matches(have[name], spec) for name, spec in want.items())
         return Found("secgroup", f"global/firewalls/{primary}", res.name,
@@ -415,15 +495,143 @@ class GcpProvider:
 
     # -- create -----------------------------------------------------------------------------------
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        return getattr(self, f"_create_{res.kind}")(res, plan, deps, candidate)
+        creator = getattr(self, f"_create_{res.kind}", None)
+        if creator is None:
+            raise UserError(f"{self.site.name}: labctl does not make '{res.kind}' resources on Compute Engine "
+                            f"({res.key})")
+        return creator(res, plan, deps, candidate)
+
+    def _insert(self, what: str, send: Callable[[str], Any], get: Callable[[], Any], deployment: str,
+                owner: Callable[[Any], str | None]) -> Any:
+        """Insert with a requestId (the same one when `_call` sends again after a lost answer, so the emulated or
+        real API answers with the first operation), wait for the operation, return the object. A 409 returns the
+        existing object if it is this deployment's (made by a run that crashed before recording it)."""
+        rid = str(uuid.uuid4())
+        try:
+            op = self._call(what, lambda: send(rid))
+        except _Exists:
+            existing = self._call(f"{what}: get", get, missing_ok=True)
+            if existing is None or owner(existing) != deployment:
+                raise CloudError(f"{self.site.name}: {what}: the name is taken by something that is not this "
+                                 "deployment's") from None
+            return existing
+        self._check_op(op, what)
+        return self._call(f"{what}: get", get)
+
+    def _create_network(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        from google.cloud import compute_v1
+
+        existing = self._find_network(res, plan)
+        if existing is not None:
+            return existing
+        name = gce_name(res.name)
+        body = compute_v1.Network(name=name, auto_create_subnetworks=False, description=_description(plan.deployment),
+                                  routing_config=compute_v1.NetworkRoutingConfig(routing_mode="REGIONAL"))
+        net = self._insert(f"create network {name}", lambda r: self.networks.insert_unary(
+            request={"project": self.project, "network_resource": body, "request_id": r}, **self._opts()),
+            lambda: self.networks.get(request={"project": self.project, "network": name}, **self._opts()),
+            plan.deployment, lambda n: _deployment_of(n.description))
+        return _network_found(net, res.name)
+
+    def _create_subnet(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        from google.cloud import compute_v1
+
+        existing = self._find_subnet(res, plan)
+        if existing is not None:
+            return existing
+        name = gce_name(res.name)
+        network = _network_name(deps[res.spec["network"]])
+        body = compute_v1.Subnetwork(name=name, description=_description(plan.deployment),
+                                     network=f"global/networks/{network}", ip_cidr_range=res.spec["cidr"])
+        sub = self._insert(f"create subnetwork {name}", lambda r: self.subnetworks.insert_unary(
+            request={"project": self.project, "region": self.region, "subnetwork_resource": body, "request_id": r},
+            **self._opts()), lambda: self.subnetworks.get(
+            request={"project": self.project, "region": self.region, "subnetwork": name}, **self._opts()),
+            plan.deployment, lambda n: _deployment_of(n.description))
+        return _subnet_found(sub, res.name)
+
+    def _create_router(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        found = self._find_router(res, plan)
+        assert found is not None
+        return found
+
+    def _create_volume(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        from google.cloud import compute_v1
+
+        spec = res.spec
+        server = deps[spec["server"]]
+        zone = server.attrs.get("zone") or _instance_ref(server)[0]
+        name = gce_name(res.name)
+        existing = self._find_volume(res, plan)
+        if existing is not None and existing.status != "error":
+            if existing.attrs["zone"] != zone:
+                raise CloudError(f"{self.site.name}: volume {name} is in {existing.attrs['zone']}, but "
+                                 f"{spec['node']} runs in {zone} (a disk cannot move zones): run 'labctl down' and "
+                                 "'labctl up' again to launch the node in the disk's zone")
+            return existing
+        size = max(int(spec["size_gb"]), MIN_DISK_GB)
+        if size != int(spec["size_gb"]):
+            log.info("%s: volume %s is %d GB (Compute Engine's smallest persistent disk), not %s", self.site.name,
+                     spec["volume"], size, spec["size_gb"])
+        labels = {**_labels(plan, spec["node"]), KEEP_LABEL: "true" if spec.get("keep") else "false",
+                  VOLUME_LABEL: _label_value(spec["volume"])}
+        body = compute_v1.Disk(name=name, size_gb=size, type_=f"zones/{zone}/diskTypes/{DISK_TYPE}", labels=labels,
+                               description=_description(plan.deployment, spec["node"]))
+        disk = self._insert(f"create volume {name}", lambda r: self.disks.insert_unary(
+            request={"project": self.project, "zone": zone, "disk_resource": body, "request_id": r}, **self._opts()),
+            lambda: self.disks.get(request={"project": self.project, "zone": zone, "disk": name}, **self._opts()),
+            _label_value(plan.deployment), lambda d: d.labels.get(_label_key(naming.TAG_DEPLOYMENT)))
+        return _volume_found(disk)  # pending until READY: `wait` polls it
+
+    def _create_volume_attachment(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
+                                  _c: str | None) -> Found:
+        from google.cloud import compute_v1
+
+        vol = deps[res.spec["volume"]]
+        zone, iname = _instance_ref(deps[res.spec["server"]])
+        disk_zone, disk_name = _disk_ref(vol)
+        disk = self._call(f"get disk {disk_name}", lambda: self.disks.get(
+            request={"project": self.project, "zone": disk_zone, "disk": disk_name}, **self._opts()))
+        inst = self._call(f"get instance {iname}", lambda: self.instances.get(
+            request={"project": self.project, "zone": zone, "instance": iname}, **self._opts()))
+        device = _device_of(inst, vol.cloud_id)
+        if device:  # attached already (a rerun)
+            return _attachment_found(res.name, zone, iname, vol.cloud_id, device)
+        for user in disk.users:  # still on a server of an earlier `up` that is going away: detach it there
+            um = re.search(r"zones/([^/]+)/instances/([^/]+)$", user)
+            if um and (um.group(1), um.group(2)) != (zone, iname):
+                log.info("%s: detaching volume %s from %s first", self.site.name, disk_name, um.group(2))
+                self._detach_disk(um.group(1), um.group(2), vol.cloud_id)
+        body = compute_v1.AttachedDisk(source=f"zones/{disk_zone}/disks/{disk_name}", device_name=disk_name,
+                                       mode="READ_WRITE", auto_delete=False, boot=False, type_="PERSISTENT")
+        rid = str(uuid.uuid4())
+        what = f"attach volume {disk_name} to {iname}"
+        op = self._call(what, lambda: self.instances.attach_disk_unary(request={
+            "project": self.project, "zone": zone, "instance": iname, "attached_disk_resource": body,
+            "request_id": rid}, **self._opts()))
+        self._check_op(op, what)
+        return _attachment_found(res.name, zone, iname, vol.cloud_id, disk_name)
 
     def _create_keypair(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         found = self._find_keypair(res, plan)
         assert found is not None
         return found
 
-    def _firewall_specs(self, res: Resource, plan: Plan) -> dict[str, dict[str, Any]]:
-        """Firewall name -> {allowed: {proto: [ports]}, ranges: [cidr]}: one rule per source range."""
+    def _firewall_network(self, res: Resource, plan: Plan, deps: Mapping[str, Found] | None = None) -> str:
+        """The network the deployment's firewalls belong to: its own (private) network, else the site's."""
+        nets = res.spec.get("networks") or []
+        if not nets:
+            return self.site.network or "default"
+        key = nets[0]["network"]
+        if deps and key in deps:
+            return _network_name(deps[key])
+        return gce_name(plan.get(key).name)
+
+    def _firewall_specs(self, res: Resource, plan: Plan,
+                        deps: Mapping[str, Found] | None = None) -> dict[str, dict[str, Any]]:
+        """Firewall name -> {allowed: {proto: [ports]}, ranges: [cidr], network}: one rule per source range, and one
+        per private network without port security that lets every protocol in from that network's CIDR."""
+        network = self._firewall_network(res, plan, deps)
         groups: dict[str, dict[str, list[str]]] = {}
         for rule in res.spec["rules"]:
             ports = groups.setdefault(rule["cidr"], {}).setdefault(rule["protocol"], [])
@@ -433,24 +641,34 @@ class GcpProvider:
         specs: dict[str, dict[str, Any]] = {}
         for i, (cidr, allowed) in enumerate(groups.items()):
             name = base if i == 0 else gce_name(f"{base}-{hashlib.sha1(cidr.encode()).hexdigest()[:6]}")
-            specs[name] = {"allowed": allowed, "ranges": [cidr]}
+            specs[name] = {"allowed": allowed, "ranges": [cidr], "network": network}
+        for net in res.spec.get("networks") or []:
+            if net.get("open"):
+                digest = hashlib.sha1(f"open:{net['network']}".encode()).hexdigest()[:6]
+                specs[gce_name(f"{base}-{digest}")] = {"allowed": {"all": []}, "ranges": [net["cidr"]],
+                                                       "network": network}
         return specs
 
     def _create_secgroup(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         from google.cloud import compute_v1
 
-        want = self._firewall_specs(res, plan)
+        want = self._firewall_specs(res, plan, deps)
         have = {fw.name: fw for fw in self._owned_firewalls(plan.deployment)}
         tag = _tag(plan.deployment)
         ops = []
         for name, spec in want.items():
             body = compute_v1.Firewall(
-                name=name, network=f"global/networks/{self.site.network or 'default'}", direction="INGRESS",
+                name=name, network=f"global/networks/{spec['network']}", direction="INGRESS",
                 priority=1000, description=_description(plan.deployment), target_tags=[tag],
                 source_ranges=spec["ranges"],
                 allowed=[compute_v1.Allowed(I_p_protocol=p, ports=ports) for p, ports in spec["allowed"].items()],
             )
             rid = str(uuid.uuid4())
+            if name in have and _last(have[name].network) != spec["network"]:
+                # a firewall's network cannot be changed: make it again on the right one
+                log.info("%s: firewall %s moves to network %s", self.site.name, name, spec["network"])
+                self._delete_firewalls([name])
+                del have[name]
             if name not in have:
                 try:
                     ops.append(self._call(f"create firewall {name}", lambda b=body, r=rid: self.firewalls.insert_unary(
@@ -483,6 +701,7 @@ class GcpProvider:
         if not zones:
             where = self.site.zone or f"any zone of {self.region}"
             raise NoCapacity(f"{self.site.name}: {candidate} is not offered in {where}")
+        zones = self._zones_of_kept_disks(plan, node, candidate, zones)
         with self._lock:
             attempt = self._attempts.get((plan.deployment, node), -1) + 1
             self._attempts[(plan.deployment, node)] = attempt
@@ -501,6 +720,23 @@ class GcpProvider:
                          ", ".join(full), candidate)
             return found
         raise NoCapacity(f"{self.site.name}: no capacity for {candidate} in {', '.join(full)}")
+
+    def _zones_of_kept_disks(self, plan: Plan, node: str, candidate: str, zones: list[str]) -> list[str]:
+        """On a region site, a node whose volume survives from an earlier `up` must run in that disk's zone."""
+        if self.site.zone or not any(v.spec.get("node") == node for v in plan.by_kind("volume")):
+            return zones
+        flt = (f'(labels.{_label_key(naming.TAG_DEPLOYMENT)} = "{_label_value(plan.deployment)}") '
+               f'(labels.{_label_key(naming.TAG_NODE)} = "{_label_value(node)}")')
+        disk_zones = {_last(d.zone) for d in self._list_disks(flt) if d.status != "DELETING"}
+        if not disk_zones:
+            return zones
+        usable = [z for z in zones if z in disk_zones]
+        if not usable:
+            raise NoCapacity(f"{self.site.name}: {candidate} is not offered in {', '.join(sorted(disk_zones))}, "
+                             f"where {node}'s kept volume is")
+        if usable != zones:
+            log.info("%s: %s launches in %s, where its kept volume is", self.site.name, node, ", ".join(usable))
+        return usable
 
     def _static_ip(self, plan: Plan, node: str) -> str | None:
         """The node's reserved static address, if one exists and is free (else the instance gets an ephemeral)."""
@@ -544,8 +780,7 @@ class GcpProvider:
                 boot=True, auto_delete=True, initialize_params=compute_v1.AttachedDiskInitializeParams(
                     source_image=image.self_link, disk_size_gb=size,
                     disk_type=f"zones/{zone}/diskTypes/pd-balanced"))],
-            network_interfaces=[compute_v1.NetworkInterface(
-                network=f"global/networks/{self.site.network or 'default'}", access_configs=[access])],
+            network_interfaces=[self._nic(spec, deps, zone, access)],
         )
         if "secgroup" in deps:
             body.tags = compute_v1.Tags(items=[deps["secgroup"].attrs.get("tag") or _tag(plan.deployment)])
@@ -555,6 +790,31 @@ class GcpProvider:
         if gpu:
             body.scheduling = compute_v1.Scheduling(on_host_maintenance="TERMINATE", automatic_restart=True)
         return body
+
+    def _nic(self, spec: Mapping[str, Any], deps: Mapping[str, Found], zone: str, access: Any) -> Any:
+        """The instance's one interface: on the deployment's network and subnetwork at the node's fixed IP if it is
+        on a private network, else on the site's network; with an external address either way."""
+        from google.cloud import compute_v1
+
+        nets = spec.get("networks") or []
+        if not nets:
+            return compute_v1.NetworkInterface(network=f"global/networks/{self.site.network or 'default'}",
+                                               access_configs=[access])
+        if len(nets) > 1:
+            raise UserError(f"{self.site.name}: a Compute Engine node is on one private network here, but "
+                            f"{spec['node']} asks for {len(nets)}")
+        net = nets[0]
+        sub = deps[net["subnet"]]
+        region = sub.attrs.get("region") or self.region
+        if zone.rsplit("-", 1)[0] != region:
+            raise CloudError(f"{self.site.name}: zone {zone} is not in {region}, the region of subnetwork "
+                             f"{_last(sub.cloud_id)}")
+        nic = compute_v1.NetworkInterface(network=f"global/networks/{_network_name(deps[net['network']])}",
+                                          subnetwork=f"regions/{region}/subnetworks/{_last(sub.cloud_id)}",
+                                          access_configs=[access])
+        if net.get("fixed_ip"):
+            nic.network_i_p = net["fixed_ip"]
+        return nic
 
     def _insert_instance(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str, zone: str,
                          image: Any, static_ip: str | None, attempt: int) -> Found:
@@ -699,8 +959,16 @@ class GcpProvider:
                 return [results[r.key] for r, _ in items]
             servers = [(r, f) for r, f in pending if r.kind == "server"]
             for r, f in pending:
-                if r.kind != "server":  # everything else is done when its operation is
+                if r.kind not in ("server", "volume"):  # everything else is done when its operation is
                     results[r.key] = dataclasses.replace(f, status="ready")
+            for r, f in pending:
+                if r.kind == "volume":  # CREATING until READY (a few per deployment: one get each)
+                    zone, name = _disk_ref(f)
+                    disk = self._call(f"get disk {name}", lambda z=zone, n=name: self.disks.get(
+                        request={"project": self.project, "zone": z, "disk": n}, **self._opts()), missing_ok=True)
+                    results[r.key] = _volume_found(disk) if disk is not None else dataclasses.replace(
+                        f, status="error", error="disk disappeared")
+                    on_progress(r.key, str(results[r.key].attrs.get("disk_status", "gone")).lower(), "")
             if servers:
                 zones = {_instance_ref(f)[0] for _, f in servers}
                 listed = {}
@@ -740,19 +1008,123 @@ class GcpProvider:
             for f in found:
                 names.add(_last(f.cloud_id))
                 names.update(f.attrs.get("firewalls") or [])
-            ops = []
-            for name in sorted(names):
-                op = self._call(f"delete firewall {name}", lambda n=name: self.firewalls.delete_unary(
-                    request={"project": self.project, "firewall": n, "request_id": str(uuid.uuid4())},
-                    **self._opts()), missing_ok=True)
-                if op is not None:
-                    ops.append(op)
-            for op in ops:
-                self._check_op(op, "delete firewall")
-        elif kind == "keypair":
+            self._delete_firewalls(sorted(names))
+        elif kind == "volume_attachment":
+            for f in found:
+                self._detach_device(*_attachment_ref(f))
+        elif kind == "volume":
+            self._delete_disks(found)
+        elif kind == "subnet":
+            for f in found:
+                name = _last(f.cloud_id) if "/subnetworks/" in (f.cloud_id or "") else gce_name(f.name)
+                region = f.attrs.get("region") or (f.cloud_id.split("/")[1] if (f.cloud_id or "").startswith(
+                    "regions/") else self.region)
+                self._delete_until_gone(f"delete subnetwork {name}", lambda r, n=name, g=region: (
+                    self.subnetworks.delete_unary(request={"project": self.project, "region": g, "subnetwork": n,
+                                                           "request_id": r}, **self._opts())),
+                    lambda n=name, g=region: self.subnetworks.get(
+                        request={"project": self.project, "region": g, "subnetwork": n}, **self._opts()))
+        elif kind == "network":
+            for f in found:
+                name = _last(f.cloud_id) if "/networks/" in (f.cloud_id or "") else gce_name(f.name)
+                if name == (self.site.network or "default"):
+                    continue  # never the site's own network
+                self._delete_until_gone(f"delete network {name}", lambda r, n=name: self.networks.delete_unary(
+                    request={"project": self.project, "network": n, "request_id": r}, **self._opts()),
+                    lambda n=name: self.networks.get(request={"project": self.project, "network": n},
+                                                     **self._opts()))
+        elif kind in ("keypair", "router"):
             return  # nothing on the cloud side
         else:
             log.warning("%s: nothing to delete for kind %s", self.site.name, kind)
+
+    def _delete_firewalls(self, names: Sequence[str]) -> None:
+        ops = []
+        for name in names:
+            op = self._call(f"delete firewall {name}", lambda n=name: self.firewalls.delete_unary(
+                request={"project": self.project, "firewall": n, "request_id": str(uuid.uuid4())},
+                **self._opts()), missing_ok=True)
+            if op is not None:
+                ops.append(op)
+        for op in ops:
+            self._check_op(op, "delete firewall")
+
+    def _delete_until_gone(self, what: str, send: Callable[[str], Any], get: Callable[[], Any]) -> None:
+        """Delete (404 = done); while the resource is still in use (a subnetwork's instance still going away, a
+        network's firewall or subnetwork), try again for a while (IN_USE_GRACE); then wait until a get says 404."""
+        deadline = time.monotonic() + min(self.op_timeout, IN_USE_GRACE)
+        while True:
+            rid = str(uuid.uuid4())  # a new request each round: the same requestId would replay the failure
+            try:
+                op = self._call(what, lambda r=rid: send(r), missing_ok=True)
+                if op is None:
+                    return
+                self._check_op(op, what)
+                break
+            except CloudError as exc:
+                if not _IN_USE.search(str(exc)) or time.monotonic() > deadline:
+                    raise
+                log.debug("%s: %s: still in use, trying again (%s)", self.site.name, what, exc)
+                time.sleep(max(self.poll_interval, 0.01))
+        while self._call(what, get, missing_ok=True) is not None:
+            if time.monotonic() > deadline:
+                raise CloudError(f"{self.site.name}: {what}: still there {self.op_timeout:.0f}s after the delete")
+            time.sleep(max(self.poll_interval, 0.01))
+
+    def _get_instance(self, zone: str, name: str) -> Any:
+        return self._call(f"get instance {name}", lambda: self.instances.get(
+            request={"project": self.project, "zone": zone, "instance": name}, **self._opts()), missing_ok=True)
+
+    def _detach_disk(self, zone: str, iname: str, disk_id: str) -> None:
+        """Detach the disk (zones/Z/disks/N) from the instance and wait; nothing to do if either is gone."""
+        inst = self._get_instance(zone, iname)
+        device = _device_of(inst, disk_id) if inst is not None else None
+        if device is not None:
+            self._detach_device(zone, iname, device, inst)
+
+    def _detach_device(self, zone: str, iname: str, device: str, inst: Any = None) -> None:
+        """Detach the instance's disk with this device name and wait; nothing to do if it is not there."""
+        inst = inst if inst is not None else self._get_instance(zone, iname)
+        if inst is None or not any(d.device_name == device and not d.boot for d in inst.disks):
+            return
+        what = f"detach volume {device} from {iname}"
+        op = self._call(what, lambda: self.instances.detach_disk_unary(request={
+            "project": self.project, "zone": zone, "instance": iname, "device_name": device,
+            "request_id": str(uuid.uuid4())}, **self._opts()), missing_ok=True)
+        if op is not None:
+            self._check_op(op, what)
+
+    def _delete_disks(self, found: Sequence[Found]) -> None:
+        refs = []
+        for f in found:
+            try:
+                refs.append(_disk_ref(f))
+            except CloudError:
+                refs += [(_last(d.zone), d.name) for d in self._list_disks(f'name = "{gce_name(f.name)}"')]
+        ops = []
+        for zone, name in refs:
+            disk = self._call(f"get disk {name}", lambda z=zone, n=name: self.disks.get(
+                request={"project": self.project, "zone": z, "disk": n}, **self._opts()), missing_ok=True)
+            if disk is None:
+                continue
+            for user in disk.users:  # a disk in use cannot be deleted: detach it first
+                um = re.search(r"zones/([^/]+)/instances/([^/]+)$", user)
+                if um:
+                    self._detach_disk(um.group(1), um.group(2), f"zones/{zone}/disks/{name}")
+            op = self._call(f"delete disk {name}", lambda z=zone, n=name: self.disks.delete_unary(request={
+                "project": self.project, "zone": z, "disk": n, "request_id": str(uuid.uuid4())}, **self._opts()),
+                missing_ok=True)
+            if op is not None:
+                ops.append((zone, name, op))
+        deadline = time.monotonic() + self.op_timeout
+        for zone, name, op in ops:
+            self._check_op(op, f"delete disk {name}")
+            while self._call(f"get disk {name}", lambda z=zone, n=name: self.disks.get(
+                    request={"project": self.project, "zone": z, "disk": n}, **self._opts()),
+                    missing_ok=True) is not None:
+                if time.monotonic() > deadline:
+                    raise CloudError(f"{self.site.name}: disk {name} still there after its delete")
+                time.sleep(max(self.poll_interval, 0.01))
 
     def _delete_instances(self, found: Sequence[Found]) -> None:
         ops = []
@@ -807,7 +1179,8 @@ class GcpProvider:
 
     # -- inventory --------------------------------------------------------------------------------
     def list_owned(self, plan: Plan) -> list[Found]:
-        owned = [self._server_found(i) for i in self._list_instances(plan.deployment, None)]
+        instances = self._list_instances(plan.deployment, None)
+        owned = [self._server_found(i) for i in instances]
         for fw in self._owned_firewalls(plan.deployment):
             owned.append(Found("secgroup", f"global/firewalls/{fw.name}", fw.name,
                                attrs={"firewalls": [fw.name]}))
@@ -818,6 +1191,31 @@ class GcpProvider:
             node = addr.labels.get(_label_key(naming.TAG_NODE))
             owned.append(Found("floating_ip", f"regions/{self.region}/addresses/{addr.name}", addr.name,
                                attrs={"floating_ip": addr.address, "node": node}))
+        # Private networks (no labels: the deployment is in the description) and disks, with their attachments
+        # as the deployment's instances show them.
+        pager = self._call("list networks", lambda: self.networks.list(
+            request={"project": self.project}, **self._opts()))
+        for net in self._call("list networks", lambda: list(pager)):
+            if _deployment_of(net.description) == plan.deployment:
+                owned.append(_network_found(net, net.name))
+        pager = self._call("list subnetworks", lambda: self.subnetworks.list(
+            request={"project": self.project, "region": self.region}, **self._opts()))
+        for sub in self._call("list subnetworks", lambda: list(pager)):
+            if _deployment_of(sub.description) == plan.deployment:
+                owned.append(_subnet_found(sub, sub.name))
+        disks = {}
+        for disk in self._list_disks(label):
+            if disk.status != "DELETING":
+                vol = _volume_found(disk)
+                disks[vol.cloud_id] = vol
+                owned.append(vol)
+        for inst in instances:
+            zone = _last(inst.zone)
+            for ad in inst.disks:
+                disk_id = _disk_id(ad.source)
+                if not ad.boot and disk_id in disks:
+                    owned.append(_attachment_found(f"{disks[disk_id].name}-attachment", zone, inst.name, disk_id,
+                                                   ad.device_name))
         return owned
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:
@@ -844,6 +1242,12 @@ class GcpProvider:
         pairs = self._call("list instances", lambda: list(pager))
         return [i for _, scoped in pairs for i in scoped.instances]
 
+    def _list_disks(self, flt: str) -> list[Any]:
+        """Disks matching a filter, in every zone (one aggregatedList call)."""
+        pager = self._call("list disks", lambda: self.disks.aggregated_list(
+            request={"project": self.project, "filter": flt}, **self._opts()))
+        return [d for _, scoped in self._call("list disks", lambda: list(pager)) for d in scoped.disks]
+
     def _list_by_name(self, name: str) -> list[Any]:
         pager = self._call("find instance", lambda: self.instances.aggregated_list(
             request={"project": self.project, "filter": f'name = "{name}"'}, **self._opts()))
@@ -860,10 +1264,14 @@ class GcpProvider:
         state = {"RUNNING": "ready", "PROVISIONING": "pending", "STAGING": "pending",
                  "REPAIRING": "pending"}.get(status, "error")
         fixed = floating = None
+        private: dict[str, str] = {}
         if inst.network_interfaces:
             nic = inst.network_interfaces[0]
             fixed = nic.network_i_p or None
             floating = next((ac.nat_i_p for ac in nic.access_configs if ac.nat_i_p), None)
+        for nic in inst.network_interfaces:  # a private network's address, by network (as on Chameleon)
+            if nic.network_i_p and _last(nic.network) != (self.site.network or "default"):
+                private[_last(nic.network)] = nic.network_i_p
         error = None
         if state == "error":
             error = f"instance is {status}" + (f": {inst.status_message}" if inst.status_message else "")
@@ -871,7 +1279,8 @@ class GcpProvider:
         return Found("server", f"zones/{zone}/instances/{inst.name}", inst.name, status=state, error=error,
                      attrs={"node": inst.labels.get(_label_key(naming.TAG_NODE)), "fixed_ip": fixed,
                             "floating_ip": floating, "node_type": _node_type(inst), "server_status": status,
-                            "zone": zone, "instance_id": str(inst.id)})
+                            "zone": zone, "instance_id": str(inst.id),
+                            **({"private_ips": private} if private else {})})
 
 
 class _Exists(Exception):
@@ -944,7 +1353,71 @@ def _deployment_of(description: str | None) -> str | None:
 def _firewall_matches(fw: Any, spec: Mapping[str, Any]) -> bool:
     have = {(a.I_p_protocol, p) for a in fw.allowed for p in a.ports}
     want = {(proto, p) for proto, ports in spec["allowed"].items() for p in ports}
-    return want <= have and set(spec["ranges"]) == set(fw.source_ranges)
+    protocols = {a.I_p_protocol for a in fw.allowed}
+    return (want <= have and set(spec["allowed"]) <= protocols and set(spec["ranges"]) == set(fw.source_ranges)
+            and _last(fw.network) == spec.get("network", _last(fw.network)))
+
+
+def _network_found(net: Any, name: str) -> Found:
+    return Found("network", f"global/networks/{net.name}", name,
+                 attrs={"network": net.name, "auto_subnetworks": net.auto_create_subnetworks})
+
+
+def _network_name(found: Found) -> str:
+    return found.attrs.get("network") or _last(found.cloud_id)
+
+
+def _subnet_found(sub: Any, name: str) -> Found:
+    region = _last(sub.region)
+    return Found("subnet", f"regions/{region}/subnetworks/{sub.name}", name, attrs={
+        "network": _last(sub.network), "region": region, "cidr": sub.ip_cidr_range, "gateway_ip": sub.gateway_address})
+
+
+def _volume_found(disk: Any) -> Found:
+    status = {"READY": "ready", "CREATING": "pending", "RESTORING": "pending", "FAILED": "error"}.get(disk.status,
+                                                                                                      "pending")
+    zone = _last(disk.zone)
+    vol = disk.labels.get(VOLUME_LABEL)
+    return Found("volume", f"zones/{zone}/disks/{disk.name}", disk.name, status=status,
+                 error=f"disk is {disk.status}" if status == "error" else None,
+                 attrs={"zone": zone, "size_gb": int(disk.size_gb), "keep": disk.labels.get(KEEP_LABEL) == "true",
+                        "disk_status": disk.status, "users": [_rel(u) for u in disk.users],
+                        **({"key": f"volume:{vol}"} if vol else {})})
+
+
+def _attachment_found(name: str, zone: str, instance: str, disk_id: str, device: str) -> Found:
+    return Found("volume_attachment", f"zones/{zone}/instances/{instance}/devices/{device}", name, attrs={
+        "volume_id": disk_id, "server_id": f"zones/{zone}/instances/{instance}", "zone": zone, "device": device,
+        "device_paths": [f"{DEVICE_PREFIX}{device}"]})
+
+
+def _disk_id(link: str | None) -> str:
+    """An attached disk's source link -> "zones/Z/disks/N"."""
+    m = re.search(r"zones/([^/]+)/disks/([^/]+)$", link or "")
+    return f"zones/{m.group(1)}/disks/{m.group(2)}" if m else ""
+
+
+def _disk_ref(found: Found) -> tuple[str, str]:
+    m = re.search(r"zones/([^/]+)/disks/([^/]+)$", found.cloud_id or "")
+    if m:
+        return m.group(1), m.group(2)
+    zone = found.attrs.get("zone")
+    if zone:
+        return zone, gce_name(found.name)
+    raise CloudError(f"cannot tell the zone of disk {found.name} ({found.cloud_id})")
+
+
+def _attachment_ref(found: Found) -> tuple[str, str, str]:
+    """(zone, instance, device name) of a volume attachment."""
+    m = re.search(r"zones/([^/]+)/instances/([^/]+)/devices/([^/]+)$", found.cloud_id or "")
+    if not m:
+        raise CloudError(f"cannot tell the instance of volume attachment {found.name} ({found.cloud_id})")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _device_of(inst: Any, disk_id: str) -> str | None:
+    """The device name under which the instance has the disk (zones/Z/disks/N), if attached."""
+    return next((d.device_name for d in inst.disks if not d.boot and _disk_id(d.source) == disk_id), None)
 
 
 def _has(plan: Plan, key: str) -> bool:

@@ -12,7 +12,10 @@ State lives in `<state_dir>/gce.db` (see `labctl.testbed.gce.world`); every proc
 endpoint over the same directory and they all see one project (`sim-project`). Paths are the real ones,
 `/compute/v1/projects/{project}/...` (see `labctl.testbed.gce.api.ROUTES`). Operations go PENDING ->
 RUNNING -> DONE and instances PROVISIONING -> STAGING -> RUNNING in a few seconds × the time scale
-(default: `LABCTL_TESTBED_TIME_SCALE`, else 0.01). External IPs are loopback addresses 127.30.x.y.
+(default: `LABCTL_TESTBED_TIME_SCALE`, else 0.01). External IPs are loopback addresses 127.30.x.y. Besides
+instances, firewalls and addresses: VPC networks, subnetworks (an instance's networkIP comes from its subnetwork's
+range), zonal persistent disks and instances.attachDisk / detachDisk. Every RUNNING instance is also served over
+SSH on an internal loopback address (127.13.x.y), reachable through a node on one of its networks (`ssh -J`).
 
 Trap (see docs): `ExtendedOperation.result()` polls through an operations client that the transport builds
 for the real Google host; poll with your own `ZoneOperationsClient(client_options=...)` or use `.wait()`.

@@ -28,7 +28,8 @@ _NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 LINK_KEYS = frozenset({"selfLink", "zone", "region", "machineType", "targetLink", "network", "subnetwork",
-                       "users", "acceleratorType", "source", "sourceImage", "diskType", "zones"})
+                       "users", "acceleratorType", "source", "sourceImage", "diskType", "zones", "subnetworks",
+                       "type"})
 EPOCH = "1969-12-31T16:00:00.000-08:00"
 
 
@@ -397,17 +398,6 @@ def images_family(call: Call) -> dict:
     return links(_image_obj(img), call.base)
 
 
-def networks_get(call: Call) -> dict:
-    _check_project(call)
-    if call.params["name"] != "default":
-        raise not_found(f"projects/{call.project}/global/networks/{call.params['name']}")
-    return links({"kind": "compute#network", "id": "5523217431089034818", "creationTimestamp": EPOCH,
-                  "name": "default", "description": "Default network for the project",
-                  "selfLink": f"projects/{call.project}/global/networks/default", "autoCreateSubnetworks": True,
-                  "routingConfig": {"routingMode": "REGIONAL"}, "networkFirewallPolicyEnforcementOrder":
-                  "AFTER_CLASSIC_FIREWALL", "mtu": 1460}, call.base)
-
-
 def _resolve_image(call: Call, source: str) -> catalog.Image:
     rel = rel_link(source, call.project)
     m = re.match(r"^projects/([^/]+)/global/images/(?:family/)?([^/]+)$", rel)
@@ -604,9 +594,7 @@ def instances_insert(call: Call) -> dict:
         if len(nics_in) != 1:
             raise invalid("resource.networkInterfaces", len(nics_in), "The emulator supports one interface.")
         nic_in = nics_in[0]
-        network = rel_link(nic_in.get("network") or "global/networks/default", call.project)
-        if network != f"projects/{call.project}/global/networks/default":
-            raise not_found(network)
+        network, subnetwork, wanted_ip = _placement(db, call, region, nic_in)
         acs_in = nic_in.get("accessConfigs") or []
         if len(acs_in) > 1:
             raise invalid("resource.networkInterfaces[0].accessConfigs", len(acs_in),
@@ -634,6 +622,11 @@ def instances_insert(call: Call) -> dict:
                     error = _exhausted_error(call.project, zone, f"{mt.name}+{acc_name}")
             if error is not None:
                 http = (503, "SERVICE UNAVAILABLE")
+        network_ip = None
+        if error is None and subnetwork is not None:
+            network_ip, error = _network_ip(db, call, subnetwork, wanted_ip)
+            if error is not None:
+                http = (400, "BAD REQUEST")
         inst_id = w.new_id()
         if error is not None:
             return w.new_operation(db, call.project, scope, "insert", link, inst_id, _scaled(call, w.FAILED_OP),
@@ -653,8 +646,10 @@ def instances_insert(call: Call) -> dict:
             "canIpForward": bool(body.get("canIpForward", False)),
             "networkInterfaces": [{
                 "kind": "compute#networkInterface", "network": network,
-                "subnetwork": f"projects/{call.project}/regions/{region}/subnetworks/default",
-                "networkIP": f"10.128.{k // 250}.{k % 250 + 2}", "name": "nic0", "fingerprint": w.fingerprint(),
+                "subnetwork": (subnetwork or {}).get("selfLink")
+                or f"projects/{call.project}/regions/{region}/subnetworks/{network.rsplit('/', 1)[-1]}",
+                "networkIP": network_ip or f"10.128.{k // 250}.{k % 250 + 2}", "name": "nic0",
+                "fingerprint": w.fingerprint(),
                 "stackType": "IPV4_ONLY", "accessConfigs": access_configs,
             }],
             "disks": [{
@@ -804,7 +799,7 @@ def firewalls_insert(call: Call) -> dict:
         if db.get("firewall", call.project, "global", name) is not None:
             raise ApiError(409, f"The resource '{link}' already exists", "alreadyExists")
         network = rel_link(body.get("network") or "global/networks/default", call.project)
-        if network != f"projects/{call.project}/global/networks/default":
+        if _live_network(db, call, network) is None:
             raise not_found(network)
         fw_id = w.new_id()
         fw: dict[str, Any] = {
@@ -978,6 +973,473 @@ def addresses_delete(call: Call) -> dict:
     return _idempotent(call, perform)
 
 
+# ------------------------------------------------------------------------------------ networks
+def _default_network(project: str) -> dict:
+    return {"kind": "compute#network", "id": "5523217431089034818", "creationTimestamp": EPOCH,
+            "name": "default", "description": "Default network for the project",
+            "selfLink": f"projects/{project}/global/networks/default", "autoCreateSubnetworks": True,
+            "routingConfig": {"routingMode": "REGIONAL"}, "networkFirewallPolicyEnforcementOrder":
+            "AFTER_CLASSIC_FIREWALL", "mtu": 1460, "_project": project, "_scope": "global"}
+
+
+def _live_network(db: Db, call: Call, link: str) -> dict | None:
+    """The network a (relative) link names, if it exists in this project and is not being deleted."""
+    m = re.match(r"^projects/([^/]+)/global/networks/([^/]+)$", link)
+    if not m or m.group(1) != call.project:
+        return None
+    if m.group(2) == w.DEFAULT_NETWORK:
+        return _default_network(call.project)
+    net = db.get("network", call.project, "global", m.group(2))
+    return net if net is not None and net.get("_gone_at") is None else None
+
+
+def _render_network(db: Db, net: dict) -> dict:
+    out = w.render_plain(net, db.now)
+    subnets = [s["selfLink"] for s in db.find("subnetwork", net["_project"]) if s["network"] == net["selfLink"]]
+    if subnets:
+        out["subnetworks"] = subnets
+    return out
+
+
+def _network(db: Db, call: Call) -> dict:
+    name = call.params["name"]
+    if name == w.DEFAULT_NETWORK:
+        return _default_network(call.project)
+    net = db.get("network", call.project, "global", name)
+    if net is None:
+        raise not_found(f"projects/{call.project}/global/networks/{name}")
+    return net
+
+
+def networks_insert(call: Call) -> dict:
+    _check_project(call)
+    body = call.json()
+    name = _check_name(body.get("name"))
+    if body.get("IPv4Range"):
+        raise invalid("resource.IPv4Range", body["IPv4Range"], "Legacy networks are not supported; create a VPC "
+                      "network (autoCreateSubnetworks true or false).")
+    if "autoCreateSubnetworks" not in body:
+        raise invalid("resource.autoCreateSubnetworks", "", "Must be set to create a VPC network (legacy networks "
+                      "are not supported).")
+    mode = ((body.get("routingConfig") or {}).get("routingMode") or "REGIONAL")
+    if mode not in ("REGIONAL", "GLOBAL"):
+        raise invalid("resource.routingConfig.routingMode", mode, "Must be REGIONAL or GLOBAL.")
+    mtu = int(body.get("mtu") or 1460)
+    if not 1300 <= mtu <= 8896:
+        raise invalid("resource.mtu", mtu, "The MTU must be between 1300 and 8896.")
+
+    def perform(db: Db) -> dict:
+        link = f"projects/{call.project}/global/networks/{name}"
+        if name == w.DEFAULT_NETWORK or db.get("network", call.project, "global", name) is not None:
+            raise ApiError(409, f"The resource '{link}' already exists", "alreadyExists")
+        net_id = w.new_id()
+        db.put("network", {
+            "kind": "compute#network", "id": net_id, "creationTimestamp": w.rfc3339(db.now), "name": name,
+            "description": str(body.get("description", "")), "selfLink": link,
+            "selfLinkWithId": f"projects/{call.project}/global/networks/{net_id}",
+            "autoCreateSubnetworks": bool(body["autoCreateSubnetworks"]), "routingConfig": {"routingMode": mode},
+            "networkFirewallPolicyEnforcementOrder": "AFTER_CLASSIC_FIREWALL", "mtu": mtu,
+            "_project": call.project, "_scope": "global",
+        })
+        return w.new_operation(db, call.project, "global", "insert", link, net_id,
+                               _scaled(call, w.INSERT_OP["networks"]), user=USER)
+
+    return _idempotent(call, perform)
+
+
+def networks_get(call: Call) -> dict:
+    _check_project(call)
+    with call.world.read() as db:
+        return links(_render_network(db, _network(db, call)), call.base)
+
+
+def networks_list(call: Call) -> dict:
+    _check_project(call)
+    with call.world.read() as db:
+        items = [_render_network(db, n) for n in [_default_network(call.project),
+                                                   *db.find("network", call.project, "global")]]
+    return _list(call, "compute#networkList", items, f"projects/{call.project}/global/networks")
+
+
+def _in_use(what: str, link: str, user: str) -> dict:
+    """A DONE operation's error: the resource is still in use (deleting a network with firewalls, ...)."""
+    return {"errors": [{"code": "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE",
+                        "message": f"The {what} resource '{link}' is already being used by '{user}'"}]}
+
+
+def networks_delete(call: Call) -> dict:
+    _check_project(call)
+
+    def perform(db: Db) -> dict:
+        net = _network(db, call)
+        link = net["selfLink"]
+        if net["name"] == w.DEFAULT_NETWORK:
+            raise ApiError(400, "The emulator's default network cannot be deleted.", "invalid")
+        # As on Compute Engine, a network in use fails in its (global) operation, not in the request.
+        users = [f["selfLink"] for f in db.find("firewall", call.project, "global") if f.get("network") == link]
+        users += [s["selfLink"] for s in db.find("subnetwork", call.project) if s["network"] == link]
+        users += [i["selfLink"] for i in db.find("instance", call.project)
+                  if any(nic.get("network") == link for nic in i.get("networkInterfaces", []))]
+        if users and net.get("_gone_at") is None:
+            return w.new_operation(db, call.project, "global", "delete", link, net["id"], _scaled(call, w.FAILED_OP),
+                                   user=USER, error=_in_use("network", link, users[0]), http_status=400,
+                                   http_message="BAD REQUEST")
+        if net.get("_gone_at") is None:
+            net["_gone_at"] = db.now + _scaled(call, w.DELETE_OP["networks"])
+            db.put("network", net)
+        return w.new_operation(db, call.project, "global", "delete", link, net["id"],
+                               max(net["_gone_at"] - db.now, 0.0), user=USER)
+
+    return _idempotent(call, perform)
+
+
+# ------------------------------------------------------------------------------------ subnetworks
+def _subnetwork(db: Db, call: Call, region: str) -> dict:
+    sub = db.get("subnetwork", call.project, f"regions/{region}", call.params["name"])
+    if sub is None:
+        raise not_found(f"projects/{call.project}/regions/{region}/subnetworks/{call.params['name']}")
+    return sub
+
+
+AUTO_MODE_RANGE = ipaddress.ip_network("10.128.0.0/9")
+
+
+def subnetworks_insert(call: Call) -> dict:
+    _check_project(call)
+    region = _region(call)
+    body = call.json()
+    name = _check_name(body.get("name"))
+    raw_range = str(body.get("ipCidrRange") or "")
+    try:
+        cidr = ipaddress.ip_network(raw_range)
+    except ValueError:
+        why = "has host bits set" if "/" in raw_range else "is not a valid CIDR range"
+        raise invalid("resource.ipCidrRange", raw_range, f"Invalid IPCidrRange: {raw_range} {why}.") from None
+    if cidr.version != 4 or cidr.prefixlen > 29 or cidr.prefixlen < 8:
+        raise invalid("resource.ipCidrRange", raw_range, f"Invalid IPCidrRange: {raw_range}; a subnetwork's "
+                      "primary range is an IPv4 range from /8 to /29.")
+    if not body.get("network"):
+        raise invalid("resource.network", "", "The network must be specified.")
+
+    def perform(db: Db) -> dict:
+        scope = f"regions/{region}"
+        link = f"projects/{call.project}/{scope}/subnetworks/{name}"
+        if db.get("subnetwork", call.project, scope, name) is not None:
+            raise ApiError(409, f"The resource '{link}' already exists", "alreadyExists")
+        network = rel_link(str(body["network"]), call.project)
+        net = _live_network(db, call, network)
+        if net is None:
+            raise not_found(network)
+        if net.get("autoCreateSubnetworks") and cidr.overlaps(AUTO_MODE_RANGE):
+            raise invalid("resource.ipCidrRange", raw_range, "Extended subnetworks in auto subnet mode networks "
+                          f"cannot overlap with {AUTO_MODE_RANGE}.")
+        for other in db.find("subnetwork", call.project):
+            if other["network"] == network and cidr.overlaps(ipaddress.ip_network(other["ipCidrRange"])):
+                raise invalid("resource.ipCidrRange", raw_range, f"Invalid IPCidrRange: {raw_range} conflicts with "
+                              f"existing subnetwork '{other['name']}' in region '{other['_scope'].split('/')[1]}'.")
+        sub_id = w.new_id()
+        db.put("subnetwork", {
+            "kind": "compute#subnetwork", "id": sub_id, "creationTimestamp": w.rfc3339(db.now), "name": name,
+            "description": str(body.get("description", "")), "network": network, "ipCidrRange": str(cidr),
+            "gatewayAddress": str(cidr.network_address + 1), "region": f"projects/{call.project}/{scope}",
+            "selfLink": link, "privateIpGoogleAccess": bool(body.get("privateIpGoogleAccess", False)),
+            "fingerprint": w.fingerprint(), "stackType": "IPV4_ONLY", "purpose": "PRIVATE",
+            "_project": call.project, "_scope": scope,
+        })
+        return w.new_operation(db, call.project, scope, "insert", link, sub_id,
+                               _scaled(call, w.INSERT_OP["subnetworks"]), user=USER)
+
+    return _idempotent(call, perform)
+
+
+def subnetworks_get(call: Call) -> dict:
+    _check_project(call)
+    region = _region(call)
+    with call.world.read() as db:
+        return links(w.render_plain(_subnetwork(db, call, region), db.now), call.base)
+
+
+def subnetworks_list(call: Call) -> dict:
+    _check_project(call)
+    region = _region(call)
+    with call.world.read() as db:
+        items = [w.render_plain(s, db.now) for s in db.find("subnetwork", call.project, f"regions/{region}")]
+    return _list(call, "compute#subnetworkList", items, f"projects/{call.project}/regions/{region}/subnetworks")
+
+
+def subnetworks_delete(call: Call) -> dict:
+    _check_project(call)
+    region = _region(call)
+
+    def perform(db: Db) -> dict:
+        sub = _subnetwork(db, call, region)
+        link = sub["selfLink"]
+        user = next((i["selfLink"] for i in db.find("instance", call.project)
+                     if any(nic.get("subnetwork") == link for nic in i.get("networkInterfaces", []))), None)
+        if user is not None:
+            raise ApiError(400, f"The subnetwork resource '{link}' is already being used by '{user}'",
+                           "resourceInUseByAnotherResource")
+        if sub.get("_gone_at") is None:
+            sub["_gone_at"] = db.now + _scaled(call, w.DELETE_OP["subnetworks"])
+            db.put("subnetwork", sub)
+        return w.new_operation(db, call.project, sub["_scope"], "delete", link, sub["id"],
+                               max(sub["_gone_at"] - db.now, 0.0), user=USER)
+
+    return _idempotent(call, perform)
+
+
+def _reserved(cidr: ipaddress.IPv4Network) -> set[ipaddress.IPv4Address]:
+    """Compute Engine keeps four addresses of a subnetwork's primary range: network, gateway, the second-to-last
+    and the broadcast address."""
+    return {cidr.network_address, cidr.network_address + 1, cidr.broadcast_address - 1, cidr.broadcast_address}
+
+
+def _placement(db: Db, call: Call, region: str, nic_in: dict) -> tuple[str, dict | None, str | None]:
+    """(network link, subnetwork or None on the default / an auto-mode network, requested networkIP) of an
+    instance's interface; ApiError for a network or subnetwork that does not exist or does not fit."""
+    field_name = "resource.networkInterfaces[0]"
+    subnetwork = None
+    if nic_in.get("subnetwork"):
+        sub_link = rel_link(str(nic_in["subnetwork"]), call.project)
+        m = re.match(r"^projects/([^/]+)/regions/([^/]+)/subnetworks/([^/]+)$", sub_link)
+        if not m or m.group(1) != call.project:
+            raise invalid(f"{field_name}.subnetwork", nic_in["subnetwork"], "Invalid subnetwork reference.")
+        if m.group(2) != region:
+            raise invalid(f"{field_name}.subnetwork", nic_in["subnetwork"], "Subnetwork must be in the same "
+                          "region as the instance.")
+        subnetwork = db.get("subnetwork", call.project, f"regions/{region}", m.group(3))
+        if subnetwork is None or subnetwork.get("_gone_at") is not None:
+            if m.group(3) == w.DEFAULT_NETWORK and not nic_in.get("network"):
+                subnetwork = None  # the default network's subnetwork of this region
+            else:
+                raise not_found(sub_link)
+    default_link = f"projects/{call.project}/global/networks/{w.DEFAULT_NETWORK}"
+    if nic_in.get("network"):
+        network = rel_link(str(nic_in["network"]), call.project)
+    else:
+        network = subnetwork["network"] if subnetwork else default_link
+    net = _live_network(db, call, network)
+    if net is None:
+        raise not_found(network)
+    if subnetwork is not None and subnetwork["network"] != network:
+        raise invalid(f"{field_name}.subnetwork", nic_in["subnetwork"], f"Subnetwork does not belong to network "
+                      f"'{network}'.")
+    if subnetwork is None and not net.get("autoCreateSubnetworks"):
+        raise invalid(f"{field_name}", "", "Subnetwork should be specified for custom subnetmode network")
+    wanted = nic_in.get("networkIP") or None
+    if wanted is not None:
+        try:
+            ip = ipaddress.ip_address(str(wanted))
+        except ValueError:
+            raise invalid(f"{field_name}.networkIP", wanted, "Invalid IP address.") from None
+        if subnetwork is not None:
+            cidr = ipaddress.ip_network(subnetwork["ipCidrRange"])
+            if ip not in cidr:
+                raise invalid(f"{field_name}.networkIP", wanted, "Requested internal IP is outside the "
+                              "subnetwork CIDR range.")
+            if ip in _reserved(cidr):
+                raise invalid(f"{field_name}.networkIP", wanted, "Requested internal IP is reserved in the "
+                              "subnetwork.")
+        wanted = str(ip)
+    return network, subnetwork, wanted
+
+
+def _network_ip(db: Db, call: Call, subnetwork: dict, wanted: str | None) -> tuple[str | None, dict | None]:
+    """(the interface's address in the subnetwork, None) or (None, the operation's error): the requested address
+    if it is free, else the lowest free one."""
+    link = subnetwork["selfLink"]
+    used = {nic.get("networkIP") for i in db.find("instance", call.project) for nic in i.get("networkInterfaces", [])
+            if nic.get("subnetwork") == link}
+    if wanted is not None:
+        if wanted in used:
+            return None, {"errors": [{"code": "IP_IN_USE_BY_ANOTHER_RESOURCE",
+                                      "message": f"IP '{wanted}' is already being used by another resource."}]}
+        return wanted, None
+    cidr = ipaddress.ip_network(subnetwork["ipCidrRange"])
+    reserved = _reserved(cidr)
+    for ip in cidr.hosts():
+        if ip not in reserved and str(ip) not in used:
+            return str(ip), None
+    return None, {"errors": [{"code": "IP_SPACE_EXHAUSTED",
+                              "message": f"IP space of '{link}' is exhausted."}]}
+
+
+# ------------------------------------------------------------------------------------ disks
+DISK_TYPES = ("pd-standard", "pd-balanced", "pd-ssd", "pd-extreme", "hyperdisk-balanced")
+MIN_DISK_GB = 10  # persistent disks (pd-*) are at least 10 GB
+
+
+def _disk(db: Db, call: Call, zone: str) -> dict:
+    disk = db.get("disk", call.project, f"zones/{zone}", call.params["name"])
+    if disk is None:
+        raise not_found(f"projects/{call.project}/zones/{zone}/disks/{call.params['name']}")
+    return disk
+
+
+def disks_insert(call: Call) -> dict:
+    _check_project(call)
+    zone = _zone(call)
+    body = call.json()
+    name = _check_name(body.get("name"))
+    labels = _check_labels(body.get("labels"))
+    if body.get("sourceImage") or body.get("sourceSnapshot") or body.get("sourceDisk"):
+        raise invalid("resource.sourceImage", body.get("sourceImage") or body.get("sourceSnapshot"),
+                      "The emulator makes blank disks only.")
+    type_link = rel_link(str(body.get("type") or f"zones/{zone}/diskTypes/pd-standard"), call.project)
+    m = re.match(r"^projects/([^/]+)/zones/([^/]+)/diskTypes/([^/]+)$", type_link)
+    if not m or m.group(1) != call.project or m.group(2) != zone or m.group(3) not in DISK_TYPES:
+        raise not_found(type_link)
+    try:
+        size = int(body.get("sizeGb") or 500)
+    except (TypeError, ValueError):
+        raise invalid("resource.sizeGb", body.get("sizeGb"), "Must be an integer.") from None
+    if size < MIN_DISK_GB and m.group(3).startswith("pd-"):
+        raise invalid("resource.sizeGb", size, f"Disk size cannot be smaller than {MIN_DISK_GB} GB.")
+    if size > 65536:
+        raise invalid("resource.sizeGb", size, "Disk size cannot be larger than 65536 GB.")
+
+    def perform(db: Db) -> dict:
+        scope = f"zones/{zone}"
+        link = f"projects/{call.project}/{scope}/disks/{name}"
+        if db.get("disk", call.project, scope, name) is not None:
+            raise ApiError(409, f"The resource '{link}' already exists", "alreadyExists")
+        disk_id = w.new_id()
+        db.put("disk", {
+            "kind": "compute#disk", "id": disk_id, "creationTimestamp": w.rfc3339(db.now), "name": name,
+            "description": str(body.get("description", "")), "sizeGb": str(size),
+            "zone": f"projects/{call.project}/{scope}", "selfLink": link, "type": type_link, "labels": labels,
+            "labelFingerprint": w.fingerprint(), "physicalBlockSizeBytes": "4096", "users": [],
+            "_project": call.project, "_scope": scope, "_ready_at": db.now + _scaled(call, w.DISK_READY_AT),
+        })
+        return w.new_operation(db, call.project, scope, "insert", link, disk_id,
+                               _scaled(call, w.INSERT_OP["disks"]), user=USER)
+
+    return _idempotent(call, perform)
+
+
+def disks_get(call: Call) -> dict:
+    _check_project(call)
+    zone = _zone(call)
+    with call.world.read() as db:
+        return links(w.render_disk(_disk(db, call, zone), db.now), call.base)
+
+
+def disks_list(call: Call) -> dict:
+    _check_project(call)
+    zone = _zone(call)
+    with call.world.read() as db:
+        items = [w.render_disk(d, db.now) for d in db.find("disk", call.project, f"zones/{zone}")]
+    return _list(call, "compute#diskList", items, f"projects/{call.project}/zones/{zone}/disks")
+
+
+def disks_aggregated(call: Call) -> dict:
+    _check_project(call)
+    per: dict[str, list[dict]] = {f"zones/{z}": [] for z in catalog.ZONES}
+    with call.world.read() as db:
+        for disk in db.find("disk", call.project):
+            per[disk["_scope"]].append(w.render_disk(disk, db.now))
+    return _aggregated(call, "compute#diskAggregatedList", "disks", per,
+                       f"projects/{call.project}/aggregated/disks")
+
+
+def disks_delete(call: Call) -> dict:
+    _check_project(call)
+    zone = _zone(call)
+
+    def perform(db: Db) -> dict:
+        disk = _disk(db, call, zone)
+        if disk.get("users"):
+            raise ApiError(400, f"The disk resource '{disk['selfLink']}' is already being used by "
+                           f"'{disk['users'][0]}'", "resourceInUseByAnotherResource")
+        if disk.get("_gone_at") is None:
+            disk["_gone_at"] = db.now + _scaled(call, w.DELETE_OP["disks"])
+            db.put("disk", disk)
+        return w.new_operation(db, call.project, disk["_scope"], "delete", disk["selfLink"], disk["id"],
+                               max(disk["_gone_at"] - db.now, 0.0), user=USER)
+
+    return _idempotent(call, perform)
+
+
+def instances_attach_disk(call: Call) -> dict:
+    _check_project(call)
+    zone = _zone(call)
+    body = call.json()
+    if not body.get("source"):
+        raise invalid("resource.source", "", "The source disk must be specified.")
+    mode = body.get("mode") or "READ_WRITE"
+    if mode not in ("READ_WRITE", "READ_ONLY"):
+        raise invalid("resource.mode", mode, "Must be READ_WRITE or READ_ONLY.")
+    device = body.get("deviceName")
+    if device is not None and not re.fullmatch(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?", str(device)):
+        raise invalid("resource.deviceName", device, "Must be a match of regex '[a-z]([-a-z0-9]*[a-z0-9])?'")
+
+    def perform(db: Db) -> dict:
+        inst = _instance(db, call, zone, call.params["name"])
+        src = rel_link(str(body["source"]), call.project)
+        m = re.match(r"^projects/([^/]+)/zones/([^/]+)/disks/([^/]+)$", src)
+        if not m or m.group(1) != call.project:
+            raise invalid("resource.source", body["source"], "Invalid disk reference.")
+        if m.group(2) != zone:
+            raise invalid("resource.source", body["source"], "Disk must be in the same zone as the instance.")
+        disk = db.get("disk", call.project, f"zones/{zone}", m.group(3))
+        if disk is None:
+            raise not_found(src)
+        if inst.get("_gone_at") is not None:
+            raise ApiError(400, f"The resource '{inst['selfLink']}' is not ready", "resourceNotReady")
+        if w.disk_status(disk, db.now) != "READY":
+            raise ApiError(400, f"The resource '{src}' is not ready", "resourceNotReady")
+        if disk.get("users"):
+            raise ApiError(400, f"The disk resource '{src}' is already being used by '{disk['users'][0]}'",
+                           "resourceInUseByAnotherResource")
+        attached = inst.setdefault("disks", [])
+        index = max((d.get("index", 0) for d in attached), default=-1) + 1
+        name = device or f"persistent-disk-{index}"
+        if any(d.get("deviceName") == name for d in attached):
+            raise invalid("resource.deviceName", name, "A disk with this device name is already attached.")
+        attached.append({
+            "kind": "compute#attachedDisk", "type": "PERSISTENT", "mode": mode, "source": src, "deviceName": name,
+            "index": index, "boot": False, "autoDelete": bool(body.get("autoDelete", False)), "interface": "SCSI",
+            "diskSizeGb": disk["sizeGb"],
+        })
+        db.put("instance", inst)
+        disk["users"] = [*disk.get("users", []), inst["selfLink"]]
+        disk["lastAttachTimestamp"] = w.rfc3339(db.now)
+        db.put("disk", disk)
+        return w.new_operation(db, call.project, inst["_scope"], "attachDisk", inst["selfLink"], inst["id"],
+                               _scaled(call, w.DISK_OP), user=USER)
+
+    return _idempotent(call, perform)
+
+
+def instances_detach_disk(call: Call) -> dict:
+    _check_project(call)
+    zone = _zone(call)
+    device = call.q("deviceName")
+    if not device:
+        raise ApiError(400, "Required parameter 'deviceName' not specified", "required")
+
+    def perform(db: Db) -> dict:
+        inst = _instance(db, call, zone, call.params["name"])
+        found = next((d for d in inst.get("disks", []) if d.get("deviceName") == device), None)
+        if found is None:
+            raise invalid("deviceName", device, f"No attached disk found with device name '{device}'.")
+        if found.get("boot"):
+            raise invalid("deviceName", device, "The boot disk cannot be detached.")
+        inst["disks"] = [d for d in inst["disks"] if d is not found]
+        db.put("instance", inst)
+        m = re.match(r"^projects/[^/]+/(zones/[^/]+)/disks/([^/]+)$", found["source"])
+        disk = db.get("disk", call.project, m.group(1), m.group(2)) if m else None
+        if disk is not None:
+            disk["users"] = [u for u in disk.get("users", []) if u != inst["selfLink"]]
+            disk["lastDetachTimestamp"] = w.rfc3339(db.now)
+            db.put("disk", disk)
+        return w.new_operation(db, call.project, inst["_scope"], "detachDisk", inst["selfLink"], inst["id"],
+                               _scaled(call, w.DISK_OP), user=USER)
+
+    return _idempotent(call, perform)
+
+
+
 # ------------------------------------------------------------------------------------ routing
 P = "projects/{project}"
 ROUTES: list[tuple[str, str, str, Callable[[Call], dict]]] = [
@@ -994,7 +1456,19 @@ ROUTES: list[tuple[str, str, str, Callable[[Call], dict]]] = [
     ("GET", f"{P}/global/images", "images.list", images_list),
     ("GET", f"{P}/global/images/family/{{family}}", "images.getFromFamily", images_family),
     ("GET", f"{P}/global/images/{{name}}", "images.get", images_get),
+    ("GET", f"{P}/global/networks", "networks.list", networks_list),
+    ("POST", f"{P}/global/networks", "networks.insert", networks_insert),
     ("GET", f"{P}/global/networks/{{name}}", "networks.get", networks_get),
+    ("DELETE", f"{P}/global/networks/{{name}}", "networks.delete", networks_delete),
+    ("GET", f"{P}/regions/{{region}}/subnetworks", "subnetworks.list", subnetworks_list),
+    ("POST", f"{P}/regions/{{region}}/subnetworks", "subnetworks.insert", subnetworks_insert),
+    ("GET", f"{P}/regions/{{region}}/subnetworks/{{name}}", "subnetworks.get", subnetworks_get),
+    ("DELETE", f"{P}/regions/{{region}}/subnetworks/{{name}}", "subnetworks.delete", subnetworks_delete),
+    ("GET", f"{P}/zones/{{zone}}/disks", "disks.list", disks_list),
+    ("POST", f"{P}/zones/{{zone}}/disks", "disks.insert", disks_insert),
+    ("GET", f"{P}/aggregated/disks", "disks.aggregatedList", disks_aggregated),
+    ("GET", f"{P}/zones/{{zone}}/disks/{{name}}", "disks.get", disks_get),
+    ("DELETE", f"{P}/zones/{{zone}}/disks/{{name}}", "disks.delete", disks_delete),
     ("GET", f"{P}/zones/{{zone}}/operations", "zoneOperations.list", operations_list),
     ("GET", f"{P}/zones/{{zone}}/operations/{{operation}}", "zoneOperations.get", operations_get),
     ("POST", f"{P}/zones/{{zone}}/operations/{{operation}}/wait", "zoneOperations.wait", operations_wait),
@@ -1013,6 +1487,8 @@ ROUTES: list[tuple[str, str, str, Callable[[Call], dict]]] = [
      instances_add_access_config),
     ("POST", f"{P}/zones/{{zone}}/instances/{{name}}/deleteAccessConfig", "instances.deleteAccessConfig",
      instances_delete_access_config),
+    ("POST", f"{P}/zones/{{zone}}/instances/{{name}}/attachDisk", "instances.attachDisk", instances_attach_disk),
+    ("POST", f"{P}/zones/{{zone}}/instances/{{name}}/detachDisk", "instances.detachDisk", instances_detach_disk),
     ("GET", f"{P}/global/firewalls", "firewalls.list", firewalls_list),
     ("POST", f"{P}/global/firewalls", "firewalls.insert", firewalls_insert),
     ("GET", f"{P}/global/firewalls/{{name}}", "firewalls.get", firewalls_get),

@@ -7,7 +7,8 @@ time scale of the process that created them), and deleted resources disappear wh
 operation is DONE (rows are purged lazily by whoever looks next, `GceWorld.tick`).
 
 Besides storage, `GceWorld` is the control API for tests and the SSH side: capacity and quotas, fault
-injection, the request log, an inventory of what exists and the SSH targets.
+injection, the request log, an inventory of what exists and the SSH targets. Kinds stored: instance, firewall,
+address, network (besides the built-in `default`), subnetwork, disk, operation.
 """
 
 from __future__ import annotations
@@ -35,9 +36,13 @@ DEFAULT_TIME_SCALE = 0.01
 FAULT_KINDS = ("error500", "error503", "error429", "hang_after", "timeout_after")
 
 # Unscaled durations in seconds (multiplied by the time scale when a resource or operation is created).
-INSERT_OP = {"instances": 10.0, "firewalls": 6.0, "addresses": 3.0}
-DELETE_OP = {"instances": 30.0, "firewalls": 6.0, "addresses": 3.0}
+INSERT_OP = {"instances": 10.0, "firewalls": 6.0, "addresses": 3.0, "networks": 8.0, "subnetworks": 6.0,
+             "disks": 3.0}
+DELETE_OP = {"instances": 30.0, "firewalls": 6.0, "addresses": 3.0, "networks": 8.0, "subnetworks": 6.0,
+             "disks": 4.0}
 ACCESS_CONFIG_OP = 4.0
+DISK_OP = 4.0  # instances.attachDisk / detachDisk
+DISK_READY_AT = 5.0  # CREATING -> READY (a little after the insert operation is DONE, as on Compute Engine)
 PATCH_OP = 6.0
 FAILED_OP = 4.0  # an insert that ends in ZONE_RESOURCE_POOL_EXHAUSTED / QUOTA_EXCEEDED
 INSTANCE_STAGING_AT = 6.0  # PROVISIONING -> STAGING
@@ -259,6 +264,18 @@ def render_instance(inst: dict, now: float) -> dict:
     return out
 
 
+def disk_status(disk: dict, now: float) -> str:
+    if disk.get("_gone_at") is not None:
+        return "DELETING"
+    return "CREATING" if now < disk["_ready_at"] else "READY"
+
+
+def render_disk(disk: dict, now: float) -> dict:
+    out = {k: v for k, v in disk.items() if not k.startswith("_")}
+    out["status"] = disk_status(disk, now)
+    return out
+
+
 def render_address(addr: dict, now: float) -> dict:
     return {k: v for k, v in addr.items() if not k.startswith("_")}
 
@@ -268,7 +285,8 @@ def render_plain(obj: dict, now: float) -> dict:
 
 
 RENDER = {"instance": render_instance, "address": render_address, "firewall": render_plain,
-          "operation": render_operation}
+          "operation": render_operation, "network": render_plain, "subnetwork": render_plain, "disk": render_disk}
+DEFAULT_NETWORK = "default"
 
 
 def labels_of(obj: dict) -> dict[str, str]:
@@ -590,8 +608,9 @@ class GceWorld:
     # views --------------------------------------------------------------------------------------------
     def inventory(self) -> dict[str, list[dict]]:
         """What exists in the project: instances (with status, labels, zone, machine type, internal and
-        external IPs), firewalls (with description, target tags, allowed) and addresses (with labels,
-        status, users)."""
+        external IPs, network, subnetwork, attached disks by device name), firewalls (with description, target
+        tags, allowed) and addresses (with labels, status, users); and, only when there is at least one,
+        networks (other than `default`), subnetworks and disks (with status, size, labels, users)."""
         self.tick()
         with self.read() as db:
             now = db.now
@@ -607,19 +626,49 @@ class GceWorld:
                     "tags": list((inst.get("tags") or {}).get("items", [])),
                     "internal_ip": inst["networkInterfaces"][0].get("networkIP"),
                     "external_ip": (nat_ips(inst) or [None])[0],
+                    "network": inst["networkInterfaces"][0]["network"].rsplit("/", 1)[-1],
+                    "subnetwork": inst["networkInterfaces"][0].get("subnetwork", "").rsplit("/", 1)[-1],
+                    "attached_disks": {d["deviceName"]: d["source"].rsplit("/", 1)[-1]
+                                       for d in inst.get("disks", []) if not d.get("boot")},
                 })
             firewalls = [{"id": f["id"], "name": f["name"], "description": f.get("description", ""),
                           "target_tags": f.get("targetTags", []), "allowed": f.get("allowed", []),
-                          "source_ranges": f.get("sourceRanges", [])}
+                          "source_ranges": f.get("sourceRanges", []),
+                          "network": f.get("network", "").rsplit("/", 1)[-1]}
                          for f in db.find("firewall", self.project)]
             addresses = [{"id": a["id"], "name": a["name"], "region": a["_scope"].split("/")[1],
                           "address": a["address"], "status": a["status"], "labels": labels_of(a),
                           "description": a.get("description", ""), "users": list(a.get("users", []))}
                          for a in db.find("address", self.project)]
-        return {"instances": instances, "firewalls": firewalls, "addresses": addresses}
+            networks = [{"id": n["id"], "name": n["name"], "description": n.get("description", ""),
+                         "auto_create_subnetworks": n.get("autoCreateSubnetworks", False),
+                         "subnetworks": [s["name"] for s in db.find("subnetwork", self.project)
+                                         if s["network"] == n["selfLink"]]}
+                        for n in db.find("network", self.project)]
+            subnetworks = [{"id": s["id"], "name": s["name"], "region": s["_scope"].split("/")[1],
+                            "network": s["network"].rsplit("/", 1)[-1], "ip_cidr_range": s["ipCidrRange"],
+                            "gateway_address": s["gatewayAddress"], "description": s.get("description", "")}
+                           for s in db.find("subnetwork", self.project)]
+            disks = [{"id": d["id"], "name": d["name"], "zone": d["_scope"].split("/")[1],
+                      "status": disk_status(d, now), "size_gb": int(d["sizeGb"]), "type": d["type"].rsplit("/", 1)[-1],
+                      "labels": labels_of(d), "description": d.get("description", ""),
+                      "users": [u.rsplit("/", 1)[-1] for u in d.get("users", [])]}
+                     for d in db.find("disk", self.project)]
+        out = {"instances": instances, "firewalls": firewalls, "addresses": addresses}
+        # the kinds labctl's private networks and volumes add are listed only when there are some
+        for key, items in (("networks", networks), ("subnetworks", subnetworks), ("disks", disks)):
+            if items:
+                out[key] = items
+        return out
 
     def ssh_targets(self) -> list[dict[str, Any]]:
-        """Every RUNNING instance with an external IP, as the SSH side (`labctl.testbed.sshd`) needs it."""
+        """Every RUNNING instance, as the SSH side (`labctl.testbed.sshd`) needs it: `address` is its external
+        IP (None without one), `fixed_ips` its networkIP per network (link), `internal_address` a loopback
+        address of its own (127.13.x.y, derived from the instance id, unique in the world) on which it is
+        reachable only through a node on one of its networks (`ssh -J`). A VPC network is global: `site` is
+        the project, so nodes of one network in different zones reach each other."""
+        import hashlib
+
         self.tick()
         out = []
         with self.read() as db:
@@ -628,8 +677,6 @@ class GceWorld:
                 if instance_status(inst, now) != "RUNNING":
                     continue
                 ips = nat_ips(inst)
-                if not ips:
-                    continue
                 keys, users = [], []
                 for item in (inst.get("metadata") or {}).get("items", []):
                     if item.get("key") != "ssh-keys":
@@ -642,15 +689,25 @@ class GceWorld:
                 zone = inst["_scope"].split("/")[1]
                 out.append({
                     "server_id": inst["id"],
-                    "site": f"gcp:{zone}",
+                    "site": f"gcp:{self.project}",
+                    "zone": zone,
                     "name": inst["name"],
-                    "address": ips[0],
+                    "address": ips[0] if ips else None,
                     "port": self.ssh_port,
                     "authorized_keys": keys,
                     "user": users[0] if users else None,
                     "users": sorted(set(users)),
                     "node_dir": self.state_dir / "nodes" / inst["id"],
+                    "fixed_ips": {nic["network"]: nic["networkIP"] for nic in inst.get("networkInterfaces", [])
+                                  if nic.get("networkIP")},
                 })
+        taken: set[str] = set()
+        for t in sorted(out, key=lambda t: t["server_id"]):
+            n = int.from_bytes(hashlib.sha256(t["server_id"].encode()).digest()[:4], "big")
+            while (internal := f"127.13.{n // 254 % 256}.{n % 254 + 1}") in taken:
+                n += 1
+            taken.add(internal)
+            t["internal_address"] = internal
         return out
 
 
@@ -678,7 +735,9 @@ def purge(db: Db) -> None:
         (db.now,)).fetchall()
     for kind, project, scope, name, data in rows:
         if kind == "instance":
-            release_static(db, project, json.loads(data))
+            inst = json.loads(data)
+            release_static(db, project, inst)
+            release_disks(db, project, inst)
         db.delete(kind, project, scope, name)
     # operations and request ids are kept for a day (Compute Engine keeps them for a while too)
     db.conn.execute("DELETE FROM resources WHERE kind='operation' AND created < ?", (db.now - 86400,))
@@ -693,3 +752,13 @@ def release_static(db: Db, project: str, inst: dict, only_ip: str | None = None)
             addr["users"] = [u for u in addr["users"] if u != link]
             addr["status"] = "IN_USE" if addr["users"] else "RESERVED"
             db.put("address", addr)
+
+
+def release_disks(db: Db, project: str, inst: dict) -> None:
+    """A deleted instance no longer uses the disks attached to it (they stay, READY, unless autoDelete)."""
+    link = inst["selfLink"]
+    for disk in db.find("disk", project, inst["_scope"]):
+        if link in disk.get("users", []):
+            disk["users"] = [u for u in disk["users"] if u != link]
+            disk["lastDetachTimestamp"] = rfc3339(db.now)
+            db.put("disk", disk)
