@@ -490,5 +490,5 @@ def _kept_line(f: Any) -> str:
         size = f.attrs.get("size_gb")
         what = f"kept volume {f.name}" + (f" (size {size} GiB)" if size else "")
     else:
-        what = f"kept object-store container {f.name}"
+        what = f"kept object-store container (bucket) {f.name}"
     return what + "; `labctl down --delete-volumes` removes it"

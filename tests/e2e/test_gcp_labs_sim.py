@@ -86,7 +86,7 @@ def _data_lab_copy(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "labs" / "data-persist", root / "labs" / "data-persist")
     text = (REPO / "profiles" / "data-persist.yaml").read_text()
     assert "object_stores:" in text
-    text = re.sub(r"(?m)^sites: \[.*\]$", "sites: [gcp]", text)
+    text = re.sub(r"(?m)^sites: \[[^\]]*\].*$", "sites: [gcp]", text)
     text = text.replace("kvm@tacc: [m1.large]   # flavor reservation", "gcp: [e2-standard-2]")
     text = re.sub(r"\nobject_stores:\n(?:  .*\n)+", "\n", text)
     assert "object_stores" not in text and "gcp: [e2-standard-2]" in text

@@ -126,6 +126,17 @@ def plan_json(plan: Any) -> dict[str, Any]:
     }
 
 
+def _network_detail(site: Any, r: Any) -> str:
+    """What a private network's resources are at this site (see the adapters' docstrings)."""
+    if r.kind == "subnet":
+        return r.spec["cidr"]
+    if r.kind == "router":
+        return {"aws": "the VPC's internet gateway", "gcp": "none needed (the network's default route)"}.get(
+            site.family, f"to {site.public_network}")
+    return {"aws": "a VPC with an internet gateway", "gcp": "a VPC network (custom subnets)"}.get(
+        site.family, "Neutron network" + ("" if r.spec.get("port_security", True) else ", port security off"))
+
+
 def print_plan(plan: Any, estimate: Any = None) -> None:
     table = Table(title=f"plan: {plan.lab} at {plan.site.name} ({plan.lease_hours:g} h lease)")
     for col in ("resource", "kind", "name", "details"):
@@ -134,16 +145,24 @@ def print_plan(plan: Any, estimate: Any = None) -> None:
         if r.kind == "reservation":
             details = f"{r.spec['count']} × {' → '.join(r.spec['candidates'])} ({r.spec['kind']} lease)"
         elif r.kind == "server":
+            noun = "flavor" if plan.site.family == "kvm" else "type"
             details = f"image {r.spec['image']}" + (f", on {r.spec['reservation']}" if r.spec["reservation"] else
-                                                    f", flavor {r.spec['candidates'][0]}")
+                                                    f", {noun} {' → '.join(r.spec['candidates'])}")
+        elif r.kind in ("network", "subnet", "router"):
+            details = _network_detail(plan.site, r)
         elif r.kind == "secgroup":
             details = "ports " + ", ".join(f"{x['port']}/{x['protocol']}" for x in r.spec["rules"])
         elif r.kind == "volume":
-            details = f"{r.spec['size_gb']} GiB" + (", kept on down" if r.spec["keep"] else "")
+            size = r.spec["size_gb"]
+            details = (f"{size} GiB" if plan.site.family != "gcp" or size >= 10 else
+                       f"{size} GiB asked, 10 GiB made (the smallest persistent disk)")
+            details += ", kept on down" if r.spec["keep"] else ""
         elif r.kind == "volume_attachment":
             details = f"on {r.spec['node']} at {r.spec['mount']} ({r.spec['filesystem']}, formatted once)"
         elif r.kind == "bucket":
-            details = "object-store container" + (", kept on down" if r.spec["keep"] else "")
+            noun = {"s3": "S3 bucket", "swift": "Swift container"}.get(plan.site.object_storage or "",
+                                                                    "object-store container")
+            details = noun + (", kept on down" if r.spec["keep"] else "")
         else:
             details = ""
         table.add_row(r.key, r.kind, r.name, details)

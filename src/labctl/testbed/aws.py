@@ -21,13 +21,19 @@ file `<state_dir>/aws.db` (WAL, short transactions), shared by all processes:
 - reachability: moto's public IPs (instances' ``ipAddress``, Elastic IPs) are not on this machine and are never
   connected to. Every one is mapped to a loopback address ``127.20.<n>.<m>`` in responses (DNS names too) and
   back in requests, so labctl only ever sees loopback addresses; the SSH side (`labctl.testbed.sshd.SSHNodes`)
-  serves each running instance on its loopback address (`AwsWorld.ssh_targets`).
+  serves each running instance on its loopback address (`AwsWorld.ssh_targets`), and on an internal one
+  (``127.12.x.y``) that instances of the same VPC reach by forwarding to its private IP (the `ssh -J` hop).
 - the ``client-token`` filter of DescribeInstances (moto crashes on it) is applied here;
+- refusals moto lacks (`AwsWorld.check_request`): attaching a volume that is attached already or in another zone,
+  deleting a VPC with a gateway or security groups left, a subnet with interfaces in it; DetachVolume without
+  InstanceId (moto crashes on it);
 - boot time: with `set_boot_seconds(s)` new instances say ``pending`` for s seconds (moto: ``running`` at once);
 - a request log and fault injection (``error503``, ``throttle`` = RequestLimitExceeded, ``hang_after``,
   ``timeout_after``) for tests.
 
-Other protocols (JSON/REST services such as SSM or STS) are passed through to moto unchanged.
+Other protocols (JSON/REST services such as SSM or STS, and S3: path-style requests, HEAD included, with moto's
+answer headers) are passed through to moto unchanged; `claim_bucket(name)` makes an S3 bucket name another
+account's.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ MOTO_LOG = "moto.log"
 AMIS_FILE = "moto-amis.json"
 DB_FILE = "aws.db"
 LOOPBACK_PREFIX = "127.20"
+INTERNAL_PREFIX = "127.12"  # each running instance's own address, reached only through a jump host
 FAULT_KINDS = ("error503", "throttle", "hang_after", "timeout_after")
 _FAULT_ALIASES = {"RequestLimitExceeded": "throttle", "error500": "error503"}
 MOTO_ENV = {
@@ -329,6 +336,7 @@ _IPV4_DASHED = re.compile(r"(?:(?<=ec2-)|(?<=ip-))(\d{1,3}(?:-\d{1,3}){3})(?![\d
 _PUBLIC_IP_TAGS = re.compile(r"<(ipAddress|publicIp|carrierIp)>([\d.]+)</\1>")
 _LOOP = re.compile(rf"^{re.escape(LOOPBACK_PREFIX)}\.\d{{1,3}}\.\d{{1,3}}$")
 _REGION = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")
+_SERVICE = re.compile(r"Credential=[^/,\s]+/\d{8}/[a-z0-9-]+/([a-z0-9-]+)/")
 
 
 def _free_port(lo: int = 20000, hi: int = 40000) -> int:
@@ -350,8 +358,11 @@ def _loop_address(seq: int) -> str:
     return f"{LOOPBACK_PREFIX}.{hi}.{10 + lo}"
 
 
-def error_xml(code: str, message: str) -> bytes:
-    """EC2's error document (what botocore's EC2 parser reads)."""
+def error_xml(code: str, message: str, s3: bool = False) -> bytes:
+    """EC2's error document (what botocore's EC2 parser reads), or S3's with `s3`."""
+    if s3:
+        return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{_esc(code)}</Code>'
+                f"<Message>{_esc(message)}</Message><RequestId>{uuid.uuid4()}</RequestId></Error>").encode()
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
         f"<Code>{_esc(code)}</Code><Message>{_esc(message)}</Message></Error></Errors>"
@@ -480,6 +491,22 @@ class AwsWorld:
                 self._clients[region] = cli
             return cli
 
+    def s3_client(self, region: str) -> Any:
+        """A boto3 S3 client straight to moto (path-style addressing: the endpoint is 127.0.0.1)."""
+        url = self.moto_url
+        key = f"s3:{region}"
+        with self._clients_lock:
+            cli = self._clients.get(key)
+            if cli is None or cli.meta.endpoint_url != url:
+                from botocore.config import Config
+
+                cli = isolated_session(region).client(
+                    "s3", endpoint_url=url,
+                    config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"},
+                                  read_timeout=60))
+                self._clients[key] = cli
+            return cli
+
     # -- control API -------------------------------------------------------------------------------
     def set_capacity(self, zone: str, instance_type: str, n: int | None) -> None:
         """At most `n` running instances of `instance_type` in `zone` (None: no limit, the default)."""
@@ -508,11 +535,12 @@ class AwsWorld:
         return int(value) if value is not None else None
 
     def reset_controls(self) -> None:
-        """Back to defaults: no capacity or vCPU limits, no faults, no boot time."""
+        """Back to defaults: no capacity or vCPU limits, no faults, no boot time, no other account's buckets."""
         with self._tx() as db:
             db.execute("DELETE FROM capacity")
             db.execute("DELETE FROM faults")
-            db.execute("DELETE FROM meta WHERE key LIKE 'vcpu_limit:%' OR key = 'boot_seconds'")
+            db.execute("DELETE FROM meta WHERE key LIKE 'vcpu_limit:%' OR key = 'boot_seconds' "
+                       "OR key LIKE 'foreign_bucket:%'")
 
     def inject_fault(self, action: str, kind: str, count: int = 1) -> None:
         """Make the next `count` requests of `action` ("RunInstances", "*" for any) misbehave.
@@ -526,6 +554,23 @@ class AwsWorld:
             raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
         with self._tx() as db:
             db.execute("INSERT INTO faults (action, kind, remaining) VALUES (?,?,?)", (action, kind, int(count)))
+
+    def claim_bucket(self, name: str) -> None:
+        """Make S3 bucket `name` another account's (names are global): CreateBucket answers BucketAlreadyExists
+        (409), every other request on it AccessDenied (403)."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, '1')", (f"foreign_bucket:{name}",))
+
+    def check_s3(self, method: str, url: Any) -> None:
+        """S3's answers for a bucket of another account (see `claim_bucket`)."""
+        bucket = url.path.lstrip("/").split("/", 1)[0]
+        if not bucket or self._meta(f"foreign_bucket:{bucket}") is None:
+            return
+        if method == "PUT" and url.path.strip("/") == bucket and not url.query:
+            raise ApiError(409, "BucketAlreadyExists", "The requested bucket name is not available. The bucket "
+                           "namespace is shared by all users of the system. Please select a different name and try "
+                           "again.")
+        raise ApiError(403, "AccessDenied", "Access Denied")
 
     def clear_faults(self) -> None:
         with self._tx() as db:
@@ -898,6 +943,83 @@ class AwsWorld:
             params = {**params, "MaxCount": str(r)}  # EC2 launches as many as it can, at least MinCount
         return params
 
+    # -- what moto does not check (answered as EC2 answers) ---------------------------------------------
+    def check_request(self, region: str, action: str, params: dict[str, str]) -> dict[str, str]:
+        """EC2's refusals that moto lacks, raised as EC2's errors; returns the params to forward.
+
+        - AttachVolume: a volume attached already (VolumeInUse), in another zone than the instance
+          (InvalidVolume.ZoneMismatch), or an instance that is not running or stopped (IncorrectState);
+        - DetachVolume without InstanceId (moto crashes): the volume's instance; of a detached volume:
+          IncorrectState;
+        - DeleteVpc while an internet gateway is attached or a security group other than `default` is left, and
+          DeleteSubnet while a network interface is in it: DependencyViolation.
+        """
+        handler = {"AttachVolume": self._check_attach, "DetachVolume": self._check_detach,
+                   "DeleteVpc": self._check_delete_vpc, "DeleteSubnet": self._check_delete_subnet}.get(action)
+        return handler(self.client(region), params) if handler else params
+
+    @staticmethod
+    def _volume(cli: Any, volume_id: str) -> dict | None:
+        try:
+            vols = cli.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+        except Exception:  # noqa: BLE001 - moto answers the request itself with the real error
+            return None
+        return vols[0] if vols else None
+
+    def _check_attach(self, cli: Any, params: dict[str, str]) -> dict[str, str]:
+        vol = self._volume(cli, params.get("VolumeId", ""))
+        if vol is None:
+            return params
+        if vol.get("Attachments"):
+            raise ApiError(400, "VolumeInUse", f"{vol['VolumeId']} is already attached to an instance")
+        try:
+            out = cli.describe_instances(InstanceIds=[params.get("InstanceId", "")])
+        except Exception:  # noqa: BLE001
+            return params
+        instances = [i for r in out["Reservations"] for i in r["Instances"]]
+        if not instances:
+            return params
+        inst = instances[0]
+        if inst["State"]["Name"] not in ("running", "stopped"):
+            raise ApiError(400, "IncorrectState",
+                           f"Instance '{inst['InstanceId']}' is not 'running' or 'stopped'.")
+        if inst["Placement"]["AvailabilityZone"] != vol["AvailabilityZone"]:
+            raise ApiError(400, "InvalidVolume.ZoneMismatch",
+                           f"The volume '{vol['VolumeId']}' is not in the same availability zone as instance "
+                           f"'{inst['InstanceId']}'")
+        return params
+
+    def _check_detach(self, cli: Any, params: dict[str, str]) -> dict[str, str]:
+        vol = self._volume(cli, params.get("VolumeId", ""))
+        if vol is None:
+            return params
+        attached = vol.get("Attachments") or []
+        if not attached or (params.get("InstanceId") and params["InstanceId"] not in
+                            {a.get("InstanceId") for a in attached}):
+            raise ApiError(400, "IncorrectState", f"Volume '{vol['VolumeId']}' is in the '{vol['State']}' state.")
+        if not params.get("InstanceId"):
+            params = {**params, "InstanceId": attached[0]["InstanceId"]}
+        return params
+
+    def _check_delete_vpc(self, cli: Any, params: dict[str, str]) -> dict[str, str]:
+        vpc = params.get("VpcId", "")
+        gateways = cli.describe_internet_gateways(
+            Filters=[{"Name": "attachment.vpc-id", "Values": [vpc]}])["InternetGateways"]
+        groups = [g for g in cli.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]}])[
+            "SecurityGroups"] if g["GroupName"] != "default"]
+        if gateways or groups:
+            raise ApiError(400, "DependencyViolation", f"The vpc '{vpc}' has dependencies and cannot be deleted.")
+        return params
+
+    def _check_delete_subnet(self, cli: Any, params: dict[str, str]) -> dict[str, str]:
+        subnet = params.get("SubnetId", "")
+        enis = cli.describe_network_interfaces(
+            Filters=[{"Name": "subnet-id", "Values": [subnet]}])["NetworkInterfaces"]
+        if enis:
+            raise ApiError(400, "DependencyViolation",
+                           f"The subnet '{subnet}' has dependencies and cannot be deleted.")
+        return params
+
     # -- views -----------------------------------------------------------------------------------------
     def inventory(self, region: str = "us-east-1") -> dict[str, list[dict]]:
         """What exists in `region`, as labctl would see it (public IPs are loopback addresses):
@@ -921,10 +1043,46 @@ class AwsWorld:
         } for g in cli.describe_security_groups()["SecurityGroups"] if g["GroupName"] != "default"]
         keys = [{"id": k.get("KeyPairId"), "name": k["KeyName"], "tags": _tags(k.get("Tags"))}
                 for k in cli.describe_key_pairs()["KeyPairs"]]
-        return {"instances": instances, "addresses": addresses, "security_groups": groups, "key_pairs": keys}
+        out: dict[str, list[dict]] = {"instances": instances, "addresses": addresses, "security_groups": groups,
+                                      "key_pairs": keys}
+        # The deployment networks, data volumes and buckets: each key only when there is at least one.
+        vpcs = [{"id": v["VpcId"], "name": _tags(v.get("Tags")).get("Name"), "cidr": v.get("CidrBlock"),
+                 "tags": _tags(v.get("Tags"))} for v in cli.describe_vpcs()["Vpcs"] if not v.get("IsDefault")]
+        subnets = [{"id": n["SubnetId"], "name": _tags(n.get("Tags")).get("Name"), "vpc_id": n["VpcId"],
+                    "cidr": n["CidrBlock"], "zone": n["AvailabilityZone"], "tags": _tags(n.get("Tags"))}
+                   for n in cli.describe_subnets()["Subnets"] if not n.get("DefaultForAz")]
+        gateways = [{"id": g["InternetGatewayId"], "name": _tags(g.get("Tags")).get("Name"),
+                     "vpc_ids": [a["VpcId"] for a in g.get("Attachments") or []], "tags": _tags(g.get("Tags"))}
+                    for g in cli.describe_internet_gateways()["InternetGateways"]]
+        roots = {(i["InstanceId"], i.get("RootDeviceName")) for i in self._instances(region)}
+        volumes = [{"id": v["VolumeId"], "name": _tags(v.get("Tags")).get("Name"), "state": v["State"],
+                    "size": v["Size"], "zone": v["AvailabilityZone"], "type": v.get("VolumeType"),
+                    "attachments": [{"instance_id": a["InstanceId"], "device": a["Device"], "state": a["State"]}
+                                    for a in v.get("Attachments") or []],
+                    "tags": _tags(v.get("Tags"))}
+                   for v in cli.describe_volumes()["Volumes"]
+                   if not any((a["InstanceId"], a["Device"]) in roots for a in v.get("Attachments") or [])]
+        buckets = []
+        s3 = self.s3_client(region)
+        for b in s3.list_buckets().get("Buckets", []):
+            try:
+                tags = _tags(s3.get_bucket_tagging(Bucket=b["Name"])["TagSet"])
+            except Exception:  # noqa: BLE001 - NoSuchTagSet: an untagged bucket
+                tags = {}
+            objects = s3.list_object_versions(Bucket=b["Name"])
+            buckets.append({"id": b["Name"], "name": b["Name"], "tags": tags,
+                            "objects": len(objects.get("Versions") or []) + len(objects.get("DeleteMarkers") or [])})
+        for key, items in (("vpcs", vpcs), ("subnets", subnets), ("internet_gateways", gateways),
+                           ("volumes", volumes), ("buckets", buckets)):
+            if items:
+                out[key] = items
+        return out
 
     def ssh_targets(self) -> list[dict[str, Any]]:
-        """Every running instance with a public IP, as `labctl.testbed.sshd.SSHNodes` serves it."""
+        """Every running instance, as `labctl.testbed.sshd.SSHNodes` serves it: `address` is its public IP's
+        loopback address (None without a public IP), `fixed_ips` = {VPC id: private IP}, and `internal_address`
+        a loopback address of its own (127.12.x.y, derived from the instance id), on which it is reachable only
+        through an instance of the same VPC that forwards to `<private IP>:22` (the `ssh -J` hop)."""
         cached = self._targets_cache
         if cached is not None and time.monotonic() - cached[0] < 0.2:
             return [dict(t) for t in cached[1]]
@@ -934,7 +1092,7 @@ class AwsWorld:
         for region in self.regions():
             for i in self._instances(region, ("running",)):
                 public = i.get("PublicIpAddress")
-                if not public or i["InstanceId"] in booting:
+                if i["InstanceId"] in booting:
                     continue
                 keys = self.instance_keys(i["InstanceId"])
                 if keys is None:
@@ -942,10 +1100,20 @@ class AwsWorld:
                 tags = _tags(i.get("Tags"))
                 targets.append({
                     "server_id": i["InstanceId"], "site": f"aws:{region}",
-                    "name": tags.get("Name") or i["InstanceId"], "address": self.loopback_for(public),
+                    "name": tags.get("Name") or i["InstanceId"],
+                    "address": self.loopback_for(public) if public else None,
+                    "fixed_ips": {i["VpcId"]: i["PrivateIpAddress"]} if i.get("VpcId") and i.get(
+                        "PrivateIpAddress") else {},
                     "port": port, "user": "ubuntu", "authorized_keys": keys,
                     "node_dir": self.state_dir / "nodes" / i["InstanceId"],
                 })
+        taken: set[str] = set()
+        for t in sorted(targets, key=lambda t: t["server_id"]):
+            n = int.from_bytes(hashlib.sha256(t["server_id"].encode()).digest()[:4], "big")
+            while (internal := f"{INTERNAL_PREFIX}.{n // 254 % 256}.{n % 254 + 1}") in taken:
+                n += 1
+            taken.add(internal)
+            t["internal_address"] = internal
         self._targets_cache = (time.monotonic(), targets)
         return [dict(t) for t in targets]
 
@@ -1076,11 +1244,28 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:  # noqa: N802
         self._handle()
 
+    def do_HEAD(self) -> None:  # noqa: N802 - S3 HeadBucket / HeadObject
+        self._handle()
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
     def _handle(self) -> None:
         self._reply_type = "text/xml;charset=UTF-8"
+        self._reply_headers: dict[str, str] = {}
         world = self.server.world
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        body = self._read_body()
         query = urlsplit(self.path).query
         params = dict(parse_qsl(query, keep_blank_values=True))
         ctype = self.headers.get("Content-Type", "")
@@ -1093,6 +1278,10 @@ class _Handler(BaseHTTPRequestHandler):
         action = params.get("Action", "") if query_protocol else (target.rsplit(".", 1)[-1] or self.command)
         m = _REGION.search(self.headers.get("Authorization", ""))
         region = m.group(1) if m else "us-east-1"
+        m = _SERVICE.search(self.headers.get("Authorization", ""))
+        s3 = bool(m) and m.group(1) == "s3" and not query_protocol
+        if s3:
+            action = f"s3:{self.command}"  # S3 is REST: its requests are logged and faulted by HTTP method
         seq = None
         try:
             world.note_region(region)
@@ -1103,6 +1292,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fault == "throttle":
                 raise ApiError(503, "RequestLimitExceeded", "Request limit exceeded.")
             real_params = world.unmap_params(params)
+            if s3:
+                world.check_s3(self.command, urlsplit(self.path))
 
             def forward(p: dict[str, str]) -> tuple[int, bytes]:
                 return self._forward(p)
@@ -1110,6 +1301,8 @@ class _Handler(BaseHTTPRequestHandler):
             tokens = None
             if action == "DescribeInstances":  # moto crashes on the client-token filter: applied here
                 real_params, tokens = split_filter(real_params, "client-token")
+            if query_protocol and action:
+                real_params = world.check_request(region, action, real_params)
             if not query_protocol:
                 status, out = self._passthrough(body)
             elif action == "RunInstances":
@@ -1124,12 +1317,15 @@ class _Handler(BaseHTTPRequestHandler):
                 out = keep_instances(out, lambda item, ns: item.findtext(f"{{{ns}}}clientToken") in tokens)
             if status == 200 and action in ("DescribeInstances", "RunInstances"):
                 out = world.apply_boot(out)
-            out = world.map_response(out)
+            if not s3:  # object data is passed as it is
+                out = world.map_response(out)
         except ApiError as exc:
-            status, out, fault = exc.status, error_xml(exc.code, exc.message), None
+            status, out, fault = exc.status, error_xml(exc.code, exc.message, s3), None
+            self._reply_headers = {}
         except Exception as exc:  # noqa: BLE001 - an emulator bug must come back as an API error, not a hang
             log.exception("aws front: %s failed", action)
-            status, out, fault = 500, error_xml("InternalError", f"emulator error: {exc}"), None
+            status, out, fault = 500, error_xml("InternalError", f"emulator error: {exc}", s3), None
+            self._reply_headers = {}
         if fault == "hang_after":
             self.server.stopping.wait(HANG_SECONDS)
             self.close_connection = True
@@ -1144,10 +1340,17 @@ class _Handler(BaseHTTPRequestHandler):
                 world._log_status(seq, status)
         self.send_response(status)
         self.send_header("Content-Type", self._reply_type)
-        self.send_header("Content-Length", str(len(out)))
-        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        head = self.command == "HEAD"
+        # A HEAD answer has no body but says how long the body would be (moto's Content-Length).
+        self.send_header("Content-Length", self._reply_headers.pop("content-length", "0") if head else str(len(out)))
+        self._reply_headers.pop("content-length", None)
+        for key, value in self._reply_headers.items():
+            self.send_header(key, value)
+        if "x-amzn-requestid" not in self._reply_headers:
+            self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
         self.end_headers()
-        self.wfile.write(out)
+        if not head:
+            self.wfile.write(out)
 
     def _passthrough(self, body: bytes) -> tuple[int, bytes]:
         port = self.server.world.moto()["port"]
@@ -1157,6 +1360,10 @@ class _Handler(BaseHTTPRequestHandler):
             conn.request(self.command, self.path, body=body or None, headers=headers)
             resp = conn.getresponse()
             self._reply_type = resp.getheader("Content-Type") or self._reply_type
+            # The answer's own headers (S3: ETag, x-amz-version-id, x-amz-bucket-region, Location...).
+            self._reply_headers = {k.lower(): v for k, v in resp.getheaders()
+                                   if k.lower() not in _HOP_HEADERS - {"content-length"}
+                                   and k.lower() not in ("content-type", "server", "date")}
             return resp.status, resp.read()
         finally:
             conn.close()
