@@ -136,3 +136,19 @@ def test_plan_router_only_with_gateway(tmp_path):
     assert router.spec == {"subnet": "subnet:cluster", "external_network": "public"}
     assert plan.get("subnet:cluster").spec["gateway_ip"] == "192.168.1.1"
     assert "router:cluster" not in plan.get("server:node-1").depends_on  # nodes need not wait for it
+
+
+def test_fixed_addresses_the_cloud_keeps(tmp_path):
+    text = PROFILE.replace("sites: [kvm@tacc]", "sites: [kvm@tacc, aws, gcp]").replace(
+        "types: {kvm@tacc: [m1.medium]}", "types: {kvm@tacc: [m1.medium], aws: [t3.medium], gcp: [e2-medium]}")
+    low = _load(tmp_path, text.replace("first_ip: 11", "first_ip: 2"))
+    assert validate_for_site(low, sites.resolve("kvm@tacc")) == []
+    assert validate_for_site(low, sites.resolve("aws")) == [
+        "networks.cluster: node-1 would get 192.168.1.2, which AWS keeps for itself in 192.168.1.0/24 (its first 4 "
+        "and last 1 addresses); start first_ip at 4 or more"]
+    assert validate_for_site(low, sites.resolve("gcp")) == []  # .2-.4: GCP keeps .0 and .1
+    high = _load(tmp_path, text.replace("first_ip: 11", "first_ip: 252"))  # .252-.254
+    assert validate_for_site(high, sites.resolve("aws")) == []
+    assert validate_for_site(high, sites.resolve("gcp"))[0].startswith(
+        "networks.cluster: node-3 would get 192.168.1.254, which GCP keeps")
+

@@ -1013,9 +1013,19 @@ def _network_site_problems(profile: Profile, site: Site, real: str) -> list[str]
         return [f"networks: {real} gives a deployment one private network, but this profile declares "
                 f"{len(profile.networks)} ({', '.join(profile.networks)})"]
     name, net = next(iter(profile.networks.items()))
-    prefix = ipaddress.ip_network(net.cidr).prefixlen
-    if site.family == "aws" and not 16 <= prefix <= 28:
-        return [f"networks.{name}.cidr: an AWS subnet is /16 to /28, not /{prefix}"]
+    cidr = ipaddress.ip_network(net.cidr)
+    if site.family == "aws" and not 16 <= cidr.prefixlen <= 28:
+        return [f"networks.{name}.cidr: an AWS subnet is /16 to /28, not /{cidr.prefixlen}"]
+    # The addresses the cloud keeps for itself in every subnet: AWS the first four and the last, GCP the
+    # first two and the last two.
+    first, last = {"aws": (4, 1), "gcp": (2, 2)}.get(site.family, (0, 0))
+    for (node, _), address in sorted(profile.fixed_ips().items()):
+        if address is None:
+            continue
+        offset = int(ipaddress.ip_address(address)) - int(cidr.network_address)
+        if offset < first or offset > cidr.num_addresses - 1 - last:
+            return [f"networks.{name}: {node} would get {address}, which {site.family.upper()} keeps for itself in "
+                    f"{cidr} (its first {first} and last {last} addresses); start first_ip at {first} or more"]
     return []
 
 

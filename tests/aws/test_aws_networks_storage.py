@@ -494,3 +494,29 @@ def test_transient_errors_on_volume_calls_are_retried(emu, tmp_path: Path, publi
     emu.world.clear_faults()
     assert Engine(provider, StateStore(tmp_path / "s.db")).destroy(plan) == []
     assert mine(emu, plan.deployment) == {}
+
+
+def test_a_region_without_a_default_vpc_serves_labs_on_their_own_network(emu, tmp_path: Path, public_key: str):
+    """Many accounts delete the default VPC: a lab with its own network does not need it; one without says so."""
+    import dataclasses
+
+    region = "eu-west-1"
+    ec2 = ec2_client(emu, region)
+    (vpc,) = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+    for subnet in ec2.describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc["VpcId"]]}])["Subnets"]:
+        ec2.delete_subnet(SubnetId=subnet["SubnetId"])
+    for igw in ec2.describe_internet_gateways(Filters=[{"Name": "attachment.vpc-id",
+                                                        "Values": [vpc["VpcId"]]}])["InternetGateways"]:
+        ec2.detach_internet_gateway(InternetGatewayId=igw["InternetGatewayId"], VpcId=vpc["VpcId"])
+        ec2.delete_internet_gateway(InternetGatewayId=igw["InternetGatewayId"])
+    ec2.delete_vpc(VpcId=vpc["VpcId"])
+    base = sites.resolve("sim-aws")
+    site = dataclasses.replace(base, name="sim-aws-eu", region=region)
+    provider = aws_provider.connect(site, testbed=lambda: StandInTestbed(emu))
+    networked = lab_plan(tmp_path, public_key, "nodefault")
+    networked.site = site
+    provider.preflight(networked)  # no default VPC asked for
+    plain = lab_plan(tmp_path, public_key, "nodefault2", network=False)
+    plain.site = site
+    with pytest.raises(UserError, match="has no default VPC"):
+        provider.preflight(plain)

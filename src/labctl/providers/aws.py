@@ -425,6 +425,15 @@ class AwsProvider:
             offered.update(found)
         return {t: offered[t] for t in types}
 
+    def _region_zones(self) -> set[str]:
+        """The available zones of the region (only the site's for a zone site)."""
+        if "zones" not in self._cache:
+            out = self._call("list zones", lambda: self.ec2.describe_availability_zones(Filters=[
+                {"Name": "state", "Values": ["available"]}]))
+            self._cache["zones"] = {z["ZoneName"] for z in out["AvailabilityZones"]}
+        zones = self._cache["zones"]
+        return {self.site.zone} & zones if self.site.zone else set(zones)
+
     def _zones_for(self, instance_type: str) -> list[tuple[str, str]]:
         offered = self._offered_zones([instance_type])[instance_type]
         return [(z, s) for z, s in self._subnets().items() if z in offered]
@@ -455,7 +464,9 @@ class AwsProvider:
         if not types:
             return
         offered = self._offered_zones(types)
-        zones = set(self._subnets())
+        # Nodes on the deployment's own network use its VPC: a region without a default VPC is fine for them.
+        own_network = all(r.spec.get("networks") for r in plan.by_kind("server"))
+        zones = self._region_zones() if own_network else set(self._subnets())
         where = self.site.zone or self.region
         for node in plan.nodes:
             if node.candidates and not any(offered[c] & zones for c in node.candidates):
@@ -747,9 +758,7 @@ class AwsProvider:
         candidates = [list(r.spec.get("candidates") or []) for r in servers]
         every = sorted({c for cs in candidates for c in cs})
         if not every:
-            zones = self._call("list zones", lambda: self.ec2.describe_availability_zones(Filters=[
-                {"Name": "state", "Values": ["available"]}]))["AvailabilityZones"]
-            return sorted(z["ZoneName"] for z in zones)[0]
+            return sorted(self._region_zones())[0]
         offered = self._offered_zones(every)
         common = set.intersection(*(offered[t] for t in every))
         if not common:  # no zone has them all: one that has each node's first choice
