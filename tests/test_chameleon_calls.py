@@ -77,3 +77,23 @@ def test_keypair_create_after_a_lost_answer_or_with_another_key(setup):
     assert provider.find(res, plan).status == "incomplete"
     provider.create(res, plan, {}, None)
     assert provider.conn.compute.get_keypair(res.name).public_key.split()[:2] == KEY.split()[:2]
+
+
+def test_teardowns_share_project_lists_but_see_their_own_deletes(setup, tmp_path):
+    tb, provider, plan, store = setup
+    other = build_plan(load_profile(find_profile("hello")), provider.site, "bob", KEY)
+    engine = Engine(provider, store)
+    engine.apply(plan)
+    engine.apply(other)
+
+    def fip_lists(since: int) -> int:
+        return sum(1 for m, p in _sent(tb, since) if m == "GET" and p.endswith("/floatingips"))
+
+    before = len(tb.world.request_log())
+    mine = {f.kind for f in provider.list_owned(plan)}
+    theirs = {f.kind for f in provider.list_owned(other)}
+    assert {"server", "floating_ip", "reservation", "secgroup", "keypair"} <= mine and theirs == mine
+    assert fip_lists(before) == 1  # one list of the project's floating IPs served both deployments
+    assert engine.destroy(plan) == []  # its check after the deletes fetched again: nothing of it is left
+    assert {f.kind for f in provider.list_owned(other)} == mine  # the other deployment is untouched
+    assert engine.destroy(other) == []

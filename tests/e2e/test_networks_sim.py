@@ -105,7 +105,8 @@ def _gateway_copy(tmp_path: Path) -> Path:
 def test_sigkill_after_port_create_then_resume_with_router(labctl_env, tmp_path):
     path = str(_gateway_copy(tmp_path))
     w = world(labctl_env)
-    w.inject_fault(SITE, "POST /v2.0/ports", "hang_after")
+    # Every node's port create commits, then hangs: no server can be launched on one before the kill.
+    w.inject_fault(SITE, "POST /v2.0/ports", "hang_after", count=3)
     proc = start(labctl_env, "up", path, "--site", "sim")
     # Kill once a port exists (requests are logged before they are handled; `hang_after` commits, then hangs).
     kill_when(proc, lambda: any(p["device_owner"] != "network:router_interface"

@@ -113,20 +113,23 @@ class Snapshot:
     """One list call per poll round, shared by every thread that polls (a whole class on one site).
 
     Concurrent callers within `ttl` seconds get the same result; the lock makes the others wait for the
-    one call in flight instead of sending their own.
+    one call in flight instead of sending their own. A caller that must see its own changes passes
+    `newer_than` (a `time.monotonic()` value): a result whose call started before then is fetched again.
     """
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self.lock = threading.Lock()
         self.at = -1e18
+        self.started = -1e18
         self.value: Any = None
 
-    def get(self, fetch: Callable[[], Any]) -> Any:
+    def get(self, fetch: Callable[[], Any], newer_than: float = -1e18) -> Any:
         with self.lock:
-            if self.value is None or time.monotonic() - self.at >= self.ttl:
+            if self.value is None or time.monotonic() - self.at >= self.ttl or self.started < newer_than:
+                started = time.monotonic()
                 self.value = fetch()
-                self.at = time.monotonic()
+                self.at, self.started = time.monotonic(), started
             return self.value
 
 

@@ -88,6 +88,10 @@ class ChameleonProvider:
         # What `find` just said about a resource, for the `create` the engine calls right after it in the same
         # thread (so create does not list again what find listed). Taken once; a missing entry means "look".
         self._just_found: dict[tuple[str, str], Found | None] = {}
+        # Project-wide lists for `list_owned`, shared by the deployments a class tears down at once; a
+        # deployment's own deletes (time in `_deleted_at`) make it fetch again rather than see its old items.
+        self._owned_lists: dict[str, Snapshot] = {}
+        self._deleted_at: dict[str, float] = {}
 
     def set_rate_limit(self, calls_per_second: float | None) -> None:
         self.limiter = RateLimiter(calls_per_second)
@@ -637,6 +641,12 @@ class ChameleonProvider:
 
     # -- delete -----------------------------------------------------------------------------------
     def delete(self, kind: str, found: Sequence[Found], plan: Plan) -> None:
+        try:
+            self._delete(kind, found, plan)
+        finally:
+            self._deleted_at[plan.deployment] = time.monotonic()  # its next list_owned must be fresh
+
+    def _delete(self, kind: str, found: Sequence[Found], plan: Plan) -> None:
         if not found:
             return
         if kind == "floating_ip":
@@ -797,16 +807,22 @@ class ChameleonProvider:
             time.sleep(self.poll_interval)
 
     # -- inventory --------------------------------------------------------------------------------
+    def _project_list(self, what: str, fetch: Callable[[], Any], plan: Plan) -> Any:
+        """Everything of one kind in the project, from a list shared with other deployments' teardowns."""
+        snap = self._owned_lists.setdefault(what, Snapshot(max(self.poll_interval, 1.0)))
+        return snap.get(lambda: self._call(f"list {what}", fetch),
+                        newer_than=self._deleted_at.get(plan.deployment, -1e18))
+
     def list_owned(self, plan: Plan) -> list[Found]:
         owned: list[Found] = []
         for s in self._servers_named(f"^{re.escape(plan.deployment)}-", plan):
             owned.append(self._server_found(s))
-        for ip in self._call("list floating IPs", lambda: list(self.conn.network.ips())):
+        for ip in self._project_list("floating IPs", lambda: list(self.conn.network.ips()), plan):
             if _deployment_of(ip.description) == plan.deployment:
                 owned.append(Found("floating_ip", ip.id, ip.description or "",
                                    attrs={"floating_ip": ip.floating_ip_address}))
         lease_names = {r.name for r in plan.by_kind("reservation")}
-        for lease in self._call("list leases", lambda: self.blazar.lease.list()):
+        for lease in self._project_list("leases", lambda: self.blazar.lease.list(), plan):
             if lease["name"] in lease_names and lease["status"] not in LEASE_DONE:
                 owned.append(Found("reservation", lease["id"], lease["name"]))
         for sg in self._call("list security groups",
@@ -817,7 +833,7 @@ class ChameleonProvider:
         # description (one list call per kind; the ports Nova makes on sharednet1 have no description).
         for kind, lister in (("port", self.conn.network.ports), ("router", self.conn.network.routers),
                              ("subnet", self.conn.network.subnets), ("network", self.conn.network.networks)):
-            for item in self._call(f"list {kind}s", lambda lister=lister: list(lister())):
+            for item in self._project_list(f"{kind}s", lambda lister=lister: list(lister()), plan):
                 if _deployment_of(item.description) == plan.deployment:
                     owned.append(Found(kind, item.id, item.name or ""))
         kp = self._get_keypair(plan.deployment)

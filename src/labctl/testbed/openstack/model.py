@@ -215,9 +215,9 @@ def network_name(site: Site, network_id: str, db=None) -> str:
 
 
 def server_addresses(db, site: Site, server: dict) -> dict[str, list[dict]]:
-    fips = db.find("fip", site.name)
     out: dict[str, list[dict]] = {}
     for port in server_ports(db, site, server["id"]):
+        fips = db.find("fip", site.name, port_id=port["id"])  # in SQLite: a server list renders every server
         entries = out.setdefault(network_name(site, port["network_id"], db) or port["network_id"], [])
         entries.append(
             {
@@ -228,15 +228,14 @@ def server_addresses(db, site: Site, server: dict) -> dict[str, list[dict]]:
             }
         )
         for fip in fips:
-            if fip.get("port_id") == port["id"]:
-                entries.append(
-                    {
-                        "version": 4,
-                        "addr": fip["address"],
-                        "OS-EXT-IPS:type": "floating",
-                        "OS-EXT-IPS-MAC:mac_addr": port["mac"],
-                    }
-                )
+            entries.append(
+                {
+                    "version": 4,
+                    "addr": fip["address"],
+                    "OS-EXT-IPS:type": "floating",
+                    "OS-EXT-IPS-MAC:mac_addr": port["mac"],
+                }
+            )
     return out
 
 
