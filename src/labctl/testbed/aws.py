@@ -46,20 +46,21 @@ import http.client
 import json
 import logging
 import os
-import random
 import re
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from labctl.testbed.http import EmulatorHandler
+from labctl.testbed.sqlite_world import SqliteWorld, free_port, internal_addresses
 
 log = logging.getLogger(__name__)
 
@@ -339,18 +340,6 @@ _REGION = re.compile(r"Credential=[^/,\s]+/\d{8}/([a-z0-9-]+)/")
 _SERVICE = re.compile(r"Credential=[^/,\s]+/\d{8}/[a-z0-9-]+/([a-z0-9-]+)/")
 
 
-def _free_port(lo: int = 20000, hi: int = 40000) -> int:
-    for _ in range(200):
-        port = random.randint(lo, hi)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free TCP port in {lo}-{hi}")
-
-
 def _loop_address(seq: int) -> str:
     hi, lo = divmod(seq, 245)
     if hi > 255:
@@ -384,14 +373,13 @@ def _tags(items: list[dict] | None) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in items or []}
 
 
-class AwsWorld:
+class AwsWorld(SqliteWorld):
     """The emulated EC2's shared state (`<state_dir>/aws.db`) and its control API for tests and SSH."""
 
     def __init__(self, state_dir: Path, ssh_port: int | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.state_dir / DB_FILE
-        self._local = threading.local()
+        super().__init__(self.state_dir / DB_FILE, _SCHEMA)
         self._clients: dict[str, Any] = {}
         self._clients_lock = threading.Lock()
         self._ip_cache: dict[str, str] = {}  # real -> loop
@@ -404,53 +392,17 @@ class AwsWorld:
     def __repr__(self) -> str:
         return f"AwsWorld({str(self.state_dir)!r})"
 
-    # -- storage ----------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
-
-    @contextlib.contextmanager
-    def _tx(self, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        for attempt in range(50):
-            try:
-                conn.execute(f"BEGIN {mode}")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or attempt == 49:
-                    raise
-                time.sleep(0.05)
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    # -- storage (connections: `SqliteWorld`) --------------------------------------------------------
+    def _tx(self, mode: str = "IMMEDIATE"):
+        return self._transaction(mode)
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         return self._conn().execute(sql, args).fetchall()
 
     def _init(self, ssh_port: int | None) -> None:
-        conn = self._conn()
-        for attempt in range(100):
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError:
-                if attempt == 99:
-                    raise
-                time.sleep(0.05)
         with self._tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
             if not db.execute("SELECT 1 FROM meta WHERE key='ssh_port'").fetchone():
-                db.execute("INSERT INTO meta (key, value) VALUES ('ssh_port', ?)", (str(ssh_port or _free_port()),))
+                db.execute("INSERT INTO meta (key, value) VALUES ('ssh_port', ?)", (str(ssh_port or free_port()),))
                 db.execute("INSERT INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
 
     def _meta(self, key: str, default: str | None = None) -> str | None:
@@ -1107,21 +1059,15 @@ class AwsWorld:
                     "port": port, "user": "ubuntu", "authorized_keys": keys,
                     "node_dir": self.state_dir / "nodes" / i["InstanceId"],
                 })
-        taken: set[str] = set()
-        for t in sorted(targets, key=lambda t: t["server_id"]):
-            n = int.from_bytes(hashlib.sha256(t["server_id"].encode()).digest()[:4], "big")
-            while (internal := f"{INTERNAL_PREFIX}.{n // 254 % 256}.{n % 254 + 1}") in taken:
-                n += 1
-            taken.add(internal)
-            t["internal_address"] = internal
+        internal = internal_addresses((t["server_id"] for t in targets), INTERNAL_PREFIX)
+        for t in targets:
+            t["internal_address"] = internal[t["server_id"]]
         self._targets_cache = (time.monotonic(), targets)
         return [dict(t) for t in targets]
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close this thread's connection only (the front layer's threads may still be serving)."""
+        self.release()
 
 
 def _cloud_config_keys(user_data: str | None) -> list[str]:
@@ -1220,52 +1166,17 @@ class _Front(ThreadingHTTPServer):
         self.stopping = threading.Event()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(EmulatorHandler):
     server: _Front
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes: without this, Nagle + delayed ACK add 40 ms per answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("aws front: " + format, *args)
-
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
-        self._handle()
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_HEAD(self) -> None:  # noqa: N802 - S3 HeadBucket / HeadObject
-        self._handle()
-
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
 
     def _handle(self) -> None:
         self._reply_type = "text/xml;charset=UTF-8"
         self._reply_headers: dict[str, str] = {}
         world = self.server.world
-        body = self._read_body()
+        body = self.read_body()
         query = urlsplit(self.path).query
         params = dict(parse_qsl(query, keep_blank_values=True))
         ctype = self.headers.get("Content-Type", "")
@@ -1327,30 +1238,21 @@ class _Handler(BaseHTTPRequestHandler):
             status, out, fault = 500, error_xml("InternalError", f"emulator error: {exc}", s3), None
             self._reply_headers = {}
         if fault == "hang_after":
-            self.server.stopping.wait(HANG_SECONDS)
-            self.close_connection = True
+            self.hang(self.server.stopping, HANG_SECONDS)
             return
         if fault == "timeout_after":
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
+            self.drop()
             return
         if seq is not None:
             with contextlib.suppress(Exception):
                 world._log_status(seq, status)
-        self.send_response(status)
-        self.send_header("Content-Type", self._reply_type)
-        head = self.command == "HEAD"
         # A HEAD answer has no body but says how long the body would be (moto's Content-Length).
-        self.send_header("Content-Length", self._reply_headers.pop("content-length", "0") if head else str(len(out)))
+        length = self._reply_headers.pop("content-length", "0") if self.command == "HEAD" else None
         self._reply_headers.pop("content-length", None)
-        for key, value in self._reply_headers.items():
-            self.send_header(key, value)
+        headers = list(self._reply_headers.items())
         if "x-amzn-requestid" not in self._reply_headers:
-            self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
-        self.end_headers()
-        if not head:
-            self.wfile.write(out)
+            headers.append(("x-amzn-RequestId", str(uuid.uuid4())))
+        self.answer(status, out, self._reply_type, headers, length)
 
     def _passthrough(self, body: bytes) -> tuple[int, bytes]:
         port = self.server.world.moto()["port"]
@@ -1380,6 +1282,8 @@ class _Handler(BaseHTTPRequestHandler):
             return resp.status, resp.read()
         finally:
             conn.close()
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle  # HEAD: S3's HeadBucket / HeadObject
 
 
 class AwsEmulator:

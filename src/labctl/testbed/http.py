@@ -3,14 +3,21 @@
 Services (Keystone, Nova, ...) register handlers on a `Router` with path templates such as
 "/servers/{id}"; the server (`labctl.testbed.server`) matches the service-relative path, calls the handler
 and renders `HTTPError`s in each service's own error format.
+
+`EmulatorHandler` is the stdlib request handler that every emulator's endpoint (OpenStack, Compute Engine,
+EC2's front layer) builds on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -131,3 +138,69 @@ class Router:
         if allowed:
             raise HTTPError(405, "The method is not allowed for the requested URL.", "HTTPMethodNotAllowed")
         return None
+
+
+class EmulatorHandler(BaseHTTPRequestHandler):
+    """What the emulators' request handlers share: HTTP/1.1 keep-alive, no access log, whole request bodies,
+    the two ways an injected fault leaves a request unanswered, and the answer's framing.
+
+    The server must have a `world` with `release()`: the server runs a thread per HTTP connection, and that
+    thread's SQLite connection is closed when the HTTP connection ends.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without this, Nagle + delayed ACK add 40 ms a request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.world.release()
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def read_body(self) -> bytes:
+        """The request body, whether sent with Content-Length or chunked."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def hang(self, until: threading.Event, seconds: float | None = None) -> None:
+        """Leave the request unanswered until `until` is set (the server stops) or `seconds` have passed."""
+        until.wait(seconds)
+        self.close_connection = True
+
+    def drop(self) -> None:
+        """Close the connection without an answer."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def answer(self, status: int, payload: bytes, content_type: str | None, headers: Iterable[tuple[str, str]],
+               content_length: str | None = None) -> None:
+        """Send the status line, Content-Type (unless None), Content-Length (the payload's unless given: a HEAD
+        answer gives the GET's), then `headers` in order, and the payload unless the request is a HEAD."""
+        self.send_response(status)
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)) if content_length is None else content_length)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD" and payload:
+            self.wfile.write(payload)

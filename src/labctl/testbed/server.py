@@ -15,7 +15,6 @@ URL layout (PORT is ephemeral unless asked otherwise):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import socket
 import sys
@@ -23,12 +22,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from labctl.testbed.http import HTTPError, Request, Response
+from labctl.testbed.http import EmulatorHandler, HTTPError, Request, Response
 from labctl.testbed.openstack import blazar, cinder, glance, keystone, neutron, nova, refapi, swift
 from labctl.testbed.openstack import catalog as cat
 from labctl.testbed.world import World
@@ -181,41 +180,13 @@ class App:
         return Outcome(response)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(EmulatorHandler):
     server_version = "labctl-testbed/1"
     sys_version = ""
     server: _Server
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in separate writes: without this, Nagle + delayed ACK add 40 ms a request.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.app.world.release()
-
-    def log_message(self, format: str, *args) -> None:  # quiet
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().strip().split(b";")[0] or b"0", 16)
-                if not size:
-                    self.rfile.readline()
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
-
     def _handle(self) -> None:
-        body = self._body()
+        body = self.read_body()
         try:
             outcome = self.server.app.handle(self.command, self.path, self.headers, body)
         except Exception as e:  # a bug in the testbed: answer 500 rather than dropping the connection
@@ -235,26 +206,19 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             )
         if outcome.action == "hang":
-            self.server.stop_event.wait()
-            self.close_connection = True
+            self.hang(self.server.stop_event)
             return
         if outcome.action == "drop":
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
+            self.drop()
             return
         resp = outcome.response
         payload = resp.encode()
-        self.send_response(resp.status)
-        if payload or resp.status not in (204, 304):
-            self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("X-Openstack-Request-Id", f"req-{uuid.uuid4()}")
-        for k, v in resp.headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD" and payload:
-            self.wfile.write(payload)
+        self.answer(
+            resp.status,
+            payload,
+            resp.content_type if payload or resp.status not in (204, 304) else None,
+            [("X-Openstack-Request-Id", f"req-{uuid.uuid4()}"), *resp.headers.items()],
+        )
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
@@ -264,6 +228,7 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     app: App
+    world: World
     stop_event: threading.Event
 
 
@@ -303,6 +268,7 @@ class Testbed:
         world = World(state_dir, time_scale)
         server = _Server(("127.0.0.1", port), _Handler)
         server.stop_event = threading.Event()
+        server.world = world
         server.app = App(world, f"http://127.0.0.1:{server.server_address[1]}", server.stop_event)
         thread = threading.Thread(
             target=server.serve_forever,

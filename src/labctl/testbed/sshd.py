@@ -200,6 +200,10 @@ def _make_server_class():
     return NodeServer
 
 
+def _exiting() -> bool:
+    return sys.is_finalizing() or not threading.main_thread().is_alive()
+
+
 class SSHNodes:
     """Serves SSH for every emulated node of `world` that is ACTIVE with a floating IP."""
 
@@ -291,6 +295,8 @@ class SSHNodes:
                     if self.port:
                         targets = [{**t, "port": self.port} for t in targets]
                 except Exception:
+                    if _exiting():  # the executor refuses work once the interpreter shuts down: stop serving
+                        return
                     log.exception("world.ssh_targets() failed; retrying")
                     targets = None
                 if targets is not None:

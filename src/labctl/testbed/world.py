@@ -12,20 +12,14 @@ latency, the request log, an inventory of what exists, and the SSH targets.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
-import socket
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labctl.writer_locks import writer_lock
+from labctl.testbed.sqlite_world import SqliteWorld, free_port, internal_addresses
 
 DEFAULT_TIME_SCALE = 0.01
 REQUEST_LOG_MAX = 100_000
@@ -59,18 +53,6 @@ def default_state_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_state_dir("labctl")) / "testbed"
-
-
-def _free_port(lo: int = 20000, hi: int = 40000) -> int:
-    for _ in range(200):
-        port = random.randint(lo, hi)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free TCP port in {lo}-{hi}")
 
 
 def _site_name(site: str | None) -> str | None:
@@ -190,112 +172,35 @@ class Db:
         self.conn.execute("DELETE FROM tokens WHERE id=?", (token_id,))
 
 
-class World:
+class World(SqliteWorld):
     """The emulated Chameleon's state and its control API (see the module docstring)."""
 
     def __init__(self, state_dir: str | os.PathLike | None = None, time_scale: float | None = None):
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.state_dir / "world.db"
         if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
             time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
         self._explicit_scale = time_scale
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+        super().__init__(self.state_dir / "world.db", _SCHEMA)
         self._init()
 
     def __repr__(self) -> str:
         return f"World({str(self.state_dir)!r})"
 
-    # connections and transactions -----------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-            self._local.depth = 0
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    @contextmanager
-    def _tx(self, mode: str) -> Iterator[Db]:
-        conn = self._conn()
-        if self._local.depth:  # nested: join the open transaction
-            self._local.depth += 1
-            try:
-                yield Db(conn)
-            finally:
-                self._local.depth -= 1
-            return
-        writer = writer_lock(self.db_path) if mode != "DEFERRED" else contextlib.nullcontext()
-        with writer:
-            for attempt in range(50):
-                try:
-                    conn.execute(f"BEGIN {mode}")
-                    break
-                except sqlite3.OperationalError as e:  # "database is locked" beyond busy_timeout, rare
-                    if "locked" not in str(e) or attempt == 49:
-                        raise
-                    time.sleep(0.05)
-            self._local.depth = 1
-            try:
-                yield Db(conn)
-            except BaseException:
-                self._local.depth = 0
-                conn.execute("ROLLBACK")
-                raise
-            self._local.depth = 0
-            conn.execute("COMMIT")
-
+    # transactions (connections: `SqliteWorld`) ---------------------------------------------------
     def tx(self):
         """A write transaction (`BEGIN IMMEDIATE`): `with world.tx() as db: ...`."""
-        return self._tx("IMMEDIATE")
+        return self._transaction("IMMEDIATE", Db)
 
     def read(self):
         """A read transaction (a consistent snapshot)."""
-        return self._tx("DEFERRED")
-
-    def release(self) -> None:
-        """Close this thread's connection (server threads call it when their HTTP connection ends)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.depth:
-            return
-        self._local.conn = None
-        with self._conns_lock:
-            if conn in self._conns:
-                self._conns.remove(conn)
-        with contextlib.suppress(sqlite3.Error):
-            conn.close()
-
-    def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._conns.clear()
-        self._local = threading.local()
+        return self._transaction("DEFERRED", Db)
 
     def _init(self) -> None:
-        conn = self._conn()
-        for attempt in range(100):
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError:
-                if attempt == 99:
-                    raise
-                time.sleep(0.05)
         with self.tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.conn.execute(statement)
             if db.meta("created") is None:
                 db.set_meta("created", time.time())
-                db.set_meta("ssh_port", _free_port())
+                db.set_meta("ssh_port", free_port())
                 db.set_meta(
                     "time_scale",
                     self._explicit_scale if self._explicit_scale is not None else DEFAULT_TIME_SCALE,
@@ -475,8 +380,6 @@ class World:
         """Every ACTIVE server, as the SSH side needs it: `address` is its floating IP (None without one),
         `fixed_ips` its fixed IP per network id, `internal_address` a loopback address (127.11.x.y, derived
         from the server id) on which it is reachable only through a node that shares one of its networks."""
-        import hashlib
-
         from labctl.testbed.openstack import model
 
         self.tick()
@@ -484,13 +387,9 @@ class World:
         with self.read() as db:
             targets = model.ssh_targets(db, now)
             port = int(db.meta("ssh_port"))
-        taken: set[str] = set()
-        for t in sorted(targets, key=lambda t: t["server_id"]):
-            n = int.from_bytes(hashlib.sha256(t["server_id"].encode()).digest()[:4], "big")
-            while (internal := f"127.11.{n // 254 % 256}.{n % 254 + 1}") in taken:
-                n += 1
-            taken.add(internal)
-            t["internal_address"] = internal
+        internal = internal_addresses((t["server_id"] for t in targets), "127.11")
+        for t in targets:
+            t["internal_address"] = internal[t["server_id"]]
             t["port"] = port
             t["node_dir"] = self.state_dir / "nodes" / t["server_id"]
         return targets

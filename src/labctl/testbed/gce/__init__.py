@@ -23,16 +23,16 @@ for the real Google host; poll with your own `ZoneOperationsClient(client_option
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from labctl.testbed.http import EmulatorHandler
 
 if TYPE_CHECKING:
     from labctl.testbed.gce.world import GceWorld
@@ -48,38 +48,17 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(EmulatorHandler):
     server_version = "ESF"
     sys_version = ""
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, format: str, *args) -> None:  # quiet
-        pass
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().strip().split(b";")[0] or b"0", 16)
-                if not size:
-                    self.rfile.readline()
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
 
     def _handle(self) -> None:
         import json
 
         from labctl.testbed.gce import api
 
-        body = self._body()
+        body = self.read_body()
         srv = self.server
         try:
             outcome = api.handle(srv.world, srv.base_url, srv.stop_event, self.command, self.path, body)
@@ -90,25 +69,14 @@ class _Handler(BaseHTTPRequestHandler):
             err = api.ApiError(500, f"emulator bug: {e!r}", "backendError")
             outcome = api.Outcome(500, err.body())
         if outcome.action == "hang":
-            srv.stop_event.wait()
-            self.close_connection = True
+            self.hang(srv.stop_event)
             return
         if outcome.action == "drop":
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_RDWR)
+            self.drop()
             return
-        payload = json.dumps(outcome.body).encode()
-        self.send_response(outcome.status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Vary", "Origin, X-Origin, Referer")
-        self.send_header("X-Request-Id", uuid.uuid4().hex)
-        for k, v in outcome.headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        headers = [("Vary", "Origin, X-Origin, Referer"), ("X-Request-Id", uuid.uuid4().hex)]
+        self.answer(outcome.status, json.dumps(outcome.body).encode(), "application/json; charset=UTF-8",
+                    [*headers, *outcome.headers.items()])
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 

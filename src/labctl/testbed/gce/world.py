@@ -13,24 +13,20 @@ address, network (besides the built-in `default`), subnetwork, disk, operation.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import os
 import random
 import re
-import socket
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from labctl.testbed.gce import catalog
+from labctl.testbed.sqlite_world import SqliteWorld, free_port, internal_addresses
 
 DEFAULT_TIME_SCALE = 0.01
 FAULT_KINDS = ("error500", "error503", "error429", "hang_after", "timeout_after")
@@ -95,18 +91,6 @@ def fingerprint() -> str:
     import base64
 
     return base64.b64encode(os.urandom(8)).decode()
-
-
-def _free_port(lo: int = 20000, hi: int = 40000) -> int:
-    for _ in range(200):
-        port = random.randint(lo, hi)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free TCP port in {lo}-{hi}")
 
 
 def external_ip(k: int) -> str:
@@ -374,21 +358,18 @@ def _norm_fault_op(operation: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ the world
-class GceWorld:
+class GceWorld(SqliteWorld):
     """The emulated Compute Engine's state and control API (see the module docstring)."""
 
     def __init__(self, state_dir: str | os.PathLike, time_scale: float | None = None,
                  project: str = catalog.PROJECT):
         self.state_dir = Path(state_dir).expanduser()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.state_dir / "gce.db"
         if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
             time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
         self._explicit_scale = time_scale
         self.project = project
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+        super().__init__(self.state_dir / "gce.db", _SCHEMA)
         self._init()
         with self.read() as db:
             self.ssh_port: int = int(db.meta("ssh_port"))
@@ -396,51 +377,10 @@ class GceWorld:
     def __repr__(self) -> str:
         return f"GceWorld({str(self.state_dir)!r})"
 
-    # connections and transactions -----------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout=60000")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-            self._local.depth = 0
-            self._local.db = None
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
-
-    @contextmanager
-    def _tx(self, mode: str, now: float | None = None) -> Iterator[Db]:
-        conn = self._conn()
-        if self._local.depth:  # nested: join the open transaction
-            self._local.depth += 1
-            try:
-                yield self._local.db
-            finally:
-                self._local.depth -= 1
-            return
-        for attempt in range(50):
-            try:
-                conn.execute(f"BEGIN {mode}")
-                break
-            except sqlite3.OperationalError as e:  # "database is locked" beyond busy_timeout, rare
-                if "locked" not in str(e) or attempt == 49:
-                    raise
-                time.sleep(0.05)
-        db = Db(conn, time.time() if now is None else now)
-        self._local.depth = 1
-        self._local.db = db
-        try:
-            yield db
-        except BaseException:
-            self._local.depth = 0
-            self._local.db = None
-            conn.execute("ROLLBACK")
-            raise
-        self._local.depth = 0
-        self._local.db = None
-        conn.execute("COMMIT")
+    # transactions (connections: `SqliteWorld`) ---------------------------------------------------
+    def _tx(self, mode: str, now: float | None):
+        # `db.now` is `now` or the time the transaction began; a nested one shares the outer one's.
+        return self._transaction(mode, lambda conn: Db(conn, time.time() if now is None else now))
 
     def tx(self, now: float | None = None):
         """A write transaction (`BEGIN IMMEDIATE`): `with world.tx() as db: ...`."""
@@ -450,31 +390,11 @@ class GceWorld:
         """A read transaction (a consistent snapshot)."""
         return self._tx("DEFERRED", now)
 
-    def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._conns.clear()
-        self._local = threading.local()
-
     def _init(self) -> None:
-        conn = self._conn()
-        for attempt in range(100):
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError:
-                if attempt == 99:
-                    raise
-                time.sleep(0.05)
         with self.tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.conn.execute(statement)
             if db.meta("created") is None:
                 db.set_meta("created", time.time())
-                db.set_meta("ssh_port", _free_port())
+                db.set_meta("ssh_port", free_port())
                 db.set_meta("time_scale", self._explicit_scale if self._explicit_scale is not None
                             else DEFAULT_TIME_SCALE)
 
@@ -667,8 +587,6 @@ class GceWorld:
         address of its own (127.13.x.y, derived from the instance id, unique in the world) on which it is
         reachable only through a node on one of its networks (`ssh -J`). A VPC network is global: `site` is
         the project, so nodes of one network in different zones reach each other."""
-        import hashlib
-
         self.tick()
         out = []
         with self.read() as db:
@@ -701,13 +619,9 @@ class GceWorld:
                     "fixed_ips": {nic["network"]: nic["networkIP"] for nic in inst.get("networkInterfaces", [])
                                   if nic.get("networkIP")},
                 })
-        taken: set[str] = set()
-        for t in sorted(out, key=lambda t: t["server_id"]):
-            n = int.from_bytes(hashlib.sha256(t["server_id"].encode()).digest()[:4], "big")
-            while (internal := f"127.13.{n // 254 % 256}.{n % 254 + 1}") in taken:
-                n += 1
-            taken.add(internal)
-            t["internal_address"] = internal
+        internal = internal_addresses((t["server_id"] for t in out), "127.13")
+        for t in out:
+            t["internal_address"] = internal[t["server_id"]]
         return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from collections.abc import Collection
 from urllib.parse import urlencode
 
 from labctl.testbed.http import HTTPError, Request, Response, Router
@@ -338,6 +339,35 @@ def _forbidden(what: str, id_: str) -> HTTPError:
     return HTTPError(403, f"(rule:delete_{what}) is disallowed by policy", "PolicyNotAuthorized")
 
 
+# Neutron's 404 for each kind of object: message (around the id) and error type.
+_NOT_FOUND = {
+    "network": ("Network {} could not be found.", "NetworkNotFound"),
+    "subnet": ("Subnet {} could not be found.", "SubnetNotFound"),
+    "router": ("Router {} could not be found.", "RouterNotFound"),
+    "port": ("Port {} could not be found.", "PortNotFound"),
+    "fip": ("Floating IP {} could not be found", "FloatingIPNotFound"),
+    "secgroup": ("Security group {} does not exist", "SecurityGroupNotFound"),
+    "sgrule": ("Security group rule {} does not exist", "SecurityGroupRuleNotFound"),
+}
+
+
+def _not_found(kind: str, ref: str) -> HTTPError:
+    message, error = _NOT_FOUND[kind]
+    return HTTPError(404, message.format(ref), error)
+
+
+def _get(db, req: Request, kind: str, ref: str | None = None, builtin: Collection[str] = ()) -> dict:
+    """The project's `kind` object `ref` (default: the id in the path); 403 if it is one of the site's built-in
+    objects, which the project sees but may not change, else 404."""
+    ref = ref or req.params["id"]
+    obj = db.get(kind, req.site.name, ref)
+    if obj:
+        return obj
+    if ref in builtin:
+        raise _forbidden(kind, ref)
+    raise _not_found(kind, ref)
+
+
 def network_view(db, site: Site, n: dict) -> dict:
     return {
         "id": n["id"],
@@ -411,7 +441,7 @@ def _all_routers(db, site: Site) -> list[dict]:
     return routers(site) + [router_view(db, site, r) for r in db.find("router", site.name)]
 
 
-def _collection(collection: str, all_fn, not_found: str, what: str):
+def _collection(collection: str, all_fn, kind: str):
     singular = collection.rstrip("s")
 
     @router.route("GET", f"/v2.0/{collection}")
@@ -427,21 +457,12 @@ def _collection(collection: str, all_fn, not_found: str, what: str):
         for item in items:
             if item["id"] == req.params["id"]:
                 return Response(200, {singular: _fields(req, item)})
-        raise HTTPError(404, f"{what} {req.params['id']} could not be found.", not_found)
+        raise _not_found(kind, req.params["id"])
 
 
-_collection("networks", _all_networks, "NetworkNotFound", "Network")
-_collection("subnets", _all_subnets, "SubnetNotFound", "Subnet")
-_collection("routers", _all_routers, "RouterNotFound", "Router")
-
-
-def _get_own(db, req: Request, kind: str, ref: str, what: str, not_found: str, builtin: set[str]) -> dict:
-    obj = db.get(kind, req.site.name, ref)
-    if obj:
-        return obj
-    if ref in builtin:
-        raise _forbidden(kind, ref)
-    raise HTTPError(404, f"{what} {ref} could not be found.", not_found)
+_collection("networks", _all_networks, "network")
+_collection("subnets", _all_subnets, "subnet")
+_collection("routers", _all_routers, "router")
 
 
 @router.route("POST", "/v2.0/networks")
@@ -456,8 +477,7 @@ def create_network(req: Request) -> Response:
 def update_network(req: Request) -> Response:
     spec = _body(req, "network")
     with req.world.tx() as db:
-        n = _get_own(db, req, "network", req.params["id"], "Network", "NetworkNotFound",
-                     {cat.public_net_id(req.site), cat.shared_net_id(req.site)})
+        n = _get(db, req, "network", builtin={cat.public_net_id(req.site), cat.shared_net_id(req.site)})
         for key in ("name", "description", "port_security_enabled", "admin_state_up"):
             if key in spec:
                 n[key] = spec[key]
@@ -468,8 +488,7 @@ def update_network(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/networks/{id}")
 def delete_network(req: Request) -> Response:
     with req.world.tx() as db:
-        n = _get_own(db, req, "network", req.params["id"], "Network", "NetworkNotFound",
-                     {cat.public_net_id(req.site), cat.shared_net_id(req.site)})
+        n = _get(db, req, "network", builtin={cat.public_net_id(req.site), cat.shared_net_id(req.site)})
         if model.network_ports(db, req.site, n["id"]):
             raise HTTPError(
                 409,
@@ -526,7 +545,7 @@ def create_subnet(req: Request) -> Response:
         if not n:
             if net_id in (cat.public_net_id(req.site), cat.shared_net_id(req.site)):
                 raise HTTPError(403, "(rule:create_subnet) is disallowed by policy", "PolicyNotAuthorized")
-            raise HTTPError(404, f"Network {net_id} could not be found.", "NetworkNotFound")
+            raise _not_found("network", net_id)
         for other in model.network_subnets(db, req.site, net_id):
             if ipaddress.ip_network(other["cidr"]).overlaps(net):
                 raise HTTPError(
@@ -555,8 +574,7 @@ def create_subnet(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/subnets/{id}")
 def delete_subnet(req: Request) -> Response:
     with req.world.tx() as db:
-        x = _get_own(db, req, "subnet", req.params["id"], "Subnet", "SubnetNotFound",
-                     {cat.public_subnet_id(req.site), cat.shared_subnet_id(req.site)})
+        x = _get(db, req, "subnet", builtin={cat.public_subnet_id(req.site), cat.shared_subnet_id(req.site)})
         if model.subnet_ports(db, req.site, x["id"]):
             raise HTTPError(
                 409,
@@ -605,7 +623,7 @@ def create_router(req: Request) -> Response:
 
 
 def _get_router(db, req: Request) -> dict:
-    return _get_own(db, req, "router", req.params["id"], "Router", "RouterNotFound", {cat.router_id(req.site)})
+    return _get(db, req, "router", builtin={cat.router_id(req.site)})
 
 
 @router.route("PUT", "/v2.0/routers/{id}")
@@ -661,15 +679,13 @@ def add_router_interface(req: Request) -> Response:
     with req.world.tx() as db:
         r = _get_router(db, req)
         if port_id:
-            port = db.get("port", req.site.name, port_id)
-            if not port:
-                raise HTTPError(404, f"Port {port_id} could not be found.", "PortNotFound")
+            port = _get(db, req, "port", port_id)
             if port["device_id"]:
                 raise HTTPError(409, f"Port {port_id} is still in use.", "PortInUse")
             subnet_id = port["subnet_id"]
         x = db.get("subnet", req.site.name, subnet_id)
         if not x:
-            raise HTTPError(404, f"Subnet {subnet_id} could not be found.", "SubnetNotFound")
+            raise _not_found("subnet", subnet_id)
         for other in model.router_ports(db, req.site, r["id"]):
             if other["subnet_id"] == subnet_id:
                 raise HTTPError(
@@ -751,9 +767,7 @@ def list_ports(req: Request) -> Response:
 @router.route("GET", "/v2.0/ports/{id}")
 def get_port(req: Request) -> Response:
     with req.world.read() as db:
-        p = db.get("port", req.site.name, req.params["id"])
-    if not p:
-        raise HTTPError(404, f"Port {req.params['id']} could not be found.", "PortNotFound")
+        p = _get(db, req, "port")
     return Response(200, {"port": _fields(req, port_view(req.site, p))})
 
 
@@ -774,7 +788,7 @@ def create_port(req: Request) -> Response:
         if not n and not shared:
             if net_id == cat.public_net_id(site):
                 raise HTTPError(403, "(rule:create_port) is disallowed by policy", "PolicyNotAuthorized")
-            raise HTTPError(404, f"Network {net_id} could not be found.", "NetworkNotFound")
+            raise _not_found("network", net_id)
         security = spec.get("port_security_enabled")
         if security is None:
             security = True if shared else n.get("port_security_enabled", True)
@@ -790,7 +804,7 @@ def create_port(req: Request) -> Response:
             for ref in sg_refs if sg_refs is not None else ["default"]:
                 g = model.find_security_group(db, site, str(ref))
                 if not g:
-                    raise HTTPError(404, f"Security group {ref} does not exist", "SecurityGroupNotFound")
+                    raise _not_found("secgroup", ref)
                 sg_ids.append(g["id"])
         want = fixed[0] if fixed else {}
         if shared:
@@ -810,7 +824,7 @@ def create_port(req: Request) -> Response:
                             f"fixed_ips included invalid subnet {want['subnet_id']}.",
                             "InvalidInput",
                         )
-                    raise HTTPError(404, f"Subnet {want['subnet_id']} could not be found.", "SubnetNotFound")
+                    raise _not_found("subnet", want["subnet_id"])
             elif want.get("ip_address"):
                 x = next((s for s in subnets_
                           if ipaddress.ip_address(want["ip_address"]) in ipaddress.ip_network(s["cidr"])), None)
@@ -837,9 +851,7 @@ def create_port(req: Request) -> Response:
 def update_port(req: Request) -> Response:
     spec = _body(req, "port")
     with req.world.tx() as db:
-        p = db.get("port", req.site.name, req.params["id"])
-        if not p:
-            raise HTTPError(404, f"Port {req.params['id']} could not be found.", "PortNotFound")
+        p = _get(db, req, "port")
         for key in ("name", "description"):
             if key in spec:
                 p[key] = spec[key] or ""
@@ -854,9 +866,7 @@ def update_port(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/ports/{id}")
 def delete_port(req: Request) -> Response:
     with req.world.tx() as db:
-        p = db.get("port", req.site.name, req.params["id"])
-        if not p:
-            raise HTTPError(404, f"Port {req.params['id']} could not be found.", "PortNotFound")
+        p = _get(db, req, "port")
         if p["device_owner"] == "network:router_interface":
             raise HTTPError(
                 409,
@@ -902,13 +912,6 @@ def fip_view(db, site: Site, f: dict) -> dict:
     }
 
 
-def _get_fip(db, req: Request) -> dict:
-    f = db.get("fip", req.site.name, req.params["id"])
-    if not f:
-        raise HTTPError(404, f"Floating IP {req.params['id']} could not be found", "FloatingIPNotFound")
-    return f
-
-
 @router.route("GET", "/v2.0/floatingips")
 def list_fips(req: Request) -> Response:
     with req.world.read() as db:
@@ -918,10 +921,7 @@ def list_fips(req: Request) -> Response:
 
 @router.route("POST", "/v2.0/floatingips")
 def create_fip(req: Request) -> Response:
-    body = req.json()
-    spec = body.get("floatingip") if isinstance(body, dict) else None
-    if not isinstance(spec, dict):
-        raise HTTPError(400, "Resource body required", "BadRequest")
+    spec = _body(req, "floatingip")
     net_id = spec.get("floating_network_id")
     if not net_id:
         raise HTTPError(
@@ -936,7 +936,7 @@ def create_fip(req: Request) -> Response:
                 f"Bad floatingip request: Network {net_id} is not a valid external network.",
                 "BadRequest",
             )
-        raise HTTPError(404, f"Network {net_id} could not be found.", "NetworkNotFound")
+        raise _not_found("network", net_id)
     with req.world.tx() as db:
         fip = model.allocate_fip(
             db,
@@ -953,17 +953,14 @@ def create_fip(req: Request) -> Response:
 @router.route("GET", "/v2.0/floatingips/{id}")
 def get_fip(req: Request) -> Response:
     with req.world.read() as db:
-        return Response(200, {"floatingip": _fields(req, fip_view(db, req.site, _get_fip(db, req)))})
+        return Response(200, {"floatingip": _fields(req, fip_view(db, req.site, _get(db, req, "fip")))})
 
 
 @router.route("PUT", "/v2.0/floatingips/{id}")
 def update_fip(req: Request) -> Response:
-    body = req.json()
-    spec = body.get("floatingip") if isinstance(body, dict) else None
-    if not isinstance(spec, dict):
-        raise HTTPError(400, "Resource body required", "BadRequest")
+    spec = _body(req, "floatingip")
     with req.world.tx() as db:
-        fip = _get_fip(db, req)
+        fip = _get(db, req, "fip")
         if "description" in spec:
             fip["description"] = spec["description"] or ""
         if "port_id" in spec:
@@ -978,7 +975,7 @@ def update_fip(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/floatingips/{id}")
 def delete_fip(req: Request) -> Response:
     with req.world.tx() as db:
-        fip = _get_fip(db, req)
+        fip = _get(db, req, "fip")
         db.delete("fip", req.site.name, fip["id"])
     return Response(204)
 
@@ -1020,14 +1017,6 @@ def sg_view(db, site: Site, g: dict, rules_of: dict[str, list[dict]] | None = No
     }
 
 
-def _get_sg(db, req: Request, ref: str | None = None) -> dict:
-    ref = ref or req.params["id"]
-    g = db.get("secgroup", req.site.name, ref)
-    if not g:
-        raise HTTPError(404, f"Security group {ref} does not exist", "SecurityGroupNotFound")
-    return g
-
-
 @router.route("GET", "/v2.0/security-groups")
 def list_sgs(req: Request) -> Response:
     with req.world.read() as db:
@@ -1042,10 +1031,7 @@ def list_sgs(req: Request) -> Response:
 
 @router.route("POST", "/v2.0/security-groups")
 def create_sg(req: Request) -> Response:
-    body = req.json()
-    spec = body.get("security_group") if isinstance(body, dict) else None
-    if not isinstance(spec, dict):
-        raise HTTPError(400, "Resource body required", "BadRequest")
+    spec = _body(req, "security_group")
     name = spec.get("name", "")
     if name == "default":
         raise HTTPError(409, "Default security group already exists.", "SecurityGroupDefaultAlreadyExists")
@@ -1064,14 +1050,14 @@ def create_sg(req: Request) -> Response:
 @router.route("GET", "/v2.0/security-groups/{id}")
 def get_sg(req: Request) -> Response:
     with req.world.read() as db:
-        return Response(200, {"security_group": _fields(req, sg_view(db, req.site, _get_sg(db, req)))})
+        return Response(200, {"security_group": _fields(req, sg_view(db, req.site, _get(db, req, "secgroup")))})
 
 
 @router.route("PUT", "/v2.0/security-groups/{id}")
 def update_sg(req: Request) -> Response:
     spec = (req.json() or {}).get("security_group") or {}
     with req.world.tx() as db:
-        g = _get_sg(db, req)
+        g = _get(db, req, "secgroup")
         for key in ("name", "description"):
             if key in spec:
                 g[key] = spec[key]
@@ -1084,7 +1070,7 @@ def update_sg(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/security-groups/{id}")
 def delete_sg(req: Request) -> Response:
     with req.world.tx() as db:
-        g = _get_sg(db, req)
+        g = _get(db, req, "secgroup")
         if g.get("default"):
             raise HTTPError(
                 409,
@@ -1113,21 +1099,14 @@ def list_rules(req: Request) -> Response:
 @router.route("GET", "/v2.0/security-group-rules/{id}")
 def get_rule(req: Request) -> Response:
     with req.world.read() as db:
-        r = db.get("sgrule", req.site.name, req.params["id"])
-        if not r:
-            raise HTTPError(
-                404, f"Security group rule {req.params['id']} does not exist", "SecurityGroupRuleNotFound"
-            )
+        r = _get(db, req, "sgrule")
         g = db.get("secgroup", req.site.name, r["security_group_id"]) or {}
     return Response(200, {"security_group_rule": _fields(req, rule_view(r, g.get("default", False)))})
 
 
 @router.route("POST", "/v2.0/security-group-rules")
 def create_rule(req: Request) -> Response:
-    body = req.json()
-    spec = body.get("security_group_rule") if isinstance(body, dict) else None
-    if not isinstance(spec, dict):
-        raise HTTPError(400, "Resource body required", "BadRequest")
+    spec = _body(req, "security_group_rule")
     direction = spec.get("direction")
     if direction not in ("ingress", "egress"):
         raise HTTPError(
@@ -1186,9 +1165,9 @@ def create_rule(req: Request) -> Response:
             "SecurityGroupRemoteGroupAndRemoteIpPrefix",
         )
     with req.world.tx() as db:
-        g = _get_sg(db, req, spec.get("security_group_id"))
+        g = _get(db, req, "secgroup", spec.get("security_group_id"))
         if spec.get("remote_group_id"):
-            _get_sg(db, req, spec["remote_group_id"])
+            _get(db, req, "secgroup", spec["remote_group_id"])
         key = (direction, ethertype, protocol, lo, hi, prefix, spec.get("remote_group_id"))
         for r in model.sg_rules(db, req.site, g["id"]):
             if (
@@ -1227,9 +1206,7 @@ def create_rule(req: Request) -> Response:
 def delete_rule(req: Request) -> Response:
     with req.world.tx() as db:
         if not db.delete("sgrule", req.site.name, req.params["id"]):
-            raise HTTPError(
-                404, f"Security group rule {req.params['id']} does not exist", "SecurityGroupRuleNotFound"
-            )
+            raise _not_found("sgrule", req.params["id"])
     return Response(204)
 
 

@@ -1,0 +1,144 @@
+"""What the emulated worlds (Chameleon's `World`, Compute Engine's `GceWorld`, EC2's `AwsWorld`) share.
+
+Each keeps its state in one SQLite file that every thread and process serving it opens (`SqliteWorld`, their
+base class), gives its SSH side a port (`free_port`) and serves each running node on an internal loopback
+address of its own (`internal_addresses`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from labctl.writer_locks import writer_lock
+
+
+class SqliteWorld:
+    """A world kept in one SQLite file shared by threads and processes: a connection per thread, WAL journal,
+    short transactions.
+
+    Write transactions hold the process's writer lock for the file (see `labctl.writer_locks`); a transaction
+    opened inside another one on the same thread joins it.
+    """
+
+    def __init__(self, db_path: Path, schema: str) -> None:
+        self.db_path = db_path
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        conn = self._conn()
+        for attempt in range(100):  # "locked" while another process is creating the file
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.05)
+        with self._transaction("IMMEDIATE") as db:
+            for statement in schema.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use, in autocommit mode: transactions are explicit)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+            self._local.depth = 0
+            self._local.joined = None
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self, mode: str, wrap: Callable[[sqlite3.Connection], Any] = lambda conn: conn) -> Iterator[Any]:
+        """`BEGIN <mode>` (DEFERRED, IMMEDIATE), COMMIT at the end or ROLLBACK on an exception; yields
+        `wrap(conn)`. Nested in another transaction of this thread, it yields what the outer one did."""
+        conn = self._conn()
+        if self._local.depth:
+            self._local.depth += 1
+            try:
+                yield self._local.joined
+            finally:
+                self._local.depth -= 1
+            return
+        with writer_lock(self.db_path) if mode != "DEFERRED" else contextlib.nullcontext():
+            for attempt in range(50):
+                try:
+                    conn.execute(f"BEGIN {mode}")
+                    break
+                except sqlite3.OperationalError as e:  # "database is locked" beyond busy_timeout, rare
+                    if "locked" not in str(e) or attempt == 49:
+                        raise
+                    time.sleep(0.05)
+            self._local.depth = 1
+            try:
+                self._local.joined = wrapped = wrap(conn)
+                yield wrapped
+            except BaseException:
+                self._local.depth, self._local.joined = 0, None
+                conn.execute("ROLLBACK")
+                raise
+            self._local.depth, self._local.joined = 0, None
+            conn.execute("COMMIT")
+
+    def release(self) -> None:
+        """Close this thread's connection, unless a transaction is open (HTTP handlers call it when their
+        connection ends: the servers run a thread per connection)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.depth:
+            return
+        self._local.conn = None
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._conns_lock:
+            for conn in self._conns:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+
+def free_port(lo: int = 20000, hi: int = 40000) -> int:
+    """A TCP port free on every address now (a world's SSH port, chosen once when the world is created)."""
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {lo}-{hi}")
+
+
+def internal_addresses(node_ids: Iterable[str], prefix: str) -> dict[str, str]:
+    """Each node's internal loopback address, `<prefix>.x.y`: derived from its id, so it stays while the node
+    lives, and unique among `node_ids` (on a clash the id later in sorted order takes the next free one)."""
+    taken: set[str] = set()
+    out: dict[str, str] = {}
+    for node_id in sorted(set(node_ids)):
+        n = int.from_bytes(hashlib.sha256(node_id.encode()).digest()[:4], "big")
+        while (address := f"{prefix}.{n // 254 % 256}.{n % 254 + 1}") in taken:
+            n += 1
+        taken.add(address)
+        out[node_id] = address
+    return out
