@@ -109,15 +109,19 @@ def test_changed_host_key_is_refused(lab):
 
 
 def test_sftp_upload_lands_in_home(lab, tmp_path):
+    # A lab's shared scripts are symlinks into labs/_common/: the node must get the file, not the link.
+    (tmp_path / "_common").mkdir()
+    real = tmp_path / "_common" / "app.sh"
+    real.write_text("#!/bin/sh\necho app-ran\n")
+    real.chmod(0o755)
     src = tmp_path / "app.sh"
-    src.write_text("#!/bin/sh\necho app-ran\n")
-    src.chmod(0o755)
+    src.symlink_to("_common/app.sh")
     steps = [SetupStep(0, "upload", ["n1"], "./sub/dir/app.sh && cat /tmp/labctl-nothing 2>/dev/null; true",
                        [Upload(src, "sub/dir/app.sh")], 20)]
     results = run_setup(lab.targets, steps, lab.key.private_path, lab.store, lab.store, tmp_path / "logs")
     assert results["n1"].ok, results["n1"].log_tail
     landed = lab.node_dir("n1") / "home" / "sub" / "dir" / "app.sh"
-    assert landed.read_text() == src.read_text()
+    assert not landed.is_symlink() and landed.read_text() == real.read_text()
     assert "app-ran" in results["n1"].log_path.read_text()
     assert results["n2"].ok and results["n2"].failed_step is None
 

@@ -769,7 +769,8 @@ class _StepRunner:
                 parent = posixpath.dirname(up.remote.rstrip("/"))
                 if parent not in ("", ".", "/"):
                     await sftp.makedirs(parent, exist_ok=True)
-                await sftp.put(str(local), up.remote, recurse=local.is_dir(), preserve=True)
+                # follow_symlinks: a lab's shared scripts are links into labs/_common/; the node gets the file.
+                await sftp.put(str(local), up.remote, recurse=local.is_dir(), preserve=True, follow_symlinks=True)
                 log.line(f"    uploaded {local.name} -> {up.remote}")
             if script is not None:
                 await sftp.makedirs(".labctl", exist_ok=True)
