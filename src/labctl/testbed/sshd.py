@@ -200,10 +200,6 @@ def _make_server_class():
     return NodeServer
 
 
-def _exiting() -> bool:
-    return sys.is_finalizing() or not threading.main_thread().is_alive()
-
-
 class SSHNodes:
     """Serves SSH for every emulated node of `world` that is ACTIVE with a floating IP."""
 
@@ -294,8 +290,10 @@ class SSHNodes:
                         None, lambda: list(self.world.ssh_targets()))
                     if self.port:
                         targets = [{**t, "port": self.port} for t in targets]
-                except Exception:
-                    if _exiting():  # the executor refuses work once the interpreter shuts down: stop serving
+                except Exception as exc:
+                    # The process is exiting: the executor refuses work ("cannot schedule new futures after
+                    # [interpreter] shutdown") while the main thread still looks alive. Stop serving, quietly.
+                    if isinstance(exc, RuntimeError) and "shutdown" in str(exc) or sys.is_finalizing():
                         return
                     log.exception("world.ssh_targets() failed; retrying")
                     targets = None
