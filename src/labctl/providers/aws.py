@@ -1100,17 +1100,18 @@ class AwsProvider:
         filters = self._deployment_filter(plan)
         if states:
             filters.append({"Name": "instance-state-name", "Values": list(states)})
-        out: list[dict[str, Any]] = []
-        token: str | None = None
+        pages = self._pages("list instances", self.ec2.describe_instances, Filters=filters)
+        return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+    def _pages(self, what: str, operation: Callable[..., Any], **kwargs: Any) -> list[dict[str, Any]]:
+        """Every page of a paginated EC2 describe call, each page one `_call` (retried on its own)."""
+        pages: list[dict[str, Any]] = []
         while True:
-            kwargs: dict[str, Any] = {"Filters": filters}
-            if token:
-                kwargs["NextToken"] = token
-            page = self._call("list instances", lambda kw=kwargs: self.ec2.describe_instances(**kw))
-            out += [i for r in page["Reservations"] for i in r["Instances"]]
-            token = page.get("NextToken")
-            if not token:
-                return out
+            page = self._call(what, lambda kw=dict(kwargs): operation(**kw))
+            pages.append(page)
+            if not page.get("NextToken"):
+                return pages
+            kwargs["NextToken"] = page["NextToken"]
 
     # -- delete -----------------------------------------------------------------------------------
     def delete(self, kind: str, found: Sequence[Found], plan: Plan) -> None:
@@ -1356,17 +1357,8 @@ class AwsProvider:
         filters = [*self._deployment_filter(plan), {"Name": "tag-key", "Values": [VOLUME_TAG]}]
         if name:
             filters.append({"Name": "tag:Name", "Values": [name]})
-        out: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Filters": filters}
-            if token:
-                kwargs["NextToken"] = token
-            page = self._call("list volumes", lambda kw=kwargs: self.ec2.describe_volumes(**kw))
-            out += [v for v in page["Volumes"] if v["State"] not in ("deleting", "deleted")]
-            token = page.get("NextToken")
-            if not token:
-                return out
+        pages = self._pages("list volumes", self.ec2.describe_volumes, Filters=filters)
+        return [v for page in pages for v in page["Volumes"] if v["State"] not in ("deleting", "deleted")]
 
     def _get_volume(self, volume_id: str) -> dict[str, Any] | None:
         out = self._call("get volume", lambda: self.ec2.describe_volumes(VolumeIds=[volume_id]), missing_ok=True)
