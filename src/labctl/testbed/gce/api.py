@@ -134,6 +134,45 @@ def _region(call: Call) -> str:
     return region
 
 
+def _stored(db: Db, call: Call, kind: str, scope: str, collection: str) -> dict:
+    """A stored resource named by the call (`{name}`) in `scope` ("global", "regions/r", "zones/z"), or 404."""
+    obj = db.get(kind, call.project, scope, call.params["name"])
+    if obj is None:
+        raise not_found(f"projects/{call.project}/{scope}/{collection}/{call.params['name']}")
+    return obj
+
+
+def _stored_handlers(kind: str, collection: str, scope_of: Callable[[Call], str],
+                     render: Callable[[dict, float], dict]) -> tuple[Callable[[Call], dict], Callable[[Call], dict]]:
+    """The `get` and `list` handlers of a collection kept in the world (firewalls, addresses, subnetworks, disks)."""
+    def get(call: Call) -> dict:
+        _check_project(call)
+        scope = scope_of(call)
+        with call.world.read() as db:
+            return links(render(_stored(db, call, kind, scope, collection), db.now), call.base)
+
+    def list_(call: Call) -> dict:
+        _check_project(call)
+        scope = scope_of(call)
+        with call.world.read() as db:
+            items = [render(obj, db.now) for obj in db.find(kind, call.project, scope)]
+        return _list(call, f"compute#{kind}List", items, f"projects/{call.project}/{scope}/{collection}")
+
+    return get, list_
+
+
+def _global(call: Call) -> str:
+    return "global"
+
+
+def _in_region(call: Call) -> str:
+    return f"regions/{_region(call)}"
+
+
+def _in_zone(call: Call) -> str:
+    return f"zones/{_zone(call)}"
+
+
 def _check_name(name: Any, field_name: str = "resource.name") -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise invalid(field_name, name, "Must be a match of regex '(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'")
@@ -826,23 +865,10 @@ def firewalls_insert(call: Call) -> dict:
 
 
 def _firewall(db: Db, call: Call) -> dict:
-    fw = db.get("firewall", call.project, "global", call.params["name"])
-    if fw is None:
-        raise not_found(f"projects/{call.project}/global/firewalls/{call.params['name']}")
-    return fw
+    return _stored(db, call, "firewall", "global", "firewalls")
 
 
-def firewalls_get(call: Call) -> dict:
-    _check_project(call)
-    with call.world.read() as db:
-        return links(w.render_plain(_firewall(db, call), db.now), call.base)
-
-
-def firewalls_list(call: Call) -> dict:
-    _check_project(call)
-    with call.world.read() as db:
-        items = [w.render_plain(f, db.now) for f in db.find("firewall", call.project, "global")]
-    return _list(call, "compute#firewallList", items, f"projects/{call.project}/global/firewalls")
+firewalls_get, firewalls_list = _stored_handlers("firewall", "firewalls", _global, w.render_plain)
 
 
 def firewalls_patch(call: Call) -> dict:
@@ -883,10 +909,7 @@ def firewalls_delete(call: Call) -> dict:
 
 # ------------------------------------------------------------------------------------ addresses
 def _address(db: Db, call: Call, region: str) -> dict:
-    addr = db.get("address", call.project, f"regions/{region}", call.params["name"])
-    if addr is None:
-        raise not_found(f"projects/{call.project}/regions/{region}/addresses/{call.params['name']}")
-    return addr
+    return _stored(db, call, "address", f"regions/{region}", "addresses")
 
 
 def addresses_insert(call: Call) -> dict:
@@ -940,19 +963,7 @@ def addresses_insert(call: Call) -> dict:
     return _idempotent(call, perform)
 
 
-def addresses_get(call: Call) -> dict:
-    _check_project(call)
-    region = _region(call)
-    with call.world.read() as db:
-        return links(w.render_address(_address(db, call, region), db.now), call.base)
-
-
-def addresses_list(call: Call) -> dict:
-    _check_project(call)
-    region = _region(call)
-    with call.world.read() as db:
-        items = [w.render_address(a, db.now) for a in db.find("address", call.project, f"regions/{region}")]
-    return _list(call, "compute#addressList", items, f"projects/{call.project}/regions/{region}/addresses")
+addresses_get, addresses_list = _stored_handlers("address", "addresses", _in_region, w.render_address)
 
 
 def addresses_delete(call: Call) -> dict:
@@ -1095,10 +1106,7 @@ def networks_delete(call: Call) -> dict:
 
 # ------------------------------------------------------------------------------------ subnetworks
 def _subnetwork(db: Db, call: Call, region: str) -> dict:
-    sub = db.get("subnetwork", call.project, f"regions/{region}", call.params["name"])
-    if sub is None:
-        raise not_found(f"projects/{call.project}/regions/{region}/subnetworks/{call.params['name']}")
-    return sub
+    return _stored(db, call, "subnetwork", f"regions/{region}", "subnetworks")
 
 
 AUTO_MODE_RANGE = ipaddress.ip_network("10.128.0.0/9")
@@ -1152,19 +1160,7 @@ def subnetworks_insert(call: Call) -> dict:
     return _idempotent(call, perform)
 
 
-def subnetworks_get(call: Call) -> dict:
-    _check_project(call)
-    region = _region(call)
-    with call.world.read() as db:
-        return links(w.render_plain(_subnetwork(db, call, region), db.now), call.base)
-
-
-def subnetworks_list(call: Call) -> dict:
-    _check_project(call)
-    region = _region(call)
-    with call.world.read() as db:
-        items = [w.render_plain(s, db.now) for s in db.find("subnetwork", call.project, f"regions/{region}")]
-    return _list(call, "compute#subnetworkList", items, f"projects/{call.project}/regions/{region}/subnetworks")
+subnetworks_get, subnetworks_list = _stored_handlers("subnetwork", "subnetworks", _in_region, w.render_plain)
 
 
 def subnetworks_delete(call: Call) -> dict:
@@ -1270,10 +1266,7 @@ MIN_DISK_GB = 10  # persistent disks (pd-*) are at least 10 GB
 
 
 def _disk(db: Db, call: Call, zone: str) -> dict:
-    disk = db.get("disk", call.project, f"zones/{zone}", call.params["name"])
-    if disk is None:
-        raise not_found(f"projects/{call.project}/zones/{zone}/disks/{call.params['name']}")
-    return disk
+    return _stored(db, call, "disk", f"zones/{zone}", "disks")
 
 
 def disks_insert(call: Call) -> dict:
@@ -1317,19 +1310,7 @@ def disks_insert(call: Call) -> dict:
     return _idempotent(call, perform)
 
 
-def disks_get(call: Call) -> dict:
-    _check_project(call)
-    zone = _zone(call)
-    with call.world.read() as db:
-        return links(w.render_disk(_disk(db, call, zone), db.now), call.base)
-
-
-def disks_list(call: Call) -> dict:
-    _check_project(call)
-    zone = _zone(call)
-    with call.world.read() as db:
-        items = [w.render_disk(d, db.now) for d in db.find("disk", call.project, f"zones/{zone}")]
-    return _list(call, "compute#diskList", items, f"projects/{call.project}/zones/{zone}/disks")
+disks_get, disks_list = _stored_handlers("disk", "disks", _in_zone, w.render_disk)
 
 
 def disks_aggregated(call: Call) -> dict:
