@@ -415,20 +415,22 @@ class Profile(_Model):
     networks: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], Network] = Field(
         default_factory=dict,
         title="Private networks",
-        description="Name -> private network made for the deployment (Chameleon sites); roles join them "
-        "through nodes.<role>.networks.",
+        description="Name -> private network made for the deployment (a Neutron network on Chameleon, a VPC on "
+        "AWS, a VPC network on GCP; one per deployment on AWS/GCP); roles join them through nodes.<role>.networks.",
         json_schema_extra={"additionalProperties": False},
     )
     volumes: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], Volume] = Field(
         default_factory=dict,
         title="Block volumes",
-        description="Name -> a persistent block volume attached to one node and mounted (Chameleon KVM sites).",
+        description="Name -> a persistent block volume attached to one node and mounted (Cinder on Chameleon "
+        "KVM sites, EBS on AWS, a persistent disk on GCP).",
         json_schema_extra={"additionalProperties": False},
     )
     object_stores: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], ObjectStore] = Field(
         default_factory=dict,
         title="Object-store containers",
-        description="Name -> an object-storage container on the site's object store (Swift on Chameleon).",
+        description="Name -> an object-storage container on the site's object store (Swift on Chameleon, an "
+        "S3 bucket on AWS; none on GCP).",
         json_schema_extra={"additionalProperties": False},
     )
     ports: list[PortSpec] = Field(
