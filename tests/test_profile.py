@@ -192,7 +192,7 @@ def test_several_errors_give_the_first_and_a_count(tmp_path: Path) -> None:
     )
     with pytest.raises(ProfileError) as info:
         load_profile(path)
-    assert "lease_hours: Input should be greater than 0" in str(info.value)
+    assert "lease_hours: Input should be greater than or equal to 1" in str(info.value)
     assert str(info.value).endswith("(+1 more)")
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -32,8 +33,9 @@ from pydantic import (
     model_validator,
 )
 
-from labctl import hardware
+from labctl import hardware, inputs
 from labctl.errors import ProfileError
+from labctl.redact import strip_control
 
 __all__ = [
     "Gpu",
@@ -69,29 +71,85 @@ SSH_PORT = 22
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _SHIPPED = Path(__file__).parent / "data"
 
+# Documented limits (they are in the schema's descriptions too). A profile is a small hand-written file; these
+# keep a careless or hostile one from making labctl (or the cloud) do absurd amounts of work.
+MAX_PROFILE_BYTES = inputs.MAX_PROFILE_BYTES  # 1 MiB
+MAX_YAML_DEPTH = 32  # nesting of YAML collections
+MAX_YAML_NODES = 1_000_000  # values visited, aliases counted each time they are used
+MIN_LEASE_HOURS = 1.0
+MAX_LEASE_HOURS = 168.0  # Chameleon's 7 days
+MAX_TIMEOUT = 86_400.0  # one day per setup step
+MAX_NODES = 64  # nodes per deployment, all roles together
+MAX_ROLES = 32
+MAX_COUNT = 32  # nodes per role
+MAX_GPUS = 16
+MAX_STEPS = 100
+MAX_UPLOADS = 100  # per step
+MAX_OUTPUTS = 50
+MAX_PORTS = 100
+MAX_NETWORKS = 8
+MAX_VOLUMES = 16
+MAX_VOLUME_GB = 2000
+MAX_OBJECT_STORES = 8
+MAX_SITES = 32
+MAX_TYPES = 16  # node types per site key
+MAX_SHORT = 64  # names, node types, sites, images, targets
+MAX_TEXT = 1000  # descriptions, output values
+MAX_PATH = 1024  # upload and script paths
+MAX_SCRIPT = 256 * 1024  # an inline `run:` command
+MAX_SCRIPT_FILE = 4 * 1024 * 1024  # a `script:` file
+# Where a volume may not be mounted: these directories and everything under them ...
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run",
+                 "/sbin", "/snap", "/sys", "/usr", "/var/lib/apt", "/var/lib/dpkg", "/var/run")
+# ... and these directories themselves (a volume over them would hide what is there; below them is fine).
+_SYSTEM_DIRS = ("/home", "/tmp", "/var", "/var/lib", "/var/log", "/var/cache", "/opt", "/srv", "/mnt", "/media")
+_MOUNT_COMPONENT = re.compile(r"[A-Za-z0-9._-]+\Z")
+MAX_MOUNT = 255
+
+
+def _no_control(value: str) -> str:
+    if strip_control(value, one_line=True) != value:
+        raise ValueError("must not contain control characters (line breaks, tabs, escape sequences)")
+    return value
+
+
+def _no_control_text(value: str) -> str:
+    if strip_control(value) != value:
+        raise ValueError("must not contain control characters (escape sequences)")
+    return value
+
+
+#: One line of text: no control characters, at most `n` characters.
+def _line(n: int = MAX_SHORT, min_length: int = 0) -> Any:
+    return Annotated[str, Field(min_length=min_length, max_length=n), AfterValidator(_no_control)]
+
+
+Short = _line(MAX_SHORT, 1)
+
 
 # --------------------------------------------------------------------------------------------- models
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Gpu(_Model):
     """The GPUs each node of a role needs."""
 
-    model: str = Field(
-        min_length=1,
+    model: Short = Field(
         title="GPU model",
         description="GPU model the node must have, e.g. A100, H100, MI100, P100 (matched against the "
         "node type's GPU name).",
         examples=["A100"],
     )
     count: int = Field(
-        1, ge=1, title="GPUs per node", description="How many GPUs each node needs (at least)."
+        1, ge=1, le=MAX_GPUS, title="GPUs per node",
+        description=f"How many GPUs each node needs (at least; 1..{MAX_GPUS}).",
     )
-    alternatives: list[str] = Field(
+    alternatives: list[Short] = Field(
         default_factory=list,
+        max_length=MAX_TYPES,
         title="Acceptable fallback GPU models",
         description="Other GPU models this lab also runs on, in order, for fallback types (e.g. [A10G, L4] "
         "after A100 on AWS/GCP).",
@@ -147,10 +205,11 @@ class Network(_Model):
 class NodeNetwork(_Model):
     """A private network a role joins, with an optional fixed address for its nodes."""
 
-    network: str = Field(min_length=1, title="Network", description="A key of the profile's `networks`.")
+    network: Short = Field(title="Network", description="A key of the profile's `networks`.")
     first_ip: int | None = Field(
         None,
         ge=0,
+        le=2**24,
         title="First host number",
         description="Host number of the role's first node on the network (e.g. 11 -> 192.168.1.11 on "
         "192.168.1.0/24); the next nodes count up (12, 13, ...). Omit for an address from the pool.",
@@ -161,11 +220,15 @@ class NodeNetwork(_Model):
 class Volume(_Model):
     """A block-storage volume attached to one node, formatted once and mounted; kept across `down` by default."""
 
-    size_gb: int = Field(ge=1, le=2000, title="Size (GiB)", description="Size in GiB (1..2000).", examples=[2])
-    node: str = Field(min_length=1, title="Node", description="The node it is attached to (a node name, e.g. "
-                      "node-1).", examples=["node-1"])
+    size_gb: int = Field(ge=1, le=MAX_VOLUME_GB, title="Size (GiB)",
+                         description=f"Size in GiB (1..{MAX_VOLUME_GB}).", examples=[2])
+    node: Short = Field(title="Node", description="The node it is attached to (a node name, e.g. "
+                        "node-1).", examples=["node-1"])
     mount: str | None = Field(
-        None, title="Mount point", description="Absolute path where it is mounted (default /mnt/<name>).",
+        None, title="Mount point", max_length=MAX_MOUNT,
+        description="Absolute path where it is mounted (default /mnt/<name>): components of letters, digits, "
+        "'.', '_' and '-' only, no '.' or '..', not a system directory (/etc, /usr, /boot, ... or /, /home, "
+        f"/tmp, /var, /mnt themselves); at most {MAX_MOUNT} characters.",
         examples=["/mnt/block"])
     filesystem: Literal["ext4", "xfs"] = Field(
         "ext4", title="Filesystem", description="Made once, only when the volume has no filesystem yet.")
@@ -178,13 +241,27 @@ class Volume(_Model):
     def _check_mount(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        text = value.strip()
-        if not text.startswith("/") or text.rstrip("/") == "" or re.search(r"\s|//|/\.\.?(/|$)", text):
-            raise ValueError(f"{value!r} is not an absolute path such as /mnt/data")
-        if text.rstrip("/") in ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/proc", "/root", "/sbin", "/sys",
-                                "/tmp", "/usr", "/var"):
-            raise ValueError(f"{value!r} is a system directory; mount the volume under /mnt or /data")
-        return text.rstrip("/")
+        return check_mount(value)
+
+
+def check_mount(value: str) -> str:
+    """A volume's mount point as a clean absolute path (trailing '/' dropped), else ValueError saying why."""
+    shown = repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+    text = value[:-1] if value.endswith("/") and len(value) > 1 else value
+    if not text.startswith("/"):
+        raise ValueError(f"{shown} is not an absolute path such as /mnt/data")
+    if text == "/":
+        raise ValueError(f"{shown} is the root directory; mount the volume under /mnt or /data")
+    parts = text[1:].split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise ValueError(f"{shown} is not a clean absolute path such as /mnt/data (no '//', '.' or '..')")
+        if not _MOUNT_COMPONENT.match(part):
+            raise ValueError(f"{shown}: a mount point may only contain letters, digits, '.', '_', '-' and '/' "
+                             "(e.g. /mnt/data)")
+    if text in _SYSTEM_DIRS or any(text == t or text.startswith(t + "/") for t in _SYSTEM_TREES):
+        raise ValueError(f"{shown} is a system directory; mount the volume under /mnt or /data")
+    return text
 
 
 class ObjectStore(_Model):
@@ -201,7 +278,7 @@ def _net_kind(value: Any) -> str:
 
 NodeNetworkSpec = Annotated[
     Union[  # noqa: UP007 - a discriminated union needs the Union[...] spelling for its tags
-        Annotated[Annotated[str, Field(min_length=1)], Tag("str")],
+        Annotated[Short, Tag("str")],
         Annotated[NodeNetwork, Tag("NodeNetwork")],
     ],
     Discriminator(_net_kind),
@@ -211,9 +288,11 @@ NodeNetworkSpec = Annotated[
 class NodeGroup(_Model):
     """A role: `count` identical nodes named `<role>-1`, `<role>-2`, ..."""
 
-    count: int = Field(1, ge=1, le=32, title="Node count", description="How many nodes of this role (1..32).")
+    count: int = Field(1, ge=1, le=MAX_COUNT, title="Node count",
+                       description=f"How many nodes of this role (1..{MAX_COUNT}; at most {MAX_NODES} nodes in "
+                       "all roles together).")
     gpu: Gpu | None = Field(None, title="GPU", description="GPUs each node needs; omit for CPU-only nodes.")
-    image: str | None = Field(
+    image: Short | None = Field(
         None,
         title="Image override",
         description="Abstract image name for this role only (overrides the profile's `image`).",
@@ -223,8 +302,9 @@ class NodeGroup(_Model):
         description="Give each node of this role a public (floating) IP; `first`: only the role's first node "
         "(the others are reached through it over a private network they share, as with `ssh -J`).",
     )
-    types: dict[str, Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]] = Field(
+    types: dict[Short, Annotated[list[Short], Field(min_length=1, max_length=MAX_TYPES)]] = Field(
         min_length=1,
+        max_length=MAX_SITES,
         title="Node types per site",
         description="Site name (e.g. chi@tacc) or site family (chi, kvm, aws, gcp) -> node types or flavors, "
         "in order of preference; the next one is tried when a site has no capacity for the previous.",
@@ -236,6 +316,7 @@ class NodeGroup(_Model):
 
     networks: list[NodeNetworkSpec] = Field(
         default_factory=list,
+        max_length=MAX_NETWORKS,
         title="Private networks",
         description="Private networks (keys of the profile's `networks`) this role joins, as names or "
         "{network, first_ip}; the site's shared network stays the first NIC and carries the floating IP.",
@@ -253,7 +334,8 @@ class Port(_Model):
     port: int = Field(ge=1, le=65535, title="Port", description="Port number (1..65535).")
     protocol: Literal["tcp", "udp"] = Field("tcp", title="Protocol", description="tcp or udp.")
     cidr: str = Field(
-        "0.0.0.0/0", title="Source CIDR", description="Who may connect, as a CIDR (default: anyone)."
+        "0.0.0.0/0", max_length=MAX_SHORT, title="Source CIDR",
+        description="Who may connect, as a CIDR (default: anyone)."
     )
 
     @field_validator("cidr")
@@ -286,28 +368,36 @@ _UNION_TAGS = {"int", "Port", "str", "NodeNetwork"}
 class Upload(_Model):
     """A file (or directory) under `labs/<lab>/` copied to the node before the step runs."""
 
-    src: str = Field(min_length=1, title="Source", description="Path under labs/<lab>/.")
-    dest: str = Field(min_length=1, title="Destination", description="Path on the node (relative to home).")
+    src: _line(MAX_PATH, 1) = Field(  # type: ignore[valid-type]
+        title="Source",
+        description="Path under labs/<lab>/ (symbolic links may point into labs/_common/, nowhere else; a directory "
+        "is uploaded with everything in it).")
+    dest: _line(MAX_PATH, 1) = Field(  # type: ignore[valid-type]
+        title="Destination", description="Path on the node (relative to home).")
 
 
 class Step(_Model):
     """One setup step: runs on all its targets in parallel; the next step starts when it is done."""
 
-    name: str = Field(min_length=1, title="Step name", description="Short unique name, shown in progress.")
+    name: Short = Field(title="Step name", description="Short unique name, shown in progress.")
     on: str | list[str] = Field(
         "all",
         title="Targets",
         description='"all", a role, a node name (e.g. gpu-1), or a list of those.',
     )
-    run: str | None = Field(None, title="Command", description="Inline shell command (give run or script).")
-    script: str | None = Field(
+    run: Annotated[str, Field(max_length=MAX_SCRIPT), AfterValidator(_no_control_text)] | None = Field(
+        None, title="Command",
+        description=f"Inline shell command (give run or script; at most {MAX_SCRIPT // 1024} KiB).")
+    script: _line(MAX_PATH, 1) | None = Field(  # type: ignore[valid-type]
         None, title="Script", description="A script under labs/<lab>/ to run (give run or script)."
     )
     upload: list[Upload] = Field(
-        default_factory=list, title="Uploads", description="Files under labs/<lab>/ to upload first."
+        default_factory=list, max_length=MAX_UPLOADS, title="Uploads",
+        description=f"Files under labs/<lab>/ to upload first (at most {MAX_UPLOADS})."
     )
     timeout: float = Field(
-        600, gt=0, title="Timeout", description="Seconds before the step counts as failed."
+        600, gt=0, le=MAX_TIMEOUT, title="Timeout",
+        description=f"Seconds before the step counts as failed (more than 0, at most {MAX_TIMEOUT:.0f}).",
     )
     safe_on_sim: bool = Field(
         False,
@@ -322,11 +412,19 @@ class Step(_Model):
         if isinstance(value, str):
             if not value.strip():
                 raise ValueError('must not be empty (use "all", a role or a node name)')
-            return value
+            if len(value) > MAX_SHORT:
+                raise ValueError(f"a target name is at most {MAX_SHORT} characters")
+            return _no_control(value)
         if isinstance(value, list):
             if not value:
                 raise ValueError('must not be an empty list (use "all", a role or a node name)')
+            if len(value) > MAX_NODES + MAX_ROLES:
+                raise ValueError(f"at most {MAX_NODES + MAX_ROLES} targets")
             if all(isinstance(v, str) and v.strip() for v in value):
+                for v in value:
+                    if len(v) > MAX_SHORT:
+                        raise ValueError(f"a target name is at most {MAX_SHORT} characters")
+                    _no_control(v)
                 return value
         raise ValueError('should be "all", a role, a node name, or a list of those')
 
@@ -344,8 +442,8 @@ class Step(_Model):
 class Output(_Model):
     """Something to show the user after `up`, e.g. a URL built from a node's address."""
 
-    name: str = Field(min_length=1, title="Output name")
-    value: str = Field(
+    name: Short = Field(title="Output name")
+    value: _line(MAX_TEXT) = Field(  # type: ignore[valid-type]
         title="Value",
         description="Text with {node.floating_ip} / {node.fixed_ip} placeholders, e.g. "
         "http://{gpu-1.floating_ip}:8888 (write {{ and }} for literal braces).",
@@ -384,6 +482,7 @@ class Profile(_Model):
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         title="labctl lab profile",
         json_schema_extra={"$comment": "See docs/architecture.md, 'The profile format'."},
     )
@@ -391,58 +490,71 @@ class Profile(_Model):
     name: str = Field(
         pattern=NAME_PATTERN, title="Lab name", description="Must equal the file name without .yaml."
     )
-    description: str = Field("", title="Description", description="One line shown by `labctl profiles`.")
-    sites: list[Annotated[str, Field(min_length=1)]] = Field(
+    description: _line(MAX_TEXT) = Field(  # type: ignore[valid-type]
+        "", title="Description", description=f"One line shown by `labctl profiles` (at most {MAX_TEXT} characters)."
+    )
+    sites: list[Short] = Field(
         min_length=1,
+        max_length=MAX_SITES,
         title="Sites",
         description="Where the lab may run, in order of preference (e.g. chi@tacc, chi@uc, kvm@tacc); "
         "the first Chameleon site is what `--site sim` stands for.",
     )
     lease_hours: float = Field(
-        gt=0, le=168, title="Lease length (hours)", description="Chameleon caps leases at 7 days (168 h)."
+        ge=MIN_LEASE_HOURS, le=MAX_LEASE_HOURS, title="Lease length (hours)",
+        description=f"{MIN_LEASE_HOURS:g} to {MAX_LEASE_HOURS:g} hours (Chameleon caps leases at 7 days).",
     )
-    image: str = Field(
-        min_length=1,
+    image: Short = Field(
         title="Image",
         description="Abstract image name mapped per site, e.g. ubuntu-24.04, ubuntu-24.04-cuda.",
     )
     nodes: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], NodeGroup] = Field(
         min_length=1,
+        max_length=MAX_ROLES,
         title="Nodes",
-        description="Role -> node group. Nodes are named <role>-<i>, 1-based (gpu-1, gpu-2, ...).",
+        description=f"Role -> node group (at most {MAX_ROLES} roles and {MAX_NODES} nodes in all). Nodes are named "
+        "<role>-<i>, 1-based (gpu-1, gpu-2, ...).",
         json_schema_extra={"additionalProperties": False},
     )
     networks: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], Network] = Field(
         default_factory=dict,
+        max_length=MAX_NETWORKS,
         title="Private networks",
         description="Name -> private network made for the deployment (a Neutron network on Chameleon, a VPC on "
-        "AWS, a VPC network on GCP; one per deployment on AWS/GCP); roles join them through nodes.<role>.networks.",
+        "AWS, a VPC network on GCP; one per deployment on AWS/GCP); roles join them through nodes.<role>.networks. "
+        f"At most {MAX_NETWORKS}.",
         json_schema_extra={"additionalProperties": False},
     )
     volumes: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], Volume] = Field(
         default_factory=dict,
+        max_length=MAX_VOLUMES,
         title="Block volumes",
         description="Name -> a persistent block volume attached to one node and mounted (Cinder on Chameleon "
-        "KVM sites, EBS on AWS, a persistent disk on GCP).",
+        f"KVM sites, EBS on AWS, a persistent disk on GCP). At most {MAX_VOLUMES}.",
         json_schema_extra={"additionalProperties": False},
     )
     object_stores: dict[Annotated[str, Field(pattern=ROLE_PATTERN)], ObjectStore] = Field(
         default_factory=dict,
+        max_length=MAX_OBJECT_STORES,
         title="Object-store containers",
         description="Name -> an object-storage container on the site's object store (Swift on Chameleon, an "
-        "S3 bucket on AWS; none on GCP).",
+        f"S3 bucket on AWS; none on GCP). At most {MAX_OBJECT_STORES}.",
         json_schema_extra={"additionalProperties": False},
     )
     ports: list[PortSpec] = Field(
         default_factory=list,
+        max_length=MAX_PORTS,
         title="Open ports",
-        description="Ports to open (22/tcp is always open): ints, or {port, protocol, cidr}.",
+        description=f"Ports to open (22/tcp is always open): ints 1..65535, or {{port, protocol, cidr}}; at most "
+        f"{MAX_PORTS}.",
     )
     setup: list[Step] = Field(
-        default_factory=list, title="Setup steps", description="Run in order after boot."
+        default_factory=list, max_length=MAX_STEPS, title="Setup steps",
+        description=f"Run in order after boot (at most {MAX_STEPS} steps)."
     )
     outputs: list[Output] = Field(
-        default_factory=list, title="Outputs", description="Shown after `labctl up` (URLs, SSH hints)."
+        default_factory=list, max_length=MAX_OUTPUTS, title="Outputs",
+        description=f"Shown after `labctl up` (URLs, SSH hints); at most {MAX_OUTPUTS}."
     )
 
     _lab_dir: Path | None = PrivateAttr(None)
@@ -517,6 +629,30 @@ class Profile(_Model):
         """The file this profile was loaded from (None if built in code)."""
         return self._path
 
+    def lab_roots(self) -> tuple[Path, ...]:
+        """Where the lab's scripts and uploads may come from (links resolved): labs/<lab>/ and labs/_common/."""
+        return lab_roots(self.lab_dir)
+
+    def lab_file(self, rel: str, field: str = "") -> Path:
+        """`labs/<lab>/<rel>` resolved and checked as `load_profile` checks it (again: it may have changed since);
+        a `ProfileError` naming the profile and `field` otherwise."""
+        try:
+            return confined_path(self.lab_dir, rel)
+        except ValueError as exc:
+            shown = _display(self.path) if self.path else f"profile {self.name}"
+            raise _error(shown, f"{field}: {exc}" if field else str(exc), field or None) from None
+
+    def read_script(self, rel: str, field: str = "") -> str:
+        """The text of the script `labs/<lab>/<rel>`, checked like `lab_file` and read only if it is a regular
+        file of at most `MAX_SCRIPT_FILE` bytes."""
+        path = self.lab_file(rel, field)
+        shown = _display(path)
+        data = inputs.read_regular_file(path, MAX_SCRIPT_FILE, "setup script file", shown=shown, error=ProfileError)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _error(shown, "a setup script must be UTF-8 text") from None
+
 
 # ------------------------------------------------------------------------------- cross-field checks
 
@@ -538,6 +674,10 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 
 def _cross_field_problems(p: Profile) -> list[str]:
     problems: list[str] = []
+    total = sum(group.count for group in p.nodes.values())
+    if total > MAX_NODES:
+        # Checked first: the checks below are per node, and a plan of thousands of nodes helps nobody.
+        return [f"nodes: {total} nodes in all; a deployment has at most {MAX_NODES}"]
     roles = list(p.nodes)
     nodes = [n for n, _ in p.node_names()]
     for role in roles:
@@ -663,21 +803,105 @@ def _storage_problems(p: Profile, nodes: list[str]) -> list[str]:
     return problems
 
 
-def _file_problems(p: Profile, lab_dir: Path) -> list[str]:
-    """Scripts and uploads must be files under the lab directory."""
-    problems: list[str] = []
+COMMON_LAB = "_common"  # labs/_common/: scripts the labs share through symbolic links
+
+
+def lab_roots(lab_dir: Path | str) -> tuple[Path, ...]:
+    """The directories a lab's scripts and uploads may come from, symbolic links resolved: `labs/<lab>/` and
+    `labs/_common/` (the one that exists of the latter)."""
+    lab = Path(os.path.abspath(lab_dir))
+    roots = [lab.resolve(), (lab.parent / COMMON_LAB).resolve()]
+    return tuple(dict.fromkeys(roots))
+
+
+def _under(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def confined_path(lab_dir: Path | str, rel: str, *, want_file: bool = False) -> Path:
+    """`labs/<lab>/<rel>` with every symbolic link resolved, checked to lie under `lab_roots(lab_dir)`; for a
+    directory every file in it (recursively, links resolved) is checked too. Raises `ValueError` saying why."""
     shown = _display(lab_dir)
+    text = _clip(rel)
+    if "\x00" in rel:
+        raise ValueError(f"{text} is not a file name")
+    if os.path.isabs(rel):
+        raise ValueError(f"{text} must be a path relative to {shown}/")
     root = Path(os.path.abspath(lab_dir))
+    candidate = Path(os.path.abspath(root / rel))
+    if not candidate.is_relative_to(root):
+        raise ValueError(f"{text} is outside the lab directory {shown}/")
+    roots = lab_roots(root)
+    try:
+        target = candidate.resolve(strict=True)
+    except FileNotFoundError:
+        raise ValueError(f"{text} not found under {shown}/") from None
+    except (OSError, RuntimeError) as exc:  # a symbolic-link loop, a path too long, ...
+        raise ValueError(f"{text}: cannot resolve it ({getattr(exc, 'strerror', None) or exc})") from None
+    if not _under(target, roots):
+        raise ValueError(f"{text} leads outside the lab directory {shown}/ (to {target}) through a symbolic link; "
+                         f"only links into {_display(root.parent / COMMON_LAB)}/ are allowed")
+    if want_file and not target.is_file():
+        raise ValueError(f"{text} is not a file under {shown}/")
+    if target.is_dir():
+        for inner in walk_confined(target, roots):
+            del inner  # walk_confined raises on the first file that is not allowed
+    elif not target.is_file():
+        raise ValueError(f"{text} is not a regular file or directory")
+    return target
+
+
+def walk_confined(directory: Path, roots: Iterable[Path], limit: int = 10_000) -> Iterable[tuple[str, Path]]:
+    """(relative path, resolved file) for every regular file under `directory`, following symbolic links only
+    when they stay under `roots`; raises `ValueError` for a link that leads elsewhere, a file that is not a
+    regular file (FIFO, device, socket), a directory cycle or more than `limit` entries."""
+    roots = tuple(roots)
+    seen: set[Path] = set()
+    count = 0
+    stack: list[tuple[str, Path]] = [("", directory)]
+    while stack:
+        prefix, here = stack.pop()
+        if here in seen:
+            raise ValueError(f"{here}: a directory that contains itself through a symbolic link")
+        seen.add(here)
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError as exc:
+            raise ValueError(f"{here}: cannot list it ({exc.strerror or exc})") from None
+        for entry in entries:
+            count += 1
+            if count > limit:
+                raise ValueError(f"{directory}: more than {limit:,} files to upload")
+            rel = f"{prefix}{entry.name}"
+            try:
+                target = Path(entry.path).resolve(strict=True)
+            except (OSError, RuntimeError) as exc:
+                raise ValueError(f"{rel} in {directory}: cannot resolve it "
+                                 f"({getattr(exc, 'strerror', None) or exc})") from None
+            if not _under(target, roots):
+                raise ValueError(f"{rel} in {directory} leads outside the lab directory (to {target}) through a "
+                                 "symbolic link")
+            if target.is_dir():
+                stack.append((rel + "/", target))
+            elif target.is_file():
+                yield rel, target
+            else:
+                raise ValueError(f"{rel} in {directory} is not a regular file")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3] + "...")
+
+
+def _file_problems(p: Profile, lab_dir: Path) -> list[str]:
+    """Scripts and uploads must be files under the lab directory (or, through symbolic links, labs/_common/)."""
+    problems: list[str] = []
 
     def check(field: str, rel: str, want_file: bool) -> None:
-        if os.path.isabs(rel):
-            problems.append(f"{field}: '{rel}' must be a path relative to {shown}/")
-            return
-        target = Path(os.path.abspath(root / rel))
-        if not target.is_relative_to(root):
-            problems.append(f"{field}: '{rel}' is outside the lab directory {shown}/")
-        elif not (target.is_file() if want_file else target.exists()):
-            problems.append(f"{field}: '{rel}' not found under {shown}/")
+        try:
+            confined_path(lab_dir, rel, want_file=want_file)
+        except ValueError as exc:
+            problems.append(f"{field}: {exc}")
 
     for i, step in enumerate(p.setup):
         if step.script is not None:
@@ -693,7 +917,10 @@ def _file_problems(p: Profile, lab_dir: Path) -> list[str]:
 def _loc(loc: Iterable[Any]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        text = str(part)
+        if len(text) > 40:
+            text = text[:37] + "..."
+        out += f"[{text}]" if isinstance(part, int) else (f".{text}" if out else text)
     return out
 
 
@@ -807,8 +1034,14 @@ def _display(path: Path | str) -> str:
     return absolute if rel.startswith("..") else rel
 
 
+MAX_MESSAGE = 2000
+
+
 def _error(shown: str, message: str, field: str | None = None) -> ProfileError:
-    err = ProfileError(_one_line(f"{shown}: {message}"))
+    text = _one_line(strip_control(f"{shown}: {message}", one_line=True))
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 3] + "..."
+    err = ProfileError(text)
     err.path = shown  # type: ignore[attr-defined]
     err.field = field  # type: ignore[attr-defined]
     return err
@@ -818,7 +1051,23 @@ def _error(shown: str, message: str, field: str | None = None) -> ProfileError:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans (so `on:` stays a key) that rejects duplicate keys."""
+    """SafeLoader with YAML 1.2 booleans (so `on:` stays a key), no timestamps (dates stay strings), that rejects
+    duplicate keys and collections nested more than `MAX_YAML_DEPTH` deep."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.CollectionStartEvent):
+            if self._depth >= MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", mark)
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         self.flatten_mapping(node)
@@ -838,7 +1087,7 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
@@ -853,26 +1102,52 @@ def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
     return _error(where, f"YAML syntax error: {problem}")
 
 
+def _check_shape(shown: str, data: Any) -> None:
+    """Refuse data nested too deep (or containing itself, through YAML aliases) or too big once aliases are
+    expanded ("billion laughs"), before anything walks it recursively."""
+    budget = MAX_YAML_NODES
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise _error(shown, f"too many values once YAML aliases are expanded (more than {MAX_YAML_NODES:,})")
+        if isinstance(item, dict):
+            children: Iterable[Any] = [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_YAML_DEPTH:
+            raise _error(shown, f"nested more than {MAX_YAML_DEPTH} levels deep (or a YAML alias inside itself)")
+        stack.extend((child, depth + 1) for child in children)
+
+
 def read_yaml(path: Path | str, what: str = "a profile mapping", shown: str | None = None) -> Any:
-    """Parse a YAML file with labctl's loader; errors are one-line `ProfileError`s with line:column."""
+    """Parse a YAML file with labctl's loader; errors are one-line `ProfileError`s with line:column.
+
+    Only a regular file of at most `MAX_PROFILE_BYTES` is read (see `labctl.inputs`), collections may nest at
+    most `MAX_YAML_DEPTH` deep, and nothing but a `ProfileError` comes out of a hostile file."""
     shown = shown or _display(path)
-    p = Path(path)
-    if not p.exists():
-        raise _error(shown, "no such file")
-    if p.is_dir():
-        raise _error(shown, "is a directory, not a YAML file")
+    data_bytes = inputs.read_regular_file(path, MAX_PROFILE_BYTES, "YAML file", shown=shown, error=ProfileError)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _error(shown, f"cannot read: {exc}") from None
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data_bytes.count(b"\n", 0, exc.start) + 1
+        raise _error(shown, f"not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} on line {line})") from None
     if not text.strip():
         raise _error(shown, f"empty file (expected {what})")
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_error(shown, exc) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an explicit !!timestamp that is no date
+        raise _error(shown, f"YAML value error: {exc}") from None
+    except RecursionError:
+        raise _error(shown, f"nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
     if data is None:
         raise _error(shown, f"empty file (only comments; expected {what})")
+    _check_shape(shown, data)
     return data
 
 
