@@ -6,10 +6,11 @@ import csv
 import random
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from tests.e2e.helpers import kill_when, labctl_leftovers, run, run_json, start
+from tests.e2e.helpers import REPO, kill_when, labctl_leftovers, run, run_json, start
 
 pytestmark = pytest.mark.slow
 
@@ -206,6 +207,20 @@ def test_two_operators_on_one_postgresql_state_make_one_environment_per_student(
     assert labctl_leftovers(w) == {}
 
 
+# `labctl ARGS` with SIGINT raising KeyboardInterrupt, as in a terminal, whatever this process inherited: a child
+# of a process that ignores SIGINT (pytest run as a background job of a non-interactive shell, some CI runners)
+# inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler, so Ctrl-C would be a no-op.
+_INTERACTIVE_LABCTL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'labctl'; runpy.run_module('labctl', run_name='__main__', alter_sys=True)"
+)
+
+
+def start_as_from_a_terminal(env, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _INTERACTIVE_LABCTL, *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 def test_ctrl_c_stops_new_work_saves_state_and_a_rerun_finishes(labctl_env, klass):
     import signal
 
@@ -213,7 +228,7 @@ def test_ctrl_c_stops_new_work_saves_state_and_a_rerun_finishes(labctl_env, klas
     w = world(labctl_env)
     args = ("class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "mlsys",
             "--concurrency", "4")
-    proc = start(labctl_env, *args)
+    proc = start_as_from_a_terminal(labctl_env, *args)
     kill_point = lambda: len(labctl_servers(w)) >= 4  # noqa: E731
     import time
 
@@ -227,5 +242,5 @@ def test_ctrl_c_stops_new_work_saves_state_and_a_rerun_finishes(labctl_env, klas
     assert len(labctl_servers(w)) < N  # it stopped starting new environments
     run(labctl_env, *args[:-2], timeout=600)  # the rerun at the default concurrency
     assert len(labctl_servers(w)) == N and len({s["name"] for s in labctl_servers(w)}) == N
-    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {}
