@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labctl import inputs
 from labctl.errors import UserError
+from labctl.redact import strip_control
 
 DEFAULT_PRICES = Path(__file__).parent / "data" / "prices.json"
+MAX_PRICES_BYTES = inputs.MAX_PRICES_BYTES  # 10 MiB
 _PROVIDERS = ("aws", "gcp")
 
 
@@ -67,20 +70,31 @@ def load_prices(path: str | Path | None = None) -> dict[str, Any]:
     """The shipped table, or `path` (same shape). A bad file is a one-line UserError naming it."""
     file = Path(path) if path else DEFAULT_PRICES
     shown = str(path) if path else str(file)
+    # Only a regular file of at most MAX_PRICES_BYTES (not /dev/zero, not a FIFO that would block).
+    raw = inputs.read_regular_file(file, MAX_PRICES_BYTES, "price file", shown=shown)
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{shown}: price file not found") from None
-    except OSError as exc:
-        raise UserError(f"{shown}: cannot read price file ({exc.strerror or exc})") from None
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise UserError(f"{shown}: not a UTF-8 text file") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{shown}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer with thousands of digits
+        raise UserError(f"{shown}: not a usable price table ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{shown}: not a price table (JSON nested far too deeply)") from None
     problem = _check(data)
     if problem:
-        raise UserError(f"{shown}: {problem}")
+        raise UserError(strip_control(f"{shown}: {problem}", one_line=True))
     return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a price")
+
+
+def _number(value: Any) -> bool:
+    """A finite number >= 0 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value >= 0
 
 
 def _check(data: Any) -> str | None:
@@ -99,25 +113,31 @@ def _check(data: Any) -> str | None:
             if not isinstance(types, dict):
                 return f"{provider}.{region} must map instance type -> hourly price"
             for name, price in types.items():
-                if isinstance(price, bool) or not isinstance(price, int | float) or not math.isfinite(price) \
-                        or price < 0:
-                    return f"{provider}.{region}.{name}: price must be a number >= 0, not {price!r}"
+                if not _number(price):
+                    return f"{provider}.{region}.{name}: price must be a number >= 0, not {_short(price)}"
     cham = data.get("chameleon")
     if cham is not None:
         if not isinstance(cham, dict):
             return "'chameleon' must be an object"
         factors = cham.get("su_factors", {})
-        if not isinstance(factors, dict) or any(
-                isinstance(v, bool) or not isinstance(v, int | float) or v < 0 for v in factors.values()):
+        if not isinstance(factors, dict) or not all(_number(v) for v in factors.values()):
             return "chameleon.su_factors must map node type -> a number >= 0"
         for key in ("su_per_host_hour", "su_per_floating_ip_hour"):
-            value = cham.get(key, 1)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            if not _number(cham.get(key, 1)):
                 return f"chameleon.{key} must be a number >= 0"
+        if not isinstance(cham.get("source", ""), str):
+            return "chameleon.source must be a string"
     for key in ("caveats", "components"):
         if key in data and not isinstance(data[key], dict):
             return f"'{key}' must be an object"
+    if not all(isinstance(v, str) for v in (data.get("caveats") or {}).values()):
+        return "caveats must map provider/region/type -> a string"
     return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # -------------------------------------------------------------------------------------------- estimating

@@ -30,11 +30,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labctl import inputs
 from labctl.errors import UserError
 from labctl.naming import sanitise
+from labctl.redact import strip_control
 
 MAX_ROWS = 20_000
-MAX_BYTES = 32 * 1024 * 1024
+MAX_BYTES = inputs.MAX_ROSTER_BYTES  # 10 MiB
+MAX_COLUMNS = 200
+MAX_HEADER_CHARS = 100
 MAX_ID_LEN = 32
 MAX_NAME_LEN = 200
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -140,9 +144,9 @@ def roster_summary(roster: Roster) -> str:
 def load_roster(path: Path | str, keys_dir: Path | str | None = None) -> Roster:
     """Read and check a roster CSV. Bad rows go to `Roster.errors`; a bad file raises UserError."""
     path = Path(path)
-    where = str(path)
+    where = strip_control(str(path), one_line=True)
     keys_dir = Path(keys_dir) if keys_dir is not None else None
-    text = _read_text(path)
+    text = _read_text(path, where)
     if keys_dir is not None and not keys_dir.is_dir():
         raise UserError(f"{where}: keys directory {keys_dir} does not exist or is not a directory")
 
@@ -211,21 +215,9 @@ def load_roster(path: Path | str, keys_dir: Path | str | None = None) -> Roster:
 _FIELD_ORDER = {"row": 0, "student_id": 1, "name": 2, "email": 3, "github_username": 4, "ssh_public_key": 5}
 
 
-def _read_text(path: Path) -> str:
-    where = str(path)
-    try:
-        if path.is_dir():
-            raise UserError(f"{where}: is a directory, not a roster CSV file")
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise UserError(f"{where}: {size:,} bytes is too large for a roster (limit {MAX_BYTES // 2**20} MiB)")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{where}: roster file not found") from None
-    except PermissionError:
-        raise UserError(f"{where}: permission denied reading the roster") from None
-    except OSError as exc:
-        raise UserError(f"{where}: cannot read the roster ({exc.strerror or exc})") from None
+def _read_text(path: Path, where: str) -> str:
+    # Only a regular file, at most MAX_BYTES (a FIFO or /dev/zero is refused at once, without blocking).
+    data = inputs.read_regular_file(path, MAX_BYTES, "roster file", shown=where)
     if data.startswith(b"PK\x03\x04"):
         raise UserError(f"{where}: this is a spreadsheet (.xlsx/.ods), not CSV; export it as 'CSV UTF-8'")
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -288,9 +280,18 @@ def _norm(header: str) -> str:
     return re.sub(r"[\s_-]+", "_", header.strip().lower()).strip("_")
 
 
+def _plain(text: str, limit: int = 40) -> str:
+    """A header cell as shown in a message: control characters removed, cut to `limit`."""
+    text = strip_control(text, one_line=True).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _map_columns(
     header: list[str], line: int, where: str, keys_dir: Path | None
 ) -> tuple[dict[str, str], dict[str, int]]:
+    if len(header) > MAX_COLUMNS:
+        raise UserError(f"{where}:{line}: {len(header):,} columns; a roster has at most {MAX_COLUMNS}")
+    header = [_plain(h, MAX_HEADER_CHARS) for h in header]
     normalised = [_norm(h) for h in header]
     if any(cell.strip().startswith(ACCEPTED_KEY_TYPES) or "@" in cell for cell in header):
         raise UserError(
@@ -581,9 +582,44 @@ def _check_blob(kind: str, blob: bytes, b64: str) -> str | None:
         key = load_ssh_public_key(f"{kind} {b64}".encode())
     except (ValueError, UnsupportedAlgorithm):
         return bad
+    if kind == "ssh-ed25519":
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        return _degenerate_ed25519(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
         return (f"RSA key of {key.key_size} bits is too weak; at least {MIN_RSA_BITS} bits "
                 "(better: an ed25519 key, 'ssh-keygen -t ed25519')")
+    return None
+
+
+# Encodings of the ed25519 points of small order (libsodium's list, sign bit cleared): a "public key" that is one
+# of them is satisfied by signatures anyone can make, so it is no key at all.
+_ED25519_SMALL_ORDER = {bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",  # y = 0 (order 4)
+    "0100000000000000000000000000000000000000000000000000000000000000",  # the identity (order 1)
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p - 1 (order 2)
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p, i.e. 0 (order 4)
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p + 1, i.e. 1 (order 1)
+)}
+# Fewer distinct byte values than this in 32 random bytes has a probability below 1e-30: a made-up key.
+_MIN_DISTINCT_BYTES = 8
+DEGENERATE_KEY_MESSAGE = ("not a real key ({why}): ask the student for the .pub file of a key made with "
+                          "'ssh-keygen -t ed25519'")
+
+
+def _degenerate_ed25519(raw: bytes) -> str | None:
+    """Why the 32-byte ed25519 public key `raw` is degenerate (all zero, one repeated byte, a small-order
+    point), or None."""
+    if len(raw) != 32:
+        return "the key data is invalid (truncated or changed when copied?)"
+    if raw[:31] + bytes([raw[31] & 0x7F]) in _ED25519_SMALL_ORDER:
+        why = "all zero bytes" if not any(raw) else "a point of small order, which any signature matches"
+        return DEGENERATE_KEY_MESSAGE.format(why=why)
+    if len(set(raw)) < _MIN_DISTINCT_BYTES:
+        why = "one byte repeated" if len(set(raw)) == 1 else "almost no variety in its bytes"
+        return DEGENERATE_KEY_MESSAGE.format(why=why)
     return None
 
 
@@ -600,7 +636,7 @@ def _check_sk_blob(kind: str, blob: bytes, bad: str) -> str | None:
     if kind == "sk-ssh-ed25519@openssh.com":
         if len(parts) != 3 or len(parts[1]) != 32 or not parts[2]:
             return bad
-        return None
+        return _degenerate_ed25519(parts[1])
     if len(parts) != 4 or parts[1] != b"nistp256" or not parts[3]:
         return bad
     from cryptography.hazmat.primitives.asymmetric import ec
