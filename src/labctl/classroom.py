@@ -18,11 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl import service
+from labctl import naming, service
 from labctl.errors import CloudError, Interrupted, LabctlError, NoCapacity, QuotaExceeded, UserError
 from labctl.state import DeploymentRecord
 
 UP, FAILED, BUSY, ALREADY, INTERRUPTED = "up", "failed", "busy", "already up", "interrupted"
+
+MAX_CONCURRENCY = 256  # environments in flight per site
+MAX_RATE = 1000.0  # client-side API calls per second per site
+COURSE_LEN = 16  # the course's part of resource names (naming.deployment_id)
+
+
+def check_options(concurrency: int, rate: float | None = None) -> None:
+    """--concurrency in 1..MAX_CONCURRENCY, --rate (if given) a finite number in (0, MAX_RATE]."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise UserError(f"--concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {concurrency!r}")
+    if rate is not None:
+        service.check_number(rate, "--rate", high=MAX_RATE, unit=" calls per second")
+
+
+def check_selector(value: str | None, option: str) -> None:
+    """A lab, course or student that selects environments to delete or change: never empty (not "all")."""
+    if value is not None and not value.strip():
+        raise UserError(f"{option} is empty: it selects nothing (and never means 'all'); give a name")
 
 
 @dataclass
@@ -101,6 +119,10 @@ def class_up(ctx: service.Context, opts: ClassOptions, events: ClassEvents | Non
     from labctl.roster import load_roster
 
     events = events or ClassEvents()
+    naming.require_canonical(opts.course, "--course", COURSE_LEN)
+    check_selector(opts.lab, "the lab")
+    check_options(opts.concurrency, opts.rate)
+    service.check_number(opts.ssh_timeout, "--ssh-timeout", high=service.MAX_SSH_TIMEOUT, unit=" seconds")
     if opts.roster is None:
         raise UserError("class up needs --roster FILE")
     roster = load_roster(opts.roster, opts.keys_dir)
@@ -215,6 +237,10 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
         if not mine:
             return StudentResult(sid, site.name, BUSY, "another operator is working on it", the_plan.deployment)
         current = store.get_deployment(the_plan.deployment)
+        if (current and current.status != "destroyed"
+                and (current.owner, current.course) != (student.slug, run.opts.course)):
+            return StudentResult(sid, site.name, FAILED, f"deployment id {the_plan.deployment} already belongs to "
+                                 f"{current.name} of {current.owner}", the_plan.deployment)
         if current and current.status == "up" and current.site == site.name:
             return StudentResult(sid, site.name, ALREADY, None, the_plan.deployment)
         run.events.student(sid, "starting", site.name)
@@ -302,15 +328,30 @@ def _ssh_command(dep: DeploymentRecord, ip: str | None) -> str | None:
 
 
 # -- down / extend --------------------------------------------------------------------------------
+def class_down_targets(ctx: service.Context, lab: str, course: str, student: str | None = None
+                       ) -> list[DeploymentRecord]:
+    """The environments `class down` would delete: every student's of course/lab, or one student's. An empty
+    lab, course or student is refused (it never means "all")."""
+    from labctl.redact import clean
+
+    check_selector(lab, "the lab")
+    check_selector(course, "--course")
+    check_selector(student, "--student")
+    deps = class_deployments(ctx, course, _lab_name(lab))
+    if student is not None:
+        deps = [d for d in deps if student in (d.owner, d.data.get("student", {}).get("id"))]
+        if not deps:
+            raise UserError(f"no environment of student '{clean(student, one_line=True)}' in "
+                            f"{clean(course, one_line=True)}/{clean(lab, one_line=True)}")
+    return deps
+
+
 def class_down(ctx: service.Context, lab: str, course: str, student: str | None = None,
                concurrency: int = 16, events: ClassEvents | None = None, cloud: str | None = None,
                delete_volumes: bool = False) -> list[StudentResult]:
     events = events or ClassEvents()
-    deps = class_deployments(ctx, course, _lab_name(lab))
-    if student:
-        deps = [d for d in deps if student in (d.owner, d.data.get("student", {}).get("id"))]
-        if not deps:
-            raise UserError(f"no environment of student '{student}' in {course}/{lab}")
+    deps = class_down_targets(ctx, lab, course, student)
+    check_options(concurrency)
     events.start(len(deps))
     providers: dict[str, Any] = {}
     plock = threading.Lock()
@@ -348,14 +389,22 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
 def class_extend(ctx: service.Context, lab: str, course: str, hours: float, cloud: str | None = None) -> list[str]:
     from labctl.sites import resolve
 
+    service.check_extend_hours(hours)
+    check_selector(lab, "the lab")
+    check_selector(course, "--course")
     ends = []
     providers: dict[str, Any] = {}
     for dep in class_deployments(ctx, course, _lab_name(lab)):
         if not any(r.kind == "reservation" and r.cloud_id for r in ctx.store.resources(dep.id)):
             continue  # nothing to extend: the site has no leases (AWS, GCP, a site without reservations)
-        if dep.site not in providers:
-            providers[dep.site] = service._connect(ctx, resolve(dep.site), cloud)
-        st = service.extend_deployment(ctx, dep, providers[dep.site], hours)
-        ends.append(f"{dep.data.get('student', {}).get('id', dep.owner)}: {st.lease_end}")
+        sid = dep.data.get("student", {}).get("id", dep.owner)
+        with ctx.store.lock(f"env:{dep.id}") as mine:
+            if not mine:
+                ends.append(f"{sid}: busy (another operator is working on it); not extended")
+                continue
+            if dep.site not in providers:
+                providers[dep.site] = service._connect(ctx, resolve(dep.site), cloud)
+            st = service.extend_deployment(ctx, dep, providers[dep.site], hours)
+        ends.append(f"{sid}: {st.lease_end}")
     return ends
 

@@ -45,3 +45,29 @@ def deployment_id(name: str, owner: str, course: str | None = None) -> str:
 
 def resource_name(deployment: str, suffix: str | None = None) -> str:
     return f"{deployment}-{sanitise(suffix, 40)}" if suffix else deployment
+
+
+def require_canonical(text: str | None, option: str, max_len: int = 24) -> str:
+    """`text` itself if it is already a resource-name part (what `sanitise` would leave unchanged), else a
+    one-line UserError saying what is allowed.
+
+    Names given by the user (--name, --owner, --course) enter resource names and the deployment id; since
+    `sanitise` collapses every unsafe character to '-', two different names (`a/b`, `a.b`) would otherwise map
+    to the same resources and the second `up` would silently adopt the first one's environment.
+    """
+    from labctl.errors import UserError
+    from labctl.redact import clean
+
+    shown = clean(text if text is not None else "", one_line=True)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    if text is None or not text.strip():
+        raise UserError(f"{option} must not be empty: use lowercase letters, digits and '-' "
+                        f"(at most {max_len} characters)")
+    if _UNSAFE.sub("-", text.lower()).strip("-") != text or len(text) > max_len:
+        suggestion = sanitise(text, max_len)
+        raise UserError(
+            f"{option} '{shown}' is not allowed: use lowercase letters a-z, digits and '-', starting and ending "
+            f"with a letter or digit, at most {max_len} characters (e.g. '{suggestion}')"
+        )
+    return text

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,31 @@ from labctl.errors import CloudError, NoCapacity, SetupFailed, UserError
 from labctl.state import DeploymentRecord, DeploymentView, StateStore
 
 Progress = Callable[[str, str, str], None]
+
+# Bounds of numbers the user gives (checked before anything is created or recorded).
+MAX_EXTEND_HOURS = 168.0  # Chameleon's lease maximum: 7 days
+MAX_SSH_TIMEOUT = 86400.0  # one day
+# How long `up`, `down` and `extend` wait for another labctl working on the same deployment.
+LOCK_WAIT = 5.0
+
+
+class DeploymentBusy(UserError):
+    """Another labctl process (here or, with a shared PostgreSQL state, elsewhere) holds the deployment's lock.
+    Exit code 2, like any refusal before anything was created: nothing was changed."""
+
+
+def check_number(value: float | int | None, option: str, *, high: float, low: float = 0.0,
+                 low_inclusive: bool = False, unit: str = "", why: str = "") -> None:
+    """A one-line UserError unless `value` is a finite number in (low, high] (or [low, high])."""
+    import math
+
+    try:
+        ok = math.isfinite(value) and (value >= low if low_inclusive else value > low) and value <= high
+    except TypeError:
+        ok = False
+    if not ok:
+        bound = f"{'≥' if low_inclusive else '>'} {low:g} and ≤ {high:g}{unit}"
+        raise UserError(f"{option} must be a number {bound}{why}, not {value!r}")
 
 
 def _noop(subject: str, stage: str, detail: str) -> None:
@@ -34,8 +60,9 @@ class Context:
 
     @classmethod
     def create(cls, owner: str | None = None, on_progress: Progress | None = None) -> Context:
-        return cls(StateStore(), naming.sanitise(owner) if owner else naming.default_owner(),
-                   on_progress or _noop)
+        # The owner enters resource names: refuse a name `sanitise` would change (before the store is opened).
+        who = naming.require_canonical(owner, "--owner") if owner is not None else naming.default_owner()
+        return cls(StateStore(), who, on_progress or _noop)
 
     def testbed(self, ssh: bool = True) -> Any:
         """The emulated testbed, started in this process (its world lives on disk)."""
@@ -93,10 +120,17 @@ def _connect(ctx: Context, site: Any, cloud: str | None) -> Any:
     return connect(site, cloud=cloud, testbed=ctx.testbed if site.emulated else None)
 
 
+def check_deployment_name(name: str | None) -> None:
+    """--name enters the deployment id and every resource name: only names `sanitise` keeps as they are."""
+    if name is not None:
+        naming.require_canonical(name, "--name")
+
+
 def plan(ctx: Context, profile_ref: str, site_name: str, name: str | None = None) -> Any:
     from labctl.keys import ensure_keypair
     from labctl.plan import build_plan
 
+    check_deployment_name(name)
     prof, site = load(profile_ref, site_name)
     key = ensure_keypair(ctx.store.keys_dir)
     return build_plan(prof, site, ctx.owner, key.public_key, name=name)
@@ -108,22 +142,48 @@ def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = Non
     from labctl.keys import ensure_keypair
     from labctl.plan import build_plan
 
+    check_deployment_name(name)
+    check_number(ssh_timeout, "--ssh-timeout", high=MAX_SSH_TIMEOUT, unit=" seconds")
     prof, site = load(profile_ref, site_name)
     key = ensure_keypair(ctx.store.keys_dir)
     the_plan = build_plan(prof, site, ctx.owner, key.public_key, name=name)
-    existing = ctx.store.get_deployment(the_plan.deployment)
-    if existing and existing.status != "destroyed" and existing.site != site.name:
-        raise UserError(
-            f"{existing.name} is already up at {existing.site}; run 'labctl down {existing.name}' first "
-            "or pass --name to make another deployment"
-        )
-    provider = _connect(ctx, site, cloud)
-    the_plan.site = provider.site
-    ctx.on_progress("preflight", "checking", f"credentials and images at {provider.site.name}")
-    provider.preflight(the_plan)  # before anything is recorded or created
-    provision(ctx, prof, the_plan, provider, key, name=name or prof.name,
-              allow_host_changes=allow_host_changes, ssh_timeout=ssh_timeout)
+    with deployment_lock(ctx, the_plan.deployment, name or prof.name):
+        existing = ctx.store.get_deployment(the_plan.deployment)
+        if (existing and existing.status != "destroyed"
+                and (existing.name, existing.owner, existing.course) != (name or prof.name, ctx.owner, None)):
+            # Distinct canonical names can still meet in an id (owner 'a-b' + name 'c', owner 'a' + name 'b-c'),
+            # and an older state may hold names made before they had to be canonical: never adopt another's.
+            raise UserError(f"deployment id {the_plan.deployment} already belongs to '{existing.name}' of "
+                            f"{existing.owner}" + (f" in course {existing.course}" if existing.course else "")
+                            + "; pass another --name")
+        if existing and existing.status != "destroyed" and existing.site != site.name:
+            raise UserError(
+                f"{existing.name} is already up at {existing.site}; run 'labctl down {existing.name}' first "
+                "or pass --name to make another deployment"
+            )
+        provider = _connect(ctx, site, cloud)
+        the_plan.site = provider.site
+        ctx.on_progress("preflight", "checking", f"credentials and images at {provider.site.name}")
+        provider.preflight(the_plan)  # before anything is recorded or created
+        provision(ctx, prof, the_plan, provider, key, name=name or prof.name,
+                  allow_host_changes=allow_host_changes, ssh_timeout=ssh_timeout)
     return status(ctx, the_plan.deployment)
+
+
+@contextmanager
+def deployment_lock(ctx: Context, dep_id: str, shown: str, wait: float | None = None) -> Iterator[None]:
+    """Hold the deployment's lock (`env:<id>`, the one class mode takes per student) for a single-user command.
+
+    Another labctl holding it (a second `up`, a `down`, a class operator) is waited for up to LOCK_WAIT seconds;
+    then a one-line DeploymentBusy names the holder, and nothing was changed.
+    """
+    name = f"env:{dep_id}"
+    with ctx.store.lock(name, wait=True, timeout=LOCK_WAIT if wait is None else wait) as held:
+        if not held:
+            holder = ctx.store.lock_holder(name) or "another labctl process"
+            raise DeploymentBusy(f"{shown} is busy: {holder} is working on it (up, down, extend or class mode); "
+                                 "try again when it has finished")
+        yield
 
 
 @dataclass
@@ -152,22 +212,32 @@ def volume_steps(the_plan: Any, found: dict[str, Any]) -> tuple[ExtraStep, ...]:
         paths.append(f.attrs.get("device") or "/dev/vdb")
         mount = spec["mount"]
         fs = spec["filesystem"]
+        # Every value from the profile or the cloud is one shell word (the profile also refuses odd mount
+        # paths; this is the second line of defence). fstab separates fields by blanks, so its line gets the
+        # path in fstab's own octal escapes, as getmntent(3) reads them.
+        q_mount = shlex.quote(mount)
+        fstab_rest = f" {fstab_escape(mount)} {fs} defaults,nofail 0 2"
         command = "\n".join([
             "set -eu",
             "DEV=",
             f'for d in {" ".join(shlex.quote(p) for p in paths)}; do [ -e "$d" ] && {{ DEV=$d; break; }}; done',
-            f'[ -n "$DEV" ] || {{ echo "volume {volume_id} is not attached here" >&2; exit 1; }}',
-            f'sudo blkid "$DEV" >/dev/null || sudo mkfs.{fs} -q "$DEV"',
-            f"sudo mkdir -p {mount}",
-            f"mountpoint -q {mount} || sudo mount \"$DEV\" {mount}",
+            f'[ -n "$DEV" ] || {{ echo {shlex.quote(f"volume {volume_id} is not attached here")} >&2; exit 1; }}',
+            f'sudo blkid "$DEV" >/dev/null || sudo {shlex.quote(f"mkfs.{fs}")} -q "$DEV"',
+            f"sudo mkdir -p -- {q_mount}",
+            f'mountpoint -q -- {q_mount} || sudo mount -- "$DEV" {q_mount}',
             'UUID=$(sudo blkid -s UUID -o value "$DEV")',
-            f'grep -q "UUID=$UUID" /etc/fstab || echo "UUID=$UUID {mount} {fs} defaults,nofail 0 2" '
+            f'grep -qF "UUID=$UUID " /etc/fstab || printf \'%s\\n\' "UUID=$UUID"{shlex.quote(fstab_rest)} '
             "| sudo tee -a /etc/fstab >/dev/null",
-            f'sudo chown "$(id -u):$(id -g)" {mount}',
+            f'sudo chown "$(id -u):$(id -g)" -- {q_mount}',
         ])
         steps.append(ExtraStep(f"mount volume {spec['volume'].split(':', 1)[-1]} at {mount}", command, 300.0,
                                on=(spec["node"],), changes_host=True))
     return tuple(steps)
+
+
+def fstab_escape(path: str) -> str:
+    """`path` as an /etc/fstab field: backslash, space, tab and newline as octal escapes (\\134, \\040, ...)."""
+    return "".join(f"\\{ord(c):03o}" if c in "\\ \t\n" else c for c in path)
 
 
 def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *, name: str,
@@ -299,13 +369,31 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
 
 
 # -- status ---------------------------------------------------------------------------------------
-def resolve_deployment(ctx: Context, name: str | None) -> DeploymentRecord:
+def resolve_deployment(ctx: Context, name: str | None, *, action: str | None = None) -> DeploymentRecord:
+    """The deployment of yours that `name` selects: its id or name, else the only one of that lab.
+
+    An empty or blank name selects nothing (it is never "all" or "the first"), and a name that selects more
+    than one deployment is refused with the candidates listed. `action` (e.g. "down") goes into the hint.
+    """
+    from labctl.redact import clean
+
     deps = ctx.store.deployments(owner=ctx.owner)
+    if name is not None and not name.strip():
+        known = ", ".join(d.name for d in deps) or "none"
+        raise UserError(f"an empty deployment name selects nothing; name one (yours: {known})")
     if name:
-        matches = [d for d in deps if name in (d.name, d.id, d.lab)]
+        shown = clean(name, one_line=True)
+        # An id or a name is one deployment; a lab name may be several (`up hello`, `up hello --name h2`).
+        matches = ([d for d in deps if name == d.id] or [d for d in deps if name == d.name]
+                   or [d for d in deps if name == d.lab])
         if not matches:
             known = ", ".join(d.name for d in deps) or "none"
-            raise UserError(f"no deployment named '{name}' (yours: {known})")
+            raise UserError(f"no deployment named '{shown}' (yours: {known})")
+        if len(matches) > 1:
+            which = ", ".join(f"{d.name} (id {d.id}, lab {d.lab}, at {d.site})" for d in matches)
+            verb = f"labctl {action} " if action else ""
+            raise UserError(f"'{shown}' matches {len(matches)} deployments: {which}; name exactly one "
+                            f"(e.g. {verb}{matches[0].id})")
         return matches[0]
     if len(deps) == 1:
         return deps[0]
@@ -315,7 +403,7 @@ def resolve_deployment(ctx: Context, name: str | None) -> DeploymentRecord:
 
 
 def status(ctx: Context, name: str) -> Status:
-    dep = ctx.store.get_deployment(name) or resolve_deployment(ctx, name)
+    dep = ctx.store.get_deployment(name) or resolve_deployment(ctx, name, action="status")
     resources = {r.key: r for r in ctx.store.resources(dep.id)}
     steps = ctx.store.steps(dep.id)
     nodes = []
@@ -374,7 +462,7 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
     from labctl.runner.ssh import ssh_argv as build_argv
     from labctl.sites import resolve
 
-    dep = resolve_deployment(ctx, name)
+    dep = resolve_deployment(ctx, name, action="ssh")
     site = resolve(dep.site)
     if site.emulated:
         # The emulated nodes answer SSH only while a labctl process serves them; the adapter knows the port.
@@ -408,6 +496,43 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
     return build_argv(target, key.private_path, known, command or None, ports)
 
 
+@dataclass
+class ForgottenKey:
+    node: str
+    host: str
+    port: int
+    fingerprint: str
+
+
+def forget_host_keys(ctx: Context, name: str | None, node: str | None = None) -> tuple[str, list[ForgottenKey]]:
+    """Forget the pinned SSH host key of one node (or of every node) of a deployment, so that the next contact
+    (`labctl up`, `labctl ssh`) pins the key the node presents then. Returns the deployment's name and what was
+    forgotten (node, address, old fingerprint)."""
+    from labctl.keys import fingerprint
+
+    dep = resolve_deployment(ctx, name, action="ssh")
+    nodes = [n for n, _role in dep.data.get("nodes", [])]
+    if node is not None and node not in nodes:
+        from labctl.redact import clean
+
+        raise UserError(f"{dep.name} has no node '{clean(node, one_line=True)}' (nodes: {', '.join(nodes)})")
+    forgotten = []
+    for n in [node] if node else nodes:
+        rows = ctx.store._query("SELECT host, port, key FROM host_keys WHERE deployment_id=? AND node=?",
+                                (dep.id, n))
+        if not rows:
+            continue
+        host, port, key = rows[0]
+        try:
+            fp = fingerprint(key)
+        except ValueError:
+            fp = "unreadable key"
+        ctx.store.forget_host_key(dep.id, n)
+        ctx.store.event(dep.id, f"{n}: forgot pinned SSH host key {fp} of {host}:{port}")
+        forgotten.append(ForgottenKey(n, host, int(port), fp))
+    return dep.name, forgotten
+
+
 # -- extend / down --------------------------------------------------------------------------------
 def _teardown_plan(dep: DeploymentRecord, site: Any) -> Any:
     from labctl.plan import Plan, Resource
@@ -416,16 +541,33 @@ def _teardown_plan(dep: DeploymentRecord, site: Any) -> Any:
     return the_plan, Resource
 
 
+def check_extend_hours(hours: float) -> None:
+    check_number(hours, "--hours", high=MAX_EXTEND_HOURS, unit=" hours",
+                 why=" (Chameleon leases last at most 7 days)")
+
+
 def extend(ctx: Context, name: str | None, hours: float, cloud: str | None = None) -> Status:
     from labctl.sites import resolve
 
-    dep = resolve_deployment(ctx, name)
-    return extend_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud), hours)
+    check_extend_hours(hours)
+    dep = resolve_deployment(ctx, name, action="extend")
+    with deployment_lock(ctx, dep.id, dep.name):
+        dep = _still_there(ctx, dep)
+        return extend_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud), hours)
+
+
+def _still_there(ctx: Context, dep: DeploymentRecord) -> DeploymentRecord:
+    """The deployment as it is now that we hold its lock (whoever held it before may have deleted it)."""
+    current = ctx.store.get_deployment(dep.id)
+    if current is None or current.status == "destroyed":
+        raise UserError(f"{dep.name} was deleted meanwhile (by another labctl); nothing to do")
+    return current
 
 
 def extend_deployment(ctx: Context, dep: DeploymentRecord, provider: Any, hours: float) -> Status:
     from labctl.providers.base import Found
 
+    check_extend_hours(hours)
     the_plan, _ = _teardown_plan(dep, provider.site)
     leases = [r for r in ctx.store.resources(dep.id) if r.kind == "reservation" and r.cloud_id]
     if not leases:
@@ -446,9 +588,11 @@ def down(ctx: Context, name: str | None, cloud: str | None = None, *, delete_vol
     returns what is left (empty on success). `kept`, if given, receives one line per kept resource."""
     from labctl.sites import resolve
 
-    dep = resolve_deployment(ctx, name)
-    return destroy_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud), delete_volumes=delete_volumes,
-                              kept=kept)
+    dep = resolve_deployment(ctx, name, action="down")
+    with deployment_lock(ctx, dep.id, dep.name):
+        dep = _still_there(ctx, dep)
+        return destroy_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud),
+                                  delete_volumes=delete_volumes, kept=kept)
 
 
 def destroy_deployment(ctx: Context, dep: DeploymentRecord, provider: Any,

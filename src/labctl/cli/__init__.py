@@ -49,6 +49,39 @@ DeleteVolumesOpt = Annotated[bool, typer.Option(
     "--delete-volumes", help="Also delete the volumes and object-store containers the profile keeps across down.")]
 
 
+def _bounded(option: str, high: float, *, low: float = 0.0, low_inclusive: bool = False, unit: str = "",
+             why: str = ""):  # noqa: ANN202
+    """A Typer callback that refuses a number that is not finite or not within (low, high] with labctl's
+    one-line error (exit 2), while the command line is parsed: before anything is created or recorded."""
+
+    def check(value: float | int | None) -> float | int | None:
+        if value is not None:
+            from labctl.service import check_number
+
+            check_number(value, option, high=high, low=low, low_inclusive=low_inclusive, unit=unit, why=why)
+        return value
+
+    return check
+
+
+def _concurrency(value: int) -> int:
+    from labctl.classroom import check_options
+
+    check_options(value)
+    return value
+
+
+# Numbers the user gives, bounded (maxima also in labctl.service / labctl.classroom, which check them again).
+HoursOpt = Annotated[float, typer.Option(
+    "--hours", callback=_bounded("--hours", 168, unit=" hours", why=" (Chameleon leases last at most 7 days)"),
+    help="Hours to add to the lease: more than 0, at most 168 (Chameleon's 7-day lease maximum).")]
+SshTimeoutOpt = Annotated[float, typer.Option(
+    "--ssh-timeout", callback=_bounded("--ssh-timeout", 86400, unit=" seconds"),
+    help="Seconds to wait for SSH on the nodes: more than 0, at most 86400 (a day).")]
+ConcurrencyOpt = Annotated[int, typer.Option(
+    "--concurrency", callback=_concurrency, help="Environments in flight (per site): 1 to 256.")]
+
+
 def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False):  # noqa: ANN202
     from labctl.service import Context
 
@@ -61,7 +94,10 @@ def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False
 
 
 def _print_json(data: object) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """JSON on stdout; known secrets masked (control characters are \\u-escaped by json itself)."""
+    from labctl.redact import mask
+
+    sys.stdout.write(mask(json.dumps(data, indent=2, default=str)) + "\n")
 
 
 @app.command()
@@ -73,7 +109,7 @@ def up(
     cloud: CloudOpt = None,
     allow_host_changes: Annotated[bool, typer.Option(
         help="On sim, also run setup steps that would change this machine (apt, sudo).")] = False,
-    ssh_timeout: Annotated[float, typer.Option(help="Seconds to wait for SSH on the nodes.")] = 900,
+    ssh_timeout: SshTimeoutOpt = 900,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a lab: reserve, launch, attach IPs, run setup. Rerun it to resume after any failure.
@@ -149,11 +185,12 @@ def status(
     from labctl.cli.render import print_status
 
     ctx = _ctx(owner)
-    results = [service.status(ctx, service.resolve_deployment(ctx, lab).id)] if lab else service.statuses(ctx)
+    results = ([service.status(ctx, service.resolve_deployment(ctx, lab, action="status").id)] if lab is not None
+               else service.statuses(ctx))
     if as_json:
-        _print_json([r.to_json() for r in results] if not lab else results[0].to_json())
+        _print_json([r.to_json() for r in results] if lab is None else results[0].to_json())
     else:
-        print_status(results, detail=bool(lab))
+        print_status(results, detail=lab is not None)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -163,6 +200,10 @@ def ssh(
         "--forward", "-L", metavar="PORT|LOCAL:REMOTE",
         help="Forward 127.0.0.1:LOCAL here to the node's localhost:REMOTE (PORT: the same on both).")] = None,
     owner: OwnerOpt = None,
+    forget_host_key: Annotated[bool, typer.Option(
+        "--forget-host-key",
+        help="Forget the node's pinned SSH host key (every node's, without NODE) after it was rebuilt; "
+             "the next `labctl up` or `labctl ssh` pins the key it presents then.")] = False,
 ) -> None:
     """Open a shell on a node, or run a command after `--`, with the pinned host key.
 
@@ -170,7 +211,8 @@ def ssh(
       labctl ssh hello\n
       labctl ssh hello node-1 -- uname -a\n
       labctl ssh gpu-a100 --forward 8888\n
-      labctl ssh gpu-a100 --forward 18888:8888   (local 18888 -> the node's 8888)
+      labctl ssh gpu-a100 --forward 18888:8888   (local 18888 -> the node's 8888)\n
+      labctl ssh hello node-1 --forget-host-key   (after the node was rebuilt)
     """
     import subprocess
 
@@ -186,6 +228,18 @@ def ssh(
 
         raise UserError(f"labctl ssh takes [LAB] [NODE], then '--' and a command; got {' '.join(target)}")
     lab, node = (target + [None, None])[:2]
+    if forget_host_key:
+        if command or forward:
+            from labctl.errors import UserError
+
+            raise UserError("--forget-host-key takes [LAB] [NODE] only (no command, no --forward)")
+        name, forgotten = service.forget_host_keys(_ctx(owner), lab, node)
+        if not forgotten:
+            typer.echo(f"{name}: no pinned host key for {node or 'any node'}; nothing to forget")
+        for k in forgotten:
+            typer.echo(f"{name}/{k.node}: forgot the pinned host key {k.fingerprint} of {k.host}:{k.port}; "
+                       "the next contact pins the key the node presents then")
+        return
     argv_ssh = service.ssh_argv(_ctx(owner), lab, node, command, forward or [])
     raise typer.Exit(subprocess.call(argv_ssh))
 
@@ -282,7 +336,7 @@ def sites_cmd(as_json: JsonOpt = False, cloud: CloudOpt = None) -> None:
 @app.command()
 def extend(
     lab: Annotated[str | None, typer.Argument(help="Deployment name.")] = None,
-    hours: Annotated[float, typer.Option("--hours", help="Hours to add to the lease.")] = 1,
+    hours: HoursOpt = 1,
     owner: OwnerOpt = None,
     cloud: CloudOpt = None,
     as_json: JsonOpt = False,
@@ -341,8 +395,10 @@ def class_up(
     course: CourseOpt = "course",
     keys: Annotated[Path | None, typer.Option("--keys", help="Directory of <student>.pub keys.")] = None,
     skip_bad_rows: Annotated[bool, typer.Option(help="Provision the good rows, report the bad.")] = False,
-    concurrency: Annotated[int, typer.Option(help="Environments in flight per site.")] = 16,
-    rate: Annotated[float | None, typer.Option(help="Client-side API calls per second per site.")] = None,
+    concurrency: ConcurrencyOpt = 16,
+    rate: Annotated[float | None, typer.Option(
+        "--rate", callback=_bounded("--rate", 1000, unit=" calls per second"),
+        help="Client-side API calls per second per site: more than 0, at most 1000.")] = None,
     allow_host_changes: Annotated[bool, typer.Option(help="On sim, also run host-changing setup steps.")] = False,
     cloud: CloudOpt = None,
     as_json: JsonOpt = False,
@@ -367,7 +423,7 @@ def class_retry(
     course: CourseOpt = "course",
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
-    concurrency: Annotated[int, typer.Option()] = 16,
+    concurrency: ConcurrencyOpt = 16,
     allow_host_changes: Annotated[bool, typer.Option()] = False,
     cloud: CloudOpt = None,
     as_json: JsonOpt = False,
@@ -437,9 +493,27 @@ def class_report(
         raise UserError(f"--format must be csv or json, not '{fmt}'")
     text = class_report_text(classroom.class_status(_ctx(), lab, course), fmt)
     if output:
-        output.write_text(text)
+        _write_private(output, text)
+        typer.echo(f"wrote {output}", err=True)
     else:
         sys.stdout.write(text)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by its owner only (0600): a report holds names, e-mails and IPs."""
+    import os
+
+    from labctl.errors import UserError
+    from labctl.redact import clean
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode otherwise
+            f.write(text)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise UserError(f"cannot write the report to {clean(str(path), one_line=True)}: {reason}") from None
 
 
 @class_app.command("down")
@@ -447,24 +521,38 @@ def class_down(
     lab: Annotated[str, typer.Argument(help="Lab name.")],
     course: CourseOpt = "course",
     student: Annotated[str | None, typer.Option("--student", help="Only this student's environment.")] = None,
-    concurrency: Annotated[int, typer.Option(help="Environments deleted at once.")] = 16,
+    concurrency: ConcurrencyOpt = 16,
     cloud: CloudOpt = None,
     delete_volumes: DeleteVolumesOpt = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting a whole class "
+                                                          "(needed when not on a terminal).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete every student's environment of LAB (or one with --student); kept volumes and containers stay
-    unless --delete-volumes.
+    unless --delete-volumes. A whole class is deleted only after you confirm (or with --yes).
 
     Examples:\n
-      labctl class down hello\n
+      labctl class down hello --yes\n
       labctl class down hello --student alice
     """
     from labctl import classroom
     from labctl.cli.render import class_progress, print_class_results
+    from labctl.errors import UserError
+    from labctl.redact import clean
 
+    ctx = _ctx()
+    targets = classroom.class_down_targets(ctx, lab, course, student)  # refuses an empty selector
+    if student is None and targets:
+        what = (f"{len(targets)} environment(s) of {clean(course, one_line=True)}/{clean(lab, one_line=True)}"
+                + (", with their kept volumes and containers" if delete_volumes else ""))
+        if not yes:
+            if not (sys.stdin.isatty() and sys.stderr.isatty()):
+                raise UserError(f"class down would delete {what}; not on a terminal, so pass --yes to confirm")
+            if not typer.confirm(f"Delete {what}?", default=False, err=True):
+                raise UserError("nothing deleted")
     ui = class_progress(quiet=as_json)
     try:
-        results = classroom.class_down(_ctx(), lab, course, student, concurrency, ui.events(), cloud=cloud,
+        results = classroom.class_down(ctx, lab, course, student, concurrency, ui.events(), cloud=cloud,
                                        delete_volumes=delete_volumes)
     finally:
         ui.stop()
@@ -479,7 +567,7 @@ def class_down(
 @class_app.command("extend")
 def class_extend(
     lab: Annotated[str, typer.Argument(help="Lab name.")],
-    hours: Annotated[float, typer.Option("--hours", help="Hours to add to every lease.")] = 1,
+    hours: HoursOpt = 1,
     course: CourseOpt = "course",
     cloud: CloudOpt = None,
 ) -> None:
@@ -518,13 +606,27 @@ def _stop_progress(ctx: object) -> None:
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
     except LabctlError as exc:
         _stop_live()
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         _stop_live()
         _fail("interrupted; state is saved: rerun the same command to resume", 130)
+    except Exception as exc:
+        kinds = {c.__name__ for c in type(exc).__mro__}  # Click's, or the copy Typer >= 0.28 vendors
+        if "NoArgsIsHelpError" in kinds:  # `labctl` / `labctl class` alone: the help, as before
+            sys.stdout.write(exc.ctx.get_help() + "\n")  # type: ignore[attr-defined]
+            sys.exit(2)
+        if "Abort" in kinds:
+            _stop_live()
+            _fail("interrupted; state is saved: rerun the same command to resume", 130)
+        if "ClickException" not in kinds:
+            raise
+        # A usage error (unknown option, bad type, missing argument) in labctl's one-line form, exit 2.
+        where = getattr(getattr(exc, "ctx", None), "command_path", None) or "labctl"
+        _fail(f"{exc.format_message()} (see '{where} --help')", getattr(exc, "exit_code", 2))  # type: ignore
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _stop_live() -> None:
@@ -533,8 +635,12 @@ def _stop_live() -> None:
 
 
 def _fail(message: str, code: int) -> None:
+    """`error: <first line>` (then any detail lines, e.g. a setup log's tail), secrets masked, no control
+    characters: the message may carry text from a cloud, a node or the user."""
+    from labctl.redact import clean
+
     first, _, rest = message.partition("\n")
-    sys.stderr.write(f"error: {first}\n")
-    if rest:
-        sys.stderr.write(rest.rstrip() + "\n")
+    sys.stderr.write(f"error: {clean(first, one_line=True)}\n")
+    if rest.strip():
+        sys.stderr.write(clean(rest).rstrip() + "\n")
     sys.exit(code)

@@ -1,4 +1,10 @@
-"""Rendering: Rich tables for humans, a live stage table while `up`/`down` work, JSON helpers."""
+"""Rendering: Rich tables for humans, a live stage table while `up`/`down` work, JSON helpers.
+
+Everything shown here may carry text labctl did not write (step names and outputs from a profile, images,
+errors and events from a cloud, names from a roster): every such value goes through `_t` / `_s`, which mask
+known secrets, strip control characters (no escape sequences reach the terminal) and keep Rich from reading
+`[...]` in it as markup.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,26 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+from labctl.redact import clean, csv_cell, mask
 
 err_console = Console(stderr=True)
 out_console = Console()
 
 _active: list[Any] = []
+
+
+def _t(value: object, style: str = "") -> Text:
+    """A table cell: one line, secrets masked, no control characters, never markup."""
+    return Text(clean("" if value is None else value, one_line=True), style=style)
+
+
+def _s(value: object) -> str:
+    """Text to interpolate into a markup string: cleaned (one line) and markup-escaped."""
+    return escape(clean("" if value is None else value, one_line=True))
 
 
 class LiveProgress:
@@ -45,9 +65,8 @@ class LiveProgress:
                 self.live.update(self._table())
             elif not self.quiet and (previous is None or previous[:2] != (stage, detail)):
                 elapsed = time.monotonic() - self.started
-                err_console.print(f"[dim]{elapsed:6.1f}s[/dim] {subject}: {stage}" + (f" ({detail})" if detail
-                                                                                       else ""),
-                                  highlight=False)
+                err_console.print(f"[dim]{elapsed:6.1f}s[/dim] {_s(subject)}: {_s(stage)}"
+                                  + (f" ({_s(detail)})" if detail else ""), highlight=False)
 
     def _table(self) -> Table:
         table = Table(title=f"labctl ({time.monotonic() - self.started:.0f}s)", expand=False)
@@ -56,7 +75,7 @@ class LiveProgress:
         table.add_column("detail", overflow="fold")
         for subject, (stage, detail, _) in self.rows.items():
             style = "red" if "fail" in stage or "error" in stage else "yellow" if "fallback" in stage else ""
-            table.add_row(subject, f"[{style}]{stage}[/{style}]" if style else stage, detail)
+            table.add_row(_t(subject), _t(stage, style), _t(detail))
         return table
 
     def stop(self) -> None:
@@ -98,19 +117,19 @@ def print_status(results: list[Any], detail: bool = False) -> None:
         table.add_column(col)
     for st in results:
         for i, node in enumerate(st.nodes or [None]):
-            table.add_row(
+            table.add_row(*map(_t, (
                 st.name if i == 0 else "", st.site if i == 0 else "", st.status if i == 0 else "",
                 node.name if node else "-", (node.node_type or "-") if node else "-",
                 (node.floating_ip or "-") if node else "-", node.setup if node else "-",
                 (st.lease_end or "-") if i == 0 else "",
-            )
+            )))
     out_console.print(table)
     if detail:
         for st in results:
             for key, value in st.outputs.items():
-                out_console.print(f"[bold]{key}[/bold]: {value}", highlight=False)
+                out_console.print(f"[bold]{_s(key)}[/bold]: {_s(value)}", highlight=False)
             if st.nodes and any(n.floating_ip for n in st.nodes):
-                out_console.print(f"ssh: labctl ssh {st.name}", highlight=False)
+                out_console.print(f"ssh: labctl ssh {_s(st.name)}", highlight=False)
 
 
 def plan_json(plan: Any) -> dict[str, Any]:
@@ -138,7 +157,7 @@ def _network_detail(site: Any, r: Any) -> str:
 
 
 def print_plan(plan: Any, estimate: Any = None) -> None:
-    table = Table(title=f"plan: {plan.lab} at {plan.site.name} ({plan.lease_hours:g} h lease)")
+    table = Table(title=f"plan: {_s(plan.lab)} at {_s(plan.site.name)} ({plan.lease_hours:g} h lease)")
     for col in ("resource", "kind", "name", "details"):
         table.add_column(col)
     for r in plan.resources:
@@ -165,7 +184,7 @@ def print_plan(plan: Any, estimate: Any = None) -> None:
             details = noun + (", kept on down" if r.spec["keep"] else "")
         else:
             details = ""
-        table.add_row(r.key, r.kind, r.name, details)
+        table.add_row(_t(r.key), _t(r.kind), _t(r.name), _t(details))
     out_console.print(table)
     if estimate is not None:
         print_estimate(estimate)
@@ -182,7 +201,7 @@ def _money(value: float | None, currency: str, precise: bool = False) -> str:
 def print_estimate(est: Any) -> None:
     """Per node: type (and fallbacks), lease hours, then cost (AWS/GCP) or SUs (Chameleon); a total line."""
     what = {"cost": "on-demand cost", "sus": "Chameleon allocation (SUs)"}.get(est.kind, "lease hours")
-    table = Table(title=f"estimate: {what} in {est.region}")
+    table = Table(title=f"estimate: {what} in {_s(est.region)}")
     for col in ("node", "type", "hours"):
         table.add_column(col)
     if est.kind == "cost":
@@ -198,18 +217,19 @@ def print_estimate(est: Any) -> None:
             row += [_money(line.unit_price, est.currency, precise=True), _money(line.cost, est.currency)]
         elif est.kind == "sus":
             row += [f"{line.sus:g}"]
-        table.add_row(*row, line.note)
+        table.add_row(*map(_t, (*row, line.note)))
     out_console.print(table)
     if est.kind == "cost":
         total = _money(est.total, est.currency) if est.total is not None else "no price"
         out_console.print(f"Total: {total} for the {est.lines[0].hours:g} h lease" if est.lines else
                           f"Total: {total}", ("" if est.complete else " (incomplete)"), sep="", highlight=False)
-        out_console.print(f"Prices: on-demand, as of {est.as_of}; source: {est.source}", highlight=False)
+        out_console.print(f"Prices: on-demand, as of {est.as_of}; source: {est.source}", highlight=False,
+                          markup=False)
     elif est.kind == "sus":
         bound = "" if est.complete else "at least "
         out_console.print(f"Total: {bound}{est.total:g} SUs", highlight=False)
     for note in est.notes:
-        out_console.print(f"Note: {note}", highlight=False, markup=False)
+        out_console.print(f"Note: {clean(note, one_line=True)}", highlight=False, markup=False)
 
 
 def print_sites(rows: list[dict[str, str]]) -> None:
@@ -217,7 +237,8 @@ def print_sites(rows: list[dict[str, str]]) -> None:
     for col in ("site", "provider", "region", "reservation", "credentials"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["site"], row["provider"], row["region"], row["reservation"], row["credentials"])
+        table.add_row(*map(_t, (row["site"], row["provider"], row["region"], row["reservation"],
+                                row["credentials"])))
     out_console.print(table)
 
 
@@ -242,7 +263,7 @@ class ClassProgress:
         from labctl.classroom import ClassEvents
 
         return ClassEvents(start=self._start, student=self._student, finished=self._finished,
-                           warn=lambda message: err_console.print(f"warning: {message}", highlight=False))
+                           warn=lambda message: err_console.print(f"warning: {_s(message)}", highlight=False))
 
     def _start(self, total: int) -> None:
         self.total = total
@@ -297,19 +318,21 @@ def print_class_results(results: list[Any]) -> None:
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    out_console.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do")
+    out_console.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do",
+                      markup=False)
     for r in results:
         if r.status in ("failed", "busy", "interrupted"):
-            out_console.print(f"  {r.student_id}: {r.status}" + (f": {r.error}" if r.error else ""), highlight=False)
+            out_console.print(f"  {_s(r.student_id)}: {_s(r.status)}" + (f": {_s(r.error)}" if r.error else ""),
+                              highlight=False)
 
 
 def class_status_table(rows: list[Any], lab: str) -> Table:
-    table = Table(title=f"class status: {lab} ({len(rows)} students)")
+    table = Table(title=f"class status: {_s(lab)} ({len(rows)} students)")
     for col in ("student", "site", "state", "IP", "setup", "lease ends", "error"):
         table.add_column(col, overflow="fold")
     for r in rows:
         ips = ", ".join(n["ip"] for n in r.nodes if n.get("ip")) or "-"
-        table.add_row(r.student_id, r.site, r.status, ips, r.setup, r.lease_end or "-", r.error or "")
+        table.add_row(*map(_t, (r.student_id, r.site, r.status, ips, r.setup, r.lease_end or "-", r.error or "")))
     return table
 
 
@@ -322,9 +345,10 @@ def class_report_text(rows: list[Any], fmt: str) -> str:
                 "ips": " ".join(n["ip"] for n in r.nodes if n.get("ip")), "ssh": r.ssh or "",
                 "lease_end": r.lease_end or "", "setup": r.setup, "error": r.error or ""} for r in rows]
     if fmt == "json":
-        return json.dumps(records, indent=2) + "\n"
+        return mask(json.dumps(records, indent=2)) + "\n"
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["student_id"])
     writer.writeheader()
-    writer.writerows(records)
+    # A spreadsheet runs a cell starting with = + - @ as a formula (a roster name "=HYPERLINK(...)"): neutralised.
+    writer.writerows({k: csv_cell(v) for k, v in rec.items()} for rec in records)
     return buf.getvalue()

@@ -430,6 +430,11 @@ class PostgresDatabase(Database):
         super().__init__()
         self._dsn = url
         self._secret = _password(url)
+        if self._secret:
+            from labctl.redact import register_secret
+
+            register_secret(self._secret)  # masked wherever labctl prints, whatever the message
+            register_secret(quote(self._secret, safe=""))
         self.url = redact_url(url)
         try:
             import psycopg

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -114,7 +116,40 @@ def parse_state_url(url: str | Path | None) -> tuple[str, Any]:
         from labctl.state.db import redact_url
 
         raise UserError(f"unsupported state database {redact_url(url)}: use a path, sqlite:///path or postgresql://")
-    return "sqlite", Path(url).expanduser()
+    return "sqlite", _state_path(url)
+
+
+# `host=db password=x`, `dbname = labs`: libpq's key=value form, which is not a file name.
+_KEY_VALUE = re.compile(r"(^|\s)[A-Za-z_][A-Za-z0-9_]*\s*=")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _state_path(text: str) -> Path:
+    """A --state / LABCTL_STATE_URL given as a SQLite file path, or a one-line UserError.
+
+    What is refused never becomes a file: text in libpq's key=value form or with user:password@ (a PostgreSQL
+    connection meant as a URL; it would otherwise become a SQLite file named after the password), control
+    characters, a directory, a path whose directory does not exist. The refusal never echoes the text, which
+    may hold a password.
+    """
+    from labctl.errors import UserError
+
+    expected = ("expected a SQLite file path (in an existing directory) or a postgresql://user@host/db URL "
+                "(password from PGPASSWORD or ~/.pgpass)")
+    if _CONTROL.search(text):
+        raise UserError(f"the state database (--state / LABCTL_STATE_URL) contains control characters; {expected}")
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if _KEY_VALUE.search(text) or ("@" in text and ":" in text.split("@", 1)[0]):
+        raise UserError("the state database (--state / LABCTL_STATE_URL) looks like connection settings, not a "
+                        f"file (not shown: it may hold a password); {expected}")
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise UserError(f"the state database {text!r} is a directory; name a file in it, e.g. {path / 'state.db'}")
+    if not path.parent.is_dir():
+        raise UserError(f"the state database {text!r} is in a directory that does not exist ({path.parent}); "
+                        "create it first or use another path")
+    return path
 
 
 class StateStore:
@@ -135,12 +170,26 @@ class StateStore:
         if backend == "sqlite":
             self.path = target
             self.dir = target.parent
-            self._private_dir(self.dir)
-            if not target.exists():
-                # Create the file private before SQLite writes anything into it.
-                fd = os.open(target, os.O_CREAT | os.O_WRONLY, 0o600)
-                os.close(fd)
-            os.chmod(target, 0o600)
+            # labctl's own directory is made private; a directory the user named is left as it is (labctl does
+            # not chmod someone's home because `--state ~/state.db`), only the database file is private.
+            if not self.dir.exists() or self.dir == default_state_dir():
+                self._private_dir(self.dir)
+            try:
+                if not target.exists():
+                    # Create the file private before SQLite writes anything into it.
+                    fd = os.open(target, os.O_CREAT | os.O_WRONLY, 0o600)
+                    os.close(fd)
+                with open(target, "rb") as f:
+                    head = f.read(16)
+                if head not in (b"", b"SQLite format 3\x00"):
+                    from labctl.errors import UserError
+
+                    raise UserError(f"{target} is not a labctl state database (not a SQLite file); name another file")
+                os.chmod(target, 0o600)
+            except OSError as exc:
+                from labctl.errors import UserError
+
+                raise UserError(f"cannot open the state database {target}: {exc.strerror or exc}") from None
             self._db = SqliteDatabase(target)
         else:
             self.path = None
@@ -149,6 +198,11 @@ class StateStore:
             self._private_dir(self.dir)
         try:
             self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            from labctl.errors import UserError
+
+            raise UserError(f"{self.path} is not a labctl state database ({exc})") from None
         except BaseException:
             self._db.close()
             raise
