@@ -7,9 +7,7 @@ def ec2_client(emu, region: str = "us-east-1", attempts: int = 1, read_timeout: 
     """boto3 EC2 against the front layer, with botocore's retries as asked (1 = none)."""
     from botocore.config import Config
 
-    from labctl.testbed.aws import isolated_session
-
-    return isolated_session(region).client(
+    return emu.session(region).client(
         "ec2", endpoint_url=emu.endpoint,
         config=Config(retries={"total_max_attempts": attempts, "mode": "standard"}, read_timeout=read_timeout,
                       connect_timeout=5))

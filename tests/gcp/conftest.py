@@ -34,11 +34,10 @@ class Clients:
         if name.startswith("_"):
             raise AttributeError(name)
         if name not in self._made:
-            from google.auth.credentials import AnonymousCredentials
             from google.cloud import compute_v1
 
             self._made[name] = getattr(compute_v1, name)(
-                credentials=AnonymousCredentials(), client_options={"api_endpoint": self.emu.endpoint})
+                credentials=self.emu.credentials(), client_options={"api_endpoint": self.emu.endpoint})
         return self._made[name]
 
 

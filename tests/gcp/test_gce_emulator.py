@@ -60,7 +60,9 @@ def wait_zone(clients, op, zone: str = ZONE):
 
 
 def raw(emu, path: str) -> dict:
-    with urllib.request.urlopen(f"{emu.endpoint}/compute/v1/projects/{emu.project}/{path}") as resp:
+    req = urllib.request.Request(f"{emu.endpoint}/compute/v1/projects/{emu.project}/{path}",
+                                 headers={"Authorization": f"Bearer {emu.token}"})
+    with urllib.request.urlopen(req) as resp:
         return json.loads(resp.read())
 
 
@@ -387,9 +389,7 @@ def test_two_processes_share_one_world(emu, clients, tmp_path):
     try:
         endpoint = proc.stdout.readline().strip()
         assert endpoint.startswith("http://127.0.0.1:") and endpoint != emu.endpoint
-        from google.auth.credentials import AnonymousCredentials
-
-        other = compute_v1.InstancesClient(credentials=AnonymousCredentials(),
+        other = compute_v1.InstancesClient(credentials=emu.credentials(),  # the world's token, read by both
                                            client_options={"api_endpoint": endpoint})
         other.insert_unary(project=clients.project, zone=ZONE, instance_resource=instance_body("from-other"))
         mine = clients.InstancesClient.get(project=clients.project, zone=ZONE, instance="from-other")

@@ -60,7 +60,8 @@ def wait_running(clients, name: str, zone: str = ZONE):
 def http_error(emu, method: str, path: str) -> dict:
     import urllib.request
 
-    req = urllib.request.Request(f"{emu.endpoint}/compute/v1/projects/{emu.project}/{path}", method=method)
+    req = urllib.request.Request(f"{emu.endpoint}/compute/v1/projects/{emu.project}/{path}", method=method,
+                                 headers={"Authorization": f"Bearer {emu.token}"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req)
     return json.loads(err.value.read())

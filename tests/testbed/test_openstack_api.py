@@ -190,7 +190,7 @@ def test_password_auth_token_validation_and_401s(tb):
         auth_url=tb.auth_url("chi@uc"),
         auth_type="password",
         username="student",
-        password="sim-password",
+        password=tb.world.credentials.password,
         project_name="sim-project",
         user_domain_name="Default",
         project_domain_name="Default",
@@ -216,7 +216,7 @@ def test_password_auth_token_validation_and_401s(tb):
         openstack.connect(
             auth_url=tb.auth_url("chi@tacc"),
             auth_type="v3applicationcredential",
-            application_credential_id="sim-app-cred",
+            application_credential_id=tb.world.credentials.app_cred_id,
             application_credential_secret="wrong",
             region_name="CHI@TACC",
         ).authorize()
@@ -633,7 +633,8 @@ def test_os_env_openrc_and_only_loopback(tb):
 
     env = tb.os_env("kvm@tacc")
     assert env["OS_AUTH_URL"] == f"{tb.endpoint}/kvm-tacc/identity/v3" and env["OS_REGION_NAME"] == "KVM@TACC"
-    assert "export OS_APPLICATION_CREDENTIAL_SECRET=sim-secret" in tb.openrc("kvm@tacc")
+    secret = tb.world.credentials.app_cred_secret
+    assert f"export OS_APPLICATION_CREDENTIAL_SECRET={secret}" in tb.openrc("kvm@tacc")
     assert tb.endpoint.startswith("http://127.0.0.1:")
     # tests/conftest.py installs the loopback guard in this process: anything else would have failed loudly.
     with pytest.raises(OSError, match="loopback guard"), socket.socket() as s:
@@ -700,8 +701,8 @@ def test_python_chi_lease_and_server(tb, monkeypatch):
     chi.set("auth_type", "v3applicationcredential")
     chi.set("auth_url", tb.auth_url("chi@tacc"))
     chi.set("region_name", "CHI@TACC")
-    chi.set("application_credential_id", "sim-app-cred")
-    chi.set("application_credential_secret", "sim-secret")
+    chi.set("application_credential_id", tb.world.credentials.app_cred_id)
+    chi.set("application_credential_secret", tb.world.credentials.app_cred_secret)
 
     lease = chi.lease.Lease("labctl-chi", duration=timedelta(hours=2))
     lease.add_node_reservation(amount=1, node_type="compute_liqid")

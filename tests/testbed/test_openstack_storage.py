@@ -30,19 +30,18 @@ def _server(conn, name: str = "lab-node-1"):
 
 
 def test_catalog_has_block_storage_only_at_kvm(tb):
-    kvm = {e["type"] for e in requests.post(f"{tb.auth_url('kvm@tacc')}/auth/tokens", json=_auth()).json()[
+    kvm = {e["type"] for e in requests.post(f"{tb.auth_url('kvm@tacc')}/auth/tokens", json=_auth(tb)).json()[
         "token"]["catalog"]}
-    chi = {e["type"] for e in requests.post(f"{tb.auth_url('chi@tacc')}/auth/tokens", json=_auth()).json()[
+    chi = {e["type"] for e in requests.post(f"{tb.auth_url('chi@tacc')}/auth/tokens", json=_auth(tb)).json()[
         "token"]["catalog"]}
     assert {"block-storage", "volumev3", "object-store"} <= kvm
     assert "object-store" in chi and "block-storage" not in chi and "volumev3" not in chi
 
 
-def _auth() -> dict:
-    from labctl.testbed.openstack import catalog as cat
-
+def _auth(tb) -> dict:
+    creds = tb.world.credentials
     return {"auth": {"identity": {"methods": ["application_credential"], "application_credential": {
-        "id": cat.APP_CRED_ID, "secret": cat.APP_CRED_SECRET}}}}
+        "id": creds.app_cred_id, "secret": creds.app_cred_secret}}}}
 
 
 def test_volume_lifecycle_and_attachment(tb):

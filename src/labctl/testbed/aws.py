@@ -59,7 +59,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from labctl.testbed.http import EmulatorHandler
+from labctl.testbed.access import private_dir, private_file, world_credentials
+from labctl.testbed.http import MAX_JSON_BODY, MAX_OBJECT_BODY, EmulatorHandler
 from labctl.testbed.sqlite_world import SqliteWorld, free_port, internal_addresses
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
 LIVE_STATES = ("pending", "running")
 NOT_TERMINATED = ("pending", "running", "stopping", "stopped", "shutting-down")
 HANG_SECONDS = 600.0
-_DUMMY_KEYS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+MOTO_KEY_HEADER = "X-Labctl-Moto-Key"  # what the front layer (and the world's own clients) show the moto daemon
+MOTO_IDLE_SECONDS = 12 * 3600.0  # the daemon exits after this long without a request (LABCTL_MOTO_IDLE_SECONDS)
 
 CANONICAL = "099720109477"
 AMAZON = "898082745236"  # the account that publishes the AWS Deep Learning AMIs (alias "amazon")
@@ -124,9 +126,9 @@ def seed_images() -> list[dict[str, Any]]:
     return out
 
 
-def isolated_session(region: str) -> Any:
-    """A boto3 session with the emulator's dummy keys that reads none of the user's AWS settings
-    (AWS_PROFILE, ~/.aws/config and credentials), so a stray profile cannot break or redirect it."""
+def isolated_session(region: str, access_key_id: str, secret_access_key: str) -> Any:
+    """A boto3 session with these keys (an emulated world's: `AwsWorld.session`) that reads none of the user's
+    AWS settings (AWS_PROFILE, ~/.aws/config and credentials), so a stray profile cannot break or redirect it."""
     import boto3
     import botocore.session
 
@@ -136,7 +138,17 @@ def isolated_session(region: str) -> Any:
         "config_file": (None, None, "/nonexistent/labctl-aws-config", None),
         "credentials_file": (None, None, "/nonexistent/labctl-aws-credentials", None),
     })
-    return boto3.session.Session(botocore_session=core, region_name=region, **_DUMMY_KEYS)
+    return boto3.session.Session(botocore_session=core, region_name=region, aws_access_key_id=access_key_id,
+                                 aws_secret_access_key=secret_access_key)
+
+
+def with_moto_key(client: Any, key: str) -> Any:
+    """`client` (boto3, straight to the moto daemon) sending the daemon's key with every request."""
+    def add_key(request: Any, **_: Any) -> None:
+        request.headers[MOTO_KEY_HEADER] = key
+
+    client.meta.events.register("before-send", add_key)
+    return client
 
 
 # ------------------------------------------------------------------------------------------ moto daemon
@@ -194,8 +206,7 @@ _children: dict[int, subprocess.Popen] = {}
 
 def ensure_moto(state_dir: Path, timeout: float = 90.0) -> dict[str, Any]:
     """The moto daemon of `state_dir`, started (detached, on 127.0.0.1) if none is alive."""
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = private_dir(Path(state_dir))
     info = moto_info(state_dir)
     if info is not None:
         return info
@@ -216,10 +227,11 @@ def ensure_moto(state_dir: Path, timeout: float = 90.0) -> dict[str, Any]:
                 os.kill(int(old["pid"]), 9)
         with contextlib.suppress(FileNotFoundError):
             (state_dir / MOTO_FILE).unlink()
-        amis = state_dir / AMIS_FILE
+        amis = private_file(state_dir / AMIS_FILE)
         amis.write_text(json.dumps(seed_images(), indent=1))
+        world_credentials(state_dir)  # the daemon's key, created before the daemon reads it
         env = dict(os.environ, **MOTO_ENV, MOTO_AMIS_PATH=str(amis))
-        with open(state_dir / MOTO_LOG, "ab") as logf:
+        with open(private_file(state_dir / MOTO_LOG), "ab") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "labctl.testbed.aws", "moto", str(state_dir)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env, start_new_session=True,
@@ -277,35 +289,71 @@ def _reap(pid: int) -> None:
             _children[pid] = proc
 
 
-def _moto_main(state_dir: Path) -> None:
-    """The daemon: moto's threaded server on 127.0.0.1, warmed up, published in moto.json.
+def _idle_seconds() -> float:
+    try:
+        return float(os.environ.get("LABCTL_MOTO_IDLE_SECONDS") or MOTO_IDLE_SECONDS)
+    except ValueError:
+        return MOTO_IDLE_SECONDS
 
-    It exits when moto.json no longer names it (stop_moto, or the state dir was removed).
+
+def _guard(app: Any, key: str, seen: list[float]) -> Any:
+    """moto's WSGI app, answering only requests that carry the world's moto key (the front layer's, after it
+    checked the client's signature; the world's own clients'): another local user gets a 401 AuthFailure."""
+    from labctl.testbed.access import same_secret
+
+    def guarded(environ: dict, start_response: Any) -> Any:
+        seen[0] = time.monotonic()
+        if not same_secret(environ.get("HTTP_" + MOTO_KEY_HEADER.upper().replace("-", "_")), key):
+            body = error_xml("AuthFailure", "AWS was not able to validate the provided access credentials")
+            start_response("401 Unauthorized", [("Content-Type", "text/xml;charset=UTF-8"),
+                                                ("Content-Length", str(len(body)))])
+            return [body]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def _moto_main(state_dir: Path) -> None:
+    """The daemon: moto's threaded server on 127.0.0.1 behind the world's key, warmed up, published in moto.json.
+
+    It exits when moto.json no longer names it (stop_moto, or the state dir was removed), or after
+    `LABCTL_MOTO_IDLE_SECONDS` (default 12 h) without a request: it does not outlive its use indefinitely.
     """
+    os.umask(0o077)  # everything the daemon writes is its owner's alone
     for key, value in MOTO_ENV.items():  # must be set before moto is imported
         os.environ.setdefault(key, value)
     os.environ.setdefault("MOTO_AMIS_PATH", str(state_dir / AMIS_FILE))
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    from moto.server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    creds = world_credentials(state_dir)
+    seen = [time.monotonic()]
+    app = _guard(DomainDispatcherApplication(create_backend_app), creds.moto_key, seen)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+    threading.Thread(target=server.serve_forever, name="moto", daemon=True).start()
+    host, port = server.server_address[:2]
     # The first EC2 call of a region initialises moto's backend (about 2 s): pay it here, once.
-    isolated_session("us-east-1").client("ec2", endpoint_url=f"http://{host}:{port}").describe_availability_zones()
+    warm = isolated_session("us-east-1", creds.aws_access_key_id, creds.aws_secret_access_key).client(
+        "ec2", endpoint_url=f"http://{host}:{port}")
+    with_moto_key(warm, creds.moto_key).describe_availability_zones()
     path = state_dir / MOTO_FILE
     info = {"pid": os.getpid(), "port": port, "started": time.time(), "generation": uuid.uuid4().hex}
     tmp = path.with_name(f".{MOTO_FILE}.{os.getpid()}")
     tmp.write_text(json.dumps(info))
     os.replace(tmp, path)
+    idle = _idle_seconds()
     while True:
-        time.sleep(2)
+        time.sleep(min(2.0, idle / 4))
         try:
             current = json.loads(path.read_text())
         except (OSError, ValueError):
             current = None
-        if not current or current.get("pid") != os.getpid():
-            server.stop()
+        if not current or current.get("pid") != os.getpid() or time.monotonic() - seen[0] > idle:
+            with contextlib.suppress(OSError, ValueError):
+                if current and current.get("pid") == os.getpid():
+                    path.unlink()
+            server.shutdown()
             os._exit(0)
 
 
@@ -413,6 +461,17 @@ class AwsWorld(SqliteWorld):
     def ssh_port(self) -> int:
         return int(self._meta("ssh_port"))
 
+    @property
+    def credentials(self) -> Any:
+        """This world's own credentials (`labctl.testbed.access`): only its access key opens the front layer,
+        only its moto key the moto daemon."""
+        return world_credentials(self.state_dir)
+
+    def session(self, region: str) -> Any:
+        """A boto3 session with this world's access key (none of the user's AWS settings)."""
+        creds = self.credentials
+        return isolated_session(region, creds.aws_access_key_id, creds.aws_secret_access_key)
+
     # -- moto --------------------------------------------------------------------------------------
     def moto(self) -> dict[str, Any]:
         """The moto daemon's {"pid", "port", "generation"}; (re)started if it is not alive."""
@@ -437,9 +496,10 @@ class AwsWorld(SqliteWorld):
             if cli is None or cli.meta.endpoint_url != url:
                 from botocore.config import Config
 
-                cli = isolated_session(region).client(
+                cli = with_moto_key(self.session(region).client(
                     "ec2", endpoint_url=url,
-                    config=Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=60))
+                    config=Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=60)),
+                    self.credentials.moto_key)
                 self._clients[region] = cli
             return cli
 
@@ -452,10 +512,10 @@ class AwsWorld(SqliteWorld):
             if cli is None or cli.meta.endpoint_url != url:
                 from botocore.config import Config
 
-                cli = isolated_session(region).client(
+                cli = with_moto_key(self.session(region).client(
                     "s3", endpoint_url=url,
                     config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"},
-                                  read_timeout=60))
+                                  read_timeout=60)), self.credentials.moto_key)
                 self._clients[key] = cli
             return cli
 
@@ -820,7 +880,7 @@ class AwsWorld(SqliteWorld):
         conn = http.client.HTTPConnection("127.0.0.1", self.moto()["port"], timeout=60)
         try:
             body = urlencode({"Action": "DescribeInstances", "Version": "2016-11-15"}).encode()
-            conn.request("POST", "/", body=body, headers=_internal_headers(region))
+            conn.request("POST", "/", body=body, headers=_internal_headers(region, self.credentials))
             resp = conn.getresponse()
             data = resp.read()
         finally:
@@ -1141,19 +1201,89 @@ def _params_hash(params: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
-def _internal_headers(region: str) -> dict[str, str]:
-    # moto reads the region and service from the credential scope; it does not check signatures.
+def _internal_headers(region: str, creds: Any) -> dict[str, str]:
+    # moto reads the region and service from the credential scope; it does not check signatures (the daemon
+    # checks the moto key).
     return {
         "Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
-        "Authorization": f"AWS4-HMAC-SHA256 Credential=testing/20250101/{region}/ec2/aws4_request, "
-                         "SignedHeaders=host, Signature=0",
+        "Authorization": f"AWS4-HMAC-SHA256 Credential={creds.aws_access_key_id}/20250101/{region}/ec2/"
+                         "aws4_request, SignedHeaders=host, Signature=0",
+        MOTO_KEY_HEADER: creds.moto_key,
     }
+
+
+# ------------------------------------------------------------------------------------------ authentication
+
+_AUTH = re.compile(r"^AWS4-HMAC-SHA256\s+Credential=([^/,\s]+)/(\d{8})/([a-z0-9-]+)/([a-z0-9-]+)/aws4_request,"
+                   r"\s*SignedHeaders=([a-z0-9;._-]+),\s*Signature=([0-9a-f]{64})$")
+
+
+def check_signature(method: str, raw_path: str, headers: Any, body: bytes, creds: Any, s3: bool) -> None:
+    """Refuse a request not signed (AWS Signature Version 4, checked with botocore's own signer) with this world's
+    access key, the way EC2 (or S3) refuses it: no signature → MissingAuthenticationToken (S3: AccessDenied),
+    another access key → AuthFailure (S3: InvalidAccessKeyId), a wrong signature → SignatureDoesNotMatch."""
+    from botocore.auth import S3SigV4Auth, SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from labctl.testbed.access import same_secret
+
+    header = " ".join((headers.get("Authorization") or "").split())
+    if not header:
+        if s3:
+            raise ApiError(403, "AccessDenied", "Access Denied")
+        raise ApiError(403, "MissingAuthenticationToken",
+                       "The request must contain either a valid (registered) AWS access key ID or X.509 certificate.")
+    m = _AUTH.match(header)
+    if not m:
+        if s3:
+            raise ApiError(400, "AuthorizationHeaderMalformed", "The authorization header is malformed.")
+        raise ApiError(400, "IncompleteSignature", "The request signature does not conform to AWS standards.")
+    key_id, day, region, service, signed, signature = m.groups()
+    if not same_secret(key_id, creds.aws_access_key_id):
+        if s3:
+            raise ApiError(403, "InvalidAccessKeyId",
+                           "The AWS Access Key Id you provided does not exist in our records.")
+        raise ApiError(401, "AuthFailure", "AWS was not able to validate the provided access credentials")
+    names = signed.split(";")
+    stamp = headers.get("X-Amz-Date") or ""
+    if "host" not in names or not re.fullmatch(r"\d{8}T\d{6}Z", stamp) or stamp[:8] != day:
+        raise ApiError(403, "SignatureDoesNotMatch", _MISMATCH)
+    request = AWSRequest(method=method, url=f"http://{headers.get('Host', '')}{raw_path}", data=body)
+    for name in names:
+        for value in headers.get_all(name) or []:
+            request.headers.add_header(name, value)
+    request.context["timestamp"] = stamp
+    signer_class = S3SigV4Auth if s3 else SigV4Auth
+    signer = signer_class(Credentials(key_id, creds.aws_secret_access_key), service, region)
+    signer.headers_to_sign = lambda req: _only(req, names)  # exactly the headers the client signed
+    try:
+        canonical = signer.canonical_request(request)
+        expected = signer.signature(signer.string_to_sign(request, canonical), request)
+    except (ValueError, TypeError, UnicodeError):
+        raise ApiError(403, "SignatureDoesNotMatch", _MISMATCH) from None
+    if not same_secret(signature, expected):
+        raise ApiError(403, "SignatureDoesNotMatch", _MISMATCH)
+
+
+_MISMATCH = ("The request signature we calculated does not match the signature you provided. Check your AWS Secret "
+             "Access Key and signing method. Consult the service documentation for details.")
+
+
+def _only(request: Any, names: list[str]) -> Any:
+    from botocore.awsrequest import HTTPHeaders
+
+    out = HTTPHeaders()
+    for name, value in request.headers.items():
+        if name.lower() in names:
+            out[name.lower()] = value
+    return out
 
 
 # ------------------------------------------------------------------------------------------ front layer
 
 _HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "accept-encoding",
-                "expect", "proxy-connection", "te", "upgrade"}
+                "expect", "proxy-connection", "te", "upgrade", MOTO_KEY_HEADER.lower()}
 
 
 class _Front(ThreadingHTTPServer):
@@ -1172,11 +1302,24 @@ class _Handler(EmulatorHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("aws front: " + format, *args)
 
-    def _handle(self) -> None:
+    def _is_s3(self) -> bool:
+        m = _SERVICE.search(self.headers.get("Authorization", ""))
+        return bool(m) and m.group(1) == "s3" and "x-www-form-urlencoded" not in self.headers.get("Content-Type", "")
+
+    def body_limit(self) -> int:
+        """S3 object uploads may be large; every other body is a form or JSON request."""
+        return MAX_OBJECT_BODY if self.command == "PUT" and self._is_s3() else MAX_JSON_BODY
+
+    def refuse(self, status: int, message: str) -> None:
+        code = ("EntityTooLarge" if self._is_s3() else "RequestEntityTooLarge") if status == 413 else \
+            "InvalidRequest" if self._is_s3() else "MalformedInput"
+        self.answer(status, error_xml(code, message, self._is_s3()), "text/xml;charset=UTF-8",
+                    [("x-amzn-RequestId", str(uuid.uuid4()))])
+
+    def serve(self, body: bytes) -> None:
         self._reply_type = "text/xml;charset=UTF-8"
         self._reply_headers: dict[str, str] = {}
         world = self.server.world
-        body = self.read_body()
         query = urlsplit(self.path).query
         params = dict(parse_qsl(query, keep_blank_values=True))
         ctype = self.headers.get("Content-Type", "")
@@ -1197,6 +1340,7 @@ class _Handler(EmulatorHandler):
         try:
             world.note_region(region)
             seq = world.log_request(region, action or "?", params)
+            check_signature(self.command, self.path, self.headers, body, world.credentials, s3)
             fault = world.take_fault(action) if action else None
             if fault == "error503":
                 raise ApiError(503, "Unavailable", "The service is unavailable. Please try again shortly.")
@@ -1257,6 +1401,7 @@ class _Handler(EmulatorHandler):
     def _passthrough(self, body: bytes) -> tuple[int, bytes]:
         port = self.server.world.moto()["port"]
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+        headers[MOTO_KEY_HEADER] = self.server.world.credentials.moto_key
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         try:
             conn.request(self.command, self.path, body=body or None, headers=headers)
@@ -1275,6 +1420,7 @@ class _Handler(EmulatorHandler):
         body = urlencode(params).encode()
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
         headers["Content-Type"] = "application/x-www-form-urlencoded; charset=utf-8"
+        headers[MOTO_KEY_HEADER] = self.server.world.credentials.moto_key
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         try:
             conn.request("POST", "/", body=body, headers=headers)
@@ -1283,7 +1429,6 @@ class _Handler(EmulatorHandler):
         finally:
             conn.close()
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle  # HEAD: S3's HeadBucket / HeadObject
 
 
 class AwsEmulator:
@@ -1298,6 +1443,10 @@ class AwsEmulator:
 
     def __repr__(self) -> str:
         return f"AwsEmulator({self.endpoint}, {self.world!r})"
+
+    def session(self, region: str) -> Any:
+        """A boto3 session with the world's access key: the only key this front layer answers."""
+        return self.world.session(region)
 
     def stop(self) -> None:
         """Stop this process's front layer (the moto daemon stays for other processes)."""

@@ -4,14 +4,19 @@ Services (Keystone, Nova, ...) register handlers on a `Router` with path templat
 "/servers/{id}"; the server (`labctl.testbed.server`) matches the service-relative path, calls the handler
 and renders `HTTPError`s in each service's own error format.
 
-`EmulatorHandler` is the stdlib request handler that every emulator's endpoint (OpenStack, Compute Engine,
-EC2's front layer) builds on.
+``EmulatorHandler` is the stdlib request handler that every emulator's endpoint (OpenStack, Compute Engine,
+EC2's front layer) builds on. It is the one place where request bodies are bounded and reads are timed out:
+a body larger than the handler's `body_limit` is refused with 413 before it is read, a malformed or negative
+Content-Length or chunk size with 400, and a client that stops sending is disconnected after `read_timeout`
+seconds. `parse_json` is the one JSON parser of the emulators' request bodies (nesting capped at
+`MAX_JSON_DEPTH`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import threading
@@ -23,6 +28,60 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from labctl.testbed.openstack.catalog import Site
     from labctl.testbed.world import World
+
+
+MAX_JSON_BODY = 1 << 20  # bytes: a JSON API request body (real APIs allow far less than 1 MiB for these calls)
+MAX_OBJECT_BODY = 64 << 20  # bytes: an object upload (Swift / S3 PUT, Glance image data)
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects in a JSON body
+READ_TIMEOUT = 30.0  # seconds a connection may stay silent while a request (line, headers, body) is expected
+_HEX = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
+_DIGITS = re.compile(r"^[0-9]{1,19}$")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+class BodyError(Exception):
+    """A request whose body cannot be read: answered with `status` (400, 413) and the connection closed."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class JsonError(ValueError):
+    """A request body that is not JSON the emulators accept (malformed, not UTF-8, nested too deeply)."""
+
+
+def parse_json(body: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`body` parsed as JSON, nesting checked before parsing (Python's parser would recurse without a bound)."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError:
+        raise JsonError("the body is not UTF-8") from None
+    depth = deepest = 0
+    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > max_depth:
+                    raise JsonError(f"the body nests more than {max_depth} levels")
+        else:
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise JsonError("the body is not valid JSON") from None
+
+
+def read_timeout() -> float:
+    """The read timeout of the emulators' connections (`LABCTL_TESTBED_READ_TIMEOUT` overrides it)."""
+    try:
+        value = float(os.environ.get("LABCTL_TESTBED_READ_TIMEOUT") or READ_TIMEOUT)
+    except ValueError:
+        return READ_TIMEOUT
+    return value if value > 0 else READ_TIMEOUT
 
 
 class HTTPError(Exception):
@@ -85,17 +144,30 @@ class Request:
         values = self.query.get(key)
         return values[0] if values else default
 
-    def json(self, required: bool = True) -> Any:
+    def json(self, required: bool = True) -> dict:
+        """The body as a JSON object (every OpenStack API this emulates takes an object: anything else is a 400)."""
         if not self.body:
             if required:
                 raise HTTPError(400, "The request body is empty or missing.", "BadRequest")
             return {}
         try:
-            return json.loads(self.body)
-        except ValueError:
-            raise HTTPError(
-                400, "Malformed request body: the body is not valid JSON.", "BadRequest"
-            ) from None
+            data = parse_json(self.body)
+        except JsonError as e:
+            raise HTTPError(400, f"Malformed request body: {e}.", "BadRequest") from None
+        if not isinstance(data, dict):
+            raise HTTPError(400, "Malformed request body: the body is not a JSON object.", "BadRequest")
+        return data
+
+    def int_q(self, key: str, default: int | None = None, minimum: int = 0) -> int | None:
+        """An integer query parameter (`limit`...): a 400 when it is not an integer >= minimum."""
+        value = self.q(key)
+        if value is None or value == "":
+            return default
+        number = int(value) if re.fullmatch(r"-?[0-9]{1,18}", value) else None
+        if number is None or number < minimum:
+            raise HTTPError(400, f"Invalid value for '{key}': '{value}' is not an integer >= {minimum}.",
+                            "BadRequest")
+        return number
 
 
 Handler = Callable[[Request], Response]
@@ -141,17 +213,23 @@ class Router:
 
 
 class EmulatorHandler(BaseHTTPRequestHandler):
-    """What the emulators' request handlers share: HTTP/1.1 keep-alive, no access log, whole request bodies,
-    the two ways an injected fault leaves a request unanswered, and the answer's framing.
+    """What the emulators' request handlers share: HTTP/1.1 keep-alive, no access log, read timeouts, bounded
+    request bodies, the two ways an injected fault leaves a request unanswered, and the answer's framing.
+
+    A subclass implements `serve(body)` (the request, its body read) and `refuse(status, message)` (an error
+    in its API's own shape, for a request whose body was not read); it may size `body_limit()` per request.
 
     The server must have a `world` with `release()`: the server runs a thread per HTTP connection, and that
-    thread's SQLite connection is closed when the HTTP connection ends.
+    thread's SQLite connection is closed when the HTTP connection ends. A `read_timeout` attribute on the
+    server overrides `read_timeout()`.
     """
 
     protocol_version = "HTTP/1.1"
     server: Any
+    timeout = READ_TIMEOUT
 
     def setup(self) -> None:
+        self.timeout = getattr(self.server, "read_timeout", None) or read_timeout()
         super().setup()
         # Headers and body go out in separate writes: without this, Nagle + delayed ACK add 40 ms a request.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -165,20 +243,80 @@ class EmulatorHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 
+    def body_limit(self) -> int:
+        """The largest body this request may have (bytes)."""
+        return MAX_JSON_BODY
+
+    def serve(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def refuse(self, status: int, message: str) -> None:
+        raise NotImplementedError
+
+    def dispatch(self) -> None:
+        """Every method's entry point: the body (bounded, timed out), then `serve`, or `refuse` and close."""
+        try:
+            body = self.read_body()
+        except BodyError as e:
+            self.close_connection = True  # the rest of the body is never read: the connection cannot go on
+            self.refuse(e.status, e.message)
+            return
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True  # a client that stopped sending (or went away) mid-body
+            return
+        self.serve(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = dispatch
+
     def read_body(self) -> bytes:
-        """The request body, whether sent with Content-Length or chunked."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        """The request body, whether sent with Content-Length or chunked; `BodyError` for a body that is too
+        large (413, nothing of it read) or malformed framing (400)."""
+        limit = self.body_limit()
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding is not None:
+            if encoding.strip().lower() != "chunked":
+                raise BodyError(400, f"Unsupported Transfer-Encoding: {encoding[:40]!r}.")
+            return self._read_chunked(limit)
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            return b""
+        if len(set(lengths)) > 1 or not _DIGITS.match(lengths[0].strip()):
+            raise BodyError(400, f"Invalid Content-Length: {lengths[0][:40]!r}.")
+        length = int(lengths[0])
+        if length > limit:
+            raise BodyError(413, f"Request body too large: {length} bytes (at most {limit}).")
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            raise ConnectionResetError("the client closed the connection in the middle of the body")
+        return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1025)
+            if not line.endswith(b"\n"):
+                if not line:
+                    raise ConnectionResetError("the client closed the connection in the middle of the body")
+                raise BodyError(400, "Invalid chunked body: a chunk-size line is too long.")
+            size_text = line.split(b";", 1)[0].strip()
+            if not _HEX.match(size_text):
+                raise BodyError(400, f"Invalid chunked body: bad chunk size {size_text[:20]!r}.")
+            size = int(size_text, 16)
+            if size == 0:
+                for _ in range(100):  # trailers, up to the empty line
+                    if self.rfile.readline(8193) in (b"\r\n", b"\n", b""):
+                        return b"".join(chunks)
+                raise BodyError(400, "Invalid chunked body: too many trailer lines.")
+            total += size
+            if total > limit:
+                raise BodyError(413, f"Request body too large: more than {limit} bytes.")
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise ConnectionResetError("the client closed the connection in the middle of the body")
+            chunks.append(chunk)
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise BodyError(400, "Invalid chunked body: a chunk is not followed by CRLF.")
 
     def hang(self, until: threading.Event, seconds: float | None = None) -> None:
         """Leave the request unanswered until `until` is set (the server stops) or `seconds` have passed."""

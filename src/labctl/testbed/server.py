@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from labctl.testbed.http import EmulatorHandler, HTTPError, Request, Response
+from labctl.testbed.http import MAX_JSON_BODY, MAX_OBJECT_BODY, EmulatorHandler, HTTPError, Request, Response
 from labctl.testbed.openstack import blazar, cinder, glance, keystone, neutron, nova, refapi, swift
 from labctl.testbed.openstack import catalog as cat
 from labctl.testbed.world import World
@@ -64,6 +64,15 @@ class App:
         body = module.error_body(err.status, err.message, err.kind)
         ctype = getattr(module, "ERROR_CONTENT_TYPE", "application/json")
         return Response(err.status, body, dict(err.headers), content_type=ctype)
+
+    def refusal(self, raw_path: str, status: int, message: str) -> Response:
+        """A request refused before it was routed (its body unreadable): the error in the path's service's shape."""
+        parts = unquote(urlsplit(raw_path).path).strip("/").split("/", 2)
+        module: ModuleType = refapi
+        if parts[0] in cat.BY_SLUG and len(parts) >= 2 and parts[1] in SERVICES:
+            module = SERVICES[parts[1]]
+        kind = {400: "BadRequest", 413: "RequestEntityTooLarge"}.get(status)
+        return self._error(module, HTTPError(status, message, kind))
 
     def _unauthorized(self, site: cat.Site) -> HTTPError:
         body = keystone.error_body(401, keystone.UNAUTHORIZED, "Unauthorized")
@@ -185,8 +194,19 @@ class _Handler(EmulatorHandler):
     sys_version = ""
     server: _Server
 
-    def _handle(self) -> None:
-        body = self.read_body()
+    def body_limit(self) -> int:
+        """Object uploads (Swift objects, Glance image data) may be large; every other body is JSON."""
+        if self.command == "PUT":
+            parts = urlsplit(self.path).path.strip("/").split("/")
+            if len(parts) > 1 and (parts[1] == "object-store" or (parts[1] == "image" and parts[-1] == "file")):
+                return MAX_OBJECT_BODY
+        return MAX_JSON_BODY
+
+    def refuse(self, status: int, message: str) -> None:
+        resp = self.server.app.refusal(self.path, status, message)
+        self._send(resp)
+
+    def serve(self, body: bytes) -> None:
         try:
             outcome = self.server.app.handle(self.command, self.path, self.headers, body)
         except Exception as e:  # a bug in the testbed: answer 500 rather than dropping the connection
@@ -211,7 +231,9 @@ class _Handler(EmulatorHandler):
         if outcome.action == "drop":
             self.drop()
             return
-        resp = outcome.response
+        self._send(outcome.response)
+
+    def _send(self, resp: Response) -> None:
         payload = resp.encode()
         self.answer(
             resp.status,
@@ -219,8 +241,6 @@ class _Handler(EmulatorHandler):
             resp.content_type if payload or resp.status not in (204, 304) else None,
             [("X-Openstack-Request-Id", f"req-{uuid.uuid4()}"), *resp.headers.items()],
         )
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
 
 class _Server(ThreadingHTTPServer):
@@ -309,16 +329,18 @@ class Testbed:
         return f"{self.site_url(site)}/identity/v3"
 
     def os_env(self, site: str) -> dict[str, str]:
-        """OS_* variables for an application credential on `site` (what Chameleon's openrc would set)."""
+        """OS_* variables for an application credential on `site` (what Chameleon's openrc would set): the
+        world's own credential, which only its owner can read (see `labctl.testbed.access`)."""
         s = cat.resolve_site(site)
+        creds = self.world.credentials
         return {
             "OS_AUTH_TYPE": "v3applicationcredential",
             "OS_AUTH_URL": self.auth_url(site),
             "OS_IDENTITY_API_VERSION": "3",
             "OS_REGION_NAME": s.region,
             "OS_INTERFACE": "public",
-            "OS_APPLICATION_CREDENTIAL_ID": cat.APP_CRED_ID,
-            "OS_APPLICATION_CREDENTIAL_SECRET": cat.APP_CRED_SECRET,
+            "OS_APPLICATION_CREDENTIAL_ID": creds.app_cred_id,
+            "OS_APPLICATION_CREDENTIAL_SECRET": creds.app_cred_secret,
         }
 
     def openrc(self, site: str) -> str:

@@ -25,12 +25,20 @@ class SqliteWorld:
     """A world kept in one SQLite file shared by threads and processes: a connection per thread, WAL journal,
     short transactions.
 
-    Write transactions hold the process's writer lock for the file (see `labctl.writer_locks`); a transaction
+    The directory is made 0700 and the file 0600 (see `labctl.testbed.access`). Write transactions hold the
+    process's writer lock for the file (see `labctl.writer_locks`); a transaction
     opened inside another one on the same thread joins it.
     """
 
     def __init__(self, db_path: Path, schema: str) -> None:
+        from labctl.testbed.access import private_dir, private_file, private_files
+
         self.db_path = db_path
+        # The world is its owner's alone: the directory 0700, the database (and SQLite's -wal and -shm files,
+        # which SQLite creates with the database's mode) 0600 before SQLite opens it.
+        private_dir(db_path.parent)
+        private_file(db_path)
+        private_files(db_path.parent, (db_path.name + "-wal", db_path.name + "-shm"))
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()

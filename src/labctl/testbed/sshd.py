@@ -62,7 +62,7 @@ _PTY_CHILD = (
 
 def node_home(node_dir: Path) -> Path:
     home = Path(node_dir) / "home"
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 
 
@@ -73,7 +73,7 @@ def load_host_key(node_dir: Path):
     from labctl.keys import write_private_file
 
     node_dir = Path(node_dir)
-    node_dir.mkdir(parents=True, exist_ok=True)
+    node_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = node_dir / HOST_KEY_NAME
     if not path.exists():
         key = asyncssh.generate_private_key("ssh-ed25519", comment=f"host key of {node_dir.name}")

@@ -187,6 +187,13 @@ class World(SqliteWorld):
     def __repr__(self) -> str:
         return f"World({str(self.state_dir)!r})"
 
+    @property
+    def credentials(self):
+        """This world's own credentials (`labctl.testbed.access`): only they open its APIs."""
+        from labctl.testbed.access import world_credentials
+
+        return world_credentials(self.state_dir)
+
     # transactions (connections: `SqliteWorld`) ---------------------------------------------------
     def tx(self):
         """A write transaction (`BEGIN IMMEDIATE`): `with world.tx() as db: ...`."""

@@ -2,7 +2,7 @@
 
     from labctl.testbed.gce import start_gce
     emu = start_gce(state_dir, time_scale=0.002)
-    client = compute_v1.InstancesClient(credentials=AnonymousCredentials(),
+    client = compute_v1.InstancesClient(credentials=emu.credentials(),   # the world's own bearer token
                                         client_options={"api_endpoint": emu.endpoint})
     ...
     emu.world.set_capacity("us-central1-a", "nvidia-tesla-t4", 0)   # the control API
@@ -30,7 +30,7 @@ import time
 import uuid
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from labctl.testbed.http import EmulatorHandler
 
@@ -53,15 +53,19 @@ class _Handler(EmulatorHandler):
     sys_version = ""
     server: _Server
 
-    def _handle(self) -> None:
-        import json
-
+    def refuse(self, status: int, message: str) -> None:
         from labctl.testbed.gce import api
 
-        body = self.read_body()
+        reason = "uploadTooLarge" if status == 413 else "badRequest"
+        self._send(api.Outcome(status, api.ApiError(status, message, reason).body()))
+
+    def serve(self, body: bytes) -> None:
+        from labctl.testbed.gce import api
+
         srv = self.server
         try:
-            outcome = api.handle(srv.world, srv.base_url, srv.stop_event, self.command, self.path, body)
+            outcome = api.handle(srv.world, srv.base_url, srv.stop_event, self.command, self.path, body,
+                                 self.headers)
         except Exception as e:  # a bug in the emulator: answer 500 rather than dropping the connection
             import traceback
 
@@ -74,11 +78,14 @@ class _Handler(EmulatorHandler):
         if outcome.action == "drop":
             self.drop()
             return
+        self._send(outcome)
+
+    def _send(self, outcome: Any) -> None:
+        import json
+
         headers = [("Vary", "Origin, X-Origin, Referer"), ("X-Request-Id", uuid.uuid4().hex)]
         self.answer(outcome.status, json.dumps(outcome.body).encode(), "application/json; charset=UTF-8",
                     [*headers, *outcome.headers.items()])
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
 
 class _Server(ThreadingHTTPServer):
@@ -100,6 +107,17 @@ class GceEmulator:
         self.port = server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.project = world.project
+
+    @property
+    def token(self) -> str:
+        """The world's bearer token (`Authorization: Bearer ...`); without it every request gets a 401."""
+        return self.world.credentials.gce_token
+
+    def credentials(self) -> Any:
+        """google-auth credentials that send the world's bearer token (for google-cloud-compute clients)."""
+        from google.oauth2.credentials import Credentials
+
+        return Credentials(token=self.token)
 
     def stop(self) -> None:
         self._server.stop_event.set()

@@ -8,7 +8,6 @@ serving endpoint, so several processes on different ports can serve one world.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import threading
 import time
@@ -21,6 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from labctl.testbed.gce import catalog
 from labctl.testbed.gce import world as w
 from labctl.testbed.gce.world import Db, GceWorld
+from labctl.testbed.http import JsonError, parse_json
 
 API_PREFIX = "/compute/v1/"
 USER = "labctl-student@sim-project.iam.gserviceaccount.com"
@@ -34,16 +34,50 @@ EPOCH = "1969-12-31T16:00:00.000-08:00"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, reason: str, headers: dict | None = None):
+    def __init__(self, status: int, message: str, reason: str, headers: dict | None = None,
+                 status_name: str | None = None, detail: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason
         self.headers = headers or {}
+        self.status_name = status_name or _STATUS_NAMES.get(status)
+        self.detail = detail or {}  # more of the errors[] item (location, locationType, its own message)
 
     def body(self) -> dict:
-        return {"error": {"code": self.status, "message": self.message,
-                          "errors": [{"message": self.message, "domain": "global", "reason": self.reason}]}}
+        item = {"message": self.message, "domain": "global", "reason": self.reason, **self.detail}
+        error: dict[str, Any] = {"code": self.status, "message": self.message, "errors": [item]}
+        if self.status_name:
+            error["status"] = self.status_name
+        return {"error": error}
+
+
+# The google.rpc status that Google's front end adds to errors it raises itself (authentication, parsing).
+_STATUS_NAMES = {401: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT"}
+_AUTH_HELP = ("Expected OAuth 2 access token, login cookie or other valid authentication credential. "
+              "See https://developers.google.com/identity/sign-in/web/devconsole-project.")
+
+
+def unauthenticated(header: str | None) -> ApiError:
+    """Google's 401 for a request without a bearer token, or with one it does not know."""
+    where = {"location": "Authorization", "locationType": "header"}
+    if not header:
+        return ApiError(401, f"Request is missing required authentication credential. {_AUTH_HELP}", "required",
+                        {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/"'},
+                        detail={"message": "Login Required.", **where})
+    return ApiError(401, f"Request had invalid authentication credentials. {_AUTH_HELP}", "authError",
+                    {"WWW-Authenticate": 'Bearer realm="https://accounts.google.com/", error="invalid_token"'},
+                    detail={"message": "Invalid Credentials", **where})
+
+
+def check_auth(world: GceWorld, headers: Any) -> None:
+    """Only a bearer token of this world opens its API (see `labctl.testbed.access`)."""
+    from labctl.testbed.access import same_secret
+
+    header = headers.get("Authorization")
+    scheme, _, token = (header or "").strip().partition(" ")
+    if not header or scheme.lower() != "bearer" or not same_secret(token.strip(), world.credentials.gce_token):
+        raise unauthenticated(header)
 
 
 def not_found(resource: str) -> ApiError:
@@ -73,11 +107,13 @@ class Call:
         if not self.body:
             raise ApiError(400, "Required field 'resource' not specified", "required")
         try:
-            data = json.loads(self.body)
-        except ValueError:
-            raise ApiError(400, "Invalid JSON payload received.", "parseError") from None
+            data = parse_json(self.body)
+        except JsonError as e:
+            raise ApiError(400, f"Invalid JSON payload received. {str(e).capitalize()}.", "parseError",
+                           status_name="INVALID_ARGUMENT") from None
         if not isinstance(data, dict):
-            raise ApiError(400, "Invalid JSON payload received.", "parseError")
+            raise ApiError(400, "Invalid JSON payload received. Expected an object.", "parseError",
+                           status_name="INVALID_ARGUMENT")
         return data
 
     @property
@@ -1520,11 +1556,13 @@ FAULT_ERRORS = {
 
 
 def handle(world: GceWorld, base_url: str, stop_event: threading.Event, method: str, raw_path: str,
-           body: bytes) -> Outcome:
+           body: bytes, headers: Any) -> Outcome:
+    """One request; its `headers` must carry this world's bearer token."""
     url = urlsplit(raw_path)
     path = unquote(url.path)
     query = parse_qs(url.query, keep_blank_values=True)
     try:
+        check_auth(world, headers)
         found = match(method, path)
     except ApiError as e:
         world.log_request(method, path, url.query)

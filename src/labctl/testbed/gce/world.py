@@ -377,6 +377,13 @@ class GceWorld(SqliteWorld):
     def __repr__(self) -> str:
         return f"GceWorld({str(self.state_dir)!r})"
 
+    @property
+    def credentials(self):
+        """This world's own credentials (`labctl.testbed.access`): its bearer token alone opens the API."""
+        from labctl.testbed.access import world_credentials
+
+        return world_credentials(self.state_dir)
+
     # transactions (connections: `SqliteWorld`) ---------------------------------------------------
     def _tx(self, mode: str, now: float | None):
         # `db.now` is `now` or the time the transaction began; a nested one shares the outer one's.

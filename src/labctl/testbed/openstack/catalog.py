@@ -16,13 +16,12 @@ _NS = uuid.UUID("6c1d0d52-2f0e-4a8e-9a57-6b1f6c0b7a11")
 
 USER_ID = "9a3f2d6c1b7e4f0a8c5d2e1f0a9b8c7d"
 USER_NAME = "student"
-USER_PASSWORD = "sim-password"
 PROJECT_ID = "5e8b1c4d7a2f4e6b9c0d3a1f2e4b6c8d"
 PROJECT_NAME = "sim-project"
 DOMAIN = {"id": "default", "name": "Default"}
-APP_CRED_ID = "sim-app-cred"
-APP_CRED_NAME = "sim-app-cred"
-APP_CRED_SECRET = "sim-secret"
+APP_CRED_NAME = "labctl-testbed"
+# The application credential's id and secret, and the user's password, are the world's own random ones
+# (`labctl.testbed.access`, `World.credentials`).
 
 
 def stable_id(*parts: object) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from labctl.testbed.access import same_secret
 from labctl.testbed.http import HTTPError, Request, Response, Router
 from labctl.testbed.openstack import catalog as cat
 from labctl.testbed.openstack.catalog import Site
@@ -131,7 +132,7 @@ def token_body(req: Request, data: dict) -> dict:
     }
     if data.get("app_cred"):
         token["application_credential"] = {
-            "id": cat.APP_CRED_ID,
+            "id": req.world.credentials.app_cred_id,
             "name": cat.APP_CRED_NAME,
             "restricted": False,
         }
@@ -143,6 +144,7 @@ def _unauthorized(message: str = UNAUTHORIZED) -> HTTPError:
 
 
 def _check_identity(req: Request, identity: dict) -> tuple[list[str], bool]:
+    creds = req.world.credentials
     methods = identity.get("methods")
     if not isinstance(methods, list) or not methods:
         raise HTTPError(
@@ -150,6 +152,9 @@ def _check_identity(req: Request, identity: dict) -> tuple[list[str], bool]:
         )
     app_cred = False
     for method in methods:
+        if not isinstance(method, str):
+            raise HTTPError(400, f"Invalid input for field 'identity/methods': {method!r} is not of type 'string'",
+                            "ValidationError")
         section = identity.get(method)
         if not isinstance(section, dict):
             raise HTTPError(
@@ -158,19 +163,25 @@ def _check_identity(req: Request, identity: dict) -> tuple[list[str], bool]:
                 "ValidationError",
             )
         if method == "password":
-            user = section.get("user") or {}
+            user = section.get("user")
+            if not isinstance(user, dict):
+                raise HTTPError(400, "Invalid input for field 'identity/password/user': not an object",
+                                "ValidationError")
             if not (
                 (user.get("name") == cat.USER_NAME or user.get("id") == cat.USER_ID)
-                and user.get("password") == cat.USER_PASSWORD
+                and same_secret(user.get("password"), creds.password)
             ):
                 raise _unauthorized()
         elif method == "application_credential":
-            ok_id = section.get("id") == cat.APP_CRED_ID
+            user = section.get("user") or {}
+            if not isinstance(user, dict):
+                raise HTTPError(400, "Invalid input for field 'identity/application_credential/user': not an "
+                                "object", "ValidationError")
+            ok_id = same_secret(section.get("id"), creds.app_cred_id)
             ok_name = section.get("name") == cat.APP_CRED_NAME and (
-                (section.get("user") or {}).get("name") == cat.USER_NAME
-                or (section.get("user") or {}).get("id") == cat.USER_ID
+                user.get("name") == cat.USER_NAME or user.get("id") == cat.USER_ID
             )
-            if not (ok_id or ok_name) or section.get("secret") != cat.APP_CRED_SECRET:
+            if not (ok_id or ok_name) or not same_secret(section.get("secret"), creds.app_cred_secret):
                 raise _unauthorized()
             app_cred = True
         elif method == "token":
@@ -187,7 +198,8 @@ def _check_identity(req: Request, identity: dict) -> tuple[list[str], bool]:
 @router.route("POST", "/v3/auth/tokens", auth=False)
 def issue(req: Request) -> Response:
     body = req.json()
-    identity = (body.get("auth") or {}).get("identity") if isinstance(body, dict) else None
+    auth = body.get("auth")
+    identity = auth.get("identity") if isinstance(auth, dict) else None
     if not isinstance(identity, dict):
         raise HTTPError(
             400, "Invalid input for field 'auth': 'identity' is a required property", "ValidationError"
@@ -309,7 +321,7 @@ def app_creds(req: Request) -> Response:
         {
             "application_credentials": [
                 {
-                    "id": cat.APP_CRED_ID,
+                    "id": req.world.credentials.app_cred_id,
                     "name": cat.APP_CRED_NAME,
                     "description": "labctl testbed",
                     "project_id": cat.PROJECT_ID,
@@ -319,7 +331,7 @@ def app_creds(req: Request) -> Response:
                     "access_rules": [],
                     "links": {
                         "self": f"{req.site_url}/identity/v3/users/{cat.USER_ID}/application_credentials/"
-                        f"{cat.APP_CRED_ID}"
+                        f"{req.world.credentials.app_cred_id}"
                     },
                 }
             ],

@@ -27,6 +27,8 @@ _TEXT = {
     404: ("Not Found", "The resource could not be found."),
     405: ("Method Not Allowed", "The method is not allowed for this resource."),
     409: ("Conflict", "There was a conflict when trying to complete your request."),
+    411: ("Length Required", "Length Required"),
+    413: ("Request Entity Too Large", "The body of your request was too large for this server."),
     429: ("Too Many Requests", "The server is rate limiting the request."),
     500: ("Internal Error", "An error occurred."),
 }
