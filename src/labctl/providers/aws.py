@@ -127,7 +127,8 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
         tb = testbed()
         emu = tb.aws()
         site = dataclasses.replace(site, ssh_port=getattr(tb, "ssh_port", None) or emu.world.ssh_port)
-        return AwsProvider(site, _isolated_session(site.region), endpoint_url=emu.endpoint,
+        # The emulated world's own access key (private to its owner; registered with labctl.redact).
+        return AwsProvider(site, emu.world.session(site.region), endpoint_url=emu.endpoint,
                            credential_source="the emulated testbed")
     session, source = _session(site, cloud)
     return AwsProvider(site, session, credential_source=source)

@@ -116,7 +116,8 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
         tb = testbed()
         emu = tb.gce()
         site = dataclasses.replace(site, ssh_port=getattr(tb, "ssh_port", None) or emu.world.ssh_port)
-        return GcpProvider(site, emu.project, credentials=None, endpoint=emu.endpoint)
+        # The emulated world's own bearer token (private to its owner; registered with labctl.redact).
+        return GcpProvider(site, emu.project, credentials=emu.credentials(), endpoint=emu.endpoint)
     credentials, project = google_credentials(cloud)
     return GcpProvider(site, project, credentials=credentials)
 
