@@ -61,3 +61,17 @@ def _stop_moto(state_dir: Path) -> None:
         from labctl.testbed.aws import stop_moto
 
         stop_moto(state_dir)
+
+
+# Hypothesis: "ci" (the default) keeps property tests quick; HYPOTHESIS_PROFILE=long runs many more examples.
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", max_examples=100, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+    _hyp_settings.register_profile("long", max_examples=2000, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is in the test extra; without it only the property tests are skipped
+    pass

@@ -121,7 +121,7 @@ def test_class_of_30_on_chameleon_and_gcp_each_key_on_its_own_node_only_then_dow
     rows = list(csv.DictReader(report.splitlines()))
     assert len(rows) == N and all(r["ips"] and r["ssh"].startswith("ssh ") for r in rows)
 
-    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
     assert run_json(labctl_env, "class", "status", "hello", "--course", "mlsys") == []
 
@@ -143,7 +143,7 @@ def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, kl
     extended = run(labctl_env, "class", "extend", "hello", "--hours", "2", "--course", "mlsys").stdout
     assert len(extended.splitlines()) == 8  # only Chameleon environments have leases
 
-    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
 
@@ -164,7 +164,7 @@ def test_class_up_killed_three_times_then_completes_without_duplicates(labctl_en
     assert len([lease for lease in w.inventory("kvm@tacc")["leases"]]) == N
     status = run_json(labctl_env, "class", "status", "hello", "--course", "mlsys")
     assert len(status) == N and all(r["status"] == "up" for r in status)
-    run(labctl_env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {}
 
 
@@ -203,7 +203,7 @@ def test_two_operators_on_one_postgresql_state_make_one_environment_per_student(
     # Whatever one operator skipped because the other held it, the other finished: all 30 are up.
     status = run_json(env, "class", "status", "hello", "--course", "mlsys")
     assert len(status) == N and all(r["status"] == "up" for r in status)
-    run(env, "class", "down", "hello", "--course", "mlsys", timeout=600)
+    run(env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {}
 
 

@@ -141,7 +141,7 @@ def _state_path(text: str) -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path
-    if _KEY_VALUE.search(text) or ("@" in text and ":" in text.split("@", 1)[0]):
+    if _KEY_VALUE.search(text) or "=" in path.name or ("@" in text and ":" in text.split("@", 1)[0]):
         raise UserError("the state database (--state / LABCTL_STATE_URL) looks like connection settings, not a "
                         f"file (not shown: it may hold a password); {expected}")
     if path.is_dir() or text.endswith(("/", os.sep)):
