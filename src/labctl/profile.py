@@ -814,10 +814,6 @@ def lab_roots(lab_dir: Path | str) -> tuple[Path, ...]:
     return tuple(dict.fromkeys(roots))
 
 
-def _under(path: Path, roots: Iterable[Path]) -> bool:
-    return any(path == r or path.is_relative_to(r) for r in roots)
-
-
 def confined_path(lab_dir: Path | str, rel: str, *, want_file: bool = False) -> Path:
     """`labs/<lab>/<rel>` with every symbolic link resolved, checked to lie under `lab_roots(lab_dir)`; for a
     directory every file in it (recursively, links resolved) is checked too. Raises `ValueError` saying why."""
@@ -838,55 +834,17 @@ def confined_path(lab_dir: Path | str, rel: str, *, want_file: bool = False) -> 
         raise ValueError(f"{text} not found under {shown}/") from None
     except (OSError, RuntimeError) as exc:  # a symbolic-link loop, a path too long, ...
         raise ValueError(f"{text}: cannot resolve it ({getattr(exc, 'strerror', None) or exc})") from None
-    if not _under(target, roots):
+    if not inputs.under(target, roots):
         raise ValueError(f"{text} leads outside the lab directory {shown}/ (to {target}) through a symbolic link; "
                          f"only links into {_display(root.parent / COMMON_LAB)}/ are allowed")
     if want_file and not target.is_file():
         raise ValueError(f"{text} is not a file under {shown}/")
     if target.is_dir():
-        for inner in walk_confined(target, roots):
+        for inner in inputs.walk_confined(target, roots):
             del inner  # walk_confined raises on the first file that is not allowed
     elif not target.is_file():
         raise ValueError(f"{text} is not a regular file or directory")
     return target
-
-
-def walk_confined(directory: Path, roots: Iterable[Path], limit: int = 10_000) -> Iterable[tuple[str, Path]]:
-    """(relative path, resolved file) for every regular file under `directory`, following symbolic links only
-    when they stay under `roots`; raises `ValueError` for a link that leads elsewhere, a file that is not a
-    regular file (FIFO, device, socket), a directory cycle or more than `limit` entries."""
-    roots = tuple(roots)
-    seen: set[Path] = set()
-    count = 0
-    stack: list[tuple[str, Path]] = [("", directory)]
-    while stack:
-        prefix, here = stack.pop()
-        if here in seen:
-            raise ValueError(f"{here}: a directory that contains itself through a symbolic link")
-        seen.add(here)
-        try:
-            entries = sorted(os.scandir(here), key=lambda e: e.name)
-        except OSError as exc:
-            raise ValueError(f"{here}: cannot list it ({exc.strerror or exc})") from None
-        for entry in entries:
-            count += 1
-            if count > limit:
-                raise ValueError(f"{directory}: more than {limit:,} files to upload")
-            rel = f"{prefix}{entry.name}"
-            try:
-                target = Path(entry.path).resolve(strict=True)
-            except (OSError, RuntimeError) as exc:
-                raise ValueError(f"{rel} in {directory}: cannot resolve it "
-                                 f"({getattr(exc, 'strerror', None) or exc})") from None
-            if not _under(target, roots):
-                raise ValueError(f"{rel} in {directory} leads outside the lab directory (to {target}) through a "
-                                 "symbolic link")
-            if target.is_dir():
-                stack.append((rel + "/", target))
-            elif target.is_file():
-                yield rel, target
-            else:
-                raise ValueError(f"{rel} in {directory} is not a regular file")
 
 
 def _clip(text: str, limit: int = 60) -> str:

@@ -346,8 +346,10 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
         skip = None
         if site.emulated and not step.safe_on_sim and not allow_host_changes:
             skip = "would change the host on sim (pass --allow-host-changes to run it)"
-        command = step.run if step.run is not None else (prof.lab_dir / step.script).read_text()
-        uploads = [Upload(prof.lab_dir / u.src, u.dest) for u in step.upload]
+        # Scripts and uploads are checked again (symbolic links resolved, under labs/<lab>/ or labs/_common/).
+        field = f"setup[{index - len(extra_steps)}].script"
+        command = step.run if step.run is not None else prof.read_script(step.script, field)
+        uploads = [Upload(prof.lab_dir / u.src, u.dest, prof.lab_roots()) for u in step.upload]
         steps.append(SetupStep(index, step.name, step_nodes, command, uploads, step.timeout, skip))
     progress("ssh", "waiting", f"{len(targets)} node(s)")
     # A booting node drops SSH packets just as a firewall does; on real sites, only call port 22 "blocked"

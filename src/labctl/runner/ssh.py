@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from labctl import inputs
+from labctl import redact as _redact
 from labctl.errors import SetupFailed
 
 DEFAULT_USER = "cc"
@@ -65,8 +67,21 @@ class NodeTarget:
 
 @dataclass
 class Upload:
+    """A file or directory to copy to the node. `local`, and every file inside it when it is a directory, must
+    lie under one of `roots` once symbolic links are resolved (checked again at upload time, so a file swapped
+    after `labctl validate` is still caught); `roots` defaults to the directory `local` is in."""
+
     local: Path
     remote: str  # relative to the home directory, or absolute
+    roots: tuple[Path, ...] = ()
+
+    def allowed_roots(self) -> tuple[Path, ...]:
+        roots = self.roots or (Path(os.path.abspath(self.local)).parent,)
+        return tuple(Path(os.path.abspath(r)).resolve() for r in roots)
+
+
+class UploadRefused(Exception):
+    """An upload source (or a file inside an uploaded directory) is outside the lab's directories."""
 
 
 @dataclass
@@ -482,18 +497,44 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
 
 
 # -- setup steps ------------------------------------------------------------------------------------------
+def _private_log_dir(log_dir: Path) -> None:
+    """Create `log_dir` (and missing parents) 0700; tighten it, and the state's `logs/` above it, to 0700."""
+    log_dir = Path(log_dir)
+    missing = []
+    for d in [log_dir, *log_dir.parents]:
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+        os.chmod(d, 0o700)
+    os.chmod(log_dir, 0o700)
+    if log_dir.parent.name == "logs":
+        with contextlib.suppress(OSError):  # someone else's directory: leave it
+            os.chmod(log_dir.parent, 0o700)
+
+
 class _NodeLog:
-    """Appends a node's setup output to its log file, line-buffered so that `redact` strings are masked."""
+    """Appends a node's setup output to its log file (0600), line-buffered so that secrets are masked: the
+    `redact` strings and every secret registered with `labctl.redact`."""
 
     def __init__(self, path: Path, redact: Sequence[str]) -> None:
         self.path = path
         self.redact = [s for s in redact if s]
         self._partial = b""
 
-    def _write(self, text: str) -> None:
+    def _mask(self, text: str) -> str:
         for secret in self.redact:
             text = text.replace(secret, "********")
-        with open(self.path, "a", encoding="utf-8", errors="replace") as f:
+        return _redact.mask(text)
+
+    def _write(self, text: str) -> None:
+        text = self._mask(text)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8", errors="replace") as f:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
             f.write(text)
 
     def line(self, text: str) -> None:
@@ -522,7 +563,8 @@ class _NodeLog:
                 data = f.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
-        return "\n".join(data.splitlines()[-lines:])
+        # Masked again: a secret may have been registered after the line was written.
+        return _redact.strip_control(self._mask("\n".join(data.splitlines()[-lines:])))
 
 
 def _now() -> str:
@@ -548,7 +590,7 @@ def run_setup(targets: list[NodeTarget], steps: list[SetupStep], key_path: Path,
     if unknown:
         raise ValueError(f"setup steps name nodes that are not SSH targets: {', '.join(unknown)}")
     log_dir = Path(log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    _private_log_dir(log_dir)
     logs = {t.name: _NodeLog(log_dir / f"{t.name}.log", list(redact)) for t in targets}
     failed: dict[str, str] = _run_sync(
         lambda: _setup_all(by_name, steps, Path(key_path), hostkeys, progress, logs, on_event,
@@ -744,6 +786,8 @@ class _StepRunner:
                 return "failed", f"timed out after {step.timeout:g}s while uploading files"
             except FileNotFoundError as exc:
                 return "failed", f"upload source missing: {exc.filename}"
+            except UploadRefused as exc:
+                return "failed", f"upload refused: {exc}"
             except asyncssh.SFTPError as exc:
                 return "failed", f"upload failed: {exc.reason}"
             if needs_file:
@@ -764,16 +808,59 @@ class _StepRunner:
         async with conn.start_sftp_client() as sftp:
             for up in step.uploads:
                 local = Path(up.local)
-                if not local.exists():
-                    raise FileNotFoundError(errno.ENOENT, "no such file", str(local))
-                parent = posixpath.dirname(up.remote.rstrip("/"))
+                roots = up.allowed_roots()
+                # Every path resolved (symbolic links included) and checked against the lab's directories now,
+                # not only when the profile was validated: a lab's shared scripts are links into labs/_common/
+                # (the node gets the file), but a link to anything else is refused, never followed.
+                try:
+                    resolved = Path(os.path.abspath(local)).resolve(strict=True)
+                except (OSError, RuntimeError):
+                    raise FileNotFoundError(errno.ENOENT, "no such file", str(local)) from None
+                if not inputs.under(resolved, roots):
+                    raise UploadRefused(f"{local} leads outside the lab directory (to {resolved}) through a "
+                                        "symbolic link; refusing to upload it")
+                files: list[tuple[str, Path]] | None = None
+                if resolved.is_dir():
+                    try:
+                        files = list(inputs.walk_confined(resolved, roots))
+                    except ValueError as exc:
+                        raise UploadRefused(f"{local}: {exc}; refusing to upload it") from None
+                dest = up.remote
+                parent = posixpath.dirname(dest.rstrip("/"))
                 if parent not in ("", ".", "/"):
                     await sftp.makedirs(parent, exist_ok=True)
-                # follow_symlinks: a lab's shared scripts are links into labs/_common/; the node gets the file.
-                await sftp.put(str(local), up.remote, recurse=local.is_dir(), preserve=True, follow_symlinks=True)
+                if await sftp.isdir(dest):  # as `cp`/`sftp put`: into an existing directory
+                    dest = posixpath.join(dest, local.name)
+                if files is None:
+                    await self._put_file(sftp, local, roots, dest)
+                else:
+                    await sftp.makedirs(dest, exist_ok=True)
+                    for rel, _path in files:
+                        sub = posixpath.dirname(rel)
+                        if sub:
+                            await sftp.makedirs(posixpath.join(dest, sub), exist_ok=True)
+                        await self._put_file(sftp, resolved / rel, roots, posixpath.join(dest, rel))
                 log.line(f"    uploaded {local.name} -> {up.remote}")
             if script is not None:
                 await sftp.makedirs(".labctl", exist_ok=True)
                 async with sftp.open(remote_script, "w") as f:
                     await f.write(script)
         return remote_script
+
+    @staticmethod
+    async def _put_file(sftp, local: Path, roots: tuple[Path, ...], remote: str) -> None:
+        """Copy one local file to `remote` (mode and times kept), opened only if its real location is under
+        `roots` (see `labctl.inputs.open_confined`)."""
+        try:
+            fd = inputs.open_confined(local, roots)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(local)) from None
+        except ValueError as exc:
+            raise UploadRefused(f"{exc}; refusing to upload it") from None
+        with os.fdopen(fd, "rb") as src:
+            info = os.fstat(fd)
+            async with sftp.open(remote, "wb") as dst:
+                while chunk := src.read(256 * 1024):
+                    await dst.write(chunk)
+        await sftp.chmod(remote, info.st_mode & 0o777)
+        await sftp.utime(remote, (info.st_atime, info.st_mtime))
