@@ -248,6 +248,8 @@ def check_mount(value: str) -> str:
     """A volume's mount point as a clean absolute path (trailing '/' dropped), else ValueError saying why."""
     shown = repr(value) if len(value) <= 60 else repr(value[:57] + "...")
     text = value[:-1] if value.endswith("/") and len(value) > 1 else value
+    if len(text) > MAX_MOUNT:
+        raise ValueError(f"{shown} is longer than {MAX_MOUNT} characters")
     if not text.startswith("/"):
         raise ValueError(f"{shown} is not an absolute path such as /mnt/data")
     if text == "/":

@@ -614,8 +614,9 @@ def _degenerate_ed25519(raw: bytes) -> str | None:
     point), or None."""
     if len(raw) != 32:
         return "the key data is invalid (truncated or changed when copied?)"
-    if raw[:31] + bytes([raw[31] & 0x7F]) in _ED25519_SMALL_ORDER:
-        why = "all zero bytes" if not any(raw) else "a point of small order, which any signature matches"
+    point = raw[:31] + bytes([raw[31] & 0x7F])  # the sign bit of x does not change the point's order
+    if point in _ED25519_SMALL_ORDER:
+        why = "all zero bytes" if not any(point) else "a point of small order, which any signature matches"
         return DEGENERATE_KEY_MESSAGE.format(why=why)
     if len(set(raw)) < _MIN_DISTINCT_BYTES:
         why = "one byte repeated" if len(set(raw)) == 1 else "almost no variety in its bytes"
