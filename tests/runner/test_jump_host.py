@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
@@ -90,6 +91,49 @@ def test_wait_setup_and_system_ssh_through_the_jump_host(cluster):
     kh = known_hosts_file([targets["n2"]], store, tmp / "known_hosts")
     r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert r.returncode == 255 and "REMOTE HOST IDENTIFICATION HAS CHANGED" in r.stderr
+
+
+def test_the_hop_closes_when_the_inner_node_hangs_up_before_the_client_does(cluster):
+    """`ssh -W` (ProxyCommand/ProxyJump) exits only when the jump host closes the channel. A real sshd closes it
+    once both directions have ended, whichever ended first; here the inner node ends first (it drops a client
+    that sends no SSH version), then the client's EOF follows. The hop must close rather than stay half-open."""
+    tmp, key, _, targets = cluster
+    store = MemStore()
+    wait_for_ssh([targets["n1"]], key.private_path, store, timeout=15)
+    kh = known_hosts_file([targets["n1"]], store, tmp / "known_hosts")
+    jump = targets["n1"]
+    argv = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-i", str(key.private_path), "-p", str(jump.port),
+            "-o", f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+            "-W", "192.168.1.12:22", f"cc@{jump.host}"]
+    # SIGHUP ignored, as under nohup or a CI runner: ssh then cannot be ended by its parent's SIGHUP either.
+    proc = subprocess.Popen(argv, bufsize=0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().startswith(b"SSH-2.0-")  # the inner node's banner, through the hop
+        proc.stdin.write(b"not an SSH client\r\n")
+        proc.stdin.flush()
+        _read_to_eof(proc.stdout, timeout=10)  # the inner node hung up
+        proc.stdin.close()  # now the client's EOF: both directions have ended
+        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _read_to_eof(f, timeout: float) -> bytes:
+    import os
+    import select
+    import time
+
+    data, deadline = b"", time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([f], [], [], left)[0]:
+            chunk = os.read(f.fileno(), 65536)
+            if not chunk:
+                return data
+            data += chunk
+    raise AssertionError(f"no EOF within {timeout}s (read {data!r})")
 
 
 def test_node_on_a_network_the_jump_host_is_not_on_is_unreachable(cluster):

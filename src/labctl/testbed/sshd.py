@@ -183,7 +183,7 @@ def _make_server_class():
 
         def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
             if dest_host in FORWARD_HOSTS:
-                return self.conn.forward_connection("127.0.0.1", dest_port)
+                return forward_tcp("127.0.0.1", dest_port)
             sshd = self.node.sshd
             listener = sshd.private_listener(self.node.target, dest_host, dest_port) if sshd else None
             if listener is not None:
@@ -330,7 +330,7 @@ class SSHNodes:
         deadline = time.monotonic() + 5.0
         while listener not in self.listening() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return await conn.forward_connection(*listener)
+        return await forward_tcp(*listener)
 
     async def _reconcile(self, targets: list[dict]) -> None:
         self._targets = targets
@@ -590,6 +590,32 @@ class SSHNodes:
             feeder.cancel()
             loop.remove_reader(master)
             os.close(master)
+
+
+async def forward_tcp(host: str, port: int):
+    """A forwarded TCP connection for a direct-tcpip channel: asyncssh's `conn.forward_connection(host, port)`,
+    except that the channel is closed once both directions have ended, whichever ended first, as sshd does.
+
+    asyncssh's forwarder closes the channel only when the TCP side ends last: when the TCP peer hangs up first
+    (the inner node of a jump-host hop drops the connection before the client's EOF arrives), the channel's
+    `eof_received` returns False -- which closes an asyncio transport, but not an SSH channel -- and the channel
+    stayed half-open for ever, so `ssh -W` (ProxyCommand/ProxyJump) never exited unless SIGHUP killed it.
+    """
+    import asyncssh
+    from asyncssh.forward import SSHForwarder
+
+    class ClosingForwarder(SSHForwarder):
+        def eof_received(self) -> bool:
+            keep_open = super().eof_received()
+            if not keep_open:
+                self.close()
+            return keep_open
+
+    try:
+        _, peer = await asyncio.get_running_loop().create_connection(SSHForwarder, host, port)
+    except OSError as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+    return ClosingForwarder(peer)
 
 
 def _ident(target: dict, key: tuple[str, int]) -> tuple:
