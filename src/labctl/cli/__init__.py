@@ -606,7 +606,7 @@ def _stop_progress(ctx: object) -> None:
 
 def main() -> None:
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="labctl", standalone_mode=False)
     except LabctlError as exc:
         _stop_live()
         _fail(str(exc), exc.exit_code)
