@@ -995,10 +995,12 @@ def _display(path: Path | str) -> str:
 
 
 MAX_MESSAGE = 2000
+# Invisible characters that reorder text ("Trojan Source"): never in an error line.
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _error(shown: str, message: str, field: str | None = None) -> ProfileError:
-    text = _one_line(strip_control(f"{shown}: {message}", one_line=True))
+    text = _one_line(_BIDI.sub("", strip_control(f"{shown}: {message}", one_line=True)))
     if len(text) > MAX_MESSAGE:
         text = text[: MAX_MESSAGE - 3] + "..."
     err = ProfileError(text)
