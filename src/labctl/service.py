@@ -506,10 +506,11 @@ class ForgottenKey:
     fingerprint: str
 
 
-def forget_host_keys(ctx: Context, name: str | None, node: str | None = None) -> tuple[str, list[ForgottenKey]]:
-    """Forget the pinned SSH host key of one node (or of every node) of a deployment, so that the next contact
-    (`labctl up`, `labctl ssh`) pins the key the node presents then. Returns the deployment's name and what was
-    forgotten (node, address, old fingerprint)."""
+def forget_host_keys(ctx: Context, name: str | None, node: str | None = None
+                     ) -> tuple[DeploymentRecord, list[ForgottenKey]]:
+    """Forget the pinned SSH host key of one node (or of every node) of a deployment, so that the next
+    `labctl up` pins the key the node presents then. Returns the deployment and what was forgotten (node,
+    address, old fingerprint)."""
     from labctl.keys import fingerprint
 
     dep = resolve_deployment(ctx, name, action="ssh")
@@ -532,7 +533,12 @@ def forget_host_keys(ctx: Context, name: str | None, node: str | None = None) ->
         ctx.store.forget_host_key(dep.id, n)
         ctx.store.event(dep.id, f"{n}: forgot pinned SSH host key {fp} of {host}:{port}")
         forgotten.append(ForgottenKey(n, host, int(port), fp))
-    return dep.name, forgotten
+    return dep, forgotten
+
+
+def up_command(dep: DeploymentRecord) -> str:
+    """The `labctl up` command line that resumes this deployment."""
+    return f"labctl up {dep.lab} --site {dep.site}" + (f" --name {dep.name}" if dep.name != dep.lab else "")
 
 
 # -- extend / down --------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def ssh(
     forget_host_key: Annotated[bool, typer.Option(
         "--forget-host-key",
         help="Forget the node's pinned SSH host key (every node's, without NODE) after it was rebuilt; "
-             "the next `labctl up` or `labctl ssh` pins the key it presents then.")] = False,
+             "the next `labctl up` pins the key it presents then.")] = False,
 ) -> None:
     """Open a shell on a node, or run a command after `--`, with the pinned host key.
 
@@ -233,12 +233,13 @@ def ssh(
             from labctl.errors import UserError
 
             raise UserError("--forget-host-key takes [LAB] [NODE] only (no command, no --forward)")
-        name, forgotten = service.forget_host_keys(_ctx(owner), lab, node)
+        dep, forgotten = service.forget_host_keys(_ctx(owner), lab, node)
         if not forgotten:
-            typer.echo(f"{name}: no pinned host key for {node or 'any node'}; nothing to forget")
+            typer.echo(f"{dep.name}: no pinned host key for {node or 'any node'}; nothing to forget")
         for k in forgotten:
-            typer.echo(f"{name}/{k.node}: forgot the pinned host key {k.fingerprint} of {k.host}:{k.port}; "
-                       "the next contact pins the key the node presents then")
+            typer.echo(f"{dep.name}/{k.node}: forgot the pinned host key {k.fingerprint} of {k.host}:{k.port}")
+        if forgotten:
+            typer.echo(f"'{service.up_command(dep)}' pins the key the node presents now")
         return
     argv_ssh = service.ssh_argv(_ctx(owner), lab, node, command, forward or [])
     raise typer.Exit(subprocess.call(argv_ssh))

@@ -125,7 +125,7 @@ class HostKeyChanged(SetupFailed):
             f"the SSH host key of node {node} ({host}:{port}) has changed since labctl first connected "
             "to it: either someone is intercepting the connection (man-in-the-middle) or the node was "
             "rebuilt or reinstalled. labctl refuses to connect. If you know the node was rebuilt, run "
-            f"'labctl ssh LAB {node} --forget-host-key' (labctl pins the new key on the next contact); "
+            f"'labctl ssh LAB {node} --forget-host-key' (the next 'labctl up' pins the new key); "
             "otherwise do not use it and report it to your instructor or to Chameleon support."
         )
 
