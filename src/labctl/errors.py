@@ -40,6 +40,11 @@ class QuotaExceeded(CloudError):
     """The project's quota is used up on this site: stop creating here."""
 
 
+class Conflict(CloudError):
+    """The cloud refused a create because the thing is there already (HTTP 409, "already exists", a duplicate
+    name): made by a retry after a lost answer or by a concurrent run. Look it up and adopt it."""
+
+
 class RateLimited(CloudError):
     """The API asked us to slow down (HTTP 429 or equivalent): back off and retry."""
 

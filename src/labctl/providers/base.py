@@ -11,10 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -131,6 +133,68 @@ class Snapshot:
                 self.value = fetch()
                 self.at, self.started = time.monotonic(), started
             return self.value
+
+
+# -- races between runs that do not share state -----------------------------------------------------------------
+# Two `labctl up` of one deployment from two machines (separate state, no common lock) both find nothing and both
+# create. Where the cloud keeps names unique (Nova key pairs, Blazar leases, EC2 security groups, every Compute
+# Engine resource) the second create fails with a conflict: `create_or_adopt` looks the thing up and adopts it.
+# Where it does not (Neutron security groups, Elastic IPs, VPCs), each racer lists again after its create and
+# `converge_created` makes both keep the same one, deleting only the extra that it made itself.
+
+MIN_SETTLE = 0.5  # seconds a racer waits after its create before it lists again (at least)
+MAX_SETTLE = 5.0
+
+
+def create_or_adopt(create: Callable[[], T], find: Callable[[], T | None]) -> T:
+    """`create()`; when the cloud answers that it exists already (`Conflict`: a retry after a lost answer, or a
+    concurrent run), what `find()` returns instead. `find` returns None (the conflict is raised) or raises its own
+    error when what holds the name is not this deployment's."""
+    from labctl.errors import Conflict
+
+    try:
+        return create()
+    except Conflict:
+        found = find()
+        if found is None:
+            raise
+        return found
+
+
+def converge_duplicates(found: Sequence[T], created: T | None, delete: Callable[[T], None], *,
+                        ident: Callable[[T], str], rank: Callable[[T], Any] = lambda item: 0) -> T:
+    """The one to keep of several resources that should be one (same name and tags), the same for every racer
+    that sees the same list: the first by (`rank`, id). `rank` puts first what a racer already took as its
+    survivor and finished (a group with its rules, an address associated), then the oldest by creation time.
+
+    If this run made one (`created`) and it is not the survivor, it is deleted: only that one, identified by the
+    id the create answered. The others' extras are theirs to delete (or `down`'s). `created` counts as found even
+    if the list does not show it yet.
+    """
+    items = list(found)
+    if created is not None and ident(created) not in {ident(i) for i in items}:
+        items.append(created)
+    if not items:
+        raise ValueError("converge_duplicates: nothing to choose from")
+    survivor = min(items, key=lambda i: (rank(i), ident(i)))
+    if created is not None and ident(created) != ident(survivor):
+        delete(created)
+    return survivor
+
+
+def settle_time(latency: float) -> float:
+    """How long to wait after a create before listing again: several times what the create took (another
+    racer's create, sent at about the same time, has then landed, and a racer that chose its own before has
+    finished it), at least MIN_SETTLE."""
+    return min(MAX_SETTLE, max(MIN_SETTLE, 3 * latency))
+
+
+def converge_created(created: T, latency: float, relist: Callable[[], Sequence[T]], delete: Callable[[T], None],
+                     *, ident: Callable[[T], str], rank: Callable[[T], Any] = lambda item: 0) -> T:
+    """After creating a resource whose name the cloud does not keep unique: wait `settle_time(latency)`, list
+    the deployment's resources of that name again, and keep the survivor (see `converge_duplicates`)."""
+    time.sleep(settle_time(latency))
+    return converge_duplicates(relist(), created, delete, ident=ident, rank=rank)
 
 
 def describe_credentials(site: Any, cloud: str | None = None) -> str:

@@ -10,6 +10,7 @@ floating IP of the project, and reports a lease in ERROR as success. Here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from labctl import naming
 from labctl.errors import (
     CloudError,
+    Conflict,
     CredentialsError,
     NoCapacity,
     QuotaExceeded,
@@ -28,7 +30,14 @@ from labctl.errors import (
     Transient,
     UserError,
 )
-from labctl.providers.base import Found, ProgressFn, RateLimiter, Snapshot
+from labctl.providers.base import (
+    Found,
+    ProgressFn,
+    RateLimiter,
+    Snapshot,
+    converge_created,
+    create_or_adopt,
+)
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -184,6 +193,9 @@ class ChameleonProvider:
             return UserError(f"{where}: the site's catalog has no such service ({text})")
         if re.search(r"not enough .* available|no valid host", text, re.I):
             return NoCapacity(f"{where}: {text}")
+        if status == 409 or re.search(r"already exists|already has a floating IP", text, re.I):
+            # Blazar answers a taken lease name with a 500 through blazarclient: the text says what it is.
+            return Conflict(f"{where}: {text}")
         if status == 429:
             return RateLimited(f"{where}: rate limited ({text})")
         if re.search(r"quota|OverQuota|limit exceeded", text, re.I) or status == 413:
@@ -257,17 +269,23 @@ class ChameleonProvider:
         return Found("keypair", res.name, res.name)
 
     def _find_secgroup(self, res: Resource, plan: Plan) -> Found | None:
-        groups = self._call("list security groups",
-                            lambda: list(self.conn.network.security_groups(name=res.name)))
-        mine = [g for g in groups if _deployment_of(g.description) == plan.deployment]
+        mine = self._secgroups_named(res, plan)
         if not mine:
             return None
-        sg = mine[0]
-        have = {(r.get("port_range_min"), r.get("protocol"), r.get("remote_ip_prefix"))
-                for r in sg.security_group_rules or [] if r.get("direction") == "ingress"}
-        want = {(r["port"], r["protocol"], r["cidr"]) for r in res.spec["rules"]}
-        status = "ready" if want <= have else "incomplete"
+        # Two runs that raced may have left two: every run takes the same one (`_secgroup_rank`).
+        sg = min(mine, key=lambda g: (self._secgroup_rank(g, res), g.id))
+        status = "ready" if _has_rules(sg, res) else "incomplete"
         return Found("secgroup", sg.id, sg.name, status=status)
+
+    def _secgroups_named(self, res: Resource, plan: Plan) -> list[Any]:
+        groups = self._call("list security groups",
+                            lambda: list(self.conn.network.security_groups(name=res.name)))
+        return [g for g in groups if _deployment_of(g.description) == plan.deployment]
+
+    @staticmethod
+    def _secgroup_rank(sg: Any, res: Resource) -> tuple[bool, str]:
+        """Finished groups (with their rules: some run took it) first, then the oldest."""
+        return (not _has_rules(sg, res), str(sg.created_at or ""))
 
     def _find_reservation(self, res: Resource, plan: Plan) -> Found | None:
         leases = self._call("list leases", lambda: self.blazar.lease.list())
@@ -346,7 +364,7 @@ class ChameleonProvider:
         ips = self._call("list floating IPs", lambda: list(self.conn.network.ips(description=desc)))
         if not ips:
             return None
-        ip = ips[0]
+        ip = min(ips, key=lambda i: (not i.port_id, str(i.created_at or ""), i.id))  # the same for every run
         status = "ready" if ip.port_id else "incomplete"
         return Found("floating_ip", ip.id, res.name, status=status,
                      attrs={"floating_ip": ip.floating_ip_address, "port_id": ip.port_id})
@@ -360,22 +378,36 @@ class ChameleonProvider:
         if self._found_before_create(res, plan) is not None:  # another key under this name: replace it
             self._call("delete stale keypair",
                        lambda: self.conn.compute.delete_keypair(res.name, ignore_missing=True))
-        try:
+        def create() -> Found:
             self._call("create keypair", lambda: self.conn.compute.create_keypair(
                 name=res.name, public_key=res.spec["public_key"]))
-        except CloudError as exc:
-            # 409: made by a retry after a lost answer or by a concurrent run. Fine if it holds this key.
-            again = self._find_keypair(res, plan) if "409" in str(exc) or "exists" in str(exc) else None
-            if again is None or again.status != "ready":
-                raise
-        return Found("keypair", res.name, res.name)
+            return Found("keypair", res.name, res.name)
+
+        def adopt() -> Found | None:
+            # Made by a retry after a lost answer or by a concurrent run: fine if it holds this key.
+            again = self._find_keypair(res, plan)
+            return again if again is not None and again.status == "ready" else None
+
+        return create_or_adopt(create, adopt)
 
     def _create_secgroup(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         existing = self._found_before_create(res, plan)
         if existing is None:
+            started = time.monotonic()
             sg = self._call("create security group", lambda: self.conn.network.create_security_group(
                 name=res.name, description=_description(plan.deployment)))
-            sg_id, have = sg.id, set()
+            # Neutron does not keep names unique: a concurrent run (other state, other machine) may have made
+            # one too. Both keep the same; the one that lost deletes its own.
+            survivor = converge_created(
+                sg, time.monotonic() - started, lambda: self._secgroups_named(res, plan),
+                lambda g: self._call("delete duplicate security group",
+                                     lambda: self.conn.network.delete_security_group(g.id, ignore_missing=True)),
+                ident=lambda g: g.id, rank=lambda g: self._secgroup_rank(g, res))
+            if survivor.id != sg.id:
+                log.info("%s: security group %s was made twice (a concurrent run); using %s", self.site.name,
+                         res.name, survivor.id)
+            sg_id = survivor.id
+            have = _ingress_rules(survivor) if survivor.id != sg.id else set()
         else:
             sg_id = existing.cloud_id
             rules = self._call("list rules", lambda: list(
@@ -384,9 +416,10 @@ class ChameleonProvider:
         for rule in res.spec["rules"]:
             if (rule["port"], rule["protocol"], rule["cidr"]) in have:
                 continue
-            self._call(f"open port {rule['port']}", lambda r=rule: self.conn.network.create_security_group_rule(
-                security_group_id=sg_id, direction="ingress", ethertype="IPv4", protocol=r["protocol"],
-                port_range_min=r["port"], port_range_max=r["port"], remote_ip_prefix=r["cidr"]))
+            with contextlib.suppress(Conflict):  # a concurrent run opened it first
+                self._call(f"open port {rule['port']}", lambda r=rule: self.conn.network.create_security_group_rule(
+                    security_group_id=sg_id, direction="ingress", ethertype="IPv4", protocol=r["protocol"],
+                    port_range_min=r["port"], port_range_max=r["port"], remote_ip_prefix=r["cidr"]))
         return Found("secgroup", sg_id, res.name)
 
     def _create_network(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
@@ -485,12 +518,17 @@ class ChameleonProvider:
                 raise UserError(f"{self.site.name}: flavor '{candidate}' does not exist at this site")
             reservation = {"resource_type": "flavor:instance", "flavor_id": flavor.id, "amount": count}
         end = datetime.now(UTC) + timedelta(hours=spec["hours"])
-        lease = self._call(f"create lease {res.name} ({candidate})", lambda: self.blazar.lease.create(
-            name=res.name, start="now", end=end.strftime(_BLAZAR_DATE), reservations=[reservation],
-            events=[]))
-        found = self._lease_found(lease, res)
-        found.attrs["node_type"] = candidate
-        return found
+
+        def create() -> Found:
+            lease = self._call(f"create lease {res.name} ({candidate})", lambda: self.blazar.lease.create(
+                name=res.name, start="now", end=end.strftime(_BLAZAR_DATE), reservations=[reservation],
+                events=[]))
+            found = self._lease_found(lease, res)
+            found.attrs["node_type"] = candidate
+            return found
+
+        # Lease names are unique in a project: a taken name is a concurrent run's lease (or a lost answer's).
+        return create_or_adopt(create, lambda: self._find_reservation(res, plan))
 
     def _create_server(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
                        candidate: str | None) -> Found:
@@ -524,7 +562,8 @@ class ChameleonProvider:
         if hints:
             kwargs["scheduler_hints"] = hints
         if "secgroup" in deps:
-            kwargs["security_groups"] = [{"name": deps["secgroup"].name}]
+            # By id: Neutron names are not unique (a concurrent run may have made a twin for a moment).
+            kwargs["security_groups"] = [{"name": deps["secgroup"].cloud_id}]
         server = self._call(f"launch {spec['node']}", lambda: self.conn.compute.create_server(**kwargs))
         return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
 
@@ -563,11 +602,15 @@ class ChameleonProvider:
         if not ports:
             raise CloudError(f"{self.site.name}: server of {node} has no port to attach a floating IP to")
         if found is None:  # allocated and attached in one request
-            ip = self._call(f"allocate floating IP for {node}", lambda: self.conn.network.create_ip(
-                floating_network_id=self._public_network().id, description=_description(plan.deployment, node),
-                port_id=ports[0].id))
-            found = Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
-        else:
+            def allocate() -> Found:
+                ip = self._call(f"allocate floating IP for {node}", lambda: self.conn.network.create_ip(
+                    floating_network_id=self._public_network().id,
+                    description=_description(plan.deployment, node), port_id=ports[0].id))
+                return Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
+
+            # The port holds one floating IP: a 409 means a concurrent run attached its own first. Use that one.
+            found = create_or_adopt(allocate, lambda: self._find_floating_ip(res, plan))
+        if found.attrs.get("port_id", ports[0].id) != ports[0].id:  # found unattached (or elsewhere): attach it
             self._call(f"attach floating IP to {node}",
                        lambda: self.conn.network.update_ip(found.cloud_id, port_id=ports[0].id))
         found.status = "ready"
@@ -917,6 +960,16 @@ class ChameleonProvider:
             reason = (lease.get("degraded") and "degraded") or "lease went to ERROR (not enough hosts?)"
             return Found("reservation", lease["id"], lease["name"], status="error", attrs=attrs, error=reason)
         return Found("reservation", lease["id"], lease["name"], status="pending", attrs=attrs)
+
+
+def _ingress_rules(sg: Any) -> set[tuple[Any, Any, Any]]:
+    return {(r.get("port_range_min"), r.get("protocol"), r.get("remote_ip_prefix"))
+            for r in sg.security_group_rules or [] if r.get("direction") == "ingress"}
+
+
+def _has_rules(sg: Any, res: Resource) -> bool:
+    want = {(r["port"], r["protocol"], r["cidr"]) for r in res.spec.get("rules") or []}
+    return want <= _ingress_rules(sg)
 
 
 def _description(deployment: str, node: str | None = None) -> str:
