@@ -234,3 +234,5 @@ def test_labctl_validate_subprocess_on_hostile_files(tmp_path: Path, labctl_env:
                        env=labctl_env, timeout=60, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    if content is None:
+        assert "is a character device, not a YAML file" in r.stderr

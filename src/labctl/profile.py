@@ -1171,6 +1171,8 @@ def find_profile(name_or_path: str | Path) -> Path:
         return p
     text = str(name_or_path)
     if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        if os.path.lexists(p):
+            return p  # a directory, FIFO, device, dangling link: load_profile says which, without reading it
         raise _error(_display(p), "no such file")
     for candidate in (Path("profiles") / f"{text}.yaml", shipped_profiles_dir() / f"{text}.yaml"):
         if candidate.is_file():
