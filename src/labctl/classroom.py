@@ -160,7 +160,7 @@ def _open_sites(ctx: service.Context, opts: ClassOptions) -> list[_Site]:
     opened = []
     for name in opts.sites:
         prof, site = service.load(opts.lab, name)
-        provider = service._connect(ctx, site, opts.cloud)
+        provider = service.connect(ctx, site, opts.cloud)
         if hasattr(provider, "set_rate_limit"):
             provider.set_rate_limit(opts.rate)
         sample = build_plan(prof, provider.site, "preflight", ensure_keypair(ctx.store.keys_dir).public_key,
@@ -361,7 +361,7 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
 
         with plock:
             if site_name not in providers:
-                providers[site_name] = service._connect(ctx, resolve(site_name), cloud)
+                providers[site_name] = service.connect(ctx, resolve(site_name), cloud)
             return providers[site_name]
 
     def one(dep: DeploymentRecord) -> StudentResult:
@@ -403,7 +403,7 @@ def class_extend(ctx: service.Context, lab: str, course: str, hours: float, clou
                 ends.append(f"{sid}: busy (another operator is working on it); not extended")
                 continue
             if dep.site not in providers:
-                providers[dep.site] = service._connect(ctx, resolve(dep.site), cloud)
+                providers[dep.site] = service.connect(ctx, resolve(dep.site), cloud)
             st = service.extend_deployment(ctx, dep, providers[dep.site], hours)
         ends.append(f"{sid}: {st.lease_end}")
     return ends

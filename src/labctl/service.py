@@ -113,7 +113,7 @@ def load(profile_ref: str, site_name: str) -> tuple[Any, Any]:
     return prof, site
 
 
-def _connect(ctx: Context, site: Any, cloud: str | None) -> Any:
+def connect(ctx: Context, site: Any, cloud: str | None) -> Any:
     """The provider adapter for the site (sim sites get the in-process testbed)."""
     from labctl.providers.base import connect
 
@@ -161,7 +161,7 @@ def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = Non
                 f"{existing.name} is already up at {existing.site}; run 'labctl down {existing.name}' first "
                 "or pass --name to make another deployment"
             )
-        provider = _connect(ctx, site, cloud)
+        provider = connect(ctx, site, cloud)
         the_plan.site = provider.site
         ctx.on_progress("preflight", "checking", f"credentials and images at {provider.site.name}")
         provider.preflight(the_plan)  # before anything is recorded or created
@@ -468,7 +468,7 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
     site = resolve(dep.site)
     if site.emulated:
         # The emulated nodes answer SSH only while a labctl process serves them; the adapter knows the port.
-        site = _connect(ctx, site, None).site
+        site = connect(ctx, site, None).site
     resources = {r.key: r.data for r in ctx.store.resources(dep.id)}
     targets, unreachable = _targets(site, dep.data.get("nodes", []), resources)
     if node in unreachable:
@@ -521,11 +521,10 @@ def forget_host_keys(ctx: Context, name: str | None, node: str | None = None
         raise UserError(f"{dep.name} has no node '{clean(node, one_line=True)}' (nodes: {', '.join(nodes)})")
     forgotten = []
     for n in [node] if node else nodes:
-        rows = ctx.store._query("SELECT host, port, key FROM host_keys WHERE deployment_id=? AND node=?",
-                                (dep.id, n))
-        if not rows:
+        pinned = ctx.store.host_key_record(dep.id, n)
+        if pinned is None:
             continue
-        host, port, key = rows[0]
+        host, port, key = pinned
         try:
             fp = fingerprint(key)
         except ValueError:
@@ -561,7 +560,7 @@ def extend(ctx: Context, name: str | None, hours: float, cloud: str | None = Non
     dep = resolve_deployment(ctx, name, action="extend")
     with deployment_lock(ctx, dep.id, dep.name):
         dep = _still_there(ctx, dep)
-        return extend_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud), hours)
+        return extend_deployment(ctx, dep, connect(ctx, resolve(dep.site), cloud), hours)
 
 
 def _still_there(ctx: Context, dep: DeploymentRecord) -> DeploymentRecord:
@@ -599,7 +598,7 @@ def down(ctx: Context, name: str | None, cloud: str | None = None, *, delete_vol
     dep = resolve_deployment(ctx, name, action="down")
     with deployment_lock(ctx, dep.id, dep.name):
         dep = _still_there(ctx, dep)
-        return destroy_deployment(ctx, dep, _connect(ctx, resolve(dep.site), cloud),
+        return destroy_deployment(ctx, dep, connect(ctx, resolve(dep.site), cloud),
                                   delete_volumes=delete_volumes, kept=kept)
 
 

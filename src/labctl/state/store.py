@@ -401,6 +401,11 @@ class StateStore:
                 (dep_id, node, host, port, key, time.time()),
             )
 
+    def host_key_record(self, dep_id: str, node: str) -> tuple[str, int, str] | None:
+        """(host, port, key) pinned for a node, or None."""
+        rows = self._query("SELECT host, port, key FROM host_keys WHERE deployment_id=? AND node=?", (dep_id, node))
+        return (rows[0][0], int(rows[0][1]), rows[0][2]) if rows else None
+
     def forget_host_key(self, dep_id: str, node: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM host_keys WHERE deployment_id=? AND node=?", (dep_id, node))
