@@ -93,6 +93,14 @@ def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False
     return Context.create(owner, reporter)
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """One line for a person: it may carry names and messages from a cloud, a profile or a roster, so known
+    secrets are masked and control characters (escape sequences) removed."""
+    from labctl.redact import clean
+
+    typer.echo(clean(text), err=err)
+
+
 def _print_json(data: object) -> None:
     """JSON on stdout; known secrets masked (control characters are \\u-escaped by json itself)."""
     from labctl.redact import mask
@@ -163,7 +171,7 @@ def down(
         raise CloudError("down left resources behind: " + "; ".join(left) + " (run 'labctl down' again)")
     elif kept:
         for line in kept:
-            typer.echo(line)
+            _echo(line)
         typer.echo("Deleted everything else of this lab at the site.")
     else:
         typer.echo("Deleted. Nothing of this lab is left at the site.")
@@ -235,11 +243,11 @@ def ssh(
             raise UserError("--forget-host-key takes [LAB] [NODE] only (no command, no --forward)")
         dep, forgotten = service.forget_host_keys(_ctx(owner), lab, node)
         if not forgotten:
-            typer.echo(f"{dep.name}: no pinned host key for {node or 'any node'}; nothing to forget")
+            _echo(f"{dep.name}: no pinned host key for {node or 'any node'}; nothing to forget")
         for k in forgotten:
-            typer.echo(f"{dep.name}/{k.node}: forgot the pinned host key {k.fingerprint} of {k.host}:{k.port}")
+            _echo(f"{dep.name}/{k.node}: forgot the pinned host key {k.fingerprint} of {k.host}:{k.port}")
         if forgotten:
-            typer.echo(f"'{service.up_command(dep)}' pins the key the node presents now")
+            _echo(f"'{service.up_command(dep)}' pins the key the node presents now")
         return
     argv_ssh = service.ssh_argv(_ctx(owner), lab, node, command, forward or [])
     raise typer.Exit(subprocess.call(argv_ssh))
@@ -297,12 +305,12 @@ def validate(
                 problems = profile_mod.validate_for_site(prof, sites.resolve(site_name, prof))
                 errors += [f"{prof.name} at {site_name}: {p}" for p in problems]
             if not errors:
-                typer.echo(f"ok: {prof.name} ({', '.join([site] if site else prof.sites)})")
+                _echo(f"ok: {prof.name} ({', '.join([site] if site else prof.sites)})")
         except UserError as exc:
             errors.append(str(exc))
     if errors:
         for line in errors:
-            typer.echo(f"error: {line}", err=True)
+            _echo(f"error: {line}", err=True)
         raise typer.Exit(2)
 
 
@@ -353,7 +361,7 @@ def extend(
     if as_json:
         _print_json(result.to_json())
     else:
-        typer.echo(f"{result.name}: lease now ends {result.lease_end}")
+        _echo(f"{result.name}: lease now ends {result.lease_end}")
 
 
 CourseOpt = Annotated[str, typer.Option("--course", envvar="LABCTL_COURSE", help="Course name in resource names.")]
@@ -495,7 +503,7 @@ def class_report(
     text = class_report_text(classroom.class_status(_ctx(), lab, course), fmt)
     if output:
         _write_private(output, text)
-        typer.echo(f"wrote {output}", err=True)
+        _echo(f"wrote {output}", err=True)
     else:
         sys.stdout.write(text)
 
@@ -576,7 +584,7 @@ def class_extend(
     from labctl import classroom
 
     for line in classroom.class_extend(_ctx(), lab, course, hours, cloud=cloud):
-        typer.echo(line)
+        _echo(line)
 
 
 @testbed_app.command("serve")
