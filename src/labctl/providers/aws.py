@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from labctl import naming
 from labctl.errors import (
     CloudError,
+    Conflict,
     CredentialsError,
     LabctlError,
     NoCapacity,
@@ -68,7 +69,7 @@ from labctl.errors import (
     Transient,
     UserError,
 )
-from labctl.providers.base import Found, ProgressFn
+from labctl.providers.base import Found, ProgressFn, converge_created, create_or_adopt
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -99,6 +100,9 @@ CREDENTIALS = {"AuthFailure", "InvalidClientTokenId", "SignatureDoesNotMatch", "
 TRANSIENT = {"InternalError", "InternalFailure", "ServiceUnavailable", "Unavailable", "RequestTimeout",
              "RequestTimeoutException", "PriorRequestNotComplete",
              "InvalidIPAddress.InUse"}  # a fixed IP still held by the interface of an instance going away
+# "It is there already": a retry after a lost answer or a concurrent run made it (`Conflict`: find and adopt).
+EXISTS = {"InvalidKeyPair.Duplicate", "InvalidGroup.Duplicate", "InvalidPermission.Duplicate", "RouteAlreadyExists",
+          "BucketAlreadyOwnedByYou", "ResourceAlreadyExists", "AlreadyExists"}
 S3_MISSING = {"NoSuchBucket", "404", "NotFound", "NoSuchKey"}
 KEEP_TAG = "labctl:keep"  # "true" when `down` keeps the volume / bucket (Chameleon's VOLUME_KEEP metadata)
 VOLUME_TAG = "labctl:volume"  # the profile's name of a data volume (root volumes do not have it)
@@ -326,6 +330,8 @@ class AwsProvider:
             text = f"{code}: {message}" if code else message
             if code.endswith("NotFound") or code in S3_MISSING:
                 return _NotFound(f"{where}: {text}")
+            if code in EXISTS:
+                return Conflict(f"{where}: {text}")
             if code in NO_CAPACITY and (code != "Unsupported" or "instance type" in message.lower()
                                         or "availability zone" in message.lower()):
                 return NoCapacity(f"{where}: {text}")
@@ -637,15 +643,21 @@ class AwsProvider:
             return found
         return None
 
-    def _find_floating_ip(self, res: Resource, plan: Plan) -> Found | None:
+    def _node_addresses(self, res: Resource, plan: Plan) -> list[Found]:
+        """The node's Elastic IPs (one, but for a moment two when two runs raced), status not looked at."""
         out = self._call("list Elastic IPs", lambda: self.ec2.describe_addresses(Filters=[
             *self._deployment_filter(plan), {"Name": f"tag:{naming.TAG_NODE}", "Values": [res.spec["node"]]}]))
-        addresses = out["Addresses"]
+        return [Found("floating_ip", a["AllocationId"], res.name, status="incomplete", attrs={
+            "floating_ip": a.get("PublicIp"), "instance_id": a.get("InstanceId") or None,
+            "association_id": a.get("AssociationId")}) for a in out["Addresses"]]
+
+    def _find_floating_ip(self, res: Resource, plan: Plan) -> Found | None:
+        addresses = self._node_addresses(res, plan)
         if not addresses:
             return None
-        addresses.sort(key=lambda a: not a.get("InstanceId"))
-        a = addresses[0]
-        instance = a.get("InstanceId") or None
+        # An associated one first, then the lowest id: what every run takes.
+        found = min(addresses, key=lambda f: (not f.attrs["instance_id"], f.cloud_id))
+        instance = found.attrs["instance_id"]
         status = "incomplete"
         if instance:
             inst = self._call("get instance", lambda: self.ec2.describe_instances(Filters=[
@@ -653,8 +665,8 @@ class AwsProvider:
             states = [i["State"]["Name"] for r in inst["Reservations"] for i in r["Instances"]]
             if states and states[0] in LIVE:
                 status = "ready"
-        return Found("floating_ip", a["AllocationId"], res.name, status=status, attrs={
-            "floating_ip": a.get("PublicIp"), "instance_id": instance, "association_id": a.get("AssociationId")})
+        found.status = status
+        return found
 
     # -- create -----------------------------------------------------------------------------------
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
@@ -664,18 +676,30 @@ class AwsProvider:
         return creator(res, plan, deps, candidate)
 
     def _create_keypair(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-        self._call("delete stale key pair", lambda: self.ec2.delete_key_pair(KeyName=res.name), missing_ok=True)
-        try:
+        def import_key() -> Found:
             out = self._call("import key pair", lambda: self.ec2.import_key_pair(
                 KeyName=res.name, PublicKeyMaterial=res.spec["public_key"].encode(),
                 TagSpecifications=[{"ResourceType": "key-pair", "Tags": self._tag_list(plan)}]))
-        except CloudError as exc:
-            # A retry after a lost answer, or a concurrent run: fine if it is the same key.
-            found = self._find_keypair(res, plan) if "Duplicate" in str(exc) else None
-            if found is None or found.status != "ready":
-                raise
+            return Found("keypair", res.name, res.name, attrs={"key_pair_id": out.get("KeyPairId")})
+
+        # Imported first, deleted only when another key holds the name: deleting first would pull the key pair
+        # from under a concurrent run of this deployment that is launching with it right now.
+        stale: list[Found] = []
+
+        def adopt() -> Found | None:
+            found = self._find_keypair(res, plan)  # a retry after a lost answer, or a concurrent run: same key?
+            if found is not None and found.status != "ready":
+                stale.append(found)
+                return None
             return found
-        return Found("keypair", res.name, res.name, attrs={"key_pair_id": out.get("KeyPairId")})
+
+        try:
+            return create_or_adopt(import_key, adopt)
+        except Conflict:
+            if not stale:
+                raise
+        self._call("delete stale key pair", lambda: self.ec2.delete_key_pair(KeyName=res.name), missing_ok=True)
+        return import_key()
 
     def _create_network(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         found = self._find_network(res, plan)
@@ -782,43 +806,42 @@ class AwsProvider:
             vpc = self._secgroup_vpc(res, plan, deps)
             if vpc is None:
                 raise CloudError(f"{self.site.name}: the network of security group {res.name} does not exist")
-            try:
+
+            def create() -> Found:
                 out = self._call("create security group", lambda: self.ec2.create_security_group(
                     GroupName=res.name, Description=f"labctl {plan.deployment}", VpcId=vpc,
                     TagSpecifications=[{"ResourceType": "security-group",
                                         "Tags": self._tag_list(plan, name=res.name)}]))
-            except CloudError as exc:
-                if "Duplicate" not in str(exc):
-                    raise
-                existing = self._find_secgroup(res, plan)  # a retry after a lost answer made it already
-                if existing is None:
+                return Found("secgroup", out["GroupId"], res.name, attrs={"new": True})
+
+            def adopt() -> Found:
+                # Group names are unique in a VPC: a retry after a lost answer or a concurrent run made it.
+                found = self._find_secgroup(res, plan)
+                if found is None:
                     raise CloudError(f"{self.site.name}: a security group named {res.name} exists in VPC {vpc} "
-                                     "but is not this deployment's (no labctl tags); delete or rename it") from exc
-        if existing is None:
-            sg_id, have, have_open = out["GroupId"], set(), set()
+                                     "but is not this deployment's (no labctl tags); delete or rename it")
+                return found
+
+            existing = create_or_adopt(create, adopt)
+        sg_id = existing.cloud_id
+        if existing.attrs.get("new"):
+            have, have_open = set(), set()
         else:
-            sg_id = existing.cloud_id
             out = self._call("get security group", lambda: self.ec2.describe_security_groups(GroupIds=[sg_id]))
             have, have_open = _rules_of(out["SecurityGroups"][0]), _open_of(out["SecurityGroups"][0])
         for cidr in sorted(_wanted_open(res) - have_open):
             # A network without port security: its nodes talk freely (every protocol from its CIDR).
             perms = [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": cidr, "Description": "labctl: private network"}]}]
-            try:
+            with contextlib.suppress(Conflict):  # a concurrent run allowed it first
                 self._call(f"allow all traffic from {cidr}", lambda p=perms: self.ec2.authorize_security_group_ingress(
                     GroupId=sg_id, IpPermissions=p))
-            except CloudError as exc:
-                if "Duplicate" not in str(exc):
-                    raise
         missing = sorted(_wanted_rules(res) - have)
         if missing:
             perms = [{"IpProtocol": proto, "FromPort": port, "ToPort": port,
                       "IpRanges": [{"CidrIp": cidr, "Description": "labctl"}]} for port, proto, cidr in missing]
-            try:
+            with contextlib.suppress(Conflict):  # a concurrent run opened them first
                 self._call(f"open ports {', '.join(str(p) for p, _, _ in missing)}",
                            lambda: self.ec2.authorize_security_group_ingress(GroupId=sg_id, IpPermissions=perms))
-            except CloudError as exc:
-                if "Duplicate" not in str(exc):
-                    raise
         return Found("secgroup", sg_id, res.name)
 
     def _create_server(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
@@ -913,7 +936,19 @@ class AwsProvider:
         server = deps[res.spec["server"]]
         found = self._find_floating_ip(res, plan)
         if found is None:
-            found = self._allocate_address(res, plan, node)
+            started = time.monotonic()
+            mine = self._allocate_address(res, plan, node)
+            # AllocateAddress has no idempotency token and EIPs have no unique names: a concurrent run of this
+            # deployment (other state, other machine) may have allocated one for the node too. Both keep the same
+            # (one already associated with the node's instance first: a racer took it), the loser releases its own.
+            found = converge_created(
+                mine, time.monotonic() - started, lambda: self._node_addresses(res, plan),
+                lambda f: self._call("release duplicate Elastic IP", lambda: self.ec2.release_address(
+                    AllocationId=f.cloud_id), missing_ok=True),
+                ident=lambda f: f.cloud_id, rank=lambda f: f.attrs.get("instance_id") != server.cloud_id)
+            if found.cloud_id != mine.cloud_id:
+                log.info("%s: a concurrent run allocated an Elastic IP for %s too; using %s", self.site.name, node,
+                         found.attrs.get("floating_ip"))
         if found.attrs.get("instance_id") != server.cloud_id or found.status != "ready":
             out = self._call(f"associate Elastic IP with {node}", lambda: self.ec2.associate_address(
                 AllocationId=found.cloud_id, InstanceId=server.cloud_id, AllowReassociation=True))
