@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from labctl import hardware, naming
 from labctl.errors import (
     CloudError,
+    Conflict,
     CredentialsError,
     LabctlError,
     NoCapacity,
@@ -62,7 +63,7 @@ from labctl.errors import (
     Transient,
     UserError,
 )
-from labctl.providers.base import Found, ProgressFn
+from labctl.providers.base import Found, ProgressFn, create_or_adopt
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -310,6 +311,8 @@ class GcpProvider:
         where = f"{self.site.name}: {what}"
         if any(c in CAPACITY_CODES for c in codes):
             return NoCapacity(f"{where}: {text}")
+        if "RESOURCE_ALREADY_EXISTS" in codes:  # a concurrent insert of the same name won
+            return Conflict(f"{where}: {text}")
         if "QUOTA_EXCEEDED" in codes:
             return QuotaExceeded(f"{where}: {text}")
         if "RATE_LIMIT_EXCEEDED" in codes or op.http_error_status_code == 429:
@@ -508,16 +511,19 @@ class GcpProvider:
         real API answers with the first operation), wait for the operation, return the object. A 409 returns the
         existing object if it is this deployment's (made by a run that crashed before recording it)."""
         rid = str(uuid.uuid4())
-        try:
-            op = self._call(what, lambda: send(rid))
-        except _Exists:
+
+        def create() -> Any:
+            self._check_op(self._call(what, lambda: send(rid)), what)
+            return self._call(f"{what}: get", get)
+
+        def adopt() -> Any:
             existing = self._call(f"{what}: get", get, missing_ok=True)
             if existing is None or owner(existing) != deployment:
                 raise CloudError(f"{self.site.name}: {what}: the name is taken by something that is not this "
                                  "deployment's") from None
             return existing
-        self._check_op(op, what)
-        return self._call(f"{what}: get", get)
+
+        return create_or_adopt(create, adopt)
 
     def _create_network(self, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         from google.cloud import compute_v1
@@ -684,8 +690,8 @@ class GcpProvider:
                                           "request_id": r}, **self._opts())))
         for op in ops:
             op = self._wait_op(op, "firewall")
-            if (err := self._op_failed(op, "firewall")) is not None:
-                raise err
+            if (err := self._op_failed(op, "firewall")) is not None and not isinstance(err, Conflict):
+                raise err  # (a Conflict: a concurrent run of this deployment made it first)
         primary = next(iter(want))
         return Found("secgroup", f"global/firewalls/{primary}", res.name, attrs={"firewalls": sorted(want),
                                                                                  "tag": tag})
@@ -838,14 +844,7 @@ class GcpProvider:
             try:
                 op = self._call(what, send)
             except _Exists:
-                existing = self._call(f"get {name}", lambda: self.instances.get(
-                    request={"project": self.project, "zone": zone, "instance": name}, **self._opts()),
-                    missing_ok=True)
-                if existing is None or existing.labels.get(_label_key(naming.TAG_DEPLOYMENT)) != \
-                        _label_value(plan.deployment):
-                    raise CloudError(f"{self.site.name}: an instance named {name} already exists in {zone} and "
-                                     "is not labctl's") from None
-                return self._server_found(existing)
+                return self._adopt_instance(plan, zone, name)
             except NoCapacity as exc:
                 raise _ZoneFull(str(exc)) from None
             except QuotaExceeded as exc:
@@ -875,6 +874,8 @@ class GcpProvider:
                         key = (plan.deployment, node)
                         self._attempts[key] = max(self._attempts.get(key, 0), attempt)
                     continue
+            if isinstance(err, Conflict):  # a concurrent run's insert of this name won
+                return self._adopt_instance(plan, zone, name)
             if isinstance(err, NoCapacity):
                 raise _ZoneFull(str(err))
             if isinstance(err, QuotaExceeded):
@@ -890,6 +891,16 @@ class GcpProvider:
                 "node": node, "zone": zone, "node_type": candidate, "server_status": "PROVISIONING",
                 "instance_id": str(op.target_id), "fixed_ip": None, "floating_ip": None})
         raise CloudError(f"{self.site.name}: {what}: every requestId replayed an earlier operation")
+
+    def _adopt_instance(self, plan: Plan, zone: str, name: str) -> Found:
+        """The instance that holds the name (made by a lost answer's insert or a concurrent run), if labctl's."""
+        existing = self._call(f"get {name}", lambda: self.instances.get(
+            request={"project": self.project, "zone": zone, "instance": name}, **self._opts()), missing_ok=True)
+        if existing is None or existing.labels.get(_label_key(naming.TAG_DEPLOYMENT)) != \
+                _label_value(plan.deployment):
+            raise CloudError(f"{self.site.name}: an instance named {name} already exists in {zone} and "
+                             "is not labctl's") from None
+        return self._server_found(existing)
 
     def _create_floating_ip(self, res: Resource, plan: Plan, deps: Mapping[str, Found],
                             _c: str | None) -> Found:
@@ -920,8 +931,8 @@ class GcpProvider:
                 op = self._wait_op(op, f"reserve address for {node}")
                 if (err := self._op_failed(op, f"reserve address for {node}")) is not None:
                     raise err
-            except _Exists:
-                pass
+            except Conflict:
+                pass  # a concurrent run of this deployment reserved it first (the name is the node's)
             addr = self._call("get address", get)
         mine = any(_rel(u).endswith(f"zones/{zone}/instances/{iname}") for u in addr.users)
         if not mine:
@@ -1284,8 +1295,8 @@ class GcpProvider:
                             **({"private_ips": private} if private else {})})
 
 
-class _Exists(Exception):
-    """HTTP 409 alreadyExists."""
+class _Exists(Conflict):
+    """HTTP 409 alreadyExists (names are unique in Compute Engine: find the thing and adopt it if it is ours)."""
 
 
 # ------------------------------------------------------------------------------------ module helpers
