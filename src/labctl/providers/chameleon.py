@@ -181,7 +181,10 @@ class ChameleonProvider:
         while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 8:
             chain.append(nxt)
         exc = next((e for e in chain if isinstance(e, ks_exc.ClientException)), exc)
-        status = getattr(exc, "status_code", None) or getattr(exc, "http_status", None) or getattr(
+        # blazarclient's exceptions carry the HTTP status in kwargs["code"]; their `code` attribute is always 500.
+        kwargs = getattr(exc, "kwargs", None)
+        status = getattr(exc, "status_code", None) or getattr(exc, "http_status", None) or (
+            kwargs.get("code") if isinstance(kwargs, dict) else None) or getattr(
             exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
         text = _error_text(exc)
         where = f"{self.site.name}: {what}"
