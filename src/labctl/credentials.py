@@ -404,14 +404,29 @@ def find_openstack_credentials(
 ) -> Credentials:
     """Credentials for `site`: --cloud / OS_CLOUD (clouds.yaml), else OS_* variables.
 
-    Raises `CredentialsError` (one line naming exactly what is missing, never a secret).
+    Raises `CredentialsError` (one line naming exactly what is missing, never a secret). The secret values
+    found are registered with `labctl.redact` at once: masked in whatever labctl prints or logs from then on
+    (a cloud's error body that echoes the request included).
     """
     if cloud:
-        return _from_clouds_yaml(site, cloud, env, f"--cloud {cloud} was given")
-    if env.get("OS_CLOUD", "").strip():
+        creds = _from_clouds_yaml(site, cloud, env, f"--cloud {cloud} was given")
+    elif env.get("OS_CLOUD", "").strip():
         name = env["OS_CLOUD"].strip()
-        return _from_clouds_yaml(site, name, env, f"OS_CLOUD={name}")
-    return _from_env(site, env)
+        creds = _from_clouds_yaml(site, name, env, f"OS_CLOUD={name}")
+    else:
+        creds = _from_env(site, env)
+    register_secrets(creds.auth)
+    return creds
+
+
+def register_secrets(auth: Mapping[str, Any]) -> None:
+    """Register the secret values of keystoneauth options (password, application credential secret, token,
+    client secret, ...) with `labctl.redact`; endpoints and types are not secrets."""
+    from labctl.redact import register_secret
+
+    for key, value in auth.items():
+        if _is_secret(str(key)) and not str(key).endswith(("_endpoint", "_type")) and isinstance(value, str | bytes):
+            register_secret(value)
 
 
 def describe(site: Site, cloud: str | None = None, env: Mapping[str, str] = os.environ) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from labctl.errors import CloudError, Interrupted, NoCapacity
 from labctl.plan import KEEPABLE_KINDS, KIND_ORDER, Plan, Resource
 from labctl.providers.base import Found, Provider
+from labctl.redact import clean
 from labctl.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Engine:
             retries[res.key] = retries.get(res.key, 0) + 1
             self._note(plan, res.spec.get("node", res.key), "retrying", f"{f.error}; launching again")
             return res
-        raise CloudError(f"{res.key} failed at {plan.site.name}: {f.error}")
+        raise CloudError(clean(f"{res.key} failed at {plan.site.name}: {f.error}", one_line=True))
 
     def _ensure(self, plan: Plan, res: Resource, found: dict[str, Found], attempts: dict[str, int]) -> Found:
         existing = self.provider.find(res, plan)
@@ -142,12 +143,13 @@ class Engine:
                 found[res.key] = f
 
     def _record(self, plan: Plan, res: Resource, status: str, f: Found) -> None:
-        data = {**f.attrs, "error": f.error} if f.error else dict(f.attrs)
+        data = {**f.attrs, "error": clean(f.error, one_line=True)} if f.error else dict(f.attrs)
         if res.kind in KEEPABLE_KINDS:
             data["keep"] = bool(res.spec.get("keep"))  # read back by destroy(keep=True), without the profile
         self.store.record_resource(plan.deployment, res.key, status, f.cloud_id, data, kind=res.kind, name=res.name)
 
     def _note(self, plan: Plan, subject: str, stage: str, detail: str) -> None:
+        detail = clean(detail, one_line=True)  # may hold a cloud's words (a fault message)
         self.on_progress(subject, stage, detail)
         if stage in ("fallback", "no-capacity", "retrying"):
             self.store.event(plan.deployment, f"{subject}: {detail}", "warning")

@@ -69,7 +69,7 @@ from labctl.errors import (
     Transient,
     UserError,
 )
-from labctl.providers.base import Found, ProgressFn, converge_created, create_or_adopt
+from labctl.providers.base import Found, ProgressFn, converge_created, create_or_adopt, scrub
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -171,10 +171,29 @@ def _session(site: Site, cloud: str | None) -> tuple[Any, str]:
         raise CredentialsError(f"{site.name}: cannot load AWS credentials ({exc}); {_HELP}") from None
     if creds is None:
         raise CredentialsError(f"{site.name}: no AWS credentials found; {_HELP}")
+    register_credentials(session)
     method = getattr(creds, "method", None) or "unknown"
     where = f"profile '{session.profile_name}'" if session.profile_name != "default" or cloud else method
     log.debug("%s: AWS credentials from %s (%s)", site.name, where, method)
     return session, str(where)
+
+
+def register_credentials(session: Any) -> None:
+    """Register the session's resolved secret key and session token with `labctl.redact` (masked in every
+    message from then on), as far as they are loaded: never triggers a refresh or a network call."""
+    from labctl.redact import register_secret
+
+    try:
+        creds = session.get_credentials()
+    except Exception:  # noqa: BLE001 - nothing to register; the call itself reports what is wrong
+        return
+    if creds is None:
+        return
+    held = vars(creds)  # static credentials: plain attributes; refreshable ones: _secret_key/_token until refreshed
+    for name in ("secret_key", "_secret_key", "token", "_token"):
+        value = held.get(name)
+        if isinstance(value, str):
+            register_secret(value)
 
 
 def _isolated_session(region: str) -> Any:
@@ -307,7 +326,8 @@ class AwsProvider:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - translated below, never leaks SDK types
-                raise self._translate(what, exc) from exc
+                register_credentials(self.session)  # as they are now (refreshed ones too), before any message
+                raise scrub(self._translate(what, exc)) from exc
 
         try:
             return attempt()

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass
@@ -195,6 +196,18 @@ def converge_created(created: T, latency: float, relist: Callable[[], Sequence[T
     the deployment's resources of that name again, and keep the survivor (see `converge_duplicates`)."""
     time.sleep(settle_time(latency))
     return converge_duplicates(relist(), created, delete, ident=ident, rank=rank)
+
+
+def scrub(exc: E) -> E:
+    """`exc` with its message made safe to show: registered secrets masked (a cloud's error body may echo the
+    request, credentials included), on one line, no control characters. The same object (type and attributes
+    kept), its `args` replaced."""
+    from labctl.redact import clean
+
+    if exc.args:
+        text = clean(" ".join(str(a) for a in exc.args) if len(exc.args) > 1 else str(exc.args[0]), one_line=True)
+        exc.args = (text,)
+    return exc
 
 
 def describe_credentials(site: Any, cloud: str | None = None) -> str:

@@ -37,7 +37,9 @@ from labctl.providers.base import (
     Snapshot,
     converge_created,
     create_or_adopt,
+    scrub,
 )
+from labctl.redact import clean
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -166,7 +168,7 @@ class ChameleonProvider:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - translated below, never leaks SDK types
-                raise self._translate(what, exc) from exc
+                raise scrub(self._translate(what, exc)) from exc
 
         return attempt()
 
@@ -942,7 +944,7 @@ class ChameleonProvider:
         if status == "error":
             fault = server.fault or {}
             error = fault.get("message") if isinstance(fault, dict) else str(fault)
-            error = error or "server went to ERROR"
+            error = clean(error, one_line=True) if error else "server went to ERROR"
         return Found("server", server.id, server.name, status=status, error=error, attrs={
             "node": (server.metadata or {}).get(naming.TAG_NODE), "fixed_ip": fixed, "floating_ip": floating,
             "server_status": server.status, **({"private_ips": private} if private else {})})

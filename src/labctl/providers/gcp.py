@@ -63,7 +63,8 @@ from labctl.errors import (
     Transient,
     UserError,
 )
-from labctl.providers.base import Found, ProgressFn, create_or_adopt
+from labctl.providers.base import Found, ProgressFn, create_or_adopt, scrub
+from labctl.redact import clean
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -146,11 +147,25 @@ def google_credentials(project: str | None = None) -> tuple[Any, str]:
         raise CredentialsError(NO_CREDENTIALS) from None
     except auth_exc.GoogleAuthError as exc:
         raise CredentialsError(f"Google credentials: {_first_line(exc)}") from None
+    register_credentials(credentials)
     project = (project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
                or adc_project)
     if not project:
         raise CredentialsError(NO_PROJECT)
     return credentials, project
+
+
+def register_credentials(credentials: Any) -> None:
+    """Register what of Google credentials is secret (access token, refresh token, client secret) with
+    `labctl.redact`, as far as it is loaded (no refresh here)."""
+    from labctl.redact import register_secret
+
+    if credentials is None:
+        return
+    for name in ("token", "refresh_token", "client_secret", "_refresh_token", "_client_secret"):
+        value = getattr(credentials, name, None)
+        if isinstance(value, str):
+            register_secret(value)
 
 
 class _ZoneFull(Exception):
@@ -239,9 +254,10 @@ class GcpProvider:
                 status = _status_of(exc)
                 if missing_ok and status == 404:
                     return None  # type: ignore[return-value]
+                register_credentials(self.credentials)  # as they are now (a refreshed token too)
                 if status == 409:
-                    raise _Exists(_error_text(exc)) from exc
-                raise self._translate(what, exc) from exc
+                    raise scrub(_Exists(_error_text(exc))) from exc
+                raise scrub(self._translate(what, exc)) from exc
 
         return attempt()
 
@@ -307,7 +323,7 @@ class GcpProvider:
         if not errors:
             return None
         codes = [e.code for e in errors]
-        text = "; ".join(f"{e.code}: {e.message}" for e in errors)[:400]
+        text = clean("; ".join(f"{e.code}: {e.message}" for e in errors), one_line=True)[:400]
         where = f"{self.site.name}: {what}"
         if any(c in CAPACITY_CODES for c in codes):
             return NoCapacity(f"{where}: {text}")
