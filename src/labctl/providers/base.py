@@ -205,7 +205,8 @@ def scrub(exc: E) -> E:
     from labctl.redact import clean
 
     if exc.args:
-        text = clean(" ".join(str(a) for a in exc.args) if len(exc.args) > 1 else str(exc.args[0]), one_line=True)
+        text = " ".join(str(a) for a in exc.args) if len(exc.args) > 1 else str(exc.args[0])
+        text = clean(" ".join(text.splitlines()), one_line=True)
         exc.args = (text,)
     return exc
 
