@@ -293,7 +293,7 @@ def test_transient_errors_are_retried_and_translated(tmp_path, sim_site, testbed
     emu.world.clear_faults()
     bad = dataclasses.replace(sim_site, zone="europe-west4-a")
     with pytest.raises(UserError, match="not in region"):
-        gcp.GcpProvider(bad, emu.project, endpoint=emu.endpoint).preflight(plan)
+        gcp.GcpProvider(bad, emu.project, credentials=emu.credentials(), endpoint=emu.endpoint).preflight(plan)
     zone_b = sites.emulate(sites.resolve("gcp:us-central1-b"))
     b_provider = provider_for(zone_b, testbed)
     typo = build_plan(profile("typo", types=["e2-smal"]), zone_b, "student1", public_key(tmp_path))
