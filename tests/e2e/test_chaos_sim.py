@@ -30,7 +30,7 @@ N = 50
 KILLS = 20
 SITE = "kvm@tacc"
 CONCURRENCY = 10
-FAULT_EVERY = (4, 12)  # API calls between two injected faults (some of a killed run's are never consumed)
+FAULT_EVERY = (2, 8)  # API calls between two injected faults (some of a killed run's are never consumed)
 MAX_OUTSTANDING = 3  # faults waiting for their call; fewer than a call's retries (6), so none fails on 5xx/429 alone
 SEED = int(os.environ.get("LABCTL_CHAOS_SEED", "90210"))
 # Operations not faulted: authentication, version discovery and images are looked up once per process, before
@@ -42,32 +42,62 @@ SERVER_FAULTS = (  # a server going to ERROR: Nova's answer when capacity is gon
 )
 
 
-class FaultFeeder(threading.Thread):
-    """Injects one counted fault every 5-15 API calls (by the request log), on an operation the run made in its
-    last few calls, while the run lasts. labctl relaunches a server that went to ERROR once, so a server fault
-    waits until no labctl server is in ERROR and every server this feeder's faults put in ERROR was replaced by
-    an ACTIVE one: each student meets at most one server fault at a time."""
+class ServerFaults:
+    """The server faults given so far, each tagged in its message, until the student each hit runs an ACTIVE
+    server again. labctl relaunches a server that went to ERROR once, then gives the student up: so a new server
+    fault waits until every earlier one is settled, and a student meets at most one at a time."""
 
-    def __init__(self, w, rng: random.Random, victims: set[str], server_faults: bool = True):
+    def __init__(self, w, state_db: Path):
+        self.w, self.state_db = w, state_db
+        self.given = 0
+        self.open: dict[str, str | None] = {}  # tag -> the deployment it hit (None: not known yet)
+
+    def new(self, message: str) -> str:
+        self.given += 1
+        tag = f"[chaos fault {self.given}]"
+        self.open[tag] = None
+        return f"{message} {tag}"
+
+    def _victim(self, tag: str, servers: list[dict]) -> str | None:
+        for server in servers:  # the ERROR server, until labctl deletes it
+            if tag in str(server.get("fault") or ""):
+                return server["metadata"].get("labctl:deployment")
+        if not self.state_db.exists():
+            return None
+        with sqlite3.connect(self.state_db, timeout=30) as db:  # then labctl's "launching again" event
+            try:
+                row = db.execute("SELECT deployment_id FROM events WHERE message LIKE ?", (f"%{tag}%",)).fetchone()
+            except sqlite3.OperationalError:  # no tables yet
+                return None
+        return row[0] if row else None
+
+    def settled(self, run_ended: bool = False) -> bool:
+        """Whether every fault given hit a student who is ACTIVE again. Once a run has ended, a fault that hit
+        nobody (never consumed, or its server deleted before labctl noted it) is forgotten: no retry was spent."""
+        servers = labctl_servers(self.w, SITE)
+        active = {s["metadata"].get("labctl:deployment") for s in servers if s["status"] == "ACTIVE"}
+        for tag, victim in list(self.open.items()):
+            victim = self.open[tag] = victim or self._victim(tag, servers)
+            if victim in active or (victim is None and run_ended):
+                del self.open[tag]
+        return not self.open and not any(s["status"] == "ERROR" for s in servers)
+
+
+class FaultFeeder(threading.Thread):
+    """Injects one counted fault every 2-8 API calls (by the request log), on an operation the run made in its
+    last 40 calls, while the run lasts: a 500 or a 429, or (see `ServerFaults`) a server that goes to ERROR."""
+
+    def __init__(self, w, rng: random.Random, server_faults: ServerFaults | None):
         super().__init__(daemon=True)
         self.w, self.rng, self.server_faults = w, rng, server_faults
         self.injected: Counter[str] = Counter()
         self.halt = threading.Event()
-        self.victims = victims  # names of servers seen in ERROR, over all runs
 
     def recent_operations(self, seq: int, window: int = 40) -> list[str]:
         with self.w.read() as db:
             rows = db.conn.execute("SELECT operation FROM requests WHERE seq > ? AND operation IS NOT NULL",
                                    (seq - window,)).fetchall()
         return [op for (op,) in rows if op not in NOT_FAULTED]
-
-    def server_fault_ok(self, outstanding: list[dict]) -> bool:
-        if any(f["kind"] == "server_error_state" for f in outstanding):
-            return False
-        servers = labctl_servers(self.w, SITE)
-        self.victims |= {s["name"] for s in servers if s["status"] == "ERROR"}
-        active = {s["name"] for s in servers if s["status"] == "ACTIVE"}
-        return self.victims <= active and not any(s["status"] == "ERROR" for s in servers)
 
     def run(self) -> None:
         next_at = request_count(self.w) + self.rng.randint(*FAULT_EVERY)
@@ -80,9 +110,9 @@ class FaultFeeder(threading.Thread):
             if not ops:
                 continue
             if (self.server_faults and "POST /servers" in ops and self.rng.random() < 0.3
-                    and self.server_fault_ok(outstanding)):
+                    and self.server_faults.settled()):
                 message = self.rng.choice(SERVER_FAULTS)
-                self.w.inject_fault(SITE, "POST /servers", "server_error_state", 1, message)
+                self.w.inject_fault(SITE, "POST /servers", "server_error_state", 1, self.server_faults.new(message))
                 self.injected["no valid host" if "No valid host" in message else "server ERROR"] += 1
             else:
                 op, kind = self.rng.choice(ops), self.rng.choice(("error500", "error429"))
@@ -135,10 +165,10 @@ def test_class_of_50_under_faults_and_20_kills_ends_with_each_student_up_once_th
     dups_seen: list[tuple[int, dict]] = []
     runs = 0
 
-    victims: set[str] = set()
+    server_faults = ServerFaults(w, Path(labctl_env["LABCTL_STATE_DIR"]) / "state.db")
 
-    def feeder(server_faults: bool = True) -> FaultFeeder:
-        f = FaultFeeder(w, random.Random(f"{SEED}-{runs}"), victims, server_faults)
+    def feeder(with_server_faults: bool = True) -> FaultFeeder:
+        f = FaultFeeder(w, random.Random(f"{SEED}-{runs}"), server_faults if with_server_faults else None)
         f.start()
         return f
 
@@ -160,6 +190,7 @@ def test_class_of_50_under_faults_and_20_kills_ends_with_each_student_up_once_th
     def settle(f: FaultFeeder) -> None:
         nonlocal consumed
         by_kind, remaining = f.stop()
+        server_faults.settled(run_ended=True)
         injected.update(by_kind)
         consumed += sum(by_kind.values()) - remaining
 
@@ -203,7 +234,7 @@ def test_class_of_50_under_faults_and_20_kills_ends_with_each_student_up_once_th
     final_runs = []
     for attempt in range(2):
         runs += 1
-        faults = feeder(server_faults=attempt == 0)
+        faults = feeder(with_server_faults=attempt == 0)
         proc = start(labctl_env, *args)
         try:
             out, err = proc.communicate(timeout=300)
@@ -229,6 +260,10 @@ def test_class_of_50_under_faults_and_20_kills_ends_with_each_student_up_once_th
     assert len({r["nodes"][0]["ip"] for r in status}) == N
 
     calls = request_count(w)
+    with w.read() as db:
+        marks = ",".join("?" * len(NOT_FAULTED))
+        faultable = db.conn.execute(f"SELECT COUNT(*) FROM requests WHERE operation IS NOT NULL AND operation NOT IN "
+                                    f"({marks})", NOT_FAULTED).fetchone()[0]
     run(labctl_env, "class", "down", "hello", "--course", "chaos", "--yes", timeout=600)
     leftovers = labctl_leftovers(w)
     wall = time.monotonic() - t0
@@ -237,7 +272,8 @@ def test_class_of_50_under_faults_and_20_kills_ends_with_each_student_up_once_th
           f"({by_calls} after a number of API calls, {len(kills) - by_calls} after a delay)")
     print(f"CHAOS kill points: {kills}")
     print(f"CHAOS API calls during class up {calls}; faults injected {sum(injected.values())} {dict(injected)}, "
-          f"consumed {consumed} ({consumed / calls:.1%} of the calls)")
+          f"consumed {consumed} ({consumed / calls:.1%} of the calls, {consumed / faultable:.1%} of the {faultable} "
+          "not to Keystone, discovery or Glance)")
     print(f"CHAOS duplicates seen {len(dups_seen)}; leftovers after down {leftovers or 'none'}; wall {wall:.0f}s")
     assert len(kills) == KILLS, f"only {len(kills)} kills: the work finished before the kill points"
     assert consumed >= 0.05 * calls, "fewer faults than intended reached labctl"
