@@ -33,6 +33,10 @@ CONCURRENCY = 10
 FAULT_EVERY = (2, 8)  # API calls between two injected faults (some of a killed run's are never consumed)
 MAX_OUTSTANDING = 3  # faults waiting for their call; fewer than a call's retries (6), so none fails on 5xx/429 alone
 SEED = int(os.environ.get("LABCTL_CHAOS_SEED", "90210"))
+# Opt-in: also lose the answer of half the faulted creates (the emulator does the POST, then drops the connection).
+# Known to fail today: a lost answer to POST /v2.0/security-groups makes the retry create a twin group that
+# stays (converge_created deletes only the one this call's answer named). Kept out of the default run until fixed.
+LOST_ANSWERS = os.environ.get("LABCTL_CHAOS_LOST_ANSWERS") == "1"
 # Operations not faulted: authentication, version discovery and images are looked up once per process, before
 # anything is created (a fault there fails the whole run at preflight, which is not what this test is about).
 NOT_FAULTED = ("GET /", "POST /v3/auth/tokens", "GET /v2/images", "GET /v2/images/{id}")
@@ -116,6 +120,8 @@ class FaultFeeder(threading.Thread):
                 self.injected["no valid host" if "No valid host" in message else "server ERROR"] += 1
             else:
                 op, kind = self.rng.choice(ops), self.rng.choice(("error500", "error429"))
+                if LOST_ANSWERS and op.startswith("POST") and self.rng.random() < 0.5:
+                    kind = "timeout_after"
                 self.w.inject_fault(SITE, op, kind, 1)
                 self.injected[kind] += 1
             next_at = seq + self.rng.randint(*FAULT_EVERY)
