@@ -49,7 +49,7 @@ def in_bounds(text: str, high: float) -> bool:
 def one_error_line(code: int, err: str) -> str:
     assert code == 2, err
     assert "Traceback" not in err
-    lines = err.splitlines()
+    lines = err.splitlines()  # splits on \u2028, \x85, ... too: those may not appear either
     assert len(lines) == 1 and lines[0].startswith("error: "), repr(err)
     return lines[0]
 

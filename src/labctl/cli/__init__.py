@@ -649,7 +649,9 @@ def _fail(message: str, code: int) -> None:
     from labctl.redact import clean
 
     first, _, rest = message.partition("\n")
-    sys.stderr.write(f"error: {clean(first, one_line=True)}\n")
+    # Unicode line and paragraph separators would split the one line in a log viewer or an editor.
+    first = clean(first, one_line=True).replace("\u2028", " ").replace("\u2029", " ")
+    sys.stderr.write(f"error: {first}\n")
     if rest.strip():
         sys.stderr.write(clean(rest).rstrip() + "\n")
     sys.exit(code)
