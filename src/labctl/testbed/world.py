@@ -103,6 +103,8 @@ class Db:
 
     def put(self, kind: str, site: str, obj: dict) -> dict:
         """Insert or replace `obj` (needs `id`; `name`, `created`, `t_next` are mirrored into columns)."""
+        if obj.get("name") is not None and not isinstance(obj["name"], str):
+            raise ValueError(f"{kind} name must be a string, not {type(obj['name']).__name__}")
         obj.setdefault("created", time.time())
         self.conn.execute(
             "INSERT INTO objects (kind, site, id, name, created, t_next, data) VALUES (?,?,?,?,?,?,?) "

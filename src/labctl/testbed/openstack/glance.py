@@ -140,8 +140,12 @@ def list_images(req: Request) -> Response:
         "schema": "/v2/schemas/images",
         "first": "/v2/images" + (f"?{urlencode(query)}" if query else ""),
     }
-    limit = int(req.q("limit") or 25)
-    if len(images) > limit:
+    raw = req.q("limit")
+    if raw and not (raw.isascii() and raw.isdigit()):
+        raise HTTPError(400, "limit param must be an integer" if not raw.lstrip("-").isdigit()
+                        else "limit param must be positive", "BadRequest")
+    limit = int(raw) if raw else 25
+    if limit and len(images) > limit:
         body["images"] = images[:limit]
         query["marker"] = images[limit - 1]["id"]
         body["next"] = f"/v2/images?{urlencode(query)}"

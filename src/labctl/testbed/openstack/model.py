@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from labctl.testbed.http import HTTPError
 from labctl.testbed.openstack import catalog
@@ -252,15 +253,37 @@ def _stamp(obj: dict) -> dict:
     return obj
 
 
+def _check_tags(tags: Any) -> list[str]:
+    if tags is None:
+        return []
+    if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 255 for t in tags):
+        raise HTTPError(400, f"Invalid input for tags. Reason: '{tags}' is not a list of strings of 1 to 255 "
+                        "characters.", "HTTPBadRequest")
+    return list(tags)
+
+
+def _check_mtu(mtu: Any) -> int:
+    if mtu is None:
+        return 1500
+    if isinstance(mtu, bool) or not isinstance(mtu, int | str) or not str(mtu).isdigit() or not 68 <= int(mtu) <= 9216:
+        raise HTTPError(400, f"Invalid input for mtu. Reason: '{mtu}' is not an integer between 68 and 9216.",
+                        "HTTPBadRequest")
+    return int(mtu)
+
+
 def create_network(db, site: Site, spec: dict) -> dict:
+    for key in ("name", "description"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise HTTPError(400, f"Invalid input for {key}. Reason: '{spec[key]}' is not a valid string.",
+                            "HTTPBadRequest")
     net = _stamp({
         "id": new_id(),
         "name": spec.get("name") or "",
         "description": spec.get("description") or "",
-        "tags": list(spec.get("tags") or []),
+        "tags": _check_tags(spec.get("tags")),
         "admin_state_up": spec.get("admin_state_up", True),
         "port_security_enabled": bool(spec.get("port_security_enabled", True)),
-        "mtu": int(spec.get("mtu") or 1500),
+        "mtu": _check_mtu(spec.get("mtu")),
         "revision": 0,
     })
     return db.put("network", site.name, net)
@@ -711,7 +734,10 @@ def create_lease(db, site: Site, body: dict, now: float, scale: float, *, error:
     lease_id = new_id()
     reservations = []
     claimed: set[str] = set()
-    for req in body.get("reservations") or []:
+    requested = body.get("reservations") or []
+    if not isinstance(requested, list) or not all(isinstance(r, dict) for r in requested):
+        raise HTTPError(400, "Malformed parameter reservations", "MalformedParameter")
+    for req in requested:
         reservations.append(_reserve(db, site, lease_id, req, start, end, claimed))
     active_at = max(start, now) + LEASE_START_DELAY * scale
     lease = {

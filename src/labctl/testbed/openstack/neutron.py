@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections.abc import Collection
 from urllib.parse import urlencode
@@ -177,7 +178,11 @@ def listing(req: Request, items: list[dict], collection: str) -> Response:
         ids = [i["id"] for i in out]
         out = out[ids.index(req.q("marker")) + 1 :] if req.q("marker") in ids else []
     if req.q("limit"):
-        n = int(req.q("limit"))
+        raw = req.q("limit")
+        if not re.fullmatch(r"-?[0-9]{1,18}", raw) or int(raw) < 0:
+            raise HTTPError(400, f"Bad limit request: Limit must be an integer 0 or greater and not '{raw}'",
+                            "BadRequest")
+        n = int(raw)
         if n and len(out) > n:
             out = out[:n]
             query = {k: v[0] for k, v in req.query.items() if k != "marker"}
@@ -332,6 +337,17 @@ def _body(req: Request, key: str) -> dict:
     spec = body.get(key) if isinstance(body, dict) else None
     if not isinstance(spec, dict):
         raise HTTPError(400, "Resource body required", "BadRequest")
+    # The attributes every Neutron resource shares, checked as Neutron's attribute map does.
+    for field in ("name", "description"):
+        if spec.get(field) is not None and not isinstance(spec[field], str):
+            raise HTTPError(400, f"Invalid input for {field}. Reason: '{spec[field]}' is not a valid string.",
+                            "HTTPBadRequest")
+    if "tags" in spec:
+        spec["tags"] = model._check_tags(spec["tags"])
+    for field in ("admin_state_up", "port_security_enabled", "enable_snat", "enable_dhcp", "stateful"):
+        if field in spec and not isinstance(spec[field], bool):
+            raise HTTPError(400, f"Invalid input for {field}. Reason: '{spec[field]}' is not a valid boolean value.",
+                            "HTTPBadRequest")
     return spec
 
 
@@ -589,6 +605,9 @@ def delete_subnet(req: Request) -> Response:
 def _gateway_info(req: Request, info) -> dict | None:
     if not info:
         return None
+    if not isinstance(info, dict):
+        raise HTTPError(400, f"Invalid input for external_gateway_info. Reason: '{info}' is not a dictionary.",
+                        "HTTPBadRequest")
     net_id = info.get("network_id")
     if net_id != cat.public_net_id(req.site):
         raise HTTPError(

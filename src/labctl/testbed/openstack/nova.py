@@ -295,8 +295,16 @@ def _paginate(req: Request, items: list[dict], key: str, path: str) -> tuple[lis
             n = int(limit)
         except ValueError:
             raise HTTPError(
-                400, f"Invalid input for query parameters limit. Value: {limit}.", "ValidationError"
+                400, f"Invalid input for query parameters limit. Value: {limit}. '{limit}' does not match "
+                "'^[0-9]*$'", "ValidationError"
             ) from None
+        if n < 0:
+            raise HTTPError(
+                400, f"Invalid input for query parameters limit. Value: {limit}. {n} is less than the minimum of "
+                "0", "ValidationError"
+            )
+        if n == 0:
+            return [], None
         if len(items) > n:
             items = items[:n]
             query = {k: v[0] for k, v in req.query.items() if k != "marker"}
