@@ -6,7 +6,8 @@ import pytest
 
 from labctl import hardware, sites
 from labctl.errors import ProfileError
-from labctl.profile import load_profile, require_valid_for_site
+from labctl.profile import load_profile
+from labctl.site_fit import require_valid_for_site
 
 PROFILE = """\
 name: gpulab

@@ -10,7 +10,8 @@ from tests import profile_text
 from labctl import sites
 from labctl.errors import ProfileError
 from labctl.plan import KIND_ORDER, build_plan
-from labctl.profile import find_profile, load_profile, validate_for_site
+from labctl.profile import find_profile, load_profile
+from labctl.site_fit import validate_for_site
 
 PROFILE = """\
 name: net

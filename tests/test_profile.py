@@ -18,10 +18,9 @@ from labctl.profile import (
     find_profile,
     json_schema,
     load_profile,
-    require_valid_for_site,
     shipped_profiles_dir,
-    validate_for_site,
 )
+from labctl.site_fit import require_valid_for_site, validate_for_site
 
 BAD = Path(__file__).parent / "data" / "bad_profiles"
 SHIPPED = sorted(p.stem for p in shipped_profiles_dir().glob("*.yaml"))

@@ -10,7 +10,8 @@ import pytest
 
 from labctl import sites
 from labctl.errors import UserError
-from labctl.profile import Profile, validate_for_site
+from labctl.profile import Profile
+from labctl.site_fit import validate_for_site
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,9 @@ from tests.test_engine import FakeSite, MemoryCloud
 from labctl import sites
 from labctl.engine import Engine
 from labctl.plan import KIND_ORDER, NodePlan, Plan, Resource, build_plan
-from labctl.profile import find_profile, load_profile, validate_for_site
+from labctl.profile import find_profile, load_profile
 from labctl.providers.base import Found
+from labctl.site_fit import validate_for_site
 from labctl.state import StateStore
 
 PROFILE = """\

@@ -2,8 +2,8 @@
 
 The format is described in docs/architecture.md. Every problem is reported as one `ProfileError` line that
 names the file and the field (`profiles/gpu.yaml: nodes.gpu.count: Input should be ...`), so that a student
-can fix it without reading a traceback. `validate_for_site` adds what can only be checked once the site is
-known (node types, flavors, images).
+can fix it without reading a traceback. `labctl.site_fit.validate_for_site` adds what can only be checked once
+the site is known (node types, flavors, images).
 
 Importing this module is cheap (pydantic and PyYAML only).
 """
@@ -17,7 +17,7 @@ import re
 import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from labctl import hardware, inputs
+from labctl import inputs
 from labctl.errors import ProfileError
 from labctl.redact import strip_control
 
@@ -53,12 +53,7 @@ __all__ = [
     "find_profile",
     "json_schema",
     "load_profile",
-    "require_valid_for_site",
-    "validate_for_site",
 ]
-
-if TYPE_CHECKING:
-    from labctl.sites import Site
 
 ROLE_PATTERN = r"^[a-z][a-z0-9-]{0,15}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -566,7 +561,7 @@ class Profile(_Model):
     def _cross_check(self) -> Profile:
         problems = _cross_field_problems(self)
         if problems:
-            raise ValueError(_first_of(problems))
+            raise ValueError(first_of(problems))
         return self
 
     # -- accessors
@@ -641,30 +636,30 @@ class Profile(_Model):
         try:
             return confined_path(self.lab_dir, rel)
         except ValueError as exc:
-            shown = _display(self.path) if self.path else f"profile {self.name}"
-            raise _error(shown, f"{field}: {exc}" if field else str(exc), field or None) from None
+            shown = display_path(self.path) if self.path else f"profile {self.name}"
+            raise profile_error(shown, f"{field}: {exc}" if field else str(exc), field or None) from None
 
     def read_script(self, rel: str, field: str = "") -> str:
         """The text of the script `labs/<lab>/<rel>`, checked like `lab_file` and read only if it is a regular
         file of at most `MAX_SCRIPT_FILE` bytes."""
         path = self.lab_file(rel, field)
-        shown = _display(path)
+        shown = display_path(path)
         data = inputs.read_regular_file(path, MAX_SCRIPT_FILE, "setup script file", shown=shown, error=ProfileError)
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
-            raise _error(shown, "a setup script must be UTF-8 text") from None
+            raise profile_error(shown, "a setup script must be UTF-8 text") from None
 
 
 # ------------------------------------------------------------------------------- cross-field checks
 
 
-def _first_of(problems: list[str]) -> str:
+def first_of(problems: list[str]) -> str:
     more = len(problems) - 1
     return problems[0] + (f" (+{more} more)" if more else "")
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
+def suggest(word: str, choices: Iterable[str]) -> str:
     """' (did you mean ...?)': names that extend the word (gpu_a100 -> gpu_a100_pcie), else the closest."""
     options = list(choices)
     longer = [c for c in options if c.startswith(word) and c != word][:3]
@@ -691,7 +686,7 @@ def _cross_field_problems(p: Profile) -> list[str]:
                 problems.append(
                     f"nodes.{role}.types.{key}: '{key}' is neither one of the profile's sites "
                     f"({', '.join(p.sites)}) nor a site family ({', '.join(FAMILIES)})"
-                    + _suggest(key, [*p.sites, *FAMILIES])
+                    + suggest(key, [*p.sites, *FAMILIES])
                 )
     problems += _network_problems(p)
     problems += _storage_problems(p, nodes)
@@ -709,7 +704,7 @@ def _cross_field_problems(p: Profile) -> list[str]:
             if target not in targets:
                 problems.append(
                     f"setup[{i}].{field}: unknown target '{target}' (use all, a role or a node: "
-                    f"{', '.join(targets)})" + _suggest(target, targets)
+                    f"{', '.join(targets)})" + suggest(target, targets)
                 )
     seen_outputs: set[str] = set()
     groups = dict(p.node_names())
@@ -727,12 +722,12 @@ def _cross_field_problems(p: Profile) -> list[str]:
             elif node not in groups:
                 problems.append(
                     f"outputs[{i}].value: placeholder {{{text}}} names unknown node '{node}' "
-                    f"(nodes: {', '.join(nodes)})" + _suggest(node, nodes)
+                    f"(nodes: {', '.join(nodes)})" + suggest(node, nodes)
                 )
             elif attr not in NODE_ATTRS:
                 problems.append(
                     f"outputs[{i}].value: placeholder {{{text}}} has unknown attribute '{attr}' "
-                    f"(known: {', '.join(NODE_ATTRS)})" + _suggest(attr, NODE_ATTRS)
+                    f"(known: {', '.join(NODE_ATTRS)})" + suggest(attr, NODE_ATTRS)
                 )
             elif attr == "floating_ip" and not p.nodes[groups[node]].floating_ip_for(int(node.rsplit("-")[-1])):
                 problems.append(
@@ -758,7 +753,7 @@ def _network_problems(p: Profile) -> list[str]:
             field = f"nodes.{role}.networks[{j}]" + ("" if isinstance(entry, str) else ".network")
             if ref.network not in p.networks:
                 known = f"networks: {', '.join(names)}" if names else "the profile has no `networks`"
-                problems.append(f"{field}: unknown network '{ref.network}' ({known})" + _suggest(ref.network, names))
+                problems.append(f"{field}: unknown network '{ref.network}' ({known})" + suggest(ref.network, names))
                 continue
             if ref.network in seen:
                 problems.append(f"{field}: network '{ref.network}' is listed twice for role {role}")
@@ -796,7 +791,7 @@ def _storage_problems(p: Profile, nodes: list[str]) -> list[str]:
     for name, vol in p.volumes.items():
         if vol.node not in nodes:
             problems.append(f"volumes.{name}.node: unknown node '{vol.node}' (nodes: {', '.join(nodes)})"
-                            + _suggest(vol.node, nodes))
+                            + suggest(vol.node, nodes))
             continue
         mount = vol.mount or f"/mnt/{name}"
         other = mounts.setdefault((vol.node, mount), name)
@@ -819,7 +814,7 @@ def lab_roots(lab_dir: Path | str) -> tuple[Path, ...]:
 def confined_path(lab_dir: Path | str, rel: str, *, want_file: bool = False) -> Path:
     """`labs/<lab>/<rel>` with every symbolic link resolved, checked to lie under `lab_roots(lab_dir)`; for a
     directory every file in it (recursively, links resolved) is checked too. Raises `ValueError` saying why."""
-    shown = _display(lab_dir)
+    shown = display_path(lab_dir)
     text = _clip(rel)
     if "\x00" in rel:
         raise ValueError(f"{text} is not a file name")
@@ -838,7 +833,7 @@ def confined_path(lab_dir: Path | str, rel: str, *, want_file: bool = False) -> 
         raise ValueError(f"{text}: cannot resolve it ({getattr(exc, 'strerror', None) or exc})") from None
     if not inputs.under(target, roots):
         raise ValueError(f"{text} leads outside the lab directory {shown}/ (to {target}) through a symbolic link; "
-                         f"only links into {_display(root.parent / COMMON_LAB)}/ are allowed")
+                         f"only links into {display_path(root.parent / COMMON_LAB)}/ are allowed")
     if want_file and not target.is_file():
         raise ValueError(f"{text} is not a file under {shown}/")
     if target.is_dir():
@@ -954,7 +949,7 @@ def _describe_error(err: Mapping[str, Any], root: type[BaseModel]) -> str:
     if kind == "extra_forbidden":
         model = _model_at(loc[:-1], root)
         known = list(model.model_fields) if model else []
-        hint = _suggest(str(loc[-1]), known) if known else ""
+        hint = suggest(str(loc[-1]), known) if known else ""
         if known and not hint:
             hint = f" (known fields: {', '.join(known)})"
         return f"{where}: unknown field{hint}"
@@ -977,14 +972,14 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] | None 
     errors = exc.errors(include_url=False)
     if not errors:
         return _one_line(str(exc))
-    return _first_of([_one_line(_describe_error(e, root)) for e in errors])
+    return first_of([_one_line(_describe_error(e, root)) for e in errors])
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _display(path: Path | str) -> str:
+def display_path(path: Path | str) -> str:
     """The path as the user will recognise it: relative to the current directory when under it."""
     absolute = os.path.abspath(path)
     try:
@@ -999,7 +994,7 @@ MAX_MESSAGE = 2000
 _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def _error(shown: str, message: str, field: str | None = None) -> ProfileError:
+def profile_error(shown: str, message: str, field: str | None = None) -> ProfileError:
     text = _one_line(_BIDI.sub("", strip_control(f"{shown}: {message}", one_line=True)))
     if len(text) > MAX_MESSAGE:
         text = text[: MAX_MESSAGE - 3] + "..."
@@ -1061,7 +1056,7 @@ def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
-    return _error(where, f"YAML syntax error: {problem}")
+    return profile_error(where, f"YAML syntax error: {problem}")
 
 
 def _check_shape(shown: str, data: Any) -> None:
@@ -1073,7 +1068,7 @@ def _check_shape(shown: str, data: Any) -> None:
         item, depth = stack.pop()
         budget -= 1
         if budget < 0:
-            raise _error(shown, f"too many values once YAML aliases are expanded (more than {MAX_YAML_NODES:,})")
+            raise profile_error(shown, f"too many values once YAML aliases are expanded (more than {MAX_YAML_NODES:,})")
         if isinstance(item, dict):
             children: Iterable[Any] = [*item.keys(), *item.values()]
         elif isinstance(item, list):
@@ -1081,7 +1076,7 @@ def _check_shape(shown: str, data: Any) -> None:
         else:
             continue
         if depth >= MAX_YAML_DEPTH:
-            raise _error(shown, f"nested more than {MAX_YAML_DEPTH} levels deep (or a YAML alias inside itself)")
+            raise profile_error(shown, f"nested more than {MAX_YAML_DEPTH} levels deep (or a YAML alias inside itself)")
         stack.extend((child, depth + 1) for child in children)
 
 
@@ -1090,25 +1085,25 @@ def read_yaml(path: Path | str, what: str = "a profile mapping", shown: str | No
 
     Only a regular file of at most `MAX_PROFILE_BYTES` is read (see `labctl.inputs`), collections may nest at
     most `MAX_YAML_DEPTH` deep, and nothing but a `ProfileError` comes out of a hostile file."""
-    shown = shown or _display(path)
+    shown = shown or display_path(path)
     data_bytes = inputs.read_regular_file(path, MAX_PROFILE_BYTES, "YAML file", shown=shown, error=ProfileError)
     try:
         text = data_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data_bytes.count(b"\n", 0, exc.start) + 1
-        raise _error(shown, f"not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} on line {line})") from None
+        raise profile_error(shown, f"not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} on line {line})") from None
     if not text.strip():
-        raise _error(shown, f"empty file (expected {what})")
+        raise profile_error(shown, f"empty file (expected {what})")
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_error(shown, exc) from None
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. an explicit !!timestamp that is no date
-        raise _error(shown, f"YAML value error: {exc}") from None
+        raise profile_error(shown, f"YAML value error: {exc}") from None
     except RecursionError:
-        raise _error(shown, f"nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+        raise profile_error(shown, f"nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
     if data is None:
-        raise _error(shown, f"empty file (only comments; expected {what})")
+        raise profile_error(shown, f"empty file (only comments; expected {what})")
     _check_shape(shown, data)
     return data
 
@@ -1125,26 +1120,26 @@ def lab_dir_for(path: Path | str) -> Path:
 
 def load_profile(path: Path | str) -> Profile:
     """Load and check a profile file. Raises `ProfileError` (one line naming the file and the field)."""
-    shown = _display(path)
+    shown = display_path(path)
     data = read_yaml(path)
     if not isinstance(data, dict):
         kind = {list: "a list", str: "a string"}.get(type(data), type(data).__name__)
-        raise _error(
+        raise profile_error(
             shown, f"the top level must be a mapping of profile fields (name, sites, ...), not {kind}"
         )
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        raise _error(shown, format_validation_error(exc)) from None
+        raise profile_error(shown, format_validation_error(exc)) from None
     stem = Path(path).stem
     if profile.name != stem:
-        raise _error(
+        raise profile_error(
             shown, f"name: '{profile.name}' must equal the file name without .yaml ('{stem}')", "name"
         )
     lab_dir = lab_dir_for(path)
     problems = _file_problems(profile, lab_dir)
     if problems:
-        raise _error(shown, _first_of(problems))
+        raise profile_error(shown, first_of(problems))
     profile._lab_dir = lab_dir
     profile._path = Path(path)
     return profile
@@ -1173,169 +1168,15 @@ def find_profile(name_or_path: str | Path) -> Path:
     if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
         if os.path.lexists(p):
             return p  # a directory, FIFO, device, dangling link: load_profile says which, without reading it
-        raise _error(_display(p), "no such file")
+        raise profile_error(display_path(p), "no such file")
     for candidate in (Path("profiles") / f"{text}.yaml", shipped_profiles_dir() / f"{text}.yaml"):
         if candidate.is_file():
             return candidate
     names = sorted(available_profiles())
     raise ProfileError(
         f"no profile named '{text}' in ./profiles/ or the shipped profiles "
-        f"({', '.join(names) or 'none'})" + _suggest(text, names)
+        f"({', '.join(names) or 'none'})" + suggest(text, names)
     )
-
-
-# ------------------------------------------------------------------------------------ site checks
-
-
-def _catalog(site: Site) -> str:
-    return getattr(site, "catalog", None) or site.stands_for or site.name
-
-
-def _gpu_matches(wanted: str, have: str | None) -> bool:
-    def norm(s: str) -> str:
-        return re.sub(r"[^a-z0-9]", "", s.lower())
-
-    return bool(have) and norm(wanted) in norm(have or "")
-
-
-def validate_for_site(profile: Profile, site: Site) -> list[str]:
-    """Problems with running `profile` at `site`, each one line naming the field ([] if none)."""
-    real = site.stands_for or site.name
-    if site.family == "edge" or site.reservation == "device":
-        return [f"sites: not supported at this site: {real} leases devices (containers), not servers"]
-    problems: list[str] = []
-    declared = {real, site.catalog or real, f"{site.family}:{site.zone or site.region}", site.family}
-    if not declared & set(profile.sites):
-        what = f"{site.name} (stands for {real})" if site.emulated else site.name
-        problems.append(f"sites: {what} is not one of this profile's sites ({', '.join(profile.sites)})")
-    if profile.lease_hours > site.max_lease_hours:
-        problems.append(
-            f"lease_hours: {profile.lease_hours:g} h is longer than {real} allows "
-            f"({site.max_lease_hours:g} h)"
-        )
-    problems += _network_site_problems(profile, site, real)
-    problems += _storage_site_problems(profile, site, real)
-    catalog = _catalog(site)
-    bare_metal = hardware.node_types(catalog)
-    flavors = hardware.flavors(catalog)
-    images_reported: set[str] = set()
-    for role, group in profile.nodes.items():
-        key = next((k for k in (real, site.catalog) if k and k in group.types), site.family)
-        wanted = profile.types_for(role, key, site.family)
-        if not wanted and site.family in ("aws", "gcp"):
-            wanted = list(hardware.default_types(site.family, group.gpu.models() if group.gpu else None))
-        if not wanted:
-            problems.append(
-                f"nodes.{role}.types: no node types for {real} (add a '{real}' or '{site.family}' key)"
-            )
-        for i, name in enumerate(wanted):
-            field = f"nodes.{role}.types.{key}[{i}]"
-            problem = _check_type(role, group, name, real, site.family, bare_metal, flavors)
-            if problem:
-                problems.append(f"{field}: {problem}")
-        image = profile.image_for(role)
-        field = f"nodes.{role}.image" if group.image else "image"
-        known_image = image in site.images or image in site.images.values()
-        if site.images and not known_image and field not in images_reported:
-            images_reported.add(field)
-            problems.append(
-                f"{field}: unknown image '{image}' at {real} (known: {', '.join(site.images)})"
-                + _suggest(image, site.images)
-            )
-    return problems
-
-
-def _network_site_problems(profile: Profile, site: Site, real: str) -> list[str]:
-    """AWS and GCP give a deployment one private network: a VPC of its own with one subnet on AWS, a network
-    with one subnetwork on GCP (an instance's network interfaces cannot span VPCs on AWS)."""
-    if not profile.networks or site.provider == "chameleon":
-        return []
-    if len(profile.networks) > 1:
-        return [f"networks: {real} gives a deployment one private network, but this profile declares "
-                f"{len(profile.networks)} ({', '.join(profile.networks)})"]
-    name, net = next(iter(profile.networks.items()))
-    cidr = ipaddress.ip_network(net.cidr)
-    if site.family == "aws" and not 16 <= cidr.prefixlen <= 28:
-        return [f"networks.{name}.cidr: an AWS subnet is /16 to /28, not /{cidr.prefixlen}"]
-    # The addresses the cloud keeps for itself in every subnet: AWS the first four and the last, GCP the
-    # first two and the last two.
-    first, last = {"aws": (4, 1), "gcp": (2, 2)}.get(site.family, (0, 0))
-    for (node, _), address in sorted(profile.fixed_ips().items()):
-        if address is None:
-            continue
-        offset = int(ipaddress.ip_address(address)) - int(cidr.network_address)
-        if offset < first or offset > cidr.num_addresses - 1 - last:
-            return [f"networks.{name}: {node} would get {address}, which {site.family.upper()} keeps for itself in "
-                    f"{cidr} (its first {first} and last {last} addresses); start first_ip at {first} or more"]
-    return []
-
-
-def _storage_site_problems(profile: Profile, site: Site, real: str) -> list[str]:
-    problems: list[str] = []
-    if profile.volumes and not getattr(site, "block_storage", False):
-        name = next(iter(profile.volumes))  # one line is enough: every volume has the same problem
-        problems.append(f"volumes.{name}: {real} has no block storage (volumes need a KVM site such as kvm@tacc, "
-                        "or AWS / GCP)")
-    if profile.object_stores and not getattr(site, "object_storage", None):
-        name = next(iter(profile.object_stores))
-        if site.family == "gcp":
-            problems.append(f"object_stores.{name}: labctl does not create Cloud Storage buckets ({real}); object "
-                            "stores are Swift containers on chi@tacc, chi@uc, kvm@tacc and S3 buckets on AWS")
-        else:
-            problems.append(f"object_stores.{name}: {real} has no object store (use chi@tacc, chi@uc, kvm@tacc "
-                            "or an AWS site)")
-    return problems
-
-
-def _check_type(
-    role: str,
-    group: NodeGroup,
-    name: str,
-    site_name: str,
-    family: str,
-    bare_metal: Mapping[str, hardware.NodeType],
-    flavors: Mapping[str, hardware.Flavor],
-) -> str | None:
-    if family in ("aws", "gcp"):
-        catalog: Mapping[str, Any] = hardware.instance_types(family)
-        noun = "instance type" if family == "aws" else "machine type"
-    elif family == "kvm":
-        catalog = flavors
-        noun = "flavor"
-    else:
-        catalog = bare_metal
-        noun = "node type"
-    if not catalog:
-        return None  # a user site without a hardware catalog: nothing to check against
-    item = catalog.get(name)
-    if item is None:
-        if group.gpu:
-            known = [n for n, t in catalog.items() if t.gpus]
-            label = "known GPU flavors" if family == "kvm" else "known GPU types"
-        else:
-            known = list(catalog)
-            label = f"known {noun}s"
-        return f"unknown {noun} '{name}' at {site_name} ({label}: {', '.join(known)})" + _suggest(
-            name, catalog
-        )
-    if group.gpu:
-        want = group.gpu
-        if not item.gpus:
-            return f"{name} has no GPU, but nodes.{role}.gpu asks for {want.count}x {want.model}"
-        if item.gpus < want.count:
-            return f"{name} has {item.gpus} GPU(s), but nodes.{role}.gpu asks for {want.count}"
-        if not any(_gpu_matches(model, item.gpu_model) for model in want.models()):
-            also = f" (or {', '.join(want.alternatives)})" if want.alternatives else ""
-            return f"{name} has {item.gpu_model} GPUs, but nodes.{role}.gpu asks for {want.model}{also}"
-    return None
-
-
-def require_valid_for_site(profile: Profile, site: Site) -> None:
-    """`validate_for_site` as a `ProfileError` (first problem, '(+N more)') naming the profile file."""
-    problems = validate_for_site(profile, site)
-    if problems:
-        shown = _display(profile.path) if profile.path else f"profile {profile.name}"
-        raise _error(shown, _first_of(problems))
 
 
 # ------------------------------------------------------------------------------------------ schema

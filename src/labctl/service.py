@@ -105,11 +105,11 @@ class Status:
 def load(profile_ref: str, site_name: str) -> tuple[Any, Any]:
     """Load and validate a profile and resolve the site; raise a one-line UserError on any problem."""
     from labctl import profile as profile_mod
-    from labctl import sites
+    from labctl import site_fit, sites
 
     prof = profile_mod.load_profile(profile_mod.find_profile(profile_ref))
     site = sites.resolve(site_name, prof)
-    profile_mod.require_valid_for_site(prof, site)
+    site_fit.require_valid_for_site(prof, site)
     return prof, site
 
 

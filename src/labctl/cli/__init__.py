@@ -293,7 +293,7 @@ def validate(
       labctl validate gpu-a100 --site chi@uc
     """
     from labctl import profile as profile_mod
-    from labctl import sites
+    from labctl import site_fit, sites
     from labctl.errors import UserError
 
     refs = profiles or [str(p) for p in profile_mod.available_profiles().values()]
@@ -302,7 +302,7 @@ def validate(
         try:
             prof = profile_mod.load_profile(profile_mod.find_profile(ref))
             for site_name in [site] if site else prof.sites:
-                problems = profile_mod.validate_for_site(prof, sites.resolve(site_name, prof))
+                problems = site_fit.validate_for_site(prof, sites.resolve(site_name, prof))
                 errors += [f"{prof.name} at {site_name}: {p}" for p in problems]
             if not errors:
                 _echo(f"ok: {prof.name} ({', '.join([site] if site else prof.sites)})")
