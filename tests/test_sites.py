@@ -200,3 +200,14 @@ def test_bad_user_sites(config_dir: Path, text: str, fragment: str) -> None:
     message = _one_line_error("chi@tacc")
     assert "sites.yaml" in message
     assert fragment in message, message
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_lease_hours", ".inf"), ("max_lease_hours", ".nan"), ("max_lease_hours", "0"), ("max_lease_hours", "1e9"),
+    ("poll_interval", ".inf"), ("poll_interval", "-1"), ("poll_interval", "1e308"),
+])
+def test_user_site_numbers_are_finite_and_bounded(config_dir: Path, field: str, value: str) -> None:
+    _user_sites(config_dir, f"my-tacc:\n  base: chi@tacc\n  {field}: {value}\n")
+    with pytest.raises(UserError) as err:
+        sites.resolve("my-tacc")
+    assert f"my-tacc.{field}" in str(err.value) and "\n" not in str(err.value)

@@ -187,8 +187,10 @@ def _user_site_model() -> Any:
         public_network: str | None = Field(None, min_length=1)
         security_groups: bool | None = None
         images: dict[str, str] | None = None
-        poll_interval: float | None = Field(None, gt=0)
-        max_lease_hours: float | None = Field(None, gt=0)
+        # Finite and bounded: a poll every hour at most; no cloud offers leases longer than 120 days (GCE's
+        # maxRunDuration limit), Chameleon's sites 7 days.
+        poll_interval: float | None = Field(None, gt=0, le=3600, allow_inf_nan=False)
+        max_lease_hours: float | None = Field(None, ge=1, le=2880, allow_inf_nan=False)
 
     return UserSite
 
