@@ -97,9 +97,9 @@ def ensure_keypair(directory: Path) -> KeyPair:
     pub_path = private_path.with_name(KEY_NAME + ".pub")
     current = pub_path.read_text().strip() if pub_path.exists() else None
     if current != public_line:
+        # 0600 like every file of the state dir: the key is public, but which key reaches the class is not.
         tmp = pub_path.with_name(f".{pub_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(public_line + "\n")
-        os.chmod(tmp, 0o644)
+        write_private_file(tmp, (public_line + "\n").encode())
         os.replace(tmp, pub_path)
 
     return KeyPair(private_path=private_path, public_key=public_line, fingerprint=fingerprint(public_line))

@@ -77,6 +77,10 @@ def test_openrc_credentials_on_a_user_site_end_to_end(labctl_env, cloud, tmp_pat
     assert secret not in up.stdout + up.stderr
     assert stat.S_IMODE(os.stat(state / "state.db").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    # Everything under it too: logs, known_hosts, keys (directories 0700, files 0600).
+    loose = [f"{p.relative_to(state)} {stat.S_IMODE(p.stat().st_mode):o}" for p in state.rglob("*")
+             if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert loose == []
 
     run(env, "down", "hello")
     assert labctl_leftovers(cloud.world) == {}
