@@ -66,14 +66,19 @@ def private_dir(path: Path) -> Path:
 
 
 def private_file(path: Path) -> Path:
-    """`path` created (empty) if missing and made 0600 (before anything is written to it)."""
+    """`path` created (empty) if missing and made 0600 (before anything is written to it).
+
+    An existing file is only chmodded by path, never opened: it may be a SQLite database that a connection of
+    this process holds POSIX locks on, and closing any descriptor of the file drops them all (SQLite's own
+    warning), after which this process's connections read a stale snapshot."""
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if stat.S_IMODE(path.stat().st_mode) != 0o600:
+            path.chmod(0o600)
+        return path
+    os.close(fd)  # new: nothing of this process had it open
     return path
 
 
