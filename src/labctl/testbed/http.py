@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
+from labctl.testbed.errors import BodyError, HTTPError, JsonError
+
 if TYPE_CHECKING:
     from labctl.testbed.openstack.catalog import Site
     from labctl.testbed.world import World
@@ -38,19 +40,6 @@ _HEX = re.compile(rb"^[0-9A-Fa-f]{1,16}$")
 _DIGITS = re.compile(r"^[0-9]{1,19}$")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _JSON_BRACKETS = re.compile(r"[\[\]{}]")
-
-
-class BodyError(Exception):
-    """A request whose body cannot be read: answered with `status` (400, 413) and the connection closed."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class JsonError(ValueError):
-    """A request body that is not JSON the emulators accept (malformed, not UTF-8, nested too deeply)."""
 
 
 def parse_json(body: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -82,25 +71,6 @@ def read_timeout() -> float:
     except ValueError:
         return READ_TIMEOUT
     return value if value > 0 else READ_TIMEOUT
-
-
-class HTTPError(Exception):
-    """An API error. `kind` is the service's error name (Neutron type, Nova key, Blazar name...)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str | None = None,
-        headers: dict | None = None,
-        body: Any = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.headers = headers or {}
-        self.body = body  # when set, sent as is instead of the service's error format
 
 
 @dataclass

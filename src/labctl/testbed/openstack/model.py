@@ -15,7 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from labctl.testbed.http import HTTPError
+from labctl.testbed.errors import HTTPError
 from labctl.testbed.openstack import catalog
 from labctl.testbed.openstack.catalog import PROJECT_ID, SITES, USER_ID, Site
 
@@ -245,7 +245,7 @@ def server_addresses(db, site: Site, server: dict) -> dict[str, list[dict]]:
 # networks, their subnets and router are built in (see neutron.py) and cannot be changed.
 
 
-def _stamp(obj: dict) -> dict:
+def stamp(obj: dict) -> dict:
     now = time.time()
     obj.setdefault("created", now)
     obj["updated"] = now
@@ -253,7 +253,7 @@ def _stamp(obj: dict) -> dict:
     return obj
 
 
-def _check_tags(tags: Any) -> list[str]:
+def check_tags(tags: Any) -> list[str]:
     if tags is None:
         return []
     if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 255 for t in tags):
@@ -276,11 +276,11 @@ def create_network(db, site: Site, spec: dict) -> dict:
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise HTTPError(400, f"Invalid input for {key}. Reason: '{spec[key]}' is not a valid string.",
                             "HTTPBadRequest")
-    net = _stamp({
+    net = stamp({
         "id": new_id(),
         "name": spec.get("name") or "",
         "description": spec.get("description") or "",
-        "tags": _check_tags(spec.get("tags")),
+        "tags": check_tags(spec.get("tags")),
         "admin_state_up": spec.get("admin_state_up", True),
         "port_security_enabled": bool(spec.get("port_security_enabled", True)),
         "mtu": _check_mtu(spec.get("mtu")),

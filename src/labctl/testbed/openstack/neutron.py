@@ -343,7 +343,7 @@ def _body(req: Request, key: str) -> dict:
             raise HTTPError(400, f"Invalid input for {field}. Reason: '{spec[field]}' is not a valid string.",
                             "HTTPBadRequest")
     if "tags" in spec:
-        spec["tags"] = model._check_tags(spec["tags"])
+        spec["tags"] = model.check_tags(spec["tags"])
     for field in ("admin_state_up", "port_security_enabled", "enable_snat", "enable_dhcp", "stateful"):
         if field in spec and not isinstance(spec[field], bool):
             raise HTTPError(400, f"Invalid input for {field}. Reason: '{spec[field]}' is not a valid boolean value.",
@@ -497,7 +497,7 @@ def update_network(req: Request) -> Response:
         for key in ("name", "description", "port_security_enabled", "admin_state_up"):
             if key in spec:
                 n[key] = spec[key]
-        db.put("network", req.site.name, model._stamp(n))
+        db.put("network", req.site.name, model.stamp(n))
         return Response(200, {"network": network_view(db, req.site, n)})
 
 
@@ -570,7 +570,7 @@ def create_subnet(req: Request) -> Response:
                     "overlaps with another subnet.",
                     "InvalidInput",
                 )
-        x = model._stamp({
+        x = model.stamp({
             "id": model.new_id(),
             "name": spec.get("name") or "",
             "description": spec.get("description") or "",
@@ -628,7 +628,7 @@ def create_router(req: Request) -> Response:
     spec = _body(req, "router")
     gateway = _gateway_info(req, spec.get("external_gateway_info"))
     with req.world.tx() as db:
-        r = model._stamp({
+        r = model.stamp({
             "id": model.new_id(),
             "name": spec.get("name") or "",
             "description": spec.get("description") or "",
@@ -656,7 +656,7 @@ def update_router(req: Request) -> Response:
                 r[key] = spec[key]
         if "external_gateway_info" in spec:
             r["gateway"] = gateway
-        db.put("router", req.site.name, model._stamp(r))
+        db.put("router", req.site.name, model.stamp(r))
         return Response(200, {"router": router_view(db, req.site, r)})
 
 
@@ -878,7 +878,7 @@ def update_port(req: Request) -> Response:
             p["port_security"] = bool(spec["port_security_enabled"])
             if not p["port_security"]:
                 p["security_groups"] = []
-        db.put("port", req.site.name, model._stamp(p))
+        db.put("port", req.site.name, model.stamp(p))
         return Response(200, {"port": port_view(req.site, p)})
 
 
