@@ -2,12 +2,12 @@
 
 The engine hands adapters provider-neutral `plan.Resource`s. An adapter translates its SDK's errors into
 `labctl.errors` kinds (NoCapacity, QuotaExceeded, RateLimited, Transient, CloudError) and never lets an
-SDK exception escape. It imports its SDK lazily, so `labctl --help` loads none of them.
+SDK exception escape. It imports its SDK lazily, so `labctl --help` loads none of them. What adapters share
+beyond this protocol (calls, waits, fallbacks, memos, rate limits, per-kind handlers) is in `providers.kit`.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,55 +85,6 @@ def connect(site: Any, *, cloud: str | None = None, testbed: Callable[[], Any] |
 
         raise UserError(f"{site.name}: no provider adapter for '{site.provider}'") from exc
     return module.connect(site, cloud=cloud, testbed=testbed)
-
-
-class RateLimiter:
-    """A client-side token bucket shared by the threads of one adapter: at most `rate` calls per second."""
-
-    def __init__(self, rate: float | None, burst: int = 5) -> None:
-        self.rate = rate
-        self.capacity = float(max(1, burst))
-        self.tokens = self.capacity
-        self.updated = time.monotonic()
-        self.lock = threading.Lock()
-
-    def acquire(self) -> None:
-        if not self.rate:
-            return
-        while True:
-            with self.lock:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-                self.updated = now
-                if self.tokens >= 1:
-                    self.tokens -= 1
-                    return
-                delay = (1 - self.tokens) / self.rate
-            time.sleep(delay)
-
-
-class Snapshot:
-    """One list call per poll round, shared by every thread that polls (a whole class on one site).
-
-    Concurrent callers within `ttl` seconds get the same result; the lock makes the others wait for the
-    one call in flight instead of sending their own. A caller that must see its own changes passes
-    `newer_than` (a `time.monotonic()` value): a result whose call started before then is fetched again.
-    """
-
-    def __init__(self, ttl: float) -> None:
-        self.ttl = ttl
-        self.lock = threading.Lock()
-        self.at = -1e18
-        self.started = -1e18
-        self.value: Any = None
-
-    def get(self, fetch: Callable[[], Any], newer_than: float = -1e18) -> Any:
-        with self.lock:
-            if self.value is None or time.monotonic() - self.at >= self.ttl or self.started < newer_than:
-                started = time.monotonic()
-                self.value = fetch()
-                self.at, self.started = time.monotonic(), started
-            return self.value
 
 
 # -- races between runs that do not share state -----------------------------------------------------------------

@@ -33,12 +33,11 @@ from labctl.errors import (
 from labctl.providers.base import (
     Found,
     ProgressFn,
-    RateLimiter,
-    Snapshot,
     converge_created,
     create_or_adopt,
     scrub,
 )
+from labctl.providers.kit import RateLimiter, Snapshot
 from labctl.redact import clean
 
 if TYPE_CHECKING:

@@ -1,0 +1,337 @@
+"""The provider kit: one call, one waiter, fallbacks, in-use retries, the memo and the handler table."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from labctl import redact
+from labctl.errors import CloudError, Conflict, NoCapacity, QuotaExceeded, RateLimited, Transient
+from labctl.plan import Resource
+from labctl.providers.base import Found
+from labctl.providers.kit import (
+    Disappeared,
+    Handler,
+    HandlerTable,
+    Memo,
+    NotFound,
+    RateLimiter,
+    Snapshot,
+    WaitTimedOut,
+    call,
+    first_with_capacity,
+    poll_until,
+    retry_in_use,
+    wait_each,
+)
+
+
+class SdkError(Exception):
+    def __init__(self, status: int, text: str = "") -> None:
+        super().__init__(text or f"HTTP {status}")
+        self.status = status
+
+
+def translate(what: str, exc: Exception) -> Exception:
+    status = getattr(exc, "status", None)
+    table = {404: NotFound, 409: Conflict, 413: QuotaExceeded, 429: RateLimited, 503: Transient}
+    return table.get(status, CloudError)(f"site: {what}: {exc}")
+
+
+def failing(*errors: Exception, result: str = "ok") -> tuple[list[int], Callable[[], str]]:
+    sent = [0]
+
+    def fn() -> str:
+        sent[0] += 1
+        if sent[0] <= len(errors):
+            raise errors[sent[0] - 1]
+        return result
+
+    return sent, fn
+
+
+# -- call ---------------------------------------------------------------------------------------------------------
+def test_call_retries_rate_limits_and_transient_faults_then_succeeds():
+    sent, fn = failing(SdkError(429), SdkError(503))
+    assert call("list servers", fn, translate=translate, backoff=0.001) == "ok"
+    assert sent[0] == 3
+
+
+def test_call_gives_up_after_its_attempts_with_the_translated_error():
+    sent, fn = failing(*[SdkError(503)] * 10)
+    with pytest.raises(Transient, match="site: get volume: HTTP 503") as info:
+        call("get volume", fn, translate=translate, attempts=3, backoff=0.001)
+    assert sent[0] == 3 and isinstance(info.value.__cause__, SdkError)
+
+
+def test_call_does_not_retry_what_retrying_will_not_fix():
+    sent, fn = failing(SdkError(413))
+    with pytest.raises(QuotaExceeded):
+        call("create volume", fn, translate=translate, backoff=0.001)
+    assert sent[0] == 1
+
+
+def test_call_without_resend_sends_once_after_a_lost_answer_but_still_retries_a_refusal():
+    sent, fn = failing(SdkError(503))
+    with pytest.raises(Transient):
+        call("run instance", fn, translate=translate, resend=False, backoff=0.001)
+    assert sent[0] == 1
+    sent, fn = failing(SdkError(429))
+    assert call("run instance", fn, translate=translate, resend=False, backoff=0.001) == "ok"
+    assert sent[0] == 2
+
+
+def test_call_missing_ok_by_translation_or_by_predicate():
+    _, fn = failing(SdkError(404))
+    assert call("get keypair", fn, translate=translate, missing_ok=True) is None
+    _, fn = failing(SdkError(404))
+    with pytest.raises(NotFound, match="get keypair"):
+        call("get keypair", fn, translate=translate)
+    _, fn = failing(SdkError(410))
+    assert call("get disk", fn, translate=translate, missing_ok=True,
+                is_missing=lambda exc: getattr(exc, "status", None) == 410) is None
+    _, fn = failing(SdkError(410))
+    with pytest.raises(CloudError, match="HTTP 410"):
+        call("get disk", fn, translate=translate, missing_ok=False,
+             is_missing=lambda exc: getattr(exc, "status", None) == 410)
+
+
+def test_call_scrubs_every_error_it_raises():
+    redact.register_secret("kit-s3cr3t-password")
+    _, fn = failing(SdkError(400, "bad request: password=kit-s3cr3t-password\nsecond line"))
+    with pytest.raises(CloudError) as info:
+        call("authenticate", fn, translate=translate)
+    assert "kit-s3cr3t-password" not in str(info.value) and "\n" not in str(info.value)
+
+    def raises_labctl() -> None:
+        raise CloudError("echo kit-s3cr3t-password")
+
+    with pytest.raises(CloudError) as info:
+        call("x", raises_labctl, translate=lambda what, exc: exc)
+    assert str(info.value) == f"echo {redact.MASK}"
+
+
+def test_call_waits_for_the_rate_limiter_on_every_attempt():
+    limiter = RateLimiter(200, burst=1)
+    _, fn = failing(SdkError(429), SdkError(429))
+    start = time.monotonic()
+    assert call("list", fn, translate=translate, limiter=limiter, backoff=0.0001) == "ok"
+    assert time.monotonic() - start >= 2 / 200 * 0.9
+
+
+# -- poll_until ---------------------------------------------------------------------------------------------------
+def refresher(*states: str | None) -> Callable[[], str | None]:
+    seq = list(states)
+
+    def refresh() -> str | None:
+        return seq.pop(0) if len(seq) > 1 else seq[0]
+
+    return refresh
+
+
+def test_poll_until_reaches_the_target_through_pending_states():
+    seen = []
+    got = poll_until(refresher("BUILD", "BUILD", "ACTIVE"), status=str, pending={"BUILD"}, target={"ACTIVE"},
+                     timeout=5, interval=0, what="server", on_poll=seen.append)
+    assert got == "ACTIVE" and seen == ["BUILD", "BUILD", "ACTIVE"]
+
+
+def test_poll_until_names_an_unexpected_status():
+    with pytest.raises(CloudError, match="server: unexpected status 'ERROR'"):
+        poll_until(refresher("BUILD", "ERROR"), status=str, pending={"BUILD"}, target={"ACTIVE"}, timeout=5,
+                   interval=0, what="server")
+
+
+def test_poll_until_tolerates_fewer_misses_than_not_found_checks():
+    got = poll_until(refresher(None, None, "BUILD", None, None, "ACTIVE"), status=str, pending={"BUILD"},
+                     target={"ACTIVE"}, timeout=5, interval=0, not_found_checks=3, what="server")
+    assert got == "ACTIVE"  # the count is of consecutive misses: a found item resets it
+
+
+def test_poll_until_raises_disappeared_after_n_consecutive_misses():
+    calls = []
+
+    def refresh() -> str | None:
+        calls.append(1)
+        return "BUILD" if len(calls) == 1 else None
+
+    with pytest.raises(Disappeared, match="lease disappeared"):
+        poll_until(refresh, status=str, pending={"BUILD"}, target={"ACTIVE"}, timeout=5, interval=0,
+                   not_found_checks=4, what="lease")
+    assert len(calls) == 5  # one found, then four misses
+
+
+def test_poll_until_returns_none_for_gone_when_gone_is_the_target():
+    calls = []
+
+    def refresh() -> str | None:
+        calls.append(1)
+        return "deleting" if len(calls) < 3 else None
+
+    assert poll_until(refresh, status=str, pending={"deleting"}, target={"gone"}, timeout=5, interval=0,
+                      not_found_checks=2, what="volume") is None
+    assert len(calls) == 4
+
+
+def test_poll_until_times_out_with_a_transient_error():
+    start = time.monotonic()
+    with pytest.raises(WaitTimedOut, match="server: still BUILD after 0s") as info:
+        poll_until(lambda: "BUILD", status=str, pending={"BUILD"}, target={"ACTIVE"}, timeout=0.05,
+                   interval=0.01, what="server")
+    assert isinstance(info.value, Transient) and time.monotonic() - start < 1
+
+
+# -- fallbacks and in-use deletes ---------------------------------------------------------------------------------
+def test_first_with_capacity_falls_back_to_the_first_candidate_with_room():
+    skipped = []
+
+    def attempt(zone: str) -> str:
+        if zone in ("us-east-1a", "us-east-1b"):
+            raise NoCapacity(f"no room in {zone}")
+        return f"launched in {zone}"
+
+    got = first_with_capacity(["us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d"], attempt,
+                              on_skip=lambda c, exc: skipped.append((c, str(exc))))
+    assert got == "launched in us-east-1c"
+    assert skipped == [("us-east-1a", "no room in us-east-1a"), ("us-east-1b", "no room in us-east-1b")]
+
+
+def test_first_with_capacity_names_every_candidate_when_none_has_room():
+    def attempt(kind: str) -> str:
+        raise NoCapacity(f"no {kind}")
+
+    with pytest.raises(NoCapacity, match=r"no g5\.xlarge \(tried p4d\.24xlarge, g5\.xlarge\)"):
+        first_with_capacity(["p4d.24xlarge", "g5.xlarge"], attempt)
+    with pytest.raises(QuotaExceeded):  # only NoCapacity falls through to the next candidate
+        first_with_capacity(["a", "b"], lambda c: (_ for _ in ()).throw(QuotaExceeded("quota")))
+    with pytest.raises(ValueError, match="no candidates"):
+        first_with_capacity([], attempt)
+
+
+def test_retry_in_use_retries_only_while_in_use():
+    sent, fn = failing(Conflict("in use"), Conflict("in use"), result="deleted")
+    assert retry_in_use(fn, is_in_use=lambda e: isinstance(e, Conflict), timeout=5, interval=0,
+                        what="delete network") == "deleted"
+    assert sent[0] == 3
+    sent, fn = failing(CloudError("other"))
+    with pytest.raises(CloudError, match="other"):
+        retry_in_use(fn, is_in_use=lambda e: isinstance(e, Conflict), timeout=5, interval=0, what="delete")
+    assert sent[0] == 1
+    sent, fn = failing(*[Conflict("still in use")] * 1000)
+    with pytest.raises(Conflict, match="still in use"):
+        retry_in_use(fn, is_in_use=lambda e: isinstance(e, Conflict), timeout=0.05, interval=0.01, what="delete")
+    assert 2 <= sent[0] < 1000
+
+
+# -- memo and snapshot --------------------------------------------------------------------------------------------
+def test_memo_computes_once_per_key_including_none_across_threads():
+    memo = Memo()
+    computed = []
+    gate = threading.Event()
+
+    def compute() -> None:
+        computed.append(1)
+        gate.wait(1)
+        return None
+
+    threads = [threading.Thread(target=memo.get, args=("public", compute)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    gate.set()
+    for t in threads:
+        t.join()
+    assert computed == [1] and memo.get("public", lambda: "again") is None and "public" in memo
+    assert memo.get("other", lambda: 2) == 2 and memo.pop("other") == 2 and memo.pop("other", "none") == "none"
+    with pytest.raises(KeyError):
+        memo.pop("other")
+
+
+def test_memo_expires_with_ttl_and_stores_nothing_on_error():
+    memo = Memo(ttl=0.05)
+    assert memo.get("k", lambda: 1) == 1 and memo.get("k", lambda: 2) == 1
+    time.sleep(0.06)
+    assert memo.peek("k") is None and memo.get("k", lambda: 3) == 3
+
+    def boom() -> int:
+        raise CloudError("boom")
+
+    with pytest.raises(CloudError, match="boom"):
+        memo.get("e", boom)
+    assert "e" not in memo
+
+
+def test_snapshot_shares_one_fetch_until_its_ttl_or_a_newer_change():
+    snap, fetched = Snapshot(ttl=10), []
+    assert snap.get(lambda: fetched.append(1) or len(fetched)) == 1
+    assert snap.get(lambda: fetched.append(1) or len(fetched)) == 1
+    assert snap.get(lambda: fetched.append(1) or len(fetched), newer_than=time.monotonic()) == 2
+
+
+# -- handler table and the shared wait -----------------------------------------------------------------------------
+TABLE = HandlerTable("test")
+
+
+@TABLE.handler("server")
+class Servers(Handler):
+    noun = "server"
+
+    def find(self, res, plan):
+        return self.ctx["servers"].get(res.name)
+
+    def create(self, res, plan, deps, candidate):
+        self.ctx["servers"][res.name] = Found("server", f"id-{res.name}", res.name, status="pending")
+        return self.ctx["servers"][res.name]
+
+    def delete(self, found, plan):
+        for f in found:
+            self.ctx["servers"].pop(f.name, None)
+
+    def status(self, res, found, plan):
+        states = self.ctx["script"][res.name]
+        state = states.pop(0) if len(states) > 1 else states[0]
+        return None if state is None else Found("server", found.cloud_id, res.name, status=state)
+
+    def progress(self, res, found):
+        return (res.name, found.status, "")
+
+
+TABLE.register("keypair", find=lambda ctx, res, plan: ctx.get("keypair"),
+               delete=lambda ctx, found, plan: ctx.pop("keypair", None))
+
+
+def test_handler_table_dispatches_per_kind_and_refuses_unknown_kinds():
+    ctx = {"servers": {}, "keypair": Found("keypair", "k", "k")}
+    handlers = TABLE.bind(ctx)
+    res = Resource("server:a", "server", "a", {})
+    assert handlers["server"].find(res, None) is None
+    assert handlers["server"].create(res, None, {}, None).status == "pending"
+    assert handlers["server"].find(res, None).cloud_id == "id-a"
+    assert handlers["keypair"].find(Resource("keypair", "keypair", "k", {}), None).cloud_id == "k"
+    with pytest.raises(CloudError, match="does not create keypair"):
+        handlers["keypair"].create(Resource("keypair", "keypair", "k", {}), None, {}, None)
+    handlers["keypair"].delete([], None)
+    assert "keypair" not in ctx and handlers["server"].waits and not handlers["keypair"].waits
+    with pytest.raises(CloudError, match="no handler for 'bucket'"):
+        handlers["bucket"]
+    with pytest.raises(ValueError, match="two handlers"):
+        TABLE.handler("server")(Servers)
+    assert sorted(TABLE.kinds()) == ["keypair", "server"]
+
+
+def test_wait_each_polls_each_pending_resource_to_ready_error_disappeared_or_timeout():
+    ctx = {"servers": {}, "script": {"a": ["pending", "ready"], "b": ["pending", "error"],
+                                     "c": ["pending", None, None, None], "d": ["pending"]}}
+    handlers = TABLE.bind(ctx)
+    items = [(Resource(f"server:{n}", "server", n, {}), Found("server", f"id-{n}", n, status="pending"))
+             for n in "abcd"]
+    items.append((Resource("server:e", "server", "e", {}), Found("server", "id-e", "e")))  # ready: not polled
+    events = []
+    got = wait_each(handlers, items, None, timeout=0.2, interval=0.01, not_found_checks=3,
+                    on_progress=lambda *e: events.append(e))
+    assert [f.status for f in got] == ["ready", "error", "error", "error", "ready"]
+    assert got[2].error == "server disappeared" and got[3].error == "still not ready after 0s"
+    assert ("a", "ready", "") in events and ("b", "error", "") in events
