@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 
@@ -168,9 +169,8 @@ def test_request_id_replays_the_operation_after_a_client_side_timeout(emu, clien
     Sending the same insert with the same requestId returns the same operation and creates nothing new."""
     rid = str(uuid.uuid4())
     emu.world.inject_fault("instances.insert", "timeout_after", 1)
-    with pytest.raises(Exception) as first:  # requests' ConnectionError: the SDK does not wrap it
+    with pytest.raises(requests.exceptions.ConnectionError):  # the SDK does not wrap it
         insert(clients, instance_body("vm-rid"), request_id=rid)
-    assert "Connection" in type(first.value).__name__ or "aborted" in str(first.value)
     again = insert(clients, instance_body("vm-rid"), request_id=rid)
     assert wait_zone(clients, again).status == DONE and not again.error.errors
     third = insert(clients, instance_body("vm-rid"), request_id=rid)
@@ -182,7 +182,7 @@ def test_request_id_replays_the_operation_after_a_client_side_timeout(emu, clien
     # hang_after: performed, never answered; the client's own timeout fires; the retry finds the operation
     rid2 = str(uuid.uuid4())
     emu.world.inject_fault("instances.insert", "hang_after", 1)
-    with pytest.raises(Exception):  # noqa: B017 - requests' ReadTimeout
+    with pytest.raises(requests.exceptions.ReadTimeout):
         insert(clients, instance_body("vm-hang"), request_id=rid2, timeout=0.5)
     op = insert(clients, instance_body("vm-hang"), request_id=rid2)
     assert wait_zone(clients, op).status == DONE

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+import requests
 from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
 from tests.gcp.test_gce_emulator import DONE, REGION, ZONE, insert, instance_body, raw, wait_zone
@@ -136,7 +137,7 @@ def test_insert_request_id_replays_after_a_lost_answer(emu, clients):
     operation and makes nothing more."""
     rid = str(uuid.uuid4())
     emu.world.inject_fault("networks.insert", "timeout_after", 1)
-    with pytest.raises(Exception):  # noqa: B017 - requests' ConnectionError
+    with pytest.raises(requests.exceptions.ConnectionError):
         make_network(clients, request_id=rid)
     again = make_network(clients, request_id=rid)
     assert make_network(clients, request_id=rid).name == again.name
@@ -145,7 +146,7 @@ def test_insert_request_id_replays_after_a_lost_answer(emu, clients):
 
     rid = str(uuid.uuid4())
     emu.world.inject_fault("subnetworks.insert", "hang_after", 1)
-    with pytest.raises(Exception):  # noqa: B017 - requests' ReadTimeout
+    with pytest.raises(requests.exceptions.ReadTimeout):
         make_subnetwork(clients, request_id=rid, timeout=0.5)
     op = make_subnetwork(clients, request_id=rid)
     assert wait_region(clients, op).status == DONE and not op.error.errors

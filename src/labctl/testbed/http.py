@@ -1,6 +1,6 @@
-"""A tiny HTTP toolkit for the testbed: request/response objects, an error type and a path router.
+"""The testbed's HTTP toolkit: request/response objects and a path router (werkzeug's, behind `Router`).
 
-Services (Keystone, Nova, ...) register handlers on a `Router` with path templates such as
+Services (Keystone, Nova, ..., and Compute Engine's API) register handlers on a `Router` with path templates such as
 "/servers/{id}"; the server (`labctl.testbed.server`) matches the service-relative path, calls the handler
 and renders `HTTPError`s in each service's own error format.
 
@@ -24,6 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
 
 from labctl.testbed.errors import BodyError, HTTPError, JsonError
 
@@ -140,46 +143,70 @@ class Request:
         return number
 
 
-Handler = Callable[[Request], Response]
+Handler = Callable[..., Any]  # (Request) -> Response for the OpenStack services, (Call) -> dict for GCE
+_TEMPLATE_PARAM = re.compile(r"\{(\w+)\}")
+
+
+def _method_not_allowed(method: str) -> Exception:
+    return HTTPError(405, "The method is not allowed for the requested URL.", "HTTPMethodNotAllowed")
 
 
 @dataclass
 class Route:
     method: str
-    template: str
-    regex: re.Pattern
+    template: str  # "/servers/{id}"
     handler: Handler
-    auth: bool
+    auth: bool = True
+    name: str = ""  # the API's own name for the call (Compute Engine's method id, "instances.insert")
 
 
 class Router:
-    def __init__(self) -> None:
+    """Path templates ("/servers/{id}", a parameter per whole segment) to handlers, matched by werkzeug's
+    router (`werkzeug.routing.Map`): the one router of the Chameleon and Compute Engine emulators.
+
+    A trailing slash is ignored. A path that exists under other methods only raises `method_not_allowed(method)`
+    (the API's own 405); HEAD matches a GET route unless `head_as_get` is false.
+    """
+
+    def __init__(self, method_not_allowed: Callable[[str], Exception] = _method_not_allowed,
+                 head_as_get: bool = True) -> None:
         self.routes: list[Route] = []
+        self.method_not_allowed = method_not_allowed
+        self.head_as_get = head_as_get
+        self._map = Map(strict_slashes=False, merge_slashes=False, redirect_defaults=False)
+        self._adapter = self._map.bind("emulator")
+
+    def add(self, methods: str, template: str, handler: Handler, *, auth: bool = True, name: str = "") -> None:
+        """Route `methods` ("GET", or several: "GET|HEAD") on `template` to `handler`."""
+        rule = _TEMPLATE_PARAM.sub(r"<\1>", template.rstrip("/") or "/")
+        for method in methods.split("|"):
+            self._map.add(Rule(rule, methods=[method], endpoint=len(self.routes)))
+            self.routes.append(Route(method, template, handler, auth, name))
 
     def route(self, method: str, template: str, *, auth: bool = True) -> Callable[[Handler], Handler]:
-        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template.rstrip("/") or "/"))
+        """`add` as a decorator."""
 
         def deco(fn: Handler) -> Handler:
-            for m in method.split("|"):
-                self.routes.append(Route(m, template, re.compile(f"^{pattern}$"), fn, auth))
+            self.add(method, template, fn, auth=auth)
             return fn
 
         return deco
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-        """The route for this request; raises 405 when the path exists under another method."""
+        """The route for this request and its path parameters; None when no route has this path."""
         path = path.rstrip("/") or "/"
-        allowed = False
-        for r in self.routes:
-            m = r.regex.match(path)
-            if not m:
-                continue
-            if r.method == method or (method == "HEAD" and r.method == "GET"):
-                return r, m.groupdict()
-            allowed = True
-        if allowed:
-            raise HTTPError(405, "The method is not allowed for the requested URL.", "HTTPMethodNotAllowed")
-        return None
+        if not path.startswith("/") or path.startswith("//"):
+            return None  # werkzeug would match "//x" as "/x"
+        try:
+            endpoint, params = self._adapter.match(path, method)
+        except NotFound:
+            return None
+        except MethodNotAllowed:
+            raise self.method_not_allowed(method) from None
+        route = self.routes[endpoint]
+        if method == "HEAD" and not self.head_as_get and route.method != "HEAD":
+            raise self.method_not_allowed(method)
+        return route, params
 
 
 class EmulatorHandler(BaseHTTPRequestHandler):

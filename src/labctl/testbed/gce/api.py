@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from labctl.testbed.gce import catalog
 from labctl.testbed.gce import world as w
 from labctl.testbed.gce.world import Db, GceWorld
-from labctl.testbed.http import JsonError, parse_json
+from labctl.testbed.http import JsonError, Router, parse_json
 
 API_PREFIX = "/compute/v1/"
 USER = "labctl-student@sim-project.iam.gserviceaccount.com"
@@ -1516,27 +1516,21 @@ ROUTES: list[tuple[str, str, str, Callable[[Call], dict]]] = [
     ("GET", f"{P}/regions/{{region}}/addresses/{{name}}", "addresses.get", addresses_get),
     ("DELETE", f"{P}/regions/{{region}}/addresses/{{name}}", "addresses.delete", addresses_delete),
 ]
-_COMPILED = [
-    (method, re.compile("^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(tpl)) + "$"), op, fn)
-    for method, tpl, op, fn in ROUTES
-]
+ROUTER = Router(lambda method: ApiError(405, f"Method {method} is not allowed for this resource.",
+                                        "methodNotAllowed"), head_as_get=False)
+for _method, _template, _op, _fn in ROUTES:
+    ROUTER.add(_method, "/" + _template, _fn, name=_op)
 
 
 def match(method: str, path: str) -> tuple[str, Callable[[Call], dict], dict[str, str]] | None:
     """(API method id, handler, path parameters) for a path below /compute/v1/; 405 for a wrong method."""
-    rel = path[len(API_PREFIX):].rstrip("/") if path.startswith(API_PREFIX) else None
-    if rel is None:
+    if not path.startswith(API_PREFIX):
         return None
-    other = False
-    for m, regex, op, fn in _COMPILED:
-        found = regex.match(rel)
-        if found:
-            if m == method:
-                return op, fn, found.groupdict()
-            other = True
-    if other:
-        raise ApiError(405, f"Method {method} is not allowed for this resource.", "methodNotAllowed")
-    return None
+    found = ROUTER.match(method, path[len(API_PREFIX) - 1:])
+    if found is None:
+        return None
+    route, params = found
+    return route.name, route.handler, params
 
 
 @dataclass
