@@ -367,10 +367,6 @@ CREATE TABLE IF NOT EXISTS tokens (generation TEXT NOT NULL, region TEXT NOT NUL
     created REAL NOT NULL, PRIMARY KEY (generation, region, action, token));
 CREATE TABLE IF NOT EXISTS capacity (zone TEXT NOT NULL, itype TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (zone, itype));
-CREATE TABLE IF NOT EXISTS faults (id INTEGER PRIMARY KEY AUTOINCREMENT, action TEXT NOT NULL,
-    kind TEXT NOT NULL, remaining INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, region TEXT,
-    action TEXT NOT NULL, summary TEXT NOT NULL, status INTEGER);
 CREATE TABLE IF NOT EXISTS keys (region TEXT NOT NULL, name TEXT NOT NULL, public_key TEXT NOT NULL,
     PRIMARY KEY (region, name));
 CREATE TABLE IF NOT EXISTS launches (instance_id TEXT PRIMARY KEY, region TEXT NOT NULL, launched REAL NOT NULL,
@@ -564,8 +560,7 @@ class AwsWorld(SqliteWorld):
         kind = _FAULT_ALIASES.get(kind, kind)
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
-        with self._tx() as db:
-            db.execute("INSERT INTO faults (action, kind, remaining) VALUES (?,?,?)", (action, kind, int(count)))
+        self.queue_fault(None, action, kind, count)
 
     def claim_bucket(self, name: str) -> None:
         """Make S3 bucket `name` another account's (names are global): CreateBucket answers BucketAlreadyExists
@@ -584,43 +579,22 @@ class AwsWorld(SqliteWorld):
                            "again.")
         raise ApiError(403, "AccessDenied", "Access Denied")
 
-    def clear_faults(self) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM faults")
-
     def take_fault(self, action: str) -> str | None:
-        if not self._read("SELECT 1 FROM faults WHERE remaining > 0 LIMIT 1"):
-            return None
-        with self._tx() as db:
-            row = db.execute("SELECT id, kind FROM faults WHERE remaining > 0 AND action IN (?, '*') "
-                             "ORDER BY id LIMIT 1", (action,)).fetchone()
-            if not row:
-                return None
-            db.execute("UPDATE faults SET remaining = remaining - 1 WHERE id=?", (row[0],))
-            return row[1]
+        fault = self.pop_fault(None, [action])
+        return fault[0] if fault else None
 
     def log_request(self, region: str | None, action: str, params: dict[str, str]) -> int:
         summary = " ".join(f"{k}={v[:80]}" for k, v in sorted(params.items()) if k not in _NOT_LOGGED)
-        with self._tx() as db:
-            cur = db.execute("INSERT INTO requests (ts, region, action, summary) VALUES (?,?,?,?)",
-                             (time.time(), region, action, summary))
-            return int(cur.lastrowid)
-
-    def _log_status(self, seq: int, status: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE requests SET status=? WHERE seq=?", (status, seq))
+        return self.record_request(region, None, None, summary, action)
 
     def request_log(self, detail: bool = False) -> list:
         """Every request the front layers served, in order: (action, params summary). With detail=True,
         dicts with ts, region, action, summary and the HTTP status (None if no answer was sent)."""
-        rows = self._read("SELECT ts, region, action, summary, status FROM requests ORDER BY seq")
+        rows = self.logged_requests()
         if detail:
-            return [dict(zip(("ts", "region", "action", "summary", "status"), r, strict=True)) for r in rows]
-        return [(r[2], r[3]) for r in rows]
-
-    def clear_request_log(self) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM requests")
+            return [{"ts": r["ts"], "region": r["scope"], "action": r["operation"], "summary": r["query"],
+                     "status": r["status"]} for r in rows]
+        return [(r["operation"], r["query"]) for r in rows]
 
     def regions(self) -> list[str]:
         return [r[0] for r in self._read("SELECT region FROM regions ORDER BY region")]
@@ -1389,7 +1363,7 @@ class _Handler(EmulatorHandler):
             return
         if seq is not None:
             with contextlib.suppress(Exception):
-                world._log_status(seq, status)
+                world.set_request_status(seq, status)
         # A HEAD answer has no body but says how long the body would be (moto's Content-Length).
         length = self._reply_headers.pop("content-length", "0") if self.command == "HEAD" else None
         self._reply_headers.pop("content-length", None)

@@ -3,11 +3,18 @@
 Each keeps its state in one SQLite file that every thread and process serving it opens (`SqliteWorld`, their
 base class), gives its SSH side a port (`free_port`) and serves each running node on an internal loopback
 address of its own (`internal_addresses`).
+
+`SqliteWorld` also holds the one implementation of what the tests steer and read on every cloud: injected
+faults (`queue_fault` / `pop_fault`: each world keeps its cloud's own fault kinds and answers them in its API's
+own error shapes), latency (`set_latency` / `latency_of`) and the request log (`record_request`,
+`logged_requests`). Each world names operations its own way (Chameleon: "POST /servers", Compute Engine:
+"instances.insert", EC2: "RunInstances") and scopes them by site or region.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import random
 import socket
@@ -19,6 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from labctl.writer_locks import writer_lock
+
+REQUEST_LOG_MAX = 100_000  # requests kept in a world's log (older ones are pruned every 1,000)
+
+# The tables of faults, latency and the request log (every world's; `scope` is a site or region, or NULL).
+_CONTROLS = {
+    "faults": "CREATE TABLE faults (id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT, operation TEXT NOT NULL, "
+              "kind TEXT NOT NULL, remaining INTEGER NOT NULL, message TEXT)",
+    "latency": "CREATE TABLE latency (operation TEXT PRIMARY KEY, seconds REAL NOT NULL)",
+    "requests": "CREATE TABLE requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, scope TEXT, "
+                "method TEXT, path TEXT, query TEXT NOT NULL DEFAULT '', operation TEXT, status INTEGER)",
+}
+_CONTROL_COLUMNS = {
+    "faults": ["id", "scope", "operation", "kind", "remaining", "message"],
+    "latency": ["operation", "seconds"],
+    "requests": ["seq", "ts", "scope", "method", "path", "query", "operation", "status"],
+}
 
 
 class SqliteWorld:
@@ -55,6 +78,11 @@ class SqliteWorld:
             for statement in schema.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for table, create in _CONTROLS.items():
+                columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+                if columns != _CONTROL_COLUMNS[table]:  # absent, or a world made before the tables were shared
+                    db.execute(f"DROP TABLE IF EXISTS {table}")
+                    db.execute(create)
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use, in autocommit mode: transactions are explicit)."""
@@ -102,6 +130,96 @@ class SqliteWorld:
             self._local.depth, self._local.joined = 0, None
             conn.execute("COMMIT")
 
+    # faults ------------------------------------------------------------------------------------------
+    def queue_fault(self, scope: str | None, operation: str, kind: str, count: int = 1,
+                    message: str | None = None) -> None:
+        """Make the next `count` requests of `operation` (a name `pop_fault` is given, or "*") in `scope` (None:
+        any) misbehave as `kind` (the world checks its cloud's kinds and answers them in its API's shape)."""
+        with self._transaction("IMMEDIATE"):
+            self._conn().execute(
+                "INSERT INTO faults (scope, operation, kind, remaining, message) VALUES (?,?,?,?,?)",
+                (scope, operation, kind, int(count), message))
+
+    def pop_fault(self, scope: str | None, names: Iterable[str], glob: bool = False) -> tuple[str, str | None] | None:
+        """Consume the oldest fault for a request in `scope` known by any of `names`, if any: (kind, message).
+        A fault's operation matches when it is "*" or one of `names` (with `glob`, an fnmatch pattern of one)."""
+        conn = self._conn()
+        with self._transaction("DEFERRED"):
+            if not conn.execute("SELECT 1 FROM faults WHERE remaining > 0 LIMIT 1").fetchone():
+                return None
+        names = list(names)
+        with self._transaction("IMMEDIATE"):
+            rows = conn.execute("SELECT id, scope, operation, kind, message FROM faults WHERE remaining > 0 "
+                                "ORDER BY id").fetchall()
+            for fid, fault_scope, pattern, kind, message in rows:
+                if fault_scope is not None and fault_scope != scope:
+                    continue
+                if pattern == "*" or pattern in names or (glob and any(fnmatch.fnmatchcase(n, pattern)
+                                                                        for n in names)):
+                    conn.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?", (fid,))
+                    return kind, message
+        return None
+
+    def pending_faults(self) -> list[dict]:
+        """The faults not yet used up, oldest first: scope, operation, kind, remaining, message."""
+        with self._transaction("DEFERRED"):
+            rows = self._conn().execute("SELECT scope, operation, kind, remaining, message FROM faults "
+                                        "WHERE remaining > 0 ORDER BY id").fetchall()
+        return [dict(zip(("scope", "operation", "kind", "remaining", "message"), r, strict=True)) for r in rows]
+
+    def clear_faults(self) -> None:
+        with self._transaction("IMMEDIATE"):
+            self._conn().execute("DELETE FROM faults")
+
+    # latency -------------------------------------------------------------------------------------------
+    def set_latency(self, operation: str, seconds: float) -> None:
+        """Delay requests of `operation` ("*": every request) by `seconds` × the world's time scale (0 removes)."""
+        with self._transaction("IMMEDIATE"):
+            if seconds:
+                self._conn().execute("INSERT OR REPLACE INTO latency (operation, seconds) VALUES (?, ?)",
+                                     (operation, float(seconds)))
+            else:
+                self._conn().execute("DELETE FROM latency WHERE operation = ?", (operation,))
+
+    def latency_of(self, names: Iterable[str]) -> float:
+        """The longest latency set for any of a request's `names` (or "*"), in unscaled seconds."""
+        wanted = {*names, "*"}
+        with self._transaction("DEFERRED"):
+            rows = self._conn().execute("SELECT operation, seconds FROM latency").fetchall()
+        return max((s for op, s in rows if op in wanted), default=0.0)
+
+    # request log -----------------------------------------------------------------------------------------
+    def record_request(self, scope: str | None, method: str | None, path: str | None, query: str = "",
+                       operation: str | None = None) -> int:
+        """Log a request (its `seq` is returned, for `set_request_status`); the log keeps the last
+        `REQUEST_LOG_MAX` requests."""
+        with self._transaction("IMMEDIATE"):
+            conn = self._conn()
+            cur = conn.execute(
+                "INSERT INTO requests (ts, scope, method, path, query, operation) VALUES (?,?,?,?,?,?)",
+                (time.time(), scope, method, path, query, operation))
+            seq = int(cur.lastrowid)
+            if seq % 1000 == 0:
+                conn.execute("DELETE FROM requests WHERE seq <= ?", (seq - REQUEST_LOG_MAX,))
+        return seq
+
+    def set_request_status(self, seq: int, status: int) -> None:
+        with self._transaction("IMMEDIATE"):
+            self._conn().execute("UPDATE requests SET status=? WHERE seq=?", (status, seq))
+
+    def logged_requests(self) -> list[dict[str, Any]]:
+        """The request log, in order: dicts of ts, scope, method, path, query, operation, status."""
+        with self._transaction("DEFERRED"):
+            rows = self._conn().execute(
+                "SELECT ts, scope, method, path, query, operation, status FROM requests ORDER BY seq").fetchall()
+        keys = ("ts", "scope", "method", "path", "query", "operation", "status")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def clear_request_log(self) -> None:
+        with self._transaction("IMMEDIATE"):
+            self._conn().execute("DELETE FROM requests")
+
+    # connections ------------------------------------------------------------------------------------------
     def release(self) -> None:
         """Close this thread's connection, unless a transaction is open (HTTP handlers call it when their
         connection ends: the servers run a thread per connection)."""

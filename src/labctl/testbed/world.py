@@ -22,7 +22,6 @@ from typing import Any
 from labctl.testbed.sqlite_world import SqliteWorld, free_port, internal_addresses
 
 DEFAULT_TIME_SCALE = 0.01
-REQUEST_LOG_MAX = 100_000
 FAULT_KINDS = ("error500", "error429", "server_error_state", "hang_after", "timeout_after")
 
 _SCHEMA = """
@@ -34,13 +33,6 @@ CREATE TABLE IF NOT EXISTS objects (
     created REAL NOT NULL, t_next REAL, data TEXT NOT NULL,
     PRIMARY KEY (kind, site, id));
 CREATE INDEX IF NOT EXISTS objects_due ON objects (t_next) WHERE t_next IS NOT NULL;
-CREATE TABLE IF NOT EXISTS requests (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, site TEXT, method TEXT NOT NULL,
-    path TEXT NOT NULL, query TEXT NOT NULL DEFAULT '', operation TEXT);
-CREATE TABLE IF NOT EXISTS faults (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, site TEXT, operation TEXT NOT NULL, kind TEXT NOT NULL,
-    remaining INTEGER NOT NULL, message TEXT);
-CREATE TABLE IF NOT EXISTS latency (operation TEXT PRIMARY KEY, seconds REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, site TEXT NOT NULL, expires REAL NOT NULL,
                                    data TEXT NOT NULL);
 """
@@ -72,6 +64,11 @@ def _norm_operation(operation: str) -> str:
     if path != "*" and not path.startswith("/"):
         path = "/" + path
     return f"{method.upper()} {path.rstrip('/') or '/'}"
+
+
+def _request_names(method: str, template: str, path: str) -> set[str]:
+    """The names a fault or latency may give a request: its route template, its concrete path, any path."""
+    return {_norm_operation(f"{method} {template}"), _norm_operation(f"{method} {path}"), f"{method.upper()} *"}
 
 
 class Db:
@@ -249,7 +246,7 @@ class World(SqliteWorld):
         with self.tx() as db:
             db.set_setting(site, "quota:floatingip", int(n))
 
-    # faults and latency ------------------------------------------------------------------------------
+    # faults, latency, request log (their storage: `SqliteWorld`) ---------------------------------------------
     def inject_fault(
         self, site: str | None, operation: str, kind: str, count: int = 1, message: str | None = None
     ) -> None:
@@ -262,99 +259,37 @@ class World(SqliteWorld):
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
-        with self.tx() as db:
-            db.conn.execute(
-                "INSERT INTO faults (site, operation, kind, remaining, message) VALUES (?,?,?,?,?)",
-                (_site_name(site), _norm_operation(operation), kind, int(count), message),
-            )
-
-    def clear_faults(self) -> None:
-        with self.tx() as db:
-            db.conn.execute("DELETE FROM faults")
+        self.queue_fault(_site_name(site), _norm_operation(operation), kind, count, message)
 
     def faults(self) -> list[dict]:
-        with self.read() as db:
-            rows = db.conn.execute(
-                "SELECT site, operation, kind, remaining, message FROM faults WHERE remaining > 0 ORDER BY id"
-            ).fetchall()
-        return [
-            dict(zip(("site", "operation", "kind", "remaining", "message"), r, strict=True)) for r in rows
-        ]
+        return [{"site": f.pop("scope"), **f} for f in self.pending_faults()]
 
     def take_fault(self, site: str, method: str, template: str, path: str) -> tuple[str, str | None] | None:
         """Consume one matching fault for this request, if any: (kind, message)."""
-        ops = {
-            _norm_operation(f"{method} {template}"),
-            _norm_operation(f"{method} {path}"),
-            f"{method.upper()} *",
-            "*",
-        }
-        marks = ",".join("?" * len(ops))
-        with self.read() as db:
-            if not db.conn.execute("SELECT 1 FROM faults WHERE remaining > 0 LIMIT 1").fetchone():
-                return None
-        with self.tx() as db:
-            row = db.conn.execute(
-                f"SELECT id, kind, message FROM faults WHERE remaining > 0 AND (site IS NULL OR site = ?) "
-                f"AND operation IN ({marks}) ORDER BY id LIMIT 1",
-                (site, *ops),
-            ).fetchone()
-            if not row:
-                return None
-            db.conn.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?", (row[0],))
-            return row[1], row[2]
+        return self.pop_fault(site, _request_names(method, template, path))
 
     def set_latency(self, operation: str, seconds: float) -> None:
         """Delay matching requests by `seconds` × time scale ("*" for every request; 0 removes)."""
-        op = _norm_operation(operation)
-        with self.tx() as db:
-            if seconds:
-                db.conn.execute(
-                    "INSERT OR REPLACE INTO latency (operation, seconds) VALUES (?, ?)", (op, float(seconds))
-                )
-            else:
-                db.conn.execute("DELETE FROM latency WHERE operation = ?", (op,))
+        super().set_latency(_norm_operation(operation), seconds)
 
     def latency_for(self, method: str, template: str, path: str) -> float:
-        ops = {
-            _norm_operation(f"{method} {template}"),
-            _norm_operation(f"{method} {path}"),
-            f"{method.upper()} *",
-            "*",
-        }
-        with self.read() as db:
-            rows = db.conn.execute("SELECT operation, seconds FROM latency").fetchall()
-        return max((s for op, s in rows if op in ops), default=0.0)
+        return self.latency_of(_request_names(method, template, path))
 
-    # request log ---------------------------------------------------------------------------------------
     def log_request(
         self, site: str | None, method: str, path: str, query: str = "", operation: str | None = None
     ) -> None:
-        with self.tx() as db:
-            cur = db.conn.execute(
-                "INSERT INTO requests (ts, site, method, path, query, operation) VALUES (?,?,?,?,?,?)",
-                (time.time(), site, method, path, query, operation),
-            )
-            if cur.lastrowid % 1000 == 0:  # keep the log bounded on long-lived worlds
-                db.conn.execute("DELETE FROM requests WHERE seq <= ?", (cur.lastrowid - REQUEST_LOG_MAX,))
+        self.record_request(site, method, path, query, operation)
 
     def request_log(self, detail: bool = False) -> list:
         """Every request served, in order: (site, method, path) with path below the site prefix
         (e.g. ("chi@tacc", "POST", "/reservation/v1/leases")); site is "refapi" for the reference API.
         With detail=True, dicts that also carry ts, query and operation ("POST /leases")."""
-        with self.read() as db:
-            rows = db.conn.execute(
-                "SELECT ts, site, method, path, query, operation FROM requests ORDER BY seq"
-            )
-            rows = rows.fetchall()
+        rows = self.logged_requests()
         if detail:
             keys = ("ts", "site", "method", "path", "query", "operation")
-            return [dict(zip(keys, r, strict=True)) for r in rows]
-        return [(r[1], r[2], r[3]) for r in rows]
-
-    def clear_request_log(self) -> None:
-        with self.tx() as db:
-            db.conn.execute("DELETE FROM requests")
+            return [dict(zip(keys, (r["ts"], r["scope"], r["method"], r["path"], r["query"], r["operation"]),
+                             strict=True)) for r in rows]
+        return [(r["scope"], r["method"], r["path"]) for r in rows]
 
     # lifecycle -----------------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:

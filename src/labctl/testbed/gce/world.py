@@ -57,12 +57,6 @@ CREATE INDEX IF NOT EXISTS resources_gone ON resources (gone_at) WHERE gone_at I
 CREATE TABLE IF NOT EXISTS request_ids (
     project TEXT NOT NULL, request_id TEXT NOT NULL, scope TEXT NOT NULL, operation TEXT NOT NULL,
     created REAL NOT NULL, PRIMARY KEY (project, request_id));
-CREATE TABLE IF NOT EXISTS requests (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, method TEXT NOT NULL, path TEXT NOT NULL,
-    query TEXT NOT NULL DEFAULT '', operation TEXT);
-CREATE TABLE IF NOT EXISTS faults (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, operation TEXT NOT NULL, kind TEXT NOT NULL,
-    remaining INTEGER NOT NULL, message TEXT);
 """
 
 try:
@@ -353,10 +347,6 @@ def matches(obj: dict, terms: list[tuple[str, str, str]]) -> bool:
     return True
 
 
-def _norm_fault_op(operation: str) -> str:
-    return operation.strip()
-
-
 # ------------------------------------------------------------------------------------ the world
 class GceWorld(SqliteWorld):
     """The emulated Compute Engine's state and control API (see the module docstring)."""
@@ -460,7 +450,7 @@ class GceWorld(SqliteWorld):
                 usage["IN_USE_ADDRESSES"] += 1
         return usage
 
-    # faults -------------------------------------------------------------------------------------------
+    # faults and request log (their storage: `SqliteWorld`) -----------------------------------------------
     def inject_fault(self, operation: str, kind: str, count: int = 1, message: str | None = None) -> None:
         """Make the next `count` requests of `operation` misbehave.
 
@@ -471,55 +461,27 @@ class GceWorld(SqliteWorld):
         the connection)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r} (one of {', '.join(FAULT_KINDS)})")
-        with self.tx() as db:
-            db.conn.execute("INSERT INTO faults (operation, kind, remaining, message) VALUES (?,?,?,?)",
-                            (_norm_fault_op(operation), kind, int(count), message))
-
-    def clear_faults(self) -> None:
-        with self.tx() as db:
-            db.conn.execute("DELETE FROM faults")
+        self.queue_fault(None, operation.strip(), kind, count, message)
 
     def faults(self) -> list[dict]:
-        with self.read() as db:
-            rows = db.conn.execute(
-                "SELECT operation, kind, remaining, message FROM faults WHERE remaining > 0 ORDER BY id"
-            ).fetchall()
-        return [dict(zip(("operation", "kind", "remaining", "message"), r, strict=True)) for r in rows]
+        return [{k: v for k, v in f.items() if k != "scope"} for f in self.pending_faults()]
 
     def take_fault(self, operation: str) -> tuple[str, str | None] | None:
         """Consume one fault matching this API method, if any: (kind, message)."""
-        with self.read() as db:
-            if not db.conn.execute("SELECT 1 FROM faults WHERE remaining > 0 LIMIT 1").fetchone():
-                return None
-        with self.tx() as db:
-            rows = db.conn.execute(
-                "SELECT id, operation, kind, message FROM faults WHERE remaining > 0 ORDER BY id").fetchall()
-            for fid, pattern, kind, message in rows:
-                if pattern == "*" or fnmatch.fnmatchcase(operation, pattern):
-                    db.conn.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?", (fid,))
-                    return kind, message
-        return None
+        return self.pop_fault(None, [operation], glob=True)
 
-    # request log --------------------------------------------------------------------------------------
     def log_request(self, method: str, path: str, query: str = "", operation: str | None = None) -> None:
-        with self.tx() as db:
-            db.conn.execute("INSERT INTO requests (ts, method, path, query, operation) VALUES (?,?,?,?,?)",
-                            (time.time(), method, path, query, operation))
+        self.record_request(None, method, path, query, operation)
 
     def request_log(self, detail: bool = False) -> list:
         """Every request served, in order: (method, path), e.g. ("POST", "/compute/v1/projects/sim-project/
         zones/us-central1-a/instances"). With detail=True, dicts that also carry ts, query and operation
         (the API method id, "instances.insert")."""
-        with self.read() as db:
-            rows = db.conn.execute("SELECT ts, method, path, query, operation FROM requests ORDER BY seq")
-            rows = rows.fetchall()
+        rows = self.logged_requests()
         if detail:
-            return [dict(zip(("ts", "method", "path", "query", "operation"), r, strict=True)) for r in rows]
-        return [(r[1], r[2]) for r in rows]
-
-    def clear_request_log(self) -> None:
-        with self.tx() as db:
-            db.conn.execute("DELETE FROM requests")
+            keys = ("ts", "method", "path", "query", "operation")
+            return [{k: r[k] for k in keys} for r in rows]
+        return [(r["method"], r["path"]) for r in rows]
 
     # lifecycle ----------------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
