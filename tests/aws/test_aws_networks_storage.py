@@ -14,6 +14,7 @@ from labctl.errors import CloudError, Transient, UserError
 from labctl.plan import build_plan
 from labctl.profile import load_profile
 from labctl.providers import aws as aws_provider
+from labctl.providers.aws import session as aws_session
 from labctl.providers.base import Found
 from labctl.state import StateStore
 
@@ -204,7 +205,7 @@ def test_subnet_and_vpc_delete_retry_while_something_is_in_them(emu, tmp_path: P
     subnet = provider.create(plan.get("subnet:cluster"), plan, {"network:cluster": net}, None)
     cli = ec2_client(emu)
     eni = cli.create_network_interface(SubnetId=subnet.cloud_id)["NetworkInterface"]["NetworkInterfaceId"]
-    monkeypatch.setattr(aws_provider, "IN_USE_GRACE", 0.3)
+    monkeypatch.setattr(aws_session, "IN_USE_GRACE", 0.3)
     emu.world.clear_request_log()
     with pytest.raises(CloudError, match="DependencyViolation"):
         provider.delete("subnet", [subnet], plan)

@@ -17,6 +17,7 @@ from labctl.errors import CloudError, CredentialsError, NoCapacity, QuotaExceede
 from labctl.plan import build_plan
 from labctl.profile import find_profile, load_profile
 from labctl.providers import aws as aws_provider
+from labctl.providers.aws import instances
 from labctl.state import StateStore
 
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d", "us-east-1e", "us-east-1f")
@@ -230,16 +231,16 @@ def test_errors_are_translated(emu, tmp_path: Path, public_key: str):
     provider.poll_interval, provider.call_retries = 0.001, 2  # each call: 2 tries here x 2 by botocore
     emu.world.inject_fault("DescribeVpcs", "RequestLimitExceeded", 100)
     with pytest.raises(RateLimited):
-        provider._default_vpc()
+        instances.default_vpc(provider)
     emu.world.reset_controls()
     emu.world.inject_fault("DescribeVpcs", "error503", 100)
     with pytest.raises(Transient):
-        provider._default_vpc()
+        instances.default_vpc(provider)
     emu.world.reset_controls()
     emu.world.inject_fault("DescribeVpcs", "error503", 3)  # fewer than the retries: it gets through
-    assert provider._default_vpc().startswith("vpc-")
+    assert instances.default_vpc(provider).startswith("vpc-")
     with pytest.raises(CloudError) as err:  # an SDK exception never escapes
-        provider._call("bad call", lambda: provider.ec2.describe_instances(InstanceIds=["i-nope"]))
+        provider.call("bad call", lambda: provider.ec2.describe_instances(InstanceIds=["i-nope"]))
     assert type(err.value).__module__.startswith("labctl")
 
 

@@ -1,0 +1,170 @@
+"""AWS adapter (boto3): key pairs, security groups, instances and Elastic IPs (in the region's default VPC, or in a
+VPC of the deployment's own when the lab has a private network), EBS volumes and S3 buckets.
+
+Credentials come from the standard chain (`--cloud PROFILE`, AWS_PROFILE, the AWS_* keys, SSO, config files)
+through `boto3.session.Session`; an emulated site (`sim-aws`) talks to the testbed's EC2 front layer
+(`labctl.testbed.aws`) with dummy keys and none of the user's AWS settings.
+
+How the usual EC2 traps are handled:
+- every launch carries a deterministic `ClientToken` (deployment, node, type, zone, attempt), so a retried or
+  repeated `RunInstances` (client timeout, botocore retry, a rerun after a crash) never makes a second
+  instance; every resource is tagged at creation (`TagSpecifications`), so a rerun finds it by tag;
+- `InsufficientInstanceCapacity` / `Unsupported` in one zone: a region site tries the region's other zones
+  (their default subnets) before raising `NoCapacity`, so the engine tries the next instance type;
+  `VcpuLimitExceeded` / `InstanceLimitExceeded` become `QuotaExceeded`;
+- clients retry at most once by themselves (`max_attempts=2`): an HTTP 500 capacity error is not repeated
+  many times; throttling and transient errors are retried here with backoff;
+- `wait` makes one `DescribeInstances` per poll round (filtered by the deployment tag) for all nodes;
+- Elastic IPs are disassociated before they are released (AWS does it on termination, emulators may not).
+
+How the provider-neutral kinds map onto AWS:
+- `network`: a VPC of the deployment (CIDR = its subnet's), with an internet gateway attached and a 0.0.0.0/0
+  route to it in the VPC's main route table: every node keeps an ephemeral public IPv4 for outbound traffic (what
+  Chameleon's shared network gives), and the Elastic IP works. A rerun after a crash between these calls
+  finishes them (`find` says "incomplete"). The gateway is deleted with the VPC (detached first).
+- `subnet`: one subnet in that VPC, in one zone: the site's, or the zone of a volume kept for a node on it, or
+  else the first zone of the region that offers every candidate type of its nodes. Its nodes are launched in
+  that zone only (a full zone means the next instance type, not the next zone).
+- `router`: nothing to make (the VPC's internet gateway routes already): a ready Found; delete is a no-op.
+- `secgroup`: in the deployment's VPC when the lab has a network, plus "all traffic from the network's CIDR"
+  when the network has no port security (nodes talk freely, as with Neutron port security off).
+- `server` on a network: one interface in the subnet with the node's fixed private IP, the group, and a public
+  IPv4; `attrs["private_ips"]` = {network name: private IP}, so nodes without an Elastic IP are reached through
+  one with (`ssh -J`).
+- `volume`: a gp3 EBS volume in its server's zone (`ClientToken` from deployment, volume and instance), tagged
+  like everything plus `labctl:keep` and `labctl:volume`; a kept volume of an earlier `up` is found by tags and
+  reused (on a region site the server is then launched in the volume's zone). `volume_attachment`: AttachVolume
+  at /dev/sdf (/dev/sdg... for a node's further volumes); the guest sees it as
+  /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol<id> on Nitro instances, /dev/xvdf on Xen ones.
+- `bucket`: an S3 bucket named after the resource (lower case), tagged with the deployment and `labctl:keep`;
+  delete empties it (every object version) first.
+The calls without an idempotency token (CreateVpc, CreateSubnet, CreateInternetGateway, AllocateAddress) are never
+resent blindly: after a lost answer the tagged resource is looked up first, and made again only if it is not there.
+
+boto3 is imported only inside functions: `import labctl.providers.aws` loads no SDK.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from labctl.errors import CloudError, CredentialsError, UserError
+from labctl.providers import kit
+from labctl.providers.aws import instances, network, storage
+from labctl.providers.aws.instances import IMAGES, client_token
+from labctl.providers.aws.session import AwsSession, load_session
+from labctl.providers.aws.storage import bucket_name, volume_token
+from labctl.providers.base import Found, ProgressFn
+
+if TYPE_CHECKING:
+    from labctl.plan import Plan, Resource
+    from labctl.sites import Site
+
+MISSING_GRACE = 30.0  # seconds a new instance may be absent from DescribeInstances (eventual consistency)
+_session = load_session  # (the tests load the standard chain through it)
+
+
+def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> AwsProvider:
+    """Credentials from the standard AWS chain (or profile `cloud`), or the emulated testbed for `sim-aws`."""
+    if site.emulated:
+        if testbed is None:
+            raise UserError(f"{site.name} is emulated but no testbed was given")
+        tb = testbed()
+        emu = tb.aws()
+        site = dataclasses.replace(site, ssh_port=getattr(tb, "ssh_port", None) or emu.world.ssh_port)
+        # The emulated world's own access key (private to its owner; registered with labctl.redact).
+        return AwsProvider(site, emu.world.session(site.region), endpoint_url=emu.endpoint,
+                           credential_source="the emulated testbed")
+    session, source = load_session(site, cloud)
+    return AwsProvider(site, session, credential_source=source)
+
+
+def describe_credentials(site: Site, cloud: str | None = None) -> str:
+    """One line for `labctl sites`: where the AWS credentials come from, or what is missing."""
+    try:
+        return f"found: {load_session(site, cloud)[1]}"
+    except CredentialsError as exc:
+        return "missing: " + str(exc).removeprefix(f"{site.name}: ")
+
+
+class AwsProvider(AwsSession):
+    """The `Provider` for EC2 and S3: each kind's find / create / delete is its handler's (`session.TABLE`)."""
+
+    def preflight(self, plan: Plan) -> None:
+        """Credentials (the first call fails on bad ones), images, and that each node has a type here."""
+        for image in sorted({n.image for n in plan.nodes}):
+            instances.image(self, image)
+        for res in plan.by_kind("bucket"):
+            if bucket_name(res.name) is None:
+                raise UserError(storage.bad_bucket(self, res))
+        for res in plan.by_kind("server"):
+            for net in res.spec.get("networks") or []:
+                network.check_fixed_ip(self, res, net, plan)
+        types = sorted({c for n in plan.nodes for c in n.candidates})
+        if not types:
+            return
+        offered = instances.offered_zones(self, types)
+        # Nodes on the deployment's own network use its VPC: a region without a default VPC is fine for them.
+        own_network = all(r.spec.get("networks") for r in plan.by_kind("server"))
+        zones = instances.region_zones(self) if own_network else set(instances.default_subnets(self))
+        where = self.site.zone or self.region
+        for node in plan.nodes:
+            if node.candidates and not any(offered[c] & zones for c in node.candidates):
+                raise UserError(f"{self.site.name}: none of {', '.join(node.candidates)} (for {node.name}) is "
+                                f"offered in {where}")
+
+    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
+        if res.kind not in self.handlers:
+            raise CloudError(f"{self.site.name}: AWS has no '{res.kind}' resources")
+        return self.handlers[res.kind].create(res, plan, deps, candidate)
+
+    def delete(self, kind: str, found: Sequence[Found], plan: Plan) -> None:
+        if found and kind in self.handlers:
+            self.handlers[kind].delete(found, plan)
+
+    def wait(self, items: Sequence[tuple[Resource, Found]], plan: Plan, timeout: float,
+             on_progress: ProgressFn) -> list[Found]:
+        """Servers, volumes and attachments until ready or failed: one DescribeInstances and one DescribeVolumes
+        per poll round for all of them (the instance list shared by the deployments of a class)."""
+        results = {res.key: found for res, found in items}
+        start = time.monotonic()
+
+        def pending() -> list[tuple[Resource, Found]]:
+            return [(r, results[r.key]) for r, _ in items if results[r.key].status == "pending"]
+
+        def refresh() -> str:
+            todo, missing = pending(), time.monotonic() - start > MISSING_GRACE
+            servers = [(r, f) for r, f in todo if r.kind == "server"]
+            if servers:
+                instances.poll(self, servers, plan, results, missing, on_progress)
+            volumes = [(r, f) for r, f in todo if r.kind in ("volume", "volume_attachment")]
+            if volumes:
+                storage.poll(self, volumes, results, missing, on_progress)
+            for r, _ in todo:
+                if r.kind not in ("server", "volume", "volume_attachment"):  # nothing else has a pending state
+                    results[r.key].status = "ready"
+            return "pending" if pending() else "done"
+
+        try:
+            kit.poll_until(refresh, status=lambda s: s, pending=("pending",), target=("done",), timeout=timeout,
+                           interval=self.poll_interval, what=f"{self.site.name}: {plan.deployment}")
+        except kit.WaitTimedOut:
+            for _, f in pending():
+                f.status, f.error = "error", f"still not running after {timeout:.0f}s"
+        return [results[r.key] for r, _ in items]
+
+    def list_owned(self, plan: Plan) -> list[Found]:
+        """Everything tagged with the deployment: instances, Elastic IPs, key pairs, security groups, VPCs and
+        internet gateways (both kind "network"), subnets, volumes and their attachments, buckets."""
+        return [*instances.owned(self, plan), *network.owned(self, plan), *storage.owned(self, plan)]
+
+    def extend(self, found: Found, hours: float, plan: Plan) -> Found:
+        """No leases on AWS: instances run until deleted."""
+        return found
+
+
+__all__ = ["IMAGES", "AwsProvider", "bucket_name", "client_token", "connect", "describe_credentials",
+           "volume_token"]

@@ -1,0 +1,395 @@
+"""A deployment's own network (VPC with an internet gateway and a default route, one subnet in one zone), its
+router (the gateway: nothing to make) and its security group."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from labctl import naming
+from labctl.errors import CloudError, Conflict, UserError
+from labctl.providers.aws import instances
+from labctl.providers.aws.session import TABLE, AwsSession, tag_list, tagged, tags_of
+from labctl.providers.base import Found, create_or_adopt
+
+if TYPE_CHECKING:
+    from labctl.plan import Plan, Resource
+
+log = logging.getLogger(__name__)
+
+
+def check_fixed_ip(p: AwsSession, res: Resource, net: Mapping[str, Any], plan: Plan) -> None:
+    """AWS keeps the first four addresses of a subnet and its last one: a node cannot have them."""
+    if not net.get("fixed_ip"):
+        return
+    try:
+        cidr = ipaddress.ip_network(plan.get(net["subnet"]).spec["cidr"])
+    except KeyError:
+        return
+    address = ipaddress.ip_address(net["fixed_ip"])
+    if address < cidr.network_address + 4 or address == cidr.broadcast_address:
+        raise UserError(f"{p.site.name}: {res.spec['node']} would get {address} on "
+                        f"{net['network'].split(':', 1)[-1]}, but AWS keeps the first four and the last address "
+                        f"of a subnet ({cidr}); use first_ip 4 or more")
+
+
+def attached(igw: Mapping[str, Any], vpc_id: str) -> bool:
+    return any(a.get("VpcId") == vpc_id and a.get("State") in ("available", "attached", "attaching")
+               for a in igw.get("Attachments") or [])
+
+
+def subnet_found(subnet: Mapping[str, Any]) -> Found:
+    return Found("subnet", subnet["SubnetId"], tags_of(subnet.get("Tags")).get("Name", subnet["SubnetId"]), attrs={
+        "zone": subnet["AvailabilityZone"], "cidr": subnet["CidrBlock"], "vpc_id": subnet["VpcId"]})
+
+
+# -- network: VPC + internet gateway + default route -------------------------------------------------------------
+def vpcs_of(p: AwsSession, res: Resource, plan: Plan) -> list[Found]:
+    """The network's VPCs (one, but for a moment two when two runs raced): a finished one (its gateway attached)
+    first, then by id."""
+    vpcs = p.describe("list VPCs", "describe_vpcs", "Vpcs", Filters=tagged(plan, name=res.name))
+    gateways = p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
+                          Filters=tagged(plan, name=res.name)) if len(vpcs) > 1 else []
+    found = [Found("network", v["VpcId"], res.name, status="incomplete", attrs={
+        "cidr": v.get("CidrBlock"), "finished": any(attached(g, v["VpcId"]) for g in gateways)}) for v in vpcs]
+    return sorted(found, key=lambda f: (not f.attrs["finished"], f.cloud_id))
+
+
+def gateway_of(p: AwsSession, vpc_id: str, res: Resource, plan: Plan) -> dict[str, Any] | None:
+    """The network's internet gateway (tagged with its name): the one attached to the VPC first."""
+    gateways = p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
+                          Filters=tagged(plan, name=res.name))
+    return min(gateways, key=lambda g: (not attached(g, vpc_id), g["InternetGatewayId"]), default=None)
+
+
+def main_route_table(p: AwsSession, vpc_id: str) -> dict[str, Any]:
+    tables = p.describe("get the main route table", "describe_route_tables", "RouteTables", Filters=[
+        {"Name": "vpc-id", "Values": [vpc_id]}, {"Name": "association.main", "Values": ["true"]}])
+    if not tables:
+        raise CloudError(f"{p.site.name}: VPC {vpc_id} has no main route table")
+    return tables[0]
+
+
+def find_network(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
+    vpcs = vpcs_of(p, res, plan)
+    if not vpcs:
+        return None
+    found = vpcs[0]
+    found.attrs.pop("finished")
+    igw = gateway_of(p, found.cloud_id, res, plan)
+    if igw is None or not attached(igw, found.cloud_id):
+        return found  # a crash between CreateVpc and the gateway: create() finishes it
+    table = main_route_table(p, found.cloud_id)
+    found.attrs.update(internet_gateway=igw["InternetGatewayId"], route_table=table["RouteTableId"])
+    if any(r.get("DestinationCidrBlock") == "0.0.0.0/0" and r.get("GatewayId") == igw["InternetGatewayId"]
+           and r.get("State", "active") == "active" for r in table.get("Routes") or []):
+        found.status = "ready"
+    return found
+
+
+def create_network(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    found = find_network(p, res, plan)
+    if found is not None and found.status == "ready":
+        return found
+    if found is None:
+        cidr = plan.get(f"subnet:{res.spec['network']}").spec["cidr"]
+
+        def create_vpc() -> Found:
+            out = p.ec2_once.create_vpc(CidrBlock=cidr, TagSpecifications=[
+                {"ResourceType": "vpc", "Tags": tag_list(plan, name=res.name)}])
+            return Found("network", out["Vpc"]["VpcId"], res.name, attrs={"cidr": cidr})
+
+        # CreateVpc has no idempotency token and VPC names are not unique: two racing runs converge on one.
+        found = p.create_unique(f"create VPC {res.name}", create_vpc, lambda: find_network(p, res, plan),
+                                lambda: vpcs_of(p, res, plan),
+                                lambda f: p.in_use_retry("delete duplicate VPC", lambda: p.ec2.delete_vpc(
+                                    VpcId=f.cloud_id)),
+                                ident=lambda f: f.cloud_id, rank=lambda f: not f.attrs.get("finished"))
+        log.info("%s: made VPC %s (%s) for %s", p.site.name, found.cloud_id, cidr, res.name)
+    vpc_id = found.cloud_id
+    igw = gateway_of(p, vpc_id, res, plan)
+    if igw is None:
+        def create_gateway() -> dict[str, Any]:
+            return p.ec2_once.create_internet_gateway(TagSpecifications=[
+                {"ResourceType": "internet-gateway", "Tags": tag_list(plan, name=res.name)}])["InternetGateway"]
+
+        igw = p.create_unique(f"create internet gateway for {res.name}", create_gateway,
+                              lambda: gateway_of(p, vpc_id, res, plan),
+                              lambda: p.describe("list internet gateways", "describe_internet_gateways",
+                                                 "InternetGateways", Filters=tagged(plan, name=res.name)),
+                              lambda g: p.call("delete duplicate internet gateway",
+                                               lambda: p.ec2.delete_internet_gateway(
+                                                   InternetGatewayId=g["InternetGatewayId"]), missing_ok=True),
+                              ident=lambda g: g["InternetGatewayId"], rank=lambda g: not attached(g, vpc_id))
+    igw_id = igw["InternetGatewayId"]
+    if not attached(igw, vpc_id):
+        try:
+            p.call("attach internet gateway", lambda: p.ec2.attach_internet_gateway(
+                InternetGatewayId=igw_id, VpcId=vpc_id))
+        except CloudError as exc:  # a retry after a lost answer attached it already
+            again = gateway_of(p, vpc_id, res, plan)
+            if again is None or not attached(again, vpc_id):
+                raise CloudError(f"{p.site.name}: cannot attach internet gateway {igw_id} to {vpc_id}: "
+                                 f"{exc}") from exc
+    table = main_route_table(p, vpc_id)
+    routes = [r for r in table.get("Routes") or [] if r.get("DestinationCidrBlock") == "0.0.0.0/0"]
+    if not routes:
+        with contextlib.suppress(Conflict):  # RouteAlreadyExists: a retry after a lost answer made it
+            p.call("add the default route", lambda: p.ec2.create_route(
+                RouteTableId=table["RouteTableId"], DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id))
+    elif routes[0].get("GatewayId") != igw_id or routes[0].get("State", "active") != "active":
+        p.call("replace the default route", lambda: p.ec2.replace_route(
+            RouteTableId=table["RouteTableId"], DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id))
+    return Found("network", vpc_id, res.name, attrs={"cidr": found.attrs.get("cidr"), "internet_gateway": igw_id,
+                                                     "route_table": table["RouteTableId"]})
+
+
+def delete_networks(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+    """VPCs (their internet gateways detached and deleted first) and gateways left alone by a crash."""
+    for f in sorted(found, key=lambda f: not f.cloud_id.startswith("igw-")):  # stray gateways first
+        if f.cloud_id.startswith("igw-"):
+            delete_gateways(p, [{"Name": "internet-gateway-id", "Values": [f.cloud_id]}])
+            continue
+        delete_gateways(p, [{"Name": "attachment.vpc-id", "Values": [f.cloud_id]}])
+        p.in_use_retry("delete VPC", lambda f=f: p.ec2.delete_vpc(VpcId=f.cloud_id))
+        log.info("%s: deleted VPC %s", p.site.name, f.cloud_id)
+
+
+def delete_gateways(p: AwsSession, filters: list[dict[str, Any]]) -> None:
+    """Detach the matching internet gateways from their VPCs and delete them."""
+    for igw in p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
+                          Filters=filters):
+        igw_id = igw["InternetGatewayId"]
+        for a in igw.get("Attachments") or []:
+            try:
+                p.in_use_retry("detach internet gateway", lambda a=a, g=igw_id:
+                               p.ec2.detach_internet_gateway(InternetGatewayId=g, VpcId=a["VpcId"]))
+            except CloudError as exc:
+                if "Gateway.NotAttached" not in str(exc):
+                    raise
+        p.in_use_retry("delete internet gateway", lambda g=igw_id: p.ec2.delete_internet_gateway(
+            InternetGatewayId=g))
+        log.info("%s: deleted internet gateway %s", p.site.name, igw_id)
+
+
+# -- subnet -------------------------------------------------------------------------------------------------------
+def subnets_of(p: AwsSession, res: Resource, plan: Plan) -> list[dict[str, Any]]:
+    """The subnets of that name (one, but for a moment two when two runs raced): one in use first, then by id."""
+    return sorted(p.describe("list subnets", "describe_subnets", "Subnets", Filters=tagged(plan, name=res.name)),
+                  key=lambda n: (n.get("AvailableIpAddressCount", 0), n["SubnetId"]))
+
+
+def find_subnet(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
+    subnets = subnets_of(p, res, plan)
+    return subnet_found(subnets[0]) if subnets else None
+
+
+def create_subnet(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    existing = find_subnet(p, res, plan)
+    if existing is not None:
+        return existing
+    vpc_id = deps[res.spec["network"]].cloud_id
+    zone = subnet_zone(p, res, plan)
+    cidr = res.spec["cidr"]
+
+    def create() -> dict[str, Any]:
+        return p.ec2_once.create_subnet(VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone, TagSpecifications=[
+            {"ResourceType": "subnet", "Tags": tag_list(plan, name=res.name)}])["Subnet"]
+
+    found = subnet_found(p.create_unique(
+        f"create subnet {res.name}", create, lambda: next(iter(subnets_of(p, res, plan)), None),
+        lambda: subnets_of(p, res, plan),
+        lambda n: p.in_use_retry("delete duplicate subnet", lambda: p.ec2.delete_subnet(SubnetId=n["SubnetId"])),
+        ident=lambda n: n["SubnetId"], rank=lambda n: n.get("AvailableIpAddressCount", 0)))
+    log.info("%s: made subnet %s (%s) in %s", p.site.name, found.cloud_id, cidr, zone)
+    return found
+
+
+def delete_subnets(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+    for f in found:
+        p.in_use_retry("delete subnet", lambda f=f: p.ec2.delete_subnet(SubnetId=f.cloud_id))
+
+
+def subnet_zone(p: AwsSession, res: Resource, plan: Plan) -> str:
+    """The zone of a network's subnet: the site's; else that of a volume kept for a node on it (a volume
+    attaches only in its zone); else the first zone that offers every candidate type of its nodes."""
+    if p.site.zone:
+        return p.site.zone
+    servers = [r for r in plan.by_kind("server")
+               if any(n.get("subnet") == res.key for n in r.spec.get("networks") or [])]
+    nodes = {r.spec["node"] for r in servers}
+    for vol in plan.by_kind("volume"):
+        if vol.spec.get("node") in nodes and (kept := p.find(vol, plan)) is not None:
+            log.info("%s: subnet %s goes to %s, where volume %s is", p.site.name, res.name, kept.attrs["zone"],
+                     kept.cloud_id)
+            return str(kept.attrs["zone"])
+    candidates = [list(r.spec.get("candidates") or []) for r in servers]
+    every = sorted({c for cs in candidates for c in cs})
+    if not every:
+        return sorted(instances.region_zones(p))[0]
+    offered = instances.offered_zones(p, every)
+    common = set.intersection(*(offered[t] for t in every))
+    if not common:  # no zone has them all: one that has each node's first choice
+        common = set.intersection(*(offered[cs[0]] for cs in candidates if cs))
+    if not common:
+        raise CloudError(f"{p.site.name}: no zone of {p.region} offers {', '.join(every)} together, but "
+                         f"the nodes on {res.spec['network'].split(':', 1)[-1]} share one subnet (one zone); "
+                         "give them types offered in one zone, or run on a zone site (aws:<zone>)")
+    return sorted(common)[0]
+
+
+# -- router: the VPC's internet gateway ------------------------------------------------------------------------
+def router_network(res: Resource, plan: Plan) -> Resource | None:
+    """The network resource a router resource belongs to (through its subnet); None on a teardown look-up."""
+    try:
+        return plan.get(plan.get(res.spec["subnet"]).spec["network"])
+    except KeyError:
+        return None
+
+
+def router_found(res: Resource, network: Found) -> Found:
+    return Found("router", network.attrs["internet_gateway"], res.name, attrs={
+        "vpc_id": network.cloud_id,
+        "note": "the VPC's internet gateway (made with the network) routes to the internet; nothing else to make"})
+
+
+def find_router(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
+    net = router_network(res, plan)
+    found = find_network(p, net, plan) if net is not None else None
+    return router_found(res, found) if found is not None and found.status == "ready" else None
+
+
+def create_router(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    net = router_network(res, plan)
+    if net is None:
+        raise CloudError(f"{p.site.name}: router {res.name} has no network in the plan")
+    return router_found(res, create_network(p, net, plan, deps, None))  # finishes it if needed
+
+
+def delete_routers(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+    """Nothing: the internet gateway goes with the network (VPC)."""
+
+
+# -- security group ----------------------------------------------------------------------------------------------
+def wanted_rules(res: Resource) -> set[tuple[int, str, str]]:
+    return {(int(r["port"]), str(r["protocol"]), str(r["cidr"])) for r in res.spec.get("rules") or []}
+
+
+def wanted_open(res: Resource) -> set[str]:
+    """CIDRs of the networks without port security: all traffic from them is allowed."""
+    return {str(n["cidr"]) for n in res.spec.get("networks") or [] if n.get("open")}
+
+
+def rules_of(group: Mapping[str, Any]) -> set[tuple[int, str, str]]:
+    return {(int(p["FromPort"]), str(p.get("IpProtocol")), str(r.get("CidrIp")))
+            for p in group.get("IpPermissions") or [] if p.get("FromPort") is not None
+            and p.get("FromPort") == p.get("ToPort") for r in p.get("IpRanges") or []}
+
+
+def open_of(group: Mapping[str, Any]) -> set[str]:
+    return {str(r.get("CidrIp")) for p in group.get("IpPermissions") or [] if p.get("IpProtocol") == "-1"
+            for r in p.get("IpRanges") or []}
+
+
+def secgroup_vpc(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found] | None = None) -> str | None:
+    """The VPC of the deployment's group: its network's (None if that does not exist), else the default VPC."""
+    nets = res.spec.get("networks") or []
+    if not nets:
+        return instances.default_vpc(p)
+    key = nets[0]["network"]
+    if deps is not None and key in deps:
+        return deps[key].cloud_id
+    found = find_network(p, plan.get(key), plan)
+    return found.cloud_id if found is not None else None
+
+
+def find_secgroup(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
+    filters = [{"Name": "group-name", "Values": [res.name]}]
+    if "rules" in res.spec:  # a teardown look-up (no spec) searches every VPC
+        vpc = secgroup_vpc(p, res, plan)
+        if vpc is None:
+            return None
+        filters.append({"Name": "vpc-id", "Values": [vpc]})
+    mine = [g for g in p.describe("list security groups", "describe_security_groups", "SecurityGroups",
+                                  Filters=filters)
+            if tags_of(g.get("Tags")).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+    if not mine:
+        return None
+    sg = mine[0]
+    complete = wanted_rules(res) <= rules_of(sg) and wanted_open(res) <= open_of(sg)
+    return Found("secgroup", sg["GroupId"], sg["GroupName"], status="ready" if complete else "incomplete",
+                 attrs={"vpc_id": sg.get("VpcId")})
+
+
+def create_secgroup(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    existing = find_secgroup(p, res, plan)
+    if existing is None:
+        vpc = secgroup_vpc(p, res, plan, deps)
+        if vpc is None:
+            raise CloudError(f"{p.site.name}: the network of security group {res.name} does not exist")
+
+        def create() -> Found:
+            out = p.call("create security group", lambda: p.ec2.create_security_group(
+                GroupName=res.name, Description=f"labctl {plan.deployment}", VpcId=vpc,
+                TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(plan, name=res.name)}]))
+            return Found("secgroup", out["GroupId"], res.name, attrs={"new": True})
+
+        def adopt() -> Found:
+            # Group names are unique in a VPC: a retry after a lost answer or a concurrent run made it.
+            found = find_secgroup(p, res, plan)
+            if found is None:
+                raise CloudError(f"{p.site.name}: a security group named {res.name} exists in VPC {vpc} "
+                                 "but is not this deployment's (no labctl tags); delete or rename it")
+            return found
+
+        existing = create_or_adopt(create, adopt)
+    sg_id = existing.cloud_id
+    if existing.attrs.get("new"):
+        have, have_open = set(), set()
+    else:
+        group = p.describe("get security group", "describe_security_groups", "SecurityGroups", GroupIds=[sg_id])[0]
+        have, have_open = rules_of(group), open_of(group)
+    for cidr in sorted(wanted_open(res) - have_open):
+        # A network without port security: its nodes talk freely (every protocol from its CIDR).
+        perms = [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": cidr, "Description": "labctl: private network"}]}]
+        with contextlib.suppress(Conflict):  # a concurrent run allowed it first
+            p.call(f"allow all traffic from {cidr}", lambda perms=perms: p.ec2.authorize_security_group_ingress(
+                GroupId=sg_id, IpPermissions=perms))
+    missing = sorted(wanted_rules(res) - have)
+    if missing:
+        perms = [{"IpProtocol": proto, "FromPort": port, "ToPort": port,
+                  "IpRanges": [{"CidrIp": cidr, "Description": "labctl"}]} for port, proto, cidr in missing]
+        with contextlib.suppress(Conflict):  # a concurrent run opened them first
+            p.call(f"open ports {', '.join(str(port) for port, _, _ in missing)}",
+                   lambda: p.ec2.authorize_security_group_ingress(GroupId=sg_id, IpPermissions=perms))
+    return Found("secgroup", sg_id, res.name)
+
+
+def delete_secgroups(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+    for f in found:  # an instance's network interface holds the group for a while after termination
+        p.in_use_retry("delete security group", lambda f=f: p.ec2.delete_security_group(GroupId=f.cloud_id))
+
+
+def owned(p: AwsSession, plan: Plan) -> list[Found]:
+    """The deployment's security groups, VPCs and internet gateways (both kind "network": a gateway is deleted with
+    its VPC, one left alone by a crash before it was attached by itself), and subnets."""
+    flt = tagged(plan)
+    out = [Found("secgroup", g["GroupId"], g["GroupName"])
+           for g in p.describe("list security groups", "describe_security_groups", "SecurityGroups", Filters=flt)]
+    out += [Found("network", v["VpcId"], tags_of(v.get("Tags")).get("Name", v["VpcId"]),
+                  attrs={"cidr": v.get("CidrBlock")})
+            for v in p.describe("list VPCs", "describe_vpcs", "Vpcs", Filters=flt)]
+    out += [Found("network", g["InternetGatewayId"], tags_of(g.get("Tags")).get("Name", ""),
+                  attrs={"vpc_ids": [a["VpcId"] for a in g.get("Attachments") or []]})
+            for g in p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
+                                Filters=flt)]
+    return out + [subnet_found(n) for n in p.describe("list subnets", "describe_subnets", "Subnets", Filters=flt)]
+
+
+TABLE.register("network", find=find_network, create=create_network, delete=delete_networks)
+TABLE.register("subnet", find=find_subnet, create=create_subnet, delete=delete_subnets)
+TABLE.register("router", find=find_router, create=create_router, delete=delete_routers)
+TABLE.register("secgroup", find=find_secgroup, create=create_secgroup, delete=delete_secgroups)

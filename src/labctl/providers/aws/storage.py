@@ -1,0 +1,376 @@
+"""EBS volumes (gp3, in their server's zone, kept across `down` by tag) and their attachments; S3 buckets."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from labctl import naming
+from labctl.errors import CloudError
+from labctl.providers.aws.session import S3_MISSING, TABLE, AwsSession, error_code, tag_list, tagged, tags_of
+from labctl.providers.base import Found
+
+if TYPE_CHECKING:
+    from labctl.plan import Plan, Resource
+
+log = logging.getLogger(__name__)
+
+KEEP_TAG = "labctl:keep"  # "true" when `down` keeps the volume / bucket (Chameleon's VOLUME_KEEP metadata)
+VOLUME_TAG = "labctl:volume"  # the profile's name of a data volume (root volumes do not have it)
+BUCKET_TAG = "labctl:bucket"  # the profile's name of an object store
+VOLUME_DEVICES = "fghijklmnop"  # /dev/sdf, /dev/sdg...: a node's data volumes, in plan order
+NVME_BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def volume_token(deployment: str, volume: str, instance_id: str) -> str:
+    """CreateVolume's idempotency token: one per (deployment, volume, server instance), so a retry or a rerun after
+    a crash never makes a second volume, and a new `up` (a new instance) after `down --delete-volumes` makes a new
+    one instead of getting the deleted volume's answer back."""
+    digest = hashlib.sha256(f"{deployment}|{volume}|{instance_id}".encode()).hexdigest()
+    return f"labctl-{digest[:40]}"
+
+
+def bucket_name(name: str) -> str | None:
+    """The S3 bucket name for a resource name (lower case, '_' -> '-'), or None if it cannot be a valid one
+    (3-63 characters of a-z 0-9 . -, starting and ending with a letter or digit, not an IP address...)."""
+    out = name.lower().replace("_", "-")
+    if not _BUCKET_NAME.match(out) or ".." in out or ".-" in out or "-." in out:
+        return None
+    if re.match(r"^\d+\.\d+\.\d+\.\d+$", out) or out.startswith(("xn--", "sthree-")):
+        return None
+    if out.endswith(("-s3alias", "--ol-s3", "--x-s3")):
+        return None
+    return out
+
+
+def bad_bucket(p: AwsSession, res: Resource) -> str:
+    return (f"{p.site.name}: object store '{res.spec.get('bucket', res.name)}' would be the S3 bucket "
+            f"'{res.name.lower()}', which is not a valid bucket name (3-63 characters of a-z, 0-9, '.' and '-'); "
+            "use a shorter lab, owner or store name, or `labctl up --name`")
+
+
+def device_paths(volume_id: str, device: str) -> list[str]:
+    """Where the guest finds an attached EBS volume: the NVMe by-id link (Nitro), then the Xen names."""
+    letter = device[-1]
+    return [f"{NVME_BY_ID}{volume_id.replace('-', '')}", f"/dev/xvd{letter}", f"/dev/sd{letter}"]
+
+
+# -- volumes -----------------------------------------------------------------------------------------------------
+def volume_found(vol: Mapping[str, Any]) -> Found:
+    tags = tags_of(vol.get("Tags"))
+    state = vol["State"]
+    status = {"available": "ready", "in-use": "ready", "error": "error"}.get(state, "pending")
+    name = tags.get(VOLUME_TAG)
+    return Found("volume", vol["VolumeId"], tags.get("Name", vol["VolumeId"]), status=status,
+                 error="volume went to error" if status == "error" else None, attrs={
+                     "zone": vol["AvailabilityZone"], "size_gb": vol["Size"], "keep": tags.get(KEEP_TAG) == "true",
+                     "volume_status": state, **({"key": f"volume:{name}"} if name else {}),
+                     "attachments": [{"instance_id": a.get("InstanceId"), "device": a.get("Device"),
+                                      "state": a.get("State")} for a in vol.get("Attachments") or []]})
+
+
+def volumes(p: AwsSession, plan: Plan, name: str | None = None) -> list[dict[str, Any]]:
+    """The deployment's data volumes (tagged labctl:volume; root volumes are not), but those going away."""
+    filters = [*tagged(plan, **({"name": name} if name else {})), {"Name": "tag-key", "Values": [VOLUME_TAG]}]
+    return [v for v in p.describe("list volumes", "describe_volumes", "Volumes", Filters=filters)
+            if v["State"] not in ("deleting", "deleted")]
+
+
+def get_volume(p: AwsSession, volume_id: str) -> dict[str, Any] | None:
+    out = p.call("get volume", lambda: p.ec2.describe_volumes(VolumeIds=[volume_id]), missing_ok=True)
+    vols = (out or {}).get("Volumes") or []
+    return vols[0] if vols else None
+
+
+def wait_volume(p: AwsSession, volume_id: str, done: Callable[[dict[str, Any] | None], bool],
+                timeout: float = 600) -> None:
+    p.until(f"volume {volume_id}", lambda: get_volume(p, volume_id),
+            lambda v: "done" if done(v) else "error" if v["State"] == "error" else "pending", timeout)
+
+
+def detached(vol: Mapping[str, Any] | None, instance_id: str | None = None) -> bool:
+    """Whether the volume is gone or attached to nothing (to no `instance_id` if given)."""
+    return vol is None or not any(instance_id in (None, a.get("InstanceId")) for a in vol.get("Attachments") or [])
+
+
+def detach(p: AwsSession, volume_id: str, instance_id: str) -> None:
+    try:
+        p.call("detach volume", lambda: p.ec2.detach_volume(VolumeId=volume_id, InstanceId=instance_id),
+               missing_ok=True)
+    except CloudError as exc:
+        if "IncorrectState" not in str(exc):  # detached already
+            raise
+
+
+def find_volume(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
+    vols = volumes(p, plan, res.name)
+    if not vols:
+        return None
+    vols.sort(key=lambda v: (v["State"] == "error", str(v.get("CreateTime") or ""), v["VolumeId"]))
+    return volume_found(vols[0])
+
+
+def create_volume(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    spec = res.spec
+    keep = "true" if spec.get("keep") else "false"
+    existing = find_volume(p, res, plan)
+    if existing is not None and existing.status != "error":
+        if existing.attrs["keep"] != bool(spec.get("keep")):  # the profile changed its mind
+            p.call("tag volume", lambda: p.ec2.create_tags(Resources=[existing.cloud_id],
+                                                          Tags=[{"Key": KEEP_TAG, "Value": keep}]))
+            existing.attrs["keep"] = bool(spec.get("keep"))
+        log.info("%s: reusing volume %s (%s)", p.site.name, existing.cloud_id, existing.attrs.get("zone"))
+        return existing
+    server = deps[spec["server"]]
+    zone = server.attrs.get("zone")
+    if not zone:
+        raise CloudError(f"{p.site.name}: no zone known for the server of volume {res.name}")
+    tags = [*tag_list(plan, spec["node"], res.name), {"Key": KEEP_TAG, "Value": keep},
+            {"Key": VOLUME_TAG, "Value": spec["volume"]}]
+    out = p.call(f"create volume {res.name}", lambda: p.ec2.create_volume(
+        AvailabilityZone=zone, Size=int(spec["size_gb"]), VolumeType="gp3",
+        ClientToken=volume_token(plan.deployment, spec["volume"], server.cloud_id),
+        TagSpecifications=[{"ResourceType": "volume", "Tags": tags}]))
+    found = volume_found(out)
+    log.info("%s: made volume %s (%d GiB, %s)", p.site.name, found.cloud_id, int(spec["size_gb"]), zone)
+    return found
+
+
+def delete_volumes(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+    ids = [f.cloud_id for f in found]
+    for volume_id in ids:  # still attached (an instance not terminated): detach first
+        vol = get_volume(p, volume_id)
+        for a in (vol or {}).get("Attachments") or []:
+            detach(p, volume_id, a["InstanceId"])
+        if vol and vol.get("Attachments"):
+            wait_volume(p, volume_id, detached)
+    for volume_id in ids:
+        p.in_use_retry("delete volume", lambda v=volume_id: p.ec2.delete_volume(VolumeId=v), codes=("VolumeInUse",))
+    for volume_id in ids:
+        wait_volume(p, volume_id, lambda v: v is None or v["State"] == "deleted")
+    log.info("%s: deleted %s", p.site.name, ", ".join(ids))
+
+
+# -- attachments ---------------------------------------------------------------------------------------------------
+def device_for(res: Resource, plan: Plan) -> str:
+    """/dev/sdf for a node's first volume, /dev/sdg for its second..., in plan order."""
+    mine = [r.key for r in plan.by_kind("volume_attachment") if r.spec.get("node") == res.spec.get("node")]
+    index = mine.index(res.key) if res.key in mine else 0
+    return f"/dev/sd{VOLUME_DEVICES[min(index, len(VOLUME_DEVICES) - 1)]}"
+
+
+def attachment_found(res: Resource, plan: Plan, server_id: str, volume_id: str, state: str) -> Found:
+    device = device_for(res, plan)
+    return Found("volume_attachment", f"{server_id}/{volume_id}", res.name,
+                 status="ready" if state == "attached" else "pending", attrs={
+                     "server_id": server_id, "volume_id": volume_id, "device": device,
+                     "device_paths": device_paths(volume_id, device)})
+
+
+def find_attachment(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
+    if "volume" not in res.spec or "server" not in res.spec:
+        return None  # a teardown look-up: attachments are found through list_owned
+    vol = find_volume(p, plan.get(res.spec["volume"]), plan)
+    server = p.find(plan.get(res.spec["server"]), plan) if vol is not None else None
+    if vol is None or server is None:
+        return None
+    for a in vol.attrs["attachments"]:
+        if a["instance_id"] == server.cloud_id and a["state"] in ("attaching", "attached"):
+            return attachment_found(res, plan, server.cloud_id, vol.cloud_id, a["state"])
+    return None
+
+
+def create_attachment(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    volume_id = deps[res.spec["volume"]].cloud_id
+    server_id = deps[res.spec["server"]].cloud_id
+    vol = get_volume(p, volume_id)
+    if vol is None:
+        raise CloudError(f"{p.site.name}: volume {volume_id} is gone")
+    attached = vol.get("Attachments") or []
+    for a in attached:
+        if a.get("InstanceId") == server_id and a.get("State") in ("attaching", "attached"):
+            return attachment_found(res, plan, server_id, volume_id, a["State"])
+    others = [a for a in attached if a.get("InstanceId") != server_id]
+    for a in others:  # attached to the instance of an earlier `up` that is still going away
+        log.info("%s: detaching volume %s from %s first", p.site.name, volume_id, a.get("InstanceId"))
+        detach(p, volume_id, a["InstanceId"])
+    if others:
+        wait_volume(p, volume_id, detached)
+    device = device_for(res, plan)
+    try:
+        out = p.call(f"attach volume {volume_id} to {res.spec['node']}", lambda: p.ec2.attach_volume(
+            VolumeId=volume_id, InstanceId=server_id, Device=device))
+        state = out.get("State") or "attaching"
+    except CloudError as exc:
+        if "VolumeInUse" not in str(exc):
+            raise
+        vol = get_volume(p, volume_id) or {}  # a retry after a lost answer: attached here already?
+        mine = [a for a in vol.get("Attachments") or [] if a.get("InstanceId") == server_id]
+        if not mine:
+            raise
+        state = mine[0].get("State") or "attaching"
+    return attachment_found(res, plan, server_id, volume_id, state)
+
+
+def delete_attachments(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+    pairs = []
+    for f in found:
+        instance_id, _, volume_id = f.cloud_id.partition("/")
+        pairs.append((f.attrs.get("server_id") or instance_id, f.attrs.get("volume_id") or volume_id))
+    for instance_id, volume_id in pairs:
+        detach(p, volume_id, instance_id)
+    for instance_id, volume_id in pairs:
+        wait_volume(p, volume_id, lambda v, i=instance_id: detached(v, i))
+    log.info("%s: detached %s", p.site.name, ", ".join(v for _, v in pairs))
+
+
+def poll(p: AwsSession, storage: Sequence[tuple[Resource, Found]], results: dict[str, Found], missing: bool,
+         on_progress: Callable[[str, str, str], None]) -> None:
+    """One DescribeVolumes for every pending volume and attachment; `missing`: absent ones are errors now."""
+    ids = sorted({f.attrs.get("volume_id") or f.cloud_id for _, f in storage})
+    vols = {v["VolumeId"]: v for v in p.describe("poll volumes", "describe_volumes", "Volumes",
+                                                 Filters=[{"Name": "volume-id", "Values": ids}])}
+    for r, f in storage:
+        vol = vols.get(f.attrs.get("volume_id") or f.cloud_id)
+        if r.kind == "volume":
+            if vol is not None:
+                results[r.key] = volume_found(vol)
+            elif missing:
+                f.status, f.error = "error", "volume disappeared"
+            now = results[r.key]
+            on_progress(r.key, now.attrs.get("volume_status") or now.status, now.error or "")
+            continue
+        mine = [a for a in (vol or {}).get("Attachments") or [] if a.get("InstanceId") == f.attrs.get("server_id")]
+        state = mine[0].get("State") if mine else None
+        if state == "attached":
+            f.status = "ready"
+        elif state in ("detaching", "detached") or (state is None and missing):
+            f.status, f.error = "error", f"volume {f.attrs.get('volume_id')} did not attach ({state})"
+        on_progress(r.key, state or "attaching", f.error or "")
+
+
+# -- buckets ---------------------------------------------------------------------------------------------------------
+def bucket_tags(p: AwsSession, name: str) -> dict[str, str] | None:
+    """A bucket's tags ({} if none), or None if there is no such bucket of this account."""
+    from botocore.exceptions import ClientError
+
+    def get() -> dict[str, str] | None:
+        try:
+            return tags_of(p.s3.get_bucket_tagging(Bucket=name)["TagSet"])
+        except ClientError as exc:
+            code = error_code(exc)
+            if code == "NoSuchTagSet":
+                return {}
+            if code in S3_MISSING or code in ("403", "AccessDenied"):  # 403: another account's bucket
+                return None
+            raise
+
+    return p.call(f"get tags of bucket {name}", get)
+
+
+def bucket_found(name: str, tags: Mapping[str, str], key: str | None = None) -> Found:
+    store = tags.get(BUCKET_TAG)
+    key = key or (f"bucket:{store}" if store else None)
+    return Found("bucket", name, name, attrs={"keep": tags.get(KEEP_TAG) == "true", **({"key": key} if key else {})})
+
+
+def find_bucket(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
+    name = bucket_name(res.name)
+    tags = bucket_tags(p, name) if name is not None else None
+    if name is None or tags is None:
+        return None  # no such bucket (or another account's)
+    owner = tags.get(naming.TAG_DEPLOYMENT)
+    if owner == plan.deployment:
+        return bucket_found(name, tags, res.key)
+    if owner is None:  # made by a run that crashed before tagging it: create() tags it
+        return Found("bucket", name, name, status="incomplete", attrs={"key": res.key, "keep": False})
+    return None
+
+
+def create_bucket(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    name = bucket_name(res.name)
+    if name is None:
+        raise CloudError(bad_bucket(p, res))
+    kwargs: dict[str, Any] = {"Bucket": name}
+    if p.region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": p.region}
+    try:
+        p.call(f"create bucket {name}", lambda: p.s3.create_bucket(**kwargs))
+    except CloudError as exc:
+        if "BucketAlreadyExists" in str(exc) and "BucketAlreadyOwnedByYou" not in str(exc):
+            raise CloudError(f"{p.site.name}: the S3 bucket name '{name}' is taken by another AWS account "
+                             "(bucket names are global); choose another deployment name with `labctl up --name`"
+                             ) from None
+        if "BucketAlreadyOwnedByYou" not in str(exc):
+            raise
+    tags = bucket_tags(p, name)
+    if tags is None:
+        raise CloudError(f"{p.site.name}: bucket {name} cannot be read after creating it")
+    owner = tags.get(naming.TAG_DEPLOYMENT)
+    if owner not in (None, plan.deployment):
+        raise CloudError(f"{p.site.name}: S3 bucket '{name}' belongs to another deployment ({owner})")
+    keep = "true" if res.spec.get("keep") else "false"
+    wanted = {**plan.tags, "Name": res.name, KEEP_TAG: keep, BUCKET_TAG: res.spec.get("bucket") or res.name}
+    if any(tags.get(k) != v for k, v in wanted.items()):
+        tag_set = [{"Key": k, "Value": v} for k, v in {**tags, **wanted}.items()]
+        p.call(f"tag bucket {name}", lambda: p.s3.put_bucket_tagging(Bucket=name, Tagging={"TagSet": tag_set}))
+    log.info("%s: bucket %s is ready", p.site.name, name)
+    return bucket_found(name, {**tags, **wanted}, res.key)
+
+
+def delete_buckets(p: AwsSession, found: Sequence[Found], plan: Plan, timeout: float = 300) -> None:
+    """Empty each bucket (every object version and delete marker) and delete it; a missing bucket is fine."""
+    from botocore.exceptions import ClientError
+
+    for f in found:
+        name = f.cloud_id or f.name
+
+        def empty_and_delete(name: str = name) -> None:
+            try:
+                for page in p.s3.get_paginator("list_object_versions").paginate(Bucket=name):
+                    objects = [{"Key": o["Key"], "VersionId": o["VersionId"]}
+                               for o in [*(page.get("Versions") or []), *(page.get("DeleteMarkers") or [])]]
+                    for i in range(0, len(objects), 1000):
+                        out = p.s3.delete_objects(Bucket=name, Delete={"Objects": objects[i:i + 1000], "Quiet": True})
+                        if out.get("Errors"):
+                            e = out["Errors"][0]
+                            raise CloudError(f"{p.site.name}: cannot empty bucket {name}: {e.get('Key')}: "
+                                             f"{e.get('Code')} {e.get('Message')}")
+                p.s3.delete_bucket(Bucket=name)
+            except ClientError as exc:
+                if error_code(exc) not in S3_MISSING:
+                    raise
+
+        # Objects written meanwhile make the delete fail with BucketNotEmpty: empty it again.
+        p.in_use_retry(f"delete bucket {name}", empty_and_delete, codes=("BucketNotEmpty",), timeout=timeout)
+        p.until(f"bucket {name} (deleted)", lambda name=name: bucket_tags(p, name), lambda _: "pending", timeout)
+        log.info("%s: deleted bucket %s", p.site.name, name)
+
+
+def owned(p: AwsSession, plan: Plan) -> list[Found]:
+    """The deployment's volumes and their attachments; its buckets (S3 only when the plan has buckets: an
+    EC2-only account (IAM policy) is never asked)."""
+    out: list[Found] = []
+    for v in volumes(p, plan):
+        vol = volume_found(v)
+        out.append(vol)
+        out += [Found("volume_attachment", f"{a['InstanceId']}/{v['VolumeId']}", f"{vol.name}-attachment",
+                      attrs={"server_id": a["InstanceId"], "volume_id": v["VolumeId"], "device": a.get("Device")})
+                for a in v.get("Attachments") or []]
+    if not plan.by_kind("bucket"):
+        return out
+    prefix = f"{plan.deployment.lower()}-"
+    for b in p.call("list buckets", lambda: p.s3.list_buckets()).get("Buckets") or []:
+        tags = bucket_tags(p, b["Name"]) if b["Name"].startswith(prefix) else None
+        if tags is not None and tags.get(naming.TAG_DEPLOYMENT) == plan.deployment:
+            out.append(bucket_found(b["Name"], tags))
+    return out
+
+
+TABLE.register("volume", find=find_volume, create=create_volume, delete=delete_volumes)
+TABLE.register("volume_attachment", find=find_attachment, create=create_attachment, delete=delete_attachments)
+TABLE.register("bucket", find=find_bucket, create=create_bucket, delete=delete_buckets)
