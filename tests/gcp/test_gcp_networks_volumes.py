@@ -141,7 +141,7 @@ def test_firewalls_on_the_deployment_network_with_the_open_rule(tmp_path, sim_si
     narrowed = compute_v1.Firewall(allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=["22"])])
     op = provider.firewalls.patch_unary(project=provider.project, firewall=open_rule["name"],
                                         firewall_resource=narrowed)
-    provider._wait_op(op, "patch")
+    provider.wait_op(op, "patch")
     assert provider.find(res, plan).status == "incomplete"
     provider.create(res, plan, deps, None)
     assert provider.find(res, plan).status == "ready"

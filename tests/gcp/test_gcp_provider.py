@@ -161,13 +161,13 @@ def test_wait_lists_once_per_poll_round(tmp_path, sim_site, testbed, emu):
     emu.world.clear_request_log()
     provider.poll_interval = 0.05
     rounds = []
-    real_list = provider._list_instances
+    real_list = provider.list_instances
 
     def counting(*args, **kwargs):
         rounds.append(args)
         return real_list(*args, **kwargs)
 
-    provider._list_instances = counting
+    provider.list_instances = counting
     progress = []
     done = provider.wait(items, plan, 60, lambda *a: progress.append(a))
     assert [f.status for f in done] == ["ready"] * 4

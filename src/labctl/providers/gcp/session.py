@@ -1,0 +1,377 @@
+"""Credentials, the error table, clients, calls and operations: what every GCP resource family shares."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from labctl.errors import (
+    CloudError,
+    Conflict,
+    CredentialsError,
+    LabctlError,
+    NoCapacity,
+    QuotaExceeded,
+    RateLimited,
+    Transient,
+    UserError,
+)
+from labctl.providers.base import create_or_adopt
+from labctl.providers.gcp.names import label_filter, last, server_found
+from labctl.providers.kit import HandlerTable, Memo, RateLimiter, Snapshot, call, poll_until, retry_in_use
+from labctl.redact import clean
+
+if TYPE_CHECKING:
+    from labctl.providers.base import Found
+    from labctl.sites import Site
+
+T = TypeVar("T")
+log = logging.getLogger("labctl.providers.gcp")
+
+COMPUTE_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+NO_CREDENTIALS = ("no Google credentials: run 'gcloud auth application-default login' "
+                  "or set GOOGLE_APPLICATION_CREDENTIALS")
+NO_PROJECT = ("no Google Cloud project: set GOOGLE_CLOUD_PROJECT (or run 'gcloud config set project "
+              "PROJECT'), or pass the project as the cloud name")
+CAPACITY_CODES = ("ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+                  "RESOURCE_POOL_EXHAUSTED")
+CAPACITY_TEXT = re.compile(r"RESOURCE_POOL_EXHAUSTED|does not have enough resources", re.I)
+AUTH_ERRORS = ("RefreshError", "DefaultCredentialsError", "ReauthFailError", "UserAccessTokenError")
+RELOGIN = "run 'gcloud auth application-default login'"
+IN_USE = re.compile(r"already being used by|RESOURCE_IN_USE_BY_ANOTHER_RESOURCE|resourceInUseByAnotherResource")
+IN_USE_GRACE = 180.0  # seconds a delete keeps trying while its resource is in use (by something going away)
+
+#: The GCP adapter's per-kind handlers (find, create, delete, status): each resource family registers its own.
+HANDLERS = HandlerTable("Compute Engine")
+
+
+# -- credentials ---------------------------------------------------------------------------------
+def google_credentials(project: str | None = None) -> tuple[Any, str]:
+    """(credentials, project) from Application Default Credentials; one-line CredentialsError if missing."""
+    import google.auth
+    from google.auth import exceptions as auth_exc
+
+    try:
+        credentials, adc_project = google.auth.default(scopes=[COMPUTE_SCOPE])
+    except auth_exc.DefaultCredentialsError as exc:
+        if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            raise CredentialsError(f"GOOGLE_APPLICATION_CREDENTIALS: {first_line(exc)}") from None
+        raise CredentialsError(NO_CREDENTIALS) from None
+    except auth_exc.GoogleAuthError as exc:
+        raise CredentialsError(f"Google credentials: {first_line(exc)}") from None
+    register_credentials(credentials)
+    project = (project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
+               or adc_project)
+    if not project:
+        raise CredentialsError(NO_PROJECT)
+    return credentials, project
+
+
+def register_credentials(credentials: Any) -> None:
+    """Register what of Google credentials is secret (access token, refresh token, client secret) with
+    `labctl.redact`, as far as it is loaded (no refresh here)."""
+    from labctl.redact import register_secret
+
+    if credentials is None:
+        return
+    for name in ("token", "refresh_token", "client_secret", "_refresh_token", "_client_secret"):
+        value = getattr(credentials, name, None)
+        if isinstance(value, str):
+            register_secret(value)
+
+
+# -- the error table -----------------------------------------------------------------------------
+def translate(where: str, project: str, exc: BaseException) -> Exception:
+    """An SDK error as a labctl error (`where`: "<site>: <what>")."""
+    if isinstance(exc, LabctlError):
+        return exc  # type: ignore[return-value]
+    text, status, reasons = error_text(exc), status_of(exc), _reasons(exc)
+    kind, module = type(exc).__name__, type(exc).__module__
+    if status == 401 or (module.startswith("google.auth") and kind in AUTH_ERRORS):
+        return CredentialsError(f"{where}: Google credentials rejected ({text}); {RELOGIN}")
+    if status == 409:
+        return Conflict(text)  # names are unique in Compute Engine: find the thing and adopt it if it is ours
+    if CAPACITY_TEXT.search(text):
+        return NoCapacity(f"{where}: {text}")
+    if status == 429 or reasons & {"rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED"}:
+        return RateLimited(f"{where}: rate limited ({text})")
+    if reasons & {"quotaExceeded", "QUOTA_EXCEEDED"} or re.search(r"Quota '[A-Z0-9_]+' exceeded", text):
+        return QuotaExceeded(f"{where}: quota exceeded ({text})")
+    if status == 403:
+        return CredentialsError(f"{where}: permission denied in project {project} ({text})")
+    if status is not None and status >= 500:
+        return Transient(f"{where}: server error {status} ({text})")
+    if kind in ("DeadlineExceeded", "RetryError") or isinstance(exc, TimeoutError | ConnectionError):
+        return Transient(f"{where}: timed out or connection lost ({text})")
+    if module.startswith(("requests", "urllib3")) or isinstance(exc, OSError):
+        return Transient(f"{where}: cannot reach the API ({text})")
+    if status == 404:
+        return CloudError(f"{where}: not found ({text})")
+    return CloudError(f"{where}: {text}")
+
+
+def op_error(where: str, op: Any) -> Exception | None:
+    """The error of a DONE operation as a labctl error (None if it succeeded)."""
+    errors = list(op.error.errors) if op.error else []
+    if not errors:
+        return None
+    codes = [e.code for e in errors]
+    text = f"{where}: " + clean("; ".join(f"{e.code}: {e.message}" for e in errors), one_line=True)[:400]
+    if any(c in CAPACITY_CODES for c in codes):
+        return NoCapacity(text)
+    if "RESOURCE_ALREADY_EXISTS" in codes:  # a concurrent insert of the same name won
+        return Conflict(text)
+    if "QUOTA_EXCEEDED" in codes:
+        return QuotaExceeded(text)
+    if "RATE_LIMIT_EXCEEDED" in codes or op.http_error_status_code == 429:
+        return RateLimited(text)
+    if "RESOURCE_NOT_FOUND" in codes and "delete" in (op.operation_type or ""):
+        return None
+    if op.http_error_status_code and op.http_error_status_code >= 500:
+        return Transient(text)
+    return CloudError(text)
+
+
+def quota_metric(op: Any) -> str | None:
+    for e in op.error.errors:
+        for d in e.error_details:
+            if d.quota_info and d.quota_info.metric_name:
+                return d.quota_info.metric_name.rsplit("/", 1)[-1].upper()
+        m = re.search(r"Quota '([A-Z0-9_]+)' exceeded", e.message or "")
+        if m:
+            return m.group(1)
+    return None
+
+
+def status_of(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _reasons(exc: BaseException) -> set[str]:
+    out = {str(e["reason"]) for e in getattr(exc, "errors", None) or [] if isinstance(e, dict) and e.get("reason")}
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and reason:
+        out.add(reason)
+    return out
+
+
+def error_text(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    text = re.sub(r"^(GET|POST|PUT|PATCH|DELETE) \S+: ", "", str(text))
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+# -- the session ---------------------------------------------------------------------------------
+class Session:
+    """Clients on one endpoint, translated and retried calls, operations, cached look-ups, shared lists."""
+
+    def __init__(self, site: Site, project: str, credentials: Any = None, endpoint: str | None = None,
+                 poll_interval: float | None = None, call_retries: int = 6, call_timeout: float = 60.0,
+                 op_timeout: float = 900.0) -> None:
+        self.site = site
+        self.project = project
+        self.credentials = credentials
+        self.endpoint = endpoint
+        self.region = site.region
+        self.poll_interval = poll_interval if poll_interval is not None else site.poll_interval
+        self.call_retries = call_retries
+        self.call_timeout = call_timeout
+        self.op_timeout = op_timeout
+        self.site_network = site.network or "default"
+        self._clients: dict[str, Any] = {}
+        self.memo = Memo()  # look-ups that do not change during a run (zones, images, types offered)
+        self.limiter = RateLimiter(None)
+        self._polls: dict[str, Snapshot] = {}
+        self._waiting = threading.local()
+        self.attempts: dict[tuple[str, str], int] = {}  # (deployment, node) -> insert attempt (the requestId)
+        self.lock = threading.RLock()
+
+    # -- clients ----------------------------------------------------------------------------------
+    def client(self, name: str) -> Any:
+        with self.lock:
+            if name not in self._clients:
+                from google.cloud import compute_v1
+
+                credentials = self.credentials
+                if credentials is None:
+                    from google.auth.credentials import AnonymousCredentials
+
+                    credentials = AnonymousCredentials()
+                kwargs: dict[str, Any] = {"credentials": credentials}
+                if self.endpoint:
+                    kwargs["client_options"] = {"api_endpoint": self.endpoint}
+                self._clients[name] = getattr(compute_v1, name)(**kwargs)
+            return self._clients[name]
+
+    instances = property(lambda self: self.client("InstancesClient"))
+    firewalls = property(lambda self: self.client("FirewallsClient"))
+    addresses = property(lambda self: self.client("AddressesClient"))
+    networks = property(lambda self: self.client("NetworksClient"))
+    subnetworks = property(lambda self: self.client("SubnetworksClient"))
+    disks = property(lambda self: self.client("DisksClient"))
+
+    def opts(self, timeout: float | None = None) -> dict[str, Any]:
+        """Per-call options: our own timeout, and no SDK-level retry (`call` retries, and counts)."""
+        return {"timeout": timeout or self.call_timeout, "retry": None}
+
+    def set_rate_limit(self, calls_per_second: float | None) -> None:
+        """Class mode's --rate: at most this many calls per second from this adapter (all its threads)."""
+        self.limiter = RateLimiter(calls_per_second)
+
+    def translate(self, what: str, exc: Exception) -> Exception:
+        register_credentials(self.credentials)  # as they are now (a refreshed token too)
+        return translate(f"{self.site.name}: {what}", self.project, exc)
+
+    def call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False) -> T:
+        """One cloud call, errors translated; rate limits and transient faults are retried.
+
+        With missing_ok, a 404 returns None. A 409 raises Conflict (callers that insert handle it)."""
+        return call(what, fn, translate=self.translate, missing_ok=missing_ok, limiter=self.limiter,
+                    is_missing=lambda exc: status_of(exc) == 404, attempts=self.call_retries,
+                    backoff=max(self.poll_interval, 0.01))  # type: ignore[return-value]
+
+    def get(self, what: str, client: Any, **request: Any) -> Any:
+        """`client.get(project=..., **request)`, None on 404."""
+        return self.call(what, lambda: client.get(request={"project": self.project, **request}, **self.opts()),
+                         missing_ok=True)
+
+    def listing(self, what: str, client: Any, method: str = "list", **request: Any) -> list[Any]:
+        """Every item of a list call (all pages); for aggregated lists, the (scope, scoped list) pairs."""
+        return self.call(what, lambda: list(getattr(client, method)(
+            request={"project": self.project, **request}, **self.opts())))
+
+    # -- operations -------------------------------------------------------------------------------
+    def wait_op(self, op: Any, what: str) -> Any:
+        """Wait until the operation is DONE (zone, region or global), with `wait` calls on our endpoint
+        (`ExtendedOperation.result()` would poll the default Google host; `wait` itself blocks a while)."""
+        from google.cloud import compute_v1
+
+        done = compute_v1.Operation.Status.DONE
+        if op.status == done:
+            return op
+        if op.zone:
+            client, scope = self.client("ZoneOperationsClient"), {"zone": last(op.zone)}
+        elif op.region:
+            client, scope = self.client("RegionOperationsClient"), {"region": last(op.region)}
+        else:
+            client, scope = self.client("GlobalOperationsClient"), {}
+        request = {"project": self.project, "operation": op.name, **scope}
+        return poll_until(lambda: self.call(f"wait for {what}", lambda: client.wait(
+            request=request, **self.opts(max(150.0, self.call_timeout)))),
+            status=lambda o: "DONE" if o.status == done else "RUNNING", pending={"RUNNING"}, target={"DONE"},
+            timeout=self.op_timeout, interval=0, what=f"{self.site.name}: {what}: operation {op.name}")
+
+    def op_failed(self, op: Any, what: str) -> Exception | None:
+        return op_error(f"{self.site.name}: {what}", op)
+
+    def check_op(self, op: Any, what: str) -> Any:
+        """Wait for the operation (None: nothing was sent) and raise its error."""
+        if op is None:
+            return None
+        op = self.wait_op(op, what)
+        if (err := self.op_failed(op, what)) is not None:
+            raise err
+        return op
+
+    def request_id(self) -> str:
+        return str(uuid.uuid4())
+
+    def send(self, what: str, fn: Callable[[str], Any], *, missing_ok: bool = False) -> Any:
+        """A mutating call with a new requestId (kept when `call` sends it again), waited until done."""
+        rid = self.request_id()
+        return self.check_op(self.call(what, lambda: fn(rid), missing_ok=missing_ok), what)
+
+    def insert(self, what: str, send: Callable[[str], Any], get: Callable[[], Any],
+               mine: Callable[[Any], bool]) -> Any:
+        """Insert with a requestId (the same one when `call` sends again after a lost answer, so the emulated or
+        real API answers with the first operation), wait for the operation, return the object. A 409 returns the
+        existing object if it is this deployment's (made by a run that crashed before recording it)."""
+        def create() -> Any:
+            self.send(what, send)
+            return self.call(f"{what}: get", get)
+
+        def adopt() -> Any:
+            existing = self.call(f"{what}: get", get, missing_ok=True)
+            if existing is None or not mine(existing):
+                raise CloudError(f"{self.site.name}: {what}: the name is taken by something that is not this "
+                                 "deployment's") from None
+            return existing
+
+        return create_or_adopt(create, adopt)
+
+    def delete_until_gone(self, what: str, send: Callable[[str], Any], get: Callable[[], Any]) -> None:
+        """Delete (404 = done); while the resource is still in use (a subnetwork's instance still going away, a
+        network's firewall or subnetwork), try again for a while (IN_USE_GRACE; a new requestId each time: the
+        same one would replay the failure); then wait until a get says 404."""
+        grace = min(self.op_timeout, IN_USE_GRACE)
+        start = time.monotonic()
+        sent = retry_in_use(lambda: self.send(what, send, missing_ok=True), timeout=grace, what=what,
+                            is_in_use=lambda exc: isinstance(exc, CloudError) and bool(IN_USE.search(str(exc))),
+                            interval=max(self.poll_interval, 0.01))
+        if sent is not None:
+            self.wait_gone(what, get, grace - (time.monotonic() - start))
+
+    def wait_gone(self, what: str, get: Callable[[], Any], timeout: float) -> None:
+        """Poll a get until it says 404."""
+        poll_until(lambda: self.call(what, get, missing_ok=True), status=lambda _: "there", pending={"there"},
+                   target={"gone"}, timeout=max(0.0, timeout), interval=max(self.poll_interval, 0.01),
+                   not_found_checks=1, what=f"{self.site.name}: {what}")
+
+    # -- shared look-ups --------------------------------------------------------------------------
+    def region_zones(self) -> list[str]:
+        def load() -> list[str]:
+            region = self.get(f"get region {self.region}", self.client("RegionsClient"), region=self.region)
+            if region is None:
+                raise UserError(f"{self.site.name}: region '{self.region}' not found in project '{self.project}' "
+                                "(check the project id, and that the Compute Engine API is enabled)")
+            return sorted(last(z) for z in region.zones)
+
+        return self.memo.get("zones", load)
+
+    def zones(self) -> list[str]:
+        return [self.site.zone] if self.site.zone else self.region_zones()
+
+    def get_instance(self, zone: str, name: str) -> Any:
+        return self.get(f"get instance {name}", self.instances, zone=zone, instance=name)
+
+    def list_instances(self, deployment: str | None, zones: Iterable[str] | None,
+                       node: str | None = None) -> list[Any]:
+        """Instances labelled with the deployment (any labctl deployment if None; and node): one list call for
+        one zone, else one aggregatedList call for all zones."""
+        flt = label_filter(deployment, node)
+        zones = sorted(set(zones)) if zones is not None else (self.zones() if self.site.zone else None)
+        if zones is not None and len(zones) == 1:
+            return self.listing("list instances", self.instances, zone=zones[0], filter=flt)
+        pairs = self.listing("list instances", self.instances, "aggregated_list", filter=flt)
+        return [i for _, scoped in pairs for i in scoped.instances]
+
+    def list_disks(self, flt: str) -> list[Any]:
+        """Disks matching a filter, in every zone (one aggregatedList call)."""
+        pairs = self.listing("list disks", self.disks, "aggregated_list", filter=flt)
+        return [d for _, scoped in pairs for d in scoped.disks]
+
+    def snapshot(self, what: str) -> Snapshot:
+        """The list of `what` shared by the threads polling this site (one call per poll round)."""
+        with self.lock:
+            return self._polls.setdefault(what, Snapshot(self.poll_interval * 0.9))
+
+    def wait_started(self) -> float:
+        """When this thread's current `wait` began (a shared list must be newer than that)."""
+        return getattr(self._waiting, "since", -1e18)
+
+    def server_found(self, inst: Any) -> Found:
+        return server_found(inst, self.site_network)
