@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -257,6 +258,7 @@ class EmulatorHandler(BaseHTTPRequestHandler):
         except BodyError as e:
             self.close_connection = True  # the rest of the body is never read: the connection cannot go on
             self.refuse(e.status, e.message)
+            self.linger()
             return
         except (TimeoutError, ConnectionError):
             self.close_connection = True  # a client that stopped sending (or went away) mid-body
@@ -314,6 +316,23 @@ class EmulatorHandler(BaseHTTPRequestHandler):
             chunks.append(chunk)
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise BodyError(400, "Invalid chunked body: a chunk is not followed by CRLF.")
+
+    def linger(self, seconds: float = 2.0, max_bytes: int = MAX_OBJECT_BODY) -> None:
+        """After an answer sent before the body was read: stop sending, then read and discard what the client
+        still sends (at most `max_bytes`, for at most `seconds`), as servers' lingering close does. Closing at
+        once with unread data would reset the connection, and a client still sending its body would see a
+        broken pipe instead of the answer."""
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            total = 0
+            while total < max_bytes and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                total += len(chunk)
 
     def hang(self, until: threading.Event, seconds: float | None = None) -> None:
         """Leave the request unanswered until `until` is set (the server stops) or `seconds` have passed."""
