@@ -24,7 +24,13 @@ from hypothesis import strategies as st
 from labctl.testbed import Testbed
 from labctl.testbed.gce import api as gce_api
 from labctl.testbed.gce import catalog as gce_catalog
+from labctl.testbed.gce import common as gce_common
+from labctl.testbed.gce import disks as gce_disks
+from labctl.testbed.gce import firewalls as gce_firewalls
+from labctl.testbed.gce import instances as gce_instances
+from labctl.testbed.gce import networks as gce_networks
 from labctl.testbed.gce import start_gce
+from labctl.testbed.gce import zones as gce_zones
 from labctl.testbed.http import MAX_JSON_BODY
 from labctl.testbed.openstack import blazar, cinder, glance, keystone, neutron, nova, swift
 from labctl.testbed.openstack import catalog as cat
@@ -114,7 +120,7 @@ def handler_keys(service: str, route: tuple[str, str, str]) -> list[str]:
 from labctl.testbed.openstack import model as os_model  # noqa: E402
 
 OS_KEYS = {svc: source_keys(mod, os_model) for svc, (mod, _) in SERVICES.items()}
-GCE_KEYS = source_keys(gce_api)
+GCE_KEYS = source_keys(gce_api, gce_common, gce_zones, gce_instances, gce_networks, gce_firewalls, gce_disks)
 
 
 def _deep(n: int) -> bytes:

@@ -1,0 +1,247 @@
+"""Compute Engine's read-only catalogue and operations: zones, regions, machine and accelerator types, images,
+zone/region/global operations (get, list, wait)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from labctl.testbed.gce import catalog
+from labctl.testbed.gce import world as w
+from labctl.testbed.gce.common import (
+    EPOCH,
+    Call,
+    aggregated_page,
+    check_project,
+    invalid,
+    links,
+    list_page,
+    not_found,
+    region_param,
+    rel_link,
+    zone_param,
+)
+from labctl.testbed.gce.world import Db
+
+
+# ------------------------------------------------------------------------------------ zones, regions
+def _zone_obj(project: str, zone: str) -> dict:
+    return {"kind": "compute#zone", "id": catalog.ZONE_IDS[zone], "creationTimestamp": EPOCH, "name": zone,
+            "description": zone, "status": "UP", "region": f"projects/{project}/regions/{catalog.ZONES[zone]}",
+            "selfLink": f"projects/{project}/zones/{zone}",
+            "availableCpuPlatforms": ["Intel Sapphire Rapids", "Intel Cascade Lake", "Intel Skylake",
+                                      "Intel Broadwell", "AMD Milan", "AMD Rome"],
+            "supportsPzs": True}
+
+
+def zones_list(call: Call) -> dict:
+    check_project(call)
+    items = [_zone_obj(call.project, z) for z in catalog.ZONES]
+    return list_page(call, "compute#zoneList", items, f"projects/{call.project}/zones")
+
+
+def zones_get(call: Call) -> dict:
+    check_project(call)
+    zone = call.params["zone"]
+    if zone not in catalog.ZONES:
+        raise not_found(f"projects/{call.project}/zones/{zone}")
+    return links(_zone_obj(call.project, zone), call.base)
+
+
+def _region_obj(call: Call, region: str, db: Db) -> dict:
+    usage = call.world.quota_usage(region, db)
+    quotas = [{"metric": m, "limit": call.world.quota(region, m, db), "usage": usage.get(m, 0.0)}
+              for m in sorted(catalog.DEFAULT_QUOTAS)]
+    return {"kind": "compute#region", "id": catalog.REGION_IDS[region], "creationTimestamp": EPOCH,
+            "name": region, "description": region, "status": "UP",
+            "zones": [f"projects/{call.project}/zones/{region}-{z}" for z in catalog.REGIONS[region]],
+            "quotas": quotas, "selfLink": f"projects/{call.project}/regions/{region}", "supportsPzs": False}
+
+
+def regions_get(call: Call) -> dict:
+    check_project(call)
+    region = call.params["region"]
+    if region not in catalog.REGIONS:
+        raise not_found(f"projects/{call.project}/regions/{region}")
+    with call.world.read() as db:
+        return links(_region_obj(call, region, db), call.base)
+
+
+def regions_list(call: Call) -> dict:
+    check_project(call)
+    with call.world.read() as db:
+        items = [_region_obj(call, r, db) for r in catalog.REGIONS]
+    return list_page(call, "compute#regionList", items, f"projects/{call.project}/regions")
+
+
+# ------------------------------------------------------------------------------------ catalog resources
+def _machine_type_obj(project: str, zone: str, mt: catalog.MachineType) -> dict:
+    gb = mt.memory_mb / 1024
+    memory = f"{gb:g} GB" if gb >= 1 else f"{mt.memory_mb} MB"
+    obj: dict[str, Any] = {
+        "kind": "compute#machineType", "id": catalog.MACHINE_TYPE_IDS[mt.name], "creationTimestamp": EPOCH,
+        "name": mt.name, "description": f"{mt.cpus} vCPU{'s' if mt.cpus > 1 else ''}, {memory} RAM",
+        "guestCpus": mt.cpus, "memoryMb": mt.memory_mb, "imageSpaceGb": 0,
+        "maximumPersistentDisks": 128, "maximumPersistentDisksSizeGb": "263168",
+        "zone": zone, "selfLink": f"projects/{project}/zones/{zone}/machineTypes/{mt.name}",
+        "isSharedCpu": mt.shared_cpu, "architecture": "X86_64",
+    }
+    if mt.accelerator:
+        obj["accelerators"] = [{"guestAcceleratorType": mt.accelerator, "guestAcceleratorCount": mt.gpus}]
+    return obj
+
+
+def _machine_types_in(zone: str) -> list[catalog.MachineType]:
+    return [mt for mt in catalog.MACHINE_TYPES.values() if zone in catalog.machine_type_zones(mt)]
+
+
+def machine_types_list(call: Call) -> dict:
+    check_project(call)
+    zone = zone_param(call)
+    items = [_machine_type_obj(call.project, zone, mt) for mt in _machine_types_in(zone)]
+    return list_page(call, "compute#machineTypeList", items, f"projects/{call.project}/zones/{zone}/machineTypes")
+
+
+def machine_types_get(call: Call) -> dict:
+    check_project(call)
+    zone = zone_param(call)
+    mt = catalog.machine_type_in_zone(call.params["name"], zone)
+    if mt is None:
+        raise not_found(f"projects/{call.project}/zones/{zone}/machineTypes/{call.params['name']}")
+    return links(_machine_type_obj(call.project, zone, mt), call.base)
+
+
+def machine_types_aggregated(call: Call) -> dict:
+    check_project(call)
+    per = {f"zones/{z}": [_machine_type_obj(call.project, z, mt) for mt in _machine_types_in(z)]
+           for z in catalog.ZONES}
+    return aggregated_page(call, "compute#machineTypeAggregatedList", "machineTypes", per,
+                       f"projects/{call.project}/aggregated/machineTypes")
+
+
+def _accelerator_obj(project: str, zone: str, acc: catalog.Accelerator) -> dict:
+    return {"kind": "compute#acceleratorType", "id": acc.id, "creationTimestamp": EPOCH, "name": acc.name,
+            "description": acc.description, "zone": f"projects/{project}/zones/{zone}",
+            "selfLink": f"projects/{project}/zones/{zone}/acceleratorTypes/{acc.name}",
+            "maximumCardsPerInstance": acc.max_cards}
+
+
+def accelerator_types_list(call: Call) -> dict:
+    check_project(call)
+    zone = zone_param(call)
+    items = [_accelerator_obj(call.project, zone, a) for a in catalog.ACCELERATORS.values() if zone in a.zones]
+    return list_page(call, "compute#acceleratorTypeList", items,
+                 f"projects/{call.project}/zones/{zone}/acceleratorTypes")
+
+
+def accelerator_types_get(call: Call) -> dict:
+    check_project(call)
+    zone = zone_param(call)
+    acc = catalog.accelerator_in_zone(call.params["name"], zone)
+    if acc is None:
+        raise not_found(f"projects/{call.project}/zones/{zone}/acceleratorTypes/{call.params['name']}")
+    return links(_accelerator_obj(call.project, zone, acc), call.base)
+
+
+def accelerator_types_aggregated(call: Call) -> dict:
+    check_project(call)
+    per = {f"zones/{z}": [_accelerator_obj(call.project, z, a) for a in catalog.ACCELERATORS.values()
+                          if z in a.zones] for z in catalog.ZONES}
+    return aggregated_page(call, "compute#acceleratorTypeAggregatedList", "acceleratorTypes", per,
+                       f"projects/{call.project}/aggregated/acceleratorTypes")
+
+
+def _image_obj(img: catalog.Image) -> dict:
+    obj: dict[str, Any] = {
+        "kind": "compute#image", "id": img.id, "creationTimestamp": img.created, "name": img.name,
+        "description": img.description, "sourceType": "RAW", "rawDisk": {"source": "", "containerType": "TAR"},
+        "status": "READY", "archiveSizeBytes": str(img.disk_size_gb * 97_000_000),
+        "diskSizeGb": str(img.disk_size_gb), "family": img.family,
+        "selfLink": f"projects/{img.project}/global/images/{img.name}",
+        "labelFingerprint": "42WmSpB8rSM=", "architecture": img.architecture,
+        "guestOsFeatures": [{"type": t} for t in ("VIRTIO_SCSI_MULTIQUEUE", "SEV_CAPABLE", "UEFI_COMPATIBLE",
+                                                   "GVNIC", "IDPF")],
+        "storageLocations": ["us", "eu", "asia"],
+        "licenses": [f"projects/{img.project}/global/licenses/{img.family}"],
+    }
+    if img.deprecated:
+        obj["deprecated"] = {"state": "DEPRECATED",
+                             "replacement": f"projects/{img.project}/global/images/"
+                                            f"{catalog.image_from_family(img.project, img.family).name}"}
+    return obj
+
+
+def images_list(call: Call) -> dict:
+    check_project(call, read_only_image=True)
+    items = [_image_obj(i) for i in catalog.images(call.project)]
+    return list_page(call, "compute#imageList", items, f"projects/{call.project}/global/images")
+
+
+def images_get(call: Call) -> dict:
+    check_project(call, read_only_image=True)
+    img = catalog.image(call.project, call.params["name"])
+    if img is None:
+        raise not_found(f"projects/{call.project}/global/images/{call.params['name']}")
+    return links(_image_obj(img), call.base)
+
+
+def images_family(call: Call) -> dict:
+    check_project(call, read_only_image=True)
+    img = catalog.image_from_family(call.project, call.params["family"])
+    if img is None:
+        raise not_found(f"projects/{call.project}/global/images/family/{call.params['family']}")
+    return links(_image_obj(img), call.base)
+
+
+def resolve_image(call: Call, source: str) -> catalog.Image:
+    rel = rel_link(source, call.project)
+    m = re.match(r"^projects/([^/]+)/global/images/(?:family/)?([^/]+)$", rel)
+    if not m:
+        raise invalid("resource.disks[0].initializeParams.sourceImage", source, "Invalid image reference.")
+    project, name = m.groups()
+    img = (catalog.image_from_family(project, name) if "/family/" in rel else catalog.image(project, name))
+    if img is None:
+        raise not_found(rel)
+    return img
+
+
+# ------------------------------------------------------------------------------------ operations
+def _op_scope(call: Call) -> str:
+    if "zone" in call.params:
+        return f"zones/{zone_param(call)}"
+    if "region" in call.params:
+        return f"regions/{region_param(call)}"
+    return "global"
+
+
+def operations_get(call: Call) -> dict:
+    check_project(call)
+    scope = _op_scope(call)
+    with call.world.read() as db:
+        op = db.get("operation", call.project, scope, call.params["operation"], include_gone=True)
+        if op is None:
+            raise not_found(f"projects/{call.project}/{scope}/operations/{call.params['operation']}")
+        return links(w.render_operation(op, db.now), call.base)
+
+
+def operations_wait(call: Call) -> dict:
+    """Like get, but returns only when the operation is DONE (or after at most two minutes)."""
+    check_project(call)
+    scope = _op_scope(call)
+    with call.world.read() as db:
+        op = db.get("operation", call.project, scope, call.params["operation"], include_gone=True)
+    if op is None:
+        raise not_found(f"projects/{call.project}/{scope}/operations/{call.params['operation']}")
+    left = min(op["_done_at"] - time.time(), w.WAIT_CAP)
+    if left > 0:
+        call.stop_event.wait(left)
+    return links(w.render_operation(op, time.time()), call.base)
+
+
+def operations_list(call: Call) -> dict:
+    check_project(call)
+    scope = _op_scope(call)
+    with call.world.read() as db:
+        items = [w.render_operation(o, db.now) for o in db.find("operation", call.project, scope)]
+    return list_page(call, "compute#operationList", items, f"projects/{call.project}/{scope}/operations")
