@@ -1,0 +1,88 @@
+"""Keypairs and servers: a server's status, scheduling on reserved hosts or flavor slots, deletion."""
+
+from __future__ import annotations
+
+import hashlib
+
+from labctl.testbed.openstack.catalog import PROJECT_ID, Site
+from labctl.testbed.openstack.model.base import NO_VALID_HOST
+from labctl.testbed.openstack.model.leases import find_reservation, get_flavor, lease_status, site_hosts
+from labctl.testbed.openstack.model.network import delete_port, server_ports, unbind_port
+from labctl.testbed.openstack.model.volumes import detach_volume
+
+
+def fingerprint(public_key: str) -> str:
+    import base64
+    import binascii
+
+    parts = public_key.strip().split()
+    if len(parts) < 2 or not parts[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise ValueError("not an OpenSSH public key")
+    try:
+        blob = base64.b64decode(parts[1].encode(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("bad key data") from None
+    digest = hashlib.md5(blob).hexdigest()  # noqa: S324 - Nova's keypair fingerprint is MD5
+    return ":".join(digest[i : i + 2] for i in range(0, 32, 2))
+
+
+def server_status(server: dict, now: float) -> str:
+    if server.get("fault"):
+        return "BUILD" if now < server["error_at"] else "ERROR"
+    return "BUILD" if now < server["ready_at"] else "ACTIVE"
+
+
+def schedule(db, site: Site, server: dict, now: float) -> str | None:
+    """Pick a host for a new server; returns None (host set on `server`) or the fault message."""
+    servers = [s for s in db.find("server", site.name) if not s.get("fault")]
+    if site.kind == "baremetal":
+        rid = server.get("reservation_id")
+        found = find_reservation(db, site, rid) if rid else None
+        if not found:
+            return NO_VALID_HOST
+        lease, r = found
+        if r["resource_type"] != "physical:host" or lease_status(lease, now) != "ACTIVE":
+            return NO_VALID_HOST
+        used = {s.get("host") for s in servers}
+        free = [h for h in r["hosts"] if h not in used]
+        if not free:
+            return NO_VALID_HOST
+        host = next((h for h in site_hosts(db, site) if h.id == free[0]), None)
+        server["host"] = free[0]
+        server["hypervisor_hostname"] = host.uid if host else free[0]
+        return None
+    if site.kind == "kvm":
+        flavor = get_flavor(db, site, server["flavor_id"])
+        if not flavor or not flavor.get("reservation_id"):
+            return NO_VALID_HOST
+        found = find_reservation(db, site, flavor["reservation_id"])
+        if not found:
+            return NO_VALID_HOST
+        lease, r = found
+        if lease_status(lease, now) != "ACTIVE":
+            return NO_VALID_HOST
+        if sum(1 for s in servers if s["flavor_id"] == flavor["id"]) >= int(r["amount"]):
+            return NO_VALID_HOST
+        k = db.counter(f"kvm_host:{site.name}")
+        server["host"] = f"kvm-{k % 40 + 1:03d}"
+        server["hypervisor_hostname"] = f"kvm-{k % 40 + 1:03d}.tacc.chameleoncloud.org"
+        return None
+    return NO_VALID_HOST
+
+
+def delete_server(db, site: Site, server_id: str) -> bool:
+    for vol in db.find("volume", site.name):  # Nova detaches the server's volumes, as on a real cloud
+        if any(a["server_id"] == server_id for a in vol.get("attachments", [])):
+            detach_volume(db, site, vol, server_id)
+    for port in server_ports(db, site, server_id):
+        if port.get("preserve"):
+            unbind_port(db, site, port)  # a port passed in at boot outlives the server, as in Nova
+        else:
+            delete_port(db, site, port)
+    return db.delete("server", site.name, server_id)
+
+
+def host_id_for(server: dict) -> str:
+    if not server.get("host"):
+        return ""
+    return hashlib.sha224(f"{PROJECT_ID}{server['host']}".encode()).hexdigest()
