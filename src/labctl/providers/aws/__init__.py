@@ -1,45 +1,36 @@
 """AWS adapter (boto3): key pairs, security groups, instances and Elastic IPs (in the region's default VPC, or in a
 VPC of the deployment's own when the lab has a private network), EBS volumes and S3 buckets.
 
-Credentials come from the standard chain (`--cloud PROFILE`, AWS_PROFILE, the AWS_* keys, SSO, config files)
-through `boto3.session.Session`; an emulated site (`sim-aws`) talks to the testbed's EC2 front layer
-(`labctl.testbed.aws`) with dummy keys and none of the user's AWS settings.
+Layout: `session` (credentials, clients, the error table, `call` and the other provider-kit helpers, the handler
+TABLE), `instances` (images, zones, key pairs, servers, Elastic IPs), `network` (VPC, subnet, router, security
+group), `storage` (volumes, attachments, buckets); each kind's find / create / delete is registered in the TABLE.
+Credentials come from the standard chain (`--cloud PROFILE`, AWS_PROFILE, the AWS_* keys, SSO, config files); an
+emulated site (`sim-aws`) talks to the testbed's EC2 front layer with the emulated world's own key.
 
 How the usual EC2 traps are handled:
-- every launch carries a deterministic `ClientToken` (deployment, node, type, zone, attempt), so a retried or
-  repeated `RunInstances` (client timeout, botocore retry, a rerun after a crash) never makes a second
-  instance; every resource is tagged at creation (`TagSpecifications`), so a rerun finds it by tag;
-- `InsufficientInstanceCapacity` / `Unsupported` in one zone: a region site tries the region's other zones
-  (their default subnets) before raising `NoCapacity`, so the engine tries the next instance type;
-  `VcpuLimitExceeded` / `InstanceLimitExceeded` become `QuotaExceeded`;
-- clients retry at most once by themselves (`max_attempts=2`): an HTTP 500 capacity error is not repeated
-  many times; throttling and transient errors are retried here with backoff;
-- `wait` makes one `DescribeInstances` per poll round (filtered by the deployment tag) for all nodes;
+- every launch carries a deterministic `ClientToken` (deployment, node, type, zone, attempt), so a resent or
+  repeated `RunInstances` never makes a second instance; everything is tagged at creation, so a rerun finds it;
+- no capacity in one zone: a region site tries the region's other zones (their default subnets) before raising
+  `NoCapacity` (the engine tries the next type); `VcpuLimitExceeded` & co. become `QuotaExceeded`;
+- clients retry at most once by themselves; throttling and transient errors are retried here with backoff;
+- `wait` makes one `DescribeInstances` per poll round for every node (shared by a class's deployments of a lab);
+- the calls without an idempotency token (CreateVpc, CreateSubnet, CreateInternetGateway, AllocateAddress) are
+  never resent blindly: after a lost answer the tagged resource is looked up first; two racing runs that both
+  made one converge on one (`base.converge_created`);
 - Elastic IPs are disassociated before they are released (AWS does it on termination, emulators may not).
 
 How the provider-neutral kinds map onto AWS:
-- `network`: a VPC of the deployment (CIDR = its subnet's), with an internet gateway attached and a 0.0.0.0/0
-  route to it in the VPC's main route table: every node keeps an ephemeral public IPv4 for outbound traffic (what
-  Chameleon's shared network gives), and the Elastic IP works. A rerun after a crash between these calls
-  finishes them (`find` says "incomplete"). The gateway is deleted with the VPC (detached first).
-- `subnet`: one subnet in that VPC, in one zone: the site's, or the zone of a volume kept for a node on it, or
-  else the first zone of the region that offers every candidate type of its nodes. Its nodes are launched in
-  that zone only (a full zone means the next instance type, not the next zone).
-- `router`: nothing to make (the VPC's internet gateway routes already): a ready Found; delete is a no-op.
-- `secgroup`: in the deployment's VPC when the lab has a network, plus "all traffic from the network's CIDR"
-  when the network has no port security (nodes talk freely, as with Neutron port security off).
-- `server` on a network: one interface in the subnet with the node's fixed private IP, the group, and a public
-  IPv4; `attrs["private_ips"]` = {network name: private IP}, so nodes without an Elastic IP are reached through
-  one with (`ssh -J`).
-- `volume`: a gp3 EBS volume in its server's zone (`ClientToken` from deployment, volume and instance), tagged
-  like everything plus `labctl:keep` and `labctl:volume`; a kept volume of an earlier `up` is found by tags and
-  reused (on a region site the server is then launched in the volume's zone). `volume_attachment`: AttachVolume
-  at /dev/sdf (/dev/sdg... for a node's further volumes); the guest sees it as
-  /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol<id> on Nitro instances, /dev/xvdf on Xen ones.
-- `bucket`: an S3 bucket named after the resource (lower case), tagged with the deployment and `labctl:keep`;
-  delete empties it (every object version) first.
-The calls without an idempotency token (CreateVpc, CreateSubnet, CreateInternetGateway, AllocateAddress) are never
-resent blindly: after a lost answer the tagged resource is looked up first, and made again only if it is not there.
+- `network`: a VPC (CIDR = its subnet's) with an internet gateway and a 0.0.0.0/0 route in its main route table:
+  every node keeps an ephemeral public IPv4 for outbound traffic (as Chameleon's shared network), and Elastic IPs
+  work. A rerun after a crash between these calls finishes them ("incomplete"). `router`: that gateway.
+- `subnet`: one, in one zone: the site's, or that of a volume kept for one of its nodes, or the first zone that
+  offers every candidate type of its nodes; they are launched there only (a full zone means the next type).
+- `secgroup`: in the deployment's VPC (or the default one), plus all traffic from the network's CIDR when the
+  network has no port security. `server` on a network: one interface with the node's fixed IP, the group and a
+  public IPv4; `attrs["private_ips"]` = {network name: IP}, so nodes without an Elastic IP are reached via one.
+- `volume`: gp3 EBS in its server's zone, tagged `labctl:keep` / `labctl:volume`, reused by the next `up` (whose
+  server then goes to its zone); attached at /dev/sdf, /dev/sdg... (/dev/disk/by-id/nvme-Amazon_Elastic_Block_
+  Store_vol<id> on Nitro). `bucket`: S3, named after the resource (lower case); delete empties every version first.
 
 boto3 is imported only inside functions: `import labctl.providers.aws` loads no SDK.
 """
@@ -54,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 from labctl.errors import CloudError, CredentialsError, UserError
 from labctl.providers import kit
 from labctl.providers.aws import instances, network, storage
-from labctl.providers.aws.instances import IMAGES, client_token
-from labctl.providers.aws.session import AwsSession, load_session
-from labctl.providers.aws.storage import bucket_name, volume_token
+from labctl.providers.aws.instances import IMAGES
+from labctl.providers.aws.session import AwsSession, load_session, token
+from labctl.providers.aws.storage import bucket_name
 from labctl.providers.base import Found, ProgressFn
 
 if TYPE_CHECKING:
@@ -65,6 +56,7 @@ if TYPE_CHECKING:
 
 MISSING_GRACE = 30.0  # seconds a new instance may be absent from DescribeInstances (eventual consistency)
 _session = load_session  # (the tests load the standard chain through it)
+client_token = volume_token = token  # a launch's and a volume's ClientToken
 
 
 def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> AwsProvider:
@@ -159,7 +151,7 @@ class AwsProvider(AwsSession):
     def list_owned(self, plan: Plan) -> list[Found]:
         """Everything tagged with the deployment: instances, Elastic IPs, key pairs, security groups, VPCs and
         internet gateways (both kind "network"), subnets, volumes and their attachments, buckets."""
-        return [*instances.owned(self, plan), *network.owned(self, plan), *storage.owned(self, plan)]
+        return [f for family in (instances, network, storage) for f in family.owned(self, plan)]
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:
         """No leases on AWS: instances run until deleted."""

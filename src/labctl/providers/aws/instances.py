@@ -4,7 +4,6 @@ NoCapacity, deterministic ClientToken), Elastic IPs."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from labctl import naming
 from labctl.errors import CloudError, Conflict, NoCapacity, UserError
 from labctl.providers import kit
-from labctl.providers.aws.session import TABLE, AwsSession, tag_list, tagged, tags_of
+from labctl.providers.aws.session import TABLE, AwsSession, delete_each, tag_list, tagged, tags_of, token
 from labctl.providers.base import Found, ProgressFn, create_or_adopt
 
 if TYPE_CHECKING:
@@ -32,18 +31,12 @@ LIVE = ("pending", "running")
 NOT_TERMINATED = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
-def client_token(deployment: str, node: str, instance_type: str, zone: str, attempt: int) -> str:
-    """The launch's idempotency token: the same inputs give the same token (≤ 64 characters)."""
-    digest = hashlib.sha256(f"{deployment}|{node}|{instance_type}|{zone}|{attempt}".encode()).hexdigest()
-    return f"labctl-{digest[:40]}"
-
-
 # -- look-ups (cached: they do not change during a run) -------------------------------------------------------
 def image(p: AwsSession, abstract: str) -> dict[str, Any]:
-    return p.memo.get(("image", abstract), lambda: _find_image(p, abstract))
+    return p.memo.get(("image", abstract), lambda: find_image(p, abstract))
 
 
-def _find_image(p: AwsSession, abstract: str) -> dict[str, Any]:
+def find_image(p: AwsSession, abstract: str) -> dict[str, Any]:
     if abstract.startswith("ami-"):
         res = p.call(f"find image {abstract}", lambda: p.ec2.describe_images(ImageIds=[abstract]), missing_ok=True)
         images = (res or {}).get("Images", [])
@@ -139,13 +132,8 @@ def node_found(inst: Mapping[str, Any], res: Resource, plan: Plan) -> Found:
     return found
 
 
-def instances(p: AwsSession, plan: Plan, states: Sequence[str] | None = None, **tags: str) -> list[dict[str, Any]]:
-    """The deployment's instances (of one node with node=...), in `states` if given."""
-    filters = tagged(plan, **tags)
-    if states:
-        filters.append({"Name": "instance-state-name", "Values": list(states)})
-    return [i for r in p.describe("list instances", "describe_instances", "Reservations", Filters=filters)
-            for i in r["Instances"]]
+def instances(p: AwsSession, filters: list[dict[str, Any]], what: str = "list instances") -> list[dict[str, Any]]:
+    return [i for r in p.describe(what, "describe_instances", "Reservations", Filters=filters) for i in r["Instances"]]
 
 
 def poll(p: AwsSession, servers: Sequence[tuple[Resource, Found]], plan: Plan, results: dict[str, Found],
@@ -208,14 +196,9 @@ def create_keypair(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, 
     return import_key()
 
 
-def delete_keypairs(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
-    for f in found:
-        p.call("delete key pair", lambda f=f: p.ec2.delete_key_pair(KeyName=f.cloud_id or f.name), missing_ok=True)
-
-
 # -- servers ---------------------------------------------------------------------------------------------------
 def find_server(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
-    found = instances(p, plan, node=res.spec["node"])
+    found = instances(p, tagged(plan, node=res.spec["node"]))
     live = [i for i in found if i["State"]["Name"] in LIVE]
     if live:
         live.sort(key=lambda i: i["State"]["Name"] != "running")
@@ -269,20 +252,22 @@ def create_server(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
         raise NoCapacity(f"{p.site.name}: {itype} is not offered in {where}")
     dead_key = (plan.deployment, res.key)
     if dead_key not in p.dead:
-        p.dead[dead_key] = len(instances(p, plan, node=node))
+        p.dead[dead_key] = len(instances(p, tagged(plan, node=node)))
     attempt = p.dead[dead_key]
     base: dict[str, Any] = dict(
         ImageId=ami["ImageId"], InstanceType=itype, MinCount=1, MaxCount=1, KeyName=deps["keypair"].name,
         TagSpecifications=[{"ResourceType": kind, "Tags": tag_list(plan, node, res.name)}
                            for kind in ("instance", "volume")])
     if spec.get("extra_keys"):
-        base["UserData"] = cloud_config(spec["extra_keys"])
+        # cloud-init user data that adds more authorized keys for the default user (boto3 base64-encodes it)
+        base["UserData"] = "\n".join(["#cloud-config", "ssh_authorized_keys:",
+                                      *(f"  - {k.strip()}" for k in spec["extra_keys"])]) + "\n"
     groups = [deps["secgroup"].cloud_id] if "secgroup" in deps else []
     tried: list[str] = []
 
     def launch(where: tuple[str, str]) -> Found:
         zone, subnet = where
-        kwargs = dict(base, ClientToken=client_token(plan.deployment, node, itype, zone, attempt))
+        kwargs = dict(base, ClientToken=token(plan.deployment, node, itype, zone, attempt))
         if nets:
             # One interface, in the deployment's subnet, with the node's fixed IP and a public IPv4 for outbound
             # traffic (Chameleon's shared network); the Elastic IP goes only to the nodes that have one.
@@ -304,12 +289,8 @@ def create_server(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
     def skipped(where: tuple[str, str], exc: NoCapacity) -> None:
         tried.append(where[0])
         nxt = next((z for z, _ in zones[len(tried):]), None)
-        reason = str(exc).rsplit(": ", 1)[-1][:120]
-        if nxt:
-            log.warning("%s: no %s capacity for %s in %s; trying %s (%s)", p.site.name, itype, node, where[0], nxt,
-                        reason)
-        else:
-            log.warning("%s: no %s capacity for %s in %s (%s)", p.site.name, itype, node, where[0], reason)
+        log.warning("%s: no %s capacity for %s in %s%s (%s)", p.site.name, itype, node, where[0],
+                    f"; trying {nxt}" if nxt else "", str(exc).rsplit(": ", 1)[-1][:120])
 
     try:
         found = kit.first_with_capacity(zones, launch, on_skip=skipped)
@@ -329,28 +310,19 @@ def delete_servers(p: AwsSession, found: Sequence[Found], plan: Plan, timeout: f
             p.call("terminate instance", lambda iid=iid: p.ec2.terminate_instances(InstanceIds=[iid]),
                    missing_ok=True)
 
-    def left() -> list[str] | None:
-        return [i["InstanceId"] for r in p.describe("poll instances", "describe_instances", "Reservations",
-                                                    Filters=[{"Name": "instance-id", "Values": ids}])
-                for i in r["Instances"] if i["State"]["Name"] != "terminated"] or None
-
-    p.until(f"instances {', '.join(ids)} terminating", left, lambda _: "pending", timeout)
+    p.until(f"instances {', '.join(ids)} terminating", lambda: [
+        i for i in instances(p, [{"Name": "instance-id", "Values": ids}], "poll instances")
+        if i["State"]["Name"] != "terminated"] or None, lambda _: "pending", timeout)
     log.info("%s: terminated %s", p.site.name, ", ".join(ids))
-
-
-def cloud_config(keys: Sequence[str]) -> str:
-    """cloud-init user data that adds more authorized keys for the default user (boto3 base64-encodes it)."""
-    lines = ["#cloud-config", "ssh_authorized_keys:"] + [f"  - {k.strip()}" for k in keys]
-    return "\n".join(lines) + "\n"
 
 
 # -- Elastic IPs -----------------------------------------------------------------------------------------------
 def node_addresses(p: AwsSession, res: Resource, plan: Plan) -> list[Found]:
     """The node's Elastic IPs (one, but for a moment two when two runs raced), status not looked at."""
-    out = p.call("list Elastic IPs", lambda: p.ec2.describe_addresses(Filters=tagged(plan, node=res.spec["node"])))
     return [Found("floating_ip", a["AllocationId"], res.name, status="incomplete", attrs={
         "floating_ip": a.get("PublicIp"), "instance_id": a.get("InstanceId") or None,
-        "association_id": a.get("AssociationId")}) for a in out["Addresses"]]
+        "association_id": a.get("AssociationId")}) for a in p.describe(
+        "list Elastic IPs", "describe_addresses", "Addresses", Filters=tagged(plan, node=res.spec["node"]))]
 
 
 def find_floating_ip(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
@@ -359,11 +331,8 @@ def find_floating_ip(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
         return None
     # An associated one first, then the lowest id: what every run takes.
     found = min(addresses, key=lambda f: (not f.attrs["instance_id"], f.cloud_id))
-    instance = found.attrs["instance_id"]
-    if instance:
-        states = [i["State"]["Name"] for r in p.describe("get instance", "describe_instances", "Reservations",
-                                                          Filters=[{"Name": "instance-id", "Values": [instance]}])
-                  for i in r["Instances"]]
+    if instance := found.attrs["instance_id"]:
+        states = [i["State"]["Name"] for i in instances(p, [{"Name": "instance-id", "Values": [instance]}])]
         found.status = "ready" if states and states[0] in LIVE else "incomplete"
     return found
 
@@ -374,7 +343,7 @@ def create_floating_ip(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[s
     server = deps[res.spec["server"]]
     found = find_floating_ip(p, res, plan)
     if found is None:
-        def allocate() -> Found:  # no ClientToken: never resent blindly (see `once`); tagged at allocation
+        def allocate() -> Found:  # no ClientToken: never resent blindly (see `create_unique`); tagged
             out = p.ec2_once.allocate_address(Domain="vpc", TagSpecifications=[
                 {"ResourceType": "elastic-ip", "Tags": tag_list(plan, node, res.name)}])
             return Found("floating_ip", out["AllocationId"], res.name, attrs={"floating_ip": out["PublicIp"]})
@@ -399,10 +368,8 @@ def create_floating_ip(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[s
 
 
 def release_addresses(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
-    ids = [f.cloud_id for f in found]
-    out = p.call("list Elastic IPs", lambda: p.ec2.describe_addresses(
-        Filters=[{"Name": "allocation-id", "Values": ids}]))
-    for a in out["Addresses"]:
+    for a in p.describe("list Elastic IPs", "describe_addresses", "Addresses",
+                        Filters=[{"Name": "allocation-id", "Values": [f.cloud_id for f in found]}]):
         if a.get("AssociationId"):
             p.call("disassociate Elastic IP", lambda a=a: p.ec2.disassociate_address(
                 AssociationId=a["AssociationId"]), missing_ok=True)
@@ -412,15 +379,16 @@ def release_addresses(p: AwsSession, found: Sequence[Found], plan: Plan) -> None
 
 def owned(p: AwsSession, plan: Plan) -> list[Found]:
     """The deployment's instances, Elastic IPs and key pairs (for list_owned)."""
-    out = [instance_found(i) for i in instances(p, plan, NOT_TERMINATED)]
-    flt = tagged(plan)
-    for a in p.call("list Elastic IPs", lambda: p.ec2.describe_addresses(Filters=flt))["Addresses"]:
-        out.append(Found("floating_ip", a["AllocationId"], tags_of(a.get("Tags")).get("Name", ""),
-                         attrs={"floating_ip": a.get("PublicIp"), "instance_id": a.get("InstanceId")}))
-    return out + [Found("keypair", k["KeyName"], k["KeyName"]) for k in p.call(
-        "list key pairs", lambda: p.ec2.describe_key_pairs(Filters=flt))["KeyPairs"]]
+    return [*(instance_found(i) for i in instances(p, [
+                *tagged(plan), {"Name": "instance-state-name", "Values": list(NOT_TERMINATED)}])),
+            *(Found("floating_ip", a["AllocationId"], tags_of(a.get("Tags")).get("Name", ""), attrs={
+                "floating_ip": a.get("PublicIp"), "instance_id": a.get("InstanceId")})
+              for a in p.describe("list Elastic IPs", "describe_addresses", "Addresses", Filters=tagged(plan))),
+            *(Found("keypair", k["KeyName"], k["KeyName"])
+              for k in p.describe("list key pairs", "describe_key_pairs", "KeyPairs", Filters=tagged(plan)))]
 
 
-TABLE.register("keypair", find=find_keypair, create=create_keypair, delete=delete_keypairs)
+TABLE.register("keypair", find=find_keypair, create=create_keypair,
+               delete=delete_each("delete key pair", "delete_key_pair", "KeyName"))
 TABLE.register("server", find=find_server, create=create_server, delete=delete_servers)
 TABLE.register("floating_ip", find=find_floating_ip, create=create_floating_ip, delete=release_addresses)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from labctl import naming
 from labctl.errors import CloudError, Conflict, UserError
 from labctl.providers.aws import instances
-from labctl.providers.aws.session import TABLE, AwsSession, tag_list, tagged, tags_of
+from labctl.providers.aws.session import TABLE, AwsSession, delete_each, tag_list, tagged, tags_of
 from labctl.providers.base import Found, create_or_adopt
 
 if TYPE_CHECKING:
@@ -58,11 +58,15 @@ def vpcs_of(p: AwsSession, res: Resource, plan: Plan) -> list[Found]:
     return sorted(found, key=lambda f: (not f.attrs["finished"], f.cloud_id))
 
 
+def gateways_of(p: AwsSession, vpc_id: str, res: Resource, plan: Plan) -> list[dict[str, Any]]:
+    """The network's internet gateways (tagged with its name): the one attached to the VPC first."""
+    return sorted(p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
+                             Filters=tagged(plan, name=res.name)),
+                  key=lambda g: (not attached(g, vpc_id), g["InternetGatewayId"]))
+
+
 def gateway_of(p: AwsSession, vpc_id: str, res: Resource, plan: Plan) -> dict[str, Any] | None:
-    """The network's internet gateway (tagged with its name): the one attached to the VPC first."""
-    gateways = p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
-                          Filters=tagged(plan, name=res.name))
-    return min(gateways, key=lambda g: (not attached(g, vpc_id), g["InternetGatewayId"]), default=None)
+    return next(iter(gateways_of(p, vpc_id, res, plan)), None)
 
 
 def main_route_table(p: AwsSession, vpc_id: str) -> dict[str, Any]:
@@ -118,8 +122,7 @@ def create_network(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, 
 
         igw = p.create_unique(f"create internet gateway for {res.name}", create_gateway,
                               lambda: gateway_of(p, vpc_id, res, plan),
-                              lambda: p.describe("list internet gateways", "describe_internet_gateways",
-                                                 "InternetGateways", Filters=tagged(plan, name=res.name)),
+                              lambda: gateways_of(p, vpc_id, res, plan),
                               lambda g: p.call("delete duplicate internet gateway",
                                                lambda: p.ec2.delete_internet_gateway(
                                                    InternetGatewayId=g["InternetGatewayId"]), missing_ok=True),
@@ -208,11 +211,6 @@ def create_subnet(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
     return found
 
 
-def delete_subnets(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
-    for f in found:
-        p.in_use_retry("delete subnet", lambda f=f: p.ec2.delete_subnet(SubnetId=f.cloud_id))
-
-
 def subnet_zone(p: AwsSession, res: Resource, plan: Plan) -> str:
     """The zone of a network's subnet: the site's; else that of a volume kept for a node on it (a volume
     attaches only in its zone); else the first zone that offers every candidate type of its nodes."""
@@ -241,57 +239,36 @@ def subnet_zone(p: AwsSession, res: Resource, plan: Plan) -> str:
     return sorted(common)[0]
 
 
-# -- router: the VPC's internet gateway ------------------------------------------------------------------------
-def router_network(res: Resource, plan: Plan) -> Resource | None:
-    """The network resource a router resource belongs to (through its subnet); None on a teardown look-up."""
-    try:
-        return plan.get(plan.get(res.spec["subnet"]).spec["network"])
+# -- router: the VPC's internet gateway (nothing of its own to make or delete) -----------------------------------
+def router(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found] | None = None) -> Found | None:
+    """The router as its network's gateway: with `deps` (create) the network finished if needed, else looked up."""
+    try:  # the network resource a router belongs to (through its subnet); none on a teardown look-up
+        net = plan.get(plan.get(res.spec["subnet"]).spec["network"])
     except KeyError:
-        return None
-
-
-def router_found(res: Resource, network: Found) -> Found:
-    return Found("router", network.attrs["internet_gateway"], res.name, attrs={
-        "vpc_id": network.cloud_id,
-        "note": "the VPC's internet gateway (made with the network) routes to the internet; nothing else to make"})
-
-
-def find_router(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
-    net = router_network(res, plan)
-    found = find_network(p, net, plan) if net is not None else None
-    return router_found(res, found) if found is not None and found.status == "ready" else None
-
-
-def create_router(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-    net = router_network(res, plan)
-    if net is None:
-        raise CloudError(f"{p.site.name}: router {res.name} has no network in the plan")
-    return router_found(res, create_network(p, net, plan, deps, None))  # finishes it if needed
-
-
-def delete_routers(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
-    """Nothing: the internet gateway goes with the network (VPC)."""
+        if deps is None:
+            return None
+        raise CloudError(f"{p.site.name}: router {res.name} has no network in the plan") from None
+    found = find_network(p, net, plan) if deps is None else create_network(p, net, plan, deps, None)
+    return None if found is None or found.status != "ready" else Found(
+        "router", found.attrs["internet_gateway"], res.name, attrs={"vpc_id": found.cloud_id, "note": (
+            "the VPC's internet gateway (made with the network) routes to the internet; nothing else to make")})
 
 
 # -- security group ----------------------------------------------------------------------------------------------
-def wanted_rules(res: Resource) -> set[tuple[int, str, str]]:
-    return {(int(r["port"]), str(r["protocol"]), str(r["cidr"])) for r in res.spec.get("rules") or []}
+def wanted(res: Resource) -> tuple[set[tuple[int, str, str]], set[str]]:
+    """The group's rules (port, protocol, CIDR), and the CIDRs of the networks without port security (all traffic
+    from them is allowed)."""
+    return ({(int(r["port"]), str(r["protocol"]), str(r["cidr"])) for r in res.spec.get("rules") or []},
+            {str(n["cidr"]) for n in res.spec.get("networks") or [] if n.get("open")})
 
 
-def wanted_open(res: Resource) -> set[str]:
-    """CIDRs of the networks without port security: all traffic from them is allowed."""
-    return {str(n["cidr"]) for n in res.spec.get("networks") or [] if n.get("open")}
-
-
-def rules_of(group: Mapping[str, Any]) -> set[tuple[int, str, str]]:
-    return {(int(p["FromPort"]), str(p.get("IpProtocol")), str(r.get("CidrIp")))
-            for p in group.get("IpPermissions") or [] if p.get("FromPort") is not None
-            and p.get("FromPort") == p.get("ToPort") for r in p.get("IpRanges") or []}
-
-
-def open_of(group: Mapping[str, Any]) -> set[str]:
-    return {str(r.get("CidrIp")) for p in group.get("IpPermissions") or [] if p.get("IpProtocol") == "-1"
-            for r in p.get("IpRanges") or []}
+def rules_of(group: Mapping[str, Any]) -> tuple[set[tuple[int, str, str]], set[str]]:
+    """What a group allows, as `wanted` says it."""
+    perms = group.get("IpPermissions") or []
+    return ({(int(p["FromPort"]), str(p.get("IpProtocol")), str(r.get("CidrIp"))) for p in perms
+             if p.get("FromPort") is not None and p.get("FromPort") == p.get("ToPort")
+             for r in p.get("IpRanges") or []},
+            {str(r.get("CidrIp")) for p in perms if p.get("IpProtocol") == "-1" for r in p.get("IpRanges") or []})
 
 
 def secgroup_vpc(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found] | None = None) -> str | None:
@@ -318,10 +295,9 @@ def find_secgroup(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
             if tags_of(g.get("Tags")).get(naming.TAG_DEPLOYMENT) == plan.deployment]
     if not mine:
         return None
-    sg = mine[0]
-    complete = wanted_rules(res) <= rules_of(sg) and wanted_open(res) <= open_of(sg)
-    return Found("secgroup", sg["GroupId"], sg["GroupName"], status="ready" if complete else "incomplete",
-                 attrs={"vpc_id": sg.get("VpcId")})
+    (rules, open_), (have, have_open) = wanted(res), rules_of(mine[0])
+    return Found("secgroup", mine[0]["GroupId"], mine[0]["GroupName"], attrs={"vpc_id": mine[0].get("VpcId")},
+                 status="ready" if rules <= have and open_ <= have_open else "incomplete")
 
 
 def create_secgroup(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
@@ -347,30 +323,19 @@ def create_secgroup(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str,
 
         existing = create_or_adopt(create, adopt)
     sg_id = existing.cloud_id
-    if existing.attrs.get("new"):
-        have, have_open = set(), set()
-    else:
-        group = p.describe("get security group", "describe_security_groups", "SecurityGroups", GroupIds=[sg_id])[0]
-        have, have_open = rules_of(group), open_of(group)
-    for cidr in sorted(wanted_open(res) - have_open):
-        # A network without port security: its nodes talk freely (every protocol from its CIDR).
-        perms = [{"IpProtocol": "-1", "IpRanges": [{"CidrIp": cidr, "Description": "labctl: private network"}]}]
+    (rules, open_), (have, have_open) = wanted(res), (set(), set()) if existing.attrs.get("new") else rules_of(
+        p.describe("get security group", "describe_security_groups", "SecurityGroups", GroupIds=[sg_id])[0])
+    # A network without port security: its nodes talk freely (every protocol from its CIDR).
+    grants = [(f"allow all traffic from {cidr}", [{"IpProtocol": "-1", "IpRanges": [
+        {"CidrIp": cidr, "Description": "labctl: private network"}]}]) for cidr in sorted(open_ - have_open)]
+    if missing := sorted(rules - have):
+        grants.append((f"open ports {', '.join(str(port) for port, _, _ in missing)}", [
+            {"IpProtocol": proto, "FromPort": port, "ToPort": port,
+             "IpRanges": [{"CidrIp": cidr, "Description": "labctl"}]} for port, proto, cidr in missing]))
+    for what, perms in grants:
         with contextlib.suppress(Conflict):  # a concurrent run allowed it first
-            p.call(f"allow all traffic from {cidr}", lambda perms=perms: p.ec2.authorize_security_group_ingress(
-                GroupId=sg_id, IpPermissions=perms))
-    missing = sorted(wanted_rules(res) - have)
-    if missing:
-        perms = [{"IpProtocol": proto, "FromPort": port, "ToPort": port,
-                  "IpRanges": [{"CidrIp": cidr, "Description": "labctl"}]} for port, proto, cidr in missing]
-        with contextlib.suppress(Conflict):  # a concurrent run opened them first
-            p.call(f"open ports {', '.join(str(port) for port, _, _ in missing)}",
-                   lambda: p.ec2.authorize_security_group_ingress(GroupId=sg_id, IpPermissions=perms))
+            p.call(what, lambda perms=perms: p.ec2.authorize_security_group_ingress(GroupId=sg_id, IpPermissions=perms))
     return Found("secgroup", sg_id, res.name)
-
-
-def delete_secgroups(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
-    for f in found:  # an instance's network interface holds the group for a while after termination
-        p.in_use_retry("delete security group", lambda f=f: p.ec2.delete_security_group(GroupId=f.cloud_id))
 
 
 def owned(p: AwsSession, plan: Plan) -> list[Found]:
@@ -390,6 +355,9 @@ def owned(p: AwsSession, plan: Plan) -> list[Found]:
 
 
 TABLE.register("network", find=find_network, create=create_network, delete=delete_networks)
-TABLE.register("subnet", find=find_subnet, create=create_subnet, delete=delete_subnets)
-TABLE.register("router", find=find_router, create=create_router, delete=delete_routers)
-TABLE.register("secgroup", find=find_secgroup, create=create_secgroup, delete=delete_secgroups)
+TABLE.register("subnet", find=find_subnet, create=create_subnet,
+               delete=delete_each("delete subnet", "delete_subnet", "SubnetId"))
+TABLE.register("router", find=router, create=lambda p, res, plan, deps, _c: router(p, res, plan, deps),
+               delete=lambda p, found, plan: None)
+TABLE.register("secgroup", find=find_secgroup, create=create_secgroup,
+               delete=delete_each("delete security group", "delete_security_group", "GroupId"))

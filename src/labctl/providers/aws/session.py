@@ -5,6 +5,7 @@ boto3 is imported only inside functions: importing this module loads no SDK.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -68,49 +69,45 @@ def translate(where: str, exc: Exception) -> Exception:
         message = (str(err.get("Message") or "").strip().splitlines() or [code or str(exc)])[0][:300]
         status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
         text = f"{code}: {message}" if code else message
-        if code.endswith("NotFound") or code in S3_MISSING:
-            return kit.NotFound(f"{where}: {text}")
-        if code in EXISTS:
-            return Conflict(f"{where}: {text}")
-        if code in NO_CAPACITY and (code != "Unsupported" or "instance type" in message.lower()
-                                    or "availability zone" in message.lower()):
-            return NoCapacity(f"{where}: {text}")
-        if code in QUOTA:
-            return QuotaExceeded(f"{where}: quota exceeded ({text}); ask AWS for a higher limit or "
-                                 "use a smaller instance type")
-        if code in THROTTLED or status == 429:
-            return RateLimited(f"{where}: throttled ({text})")
-        if code in CREDENTIALS:
-            return CredentialsError(f"{where}: AWS refused the credentials ({text})")
-        if code in TRANSIENT or (status is not None and int(status) >= 500):
-            return Transient(f"{where}: AWS error {status} ({text})")
+        capacity = code in NO_CAPACITY and (code != "Unsupported" or "instance type" in message.lower()
+                                            or "availability zone" in message.lower())
+        for hit, kind, say in (
+                (code.endswith("NotFound") or code in S3_MISSING, kit.NotFound, "{}"), (code in EXISTS, Conflict, "{}"),
+                (capacity, NoCapacity, "{}"),
+                (code in QUOTA, QuotaExceeded, "quota exceeded ({}); ask AWS for a higher limit or use a smaller "
+                                               "instance type"),
+                (code in THROTTLED or status == 429, RateLimited, "throttled ({})"),
+                (code in CREDENTIALS, CredentialsError, "AWS refused the credentials ({})"),
+                (code in TRANSIENT or (status is not None and int(status) >= 500), Transient,
+                 f"AWS error {status} ({{}})")):
+            if hit:
+                return kind(f"{where}: " + say.format(text))
         return CloudError(f"{where}: {text}")
-    if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
-        return CredentialsError(f"{where}: no usable AWS credentials ({exc}); {HELP}")
     sso = tuple(getattr(bex, n) for n in ("SSOError", "SSOTokenLoadError", "TokenRetrievalError",
-                                            "UnauthorizedSSOTokenError", "CredentialRetrievalError")
-                if hasattr(bex, n))
-    if sso and isinstance(exc, sso):
-        return CredentialsError(f"{where}: AWS credentials could not be loaded ({exc}); "
-                                "run `aws sso login` or check your profile")
-    if isinstance(exc, bex.ProfileNotFound):
-        return CredentialsError(f"{where}: {exc}")
-    if isinstance(exc, bex.ConnectTimeoutError | bex.ReadTimeoutError):
-        return Transient(f"{where}: timed out ({exc})")
-    if isinstance(exc, bex.EndpointConnectionError | bex.ConnectionClosedError | bex.HTTPClientError):
-        return Transient(f"{where}: connection problem ({exc})")
-    if isinstance(exc, bex.ParamValidationError):
-        return CloudError(f"{where}: invalid request ({exc})")
-    if isinstance(exc, bex.BotoCoreError):
-        return CloudError(f"{where}: {exc}")
+                                            "UnauthorizedSSOTokenError", "CredentialRetrievalError") if hasattr(bex, n))
+    for types, kind, say in (
+            ((bex.NoCredentialsError, bex.PartialCredentialsError), CredentialsError,
+             "no usable AWS credentials ({}); " + HELP),
+            (sso, CredentialsError, "AWS credentials could not be loaded ({}); run `aws sso login` or check your "
+                                    "profile"),
+            ((bex.ProfileNotFound,), CredentialsError, "{}"),
+            ((bex.ConnectTimeoutError, bex.ReadTimeoutError), Transient, "timed out ({})"),
+            ((bex.EndpointConnectionError, bex.ConnectionClosedError, bex.HTTPClientError), Transient,
+             "connection problem ({})"),
+            ((bex.ParamValidationError,), CloudError, "invalid request ({})"),
+            ((bex.BotoCoreError,), CloudError, "{}")):
+        if types and isinstance(exc, types):
+            return kind(f"{where}: " + say.format(exc))
     if isinstance(exc, TimeoutError | ConnectionError):
         return Transient(f"{where}: {type(exc).__name__}: {exc}")
     return CloudError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def error_code(exc: Exception) -> str:
-    """The AWS error code of a botocore ClientError ("" for anything else)."""
-    return str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code") or "")
+def token(*parts: object) -> str:
+    """An idempotency token (ClientToken, ≤ 64 characters): the same parts give the same token. A launch's parts are
+    (deployment, node, type, zone, attempt); a volume's (deployment, volume, server instance), so a new `up` (a new
+    instance) after `down --delete-volumes` makes a new volume instead of getting the deleted one's answer back."""
+    return "labctl-" + hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:40]
 
 
 # -- credentials ---------------------------------------------------------------------------------------------
@@ -119,19 +116,14 @@ def load_session(site: Site, cloud: str | None) -> tuple[Any, str]:
     import boto3
     from botocore import exceptions as bex
 
-    def profile_missing() -> CredentialsError:
-        if cloud:
-            return CredentialsError(
-                f"{site.name}: AWS profile '{cloud}' not found in ~/.aws/config or ~/.aws/credentials")
-        env = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE"
-        return CredentialsError(f"{site.name}: AWS profile '{os.environ.get(env)}' (named by {env}) not found "
-                                f"in ~/.aws/config or ~/.aws/credentials; fix or unset {env}")
-
     try:
         session = boto3.session.Session(profile_name=cloud, region_name=site.region)
         creds = session.get_credentials()
     except bex.ProfileNotFound:
-        raise profile_missing() from None
+        env = "AWS_PROFILE" if os.environ.get("AWS_PROFILE") else "AWS_DEFAULT_PROFILE"
+        named = f"'{cloud}'" if cloud else f"'{os.environ.get(env)}' (named by {env})"
+        raise CredentialsError(f"{site.name}: AWS profile {named} not found in ~/.aws/config or ~/.aws/credentials"
+                               + ("" if cloud else f"; fix or unset {env}")) from None
     except bex.PartialCredentialsError as exc:
         raise CredentialsError(f"{site.name}: incomplete AWS credentials ({exc})") from None
     except (bex.BotoCoreError, ValueError) as exc:
@@ -154,11 +146,8 @@ def register_credentials(session: Any) -> None:
         creds = session.get_credentials()
     except Exception:  # noqa: BLE001 - nothing to register; the call itself reports what is wrong
         return
-    if creds is None:
-        return
-    held = vars(creds)  # static credentials: plain attributes; refreshable ones: _secret_key/_token until refreshed
-    for name in ("secret_key", "_secret_key", "token", "_token"):
-        value = held.get(name)
+    held = vars(creds) if creds is not None else {}  # static: attributes; refreshable: _secret_key/_token
+    for value in (held.get(name) for name in ("secret_key", "_secret_key", "token", "_token")):
         if isinstance(value, str):
             register_secret(value)
 
@@ -169,11 +158,7 @@ def tags_of(items: Sequence[Mapping[str, str]] | None) -> dict[str, str]:
 
 
 def tag_list(plan: Plan, node: str | None = None, name: str | None = None) -> list[dict[str, str]]:
-    tags = dict(plan.tags)
-    if node:
-        tags[naming.TAG_NODE] = node
-    if name:
-        tags["Name"] = name
+    tags = {**plan.tags, **({naming.TAG_NODE: node} if node else {}), **({"Name": name} if name else {})}
     return [{"Key": k, "Value": v} for k, v in tags.items()]
 
 
@@ -194,13 +179,9 @@ class AwsSession:
     def __init__(self, site: Site, session: Any, endpoint_url: str | None = None,
                  poll_interval: float | None = None, call_retries: int = 5,
                  credential_source: str | None = None) -> None:
-        self.site = site
-        self.session = session
-        self.endpoint_url = endpoint_url
-        self.region = site.region
+        self.site, self.session, self.endpoint_url, self.region = site, session, endpoint_url, site.region
         self.poll_interval = poll_interval if poll_interval is not None else site.poll_interval
-        self.call_retries = call_retries
-        self.credential_source = credential_source
+        self.call_retries, self.credential_source = call_retries, credential_source
         self.limiter = kit.RateLimiter(None)
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -227,20 +208,13 @@ class AwsSession:
                 self._clients[key] = client
             return self._clients[key]
 
-    @property
-    def ec2(self) -> Any:
-        return self._client("ec2", "ec2", 2, max_pool_connections=16)
-
-    @property
-    def ec2_once(self) -> Any:
-        """A client that never resends a request (for calls without an idempotency token)."""
-        return self._client("ec2_once", "ec2", 1)
-
-    @property
-    def s3(self) -> Any:
-        """S3 on the same session (and endpoint). Path-style addressing against a custom endpoint (the emulator on
-        127.0.0.1 has no per-bucket host names); botocore's default (virtual-hosted) against AWS itself."""
-        return self._client("s3", "s3", 2, s3={"addressing_style": "path" if self.endpoint_url else "auto"})
+    ec2 = property(lambda self: self._client("ec2", "ec2", 2, max_pool_connections=16))
+    # A client that never resends a request (for calls without an idempotency token).
+    ec2_once = property(lambda self: self._client("ec2_once", "ec2", 1))
+    # S3 on the same session (and endpoint). Path-style addressing against a custom endpoint (the emulator on
+    # 127.0.0.1 has no per-bucket host names); botocore's default (virtual-hosted) against AWS itself.
+    s3 = property(lambda self: self._client("s3", "s3", 2, s3={"addressing_style": "path" if self.endpoint_url
+                                                               else "auto"}))
 
     # -- calls -----------------------------------------------------------------------------------------------
     def translate(self, what: str, exc: Exception) -> Exception:
@@ -261,37 +235,26 @@ class AwsSession:
             out = self.call(what, lambda: getattr(self.ec2, operation)(**kwargs))
         return list((out or {}).get(key) or [])
 
-    def once(self, what: str, create: Callable[[], T], lookup: Callable[[], T | None]) -> T:
-        """A create call without an idempotency token, tagged at creation: sent once (no client retry); after a
-        lost answer (timeout, 5xx), look the tagged resource up first and send again only if there is none."""
-        for attempt in range(3):
-            try:
-                return self.call(what, create, resend=False)
-            except (Transient, RateLimited):
-                found = lookup()
-                if found is not None:
-                    return found
-                if attempt == 2:
-                    raise
-                time.sleep(max(self.poll_interval, 0.05) * (attempt + 1))
-        raise AssertionError("unreachable")
-
     def create_unique(self, what: str, create: Callable[[], T], lookup: Callable[[], T | None],
                       relist: Callable[[], Sequence[T]], delete: Callable[[T], None], *,
                       ident: Callable[[T], str], rank: Callable[[T], Any] = lambda item: 0) -> T:
-        """`once`, then for a resource whose name AWS does not keep unique (VPC, subnet, gateway, Elastic IP): if
-        this run made one, `converge_created` with a concurrent run's (both keep the same one)."""
-        made: list[T] = []
-
-        def send() -> T:
-            made.append(create())
-            return made[-1]
-
-        started = time.monotonic()
-        found = self.once(what, send, lookup)
-        if not made:
-            return found  # looked up after a lost answer: nothing of this run's to converge
-        return converge_created(found, time.monotonic() - started, relist, delete, ident=ident, rank=rank)
+        """A create without an idempotency token (CreateVpc, CreateSubnet, CreateInternetGateway, AllocateAddress),
+        tagged at creation: sent once (no client retry); after a lost answer (timeout, 5xx) the tagged resource is
+        looked up first and made again only if there is none. AWS does not keep these names unique: when this run
+        made one, `converge_created` with a concurrent run's (both keep the same one)."""
+        for attempt in range(3):
+            started = time.monotonic()
+            try:
+                made = self.call(what, create, resend=False)
+            except (Transient, RateLimited):
+                if (found := lookup()) is not None:
+                    return found  # nothing of this run's to converge
+                if attempt == 2:
+                    raise
+                time.sleep(max(self.poll_interval, 0.05) * (attempt + 1))
+                continue
+            return converge_created(made, time.monotonic() - started, relist, delete, ident=ident, rank=rank)
+        raise AssertionError("unreachable")
 
     def in_use_retry(self, what: str, fn: Callable[[], Any], codes: Sequence[str] = ("DependencyViolation",),
                      timeout: float | None = None) -> None:
@@ -311,3 +274,13 @@ class AwsSession:
     def find(self, res: Resource, plan: Plan) -> Found | None:
         """The look-up of `res` by its kind's handler (None for kinds AWS does not use: reservation)."""
         return self.handlers[res.kind].find(res, plan) if res.kind in self.handlers else None
+
+
+def delete_each(what: str, operation: str, param: str) -> Callable[..., None]:
+    """A delete handler: EC2 `operation(param=<id>)` for each resource, missing is fine, retried while in use (an
+    instance's network interface holds its security group and subnet for a while after termination)."""
+    def delete(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+        for f in found:
+            p.in_use_retry(what, lambda f=f: getattr(p.ec2, operation)(**{param: f.cloud_id or f.name}))
+
+    return delete

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -10,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from labctl import naming
 from labctl.errors import CloudError
-from labctl.providers.aws.session import S3_MISSING, TABLE, AwsSession, error_code, tag_list, tagged, tags_of
+from labctl.providers.aws.session import S3_MISSING, TABLE, AwsSession, tag_list, tagged, tags_of, token
 from labctl.providers.base import Found
 
 if TYPE_CHECKING:
@@ -26,37 +25,20 @@ NVME_BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-def volume_token(deployment: str, volume: str, instance_id: str) -> str:
-    """CreateVolume's idempotency token: one per (deployment, volume, server instance), so a retry or a rerun after
-    a crash never makes a second volume, and a new `up` (a new instance) after `down --delete-volumes` makes a new
-    one instead of getting the deleted volume's answer back."""
-    digest = hashlib.sha256(f"{deployment}|{volume}|{instance_id}".encode()).hexdigest()
-    return f"labctl-{digest[:40]}"
-
-
 def bucket_name(name: str) -> str | None:
     """The S3 bucket name for a resource name (lower case, '_' -> '-'), or None if it cannot be a valid one
     (3-63 characters of a-z 0-9 . -, starting and ending with a letter or digit, not an IP address...)."""
     out = name.lower().replace("_", "-")
-    if not _BUCKET_NAME.match(out) or ".." in out or ".-" in out or "-." in out:
-        return None
-    if re.match(r"^\d+\.\d+\.\d+\.\d+$", out) or out.startswith(("xn--", "sthree-")):
-        return None
-    if out.endswith(("-s3alias", "--ol-s3", "--x-s3")):
-        return None
-    return out
+    bad = (not _BUCKET_NAME.match(out) or any(s in out for s in ("..", ".-", "-.")) or out.endswith(
+        ("-s3alias", "--ol-s3", "--x-s3")) or re.match(r"^\d+\.\d+\.\d+\.\d+$", out) or out.startswith(
+        ("xn--", "sthree-")))
+    return None if bad else out
 
 
 def bad_bucket(p: AwsSession, res: Resource) -> str:
     return (f"{p.site.name}: object store '{res.spec.get('bucket', res.name)}' would be the S3 bucket "
             f"'{res.name.lower()}', which is not a valid bucket name (3-63 characters of a-z, 0-9, '.' and '-'); "
             "use a shorter lab, owner or store name, or `labctl up --name`")
-
-
-def device_paths(volume_id: str, device: str) -> list[str]:
-    """Where the guest finds an attached EBS volume: the NVMe by-id link (Nitro), then the Xen names."""
-    letter = device[-1]
-    return [f"{NVME_BY_ID}{volume_id.replace('-', '')}", f"/dev/xvd{letter}", f"/dev/sd{letter}"]
 
 
 # -- volumes -----------------------------------------------------------------------------------------------------
@@ -82,19 +64,14 @@ def volumes(p: AwsSession, plan: Plan, name: str | None = None) -> list[dict[str
 
 def get_volume(p: AwsSession, volume_id: str) -> dict[str, Any] | None:
     out = p.call("get volume", lambda: p.ec2.describe_volumes(VolumeIds=[volume_id]), missing_ok=True)
-    vols = (out or {}).get("Volumes") or []
-    return vols[0] if vols else None
+    return next(iter((out or {}).get("Volumes") or []), None)
 
 
-def wait_volume(p: AwsSession, volume_id: str, done: Callable[[dict[str, Any] | None], bool],
-                timeout: float = 600) -> None:
+def wait_volume(p: AwsSession, volume_id: str, done: Callable[[dict[str, Any]], bool] = lambda v: not v.get(
+        "Attachments"), timeout: float = 600) -> None:
+    """Until `done(volume)` (by default: attached to nothing) or the volume is gone; a volume in error fails."""
     p.until(f"volume {volume_id}", lambda: get_volume(p, volume_id),
             lambda v: "done" if done(v) else "error" if v["State"] == "error" else "pending", timeout)
-
-
-def detached(vol: Mapping[str, Any] | None, instance_id: str | None = None) -> bool:
-    """Whether the volume is gone or attached to nothing (to no `instance_id` if given)."""
-    return vol is None or not any(instance_id in (None, a.get("InstanceId")) for a in vol.get("Attachments") or [])
 
 
 def detach(p: AwsSession, volume_id: str, instance_id: str) -> None:
@@ -106,12 +83,21 @@ def detach(p: AwsSession, volume_id: str, instance_id: str) -> None:
             raise
 
 
+def detach_others(p: AwsSession, vol: Mapping[str, Any] | None, server_id: str | None = None) -> None:
+    """Detach the volume from every instance but `server_id` and wait until it is attached to nothing."""
+    others = [a["InstanceId"] for a in (vol or {}).get("Attachments") or [] if a.get("InstanceId") != server_id]
+    for instance_id in others:
+        if server_id:  # attached to the instance of an earlier `up` that is still going away
+            log.info("%s: detaching volume %s from %s first", p.site.name, vol["VolumeId"], instance_id)
+        detach(p, vol["VolumeId"], instance_id)
+    if others:
+        wait_volume(p, vol["VolumeId"])
+
+
 def find_volume(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
     vols = volumes(p, plan, res.name)
-    if not vols:
-        return None
-    vols.sort(key=lambda v: (v["State"] == "error", str(v.get("CreateTime") or ""), v["VolumeId"]))
-    return volume_found(vols[0])
+    key = lambda v: (v["State"] == "error", str(v.get("CreateTime") or ""), v["VolumeId"])  # noqa: E731
+    return volume_found(min(vols, key=key)) if vols else None
 
 
 def create_volume(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
@@ -133,7 +119,7 @@ def create_volume(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
             {"Key": VOLUME_TAG, "Value": spec["volume"]}]
     out = p.call(f"create volume {res.name}", lambda: p.ec2.create_volume(
         AvailabilityZone=zone, Size=int(spec["size_gb"]), VolumeType="gp3",
-        ClientToken=volume_token(plan.deployment, spec["volume"], server.cloud_id),
+        ClientToken=token(plan.deployment, spec["volume"], server.cloud_id),
         TagSpecifications=[{"ResourceType": "volume", "Tags": tags}]))
     found = volume_found(out)
     log.info("%s: made volume %s (%d GiB, %s)", p.site.name, found.cloud_id, int(spec["size_gb"]), zone)
@@ -143,15 +129,11 @@ def create_volume(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
 def delete_volumes(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
     ids = [f.cloud_id for f in found]
     for volume_id in ids:  # still attached (an instance not terminated): detach first
-        vol = get_volume(p, volume_id)
-        for a in (vol or {}).get("Attachments") or []:
-            detach(p, volume_id, a["InstanceId"])
-        if vol and vol.get("Attachments"):
-            wait_volume(p, volume_id, detached)
+        detach_others(p, get_volume(p, volume_id))
     for volume_id in ids:
         p.in_use_retry("delete volume", lambda v=volume_id: p.ec2.delete_volume(VolumeId=v), codes=("VolumeInUse",))
     for volume_id in ids:
-        wait_volume(p, volume_id, lambda v: v is None or v["State"] == "deleted")
+        wait_volume(p, volume_id, lambda v: v["State"] == "deleted")
     log.info("%s: deleted %s", p.site.name, ", ".join(ids))
 
 
@@ -168,7 +150,8 @@ def attachment_found(res: Resource, plan: Plan, server_id: str, volume_id: str, 
     return Found("volume_attachment", f"{server_id}/{volume_id}", res.name,
                  status="ready" if state == "attached" else "pending", attrs={
                      "server_id": server_id, "volume_id": volume_id, "device": device,
-                     "device_paths": device_paths(volume_id, device)})
+                     # where the guest finds it: the NVMe by-id link (Nitro), then the Xen names
+                     "device_paths": [f"{NVME_BY_ID}{volume_id.replace('-', '')}", f"/dev/xvd{device[-1]}", device]})
 
 
 def find_attachment(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
@@ -194,12 +177,7 @@ def create_attachment(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[st
     for a in attached:
         if a.get("InstanceId") == server_id and a.get("State") in ("attaching", "attached"):
             return attachment_found(res, plan, server_id, volume_id, a["State"])
-    others = [a for a in attached if a.get("InstanceId") != server_id]
-    for a in others:  # attached to the instance of an earlier `up` that is still going away
-        log.info("%s: detaching volume %s from %s first", p.site.name, volume_id, a.get("InstanceId"))
-        detach(p, volume_id, a["InstanceId"])
-    if others:
-        wait_volume(p, volume_id, detached)
+    detach_others(p, vol, server_id)
     device = device_for(res, plan)
     try:
         out = p.call(f"attach volume {volume_id} to {res.spec['node']}", lambda: p.ec2.attach_volume(
@@ -217,14 +195,13 @@ def create_attachment(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[st
 
 
 def delete_attachments(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
-    pairs = []
-    for f in found:
-        instance_id, _, volume_id = f.cloud_id.partition("/")
-        pairs.append((f.attrs.get("server_id") or instance_id, f.attrs.get("volume_id") or volume_id))
+    pairs = [(f.attrs.get("server_id") or f.cloud_id.partition("/")[0],
+              f.attrs.get("volume_id") or f.cloud_id.partition("/")[2]) for f in found]
     for instance_id, volume_id in pairs:
         detach(p, volume_id, instance_id)
     for instance_id, volume_id in pairs:
-        wait_volume(p, volume_id, lambda v, i=instance_id: detached(v, i))
+        wait_volume(p, volume_id, lambda v, i=instance_id: all(
+            a.get("InstanceId") != i for a in v.get("Attachments") or []))
     log.info("%s: detached %s", p.site.name, ", ".join(v for _, v in pairs))
 
 
@@ -262,7 +239,7 @@ def bucket_tags(p: AwsSession, name: str) -> dict[str, str] | None:
         try:
             return tags_of(p.s3.get_bucket_tagging(Bucket=name)["TagSet"])
         except ClientError as exc:
-            code = error_code(exc)
+            code = exc.response["Error"].get("Code")
             if code == "NoSuchTagSet":
                 return {}
             if code in S3_MISSING or code in ("403", "AccessDenied"):  # 403: another account's bucket
@@ -273,8 +250,7 @@ def bucket_tags(p: AwsSession, name: str) -> dict[str, str] | None:
 
 
 def bucket_found(name: str, tags: Mapping[str, str], key: str | None = None) -> Found:
-    store = tags.get(BUCKET_TAG)
-    key = key or (f"bucket:{store}" if store else None)
+    key = key or (f"bucket:{tags[BUCKET_TAG]}" if tags.get(BUCKET_TAG) else None)
     return Found("bucket", name, name, attrs={"keep": tags.get(KEEP_TAG) == "true", **({"key": key} if key else {})})
 
 
@@ -295,9 +271,8 @@ def create_bucket(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
     name = bucket_name(res.name)
     if name is None:
         raise CloudError(bad_bucket(p, res))
-    kwargs: dict[str, Any] = {"Bucket": name}
-    if p.region != "us-east-1":
-        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": p.region}
+    kwargs = {"Bucket": name, **({} if p.region == "us-east-1" else {
+        "CreateBucketConfiguration": {"LocationConstraint": p.region}})}
     try:
         p.call(f"create bucket {name}", lambda: p.s3.create_bucket(**kwargs))
     except CloudError as exc:
@@ -342,7 +317,7 @@ def delete_buckets(p: AwsSession, found: Sequence[Found], plan: Plan, timeout: f
                                              f"{e.get('Code')} {e.get('Message')}")
                 p.s3.delete_bucket(Bucket=name)
             except ClientError as exc:
-                if error_code(exc) not in S3_MISSING:
+                if exc.response["Error"].get("Code") not in S3_MISSING:
                     raise
 
         # Objects written meanwhile make the delete fail with BucketNotEmpty: empty it again.
@@ -354,13 +329,11 @@ def delete_buckets(p: AwsSession, found: Sequence[Found], plan: Plan, timeout: f
 def owned(p: AwsSession, plan: Plan) -> list[Found]:
     """The deployment's volumes and their attachments; its buckets (S3 only when the plan has buckets: an
     EC2-only account (IAM policy) is never asked)."""
-    out: list[Found] = []
-    for v in volumes(p, plan):
-        vol = volume_found(v)
-        out.append(vol)
-        out += [Found("volume_attachment", f"{a['InstanceId']}/{v['VolumeId']}", f"{vol.name}-attachment",
-                      attrs={"server_id": a["InstanceId"], "volume_id": v["VolumeId"], "device": a.get("Device")})
-                for a in v.get("Attachments") or []]
+    out = []
+    for vol in map(volume_found, volumes(p, plan)):
+        out += [vol, *(Found("volume_attachment", f"{a['instance_id']}/{vol.cloud_id}", f"{vol.name}-attachment",
+                             attrs={"server_id": a["instance_id"], "volume_id": vol.cloud_id, "device": a["device"]})
+                       for a in vol.attrs["attachments"])]
     if not plan.by_kind("bucket"):
         return out
     prefix = f"{plan.deployment.lower()}-"
