@@ -163,16 +163,16 @@ def test_ec2_front_checks_the_signature_and_moto_answers_only_the_front(tmp_path
 
 
 def test_moto_daemon_exits_when_idle(tmp_path, monkeypatch):
-    from labctl.testbed.aws import _pid_alive, ensure_moto, moto_info, stop_moto
+    from labctl.testbed.aws import ensure_moto, moto_info, pid_alive, stop_moto
 
     monkeypatch.setenv("LABCTL_MOTO_IDLE_SECONDS", "2")
     state = Path(tmp_path / "idle")
     info = ensure_moto(state)
     try:
         deadline = time.monotonic() + 30
-        while _pid_alive(info["pid"]) and time.monotonic() < deadline:
+        while pid_alive(info["pid"]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _pid_alive(info["pid"])
+        assert not pid_alive(info["pid"])
         assert moto_info(state) is None
     finally:
         stop_moto(state)
