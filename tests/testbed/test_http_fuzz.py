@@ -94,26 +94,41 @@ wrapped = st.builds(lambda key, inner: {key: inner}, st.sampled_from(KEYS), shap
 _KEY_RE = re.compile(r"""(?:\.get\(|\[|\bin\s)["']([A-Za-z_][\w:-]{0,40})["']""")
 
 
+def _with_submodules(obj) -> list:
+    """`obj`, and when it is a package, every module in it (the emulators' services and models are packages)."""
+    import importlib
+    import pkgutil
+
+    out = [obj]
+    for info in pkgutil.iter_modules(getattr(obj, "__path__", None) or []):
+        out.append(importlib.import_module(f"{obj.__name__}.{info.name}"))
+    return out
+
+
 def source_keys(*objects) -> list[str]:
     """The field names the emulators' code reads (`.get("x")`, `["x"]`, `"x" in`): aimed bodies use them."""
     import inspect
 
     found: set[str] = set()
     for obj in objects:
-        found |= set(_KEY_RE.findall(inspect.getsource(inspect.unwrap(obj))))
+        for part in _with_submodules(obj):
+            found |= set(_KEY_RE.findall(inspect.getsource(inspect.unwrap(part))))
     return sorted(found)
 
 
 def handler_keys(service: str, route: tuple[str, str, str]) -> list[str]:
-    """The keys one route's handler reads, with those of the model functions it calls (else its service's)."""
+    """The keys one route's handler reads, with those of the model functions and the helpers of its own service
+    it calls (else its service's)."""
     import inspect
 
     handler = inspect.unwrap(OS_HANDLERS[route])
     source = inspect.getsource(handler)
     called = [getattr(os_model, name) for name in re.findall(r"model\.(\w+)\(", source)
               if callable(getattr(os_model, name, None))]
-    helpers = [getattr(inspect.getmodule(handler), name) for name in re.findall(r"\b(_\w+)\(", source)
-               if inspect.isfunction(getattr(inspect.getmodule(handler), name, None))]
+    module = inspect.getmodule(handler)
+    helpers = [fn for name in set(re.findall(r"(?<![.\w])(\w+)\(", source))
+               if inspect.isfunction(fn := getattr(module, name, None)) and fn is not handler
+               and fn.__module__.startswith("labctl.testbed.")]
     return source_keys(handler, *called, *helpers) or OS_KEYS[service]
 
 
