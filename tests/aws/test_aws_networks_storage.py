@@ -155,6 +155,34 @@ def test_lost_answers_make_one_vpc_gateway_and_subnet(emu, tmp_path: Path, publi
     assert mine(emu, plan.deployment) == {}
 
 
+def test_two_racing_runs_end_with_one_vpc_gateway_and_subnet(emu, tmp_path: Path, public_key: str):
+    """Two `up`s of one deployment that share no state both find nothing and both create: CreateVpc, CreateSubnet
+    and CreateInternetGateway have no idempotency token and no unique names, so each racer lists again after its
+    create and both keep the same one (deleting only the extra it made itself)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = lab_plan(tmp_path, public_key, "racenet", nodes=1)
+    net, sub = plan.get("network:cluster"), plan.get("subnet:cluster")
+    start = threading.Barrier(2)
+
+    def up(provider):
+        start.wait()
+        network = provider.create(net, plan, {}, None)
+        return network, provider.create(sub, plan, {"network:cluster": network}, None)
+
+    with ThreadPoolExecutor(2) as pool:
+        (net_a, sub_a), (net_b, sub_b) = pool.map(up, [connect(emu), connect(emu)])
+    have = mine(emu, plan.deployment)
+    assert [len(have[k]) for k in ("vpcs", "internet_gateways", "subnets")] == [1, 1, 1]
+    assert net_a.cloud_id == net_b.cloud_id == have["vpcs"][0]["id"]
+    assert sub_a.cloud_id == sub_b.cloud_id == have["subnets"][0]["id"]
+    assert have["internet_gateways"][0]["vpc_ids"] == [net_a.cloud_id]
+    assert connect(emu).find(net, plan).status == "ready"
+    assert Engine(connect(emu), StateStore(tmp_path / "empty.db")).destroy(plan) == []
+    assert mine(emu, plan.deployment) == {}
+
+
 def test_crash_between_vpc_and_gateway_is_finished_by_a_rerun(emu, tmp_path: Path, public_key: str):
     plan = lab_plan(tmp_path, public_key, "halfnet", nodes=1)
     provider = connect(emu)

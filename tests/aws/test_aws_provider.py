@@ -244,6 +244,19 @@ def test_errors_are_translated(emu, tmp_path: Path, public_key: str):
     assert type(err.value).__module__.startswith("labctl")
 
 
+def test_rate_limit_applies_to_every_request(emu):
+    """Class mode's --rate: at most that many HTTP requests per second from the adapter (a burst of 5 first)."""
+    import time
+
+    provider = connect(emu)
+    provider.set_rate_limit(20)
+    started = time.monotonic()
+    for _ in range(15):
+        provider.describe("list zones", "describe_availability_zones", "AvailabilityZones")
+    assert time.monotonic() - started >= (15 - 5) / 20 * 0.9
+    provider.set_rate_limit(None)
+
+
 # -- idempotent launch and polling ------------------------------------------------------------------------
 
 

@@ -95,18 +95,16 @@ class AwsProvider(AwsSession):
         for res in plan.by_kind("server"):
             for net in res.spec.get("networks") or []:
                 network.check_fixed_ip(self, res, net, plan)
-        types = sorted({c for n in plan.nodes for c in n.candidates})
-        if not types:
+        if not (types := sorted({c for n in plan.nodes for c in n.candidates})):
             return
         offered = instances.offered_zones(self, types)
         # Nodes on the deployment's own network use its VPC: a region without a default VPC is fine for them.
         own_network = all(r.spec.get("networks") for r in plan.by_kind("server"))
         zones = instances.region_zones(self) if own_network else set(instances.default_subnets(self))
-        where = self.site.zone or self.region
         for node in plan.nodes:
             if node.candidates and not any(offered[c] & zones for c in node.candidates):
                 raise UserError(f"{self.site.name}: none of {', '.join(node.candidates)} (for {node.name}) is "
-                                f"offered in {where}")
+                                f"offered in {self.site.zone or self.region}")
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         if res.kind not in self.handlers:

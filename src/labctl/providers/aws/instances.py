@@ -297,7 +297,7 @@ def create_server(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
     except NoCapacity as exc:
         raise NoCapacity(f"{p.site.name}: no {itype} capacity for {node} in {', '.join(tried)}") from exc
     p.dead.pop(dead_key, None)
-    found.status = "pending" if found.status != "error" else found.status
+    found.status = "error" if found.status == "error" else "pending"
     return found
 
 

@@ -202,11 +202,13 @@ def create_subnet(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
         return p.ec2_once.create_subnet(VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone, TagSpecifications=[
             {"ResourceType": "subnet", "Tags": tag_list(plan, name=res.name)}])["Subnet"]
 
-    found = subnet_found(p.create_unique(
+    # AWS refuses a second subnet of that CIDR in the VPC (Conflict): a racing run's, adopted.
+    found = subnet_found(create_or_adopt(lambda: p.create_unique(
         f"create subnet {res.name}", create, lambda: next(iter(subnets_of(p, res, plan)), None),
         lambda: subnets_of(p, res, plan),
         lambda n: p.in_use_retry("delete duplicate subnet", lambda: p.ec2.delete_subnet(SubnetId=n["SubnetId"])),
-        ident=lambda n: n["SubnetId"], rank=lambda n: n.get("AvailableIpAddressCount", 0)))
+        ident=lambda n: n["SubnetId"], rank=lambda n: n.get("AvailableIpAddressCount", 0)),
+        lambda: next(iter(subnets_of(p, res, plan)), None)))
     log.info("%s: made subnet %s (%s) in %s", p.site.name, found.cloud_id, cidr, zone)
     return found
 

@@ -50,7 +50,8 @@ TRANSIENT = {"InternalError", "InternalFailure", "ServiceUnavailable", "Unavaila
              "InvalidIPAddress.InUse"}  # a fixed IP still held by the interface of an instance going away
 # "It is there already": a retry after a lost answer or a concurrent run made it (`Conflict`: find and adopt).
 EXISTS = {"InvalidKeyPair.Duplicate", "InvalidGroup.Duplicate", "InvalidPermission.Duplicate", "RouteAlreadyExists",
-          "BucketAlreadyOwnedByYou", "ResourceAlreadyExists", "AlreadyExists"}
+          "BucketAlreadyOwnedByYou", "ResourceAlreadyExists", "AlreadyExists",
+          "InvalidSubnet.Conflict"}  # a subnet of that CIDR in the VPC: a racing run's
 S3_MISSING = {"NoSuchBucket", "404", "NotFound", "NoSuchKey"}
 IN_USE_GRACE = 300.0  # seconds a delete retries DependencyViolation (interfaces of terminated instances linger)
 HELP = ("set AWS_PROFILE (or --cloud PROFILE), or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "

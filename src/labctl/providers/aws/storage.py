@@ -161,10 +161,8 @@ def find_attachment(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
     server = p.find(plan.get(res.spec["server"]), plan) if vol is not None else None
     if vol is None or server is None:
         return None
-    for a in vol.attrs["attachments"]:
-        if a["instance_id"] == server.cloud_id and a["state"] in ("attaching", "attached"):
-            return attachment_found(res, plan, server.cloud_id, vol.cloud_id, a["state"])
-    return None
+    return next((attachment_found(res, plan, server.cloud_id, vol.cloud_id, a["state"]) for a in vol.attrs[
+        "attachments"] if a["instance_id"] == server.cloud_id and a["state"] in ("attaching", "attached")), None)
 
 
 def create_attachment(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
@@ -173,8 +171,7 @@ def create_attachment(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[st
     vol = get_volume(p, volume_id)
     if vol is None:
         raise CloudError(f"{p.site.name}: volume {volume_id} is gone")
-    attached = vol.get("Attachments") or []
-    for a in attached:
+    for a in vol.get("Attachments") or []:
         if a.get("InstanceId") == server_id and a.get("State") in ("attaching", "attached"):
             return attachment_found(res, plan, server_id, volume_id, a["State"])
     detach_others(p, vol, server_id)
