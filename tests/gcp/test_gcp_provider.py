@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,54 @@ def test_wait_lists_once_per_poll_round(tmp_path, sim_site, testbed, emu):
     assert [p[1] for p in progress].count("booted") == 4
     print(f"\nwait: {len(rounds)} poll rounds, {len(lists)} instances.list calls, {len(log)} requests in all "
           "for 4 nodes")
+
+
+def test_deployments_waiting_at_once_share_one_list_per_round(tmp_path, sim_site, testbed, emu):
+    """Class mode: one adapter per site, many deployments polling at once; one instance list per poll round for
+    all of them (fetched after each wait began), not one per deployment."""
+    import threading
+
+    provider = provider_for(sim_site, testbed)
+    emu.world.set_time_scale(0.15)  # instances take 3 s to be RUNNING: many poll rounds
+    plans = [build_plan(profile(f"share{i}", floating_ip=False), sim_site, f"student{i}", public_key(tmp_path))
+             for i in range(3)]
+    waits: list = []
+
+    def launch(plan) -> None:  # all three at once: they are RUNNING at about the same time
+        deps = {"keypair": provider.create(plan.get("keypair"), plan, {}, None)}
+        res = plan.get("server:node-1")
+        waits.append((plan, [(res, provider.create(res, plan, deps, "e2-small"))]))
+
+    launching = [threading.Thread(target=launch, args=(plan,)) for plan in plans]
+    for t in launching:
+        t.start()
+    for t in launching:
+        t.join()
+    emu.world.clear_request_log()
+    provider.poll_interval = 0.1
+    done: dict[str, list] = {}
+    polls: list[tuple] = []  # one progress event per poll of a deployment
+    threads = [threading.Thread(target=lambda p=p, i=i: done.update({p.deployment: provider.wait(
+        i, p, 60, lambda *a: polls.append(a))})) for p, i in waits]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [done[p.deployment][0].status for p, _ in waits] == ["ready"] * 3
+    lists = [r for r in emu.world.request_log(detail=True) if r["operation"] == "instances.list"]
+    # each wait's first poll may list anew (a list from before the wait began may predate its instance); then
+    # one list per round serves all three (unshared, every poll would be a list)
+    assert len(polls) >= 12 and len(lists) <= len(polls) / 2 + 3
+
+
+def test_rate_limit_applies_to_every_call(sim_site, testbed, emu):
+    provider = provider_for(sim_site, testbed)
+    provider.set_rate_limit(40)
+    start = time.monotonic()
+    for i in range(30):
+        assert provider.get_instance("us-central1-a", f"missing-{i}") is None
+    assert time.monotonic() - start >= (30 - 5) / 40 * 0.95  # a bucket of 5, then 40 per second
+    assert len(emu.world.request_log()) == 30
 
 
 def test_region_site_moves_to_the_next_zone_then_raises_no_capacity(tmp_path, region_site, testbed, emu, caplog):

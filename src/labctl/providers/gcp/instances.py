@@ -9,25 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from labctl.errors import CloudError, Conflict, NoCapacity, QuotaExceeded, UserError
 from labctl.providers.base import Found
-from labctl.providers.gcp.names import (
-    BOOT_DISK_GB,
-    DLVM_PROJECT,
-    GPU_FAMILIES,
-    IMAGE_FAMILIES,
-    NAT_NAME,
-    description,
-    gce_name,
-    has,
-    instance_ref,
-    label_filter,
-    labels,
-    last,
-    network_name,
-    owned_by,
-    parse_type,
-    tag,
-)
-from labctl.providers.gcp.session import HANDLERS, Session, log, quota_metric
+from labctl.providers.gcp import names
+from labctl.providers.gcp.session import HANDLERS, Session, bound, log, quota_metric
 from labctl.providers.kit import Handler, first_with_capacity
 
 if TYPE_CHECKING:
@@ -47,12 +30,12 @@ class TypeQuota(Exception):
 def image(s: Session, abstract: str) -> Any:
     """The image (newest of its family) for an abstract image name; UserError if there is none."""
     def load() -> Any:
-        if abstract in IMAGE_FAMILIES:
-            project, family = IMAGE_FAMILIES[abstract]
+        if abstract in names.IMAGE_FAMILIES:
+            project, family = names.IMAGE_FAMILIES[abstract]
         elif m := re.match(r"^(?:projects/)?([^/]+)/(?:global/images/)?family/([^/]+)$", abstract):
             project, family = m.groups()
         else:
-            known = ", ".join(sorted(IMAGE_FAMILIES))
+            known = ", ".join(sorted(names.IMAGE_FAMILIES))
             raise UserError(f"{s.site.name}: no Compute Engine image for '{abstract}' (known: {known}; "
                             "or give 'PROJECT/family/FAMILY')")
         found = s.call(f"find image family {family}", lambda: s.client("ImagesClient").get_from_family(
@@ -75,7 +58,7 @@ def zones_offering(s: Session, candidate: str) -> list[str]:
         return {scope.split("/")[-1] for scope, scoped in pairs if list(getattr(scoped, attr))}
 
     def load() -> list[str]:
-        machine, accel, _ = parse_type(candidate)
+        machine, accel, _ = names.parse_type(candidate)
         offered = set(zones) & offered_in("MachineTypesClient", "machine_types", machine)
         if accel:
             offered &= offered_in("AcceleratorTypesClient", "accelerator_types", accel)
@@ -113,7 +96,7 @@ def find_server(s: Session, res: Resource, plan: Plan) -> Found | None:
 def create_server(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
     node = res.spec["node"]
     candidate = candidate or res.spec["candidates"][0]
-    parse_type(candidate)
+    names.parse_type(candidate)
     img = image(s, res.spec["image"])
     static_ip = _static_ip(s, plan, node)
     zones = zones_offering(s, candidate)
@@ -146,7 +129,8 @@ def _zones_of_kept_disks(s: Session, plan: Plan, node: str, candidate: str, zone
     """On a region site, a node whose volume survives from an earlier `up` must run in that disk's zone."""
     if s.site.zone or not any(v.spec.get("node") == node for v in plan.by_kind("volume")):
         return zones
-    disk_zones = {last(d.zone) for d in s.list_disks(label_filter(plan.deployment, node)) if d.status != "DELETING"}
+    disks = s.list_disks(names.label_filter(plan.deployment, node))
+    disk_zones = {names.last(d.zone) for d in disks if d.status != "DELETING"}
     if not disk_zones:
         return zones
     usable = [z for z in zones if z in disk_zones]
@@ -160,9 +144,10 @@ def _zones_of_kept_disks(s: Session, plan: Plan, node: str, candidate: str, zone
 
 def _static_ip(s: Session, plan: Plan, node: str) -> str | None:
     """The node's reserved static address, if one exists and is free (else the instance gets an ephemeral)."""
-    if not has(plan, f"floating_ip:{node}"):
+    if not names.has(plan, f"floating_ip:{node}"):
         return None
-    addr = s.get("get address", s.addresses, region=s.region, address=gce_name(plan.get(f"floating_ip:{node}").name))
+    address = names.gce_name(plan.get(f"floating_ip:{node}").name)
+    addr = s.get("get address", s.addresses, region=s.region, address=address)
     return addr.address if addr is not None and addr.status == "RESERVED" else None
 
 
@@ -171,23 +156,23 @@ def _instance_body(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Fou
     from google.cloud import compute_v1
 
     spec = res.spec
-    machine, accel, count = parse_type(candidate)
-    main_key = plan.get("keypair").spec["public_key"] if has(plan, "keypair") else None
+    machine, accel, count = names.parse_type(candidate)
+    main_key = plan.get("keypair").spec["public_key"] if names.has(plan, "keypair") else None
     if "keypair" in deps:
         main_key = deps["keypair"].attrs.get("public_key") or main_key
     keys = [main_key, *spec.get("extra_keys", [])]
     ssh_keys = "\n".join(f"{s.site.ssh_user}:{k.strip()}" for k in keys if k)
-    dlvm = DLVM_PROJECT in (img.self_link or "")
+    dlvm = names.DLVM_PROJECT in (img.self_link or "")
     metadata = [compute_v1.Items(key="ssh-keys", value=ssh_keys)]
     if dlvm:
         metadata.append(compute_v1.Items(key="install-nvidia-driver", value="True"))
-    size = max(int(img.disk_size_gb or 10), BOOT_DISK_GB["dlvm" if dlvm else "default"])
-    access = compute_v1.AccessConfig(name=NAT_NAME, type_="ONE_TO_ONE_NAT", network_tier="PREMIUM")
+    size = max(int(img.disk_size_gb or 10), names.BOOT_DISK_GB["dlvm" if dlvm else "default"])
+    access = compute_v1.AccessConfig(name=names.NAT_NAME, type_="ONE_TO_ONE_NAT", network_tier="PREMIUM")
     if static_ip:
         access.nat_i_p = static_ip
     body = compute_v1.Instance(
-        name=gce_name(res.name), description=description(plan.deployment, spec["node"]),
-        machine_type=f"zones/{zone}/machineTypes/{machine}", labels=labels(plan, spec["node"]),
+        name=names.gce_name(res.name), description=names.description(plan.deployment, spec["node"]),
+        machine_type=f"zones/{zone}/machineTypes/{machine}", labels=names.labels(plan, spec["node"]),
         metadata=compute_v1.Metadata(items=metadata),
         disks=[compute_v1.AttachedDisk(
             boot=True, auto_delete=True, initialize_params=compute_v1.AttachedDiskInitializeParams(
@@ -195,11 +180,11 @@ def _instance_body(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Fou
         network_interfaces=[_nic(s, spec, deps, zone, access)],
     )
     if "secgroup" in deps:
-        body.tags = compute_v1.Tags(items=[deps["secgroup"].attrs.get("tag") or tag(plan.deployment)])
+        body.tags = compute_v1.Tags(items=[deps["secgroup"].attrs.get("tag") or names.tag(plan.deployment)])
     if accel:
         body.guest_accelerators = [compute_v1.AcceleratorConfig(
             accelerator_type=f"zones/{zone}/acceleratorTypes/{accel}", accelerator_count=count)]
-    if accel or machine.startswith(GPU_FAMILIES):
+    if accel or machine.startswith(names.GPU_FAMILIES):
         body.scheduling = compute_v1.Scheduling(on_host_maintenance="TERMINATE", automatic_restart=True)
     return body
 
@@ -220,9 +205,9 @@ def _nic(s: Session, spec: Mapping[str, Any], deps: Mapping[str, Found], zone: s
     region = sub.attrs.get("region") or s.region
     if zone.rsplit("-", 1)[0] != region:
         raise CloudError(f"{s.site.name}: zone {zone} is not in {region}, the region of subnetwork "
-                         f"{last(sub.cloud_id)}")
-    nic = compute_v1.NetworkInterface(network=f"global/networks/{network_name(deps[net['network']])}",
-                                      subnetwork=f"regions/{region}/subnetworks/{last(sub.cloud_id)}",
+                         f"{names.last(sub.cloud_id)}")
+    nic = compute_v1.NetworkInterface(network=f"global/networks/{names.network_name(deps[net['network']])}",
+                                      subnetwork=f"regions/{region}/subnetworks/{names.last(sub.cloud_id)}",
                                       access_configs=[access])
     if net.get("fixed_ip"):
         nic.network_i_p = net["fixed_ip"]
@@ -240,7 +225,7 @@ def _insert_instance(s: Session, res: Resource, plan: Plan, deps: Mapping[str, F
     from google.cloud import compute_v1
 
     node = res.spec["node"]
-    name = gce_name(res.name)
+    name = names.gce_name(res.name)
     body = _instance_body(s, res, plan, deps, candidate, zone, img, static_ip)
     what = f"launch {node} ({candidate}) in {zone}"
     for _replay in range(MAX_REPLAYS):
@@ -292,7 +277,7 @@ def _insert_instance(s: Session, res: Resource, plan: Plan, deps: Mapping[str, F
 def _adopt_instance(s: Session, plan: Plan, zone: str, name: str) -> Found:
     """The instance that holds the name (made by a lost answer's insert or a concurrent run), if labctl's."""
     existing = s.get_instance(zone, name)
-    if existing is None or not owned_by(existing, plan.deployment):
+    if existing is None or not names.owned_by(existing, plan.deployment):
         raise CloudError(f"{s.site.name}: an instance named {name} already exists in {zone} and "
                          "is not labctl's") from None
     return s.server_found(existing)
@@ -303,17 +288,15 @@ def delete_servers(s: Session, found: Sequence[Found], plan: Plan | None = None)
     ops = []
     for f in found:
         try:
-            zone, name = instance_ref(f)
+            zone, name = names.instance_ref(f)
         except CloudError:
-            pairs = s.listing("find instance", s.instances, "aggregated_list", filter=f'name = "{gce_name(f.name)}"')
-            refs = [(last(i.zone), i.name) for _, scoped in pairs for i in scoped.instances]
+            refs = [(names.last(i.zone), i.name) for i in s.aggregated("find instance", s.instances, "instances",
+                                                                 f'name = "{names.gce_name(f.name)}"')]
             if not refs:
                 continue
             zone, name = refs[0]
-        rid = str(uuid.uuid4())
-        op = s.call(f"delete instance {name}", lambda z=zone, n=name, r=rid: s.instances.delete_unary(
-            request={"project": s.project, "zone": z, "instance": n, "request_id": r}, **s.opts()), missing_ok=True)
-        if op is not None:
+        if (op := s.start(f"delete instance {name}", s.instances, "delete_unary", missing_ok=True, zone=zone,
+                          instance=name)) is not None:
             ops.append((name, op))
     for name, op in ops:
         s.check_op(op, f"delete instance {name}")
@@ -322,15 +305,7 @@ def delete_servers(s: Session, found: Sequence[Found], plan: Plan | None = None)
 @HANDLERS.handler("server")
 class Servers(Handler):
     noun = "instance"
-
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        return find_server(self.ctx, res, plan)
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        return create_server(self.ctx, res, plan, deps, candidate)
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        delete_servers(self.ctx, found)
+    find, create, delete = bound(find_server), bound(create_server), bound(delete_servers)
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
         """From one list of every labctl instance of the site per poll round, shared by all polling threads
@@ -338,7 +313,7 @@ class Servers(Handler):
         s: Session = self.ctx
         snap = s.snapshot("instances")
         listed = snap.get(lambda: s.list_instances(None, None), newer_than=s.wait_started())
-        inst = next((i for i in listed if f"zones/{last(i.zone)}/instances/{i.name}" == found.cloud_id), None)
+        inst = next((i for i in listed if f"zones/{names.last(i.zone)}/instances/{i.name}" == found.cloud_id), None)
         return s.server_found(inst) if inst is not None else None
 
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:

@@ -9,17 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from labctl.errors import CredentialsError, UserError
 from labctl.providers.base import Found, ProgressFn
-from labctl.providers.gcp import instances, network, storage
-from labctl.providers.gcp.names import (
-    NODE_LABEL,
-    attachment_found,
-    deployment_of,
-    disk_id,
-    label_filter,
-    last,
-    network_found,
-    subnet_found,
-)
+from labctl.providers.gcp import instances, names, network, storage
 from labctl.providers.gcp.session import HANDLERS, Session, google_credentials, log
 from labctl.providers.kit import wait_each
 
@@ -96,18 +86,19 @@ class GcpProvider(Session):
         owned += [Found("secgroup", f"global/firewalls/{fw.name}", fw.name, attrs={"firewalls": [fw.name]})
                   for fw in network.owned_firewalls(self, plan.deployment)]
         owned += [Found("floating_ip", f"regions/{self.region}/addresses/{a.name}", a.name, attrs={
-            "floating_ip": a.address, "node": a.labels.get(NODE_LABEL)}) for a in self.listing(
-            "list addresses", self.addresses, region=self.region, filter=label_filter(plan.deployment))]
-        owned += [network_found(n, n.name) for n in self.listing("list networks", self.networks)
-                  if deployment_of(n.description) == plan.deployment]
-        owned += [subnet_found(s, s.name) for s in self.listing("list subnetworks", self.subnetworks,
+            "floating_ip": a.address, "node": a.labels.get(names.NODE_LABEL)}) for a in self.listing(
+            "list addresses", self.addresses, region=self.region, filter=names.label_filter(plan.deployment))]
+        owned += [names.network_found(n, n.name) for n in self.listing("list networks", self.networks)
+                  if names.deployment_of(n.description) == plan.deployment]
+        owned += [names.subnet_found(s, s.name) for s in self.listing("list subnetworks", self.subnetworks,
                                                                 region=self.region)
-                  if deployment_of(s.description) == plan.deployment]
+                  if names.deployment_of(s.description) == plan.deployment]
         disks = {d.cloud_id: d for d in storage.owned_disks(self, plan.deployment)}
         owned += disks.values()
-        owned += [attachment_found(f"{disks[disk_id(ad.source)].name}-attachment", last(inst.zone), inst.name,
-                                   disk_id(ad.source), ad.device_name)
-                  for inst in listed for ad in inst.disks if not ad.boot and disk_id(ad.source) in disks]
+        owned += [names.attachment_found(f"{disks[names.disk_id(ad.source)].name}-attachment", names.last(inst.zone),
+                                         inst.name,
+                                   names.disk_id(ad.source), ad.device_name)
+                  for inst in listed for ad in inst.disks if not ad.boot and names.disk_id(ad.source) in disks]
         return owned
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:

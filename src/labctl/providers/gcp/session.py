@@ -175,6 +175,11 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+def bound(fn: Callable[..., T]) -> Callable[..., T]:
+    """A handler method that calls `fn(handler.ctx, ...)` (the session)."""
+    return lambda handler, *args: fn(handler.ctx, *args)
+
+
 # -- the session ---------------------------------------------------------------------------------
 class Session:
     """Clients on one endpoint, translated and retried calls, operations, cached look-ups, shared lists."""
@@ -244,15 +249,20 @@ class Session:
                     is_missing=lambda exc: status_of(exc) == 404, attempts=self.call_retries,
                     backoff=max(self.poll_interval, 0.01))  # type: ignore[return-value]
 
-    def get(self, what: str, client: Any, **request: Any) -> Any:
-        """`client.get(project=..., **request)`, None on 404."""
+    def get(self, what: str, client: Any, *, missing_ok: bool = True, **request: Any) -> Any:
+        """`client.get` of one object in the project (None on 404 if missing_ok)."""
         return self.call(what, lambda: client.get(request={"project": self.project, **request}, **self.opts()),
-                         missing_ok=True)
+                         missing_ok=missing_ok)
 
     def listing(self, what: str, client: Any, method: str = "list", **request: Any) -> list[Any]:
         """Every item of a list call (all pages); for aggregated lists, the (scope, scoped list) pairs."""
         return self.call(what, lambda: list(getattr(client, method)(
             request={"project": self.project, **request}, **self.opts())))
+
+    def aggregated(self, what: str, client: Any, attr: str, flt: str) -> list[Any]:
+        """The items (`attr` of each scope) of an aggregatedList call, in every zone."""
+        return [i for _, scoped in self.listing(what, client, "aggregated_list", filter=flt)
+                for i in getattr(scoped, attr)]
 
     # -- operations -------------------------------------------------------------------------------
     def wait_op(self, op: Any, what: str) -> Any:
@@ -280,32 +290,33 @@ class Session:
 
     def check_op(self, op: Any, what: str) -> Any:
         """Wait for the operation (None: nothing was sent) and raise its error."""
-        if op is None:
-            return None
-        op = self.wait_op(op, what)
-        if (err := self.op_failed(op, what)) is not None:
+        if op is not None and (err := self.op_failed(op := self.wait_op(op, what), what)) is not None:
             raise err
         return op
 
-    def request_id(self) -> str:
-        return str(uuid.uuid4())
+    def start(self, what: str, client: Any, method: str, *, missing_ok: bool = False, **request: Any) -> Any:
+        """Send a mutating call with the project and a new requestId (the same one when `call` sends it again
+        after a lost answer, so the API answers with the first operation); the operation (None: 404)."""
+        rid = str(uuid.uuid4())
+        return self.call(what, lambda: getattr(client, method)(
+            request={"project": self.project, **request, "request_id": rid}, **self.opts()), missing_ok=missing_ok)
 
-    def send(self, what: str, fn: Callable[[str], Any], *, missing_ok: bool = False) -> Any:
-        """A mutating call with a new requestId (kept when `call` sends it again), waited until done."""
-        rid = self.request_id()
-        return self.check_op(self.call(what, lambda: fn(rid), missing_ok=missing_ok), what)
+    def run(self, what: str, client: Any, method: str, *, missing_ok: bool = False, **request: Any) -> Any:
+        """`start`, then wait for the operation and raise its error."""
+        return self.check_op(self.start(what, client, method, missing_ok=missing_ok, **request), what)
 
-    def insert(self, what: str, send: Callable[[str], Any], get: Callable[[], Any],
-               mine: Callable[[Any], bool]) -> Any:
-        """Insert with a requestId (the same one when `call` sends again after a lost answer, so the emulated or
-        real API answers with the first operation), wait for the operation, return the object. A 409 returns the
-        existing object if it is this deployment's (made by a run that crashed before recording it)."""
+    def insert(self, what: str, client: Any, key: str, body: Any, mine: Callable[[Any], bool], **scope: Any) -> Any:
+        """Insert `body` (`<key>_resource`) and wait, return the object. A 409 returns the existing object if it is
+        this deployment's (`mine`: made by a run that crashed before recording it)."""
+        def get(missing_ok: bool) -> Any:
+            return self.get(f"{what}: get", client, missing_ok=missing_ok, **scope, **{key: body.name})
+
         def create() -> Any:
-            self.send(what, send)
-            return self.call(f"{what}: get", get)
+            self.run(what, client, "insert_unary", **scope, **{f"{key}_resource": body})
+            return get(False)
 
         def adopt() -> Any:
-            existing = self.call(f"{what}: get", get, missing_ok=True)
+            existing = get(True)
             if existing is None or not mine(existing):
                 raise CloudError(f"{self.site.name}: {what}: the name is taken by something that is not this "
                                  "deployment's") from None
@@ -313,21 +324,21 @@ class Session:
 
         return create_or_adopt(create, adopt)
 
-    def delete_until_gone(self, what: str, send: Callable[[str], Any], get: Callable[[], Any]) -> None:
+    def delete_until_gone(self, what: str, client: Any, **request: Any) -> None:
         """Delete (404 = done); while the resource is still in use (a subnetwork's instance still going away, a
         network's firewall or subnetwork), try again for a while (IN_USE_GRACE; a new requestId each time: the
         same one would replay the failure); then wait until a get says 404."""
         grace = min(self.op_timeout, IN_USE_GRACE)
         start = time.monotonic()
-        sent = retry_in_use(lambda: self.send(what, send, missing_ok=True), timeout=grace, what=what,
+        sent = retry_in_use(lambda: self.run(what, client, "delete_unary", missing_ok=True, **request),
                             is_in_use=lambda exc: isinstance(exc, CloudError) and bool(IN_USE.search(str(exc))),
-                            interval=max(self.poll_interval, 0.01))
+                            timeout=grace, interval=max(self.poll_interval, 0.01), what=what)
         if sent is not None:
-            self.wait_gone(what, get, grace - (time.monotonic() - start))
+            self.wait_gone(what, client, grace - (time.monotonic() - start), **request)
 
-    def wait_gone(self, what: str, get: Callable[[], Any], timeout: float) -> None:
+    def wait_gone(self, what: str, client: Any, timeout: float, **request: Any) -> None:
         """Poll a get until it says 404."""
-        poll_until(lambda: self.call(what, get, missing_ok=True), status=lambda _: "there", pending={"there"},
+        poll_until(lambda: self.get(what, client, **request), status=lambda _: "there", pending={"there"},
                    target={"gone"}, timeout=max(0.0, timeout), interval=max(self.poll_interval, 0.01),
                    not_found_checks=1, what=f"{self.site.name}: {what}")
 
@@ -356,13 +367,11 @@ class Session:
         zones = sorted(set(zones)) if zones is not None else (self.zones() if self.site.zone else None)
         if zones is not None and len(zones) == 1:
             return self.listing("list instances", self.instances, zone=zones[0], filter=flt)
-        pairs = self.listing("list instances", self.instances, "aggregated_list", filter=flt)
-        return [i for _, scoped in pairs for i in scoped.instances]
+        return self.aggregated("list instances", self.instances, "instances", flt)
 
     def list_disks(self, flt: str) -> list[Any]:
         """Disks matching a filter, in every zone (one aggregatedList call)."""
-        pairs = self.listing("list disks", self.disks, "aggregated_list", filter=flt)
-        return [d for _, scoped in pairs for d in scoped.disks]
+        return self.aggregated("list disks", self.disks, "disks", flt)
 
     def snapshot(self, what: str) -> Snapshot:
         """The list of `what` shared by the threads polling this site (one call per poll round)."""

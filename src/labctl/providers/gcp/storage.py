@@ -8,28 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from labctl.errors import CloudError
 from labctl.providers.base import Found
+from labctl.providers.gcp import names
 from labctl.providers.gcp.instances import find_server
-from labctl.providers.gcp.names import (
-    DISK_TYPE,
-    KEEP_LABEL,
-    MIN_DISK_GB,
-    VOLUME_LABEL,
-    attachment_found,
-    attachment_ref,
-    description,
-    device_of,
-    disk_ref,
-    gce_name,
-    instance_of,
-    instance_ref,
-    label_filter,
-    label_value,
-    labels,
-    last,
-    owned_by,
-    volume_found,
-)
-from labctl.providers.gcp.session import HANDLERS, Session, log
+from labctl.providers.gcp.session import HANDLERS, Session, bound, log
 from labctl.providers.kit import Handler
 
 if TYPE_CHECKING:
@@ -41,10 +22,10 @@ def get_disk(s: Session, zone: str, name: str) -> Any:
 
 
 def find_volume(s: Session, res: Resource, plan: Plan) -> Found | None:
-    mine = [d for d in s.list_disks(f'name = "{gce_name(res.name)}"')
-            if owned_by(d, plan.deployment) and d.status != "DELETING"]
+    mine = [d for d in s.list_disks(f'name = "{names.gce_name(res.name)}"')
+            if names.owned_by(d, plan.deployment) and d.status != "DELETING"]
     mine.sort(key=lambda d: {"READY": 0, "CREATING": 1}.get(d.status, 2))  # a healthy one first
-    return volume_found(mine[0]) if mine else None
+    return names.volume_found(mine[0]) if mine else None
 
 
 def find_volume_attachment(s: Session, res: Resource, plan: Plan) -> Found | None:
@@ -54,12 +35,12 @@ def find_volume_attachment(s: Session, res: Resource, plan: Plan) -> Found | Non
     server = find_server(s, plan.get(res.spec["server"]), plan)
     if vol is None or server is None:
         return None
-    zone, iname = instance_ref(server)
+    zone, iname = names.instance_ref(server)
     if not any(u.endswith(f"zones/{zone}/instances/{iname}") for u in vol.attrs.get("users", [])):
         return None
     inst = s.get_instance(zone, iname)
-    device = device_of(inst, vol.cloud_id) if inst is not None else None
-    return attachment_found(res.name, zone, iname, vol.cloud_id, device) if device else None
+    device = names.device_of(inst, vol.cloud_id) if inst is not None else None
+    return names.attachment_found(res.name, zone, iname, vol.cloud_id, device) if device else None
 
 
 def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
@@ -67,8 +48,8 @@ def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Foun
 
     spec = res.spec
     server = deps[spec["server"]]
-    zone = server.attrs.get("zone") or instance_ref(server)[0]
-    name = gce_name(res.name)
+    zone = server.attrs.get("zone") or names.instance_ref(server)[0]
+    name = names.gce_name(res.name)
     existing = find_volume(s, res, plan)
     if existing is not None and existing.status != "error":
         if existing.attrs["zone"] != zone:
@@ -76,19 +57,18 @@ def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Foun
                              f"in {zone} (a disk cannot move zones): run 'labctl down' and 'labctl up' again to "
                              "launch the node in the disk's zone")
         return existing
-    size = max(int(spec["size_gb"]), MIN_DISK_GB)
+    size = max(int(spec["size_gb"]), names.MIN_DISK_GB)
     if size != int(spec["size_gb"]):
         log.info("%s: volume %s is %d GB (Compute Engine's smallest persistent disk), not %s", s.site.name,
                  spec["volume"], size, spec["size_gb"])
-    body = compute_v1.Disk(name=name, size_gb=size, type_=f"zones/{zone}/diskTypes/{DISK_TYPE}",
-                           labels={**labels(plan, spec["node"]), KEEP_LABEL: "true" if spec.get("keep") else "false",
-                                   VOLUME_LABEL: label_value(spec["volume"])},
-                           description=description(plan.deployment, spec["node"]))
-    disk = s.insert(f"create volume {name}", lambda r: s.disks.insert_unary(
-        request={"project": s.project, "zone": zone, "disk_resource": body, "request_id": r}, **s.opts()),
-        lambda: s.disks.get(request={"project": s.project, "zone": zone, "disk": name}, **s.opts()),
-        lambda d: owned_by(d, plan.deployment))
-    return volume_found(disk)  # pending until READY: `wait` polls it
+    body = compute_v1.Disk(name=name, size_gb=size, type_=f"zones/{zone}/diskTypes/{names.DISK_TYPE}",
+                           labels={**names.labels(plan, spec["node"]),
+                                   names.KEEP_LABEL: "true" if spec.get("keep") else "false",
+                                   names.VOLUME_LABEL: names.label_value(spec["volume"])},
+                           description=names.description(plan.deployment, spec["node"]))
+    disk = s.insert(f"create volume {name}", s.disks, "disk", body, lambda d: names.owned_by(d, plan.deployment),
+                    zone=zone)
+    return names.volume_found(disk)  # pending until READY: `wait` polls it
 
 
 def create_volume_attachment(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found],
@@ -96,32 +76,29 @@ def create_volume_attachment(s: Session, res: Resource, plan: Plan, deps: Mappin
     from google.cloud import compute_v1
 
     vol = deps[res.spec["volume"]]
-    zone, iname = instance_ref(deps[res.spec["server"]])
-    disk_zone, disk_name = disk_ref(vol)
-    disk = s.call(f"get disk {disk_name}", lambda: s.disks.get(
-        request={"project": s.project, "zone": disk_zone, "disk": disk_name}, **s.opts()))
-    inst = s.call(f"get instance {iname}", lambda: s.instances.get(
-        request={"project": s.project, "zone": zone, "instance": iname}, **s.opts()))
-    device = device_of(inst, vol.cloud_id)
+    zone, iname = names.instance_ref(deps[res.spec["server"]])
+    disk_zone, disk_name = names.disk_ref(vol)
+    disk = s.get(f"get disk {disk_name}", s.disks, missing_ok=False, zone=disk_zone, disk=disk_name)
+    inst = s.get(f"get instance {iname}", s.instances, missing_ok=False, zone=zone, instance=iname)
+    device = names.device_of(inst, vol.cloud_id)
     if device:  # attached already (a rerun)
-        return attachment_found(res.name, zone, iname, vol.cloud_id, device)
+        return names.attachment_found(res.name, zone, iname, vol.cloud_id, device)
     for user in disk.users:  # still on a server of an earlier `up` that is going away: detach it there
-        ref = instance_of(user)
+        ref = names.instance_of(user)
         if ref and ref != (zone, iname):
             log.info("%s: detaching volume %s from %s first", s.site.name, disk_name, ref[1])
             detach_disk(s, *ref, vol.cloud_id)
     body = compute_v1.AttachedDisk(source=f"zones/{disk_zone}/disks/{disk_name}", device_name=disk_name,
                                    mode="READ_WRITE", auto_delete=False, boot=False, type_="PERSISTENT")
-    s.send(f"attach volume {disk_name} to {iname}", lambda r: s.instances.attach_disk_unary(request={
-        "project": s.project, "zone": zone, "instance": iname, "attached_disk_resource": body, "request_id": r},
-        **s.opts()))
-    return attachment_found(res.name, zone, iname, vol.cloud_id, disk_name)
+    s.run(f"attach volume {disk_name} to {iname}", s.instances, "attach_disk_unary", zone=zone, instance=iname,
+          attached_disk_resource=body)
+    return names.attachment_found(res.name, zone, iname, vol.cloud_id, disk_name)
 
 
 def detach_disk(s: Session, zone: str, iname: str, disk: str) -> None:
     """Detach the disk (zones/Z/disks/N) from the instance and wait; nothing to do if either is gone."""
     inst = s.get_instance(zone, iname)
-    device = device_of(inst, disk) if inst is not None else None
+    device = names.device_of(inst, disk) if inst is not None else None
     if device is not None:
         detach_device(s, zone, iname, device, inst)
 
@@ -131,63 +108,51 @@ def detach_device(s: Session, zone: str, iname: str, device: str, inst: Any = No
     inst = inst if inst is not None else s.get_instance(zone, iname)
     if inst is None or not any(d.device_name == device and not d.boot for d in inst.disks):
         return
-    s.send(f"detach volume {device} from {iname}", lambda r: s.instances.detach_disk_unary(request={
-        "project": s.project, "zone": zone, "instance": iname, "device_name": device, "request_id": r},
-        **s.opts()), missing_ok=True)
+    s.run(f"detach volume {device} from {iname}", s.instances, "detach_disk_unary", missing_ok=True, zone=zone,
+          instance=iname, device_name=device)
 
 
 def delete_attachments(s: Session, found: Sequence[Found], plan: Plan) -> None:
     for f in found:
-        detach_device(s, *attachment_ref(f))
+        detach_device(s, *names.attachment_ref(f))
 
 
 def delete_volumes(s: Session, found: Sequence[Found], plan: Plan) -> None:
     refs = []
     for f in found:
         try:
-            refs.append(disk_ref(f))
+            refs.append(names.disk_ref(f))
         except CloudError:
-            refs += [(last(d.zone), d.name) for d in s.list_disks(f'name = "{gce_name(f.name)}"')]
+            refs += [(names.last(d.zone), d.name) for d in s.list_disks(f'name = "{names.gce_name(f.name)}"')]
     ops = []
     for zone, name in refs:
         disk = get_disk(s, zone, name)
         if disk is None:
             continue
         for user in disk.users:  # a disk in use cannot be deleted: detach it first
-            if ref := instance_of(user):
+            if ref := names.instance_of(user):
                 detach_disk(s, *ref, f"zones/{zone}/disks/{name}")
-        op = s.call(f"delete disk {name}", lambda z=zone, n=name: s.disks.delete_unary(request={
-            "project": s.project, "zone": z, "disk": n, "request_id": s.request_id()}, **s.opts()), missing_ok=True)
+        op = s.start(f"delete disk {name}", s.disks, "delete_unary", missing_ok=True, zone=zone, disk=name)
         if op is not None:
             ops.append((zone, name, op))
     start = time.monotonic()
     for zone, name, op in ops:
         s.check_op(op, f"delete disk {name}")
-        s.wait_gone(f"delete disk {name}", lambda z=zone, n=name: s.disks.get(
-            request={"project": s.project, "zone": z, "disk": n}, **s.opts()),
-            s.op_timeout - (time.monotonic() - start))
+        s.wait_gone(f"delete disk {name}", s.disks, s.op_timeout - (time.monotonic() - start), zone=zone, disk=name)
 
 
 def owned_disks(s: Session, deployment: str) -> list[Found]:
-    return [volume_found(d) for d in s.list_disks(label_filter(deployment)) if d.status != "DELETING"]
+    return [names.volume_found(d) for d in s.list_disks(names.label_filter(deployment)) if d.status != "DELETING"]
 
 
 @HANDLERS.handler("volume")
 class Volumes(Handler):
     noun = "disk"
-
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        return find_volume(self.ctx, res, plan)
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        return create_volume(self.ctx, res, plan, deps, candidate)
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        delete_volumes(self.ctx, found, plan)
+    find, create, delete = bound(find_volume), bound(create_volume), bound(delete_volumes)
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
-        disk = get_disk(self.ctx, *disk_ref(found))  # CREATING until READY (a few per deployment: one get each)
-        return volume_found(disk) if disk is not None else None
+        disk = get_disk(self.ctx, *names.disk_ref(found))  # CREATING until READY (a few per deployment: one get each)
+        return names.volume_found(disk) if disk is not None else None
 
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:
         return res.key, str(found.attrs.get("disk_status", "gone")).lower(), ""
