@@ -9,8 +9,8 @@
 - `first_with_capacity`: type and zone fallback. `retry_in_use`: a delete the cloud refuses while a dependency
   lets go. `Memo`: per-key memo (look-ups that do not change during a run). `Snapshot`: one list call per poll
   round shared by threads. `RateLimiter`: a client-side token bucket.
-- `HandlerTable`: an adapter's per-kind handlers (find, create, delete, optional status) in one table; the
-  adapter's `find` / `create` / `delete` / `wait` dispatch through it.
+- `HandlerTable`: an adapter's per-kind handlers (find, create, delete, optional status and owned) in one
+  table; the adapter's `find` / `create` / `delete` / `wait` / `list_owned` dispatch through it.
 
 Nothing here imports a cloud SDK; tenacity is imported when a call is made.
 """
@@ -299,6 +299,10 @@ class Handler:
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
         """What the cloud says now about a pending resource; None when it is missing from the listing."""
         raise NotImplementedError
+
+    def owned(self, plan: Plan) -> list[Found]:
+        """Everything of this kind on the site tagged with the deployment (for `list_owned`); none by default."""
+        return []
 
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str] | None:
         """(subject, stage, detail) to report after a poll, or None."""

@@ -1,0 +1,103 @@
+"""Blazar leases (the plan's "reservation" kind): a host or flavor reservation per role and candidate type.
+
+A lease in ERROR is a Found in error (the engine tries the next type); a taken lease name is a concurrent run's
+lease (or a lost answer's), adopted."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from labctl.errors import UserError
+from labctl.providers.base import Found, create_or_adopt
+from labctl.providers.chameleon.session import BLAZAR_DATE, TABLE, Session, parse_lease_date
+from labctl.providers.kit import Handler
+
+if TYPE_CHECKING:
+    from labctl.plan import Plan, Resource
+
+LEASE_DONE = ("TERMINATED", "DELETED", "DELETING", "TERMINATING")
+
+
+@TABLE.handler("reservation")
+class Leases(Handler):
+    noun = "lease"
+    ctx: Session
+
+    def find(self, res: Resource, plan: Plan) -> Found | None:
+        leases = self.ctx.call("list leases", lambda: self.ctx.blazar.lease.list())
+        for lease in leases:
+            if lease["name"] == res.name and lease["status"] not in LEASE_DONE:
+                return lease_found(lease, res)
+        return None
+
+    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
+        s, spec = self.ctx, res.spec
+        count = spec["count"]
+        if spec["kind"] == "host":
+            reservation: dict[str, Any] = {
+                "resource_type": "physical:host", "resource_properties": json.dumps(["==", "$node_type", candidate]),
+                "hypervisor_properties": "", "min": count, "max": count,
+            }
+        else:
+            flavor = s.flavor(str(candidate))
+            if flavor is None:
+                raise UserError(f"{s.site.name}: flavor '{candidate}' does not exist at this site")
+            reservation = {"resource_type": "flavor:instance", "flavor_id": flavor.id, "amount": count}
+        end = datetime.now(UTC) + timedelta(hours=spec["hours"])
+
+        def create() -> Found:
+            lease = s.call(f"create lease {res.name} ({candidate})", lambda: s.blazar.lease.create(
+                name=res.name, start="now", end=end.strftime(BLAZAR_DATE), reservations=[reservation], events=[]))
+            found = lease_found(lease, res)
+            found.attrs["node_type"] = candidate
+            return found
+
+        # Lease names are unique in a project: a taken name is a concurrent run's lease (or a lost answer's).
+        return create_or_adopt(create, lambda: self.find(res, plan))
+
+    def delete(self, found: Sequence[Found], plan: Plan) -> None:
+        for f in found:
+            self.ctx.call("delete lease", lambda f=f: self.ctx.blazar.lease.delete(f.cloud_id), missing_ok=True)
+
+    def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
+        lease = next((x for x in self.ctx.polled_leases() if x["id"] == found.cloud_id), None)
+        return lease_found(lease, res, found) if lease else None
+
+    def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:
+        return (res.key, "lease " + found.attrs.get("lease_status", "?").lower(), "")
+
+    def owned(self, plan: Plan) -> list[Found]:
+        names = {r.name for r in plan.by_kind("reservation")}
+        return [Found("reservation", lease["id"], lease["name"])
+                for lease in self.ctx.project_list("leases", lambda: self.ctx.blazar.lease.list(), plan)
+                if lease["name"] in names and lease["status"] not in LEASE_DONE]
+
+
+def extend(s: Session, found: Found, hours: float) -> Found:
+    lease = s.call("get lease", lambda: s.blazar.lease.get(found.cloud_id))
+    end = parse_lease_date(lease["end_date"]) + timedelta(hours=hours)
+    lease = s.call("extend lease", lambda: s.blazar.lease.update(found.cloud_id, end_date=end.strftime(BLAZAR_DATE)))
+    found.attrs["end"] = parse_lease_date(lease["end_date"]).isoformat()
+    return found
+
+
+def lease_found(lease: Mapping[str, Any], res: Resource, previous: Found | None = None) -> Found:
+    status = lease["status"]
+    reservations = lease.get("reservations") or []
+    attrs = dict(previous.attrs) if previous else {}
+    attrs.update(lease_status=status, reservation_id=reservations[0]["id"] if reservations else None,
+                 end=parse_lease_date(lease["end_date"]).isoformat())
+    if reservations and reservations[0].get("resource_properties"):
+        m = re.search(r'"\$node_type",\s*"([^"]+)"', reservations[0]["resource_properties"])
+        if m:
+            attrs["node_type"] = m.group(1)
+    if status == "ACTIVE":
+        return Found("reservation", lease["id"], lease["name"], attrs=attrs)
+    if status == "ERROR":
+        reason = (lease.get("degraded") and "degraded") or "lease went to ERROR (not enough hosts?)"
+        return Found("reservation", lease["id"], lease["name"], status="error", attrs=attrs, error=reason)
+    return Found("reservation", lease["id"], lease["name"], status="pending", attrs=attrs)

@@ -1,0 +1,251 @@
+"""One Chameleon site's clients and shared state: openstacksdk and python-blazarclient on one keystoneauth
+session, the error table (`translate`), the per-run look-ups (`Memo`) and the poll rounds' shared lists
+(`Snapshot`). The per-kind handlers (leases, servers, network, storage) hang off `TABLE` and get this
+`Session` as their context."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from labctl import naming
+from labctl.errors import (
+    CloudError,
+    Conflict,
+    CredentialsError,
+    NoCapacity,
+    QuotaExceeded,
+    RateLimited,
+    Transient,
+    UserError,
+)
+from labctl.providers import kit
+from labctl.providers.kit import HandlerTable, Memo, RateLimiter, Snapshot
+
+if TYPE_CHECKING:
+    from labctl.plan import Plan, Resource
+    from labctl.providers.base import Found
+    from labctl.sites import Site
+
+T = TypeVar("T")
+
+TABLE = HandlerTable("chameleon")
+BLAZAR_DATE = "%Y-%m-%d %H:%M"
+DELETE_TIMEOUT = 600.0  # seconds a delete waits for servers / volumes to go
+IN_USE_TIMEOUT = 60.0  # seconds a delete Neutron refuses "in use" is retried
+
+
+class Session:
+    def __init__(self, site: Site, credentials: Any, poll_interval: float | None = None,
+                 call_retries: int = 6) -> None:
+        self.site = site
+        self.credentials = credentials
+        self.poll_interval = poll_interval if poll_interval is not None else site.poll_interval
+        self.call_retries = call_retries
+        self._conn: Any = None
+        self._blazar: Any = None
+        self.lookups = Memo()  # networks, images, flavors: they do not change during a run
+        self.limiter = RateLimiter(None)
+        # Polls share one list call per round across all deployments on this site (class mode).
+        self.server_list = Snapshot(self.poll_interval * 0.9)
+        self.lease_list = Snapshot(self.poll_interval * 0.9)
+        # What `find` just said about a resource, for the `create` the engine calls right after it in the same
+        # thread (so create does not list again what find listed). Taken once; a missing entry means "look".
+        self.just_found = Memo()
+        # Project-wide lists for `list_owned`, shared by the deployments a class tears down at once; a
+        # deployment's own deletes (time in `deleted_at`) make it fetch again rather than see its old items.
+        self.owned_lists = Memo()
+        self.deleted_at = Memo()
+        self.handlers = TABLE.bind(self)
+
+    def set_rate_limit(self, calls_per_second: float | None) -> None:
+        self.limiter = RateLimiter(calls_per_second)
+
+    # -- clients ----------------------------------------------------------------------------------
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            import openstack
+
+            c = self.credentials
+            self._conn = openstack.connect(
+                auth_type=c.auth_type, auth=dict(c.auth), region_name=c.region_name,
+                interface=c.interface or "public", identity_api_version="3", load_yaml_config=False,
+                load_envvars=False, app_name="labctl",
+            )
+            self._limit_requests(self._conn.session)
+        return self._conn
+
+    def _limit_requests(self, session: Any) -> None:
+        """Apply the client-side rate limit to every HTTP request of this adapter's own session (Nova,
+        Neutron, Glance, Blazar and Keystone all go through it), not to whole adapter calls."""
+        send = session.request
+
+        def limited(*args: Any, **kwargs: Any) -> Any:
+            self.limiter.acquire()
+            return send(*args, **kwargs)
+
+        session.request = limited
+
+    @property
+    def blazar(self) -> Any:
+        if self._blazar is None:
+            from blazarclient import client as blazar_client
+
+            self._blazar = blazar_client.Client(
+                "1", session=self.conn.session, service_type="reservation",
+                region_name=self.credentials.region_name, interface="public",
+            )
+        return self._blazar
+
+    def call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False) -> T:
+        """One cloud call, with its errors translated; rate limits and transient faults are retried. With
+        `missing_ok`, a 404 is None."""
+        return kit.call(what, fn, translate=self.translate, missing_ok=missing_ok, is_missing=is_not_found,
+                        attempts=self.call_retries, backoff=self.poll_interval)  # type: ignore[return-value]
+
+    def translate(self, what: str, exc: Exception) -> Exception:
+        from keystoneauth1 import exceptions as ks_exc
+
+        if isinstance(exc, UserError | CloudError):
+            return exc
+        # openstacksdk wraps keystoneauth's errors (e.g. a 401 at authorize()) in a bare SDKException:
+        # look through the chain for the most specific one.
+        chain = [exc]
+        while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 8:
+            chain.append(nxt)
+        exc = next((e for e in chain if isinstance(e, ks_exc.ClientException)), exc)
+        status = status_of(exc)
+        text = error_text(exc)
+        where = f"{self.site.name}: {what}"
+        if isinstance(exc, ks_exc.Unauthorized) or status == 401:
+            return CredentialsError(f"{where}: credentials rejected ({text}); check your openrc or clouds.yaml")
+        if isinstance(exc, ks_exc.ConnectFailure | ks_exc.ConnectTimeout):
+            return Transient(f"{where}: cannot reach the API ({text})")
+        if isinstance(exc, ks_exc.EndpointNotFound):
+            return UserError(f"{where}: the site's catalog has no such service ({text})")
+        if re.search(r"not enough .* available|no valid host", text, re.I):
+            return NoCapacity(f"{where}: {text}")
+        if status == 409 or re.search(r"already exists|already has a floating IP", text, re.I):
+            # Blazar answers a taken lease name with a 500 through blazarclient: the text says what it is.
+            return Conflict(f"{where}: {text}")
+        if status == 429:
+            return RateLimited(f"{where}: rate limited ({text})")
+        if re.search(r"quota|OverQuota|limit exceeded", text, re.I) or status == 413:
+            return QuotaExceeded(f"{where}: quota exceeded ({text})")
+        if status is not None and int(status) >= 500:
+            return Transient(f"{where}: server error {status} ({text})")
+        if isinstance(exc, TimeoutError | ks_exc.RequestTimeout):
+            return Transient(f"{where}: timed out")
+        return CloudError(f"{where}: {text}")
+
+    _translate = translate  # the name tests/e2e/test_chaos_sim.py probes the error table by
+
+    def delete_in_use(self, what: str, fn: Callable[[], Any]) -> None:
+        """A Neutron delete, retried while the thing is still in use (a port of a server going away)."""
+        kit.retry_in_use(lambda: self.call(what, fn), is_in_use=is_in_use, timeout=IN_USE_TIMEOUT,
+                         interval=max(self.poll_interval, 0.05), what=what)
+
+    # -- look-ups ---------------------------------------------------------------------------------
+    def lookup(self, key: str, what: str, fn: Callable[[], Any]) -> Any:
+        return self.lookups.get(key, lambda: self.call(what, fn))
+
+    def public_network(self) -> Any:
+        return self._named_network("public", self.site.public_network)
+
+    def network(self) -> Any:
+        return self._named_network("network", self.site.network)
+
+    def _named_network(self, key: str, name: str) -> Any:
+        net = self.lookup(key, f"find {'public ' if key == 'public' else ''}network",
+                          lambda: self.conn.network.find_network(name))
+        if net is None:
+            raise CloudError(f"{self.site.name}: no network named '{name}'")
+        return net
+
+    def flavor(self, name: str) -> Any:
+        return self.lookup(f"flavor:{name}", f"find flavor {name}",
+                           lambda: self.conn.compute.find_flavor(name, ignore_missing=True))
+
+    def found_before_create(self, res: Resource, plan: Plan) -> Found | None:
+        """What `find` said just before this create, else a fresh look."""
+        missing = object()
+        found = self.just_found.pop((plan.deployment, res.key), missing)
+        return self.handlers[res.kind].find(res, plan) if found is missing else found
+
+    # -- lists ------------------------------------------------------------------------------------
+    def project_list(self, what: str, fetch: Callable[[], Any], plan: Plan) -> Any:
+        """Everything of one kind in the project, from a list shared with other deployments' teardowns."""
+        snap = self.owned_lists.get(what, lambda: Snapshot(max(self.poll_interval, 1.0)))
+        return snap.get(lambda: self.call(f"list {what}", fetch),
+                        newer_than=self.deleted_at.peek(plan.deployment, -1e18))
+
+    def owned_named(self, what: str, lister: Callable[..., Any], name: str, plan: Plan) -> list[Any]:
+        items = self.call(f"list {what}", lambda: list(lister(name=name)))
+        return [i for i in items if deployment_of(i.description) == plan.deployment]
+
+    def servers_named(self, pattern: str, plan: Plan) -> list[Any]:
+        servers = self.call("list servers", lambda: list(self.conn.compute.servers(details=True, name=pattern)))
+        return [s for s in servers if (s.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+
+    def polled_servers(self, plan: Plan) -> list[Any]:
+        """This deployment's servers, from the poll round's one list of every labctl server on the site."""
+        servers = self.server_list.get(lambda: self.call("poll servers", lambda: list(
+            self.conn.compute.servers(details=True, name=f"^{naming.PREFIX}-"))))
+        return [s for s in servers if (s.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+
+    def polled_leases(self) -> list[Any]:
+        return self.lease_list.get(lambda: self.call("poll leases", lambda: self.blazar.lease.list()))
+
+    def mark_deleted(self, plan: Plan) -> None:
+        self.deleted_at.put(plan.deployment, time.monotonic())  # its next list_owned must be fresh
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def status_of(exc: Exception) -> int | None:
+    # blazarclient's exceptions carry the HTTP status in kwargs["code"]; their `code` attribute is always 500.
+    kwargs = getattr(exc, "kwargs", None)
+    return getattr(exc, "status_code", None) or getattr(exc, "http_status", None) or (
+        kwargs.get("code") if isinstance(kwargs, dict) else None) or getattr(
+        exc, "code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def is_not_found(exc: Exception) -> bool:
+    """openstacksdk's NotFoundException, or a blazarclient error with a 404 (its `code` attribute is real)."""
+    if type(exc).__name__ == "NotFoundException":
+        return True
+    kwargs = getattr(exc, "kwargs", None)
+    return type(exc).__module__.startswith("blazarclient") and 404 in (
+        getattr(exc, "code", None), kwargs.get("code") if isinstance(kwargs, dict) else None)
+
+
+def is_in_use(exc: Exception) -> bool:
+    return isinstance(exc, Conflict) and bool(re.search(r"in use|still has ports", str(exc), re.I))
+
+
+def description(deployment: str, node: str | None = None) -> str:
+    text = f"{naming.TAG_DEPLOYMENT}={deployment}"
+    return f"{text} {naming.TAG_NODE}={node}" if node else text
+
+
+def deployment_of(text: str | None) -> str | None:
+    m = re.search(rf"{re.escape(naming.TAG_DEPLOYMENT)}=(\S+)", text or "")
+    return m.group(1) if m else None
+
+
+def parse_lease_date(text: str) -> datetime:
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
+        try:
+            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+    raise CloudError(f"unexpected lease date format: {text!r}")
+
+
+def error_text(exc: Exception) -> str:
+    details = getattr(exc, "details", None)
+    text = str(details or exc) or type(exc).__name__
+    return text.replace("ERROR: ", "").strip().splitlines()[0][:300]
