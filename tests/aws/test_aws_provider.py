@@ -244,6 +244,20 @@ def test_errors_are_translated(emu, tmp_path: Path, public_key: str):
     assert type(err.value).__module__.startswith("labctl")
 
 
+def test_kinds_aws_does_not_have(tmp_path: Path, public_key: str):
+    """A reservation (Chameleon's) is found as nothing and deleted as nothing; creating one is a CloudError."""
+    from labctl.plan import Resource
+    from labctl.providers.base import Found
+
+    provider = aws_provider.AwsProvider(sites.resolve("aws"), session=None)
+    plan = lab_plan(tmp_path, public_key, "kinds")
+    lease = Resource("reservation:node", "reservation", "lease", {})
+    assert provider.find(lease, plan) is None
+    provider.delete("reservation", [Found("reservation", "lease-1", "lease")], plan)
+    with pytest.raises(CloudError, match="AWS has no 'reservation' resources"):
+        provider.create(lease, plan, {}, None)
+
+
 def test_rate_limit_applies_to_every_request(emu):
     """Class mode's --rate: at most that many HTTP requests per second from the adapter (a burst of 5 first)."""
     import time

@@ -107,12 +107,12 @@ class AwsProvider(AwsSession):
                                 f"offered in {self.site.zone or self.region}")
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        if res.kind not in self.handlers:
+        if res.kind not in self.kinds:
             raise CloudError(f"{self.site.name}: AWS has no '{res.kind}' resources")
         return self.handlers[res.kind].create(res, plan, deps, candidate)
 
     def delete(self, kind: str, found: Sequence[Found], plan: Plan) -> None:
-        if found and kind in self.handlers:
+        if found and kind in self.kinds:
             self.handlers[kind].delete(found, plan)
 
     def wait(self, items: Sequence[tuple[Resource, Found]], plan: Plan, timeout: float,

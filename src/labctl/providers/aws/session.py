@@ -188,6 +188,7 @@ class AwsSession:
         self._lock = threading.Lock()
         self.memo = kit.Memo()  # look-ups that do not change during a run: images, default VPC, zones, offers
         self.handlers = TABLE.bind(self)
+        self.kinds = frozenset(self.handlers)  # (`kind in handlers` raises CloudError)
         self.snapshots: dict[str, kit.Snapshot] = {}  # lab -> its instances, one listing per poll round
         self.dead: dict[tuple[str, str], int] = {}  # (deployment, server key) -> earlier instances, all gone
 
@@ -274,7 +275,7 @@ class AwsSession:
     # -- dispatch --------------------------------------------------------------------------------------------
     def find(self, res: Resource, plan: Plan) -> Found | None:
         """The look-up of `res` by its kind's handler (None for kinds AWS does not use: reservation)."""
-        return self.handlers[res.kind].find(res, plan) if res.kind in self.handlers else None
+        return self.handlers[res.kind].find(res, plan) if res.kind in self.kinds else None
 
 
 def delete_each(what: str, operation: str, param: str) -> Callable[..., None]:
