@@ -317,6 +317,7 @@ def test_handler_table_dispatches_per_kind_and_refuses_unknown_kinds():
     assert "keypair" not in ctx and handlers["server"].waits and not handlers["keypair"].waits
     with pytest.raises(CloudError, match="no handler for 'bucket'"):
         handlers["bucket"]
+    assert "server" in handlers and "bucket" not in handlers  # membership asks, it does not raise
     with pytest.raises(ValueError, match="two handlers"):
         TABLE.handler("server")(Servers)
     assert sorted(TABLE.kinds()) == ["keypair", "server"]

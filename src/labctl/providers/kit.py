@@ -326,6 +326,9 @@ class Handlers(Mapping[str, Handler]):
         except KeyError:
             raise CloudError(f"{self.name}: no handler for '{kind}' resources") from None
 
+    def __contains__(self, kind: object) -> bool:  # Mapping's default goes through __getitem__'s CloudError
+        return kind in self._bound
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._bound)
 
