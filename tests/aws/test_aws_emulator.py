@@ -170,6 +170,18 @@ def test_injected_errors(emu):
         ("DescribeKeyPairs", 503), ("DescribeVpcs", 503), ("DescribeVpcs", 200)]
 
 
+def test_latency_delays_one_action(emu):
+    ec2 = ec2_client(emu)
+    emu.world.set_latency("DescribeVpcs", 0.4)  # seconds as they are: EC2's world has no time scale
+    started = time.monotonic()
+    ec2.describe_vpcs()
+    assert time.monotonic() - started >= 0.4
+    started = time.monotonic()
+    ec2.describe_key_pairs()  # another action: not delayed
+    assert time.monotonic() - started < 0.4
+    emu.world.set_latency("DescribeVpcs", 0)
+
+
 # -- reachability ---------------------------------------------------------------------------------------
 
 

@@ -354,6 +354,18 @@ def test_faults_request_log_and_pagination(emu, clients):
     assert emu.world.faults() == []
 
 
+def test_latency_delays_one_api_method(emu, clients):
+    delay = 0.4 / emu.world.time_scale  # emulated seconds: 0.4 s of real time
+    emu.world.set_latency("instances.list", delay)
+    started = time.monotonic()
+    list(clients.InstancesClient.list(project=clients.project, zone=ZONE))
+    assert time.monotonic() - started >= 0.4
+    started = time.monotonic()
+    clients.ZonesClient.get(project=clients.project, zone=ZONE)  # another method: not delayed
+    assert time.monotonic() - started < 0.4
+    emu.world.set_latency("instances.list", 0)
+
+
 def test_ssh_targets_inventory_and_ssh_port(emu, clients, tmp_path):
     wait_zone(clients, insert(clients, instance_body("ssh-1")))
     wait_zone(clients, insert(clients, instance_body("no-ip", external=False)))

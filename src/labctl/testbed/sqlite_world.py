@@ -173,7 +173,8 @@ class SqliteWorld:
 
     # latency -------------------------------------------------------------------------------------------
     def set_latency(self, operation: str, seconds: float) -> None:
-        """Delay requests of `operation` ("*": every request) by `seconds` × the world's time scale (0 removes)."""
+        """Delay requests of `operation` ("*": every request) by `seconds` × the world's time scale (EC2's world has
+        none: seconds as they are); 0 removes it."""
         with self._transaction("IMMEDIATE"):
             if seconds:
                 self._conn().execute("INSERT OR REPLACE INTO latency (operation, seconds) VALUES (?, ?)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import threading
+import time
 import uuid
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -86,6 +87,9 @@ class _Handler(EmulatorHandler):
             world.note_region(region)
             seq = world.log_request(region, action or "?", params)
             check_signature(self.command, self.path, self.headers, body, world.credentials, s3)
+            delay = world.latency_of([action]) if action else 0.0
+            if delay:
+                time.sleep(delay)  # EC2's world has no time scale: seconds as they are
             fault = world.take_fault(action) if action else None
             if fault == "error503":
                 raise ApiError(503, "Unavailable", "The service is unavailable. Please try again shortly.")

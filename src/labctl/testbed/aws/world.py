@@ -183,10 +183,12 @@ class AwsWorld(SqliteWorld):
         return int(value) if value is not None else None
 
     def reset_controls(self) -> None:
-        """Back to defaults: no capacity or vCPU limits, no faults, no boot time, no other account's buckets."""
+        """Back to defaults: no capacity or vCPU limits, no faults or latency, no boot time, no other account's
+        buckets."""
         with self._tx() as db:
             db.execute("DELETE FROM capacity")
             db.execute("DELETE FROM faults")
+            db.execute("DELETE FROM latency")
             db.execute("DELETE FROM meta WHERE key LIKE 'vcpu_limit:%' OR key = 'boot_seconds' "
                        "OR key LIKE 'foreign_bucket:%'")
 

@@ -11,6 +11,7 @@ serving endpoint, so several processes on different ports can serve one world.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +201,9 @@ def handle(world: GceWorld, base_url: str, stop_event: threading.Event, method: 
     fault = None
     try:
         world.tick()
+        delay = world.latency_of([op_id])
+        if delay:
+            time.sleep(delay * world.time_scale)
         fault = world.take_fault(op_id)
         if fault and fault[0] in FAULT_ERRORS:
             status, reason, message = FAULT_ERRORS[fault[0]]
