@@ -86,7 +86,7 @@ def preflight(s: Session, plan: Plan) -> None:
 
 # -- find ----------------------------------------------------------------------------------------
 def find_server(s: Session, res: Resource, plan: Plan) -> Found | None:
-    found = [s.server_found(i) for i in s.list_instances(plan.deployment, None, node=res.spec["node"])]
+    found = [s.server_found(i) for i in s.list_instances(plan.deployment, res.spec["node"])]
     # Prefer a healthy one if an earlier run left a broken twin; the twin is swept by `down`.
     found.sort(key=lambda f: {"ready": 0, "pending": 1}.get(f.status, 2))
     return found[0] if found else None
@@ -312,7 +312,7 @@ class Servers(Handler):
         (a class), fetched after this thread's wait began."""
         s: Session = self.ctx
         snap = s.snapshot("instances")
-        listed = snap.get(lambda: s.list_instances(None, None), newer_than=s.wait_started())
+        listed = snap.get(lambda: s.list_instances(None), newer_than=s.wait_started())
         inst = next((i for i in listed if f"zones/{names.last(i.zone)}/instances/{i.name}" == found.cloud_id), None)
         return s.server_found(inst) if inst is not None else None
 

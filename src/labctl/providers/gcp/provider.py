@@ -69,8 +69,9 @@ class GcpProvider(Session):
              on_progress: ProgressFn) -> list[Found]:
         """Instances from one list per poll round (see `Servers.status`), disks one get each; everything else is
         done when its operation is."""
-        items = [(r, dataclasses.replace(f, status="ready") if f.status == "pending" and not (
-            r.kind in self.handlers and self.handlers[r.kind].waits) else f) for r, f in items]
+        polled = {kind for kind, handler in self.handlers.items() if handler.waits}
+        items = [(r, dataclasses.replace(f, status="ready") if f.status == "pending" and r.kind not in polled else f)
+                 for r, f in items]
         self._waiting.since = time.monotonic()
         try:
             return wait_each(self.handlers, items, plan, timeout=timeout, interval=self.poll_interval,
@@ -81,7 +82,7 @@ class GcpProvider(Session):
     def list_owned(self, plan: Plan) -> list[Found]:
         """Everything of the deployment: instances, firewalls, addresses and disks by label; networks and
         subnetworks (no labels) by description; attachments as the deployment's instances show them."""
-        listed = self.list_instances(plan.deployment, None)
+        listed = self.list_instances(plan.deployment)
         owned = [self.server_found(i) for i in listed]
         owned += [Found("secgroup", f"global/firewalls/{fw.name}", fw.name, attrs={"firewalls": [fw.name]})
                   for fw in network.owned_firewalls(self, plan.deployment)]
@@ -90,15 +91,16 @@ class GcpProvider(Session):
             "list addresses", self.addresses, region=self.region, filter=names.label_filter(plan.deployment))]
         owned += [names.network_found(n, n.name) for n in self.listing("list networks", self.networks)
                   if names.deployment_of(n.description) == plan.deployment]
-        owned += [names.subnet_found(s, s.name) for s in self.listing("list subnetworks", self.subnetworks,
-                                                                region=self.region)
-                  if names.deployment_of(s.description) == plan.deployment]
+        owned += [names.subnet_found(sub, sub.name)
+                  for sub in self.listing("list subnetworks", self.subnetworks, region=self.region)
+                  if names.deployment_of(sub.description) == plan.deployment]
         disks = {d.cloud_id: d for d in storage.owned_disks(self, plan.deployment)}
         owned += disks.values()
-        owned += [names.attachment_found(f"{disks[names.disk_id(ad.source)].name}-attachment", names.last(inst.zone),
-                                         inst.name,
-                                   names.disk_id(ad.source), ad.device_name)
-                  for inst in listed for ad in inst.disks if not ad.boot and names.disk_id(ad.source) in disks]
+        for inst in listed:
+            for ad in inst.disks:
+                if not ad.boot and (disk := names.disk_id(ad.source)) in disks:
+                    owned.append(names.attachment_found(f"{disks[disk].name}-attachment", names.last(inst.zone),
+                                                        inst.name, disk, ad.device_name))
         return owned
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:

@@ -8,7 +8,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from labctl.errors import (
@@ -273,12 +273,8 @@ class Session:
         done = compute_v1.Operation.Status.DONE
         if op.status == done:
             return op
-        if op.zone:
-            client, scope = self.client("ZoneOperationsClient"), {"zone": last(op.zone)}
-        elif op.region:
-            client, scope = self.client("RegionOperationsClient"), {"region": last(op.region)}
-        else:
-            client, scope = self.client("GlobalOperationsClient"), {}
+        scope = {"zone": last(op.zone)} if op.zone else {"region": last(op.region)} if op.region else {}
+        client = self.client(f"{(next(iter(scope)) if scope else 'global').capitalize()}OperationsClient")
         request = {"project": self.project, "operation": op.name, **scope}
         return poll_until(lambda: self.call(f"wait for {what}", lambda: client.wait(
             request=request, **self.opts(max(150.0, self.call_timeout)))),
@@ -359,14 +355,12 @@ class Session:
     def get_instance(self, zone: str, name: str) -> Any:
         return self.get(f"get instance {name}", self.instances, zone=zone, instance=name)
 
-    def list_instances(self, deployment: str | None, zones: Iterable[str] | None,
-                       node: str | None = None) -> list[Any]:
-        """Instances labelled with the deployment (any labctl deployment if None; and node): one list call for
-        one zone, else one aggregatedList call for all zones."""
+    def list_instances(self, deployment: str | None, node: str | None = None) -> list[Any]:
+        """Instances labelled with the deployment (any labctl deployment if None; and node): one list call on a
+        zone site, else one aggregatedList call for all zones."""
         flt = label_filter(deployment, node)
-        zones = sorted(set(zones)) if zones is not None else (self.zones() if self.site.zone else None)
-        if zones is not None and len(zones) == 1:
-            return self.listing("list instances", self.instances, zone=zones[0], filter=flt)
+        if self.site.zone:
+            return self.listing("list instances", self.instances, zone=self.site.zone, filter=flt)
         return self.aggregated("list instances", self.instances, "instances", flt)
 
     def list_disks(self, flt: str) -> list[Any]:
