@@ -67,7 +67,10 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--check"]
     n = int(args[0]) if args else 15
     with tempfile.TemporaryDirectory() as tmp:
+        # Bytecode is cached as after any install: with PYTHONDONTWRITEBYTECODE set, every run would compile
+        # labctl's sources while the baseline's (site-packages) come precompiled.
         env = {**os.environ, "LABCTL_STATE_DIR": str(Path(tmp) / "state"), "NO_COLOR": "1"}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         bare = Path(tmp) / "bare.py"
         bare.write_text(BARE)
         py = sys.executable
@@ -76,6 +79,8 @@ def main() -> None:
         argvs = {"interp": [py, "-c", "pass"], "base_help": [py, str(bare), "--help"],
                  "help": [py, "-m", "labctl", "--help"], "base_status": [py, str(bare), "status"],
                  "status": [py, "-m", "labctl", "status"]}
+        for argv in argvs.values():  # warm-up: writes the bytecode caches
+            median_seconds(argv, env, 1)
         for _ in range(n):
             for key, argv in argvs.items():
                 runs[key].append(median_seconds(argv, env, 1))

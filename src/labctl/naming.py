@@ -6,7 +6,6 @@ Names make lookups cheap (a rerun finds what a crashed run made); tags make `dow
 from __future__ import annotations
 
 import getpass
-import hashlib
 import os
 import re
 
@@ -25,6 +24,8 @@ def sanitise(text: str, max_len: int = 24) -> str:
     clean = _UNSAFE.sub("-", text.lower()).strip("-") or "x"
     if len(clean) <= max_len:
         return clean
+    import hashlib  # only long names need it; `labctl status` should not pay for the import
+
     digest = hashlib.sha1(clean.encode()).hexdigest()[:6]
     return f"{clean[: max_len - 7].rstrip('-')}-{digest}"
 

@@ -1,6 +1,7 @@
 """The labctl command line. Thin: parse, call labctl.service, render. Heavy modules load inside commands."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Typer reads every command's annotations at each start, and
+# evaluating ~400 postponed string annotations cost more than building them once here.
 
 import json
 import sys
@@ -613,7 +614,25 @@ def _stop_progress(ctx: object) -> None:
         stop()
 
 
+def _plain_command(argv: list[str]) -> bool:
+    """True for a top-level command such as `status` or `up`: Typer builds the parameters of every command
+    at each start, and such a run does not need the `class` and `testbed` groups built."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    plain = {c.name or c.callback.__name__ for c in app.registered_commands}  # type: ignore[union-attr]
+    return first in plain and "--help" not in argv and "-h" not in argv
+
+
 def main() -> None:
+    groups = app.registered_groups
+    if _plain_command(sys.argv[1:]):
+        app.registered_groups = []
+    try:
+        _run()
+    finally:
+        app.registered_groups = groups  # in-process callers (tests) run one command after another
+
+
+def _run() -> None:
     try:
         code = app(prog_name="labctl", standalone_mode=False)
     except LabctlError as exc:

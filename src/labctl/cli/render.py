@@ -110,7 +110,8 @@ def stop_all() -> None:
 
 def print_status(results: list[Any], detail: bool = False) -> None:
     if not results:
-        out_console.print("No labs. Start one with [bold]labctl up hello --site sim[/bold].")
+        # No highlighter: its regexes cost more than the rest of an empty status.
+        out_console.print("No labs. Start one with [bold]labctl up hello --site sim[/bold].", highlight=False)
         return
     table = Table(title="labctl status")
     for col in ("lab", "site", "status", "node", "type", "floating IP", "setup", "lease ends"):

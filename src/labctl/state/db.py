@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import re
-import socket
 import sqlite3
 import sys
 import threading
@@ -131,11 +129,15 @@ def _postgres_ddl(stmt: str) -> str:
 
 def lock_key(name: str) -> int:
     """A stable signed 64-bit key for a lock name (PostgreSQL advisory lock keys are bigint)."""
+    import hashlib  # lazily, like socket below: neither is needed by a command that takes no lock
+
     digest = hashlib.blake2b(f"labctl:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
 def _holder_tag() -> str:
+    import socket
+
     return f"labctl {socket.gethostname()} pid {os.getpid()}"
 
 
