@@ -11,7 +11,7 @@ import pytest
 import requests
 from google.api_core import exceptions as gexc
 from google.cloud import compute_v1
-from tests.gcp.test_gce_emulator import DONE, REGION, ZONE, insert, instance_body, raw, wait_zone
+from tests.testbed.gce.test_gce_emulator import DONE, REGION, ZONE, insert, instance_body, raw, wait_zone
 
 
 def wait_global(clients, op):

@@ -395,7 +395,7 @@ def test_two_processes_share_one_world(emu, clients, tmp_path):
             f"e = start_gce({str(tmp_path / 'testbed')!r})\n"
             "print(e.endpoint, flush=True)\n"
             "sys.stdin.read()\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "loopback_guard")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "loopback_guard")}
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
     try:

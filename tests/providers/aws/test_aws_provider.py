@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.aws.helpers import StandInTestbed
+from tests.fixtures.standin import StandInTestbed
 
 from labctl import sites
 from labctl.engine import Engine
@@ -31,7 +31,7 @@ def public_key(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def connect(emu, site: str = "sim-aws"):
-    return aws_provider.connect(sites.resolve(site), testbed=lambda: StandInTestbed(emu))
+    return aws_provider.connect(sites.resolve(site), testbed=lambda: StandInTestbed(aws=emu))
 
 
 def lab_plan(tmp_path: Path, public_key: str, owner: str, *, count: int = 1, types: str = "[t3.micro]",

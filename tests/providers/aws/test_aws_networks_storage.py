@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tests.aws.helpers import StandInTestbed, ec2_client
+from tests.fixtures.aws import ec2_client
+from tests.fixtures.standin import StandInTestbed
 
 from labctl import sites
 from labctl.engine import Engine
@@ -29,7 +30,7 @@ def public_key(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def connect(emu, site: str = "sim-aws"):
-    provider = aws_provider.connect(sites.resolve(site), testbed=lambda: StandInTestbed(emu))
+    provider = aws_provider.connect(sites.resolve(site), testbed=lambda: StandInTestbed(aws=emu))
     provider.poll_interval = 0.01
     return provider
 
@@ -541,7 +542,7 @@ def test_a_region_without_a_default_vpc_serves_labs_on_their_own_network(emu, tm
     ec2.delete_vpc(VpcId=vpc["VpcId"])
     base = sites.resolve("sim-aws")
     site = dataclasses.replace(base, name="sim-aws-eu", region=region)
-    provider = aws_provider.connect(site, testbed=lambda: StandInTestbed(emu))
+    provider = aws_provider.connect(site, testbed=lambda: StandInTestbed(aws=emu))
     networked = lab_plan(tmp_path, public_key, "nodefault")
     networked.site = site
     provider.preflight(networked)  # no default VPC asked for

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
-from tests.aws.helpers import ec2_client
+from tests.fixtures.aws import ec2_client
 
 from labctl.testbed.aws import CANONICAL, ensure_moto, moto_info, start_aws, stop_moto
 

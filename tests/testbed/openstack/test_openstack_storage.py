@@ -6,15 +6,7 @@ import time
 
 import pytest
 import requests
-from tests.testbed.test_openstack_api import SCALE, active_lease, blazar, connect
-
-from labctl.testbed import Testbed
-
-
-@pytest.fixture
-def tb(tmp_path):
-    with Testbed.start(tmp_path / "world", time_scale=SCALE, ssh=False) as testbed:
-        yield testbed
+from tests.testbed.openstack.test_openstack_api import active_lease, blazar, connect
 
 
 def _server(conn, name: str = "lab-node-1"):

@@ -16,19 +16,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from tests.testbed.openstack.conftest import SCALE
 
 from labctl.testbed import Testbed
 from labctl.testbed.world import World
 
 PUBKEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkKvZ0Qz2Zl7uF6yN1dYx3dQ3bVQ3bVQ3bVQ3bVQ3bV labctl-test"
-SCALE = 0.001
-GUARD_DIR = Path(__file__).resolve().parents[1] / "loopback_guard"
 
-
-@pytest.fixture
-def tb(tmp_path):
-    with Testbed.start(tmp_path / "world", time_scale=SCALE, ssh=False) as testbed:
-        yield testbed
+GUARD_DIR = Path(__file__).resolve().parents[2] / "loopback_guard"
 
 
 def connect(tb: Testbed, site: str = "chi@tacc"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from tests.gcp.test_gcp_provider import provider_for, public_key
+from tests.providers.gcp.test_gcp_provider import provider_for, public_key
 
 from labctl import sites
 from labctl.engine import Engine
