@@ -65,11 +65,12 @@ class Context:
         return cls(StateStore(), who, on_progress or _noop)
 
     def testbed(self, ssh: bool = True) -> Any:
-        """The emulated testbed, started in this process (its world lives on disk)."""
+        """The emulated testbed, started in this process (its world lives on disk); SSH from the background
+        testbed when `labctl testbed start` runs one, so the nodes answer after this command exits."""
         if self._testbed is None:
-            from labctl.testbed import Testbed
+            from labctl.testbed.serve import attach
 
-            self._testbed = Testbed.start(ssh=ssh)
+            self._testbed = attach(ssh=ssh)
         return self._testbed
 
 

@@ -264,6 +264,13 @@ class _Server(ThreadingHTTPServer):
     stop_event: threading.Event
 
 
+def _answers(address: str, port: int) -> bool:
+    """Something accepts TCP connections on address:port (an SSH listener of another process)."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((address, port)) == 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -281,6 +288,7 @@ class Testbed:
         self._thread = thread
         self._ssh = None
         self.ssh_port: int | None = None  # where this process serves the emulated nodes' SSH
+        self.ssh_elsewhere = False  # True: another process (`labctl testbed start`) serves SSH on ssh_port
         self._clouds: dict[str, Any] = {}  # lazily started emulators of other clouds, with their SSH sides
         self._clouds_lock = threading.Lock()
         self.port = server.server_address[1]
@@ -366,6 +374,8 @@ class Testbed:
         """Block until this process serves SSH for the node at address:port (listeners start asynchronously)."""
         deadline = time.monotonic() + timeout
         while True:
+            if self.ssh_elsewhere and _answers(address, int(port)):
+                return
             if any((address, int(port)) in ssh.listening() for ssh in self._ssh_sides()):
                 return
             if time.monotonic() > deadline:
@@ -376,17 +386,18 @@ class Testbed:
         sides = [self._ssh] if self._ssh is not None else []
         return sides + [ssh for _, ssh in self._clouds.values() if ssh is not None]
 
-    def gce(self) -> Any:
-        """The emulated Compute Engine over this testbed's state dir (started on first use)."""
+    def gce(self, port: int = 0) -> Any:
+        """The emulated Compute Engine over this testbed's state dir (started on first use, on `port`)."""
         from labctl.testbed.gce import start_gce
 
-        return self._cloud("gce", lambda: start_gce(self.world.state_dir, self.world._explicit_scale))
+        return self._cloud("gce", lambda: start_gce(self.world.state_dir, self.world._explicit_scale, port))
 
-    def aws(self) -> Any:
-        """EC2 (moto's server behind labctl's thin layer) over this testbed's state dir (started on first use)."""
+    def aws(self, port: int = 0) -> Any:
+        """EC2 (moto's server behind labctl's thin layer) over this testbed's state dir (started on first use,
+        its front layer on `port`)."""
         from labctl.testbed.aws import start_aws
 
-        return self._cloud("aws", lambda: start_aws(self.world.state_dir / "aws"))
+        return self._cloud("aws", lambda: start_aws(self.world.state_dir / "aws", port=port))
 
     def _cloud(self, name: str, start: Any) -> Any:
         with self._clouds_lock:

@@ -36,8 +36,8 @@ class _Front(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, world: AwsWorld) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, world: AwsWorld, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.world = world
         self.stopping = threading.Event()
 
@@ -210,14 +210,15 @@ class AwsEmulator:
         self.stop()
 
 
-def start_aws(state_dir: Path, ssh_port: int | None = None) -> AwsEmulator:
-    """Start the emulated EC2 over `state_dir`: the moto daemon (if none is alive) and this process's front.
+def start_aws(state_dir: Path, ssh_port: int | None = None, port: int = 0) -> AwsEmulator:
+    """Start the emulated EC2 over `state_dir`: the moto daemon (if none is alive) and this process's front
+    (on 127.0.0.1:`port`, default an ephemeral one).
 
     `ssh_port` is used only when the state dir is new (e.g. the testbed's SSH port, to share one port).
     """
     world = AwsWorld(Path(state_dir), ssh_port=ssh_port)
     world.moto()
-    front = _Front(world)
+    front = _Front(world, port)
     thread = threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.1},
                               name="labctl-aws-front", daemon=True)
     thread.start()
