@@ -198,7 +198,7 @@ class Served:
 
     def settings(self, site: str = "chi@tacc") -> str:
         """Shell lines for each cloud's usual client (secrets included: for the owner's terminal or env.sh)."""
-        creds = self.tb.world.credentials
+        creds = self.aws.world.credentials  # the EC2 world (its own directory) has its own key pair
         token_file = self.state_dir / TOKEN_FILE
         q = shlex.quote
         gce_url = f"{self.gce.endpoint}/compute/v1/"
@@ -223,7 +223,7 @@ class Served:
 
     def publish(self, site: str) -> None:
         """Write gce-token, env.sh and serve.json (0600), in that order: serve.json says the rest is there."""
-        _write_private_text(self.state_dir / TOKEN_FILE, self.tb.world.credentials.gce_token)
+        _write_private_text(self.state_dir / TOKEN_FILE, self.gce.token)
         _write_private_text(self.state_dir / ENV_FILE, self.settings(site))
         _write_private_json(self.state_dir / SERVE_FILE, {
             "pid": os.getpid(), "ports": self.ports, "started": time.time(), "site": site,
