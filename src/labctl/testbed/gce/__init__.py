@@ -84,6 +84,10 @@ class _Handler(EmulatorHandler):
         import json
 
         headers = [("Vary", "Origin, X-Origin, Referer"), ("X-Request-Id", uuid.uuid4().hex)]
+        raw = getattr(outcome, "raw", None)
+        if raw is not None:  # the batch endpoint's multipart/mixed answer
+            self.answer(outcome.status, raw, outcome.content_type, [*headers, *outcome.headers.items()])
+            return
         self.answer(outcome.status, json.dumps(outcome.body).encode(), "application/json; charset=UTF-8",
                     [*headers, *outcome.headers.items()])
 

@@ -1,7 +1,8 @@
 """The Compute Engine v1 REST API over `GceWorld`: its routes (`ROUTES`, one `labctl.testbed.http.Router`) and
 the request pipeline (authentication, request log, faults, errors). The resource families' handlers are in
 `common` (errors, `Call`, validation, pages), `zones` (zones, regions, types, images, operations),
-`instances`, `networks` (networks, subnetworks), `firewalls` (firewalls, addresses) and `disks`.
+`instances`, `networks` (networks, subnetworks), `firewalls` (firewalls, addresses) and `disks`; `batch` takes
+a batch request (`POST /batch/compute/v1`) apart into requests served here one by one.
 
 Shapes follow the compute v1 discovery document (camelCase, int64 as strings, numeric-string ids,
 `selfLink`s, `kind`). Links are stored relative ("projects/p/zones/z/instances/i") and rendered against the
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from labctl.testbed.gce import batch
 from labctl.testbed.gce.common import API_PREFIX, ApiError, Call, check_auth
 from labctl.testbed.gce.disks import (
     disks_aggregated,
@@ -62,6 +64,7 @@ from labctl.testbed.gce.zones import (
     accelerator_types_aggregated,
     accelerator_types_get,
     accelerator_types_list,
+    image_family_views_get,
     images_family,
     images_get,
     images_list,
@@ -71,6 +74,7 @@ from labctl.testbed.gce.zones import (
     operations_get,
     operations_list,
     operations_wait,
+    projects_get,
     regions_get,
     regions_list,
     zones_get,
@@ -83,6 +87,7 @@ P = "projects/{project}"
 
 
 ROUTES: list[tuple[str, str, str, Callable[[Call], dict]]] = [
+    ("GET", P, "projects.get", projects_get),
     ("GET", f"{P}/zones", "zones.list", zones_list),
     ("GET", f"{P}/zones/{{zone}}", "zones.get", zones_get),
     ("GET", f"{P}/regions", "regions.list", regions_list),
@@ -96,6 +101,7 @@ ROUTES: list[tuple[str, str, str, Callable[[Call], dict]]] = [
     ("GET", f"{P}/global/images", "images.list", images_list),
     ("GET", f"{P}/global/images/family/{{family}}", "images.getFromFamily", images_family),
     ("GET", f"{P}/global/images/{{name}}", "images.get", images_get),
+    ("GET", f"{P}/zones/{{zone}}/imageFamilyViews/{{family}}", "imageFamilyViews.get", image_family_views_get),
     ("GET", f"{P}/global/networks", "networks.list", networks_list),
     ("POST", f"{P}/global/networks", "networks.insert", networks_insert),
     ("GET", f"{P}/global/networks/{{name}}", "networks.get", networks_get),
@@ -166,6 +172,8 @@ class Outcome:
     body: dict
     headers: dict = field(default_factory=dict)
     action: str = "respond"  # respond | hang | drop
+    raw: bytes | None = None  # a body that is not JSON (the batch endpoint's multipart/mixed), sent as it is
+    content_type: str | None = None  # raw's Content-Type
 
 
 UNVALIDATED: list[str] = []  # requests whose body a handler failed on without validating it
@@ -181,7 +189,31 @@ FAULT_ERRORS = {
 
 def handle(world: GceWorld, base_url: str, stop_event: threading.Event, method: str, raw_path: str,
            body: bytes, headers: Any) -> Outcome:
-    """One request; its `headers` must carry this world's bearer token."""
+    """One request; its `headers` must carry this world's bearer token. A batch (`POST /batch/compute/v1`) is
+    taken apart and each embedded request served as one of its own (`labctl.testbed.gce.batch`)."""
+    url = urlsplit(raw_path)
+    if unquote(url.path).rstrip("/") in batch.BATCH_PATHS:
+        world.log_request(method, unquote(url.path), url.query, "batch")
+        if method != "POST":
+            e = ApiError(405, f"Method {method} is not allowed for this resource.", "methodNotAllowed")
+            return Outcome(405, e.body())
+
+        def one(inner_method: str, target: str, inner_body: bytes, inner_headers: Any) -> Outcome:
+            if unquote(urlsplit(target).path).rstrip("/") in batch.BATCH_PATHS:  # no batch inside a batch
+                e = ApiError(400, "A batch request cannot contain another batch request.", "badRequest")
+                return Outcome(400, e.body())
+            return _handle_one(world, base_url, stop_event, inner_method, target, inner_body, inner_headers)
+
+        try:
+            payload, content_type, action = batch.run_batch(headers, body, one)
+        except ApiError as e:
+            return Outcome(e.status, e.body(), dict(e.headers))
+        return Outcome(200, {}, action=action, raw=payload, content_type=content_type)
+    return _handle_one(world, base_url, stop_event, method, raw_path, body, headers)
+
+
+def _handle_one(world: GceWorld, base_url: str, stop_event: threading.Event, method: str, raw_path: str,
+                body: bytes, headers: Any) -> Outcome:
     url = urlsplit(raw_path)
     path = unquote(url.path)
     query = parse_qs(url.query, keep_blank_values=True)

@@ -57,7 +57,8 @@ class ApiError(Exception):
         return {"error": error}
 
 
-# The google.rpc status that Google's front end adds to errors it raises itself (authentication, parsing).
+# The google.rpc status that Google's front end adds to errors it raises itself (authentication, parsing); the
+# errors Compute Engine's own backend returns carry code, message and errors[] only.
 _STATUS_NAMES = {401: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT"}
 
 
@@ -143,16 +144,105 @@ def links(obj: Any, base: str, key: str | None = None) -> Any:
     return obj
 
 
-def rel_link(value: str, project: str) -> str:
-    """A link as a client may send it (URL, "projects/...", "zones/...", "global/...") -> "projects/..."."""
-    value = value.strip()
-    if "/compute/v1/" in value:
-        value = value.split("/compute/v1/", 1)[1]
-    elif value.startswith(("http://", "https://")):
-        value = value.split("//", 1)[1].split("/", 1)[-1]
-    if not value.startswith("projects/"):
-        value = f"projects/{project}/{value.lstrip('/')}"
-    return value
+# ------------------------------------------------------------------------------------ resource references
+# Where each collection lives: a reference names it as projects/P/global/C/N, projects/P/zones/Z/C/N or
+# projects/P/regions/R/C/N (images also as .../global/images/family/F, and as a zonal image family view).
+REF_SCOPES = {"machineTypes": "zones", "acceleratorTypes": "zones", "diskTypes": "zones", "disks": "zones",
+              "instances": "zones", "imageFamilyViews": "zones", "images": "global", "networks": "global",
+              "firewalls": "global", "subnetworks": "regions", "addresses": "regions"}
+
+
+_REF_URL = re.compile(r"^https?://[^/?#\s]+/compute/(?:v1|beta|alpha)/(?P<rest>[^?#\s]+)$")
+
+
+_REF_PROJECT = re.compile(r"^[a-z](?:[-a-z0-9.:]{0,61}[a-z0-9])?$")
+
+
+_REF_SEGMENT = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed resource reference: `scope` is "global", "zones/Z" or "regions/R" (Z may be "-" in an image
+    family view); `family` when it names an image family (images/family/F, imageFamilyViews/F)."""
+
+    project: str
+    scope: str
+    collection: str
+    name: str
+    family: bool = False
+
+    @property
+    def rel(self) -> str:
+        """The canonical partial URL, "projects/P/<scope>/<collection>/[family/]NAME"."""
+        family = "family/" if self.family and self.collection == "images" else ""
+        return f"projects/{self.project}/{self.scope}/{self.collection}/{family}{self.name}"
+
+    @property
+    def where(self) -> str:
+        """The zone or region of a zonal / regional reference ("" for a global one)."""
+        return self.scope.split("/", 1)[1] if "/" in self.scope else ""
+
+
+def parse_ref(value: Any, field_name: str, collections: tuple[str, ...], project: str, *,
+              zone: str | None = None, region: str | None = None, bare: bool = False) -> Ref:
+    """Every form Compute Engine accepts for a reference to a resource of one of `collections`: a full URL
+    (https://compute.googleapis.com/compute/v1/..., https://www.googleapis.com/compute/v1/..., or this
+    endpoint's own selfLinks), a partial URL (projects/P/..., or global/..., zones/Z/..., regions/R/... in the
+    request's project), and with `bare` a plain name (in the request's `zone` / `region` / global scope).
+    Images: projects/P/global/images/NAME, projects/P/global/images/family/FAMILY and the zonal family view
+    projects/P/zones/Z/imageFamilyViews/FAMILY (Z may be "-", as gcloud sends it).
+
+    A malformed reference (or one to another kind of resource) is a 400 `invalid`; whether it names something
+    that exists is for the caller to say (404 `notFound`)."""
+    def bad(why: str = "The URL is malformed.") -> ApiError:
+        return invalid(field_name, value, why)
+
+    if not isinstance(value, str) or not value.strip():
+        raise bad()
+    text = value.strip()
+    if "://" in text:
+        m = _REF_URL.match(text)
+        if not m:
+            raise bad()
+        text = m.group("rest")
+    text = text.rstrip("/")
+    parts = text.split("/")
+    if parts[0] in ("global", "zones", "regions"):
+        parts = ["projects", project, *parts]
+    elif parts[0] != "projects":
+        if not bare or len(parts) != 1:
+            raise bad()
+        kind = REF_SCOPES[collections[0]]
+        where = {"zones": zone, "regions": region}.get(kind)
+        if kind != "global" and where is None:
+            raise bad()
+        parts = ["projects", project, *([kind, where] if kind != "global" else ["global"]), collections[0],
+                 parts[0]]
+    if len(parts) < 5 or not _REF_PROJECT.match(parts[1]):
+        raise bad()
+    family = False
+    if parts[2] == "global":
+        rest = parts[3:]
+        scope = "global"
+        if len(rest) == 3 and rest[0] == "images" and rest[1] == "family":
+            rest, family = [rest[0], rest[2]], True
+    elif parts[2] in ("zones", "regions") and len(parts) >= 6:
+        if not (_REF_SEGMENT.match(parts[3]) or (parts[3] == "-" and parts[4] == "imageFamilyViews")):
+            raise bad()
+        scope = f"{parts[2]}/{parts[3]}"
+        rest = parts[4:]
+    else:
+        raise bad()
+    if len(rest) != 2 or not _REF_SEGMENT.match(rest[1]):
+        raise bad()
+    collection, name = rest
+    if collection not in collections or REF_SCOPES.get(collection) != scope.split("/", 1)[0]:
+        wanted = " or ".join(collections)
+        raise bad(f"The URL does not refer to a resource of type {wanted}.")
+    if collection == "imageFamilyViews":
+        family = True
+    return Ref(parts[1], scope, collection, name, family)
 
 
 def check_project(call: Call, read_only_image: bool = False) -> None:

@@ -18,7 +18,7 @@ from labctl.testbed.gce.common import (
     idempotent,
     invalid,
     not_found,
-    rel_link,
+    parse_ref,
     scaled,
     stored_handlers,
     zone_param,
@@ -47,15 +47,16 @@ def disks_insert(call: Call) -> dict:
     if body.get("sourceImage") or body.get("sourceSnapshot") or body.get("sourceDisk"):
         raise invalid("resource.sourceImage", body.get("sourceImage") or body.get("sourceSnapshot"),
                       "The emulator makes blank disks only.")
-    type_link = rel_link(str(body.get("type") or f"zones/{zone}/diskTypes/pd-standard"), call.project)
-    m = re.match(r"^projects/([^/]+)/zones/([^/]+)/diskTypes/([^/]+)$", type_link)
-    if not m or m.group(1) != call.project or m.group(2) != zone or m.group(3) not in DISK_TYPES:
+    disk_type = parse_ref(body.get("type") or f"zones/{zone}/diskTypes/pd-standard", "resource.type",
+                          ("diskTypes",), call.project, zone=zone, bare=True)
+    type_link = disk_type.rel
+    if disk_type.project != call.project or disk_type.where != zone or disk_type.name not in DISK_TYPES:
         raise not_found(type_link)
     try:
         size = int(body.get("sizeGb") or 500)
     except (TypeError, ValueError):
         raise invalid("resource.sizeGb", body.get("sizeGb"), "Must be an integer.") from None
-    if size < MIN_DISK_GB and m.group(3).startswith("pd-"):
+    if size < MIN_DISK_GB and disk_type.name.startswith("pd-"):
         raise invalid("resource.sizeGb", size, f"Disk size cannot be smaller than {MIN_DISK_GB} GB.")
     if size > 65536:
         raise invalid("resource.sizeGb", size, "Disk size cannot be larger than 65536 GB.")
@@ -125,13 +126,11 @@ def instances_attach_disk(call: Call) -> dict:
 
     def perform(db: Db) -> dict:
         inst = get_instance(db, call, zone, call.params["name"])
-        src = rel_link(str(body["source"]), call.project)
-        m = re.match(r"^projects/([^/]+)/zones/([^/]+)/disks/([^/]+)$", src)
-        if not m or m.group(1) != call.project:
-            raise invalid("resource.source", body["source"], "Invalid disk reference.")
-        if m.group(2) != zone:
+        ref = parse_ref(body["source"], "resource.source", ("disks",), call.project, zone=zone, bare=True)
+        src = ref.rel
+        if ref.where != zone:
             raise invalid("resource.source", body["source"], "Disk must be in the same zone as the instance.")
-        disk = db.get("disk", call.project, f"zones/{zone}", m.group(3))
+        disk = db.get("disk", call.project, f"zones/{zone}", ref.name) if ref.project == call.project else None
         if disk is None:
             raise not_found(src)
         if inst.get("_gone_at") is not None:

@@ -20,9 +20,9 @@ from labctl.testbed.gce.common import (
     idempotent,
     invalid,
     not_found,
+    parse_ref,
     region_param,
     region_scope,
-    rel_link,
     scaled,
     stored_handlers,
 )
@@ -78,7 +78,8 @@ def firewalls_insert(call: Call) -> dict:
         link = f"projects/{call.project}/global/firewalls/{name}"
         if db.get("firewall", call.project, "global", name) is not None:
             raise ApiError(409, f"The resource '{link}' already exists", "alreadyExists")
-        network = rel_link(body.get("network") or "global/networks/default", call.project)
+        network = parse_ref(body.get("network") or "global/networks/default", "resource.network", ("networks",),
+                            call.project, bare=True).rel
         if live_network(db, call, network) is None:
             raise not_found(network)
         fw_id = w.new_id()

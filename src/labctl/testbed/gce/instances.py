@@ -18,6 +18,7 @@ from labctl.testbed.gce.common import (
     links,
     list_page,
     not_found,
+    parse_ref,
     scaled,
     zone_param,
 )
@@ -122,17 +123,29 @@ def instances_insert(call: Call) -> dict:
         if not mt_ref:
             raise ApiError(400, "Invalid value for field 'resource.machineType': ''. Machine type is required.",
                            "invalid")
-        mt_name = str(mt_ref).rstrip("/").rsplit("/", 1)[-1]
-        mt = catalog.machine_type_in_zone(mt_name, zone)
+        mt_parsed = parse_ref(mt_ref, "resource.machineType", ("machineTypes",), call.project, zone=zone,
+                              bare=True)
+        if mt_parsed.project != call.project:
+            raise not_found(mt_parsed.rel)
+        mt_name = mt_parsed.name
+        mt = catalog.machine_type_in_zone(mt_name, zone) if mt_parsed.where == zone else None
         if mt is None:
+            # as on Compute Engine: a 400 that names the zone (labctl's adapter moves on to the next zone)
             raise invalid("resource.machineType", mt_ref,
                           f"Machine type with name '{mt_name}' does not exist in zone '{zone}'.")
         accelerators = []
         for i, acc in enumerate(body.get("guestAccelerators") or []):
-            acc_name = str(acc.get("acceleratorType", "")).rstrip("/").rsplit("/", 1)[-1]
-            a = catalog.accelerator_in_zone(acc_name, zone)
+            if not isinstance(acc, dict):
+                raise invalid(f"resource.guestAccelerators[{i}]", acc, "Must be an object.")
+            field_name = f"resource.guestAccelerators[{i}].acceleratorType"
+            acc_ref = parse_ref(acc.get("acceleratorType"), field_name, ("acceleratorTypes",), call.project,
+                                zone=zone, bare=True)
+            acc_name = acc_ref.name
+            a = catalog.accelerator_in_zone(acc_name, zone) if acc_ref.where == zone else None
+            if acc_ref.project != call.project:
+                raise not_found(acc_ref.rel)
             if a is None:
-                raise invalid(f"resource.guestAccelerators[{i}].acceleratorType", acc.get("acceleratorType"),
+                raise invalid(field_name, acc.get("acceleratorType"),
                               f"Accelerator type '{acc_name}' does not exist in zone '{zone}'.")
             count = int(acc.get("acceleratorCount", 1))
             if not 1 <= count <= a.max_cards:

@@ -19,9 +19,9 @@ from labctl.testbed.gce.common import (
     links,
     list_page,
     not_found,
+    parse_ref,
     region_param,
     region_scope,
-    rel_link,
     scaled,
     stored_handlers,
 )
@@ -178,7 +178,7 @@ def subnetworks_insert(call: Call) -> dict:
         link = f"projects/{call.project}/{scope}/subnetworks/{name}"
         if db.get("subnetwork", call.project, scope, name) is not None:
             raise ApiError(409, f"The resource '{link}' already exists", "alreadyExists")
-        network = rel_link(str(body["network"]), call.project)
+        network = parse_ref(body["network"], "resource.network", ("networks",), call.project, bare=True).rel
         net = live_network(db, call, network)
         if net is None:
             raise not_found(network)
@@ -240,22 +240,23 @@ def place_nic(db: Db, call: Call, region: str, nic_in: dict) -> tuple[str, dict 
     field_name = "resource.networkInterfaces[0]"
     subnetwork = None
     if nic_in.get("subnetwork"):
-        sub_link = rel_link(str(nic_in["subnetwork"]), call.project)
-        m = re.match(r"^projects/([^/]+)/regions/([^/]+)/subnetworks/([^/]+)$", sub_link)
-        if not m or m.group(1) != call.project:
-            raise invalid(f"{field_name}.subnetwork", nic_in["subnetwork"], "Invalid subnetwork reference.")
-        if m.group(2) != region:
+        sub = parse_ref(nic_in["subnetwork"], f"{field_name}.subnetwork", ("subnetworks",), call.project,
+                        region=region, bare=True)
+        sub_link = sub.rel
+        if sub.where != region:
             raise invalid(f"{field_name}.subnetwork", nic_in["subnetwork"], "Subnetwork must be in the same "
                           "region as the instance.")
-        subnetwork = db.get("subnetwork", call.project, f"regions/{region}", m.group(3))
+        subnetwork = db.get("subnetwork", call.project, f"regions/{region}", sub.name) \
+            if sub.project == call.project else None
         if subnetwork is None or subnetwork.get("_gone_at") is not None:
-            if m.group(3) == w.DEFAULT_NETWORK and not nic_in.get("network"):
+            if sub.name == w.DEFAULT_NETWORK and sub.project == call.project and not nic_in.get("network"):
                 subnetwork = None  # the default network's subnetwork of this region
             else:
                 raise not_found(sub_link)
     default_link = f"projects/{call.project}/global/networks/{w.DEFAULT_NETWORK}"
     if nic_in.get("network"):
-        network = rel_link(str(nic_in["network"]), call.project)
+        network = parse_ref(nic_in["network"], f"{field_name}.network", ("networks",), call.project,
+                            bare=True).rel
     else:
         network = subnetwork["network"] if subnetwork else default_link
     net = live_network(db, call, network)

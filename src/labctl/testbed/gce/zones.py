@@ -3,7 +3,6 @@ zone/region/global operations (get, list, wait)."""
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -14,12 +13,11 @@ from labctl.testbed.gce.common import (
     Call,
     aggregated_page,
     check_project,
-    invalid,
     links,
     list_page,
     not_found,
+    parse_ref,
     region_param,
-    rel_link,
     zone_param,
 )
 from labctl.testbed.gce.world import Db
@@ -194,16 +192,70 @@ def images_family(call: Call) -> dict:
     return links(_image_obj(img), call.base)
 
 
-def resolve_image(call: Call, source: str) -> catalog.Image:
-    rel = rel_link(source, call.project)
-    m = re.match(r"^projects/([^/]+)/global/images/(?:family/)?([^/]+)$", rel)
-    if not m:
-        raise invalid("resource.disks[0].initializeParams.sourceImage", source, "Invalid image reference.")
-    project, name = m.groups()
-    img = (catalog.image_from_family(project, name) if "/family/" in rel else catalog.image(project, name))
+def image_family_views_get(call: Call) -> dict:
+    """imageFamilyViews.get: the newest non-deprecated image of a family, as seen from a zone ("-": any)."""
+    check_project(call, read_only_image=True)
+    zone = call.params["zone"]
+    if zone != "-":
+        zone_param(call)
+    img = catalog.image_from_family(call.project, call.params["family"])
     if img is None:
-        raise not_found(rel)
+        raise not_found(f"projects/{call.project}/zones/{zone}/imageFamilyViews/{call.params['family']}")
+    return {"kind": "compute#imageFamilyView", "image": links(_image_obj(img), call.base)}
+
+
+def resolve_image(call: Call, source: object,
+                  field_name: str = "resource.disks[0].initializeParams.sourceImage") -> catalog.Image:
+    """The image a sourceImage names: by name, by family (global/images/family/F) or by zonal family view
+    (zones/Z/imageFamilyViews/F, Z may be "-"); 400 for a malformed reference, 404 for a missing image."""
+    ref = parse_ref(source, field_name, ("images", "imageFamilyViews"), call.project)
+    zone = ref.where
+    if ref.project not in (call.world.project, *catalog.IMAGE_PROJECTS):
+        raise not_found(ref.rel)
+    if ref.collection == "imageFamilyViews" and zone != "-" and zone not in catalog.ZONES:
+        raise not_found(f"projects/{ref.project}/zones/{zone}")
+    img = catalog.image_from_family(ref.project, ref.name) if ref.family else catalog.image(ref.project, ref.name)
+    if img is None:
+        raise not_found(ref.rel)
     return img
+
+
+# ------------------------------------------------------------------------------------ the project
+# Project-wide quotas (the regional ones are on each region): metric -> limit.
+PROJECT_QUOTAS = {"SNAPSHOTS": 5000.0, "NETWORKS": 15.0, "FIREWALLS": 200.0, "IMAGES": 2000.0,
+                  "STATIC_ADDRESSES": 175.0, "ROUTES": 250.0, "FORWARDING_RULES": 75.0, "TARGET_POOLS": 50.0,
+                  "HEALTH_CHECKS": 75.0, "IN_USE_ADDRESSES": 575.0, "TARGET_INSTANCES": 50.0,
+                  "TARGET_HTTP_PROXIES": 10.0, "URL_MAPS": 10.0, "BACKEND_SERVICES": 50.0,
+                  "INSTANCE_TEMPLATES": 1000.0, "TARGET_VPN_GATEWAYS": 15.0, "VPN_TUNNELS": 30.0,
+                  "SUBNETWORKS": 275.0, "SSL_CERTIFICATES": 30.0, "CPUS_ALL_REGIONS": 32.0,
+                  "GPUS_ALL_REGIONS": 16.0, "GLOBAL_INTERNAL_ADDRESSES": 5000.0}
+
+
+def projects_get(call: Call) -> dict:
+    """projects.get: the project resource, its usage of the project-wide quotas counted from the world."""
+    check_project(call)
+    project = call.project
+    with call.world.read() as db:
+        instances = db.find("instance", project)
+        usage = {
+            "NETWORKS": 1.0 + len(db.find("network", project, "global")),  # with the built-in default
+            "FIREWALLS": float(len(db.find("firewall", project, "global"))),
+            "SUBNETWORKS": float(len(db.find("subnetwork", project))),
+            "STATIC_ADDRESSES": float(len(db.find("address", project))),
+            "IN_USE_ADDRESSES": float(sum(1 for i in instances if w.nat_ips(i))),
+            "CPUS_ALL_REGIONS": sum(w.instance_quota(i)["CPUS"] for i in instances),
+            "GPUS_ALL_REGIONS": float(sum(n for i in instances for m, n in w.instance_quota(i).items()
+                                          if m.endswith("_GPUS"))),
+        }
+    quotas = [{"metric": m, "limit": limit, "usage": usage.get(m, 0.0)} for m, limit in PROJECT_QUOTAS.items()]
+    return links({
+        "kind": "compute#project", "id": catalog.PROJECT_NUMBER, "creationTimestamp": EPOCH, "name": project,
+        "commonInstanceMetadata": {"kind": "compute#metadata", "fingerprint": "p6hNFq6Y7l4=", "items": []},
+        "quotas": quotas, "selfLink": f"projects/{project}",
+        "defaultServiceAccount": f"{catalog.PROJECT_NUMBER}-compute@developer.gserviceaccount.com",
+        "xpnProjectStatus": "UNSPECIFIED_XPN_PROJECT_STATUS", "defaultNetworkTier": "PREMIUM",
+        "vmDnsSetting": "ZONAL_ONLY",
+    }, call.base)
 
 
 # ------------------------------------------------------------------------------------ operations
