@@ -193,6 +193,7 @@ class Served:
         except BaseException:
             self.tb.stop()
             raise
+        self.tb.slow_ssh_polls(0.25)  # a node answers SSH at most 0.25 s after it became reachable
         self.ports = {"chameleon": self.tb.port, "gce": self.gce.port,
                       "aws": int(self.aws.endpoint.rsplit(":", 1)[1]), "ssh": int(self.tb.ssh_port or 0)}
 

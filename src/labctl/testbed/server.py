@@ -382,6 +382,11 @@ class Testbed:
                 raise TimeoutError(f"no SSH listener on {address}:{port} after {timeout:g}s")
             time.sleep(0.01)
 
+    def slow_ssh_polls(self, seconds: float) -> None:
+        """Look for new and gone nodes every `seconds` (a long-running server: less CPU when idle)."""
+        for side in self._ssh_sides():
+            side.poll_interval = seconds
+
     def _ssh_sides(self) -> list[Any]:
         sides = [self._ssh] if self._ssh is not None else []
         return sides + [ssh for _, ssh in self._clouds.values() if ssh is not None]
