@@ -32,7 +32,7 @@ _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 
 LINK_KEYS = frozenset({"selfLink", "zone", "region", "machineType", "targetLink", "network", "subnetwork",
                        "users", "acceleratorType", "source", "sourceImage", "diskType", "zones", "subnetworks",
-                       "type"})
+                       "type", "licenses"})
 
 
 EPOCH = "1969-12-31T16:00:00.000-08:00"
@@ -206,7 +206,6 @@ def parse_ref(value: Any, field_name: str, collections: tuple[str, ...], project
         if not m:
             raise bad()
         text = m.group("rest")
-    text = text.rstrip("/")
     parts = text.split("/")
     if parts[0] in ("global", "zones", "regions"):
         parts = ["projects", project, *parts]
