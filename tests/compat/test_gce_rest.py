@@ -256,7 +256,7 @@ def test_each_part_of_a_batch_goes_through_the_whole_pipeline(emu):  # noqa: F81
 def test_a_malformed_batch_is_a_400(emu, ctype, body):  # noqa: F811
     headers = {"Authorization": f"Bearer {emu.token}", **({"Content-Type": ctype} if ctype else {})}
     resp = requests.post(f"{emu.endpoint}/batch/compute/v1", data=body, headers=headers, timeout=30)
-    assert_error(resp, 400, "badRequest")
+    assert assert_error(resp, 400, "badRequest")["status"] == "INVALID_ARGUMENT"
     assert requests.get(f"{emu.endpoint}/batch/compute/v1", headers=headers, timeout=30).status_code == 405
 
 

@@ -16,6 +16,9 @@ RUNNING -> DONE and instances PROVISIONING -> STAGING -> RUNNING in a few second
 instances, firewalls and addresses: VPC networks, subnetworks (an instance's networkIP comes from its subnetwork's
 range), zonal persistent disks and instances.attachDisk / detachDisk. Every RUNNING instance is also served over
 SSH on an internal loopback address (127.13.x.y), reachable through a node on one of its networks (`ssh -J`).
+Also projects.get, imageFamilyViews.get and the batch endpoint (`POST /batch/compute/v1`, which gcloud's list
+commands use). Resource references are read in every form the API accepts (full and partial URLs, names where
+implied, image families and gcloud's `zones/-/imageFamilyViews/F`): `labctl.testbed.gce.common.parse_ref`.
 
 Trap (see docs): `ExtendedOperation.result()` polls through an operations client that the transport builds
 for the real Google host; poll with your own `ZoneOperationsClient(client_options=...)` or use `.wait()`.

@@ -30,7 +30,7 @@ MAX_PARTS = 1000
 
 def _bad(why: str) -> ApiError:
     return ApiError(400, f"Failed to parse batch request, error: {why}. Received batch body: (omitted)",
-                    "badRequest")
+                    "badRequest", status_name="INVALID_ARGUMENT")  # Google's front end parses batches
 
 
 def parse_batch(content_type: str | None, body: bytes) -> list[tuple[str | None, str, str, Message, bytes]]:
