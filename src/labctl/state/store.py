@@ -198,6 +198,14 @@ class StateStore:
             self._private_dir(self.dir)
         try:
             self._init_schema()
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            from labctl.errors import CloudError, UserError
+
+            if "locked" in str(exc):  # a busy database is not a bad file: say what it is, retryable
+                raise CloudError(f"the state database {self.path} stayed locked by another process; "
+                                 "run the command again") from None
+            raise UserError(f"{self.path} is not a labctl state database ({exc})") from None
         except sqlite3.DatabaseError as exc:
             self._db.close()
             from labctl.errors import UserError
