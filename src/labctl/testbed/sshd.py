@@ -9,6 +9,11 @@ Several labctl processes may serve the same world at once: listeners use SO_REUS
 key lives in its directory (`<node_dir>/ssh_host_ed25519_key`, created once, race-safe), so whichever process
 the kernel hands a connection to presents the same key.
 
+The cloud's firewall comes first: a connection to a node's public address is accepted, then the world's
+`ingress_allowed(target, 22, Peer(client address))` decides (`labctl.testbed.firewall`); a refused one is
+closed before the SSH version exchange. A jump host's forward to `<fixed IP>:22` asks the same with the jump
+node as the source. A world without `ingress_allowed` (the tests' stand-ins) is open.
+
 What a node offers, as a real Chameleon node would:
 
 - public-key auth only, user `cc` only; the keys accepted are the target's `authorized_keys` plus the
@@ -17,8 +22,9 @@ What a node offers, as a real Chameleon node would:
   with cwd and HOME `<node_dir>/home`, USER=cc, LABCTL_NODE=<name>, LABCTL_SERVER_ID=<server id>; the
   environment is otherwise minimal (PATH, LANG...), so the host's secrets do not leak into nodes;
 - SFTP (and scp) confined to `<node_dir>/home`;
-- local port forwarding (`ssh -L 8888:localhost:8888`) to the host's 127.0.0.1 only, and to port 22 of a
-  node on a network this node shares (its fixed IP there, e.g. 192.168.1.12:22): the jump-host hop.
+- local port forwarding (`ssh -L 8888:localhost:8888`) to the host's 127.0.0.1 only (the node's own localhost,
+  not filtered), and to port 22 of a node on a network this node shares (its fixed IP there, e.g.
+  192.168.1.12:22), if that node's firewall rules let this one in: the jump-host hop.
 
 When the client goes away while a command is still running, the command's process group is killed.
 Processes a command leaves running in the background (e.g. `nohup jupyter ... &`) survive the session, as
@@ -36,6 +42,7 @@ import logging
 import os
 import pty
 import signal
+import socket
 import struct
 import sys
 import termios
@@ -185,9 +192,9 @@ def _make_server_class():
             if dest_host in FORWARD_HOSTS:
                 return forward_tcp("127.0.0.1", dest_port)
             sshd = self.node.sshd
-            listener = sshd.private_listener(self.node.target, dest_host, dest_port) if sshd else None
-            if listener is not None:
-                return sshd.forward_private(self.conn, listener)
+            hop = sshd.private_destination(self.node.target, dest_host, dest_port) if sshd else None
+            if hop is not None:
+                return sshd.forward_private(self.node.target, *hop)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 "emulated nodes forward only to 127.0.0.1 (use -L PORT:localhost:PORT) and to port 22 of "
@@ -312,20 +319,48 @@ class SSHNodes:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
 
+    # -- firewalls ----------------------------------------------------------------------------------
+    async def allowed(self, target: dict, port: int, peer) -> bool:
+        """Whether the world's firewall rules let `peer` reach `port` of `target` (a world without
+        `ingress_allowed` is open); asked once per connection, off the event loop."""
+        check = getattr(self.world, "ingress_allowed", None)
+        if check is None:
+            return True
+        try:
+            return bool(await asyncio.get_running_loop().run_in_executor(None, check, target, port, peer))
+        except Exception as exc:
+            if not (isinstance(exc, RuntimeError) and "shutdown" in str(exc) or sys.is_finalizing()):
+                log.exception("evaluating the firewall of %s for %s", target.get("name"), peer)
+            return False
+
     # -- jump-host hops -----------------------------------------------------------------------------
-    def private_listener(self, jump: dict, dest_host: str, dest_port: int) -> tuple[str, int] | None:
-        """The internal listener of the node at `dest_host:22` on a network `jump` is on, if any."""
-        nets = set(jump.get("fixed_ips") or {})
+    def private_destination(self, jump: dict, dest_host: str, dest_port: int) -> tuple[dict, str] | None:
+        """(target, network) of the node at `dest_host:22` on a network `jump` is on, if any."""
+        nets = list(jump.get("fixed_ips") or {})
         if int(dest_port) != 22 or not nets:
             return None
         for t in self._targets:
             if t.get("site") != jump.get("site") or not t.get("internal_address"):
                 continue
-            if any((t.get("fixed_ips") or {}).get(net) == dest_host for net in nets):
-                return str(t["internal_address"]), int(t["port"])
+            for net in nets:
+                if (t.get("fixed_ips") or {}).get(net) == dest_host:
+                    return t, net
         return None
 
-    async def forward_private(self, conn, listener: tuple[str, int]):
+    async def forward_private(self, jump: dict, dest: dict, network: str):
+        """The jump host's connection to `<dest's fixed IP>:22`: it crosses the network, so dest's firewall
+        rules apply, with the jump host (its fixed IP on `network`) as the source."""
+        import asyncssh
+
+        from labctl.testbed.firewall import Peer
+
+        peer = Peer(str((jump.get("fixed_ips") or {}).get(network)), jump, network)
+        if not await self.allowed(dest, 22, peer):
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                f"{(dest.get('fixed_ips') or {}).get(network)}:22 is not reachable from {peer.ip}: the "
+                f"firewall rules of {dest.get('name')} drop the connection")
+        listener = (str(dest["internal_address"]), int(dest["port"]))
         # A node that just became ACTIVE may not be served yet: wait a little for its listener.
         deadline = time.monotonic() + 5.0
         while listener not in self.listening() and time.monotonic() < deadline:
@@ -376,8 +411,7 @@ class SSHNodes:
         async def process_factory(process):
             await self._session(node, process)
 
-        node.server = await asyncssh.listen(
-            host=key[0], port=key[1], reuse_port=True, reuse_address=True,
+        options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: server_class(node),
             server_host_keys=[host_key],
             process_factory=process_factory,
@@ -390,6 +424,10 @@ class SSHNodes:
             gss_host=None,
             login_timeout=30,
         )
+        # The public address (floating / external IP) is behind the cloud's firewall; the internal one is
+        # reached only through `forward_private`, which applies the rules itself.
+        gated = key[0] == str(node.target.get("address") or "")
+        node.server = _Listener(key, options, node, self if gated else None)
         self._nodes[key] = node
         with self._lock:
             self._listening.add(key)
@@ -590,6 +628,72 @@ class SSHNodes:
             feeder.cancel()
             loop.remove_reader(master)
             os.close(master)
+
+
+class _Listener:
+    """A node's SSH listener: accepts TCP connections on `key` (SO_REUSEPORT, so several processes may serve
+    one world), and when `firewall` (the SSHNodes) is given, first asks the world's firewall whether the
+    client may reach port 22; a refused connection is closed before the SSH version exchange (a real firewall
+    drops the SYN, so a real client would time out instead)."""
+
+    def __init__(self, key: tuple[str, int], options, node: _Node, firewall: SSHNodes | None) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(key)
+            sock.listen(128)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self.options, self.node, self.firewall = sock, options, node, firewall
+        self.handlers: set[asyncio.Task] = set()
+        self.task = asyncio.ensure_future(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, peer = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                if self.sock.fileno() < 0:
+                    return
+                log.warning("accepting on %s: %s", self.sock, exc)
+                await asyncio.sleep(0.05)
+                continue
+            task = asyncio.ensure_future(self._serve(client, peer[0]))
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
+
+    async def _serve(self, client: socket.socket, peer_ip: str) -> None:
+        import asyncssh
+
+        from labctl.testbed.firewall import Peer
+
+        if self.firewall is not None and not await self.firewall.allowed(self.node.target, 22, Peer(peer_ip)):
+            log.debug("firewall of %s: connection from %s to port 22 dropped", self.node.name, peer_ip)
+            client.close()
+            return
+        try:
+            await asyncssh.run_server(client, options=self.options)
+        except (OSError, asyncssh.Error):
+            pass  # the client went away, failed to authenticate, ...
+        except Exception:
+            log.exception("SSH connection to %s failed", self.node.name)
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        pending = [t for t in self.handlers if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def forward_tcp(host: str, port: int):

@@ -337,3 +337,10 @@ class World(SqliteWorld):
             t["port"] = port
             t["node_dir"] = self.state_dir / "nodes" / t["server_id"]
         return targets
+
+    def ingress_allowed(self, target: dict[str, Any], port: int, peer) -> bool:
+        """Whether the site's security groups let `peer` (`labctl.testbed.firewall.Peer`) reach `port` of the
+        server `target` (one of `ssh_targets()`): the SSH side asks on every connection."""
+        from labctl.testbed.firewall import openstack_allows
+
+        return openstack_allows(self, target, port, peer)

@@ -452,6 +452,11 @@ def test_instance_without_public_ip_is_reached_through_one_with(emu, tmp_path: P
         vpc = cli.create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"]
         subnet = cli.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone="us-east-1a")["Subnet"]
         subnets[cidr] = subnet["SubnetId"]
+        # SSH from outside needs an inbound rule for 22; the VPC's default group already admits its members.
+        default = cli.describe_security_groups(Filters=[{"Name": "vpc-id", "Values": [vpc]},
+                                                        {"Name": "group-name", "Values": ["default"]}])
+        cli.authorize_security_group_ingress(GroupId=default["SecurityGroups"][0]["GroupId"], IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
     launched = [cli.run_instances(ImageId=image, InstanceType="t3.micro", MinCount=1, MaxCount=1, KeyName=name,
                                   NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": subnets[cidr],
                                                       "AssociatePublicIpAddress": public,

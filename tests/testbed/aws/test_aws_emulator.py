@@ -317,7 +317,11 @@ def ssh_node(emu, tmp_path: Path):
     ec2 = ec2_client(emu)
     name = f"k-{uuid.uuid4().hex[:8]}"
     ec2.import_key_pair(KeyName=name, PublicKeyMaterial=key.public_key.encode())
-    inst = _launch(ec2, KeyName=name)
+    # As on EC2, SSH needs an inbound rule for port 22 (the default VPC's default group admits its members only).
+    sg = ec2.create_security_group(GroupName=f"ssh-{name}", Description="ssh")["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=sg, IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
+    inst = _launch(ec2, KeyName=name, SecurityGroupIds=[sg])
     nodes = SSHNodes(emu.world).start()
     try:
         nodes.wait_listening(inst["PublicIpAddress"], emu.world.ssh_port, timeout=10)

@@ -372,6 +372,10 @@ def test_a_node_without_an_external_ip_is_reached_through_one_with(emu, clients,
     key = ensure_keypair(tmp_path / "keys")
     wait_global(clients, make_network(clients))
     wait_region(clients, make_subnetwork(clients))
+    # A custom network denies ingress until a firewall rule allows it (here: tcp:22 from anywhere, every node).
+    ssh_rule = compute_v1.Firewall(name="lab-ssh", network="global/networks/lab-net", source_ranges=["0.0.0.0/0"],
+                                   allowed=[compute_v1.Allowed(I_p_protocol="tcp", ports=["22"])])
+    wait_global(clients, clients.FirewallsClient.insert_unary(project=clients.project, firewall_resource=ssh_rule))
     for name, ip, external in (("node-a", "192.168.1.11", True), ("node-b", "192.168.1.12", False)):
         body = on_subnet(name, ip, external=external)
         body.metadata = compute_v1.Metadata(items=[compute_v1.Items(key="ssh-keys", value=f"labctl:{key.public_key}")])

@@ -662,12 +662,22 @@ class AwsWorld(SqliteWorld):
                         "PrivateIpAddress") else {},
                     "port": port, "user": "ubuntu", "authorized_keys": keys,
                     "node_dir": self.state_dir / "nodes" / i["InstanceId"],
+                    "security_groups": sorted({g["GroupId"] for g in i.get("SecurityGroups") or []}
+                                              | {g["GroupId"] for n in i.get("NetworkInterfaces") or []
+                                                 for g in n.get("Groups") or []}),
                 })
         internal = internal_addresses((t["server_id"] for t in targets), INTERNAL_PREFIX)
         for t in targets:
             t["internal_address"] = internal[t["server_id"]]
         self._targets_cache = (time.monotonic(), targets)
         return [dict(t) for t in targets]
+
+    def ingress_allowed(self, target: dict[str, Any], port: int, peer) -> bool:
+        """Whether the instance's security groups let `peer` (`labctl.testbed.firewall.Peer`) reach `port` of
+        the instance `target` (one of `ssh_targets()`): the SSH side asks on every connection."""
+        from labctl.testbed.firewall import aws_allows
+
+        return aws_allows(self, target, port, peer)
 
     def close(self) -> None:
         """Close this thread's connection only (the front layer's threads may still be serving)."""

@@ -593,6 +593,13 @@ class GceWorld(SqliteWorld):
             t["internal_address"] = internal[t["server_id"]]
         return out
 
+    def ingress_allowed(self, target: dict[str, Any], port: int, peer) -> bool:
+        """Whether the firewall rules of the instance's network let `peer` (`labctl.testbed.firewall.Peer`)
+        reach `port` of the instance `target` (one of `ssh_targets()`): the SSH side asks on every connection."""
+        from labctl.testbed.firewall import gce_allows
+
+        return gce_allows(self, target, port, peer)
+
 
 # ------------------------------------------------------------------------------------ shared behaviour
 def instance_quota(inst: dict) -> dict[str, float]:
