@@ -33,10 +33,10 @@ CONCURRENCY = 10
 FAULT_EVERY = (2, 8)  # API calls between two injected faults (some of a killed run's are never consumed)
 MAX_OUTSTANDING = 3  # faults waiting for their call; fewer than a call's retries (6), so none fails on 5xx/429 alone
 SEED = int(os.environ.get("LABCTL_CHAOS_SEED", "90210"))
-# Opt-in: also lose the answer of half the faulted creates (the emulator does the POST, then drops the connection).
-# Known to fail today: a lost answer to POST /v2.0/security-groups makes the retry create a twin group that
-# stays (converge_created deletes only the one this call's answer named). Kept out of the default run until fixed.
-LOST_ANSWERS = os.environ.get("LABCTL_CHAOS_LOST_ANSWERS") == "1"
+# Also lose the answer of half the faulted creates (the emulator does the POST, then drops the connection): a
+# create without an idempotency token must look before sending again (providers.base.create_or_find); sending it
+# blindly left twin servers and security groups. LABCTL_CHAOS_LOST_ANSWERS=0 turns it off.
+LOST_ANSWERS = os.environ.get("LABCTL_CHAOS_LOST_ANSWERS", "1") == "1"
 # Operations not faulted: authentication, version discovery and images are looked up once per process, before
 # anything is created (a fault there fails the whole run at preflight, which is not what this test is about).
 NOT_FAULTED = ("GET /", "POST /v3/auth/tokens", "GET /v2/images", "GET /v2/images/{id}")

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from labctl.errors import CloudError, Conflict
-from labctl.providers.base import converge_duplicates, create_or_adopt, scrub
+from labctl.errors import CloudError, Conflict, Transient
+from labctl.providers.base import converge_duplicates, create_or_adopt, create_or_find, scrub
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,28 @@ def test_create_or_adopt():
 
     with pytest.raises(CloudError, match="boom"):  # only a conflict is adopted
         create_or_adopt(other_error, lambda: "found")
+
+
+def test_create_or_find_looks_before_sending_again_after_a_lost_answer():
+    cloud: list[str] = []
+
+    def create_lost() -> str:  # the cloud made it, the answer was lost
+        cloud.append("made")
+        raise Transient("read timeout")
+
+    assert create_or_find(create_lost, lambda: cloud[0] if cloud else None) == "made" and cloud == ["made"]
+
+    sent: list[int] = []
+
+    def create_not_made() -> str:  # nothing was made: the one resend is right
+        sent.append(1)
+        if len(sent) == 1:
+            raise Transient("connection reset")
+        return "made"
+
+    assert create_or_find(create_not_made, lambda: None) == "made" and len(sent) == 2
+    with pytest.raises(Transient):
+        create_or_find(create_lost, lambda: None)  # still lost on the resend: the engine's rerun finds it
 
 
 def test_scrub_masks_registered_secrets_on_one_line():

@@ -113,6 +113,21 @@ def create_or_adopt(create: Callable[[], T], find: Callable[[], T | None]) -> T:
         return found
 
 
+def create_or_find(create: Callable[[], T], find: Callable[[], T | None]) -> T:
+    """A create the cloud cannot make idempotent (no client token), sent once (`kit.call(..., resend=False)`):
+    after a lost answer it may have happened all the same, so look for it before sending it again; sending it
+    blindly made a twin (a server, a security group) that a SIGKILL then left behind."""
+    from labctl.errors import Transient
+
+    try:
+        return create()
+    except Transient:
+        found = find()
+        if found is not None:
+            return found
+        return create()
+
+
 def converge_duplicates(found: Sequence[T], created: T | None, delete: Callable[[T], None], *,
                         ident: Callable[[T], str], rank: Callable[[T], Any] = lambda item: 0) -> T:
     """The one to keep of several resources that should be one (same name and tags), the same for every racer

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from labctl.errors import CloudError, Conflict
-from labctl.providers.base import Found, converge_created, create_or_adopt
+from labctl.providers.base import Found, converge_created, create_or_adopt, create_or_find
 from labctl.providers.chameleon.session import TABLE, Session, deployment_of, description
 from labctl.providers.kit import Handler
 
@@ -44,8 +44,10 @@ class SecurityGroups(Handler):
         existing = s.found_before_create(res, plan)
         if existing is None:
             started = time.monotonic()
-            sg = s.call("create security group", lambda: s.conn.network.create_security_group(
-                name=res.name, description=description(plan.deployment)))
+            sg = create_or_find(
+                lambda: s.call("create security group", lambda: s.conn.network.create_security_group(
+                    name=res.name, description=description(plan.deployment)), resend=False),
+                lambda: min(self.named(res, plan), key=lambda g: (rank(g, res), g.id), default=None))
             # Neutron does not keep names unique: a concurrent run (other state, other machine) may have made
             # one too. Both keep the same; the one that lost deletes its own.
             survivor = converge_created(

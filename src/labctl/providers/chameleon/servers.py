@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from labctl import naming
 from labctl.errors import CloudError, UserError
-from labctl.providers.base import Found, create_or_adopt
+from labctl.providers.base import Found, create_or_adopt, create_or_find
 from labctl.providers.chameleon.network import ensure_port
 from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Session
 from labctl.providers.kit import Handler, poll_until
@@ -103,8 +103,11 @@ class Servers(Handler):
         if "secgroup" in deps:
             # By id: Neutron names are not unique (a concurrent run may have made a twin for a moment).
             kwargs["security_groups"] = [{"name": deps["secgroup"].cloud_id}]
-        server = s.call(f"launch {spec['node']}", lambda: s.conn.compute.create_server(**kwargs))
-        return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
+        def launch() -> Found:
+            server = s.call(f"launch {spec['node']}", lambda: s.conn.compute.create_server(**kwargs), resend=False)
+            return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
+
+        return create_or_find(launch, lambda: self.find(res, plan))
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
         s = self.ctx

@@ -101,11 +101,12 @@ class Session:
             )
         return self._blazar
 
-    def call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False) -> T:
+    def call(self, what: str, fn: Callable[[], T], *, missing_ok: bool = False, resend: bool = True) -> T:
         """One cloud call, with its errors translated; rate limits and transient faults are retried. With
-        `missing_ok`, a 404 is None."""
+        `missing_ok`, a 404 is None; `resend=False` for a create without idempotency (see `create_or_find`)."""
         return kit.call(what, fn, translate=self.translate, missing_ok=missing_ok, is_missing=is_not_found,
-                        attempts=self.call_retries, backoff=self.poll_interval)  # type: ignore[return-value]
+                        resend=resend, attempts=self.call_retries,
+                        backoff=self.poll_interval)  # type: ignore[return-value]
 
     def translate(self, what: str, exc: Exception) -> Exception:
         from keystoneauth1 import exceptions as ks_exc
