@@ -22,12 +22,17 @@ E = TypeVar("E", bound=BaseException)
 
 @dataclass
 class Found:
-    """What the cloud says about one resource."""
+    """What the cloud says about one resource.
+
+    `status`: `ready`; `pending` (the engine waits for it); `error` (the engine deletes it and tries the next
+    candidate or once more); `gone`; `incomplete`: it exists but a crash cut its creation short (a security group
+    without all its rules, a VPC without its gateway, an address not yet associated): the engine calls `create`
+    again with it, which finishes the missing steps instead of making another."""
 
     kind: str
     cloud_id: str
     name: str
-    status: str = "ready"  # ready | pending | error | gone
+    status: str = "ready"  # ready | pending | error | gone | incomplete
     attrs: dict[str, Any] = field(default_factory=dict)  # e.g. floating_ip, fixed_ip, node_type, lease_end
     error: str | None = None
     no_capacity: bool = False  # the error means "no room for this type here": the engine tries the next type
