@@ -362,6 +362,18 @@ def scaled(call: Call, seconds: float) -> float:
     return seconds * call.world.time_scale
 
 
+def scheduled_delete(db: Db, call: Call, kind: str, obj: dict, op_key: str, scope: str | None = None,
+                     **first_time: Any) -> dict:
+    """Mark `obj` gone after Compute Engine's (scaled) delete time, once: a retried delete keeps the first
+    deadline (and `first_time`'s fields); answer the delete's operation."""
+    if obj.get("_gone_at") is None:
+        obj.update(first_time)
+        obj["_gone_at"] = db.now + scaled(call, w.DELETE_OP[op_key])
+        db.put(kind, obj)
+    return w.new_operation(db, call.project, scope or obj["_scope"], "delete", obj["selfLink"], obj["id"],
+                           max(obj["_gone_at"] - db.now, 0.0), user=USER)
+
+
 def list_page(call: Call, kind: str, items: list[dict], self_rel: str) -> dict:
     try:
         terms = w.parse_filter(call.q("filter"))

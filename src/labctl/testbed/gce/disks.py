@@ -20,6 +20,7 @@ from labctl.testbed.gce.common import (
     not_found,
     parse_ref,
     scaled,
+    scheduled_delete,
     stored_handlers,
     zone_param,
     zone_scope,
@@ -102,11 +103,7 @@ def disks_delete(call: Call) -> dict:
         if disk.get("users"):
             raise ApiError(400, f"The disk resource '{disk['selfLink']}' is already being used by "
                            f"'{disk['users'][0]}'", "resourceInUseByAnotherResource")
-        if disk.get("_gone_at") is None:
-            disk["_gone_at"] = db.now + scaled(call, w.DELETE_OP["disks"])
-            db.put("disk", disk)
-        return w.new_operation(db, call.project, disk["_scope"], "delete", disk["selfLink"], disk["id"],
-                               max(disk["_gone_at"] - db.now, 0.0), user=USER)
+        return scheduled_delete(db, call, "disk", disk, "disks")
 
     return idempotent(call, perform)
 

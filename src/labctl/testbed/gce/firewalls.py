@@ -24,6 +24,7 @@ from labctl.testbed.gce.common import (
     region_param,
     region_scope,
     scaled,
+    scheduled_delete,
     stored_handlers,
 )
 from labctl.testbed.gce.instances import quota_error
@@ -140,11 +141,7 @@ def firewalls_delete(call: Call) -> dict:
 
     def perform(db: Db) -> dict:
         fw = _firewall(db, call)
-        if fw.get("_gone_at") is None:
-            fw["_gone_at"] = db.now + scaled(call, w.DELETE_OP["firewalls"])
-            db.put("firewall", fw)
-        return w.new_operation(db, call.project, "global", "delete", fw["selfLink"], fw["id"],
-                               max(fw["_gone_at"] - db.now, 0.0), user=USER)
+        return scheduled_delete(db, call, "firewall", fw, "firewalls", scope="global")
 
     return idempotent(call, perform)
 
@@ -217,10 +214,6 @@ def addresses_delete(call: Call) -> dict:
         if addr.get("users"):
             raise ApiError(400, f"The address resource '{addr['selfLink']}' is already being used by "
                            f"'{addr['users'][0]}'", "resourceInUseByAnotherResource")
-        if addr.get("_gone_at") is None:
-            addr["_gone_at"] = db.now + scaled(call, w.DELETE_OP["addresses"])
-            db.put("address", addr)
-        return w.new_operation(db, call.project, addr["_scope"], "delete", addr["selfLink"], addr["id"],
-                               max(addr["_gone_at"] - db.now, 0.0), user=USER)
+        return scheduled_delete(db, call, "address", addr, "addresses")
 
     return idempotent(call, perform)

@@ -20,6 +20,7 @@ from labctl.testbed.gce.common import (
     not_found,
     parse_ref,
     scaled,
+    scheduled_delete,
     zone_param,
 )
 from labctl.testbed.gce.networks import pick_network_ip, place_nic
@@ -276,12 +277,7 @@ def instances_delete(call: Call) -> dict:
 
     def perform(db: Db) -> dict:
         inst = get_instance(db, call, zone, call.params["name"])
-        if inst.get("_gone_at") is None:
-            inst["_stopping_at"] = db.now
-            inst["_gone_at"] = db.now + scaled(call, w.DELETE_OP["instances"])
-            db.put("instance", inst)
-        return w.new_operation(db, call.project, inst["_scope"], "delete", inst["selfLink"], inst["id"],
-                               max(inst["_gone_at"] - db.now, 0.0), user=USER)
+        return scheduled_delete(db, call, "instance", inst, "instances", _stopping_at=db.now)
 
     return idempotent(call, perform)
 

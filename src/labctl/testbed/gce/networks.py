@@ -23,6 +23,7 @@ from labctl.testbed.gce.common import (
     region_param,
     region_scope,
     scaled,
+    scheduled_delete,
     stored_handlers,
 )
 from labctl.testbed.gce.world import Db
@@ -139,11 +140,7 @@ def networks_delete(call: Call) -> dict:
             return w.new_operation(db, call.project, "global", "delete", link, net["id"], scaled(call, w.FAILED_OP),
                                    user=USER, error=_in_use("network", link, users[0]), http_status=400,
                                    http_message="BAD REQUEST")
-        if net.get("_gone_at") is None:
-            net["_gone_at"] = db.now + scaled(call, w.DELETE_OP["networks"])
-            db.put("network", net)
-        return w.new_operation(db, call.project, "global", "delete", link, net["id"],
-                               max(net["_gone_at"] - db.now, 0.0), user=USER)
+        return scheduled_delete(db, call, "network", net, "networks", scope="global")
 
     return idempotent(call, perform)
 
@@ -219,11 +216,7 @@ def subnetworks_delete(call: Call) -> dict:
         if user is not None:
             raise ApiError(400, f"The subnetwork resource '{link}' is already being used by '{user}'",
                            "resourceInUseByAnotherResource")
-        if sub.get("_gone_at") is None:
-            sub["_gone_at"] = db.now + scaled(call, w.DELETE_OP["subnetworks"])
-            db.put("subnetwork", sub)
-        return w.new_operation(db, call.project, sub["_scope"], "delete", link, sub["id"],
-                               max(sub["_gone_at"] - db.now, 0.0), user=USER)
+        return scheduled_delete(db, call, "subnetwork", sub, "subnetworks")
 
     return idempotent(call, perform)
 
