@@ -3,13 +3,16 @@
 # No `from __future__ import annotations`: Typer reads every command's annotations at each start, and
 # evaluating ~400 postponed string annotations cost more than building them once here.
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from labctl.cli.output import JsonOpt
+from labctl.cli.output import echo as _echo
+from labctl.cli.output import print_json as _print_json
+from labctl.cli.testbed_commands import testbed_app
 from labctl.errors import LabctlError
 
 app = typer.Typer(
@@ -34,15 +37,12 @@ def _global_options(
         os.environ["LABCTL_STATE_URL"] = state  # read by the state store when a command opens it
 
 
-testbed_app = typer.Typer(help="The emulated Chameleon testbed (for trying labctl with no cloud).",
-                          no_args_is_help=True)
 app.add_typer(testbed_app, name="testbed")
 class_app = typer.Typer(help="Provision a lab for a whole class roster, watch it, report, tear it down.",
                         no_args_is_help=True)
 app.add_typer(class_app, name="class")
 
 SiteOpt = Annotated[str, typer.Option("--site", "-s", help="chi@tacc, chi@uc, kvm@tacc, or sim[:chi@uc].")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 OwnerOpt = Annotated[str | None, typer.Option("--owner", envvar="LABCTL_OWNER", help="Owner name in resource names.")]
 CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="OS_CLOUD", help="clouds.yaml entry to use.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Deployment name (default: the lab's name).")]
@@ -92,21 +92,6 @@ def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False
 
         reporter = progress_reporter(quiet=as_json)
     return Context.create(owner, reporter)
-
-
-def _echo(text: str, err: bool = False) -> None:
-    """One line for a person: it may carry names and messages from a cloud, a profile or a roster, so known
-    secrets are masked and control characters (escape sequences) removed."""
-    from labctl.redact import clean
-
-    typer.echo(clean(text), err=err)
-
-
-def _print_json(data: object) -> None:
-    """JSON on stdout; known secrets masked (control characters are \\u-escaped by json itself)."""
-    from labctl.redact import mask
-
-    sys.stdout.write(mask(json.dumps(data, indent=2, default=str)) + "\n")
 
 
 @app.command()
@@ -586,66 +571,6 @@ def class_extend(
 
     for line in classroom.class_extend(_ctx(), lab, course, hours, cloud=cloud):
         _echo(line)
-
-
-TbSiteOpt = Annotated[str, typer.Option("--site", "-s", help="Emulated Chameleon site to print the openrc for.")]
-
-
-@testbed_app.command("serve")
-def testbed_serve(site: TbSiteOpt = "chi@tacc") -> None:
-    """Serve the emulated Chameleon, Compute Engine and EC2 until Ctrl-C; print each cloud's client settings."""
-    from labctl.errors import UserError
-    from labctl.testbed import serve
-    from labctl.testbed.world import default_state_dir
-
-    try:
-        serve.serve(default_state_dir(), site, out=sys.stdout)
-    except serve.AlreadyServing as exc:
-        raise UserError(f"{exc}: see 'labctl testbed status'") from None
-    except KeyboardInterrupt:
-        pass
-
-
-@testbed_app.command("start")
-def testbed_start(site: TbSiteOpt = "chi@tacc") -> None:
-    """Run `labctl testbed serve` in the background (nodes answer SSH after `labctl up` returns)."""
-    from labctl.testbed import serve
-    from labctl.testbed.world import default_state_dir
-
-    world = default_state_dir()
-    info, already = serve.start(world, site)
-    if already:
-        _echo(f"the testbed already runs for {world} (pid {info['pid']}); 'labctl testbed stop' stops it", err=True)
-    sys.stdout.write((world / serve.ENV_FILE).read_text())
-    _echo(f"# the same settings: source {world / serve.ENV_FILE}; 'labctl testbed stop' stops the testbed", err=True)
-
-
-@testbed_app.command("status")
-def testbed_status(as_json: JsonOpt = False) -> None:
-    """Whether the background testbed runs (pid alive, endpoints answering), its ports and world dir."""
-    from labctl.testbed import serve
-    from labctl.testbed.world import default_state_dir
-
-    st = serve.status(default_state_dir())
-    if as_json:
-        _print_json(st)
-        return
-    ports = " ".join(f"{k}={v}" for k, v in st["ports"].items()) or "-"
-    state = f"running (pid {st['pid']})" if st["running"] else "stopped"
-    _echo(f"testbed: {state}\nworld: {st['world']}\nports: {ports}" +
-          (f"\nsettings: {st['env_file']}" if st["running"] else ""))
-
-
-@testbed_app.command("stop")
-def testbed_stop() -> None:
-    """Stop the background testbed and the world's moto daemon (emulated EC2's state is lost with it)."""
-    from labctl.testbed import serve
-    from labctl.testbed.world import default_state_dir
-
-    pid, moto = serve.stop(default_state_dir())
-    _echo(f"stopped the testbed (pid {pid})" if pid else "no testbed runs for this world")
-    if moto:
-        _echo("stopped the moto daemon (emulated EC2's state is gone)")
 
 
 def _stop_progress(ctx: object) -> None:
