@@ -362,6 +362,15 @@ def scaled(call: Call, seconds: float) -> float:
     return seconds * call.world.time_scale
 
 
+def in_use_message(what: str, link: str, user: str) -> str:
+    return f"The {what} resource '{link}' is already being used by '{user}'"
+
+
+def in_use(what: str, link: str, user: str) -> ApiError:
+    """Compute Engine's refusal to delete or attach what another resource still uses."""
+    return ApiError(400, in_use_message(what, link, user), "resourceInUseByAnotherResource")
+
+
 def scheduled_delete(db: Db, call: Call, kind: str, obj: dict, op_key: str, scope: str | None = None,
                      **first_time: Any) -> dict:
     """Mark `obj` gone after Compute Engine's (scaled) delete time, once: a retried delete keeps the first

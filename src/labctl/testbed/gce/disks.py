@@ -16,6 +16,7 @@ from labctl.testbed.gce.common import (
     check_project,
     get_stored,
     idempotent,
+    in_use,
     invalid,
     not_found,
     parse_ref,
@@ -101,8 +102,7 @@ def disks_delete(call: Call) -> dict:
     def perform(db: Db) -> dict:
         disk = _disk(db, call, zone)
         if disk.get("users"):
-            raise ApiError(400, f"The disk resource '{disk['selfLink']}' is already being used by "
-                           f"'{disk['users'][0]}'", "resourceInUseByAnotherResource")
+            raise in_use("disk", disk["selfLink"], disk["users"][0])
         return scheduled_delete(db, call, "disk", disk, "disks")
 
     return idempotent(call, perform)
@@ -135,8 +135,7 @@ def instances_attach_disk(call: Call) -> dict:
         if w.disk_status(disk, db.now) != "READY":
             raise ApiError(400, f"The resource '{src}' is not ready", "resourceNotReady")
         if disk.get("users"):
-            raise ApiError(400, f"The disk resource '{src}' is already being used by '{disk['users'][0]}'",
-                           "resourceInUseByAnotherResource")
+            raise in_use("disk", src, disk["users"][0])
         attached = inst.setdefault("disks", [])
         index = max((d.get("index", 0) for d in attached), default=-1) + 1
         name = device or f"persistent-disk-{index}"

@@ -18,6 +18,7 @@ from labctl.testbed.gce.common import (
     get_stored,
     global_scope,
     idempotent,
+    in_use,
     invalid,
     not_found,
     parse_ref,
@@ -212,8 +213,7 @@ def addresses_delete(call: Call) -> dict:
     def perform(db: Db) -> dict:
         addr = _address(db, call, region)
         if addr.get("users"):
-            raise ApiError(400, f"The address resource '{addr['selfLink']}' is already being used by "
-                           f"'{addr['users'][0]}'", "resourceInUseByAnotherResource")
+            raise in_use("address", addr["selfLink"], addr["users"][0])
         return scheduled_delete(db, call, "address", addr, "addresses")
 
     return idempotent(call, perform)

@@ -15,6 +15,8 @@ from labctl.testbed.gce.common import (
     check_project,
     get_stored,
     idempotent,
+    in_use,
+    in_use_message,
     invalid,
     links,
     list_page,
@@ -120,7 +122,7 @@ def networks_list(call: Call) -> dict:
 def _in_use(what: str, link: str, user: str) -> dict:
     """A DONE operation's error: the resource is still in use (deleting a network with firewalls, ...)."""
     return {"errors": [{"code": "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE",
-                        "message": f"The {what} resource '{link}' is already being used by '{user}'"}]}
+                        "message": in_use_message(what, link, user)}]}
 
 
 def networks_delete(call: Call) -> dict:
@@ -214,8 +216,7 @@ def subnetworks_delete(call: Call) -> dict:
         user = next((i["selfLink"] for i in db.find("instance", call.project)
                      if any(nic.get("subnetwork") == link for nic in i.get("networkInterfaces", []))), None)
         if user is not None:
-            raise ApiError(400, f"The subnetwork resource '{link}' is already being used by '{user}'",
-                           "resourceInUseByAnotherResource")
+            raise in_use("subnetwork", link, user)
         return scheduled_delete(db, call, "subnetwork", sub, "subnetworks")
 
     return idempotent(call, perform)
