@@ -71,7 +71,17 @@ class Provider(Protocol):
         """Everything on the site tagged with this deployment (for `down` after a crash and leak audits)."""
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:
-        """Extend a reservation; return it with the new end time in attrs['end']."""
+        """Move the end the cloud enforces by `hours`; return it with the new end (ISO 8601, UTC) in attrs['end'].
+
+        `found` is a `reservation` (Chameleon: the Blazar lease) or, where the cloud has no leases (AWS, GCP), a
+        `server` whose end the cloud itself enforces (set at create from `plan.lease_hours`, shown in the server's
+        attrs['end']). Raise UserError saying why where the cloud cannot move it."""
+
+    def inventory(self) -> list[Found]:
+        """Everything on the site that carries labctl's tags, of any deployment and owner (for `labctl gc`).
+
+        attrs: `deployment` (id), `owner`, `created` (ISO 8601, UTC, where the cloud says), `node_type` (servers),
+        `end` (where an end is set). Never lists a resource without labctl's tags, whatever its name."""
 
 
 def connect(site: Any, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> Provider:
