@@ -163,3 +163,24 @@ def test_the_private_name_check_catches_both_forms(tmp_path: Path, kind: str) ->
         assert _private_uses() == [f"labctl.b: {expected}"]
     finally:
         MODULES = saved
+
+
+def test_plan_specs_are_typed_per_kind() -> None:
+    """Every resource kind's spec is a TypedDict built by its constructor in `build_plan`, and mypy agrees that
+    each construction matches its type (a misspelt or missing field fails here, not at a cloud)."""
+    import subprocess
+    import sys
+
+    mypy = pytest.importorskip("mypy", reason="mypy is in the test extra")
+    assert mypy
+    plan_py = SRC / "plan.py"
+    done = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent",
+                           "--no-incremental", str(plan_py)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    from labctl import plan
+
+    for kind in plan.KIND_ORDER:
+        if kind == "port":  # made by the adapter while launching a server, not a plan resource
+            continue
+        spec = "".join(part.title() for part in kind.split("_")) + "Spec"
+        assert hasattr(plan, spec), f"no TypedDict {spec} for kind {kind!r}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Union
 
 from labctl import hardware, naming
 
@@ -26,12 +26,115 @@ KIND_ORDER = ("keypair", "network", "subnet", "router", "secgroup", "reservation
 KEEPABLE_KINDS = ("volume", "bucket")
 
 
+# -- specs: what each kind of resource asks of a cloud (typed per kind; plain dicts at run time, so a plan stays
+# JSON as `labctl plan --json` prints it). Values named "kind:key" refer to another resource of the plan.
+
+
+class KeypairSpec(TypedDict):
+    public_key: str
+
+
+class NetworkSpec(TypedDict):
+    network: str  # the profile's network name
+    port_security: bool
+
+
+class Pool(TypedDict):
+    start: str
+    end: str
+
+
+class SubnetSpec(TypedDict):
+    network: str  # "network:<name>"
+    cidr: str
+    gateway_ip: str | None  # None: no gateway (an isolated network)
+    allocation_pools: list[Pool]
+
+
+class RouterSpec(TypedDict):
+    subnet: str  # "subnet:<name>"
+    external_network: str | None
+
+
+class PortRule(TypedDict):
+    port: int
+    protocol: str
+    cidr: str
+
+
+class SecgroupNetwork(TypedDict):
+    network: str  # "network:<name>"
+    cidr: str
+    open: bool  # port security off: all traffic from the network's CIDR
+
+
+class SecgroupSpec(TypedDict):
+    rules: list[PortRule]
+    networks: list[SecgroupNetwork]
+
+
+class ReservationSpec(TypedDict):
+    role: str
+    count: int
+    kind: str  # "host" (bare metal) or "flavor" (KVM)
+    candidates: list[str]
+    hours: float
+
+
+class ServerNetwork(TypedDict):
+    network: str  # "network:<name>"
+    subnet: str  # "subnet:<name>"
+    fixed_ip: str | None
+    port_security: bool
+    port_name: str
+
+
+class ServerSpec(TypedDict):
+    node: str
+    role: str
+    candidates: list[str]  # node types in order of preference
+    image: str
+    reservation: str | None  # "reservation:<role>" where the site leases
+    extra_keys: list[str]
+    networks: list[ServerNetwork]
+
+
+class FloatingIpSpec(TypedDict):
+    node: str
+    server: str  # "server:<node>"
+
+
+class VolumeSpec(TypedDict):
+    volume: str
+    size_gb: int
+    keep: bool
+    node: str
+    server: str  # "server:<node>"
+
+
+class VolumeAttachmentSpec(TypedDict):
+    volume: str  # "volume:<name>"
+    server: str  # "server:<node>"
+    node: str
+    mount: str
+    filesystem: str
+
+
+class BucketSpec(TypedDict):
+    bucket: str
+    keep: bool
+
+
+Spec = Union[KeypairSpec, NetworkSpec, SubnetSpec, RouterSpec, SecgroupSpec, ReservationSpec, ServerSpec,  # noqa: UP007
+             FloatingIpSpec, VolumeSpec, VolumeAttachmentSpec, BucketSpec]
+
+
 @dataclass(frozen=True)
 class Resource:
     key: str  # unique within the deployment: "server:gpu-1", "reservation:gpu", "keypair"
     kind: str
     name: str  # the cloud-side name
-    spec: dict[str, Any]
+    spec: Spec | dict[str, Any]  # the TypedDict of its kind (see above); teardown plans carry what the state kept
     depends_on: tuple[str, ...] = ()
 
 
@@ -119,32 +222,32 @@ def build_plan(
     ]
     plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, nodes)
     res = plan.resources
-    res.append(Resource("keypair", "keypair", deployment, {"public_key": public_key}))
+    res.append(Resource("keypair", "keypair", deployment, KeypairSpec(public_key=public_key)))
     server_deps = ["keypair"]
     fixed = profile.fixed_ips()
     for net_name, net in profile.networks.items():
-        cidr = ipaddress.ip_network(net.cidr)
+        cidr = ipaddress.IPv4Network(net.cidr)  # the profile admits IPv4 networks only
         gateway = str(cidr.network_address + 1)
-        taken = sorted(ipaddress.ip_address(a) for (_, n), a in fixed.items() if n == net_name and a)
+        taken = sorted(ipaddress.IPv4Address(a) for (_, n), a in fixed.items() if n == net_name and a)
         res.append(Resource(f"network:{net_name}", "network", naming.resource_name(deployment, net_name),
-                            {"network": net_name, "port_security": net.port_security}))
+                            NetworkSpec(network=net_name, port_security=net.port_security)))
         res.append(Resource(
             f"subnet:{net_name}", "subnet", naming.resource_name(deployment, f"{net_name}-subnet"),
-            {"network": f"network:{net_name}", "cidr": str(cidr), "gateway_ip": gateway if net.gateway else None,
-             "allocation_pools": _pools(cidr, taken)},
+            SubnetSpec(network=f"network:{net_name}", cidr=str(cidr), gateway_ip=gateway if net.gateway else None,
+                       allocation_pools=_pools(cidr, taken)),
             (f"network:{net_name}",)))
         if net.gateway:
             res.append(Resource(
                 f"router:{net_name}", "router", naming.resource_name(deployment, f"{net_name}-router"),
-                {"subnet": f"subnet:{net_name}", "external_network": site.public_network},
+                RouterSpec(subnet=f"subnet:{net_name}", external_network=site.public_network),
                 (f"subnet:{net_name}",)))
     if site.security_groups:
-        rules = [{"port": p.port, "protocol": p.protocol, "cidr": p.cidr} for p in profile.port_rules()]
+        rules = [PortRule(port=p.port, protocol=p.protocol, cidr=p.cidr) for p in profile.port_rules()]
         # On AWS and GCP the group / firewall belongs to the deployment's network, and a network without port
         # security lets its nodes talk freely (all traffic from its CIDR), as Neutron does with port security off.
-        nets = [{"network": f"network:{n}", "cidr": net.cidr, "open": not net.port_security}
+        nets = [SecgroupNetwork(network=f"network:{n}", cidr=net.cidr, open=not net.port_security)
                 for n, net in profile.networks.items()]
-        res.append(Resource("secgroup", "secgroup", deployment, {"rules": rules, "networks": nets},
+        res.append(Resource("secgroup", "secgroup", deployment, SecgroupSpec(rules=rules, networks=nets),
                             tuple(n["network"] for n in nets)))
         server_deps.append("secgroup")
     reservations: dict[str, str] = {}
@@ -152,19 +255,14 @@ def build_plan(
         for role, group in profile.nodes.items():
             key = f"reservation:{role}"
             reservations[role] = key
-            candidates = next(n.candidates for n in nodes if n.role == role)
+            role_types = next(n.candidates for n in nodes if n.role == role)
             res.append(
                 Resource(
                     key,
                     "reservation",
                     naming.resource_name(deployment, role),
-                    {
-                        "role": role,
-                        "count": group.count,
-                        "kind": site.reservation,
-                        "candidates": list(candidates),
-                        "hours": profile.lease_hours,
-                    },
+                    ReservationSpec(role=role, count=group.count, kind=site.reservation,
+                                    candidates=list(role_types), hours=profile.lease_hours),
                 )
             )
     for node in nodes:
@@ -173,28 +271,28 @@ def build_plan(
             deps.append(reservations[node.role])
         networks = []
         for ref in profile.nodes[node.role].network_refs():
-            networks.append({
-                "network": f"network:{ref.network}",
-                "subnet": f"subnet:{ref.network}",
-                "fixed_ip": fixed.get((node.name, ref.network)),
-                "port_security": profile.networks[ref.network].port_security,
-                "port_name": naming.resource_name(deployment, f"{node.name}-{ref.network}"),
-            })
+            networks.append(ServerNetwork(
+                network=f"network:{ref.network}",
+                subnet=f"subnet:{ref.network}",
+                fixed_ip=fixed.get((node.name, ref.network)),
+                port_security=profile.networks[ref.network].port_security,
+                port_name=naming.resource_name(deployment, f"{node.name}-{ref.network}"),
+            ))
             deps += [f"network:{ref.network}", f"subnet:{ref.network}"]
         res.append(
             Resource(
                 f"server:{node.name}",
                 "server",
                 naming.resource_name(deployment, node.name),
-                {
-                    "node": node.name,
-                    "role": node.role,
-                    "candidates": list(node.candidates),
-                    "image": node.image,
-                    "reservation": reservations.get(node.role),
-                    "extra_keys": list(extra_keys),
-                    "networks": networks,
-                },
+                ServerSpec(
+                    node=node.name,
+                    role=node.role,
+                    candidates=list(node.candidates),
+                    image=node.image,
+                    reservation=reservations.get(node.role),
+                    extra_keys=list(extra_keys),
+                    networks=networks,
+                ),
                 tuple(deps),
             )
         )
@@ -204,36 +302,36 @@ def build_plan(
                     f"floating_ip:{node.name}",
                     "floating_ip",
                     naming.resource_name(deployment, f"{node.name}-fip"),
-                    {"node": node.name, "server": f"server:{node.name}"},
+                    FloatingIpSpec(node=node.name, server=f"server:{node.name}"),
                     (f"server:{node.name}",),
                 )
             )
     for vol_name, vol in profile.volumes.items():
         # Made once the server is up: on AWS and GCP a volume lives in one zone, and must be in its server's.
         res.append(Resource(f"volume:{vol_name}", "volume", naming.resource_name(deployment, vol_name),
-                            {"volume": vol_name, "size_gb": vol.size_gb, "keep": vol.keep, "node": vol.node,
-                             "server": f"server:{vol.node}"},
+                            VolumeSpec(volume=vol_name, size_gb=vol.size_gb, keep=vol.keep, node=vol.node,
+                                       server=f"server:{vol.node}"),
                             (f"server:{vol.node}",)))
         res.append(Resource(
             f"volume_attachment:{vol_name}", "volume_attachment",
             naming.resource_name(deployment, f"{vol_name}-attachment"),
-            {"volume": f"volume:{vol_name}", "server": f"server:{vol.node}", "node": vol.node,
-             "mount": profile.mount_of(vol_name), "filesystem": vol.filesystem},
+            VolumeAttachmentSpec(volume=f"volume:{vol_name}", server=f"server:{vol.node}", node=vol.node,
+                                 mount=profile.mount_of(vol_name), filesystem=vol.filesystem),
             (f"volume:{vol_name}", f"server:{vol.node}")))
     for store_name, store in profile.object_stores.items():
         res.append(Resource(f"bucket:{store_name}", "bucket", naming.resource_name(deployment, store_name),
-                            {"bucket": store_name, "keep": store.keep}))
+                            BucketSpec(bucket=store_name, keep=store.keep)))
     return plan
 
 
-def _pools(cidr: ipaddress.IPv4Network, taken: list[ipaddress.IPv4Address]) -> list[dict[str, str]]:
+def _pools(cidr: ipaddress.IPv4Network, taken: list[ipaddress.IPv4Address]) -> list[Pool]:
     """Allocation pools of a subnet: its hosts after the gateway (.1), minus the nodes' fixed addresses, so
     an address from the pool never takes one a node asks for."""
-    pools: list[dict[str, str]] = []
+    pools: list[Pool] = []
     start = cidr.network_address + 2
     last = cidr.broadcast_address - 1
     for address in [*taken, last + 1]:
         if address > start:
-            pools.append({"start": str(start), "end": str(min(address - 1, last))})
+            pools.append(Pool(start=str(start), end=str(min(address - 1, last))))
         start = max(start, address + 1)
     return pools
