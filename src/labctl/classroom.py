@@ -387,6 +387,8 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
 
 
 def class_extend(ctx: service.Context, lab: str, course: str, hours: float, cloud: str | None = None) -> list[str]:
+    """Move the end of every student's environment (Chameleon leases; on AWS and GCP each server's end the cloud
+    enforces). One line per student: the new end, or why it was not moved."""
     from labctl.sites import resolve
 
     service.check_extend_hours(hours)
@@ -395,16 +397,17 @@ def class_extend(ctx: service.Context, lab: str, course: str, hours: float, clou
     ends = []
     providers: dict[str, Any] = {}
     for dep in class_deployments(ctx, course, _lab_name(lab)):
-        if not any(r.kind == "reservation" and r.cloud_id for r in ctx.store.resources(dep.id)):
-            continue  # nothing to extend: the site has no leases (AWS, GCP, a site without reservations)
         sid = dep.data.get("student", {}).get("id", dep.owner)
         with ctx.store.lock(f"env:{dep.id}") as mine:
             if not mine:
                 ends.append(f"{sid}: busy (another operator is working on it); not extended")
                 continue
-            if dep.site not in providers:
-                providers[dep.site] = service.connect(ctx, resolve(dep.site), cloud)
-            st = service.extend_deployment(ctx, dep, providers[dep.site], hours)
+            try:
+                if dep.site not in providers:
+                    providers[dep.site] = service.connect(ctx, resolve(dep.site), cloud)
+                st = service.extend_deployment(ctx, dep, providers[dep.site], hours)
+            except LabctlError as exc:
+                ends.append(f"{sid}: not extended: {str(exc).splitlines()[0]}")
+                continue
         ends.append(f"{sid}: {st.lease_end}")
     return ends
-

@@ -97,6 +97,7 @@ class Status:
     nodes: list[Node] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    warning: str | None = None  # e.g. less than an hour of the lease is left
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,8 +269,7 @@ def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *
     except CloudError as exc:
         ctx.store.set_deployment_status(the_plan.deployment, "failed", error=str(exc))
         raise
-    lease_end = min((f.attrs["end"] for f in found.values() if f.kind == "reservation" and "end" in f.attrs),
-                    default=None)
+    lease_end = earliest_end(f.attrs.get("end") for f in found.values() if f.kind in END_KINDS)
     # Outputs are rendered once here, so that `status` need not load the profile (it stays fast).
     addresses = {n.name: {"floating_ip": (found.get(f"floating_ip:{n.name}") or found[f"server:{n.name}"])
                           .attrs.get("floating_ip"), "fixed_ip": found[f"server:{n.name}"].attrs.get("fixed_ip")}
@@ -371,6 +371,58 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
         )
 
 
+# -- lease ends -----------------------------------------------------------------------------------
+# What ends a deployment: a Chameleon lease (`reservation`), or on clouds without leases (AWS, GCP) the end the cloud
+# enforces on each `server` (attrs['end'], set at create from the profile's lease_hours).
+END_KINDS = ("reservation", "server")
+WARN_BEFORE_END = 3600.0  # seconds: `status` warns when less than this is left
+
+
+def parse_end(text: Any) -> Any:
+    """An end as the adapters give it (ISO 8601, 'Z' or an offset; naive = UTC) as an aware datetime, or None."""
+    from datetime import UTC, datetime
+
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def earliest_end(ends: Any) -> str | None:
+    """The first of these ends (ISO 8601, UTC, seconds), None if none is readable: the lab ends with its first
+    lease or server."""
+    parsed = [e for e in (parse_end(x) for x in ends) if e is not None]
+    return min(parsed).isoformat(timespec="seconds") if parsed else None
+
+
+def planned_end(hours: float, now: Any = None) -> str:
+    """The end a lab made now gets: `hours` (the profile's lease_hours) from now, ISO 8601 UTC."""
+    from datetime import UTC, datetime, timedelta
+
+    start = now or datetime.now(UTC)
+    return (start + timedelta(hours=float(hours))).isoformat(timespec="seconds")
+
+
+def end_warning(name: str, status: str, lease_end: str | None, now: Any = None) -> str | None:
+    """One line when a live lab has less than WARN_BEFORE_END left (or has ended), else None."""
+    from datetime import UTC, datetime
+
+    end = parse_end(lease_end)
+    if end is None or status in ("destroyed", "destroying", "kept"):
+        return None
+    left = (end - (now or datetime.now(UTC))).total_seconds()
+    if left >= WARN_BEFORE_END:
+        return None
+    if left <= 0:
+        return f"{name}: its lease ended at {lease_end}; the cloud deletes its servers ('labctl down {name}' " \
+               "removes the rest)"
+    return (f"{name}: its lease ends in {max(1, int(left // 60))} min (at {lease_end}); "
+            f"'labctl extend {name} --hours N' moves it")
+
+
 # -- status ---------------------------------------------------------------------------------------
 def resolve_deployment(ctx: Context, name: str | None, *, action: str | None = None) -> DeploymentRecord:
     """The deployment of yours that `name` selects: its id or name, else the only one of that lab.
@@ -436,8 +488,9 @@ def status(ctx: Context, name: str) -> Status:
         ))
     outputs = dep.data.get("outputs") or {}
     events = [f"{level}: {msg}" for _, level, msg in ctx.store.events(dep.id)[-10:]]
-    return Status(dep.id, dep.name, dep.lab, dep.owner, dep.site, dep.status, dep.data.get("lease_end"), nodes,
-                  outputs, events)
+    lease_end = dep.data.get("lease_end")
+    return Status(dep.id, dep.name, dep.lab, dep.owner, dep.site, dep.status, lease_end, nodes,
+                  outputs, events, end_warning(dep.name, dep.status, lease_end))
 
 
 def statuses(ctx: Context) -> list[Status]:
@@ -573,20 +626,28 @@ def _still_there(ctx: Context, dep: DeploymentRecord) -> DeploymentRecord:
 
 
 def extend_deployment(ctx: Context, dep: DeploymentRecord, provider: Any, hours: float) -> Status:
+    """Move the end the cloud enforces by `hours`: the Chameleon leases, or on clouds without leases each
+    server's end. A one-line UserError where there is nothing to move or the cloud cannot move it."""
     from labctl.providers.base import Found
 
     check_extend_hours(hours)
     the_plan, _ = _teardown_plan(dep, provider.site)
-    leases = [r for r in ctx.store.resources(dep.id) if r.kind == "reservation" and r.cloud_id]
-    if not leases:
-        raise UserError(f"{dep.name} at {dep.site} has no lease to extend")
-    ends = []
-    for rec in leases:
-        f = provider.extend(Found("reservation", rec.cloud_id, rec.name), hours, the_plan)
-        ctx.store.record_resource(dep.id, rec.key, rec.status, rec.cloud_id, {"end": f.attrs["end"]})
-        ends.append(f.attrs["end"])
-    ctx.store.set_deployment_status(dep.id, dep.status, lease_end=min(ends))
-    ctx.store.event(dep.id, f"lease extended by {hours:g} h to {min(ends)}")
+    records = ctx.store.resources(dep.id)
+    targets = ([r for r in records if r.kind == "reservation" and r.cloud_id]
+               or [r for r in records if r.kind == "server" and r.cloud_id])
+    if not targets:
+        raise UserError(f"{dep.name} at {dep.site} has no lease and no server whose end could be extended")
+    for rec in targets:
+        f = provider.extend(Found(rec.kind, rec.cloud_id, rec.name), hours, the_plan)
+        end = earliest_end([f.attrs.get("end")])
+        if end is None:
+            what = "lease" if rec.kind == "reservation" else "server"
+            raise UserError(f"{dep.name}: {dep.site} cannot move the end of {what} {rec.name}: the cloud enforces "
+                            "no end for it there")
+        ctx.store.record_resource(dep.id, rec.key, rec.status, rec.cloud_id, {"end": end})
+    lease_end = earliest_end(r.data.get("end") for r in ctx.store.resources(dep.id) if r.kind in END_KINDS)
+    ctx.store.set_deployment_status(dep.id, dep.status, lease_end=lease_end)
+    ctx.store.event(dep.id, f"lease extended by {hours:g} h to {lease_end}")
     return status(ctx, dep.id)
 
 

@@ -125,6 +125,9 @@ def print_status(results: list[Any], detail: bool = False) -> None:
                 (st.lease_end or "-") if i == 0 else "",
             )))
     out_console.print(table)
+    for st in results:  # less than an hour of the lease left, or ended
+        if getattr(st, "warning", None):
+            err_console.print(f"warning: {_s(st.warning)}", highlight=False)
     if detail:
         for st in results:
             for key, value in st.outputs.items():
@@ -139,11 +142,18 @@ def plan_json(plan: Any) -> dict[str, Any]:
         "lab": plan.lab,
         "site": plan.site.name,
         "lease_hours": plan.lease_hours,
+        "lease_end": _planned_end(plan),
         "nodes": [{"name": n.name, "role": n.role, "types": list(n.candidates), "image": n.image,
                    "floating_ip": n.floating_ip} for n in plan.nodes],
         "resources": [{"key": r.key, "kind": r.kind, "name": r.name, "depends_on": list(r.depends_on),
                        "spec": {k: v for k, v in r.spec.items() if k != "public_key"}} for r in plan.resources],
     }
+
+
+def _planned_end(plan: Any) -> str:
+    from labctl.service import planned_end
+
+    return planned_end(plan.lease_hours)
 
 
 def _network_detail(site: Any, r: Any) -> str:
@@ -187,6 +197,8 @@ def print_plan(plan: Any, estimate: Any = None) -> None:
             details = ""
         table.add_row(_t(r.key), _t(r.kind), _t(r.name), _t(details))
     out_console.print(table)
+    out_console.print(f"Lease end: {_planned_end(plan)} if it starts now ({plan.lease_hours:g} h; the cloud deletes "
+                      "the servers then; `labctl extend` moves it)", highlight=False, markup=False)
     if estimate is not None:
         print_estimate(estimate)
     out_console.print("Nothing was created. Run the same with [bold]labctl up[/bold] to create it.")
