@@ -1,43 +1,72 @@
-"""Lab profiles: the pydantic model of `profiles/<lab>.yaml`, the loader and the per-site checks.
+"""Lab profiles: the pydantic model of `profiles/<lab>.yaml` (`Profile`), its cross-field checks, and loading.
 
-The format is described in docs/architecture.md. Every problem is reported as one `ProfileError` line that
-names the file and the field (`profiles/gpu.yaml: nodes.gpu.count: Input should be ...`), so that a student
-can fix it without reading a traceback. `labctl.site_fit.validate_for_site` adds what can only be checked once
-the site is known (node types, flavors, images).
+The format is described in docs/architecture.md. The parts of a profile (node groups, networks, volumes, steps,
+outputs) and the limits are in `labctl.profile_parts`; reading YAML safely is `labctl.profile_yaml`; the one-line
+error messages are `labctl.profile_errors`; where a lab's files may come from is `labctl.profile_paths`. This
+module re-exports what callers use, so `from labctl.profile import ...` stays the one door. Every problem is
+reported as one `ProfileError` line that names the file and the field (`profiles/gpu.yaml: nodes.gpu.count:
+Input should be ...`), so that a student can fix it without reading a traceback. `labctl.site_fit.validate_for_site`
+adds what can only be checked once the site is known (node types, flavors, images).
 
 Importing this module is cheap (pydantic and PyYAML only).
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
-import re
-import types
-from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any
 
-import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    PrivateAttr,
-    Tag,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from labctl import inputs
 from labctl.errors import ProfileError
-from labctl.redact import strip_control
+from labctl.profile_errors import display_path, first_of, format_validation_error, profile_error, suggest
+from labctl.profile_parts import (
+    FAMILIES,
+    MAX_LEASE_HOURS,
+    MAX_NETWORKS,
+    MAX_NODES,
+    MAX_OBJECT_STORES,
+    MAX_OUTPUTS,
+    MAX_PORTS,
+    MAX_ROLES,
+    MAX_SCRIPT_FILE,
+    MAX_SITES,
+    MAX_STEPS,
+    MAX_TEXT,
+    MAX_VOLUMES,
+    MIN_LEASE_HOURS,
+    NAME_PATTERN,
+    NODE_ATTRS,
+    ROLE_PATTERN,
+    SSH_PORT,
+    Gpu,
+    Model,
+    Network,
+    NodeGroup,
+    NodeNetwork,
+    ObjectStore,
+    Output,
+    Port,
+    PortSpec,
+    Short,
+    Step,
+    Upload,
+    Volume,
+    check_mount,
+    text_line,
+)
+from labctl.profile_paths import COMMON_LAB, confined_path, lab_dir_for, lab_roots
+from labctl.profile_yaml import MAX_PROFILE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_yaml
 
 __all__ = [
+    "COMMON_LAB",
+    "MAX_NODES",
+    "MAX_PROFILE_BYTES",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "Gpu",
     "Network",
     "NodeGroup",
@@ -50,431 +79,27 @@ __all__ = [
     "Step",
     "Upload",
     "Volume",
+    "available_profiles",
+    "check_mount",
+    "confined_path",
+    "display_path",
     "find_profile",
+    "first_of",
+    "format_validation_error",
     "json_schema",
+    "lab_dir_for",
+    "lab_roots",
     "load_profile",
+    "profile_error",
+    "read_yaml",
+    "shipped_profiles_dir",
+    "suggest",
 ]
 
-ROLE_PATTERN = r"^[a-z][a-z0-9-]{0,15}$"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-#: Keys of `nodes.<role>.types` that stand for every site of a family rather than one site.
-FAMILIES = ("chi", "kvm", "edge", "aws", "gcp")
-#: Attributes a `{node.attr}` placeholder in an output may name.
-NODE_ATTRS = ("floating_ip", "fixed_ip")
-SSH_PORT = 22
-
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _SHIPPED = Path(__file__).parent / "data"
 
-# Documented limits (they are in the schema's descriptions too). A profile is a small hand-written file; these
-# keep a careless or hostile one from making labctl (or the cloud) do absurd amounts of work.
-MAX_PROFILE_BYTES = inputs.MAX_PROFILE_BYTES  # 1 MiB
-MAX_YAML_DEPTH = 32  # nesting of YAML collections
-MAX_YAML_NODES = 1_000_000  # values visited, aliases counted each time they are used
-MIN_LEASE_HOURS = 1.0
-MAX_LEASE_HOURS = 168.0  # Chameleon's 7 days
-MAX_TIMEOUT = 86_400.0  # one day per setup step
-MAX_NODES = 64  # nodes per deployment, all roles together
-MAX_ROLES = 32
-MAX_COUNT = 32  # nodes per role
-MAX_GPUS = 16
-MAX_STEPS = 100
-MAX_UPLOADS = 100  # per step
-MAX_OUTPUTS = 50
-MAX_PORTS = 100
-MAX_NETWORKS = 8
-MAX_VOLUMES = 16
-MAX_VOLUME_GB = 2000
-MAX_OBJECT_STORES = 8
-MAX_SITES = 32
-MAX_TYPES = 16  # node types per site key
-MAX_SHORT = 64  # names, node types, sites, images, targets
-MAX_TEXT = 1000  # descriptions, output values
-MAX_PATH = 1024  # upload and script paths
-MAX_SCRIPT = 256 * 1024  # an inline `run:` command
-MAX_SCRIPT_FILE = 4 * 1024 * 1024  # a `script:` file
-# Where a volume may not be mounted: these directories and everything under them ...
-_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run",
-                 "/sbin", "/snap", "/sys", "/usr", "/var/lib/apt", "/var/lib/dpkg", "/var/run")
-# ... and these directories themselves (a volume over them would hide what is there; below them is fine).
-_SYSTEM_DIRS = ("/home", "/tmp", "/var", "/var/lib", "/var/log", "/var/cache", "/opt", "/srv", "/mnt", "/media")
-_MOUNT_COMPONENT = re.compile(r"[A-Za-z0-9._-]+\Z")
-MAX_MOUNT = 255
 
-
-def _no_control(value: str) -> str:
-    if strip_control(value, one_line=True) != value:
-        raise ValueError("must not contain control characters (line breaks, tabs, escape sequences)")
-    return value
-
-
-def _no_control_text(value: str) -> str:
-    if strip_control(value) != value:
-        raise ValueError("must not contain control characters (escape sequences)")
-    return value
-
-
-#: One line of text: no control characters, at most `n` characters.
-def _line(n: int = MAX_SHORT, min_length: int = 0) -> Any:
-    return Annotated[str, Field(min_length=min_length, max_length=n), AfterValidator(_no_control)]
-
-
-Short = _line(MAX_SHORT, 1)
-
-
-# --------------------------------------------------------------------------------------------- models
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class Gpu(_Model):
-    """The GPUs each node of a role needs."""
-
-    model: Short = Field(
-        title="GPU model",
-        description="GPU model the node must have, e.g. A100, H100, MI100, P100 (matched against the "
-        "node type's GPU name).",
-        examples=["A100"],
-    )
-    count: int = Field(
-        1, ge=1, le=MAX_GPUS, title="GPUs per node",
-        description=f"How many GPUs each node needs (at least; 1..{MAX_GPUS}).",
-    )
-    alternatives: list[Short] = Field(
-        default_factory=list,
-        max_length=MAX_TYPES,
-        title="Acceptable fallback GPU models",
-        description="Other GPU models this lab also runs on, in order, for fallback types (e.g. [A10G, L4] "
-        "after A100 on AWS/GCP).",
-        examples=[["A10G", "L4"]],
-    )
-
-    def models(self) -> list[str]:
-        return [self.model, *self.alternatives]
-
-
-class Network(_Model):
-    """A private network of the lab (one IPv4 subnet), made for the deployment and removed by `down`."""
-
-    cidr: str = Field(
-        title="CIDR",
-        description="The subnet, a private IPv4 range such as 192.168.1.0/24 (/8 to /29). Host .1 is the "
-        "gateway address and is never given to a node.",
-        examples=["192.168.1.0/24"],
-    )
-    gateway: bool = Field(
-        False,
-        title="Gateway",
-        description="Add a router from this network to the site's public network, so nodes on it alone can "
-        "reach out. Leave false when every node also has the site's shared network (the course labs' setup).",
-    )
-    port_security: bool = Field(
-        True,
-        title="Port security",
-        description="Neutron port security (security groups, anti-spoofing) on this network's ports; the "
-        "course's cluster labs turn it off so nodes talk freely on the private network.",
-    )
-
-    @field_validator("cidr")
-    @classmethod
-    def _check_cidr(cls, value: str) -> str:
-        try:
-            net = ipaddress.ip_network(str(value).strip(), strict=True)
-        except ValueError as exc:
-            try:
-                loose = ipaddress.ip_network(str(value).strip(), strict=False)
-            except ValueError:
-                raise ValueError(f"{value!r} is not a CIDR such as 192.168.1.0/24 ({exc})") from None
-            raise ValueError(f"{value!r} has host bits set (did you mean {loose}?)") from None
-        if net.version != 4:
-            raise ValueError(f"{value!r} is not an IPv4 network (use e.g. 192.168.1.0/24)")
-        if not 8 <= net.prefixlen <= 29:
-            raise ValueError(f"{value!r}: the prefix must be /8 to /29")
-        if not net.is_private or net.is_loopback or net.is_link_local:
-            raise ValueError(f"{value!r} is not a private range (use 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16)")
-        return str(net)
-
-
-class NodeNetwork(_Model):
-    """A private network a role joins, with an optional fixed address for its nodes."""
-
-    network: Short = Field(title="Network", description="A key of the profile's `networks`.")
-    first_ip: int | None = Field(
-        None,
-        ge=0,
-        le=2**24,
-        title="First host number",
-        description="Host number of the role's first node on the network (e.g. 11 -> 192.168.1.11 on "
-        "192.168.1.0/24); the next nodes count up (12, 13, ...). Omit for an address from the pool.",
-        examples=[11],
-    )
-
-
-class Volume(_Model):
-    """A block-storage volume attached to one node, formatted once and mounted; kept across `down` by default."""
-
-    size_gb: int = Field(ge=1, le=MAX_VOLUME_GB, title="Size (GiB)",
-                         description=f"Size in GiB (1..{MAX_VOLUME_GB}).", examples=[2])
-    node: Short = Field(title="Node", description="The node it is attached to (a node name, e.g. "
-                        "node-1).", examples=["node-1"])
-    mount: str | None = Field(
-        None, title="Mount point", max_length=MAX_MOUNT,
-        description="Absolute path where it is mounted (default /mnt/<name>): components of letters, digits, "
-        "'.', '_' and '-' only, no '.' or '..', not a system directory (/etc, /usr, /boot, ... or /, /home, "
-        f"/tmp, /var, /mnt themselves); at most {MAX_MOUNT} characters.",
-        examples=["/mnt/block"])
-    filesystem: Literal["ext4", "xfs"] = Field(
-        "ext4", title="Filesystem", description="Made once, only when the volume has no filesystem yet.")
-    keep: bool = Field(
-        True, title="Keep on down", description="`labctl down` keeps the volume (and its data) for the next "
-        "`up`, which reattaches it; `labctl down --delete-volumes` deletes it.")
-
-    @field_validator("mount")
-    @classmethod
-    def _check_mount(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        return check_mount(value)
-
-
-def check_mount(value: str) -> str:
-    """A volume's mount point as a clean absolute path (trailing '/' dropped), else ValueError saying why."""
-    shown = repr(value) if len(value) <= 60 else repr(value[:57] + "...")
-    text = value[:-1] if value.endswith("/") and len(value) > 1 else value
-    if len(text) > MAX_MOUNT:
-        raise ValueError(f"{shown} is longer than {MAX_MOUNT} characters")
-    if not text.startswith("/"):
-        raise ValueError(f"{shown} is not an absolute path such as /mnt/data")
-    if text == "/":
-        raise ValueError(f"{shown} is the root directory; mount the volume under /mnt or /data")
-    parts = text[1:].split("/")
-    for part in parts:
-        if part in ("", ".", ".."):
-            raise ValueError(f"{shown} is not a clean absolute path such as /mnt/data (no '//', '.' or '..')")
-        if not _MOUNT_COMPONENT.match(part):
-            raise ValueError(f"{shown}: a mount point may only contain letters, digits, '.', '_', '-' and '/' "
-                             "(e.g. /mnt/data)")
-    if text in _SYSTEM_DIRS or any(text == t or text.startswith(t + "/") for t in _SYSTEM_TREES):
-        raise ValueError(f"{shown} is a system directory; mount the volume under /mnt or /data")
-    return text
-
-
-class ObjectStore(_Model):
-    """An object-storage container (Swift on Chameleon) made for the lab; kept across `down` by default."""
-
-    keep: bool = Field(
-        True, title="Keep on down", description="`labctl down` keeps the container and its objects; "
-        "`labctl down --delete-volumes` deletes them.")
-
-
-def _net_kind(value: Any) -> str:
-    return "str" if isinstance(value, str) else "NodeNetwork"
-
-
-NodeNetworkSpec = Annotated[
-    Union[  # noqa: UP007 - a discriminated union needs the Union[...] spelling for its tags
-        Annotated[Short, Tag("str")],
-        Annotated[NodeNetwork, Tag("NodeNetwork")],
-    ],
-    Discriminator(_net_kind),
-]
-
-
-class NodeGroup(_Model):
-    """A role: `count` identical nodes named `<role>-1`, `<role>-2`, ..."""
-
-    count: int = Field(1, ge=1, le=MAX_COUNT, title="Node count",
-                       description=f"How many nodes of this role (1..{MAX_COUNT}; at most {MAX_NODES} nodes in "
-                       "all roles together).")
-    gpu: Gpu | None = Field(None, title="GPU", description="GPUs each node needs; omit for CPU-only nodes.")
-    image: Short | None = Field(
-        None,
-        title="Image override",
-        description="Abstract image name for this role only (overrides the profile's `image`).",
-    )
-    floating_ip: bool | Literal["first"] = Field(
-        False, title="Floating IP",
-        description="Give each node of this role a public (floating) IP; `first`: only the role's first node "
-        "(the others are reached through it over a private network they share, as with `ssh -J`).",
-    )
-    types: dict[Short, Annotated[list[Short], Field(min_length=1, max_length=MAX_TYPES)]] = Field(
-        min_length=1,
-        max_length=MAX_SITES,
-        title="Node types per site",
-        description="Site name (e.g. chi@tacc) or site family (chi, kvm, aws, gcp) -> node types or flavors, "
-        "in order of preference; the next one is tried when a site has no capacity for the previous.",
-        examples=[{"chi@tacc": ["compute_liqid"], "chi@uc": ["gpu_a100_pcie", "compute_gigaio"]}],
-    )
-    def floating_ip_for(self, index: int) -> bool:
-        """Whether the role's node number `index` (1-based) gets a floating IP."""
-        return self.floating_ip is True or (self.floating_ip == "first" and index == 1)
-
-    networks: list[NodeNetworkSpec] = Field(
-        default_factory=list,
-        max_length=MAX_NETWORKS,
-        title="Private networks",
-        description="Private networks (keys of the profile's `networks`) this role joins, as names or "
-        "{network, first_ip}; the site's shared network stays the first NIC and carries the floating IP.",
-        examples=[[{"network": "cluster", "first_ip": 11}]],
-    )
-
-    def network_refs(self) -> list[NodeNetwork]:
-        """`networks` as `NodeNetwork`s."""
-        return [NodeNetwork(network=n) if isinstance(n, str) else n for n in self.networks]
-
-
-class Port(_Model):
-    """A port to open to the world (on sites that use security groups)."""
-
-    port: int = Field(ge=1, le=65535, title="Port", description="Port number (1..65535).")
-    protocol: Literal["tcp", "udp"] = Field("tcp", title="Protocol", description="tcp or udp.")
-    cidr: str = Field(
-        "0.0.0.0/0", max_length=MAX_SHORT, title="Source CIDR",
-        description="Who may connect, as a CIDR (default: anyone)."
-    )
-
-    @field_validator("cidr")
-    @classmethod
-    def _check_cidr(cls, value: str) -> str:
-        try:
-            return str(ipaddress.ip_network(value.strip(), strict=True))
-        except ValueError as exc:
-            try:
-                loose = ipaddress.ip_network(value.strip(), strict=False)
-            except ValueError:
-                raise ValueError(f"{value!r} is not a CIDR such as 10.0.0.0/24 ({exc})") from None
-            raise ValueError(f"{value!r} has host bits set (did you mean {loose}?)") from None
-
-
-def _port_kind(value: Any) -> str:
-    return "int" if isinstance(value, int) and not isinstance(value, bool) else "Port"
-
-
-PortSpec = Annotated[
-    Union[  # noqa: UP007 - a discriminated union needs the Union[...] spelling for its tags
-        Annotated[Annotated[int, Field(ge=1, le=65535)], Tag("int")],
-        Annotated[Port, Tag("Port")],
-    ],
-    Discriminator(_port_kind),
-]
-_UNION_TAGS = {"int", "Port", "str", "NodeNetwork"}
-
-
-class Upload(_Model):
-    """A file (or directory) under `labs/<lab>/` copied to the node before the step runs."""
-
-    src: _line(MAX_PATH, 1) = Field(  # type: ignore[valid-type]
-        title="Source",
-        description="Path under labs/<lab>/ (symbolic links may point into labs/_common/, nowhere else; a directory "
-        "is uploaded with everything in it).")
-    dest: _line(MAX_PATH, 1) = Field(  # type: ignore[valid-type]
-        title="Destination", description="Path on the node (relative to home).")
-
-
-class Step(_Model):
-    """One setup step: runs on all its targets in parallel; the next step starts when it is done."""
-
-    name: Short = Field(title="Step name", description="Short unique name, shown in progress.")
-    on: str | list[str] = Field(
-        "all",
-        title="Targets",
-        description='"all", a role, a node name (e.g. gpu-1), or a list of those.',
-    )
-    run: Annotated[str, Field(max_length=MAX_SCRIPT), AfterValidator(_no_control_text)] | None = Field(
-        None, title="Command",
-        description=f"Inline shell command (give run or script; at most {MAX_SCRIPT // 1024} KiB).")
-    script: _line(MAX_PATH, 1) | None = Field(  # type: ignore[valid-type]
-        None, title="Script", description="A script under labs/<lab>/ to run (give run or script)."
-    )
-    upload: list[Upload] = Field(
-        default_factory=list, max_length=MAX_UPLOADS, title="Uploads",
-        description=f"Files under labs/<lab>/ to upload first (at most {MAX_UPLOADS})."
-    )
-    timeout: float = Field(
-        600, gt=0, le=MAX_TIMEOUT, title="Timeout",
-        description=f"Seconds before the step counts as failed (more than 0, at most {MAX_TIMEOUT:.0f}).",
-    )
-    safe_on_sim: bool = Field(
-        False,
-        title="Safe on the emulated site",
-        description="Run this step on --site sim too; leave false for steps that change the host "
-        "(apt, sudo, docker).",
-    )
-
-    @field_validator("on", mode="before")
-    @classmethod
-    def _check_on(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError('must not be empty (use "all", a role or a node name)')
-            if len(value) > MAX_SHORT:
-                raise ValueError(f"a target name is at most {MAX_SHORT} characters")
-            return _no_control(value)
-        if isinstance(value, list):
-            if not value:
-                raise ValueError('must not be an empty list (use "all", a role or a node name)')
-            if len(value) > MAX_NODES + MAX_ROLES:
-                raise ValueError(f"at most {MAX_NODES + MAX_ROLES} targets")
-            if all(isinstance(v, str) and v.strip() for v in value):
-                for v in value:
-                    if len(v) > MAX_SHORT:
-                        raise ValueError(f"a target name is at most {MAX_SHORT} characters")
-                    _no_control(v)
-                return value
-        raise ValueError('should be "all", a role, a node name, or a list of those')
-
-    @model_validator(mode="after")
-    def _one_action(self) -> Step:
-        if (self.run is None) == (self.script is None):
-            raise ValueError("give exactly one of 'run' (a command) or 'script' (a file under labs/<lab>/)")
-        return self
-
-    def targets(self) -> list[str]:
-        """`on` as a list."""
-        return [self.on] if isinstance(self.on, str) else list(self.on)
-
-
-class Output(_Model):
-    """Something to show the user after `up`, e.g. a URL built from a node's address."""
-
-    name: Short = Field(title="Output name")
-    value: _line(MAX_TEXT) = Field(  # type: ignore[valid-type]
-        title="Value",
-        description="Text with {node.floating_ip} / {node.fixed_ip} placeholders, e.g. "
-        "http://{gpu-1.floating_ip}:8888 (write {{ and }} for literal braces).",
-    )
-    forward: int | None = Field(
-        None, ge=1, le=65535, title="Forwarded port", description="Port for `labctl ssh LAB --forward PORT`."
-    )
-
-    def placeholders(self) -> list[tuple[str, str]]:
-        """The (node, attribute) pairs the value refers to."""
-        out = []
-        for m in _PLACEHOLDER.finditer(_strip_escapes(self.value)):
-            node, _, attr = m.group(1).strip().rpartition(".")
-            out.append((node, attr))
-        return out
-
-    def render(self, addresses: Mapping[str, Mapping[str, Any]]) -> str:
-        """Fill the placeholders from {node: {"floating_ip": ..., "fixed_ip": ...}} (missing -> '?')."""
-
-        def repl(m: re.Match[str]) -> str:
-            node, _, attr = m.group(1).strip().rpartition(".")
-            value = addresses.get(node, {}).get(attr)
-            return "?" if value in (None, "") else str(value)
-
-        parts = self.value.split("{{")
-        rendered = ["}".join(_PLACEHOLDER.sub(repl, seg) for seg in p.split("}}")) for p in parts]
-        return "{".join(rendered)
-
-
-def _strip_escapes(text: str) -> str:
-    return text.replace("{{", "").replace("}}", "")
-
-
-class Profile(_Model):
+class Profile(Model):
     """A lab profile (profiles/<lab>.yaml): where it runs, what nodes it needs, and how to set them up."""
 
     model_config = ConfigDict(
@@ -487,7 +112,7 @@ class Profile(_Model):
     name: str = Field(
         pattern=NAME_PATTERN, title="Lab name", description="Must equal the file name without .yaml."
     )
-    description: _line(MAX_TEXT) = Field(  # type: ignore[valid-type]
+    description: text_line(MAX_TEXT) = Field(  # type: ignore[valid-type]
         "", title="Description", description=f"One line shown by `labctl profiles` (at most {MAX_TEXT} characters)."
     )
     sites: list[Short] = Field(
@@ -654,21 +279,6 @@ class Profile(_Model):
 # ------------------------------------------------------------------------------- cross-field checks
 
 
-def first_of(problems: list[str]) -> str:
-    more = len(problems) - 1
-    return problems[0] + (f" (+{more} more)" if more else "")
-
-
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """' (did you mean ...?)': names that extend the word (gpu_a100 -> gpu_a100_pcie), else the closest."""
-    options = list(choices)
-    longer = [c for c in options if c.startswith(word) and c != word][:3]
-    match = longer or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    if not match:
-        return ""
-    return " (did you mean " + " or ".join(f"'{m}'" for m in match) + "?)"
-
-
 def _cross_field_problems(p: Profile) -> list[str]:
     problems: list[str] = []
     total = sum(group.count for group in p.nodes.values())
@@ -800,54 +410,6 @@ def _storage_problems(p: Profile, nodes: list[str]) -> list[str]:
     return problems
 
 
-COMMON_LAB = "_common"  # labs/_common/: scripts the labs share through symbolic links
-
-
-def lab_roots(lab_dir: Path | str) -> tuple[Path, ...]:
-    """The directories a lab's scripts and uploads may come from, symbolic links resolved: `labs/<lab>/` and
-    `labs/_common/` (the one that exists of the latter)."""
-    lab = Path(os.path.abspath(lab_dir))
-    roots = [lab.resolve(), (lab.parent / COMMON_LAB).resolve()]
-    return tuple(dict.fromkeys(roots))
-
-
-def confined_path(lab_dir: Path | str, rel: str, *, want_file: bool = False) -> Path:
-    """`labs/<lab>/<rel>` with every symbolic link resolved, checked to lie under `lab_roots(lab_dir)`; for a
-    directory every file in it (recursively, links resolved) is checked too. Raises `ValueError` saying why."""
-    shown = display_path(lab_dir)
-    text = _clip(rel)
-    if "\x00" in rel:
-        raise ValueError(f"{text} is not a file name")
-    if os.path.isabs(rel):
-        raise ValueError(f"{text} must be a path relative to {shown}/")
-    root = Path(os.path.abspath(lab_dir))
-    candidate = Path(os.path.abspath(root / rel))
-    if not candidate.is_relative_to(root):
-        raise ValueError(f"{text} is outside the lab directory {shown}/")
-    roots = lab_roots(root)
-    try:
-        target = candidate.resolve(strict=True)
-    except FileNotFoundError:
-        raise ValueError(f"{text} not found under {shown}/") from None
-    except (OSError, RuntimeError) as exc:  # a symbolic-link loop, a path too long, ...
-        raise ValueError(f"{text}: cannot resolve it ({getattr(exc, 'strerror', None) or exc})") from None
-    if not inputs.under(target, roots):
-        raise ValueError(f"{text} leads outside the lab directory {shown}/ (to {target}) through a symbolic link; "
-                         f"only links into {display_path(root.parent / COMMON_LAB)}/ are allowed")
-    if want_file and not target.is_file():
-        raise ValueError(f"{text} is not a file under {shown}/")
-    if target.is_dir():
-        for inner in inputs.walk_confined(target, roots):
-            del inner  # walk_confined raises on the first file that is not allowed
-    elif not target.is_file():
-        raise ValueError(f"{text} is not a regular file or directory")
-    return target
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    return repr(text) if len(text) <= limit else repr(text[: limit - 3] + "...")
-
-
 def _file_problems(p: Profile, lab_dir: Path) -> list[str]:
     """Scripts and uploads must be files under the lab directory (or, through symbolic links, labs/_common/)."""
     problems: list[str] = []
@@ -866,256 +428,7 @@ def _file_problems(p: Profile, lab_dir: Path) -> list[str]:
     return problems
 
 
-# ------------------------------------------------------------------------------------ error format
-
-
-def _loc(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        text = str(part)
-        if len(text) > 40:
-            text = text[:37] + "..."
-        out += f"[{text}]" if isinstance(part, int) else (f".{text}" if out else text)
-    return out
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop discriminated-union tags ('ports', 0, 'Port', 'cidr') -> ('ports', 0, 'cidr')."""
-    out: list[Any] = []
-    for part in loc:
-        if part in _UNION_TAGS and out and isinstance(out[-1], int):
-            continue
-        out.append(part)
-    return tuple(out)
-
-
-def _unwrap(tp: Any) -> Any:
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    return tp
-
-
-def _descend(tp: Any, key: Any) -> Any:
-    tp = _unwrap(tp)
-    origin = get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        field = tp.model_fields.get(key) if isinstance(key, str) else None
-        return field.annotation if field else None
-    if origin is list:
-        return get_args(tp)[0] if isinstance(key, int) else None
-    if origin is dict:
-        return get_args(tp)[1]
-    if origin in (Union, types.UnionType):
-        for member in get_args(tp):
-            found = _descend(member, key)
-            if found is not None:
-                return found
-    return None
-
-
-def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
-    tp: Any = root
-    for part in loc:
-        tp = _descend(tp, part)
-        if tp is None:
-            return None
-    tp = _unwrap(tp)
-    candidates = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
-    for c in candidates:
-        c = _unwrap(c)
-        if isinstance(c, type) and issubclass(c, BaseModel):
-            return c
-    return None
-
-
-def _describe_error(err: Mapping[str, Any], root: type[BaseModel]) -> str:
-    loc = _clean_loc(tuple(err.get("loc", ())))
-    kind = err.get("type", "")
-    msg = str(err.get("msg", ""))
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    if "[key]" in loc:
-        where = _loc(p for p in loc if p != "[key]")
-        if kind == "string_pattern_mismatch":
-            what = {"networks": "network", "volumes": "volume", "object_stores": "object store"}.get(
-                str(loc[0]) if loc else "", "role")
-            msg = (
-                f"{what} names are lower-case letters, digits and '-', start with a letter, "
-                "at most 16 characters"
-            )
-        return f"{where}: {msg}"
-    where = _loc(loc)
-    if kind == "extra_forbidden":
-        model = _model_at(loc[:-1], root)
-        known = list(model.model_fields) if model else []
-        hint = suggest(str(loc[-1]), known) if known else ""
-        if known and not hint:
-            hint = f" (known fields: {', '.join(known)})"
-        return f"{where}: unknown field{hint}"
-    value = err.get("input")
-    if (
-        kind not in ("missing",)
-        and not kind.startswith("value_error")
-        and isinstance(value, (str, int, float, bool))
-    ):
-        shown = repr(value)
-        if len(shown) > 40:
-            shown = shown[:37] + "..."
-        msg = f"{msg} (got {shown})"
-    return f"{where}: {msg}" if where else msg
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """A pydantic error of `model` (default: Profile) as one line: the first problem, plus '(+N more)'."""
-    root = model or Profile
-    errors = exc.errors(include_url=False)
-    if not errors:
-        return _one_line(str(exc))
-    return first_of([_one_line(_describe_error(e, root)) for e in errors])
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-def display_path(path: Path | str) -> str:
-    """The path as the user will recognise it: relative to the current directory when under it."""
-    absolute = os.path.abspath(path)
-    try:
-        rel = os.path.relpath(absolute)
-    except ValueError:
-        return str(path)
-    return absolute if rel.startswith("..") else rel
-
-
-MAX_MESSAGE = 2000
-# Invisible characters that reorder text ("Trojan Source"): never in an error line.
-_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def profile_error(shown: str, message: str, field: str | None = None) -> ProfileError:
-    text = _one_line(_BIDI.sub("", strip_control(f"{shown}: {message}", one_line=True)))
-    if len(text) > MAX_MESSAGE:
-        text = text[: MAX_MESSAGE - 3] + "..."
-    err = ProfileError(text)
-    err.path = shown  # type: ignore[attr-defined]
-    err.field = field  # type: ignore[attr-defined]
-    return err
-
-
-# ------------------------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans (so `on:` stays a key), no timestamps (dates stay strings), that rejects
-    duplicate keys and collections nested more than `MAX_YAML_DEPTH` deep."""
-
-    _depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.CollectionStartEvent):
-            if self._depth >= MAX_YAML_DEPTH:
-                mark = self.peek_event().start_mark
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", mark)
-            self._depth += 1
-            try:
-                return super().compose_node(parent, index)
-            finally:
-                self._depth -= 1
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        self.flatten_mapping(node)
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # unhashable: the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
-    return profile_error(where, f"YAML syntax error: {problem}")
-
-
-def _check_shape(shown: str, data: Any) -> None:
-    """Refuse data nested too deep (or containing itself, through YAML aliases) or too big once aliases are
-    expanded ("billion laughs"), before anything walks it recursively."""
-    budget = MAX_YAML_NODES
-    stack: list[tuple[Any, int]] = [(data, 0)]
-    while stack:
-        item, depth = stack.pop()
-        budget -= 1
-        if budget < 0:
-            raise profile_error(shown, f"too many values once YAML aliases are expanded (more than {MAX_YAML_NODES:,})")
-        if isinstance(item, dict):
-            children: Iterable[Any] = [*item.keys(), *item.values()]
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth >= MAX_YAML_DEPTH:
-            raise profile_error(shown, f"nested more than {MAX_YAML_DEPTH} levels deep (or a YAML alias inside itself)")
-        stack.extend((child, depth + 1) for child in children)
-
-
-def read_yaml(path: Path | str, what: str = "a profile mapping", shown: str | None = None) -> Any:
-    """Parse a YAML file with labctl's loader; errors are one-line `ProfileError`s with line:column.
-
-    Only a regular file of at most `MAX_PROFILE_BYTES` is read (see `labctl.inputs`), collections may nest at
-    most `MAX_YAML_DEPTH` deep, and nothing but a `ProfileError` comes out of a hostile file."""
-    shown = shown or display_path(path)
-    data_bytes = inputs.read_regular_file(path, MAX_PROFILE_BYTES, "YAML file", shown=shown, error=ProfileError)
-    try:
-        text = data_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data_bytes.count(b"\n", 0, exc.start) + 1
-        raise profile_error(shown, f"not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} on line {line})") from None
-    if not text.strip():
-        raise profile_error(shown, f"empty file (expected {what})")
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except yaml.YAMLError as exc:
-        raise _yaml_error(shown, exc) from None
-    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an explicit !!timestamp that is no date
-        raise profile_error(shown, f"YAML value error: {exc}") from None
-    except RecursionError:
-        raise profile_error(shown, f"nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
-    if data is None:
-        raise profile_error(shown, f"empty file (only comments; expected {what})")
-    _check_shape(shown, data)
-    return data
-
-
 # ---------------------------------------------------------------------------------------- loading
-
-
-def lab_dir_for(path: Path | str) -> Path:
-    """`X/labs/<lab>/` for a profile at `X/profiles/<lab>.yaml` (else `<dir>/labs/<lab>/`)."""
-    p = Path(os.path.abspath(path))
-    base = p.parent.parent if p.parent.name == "profiles" else p.parent
-    return base / "labs" / p.stem
 
 
 def load_profile(path: Path | str) -> Profile:
@@ -1130,7 +443,7 @@ def load_profile(path: Path | str) -> Profile:
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        raise profile_error(shown, format_validation_error(exc)) from None
+        raise profile_error(shown, format_validation_error(exc, Profile)) from None
     stem = Path(path).stem
     if profile.name != stem:
         raise profile_error(

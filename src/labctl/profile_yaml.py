@@ -1,0 +1,123 @@
+"""Reading a YAML file safely: labctl's loader (YAML 1.2 booleans, no timestamps, no duplicate keys), a regular
+file of bounded size only (`labctl.inputs`), collections nested at most `MAX_YAML_DEPTH` deep and at most
+`MAX_YAML_NODES` values once aliases are expanded. Whatever the file holds, what comes out is data or a one-line
+`ProfileError` with line:column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from labctl import inputs
+from labctl.errors import ProfileError
+from labctl.profile_errors import display_path, profile_error
+
+MAX_PROFILE_BYTES = inputs.MAX_PROFILE_BYTES  # 1 MiB
+MAX_YAML_DEPTH = 32  # nesting of YAML collections
+MAX_YAML_NODES = 1_000_000  # values visited, aliases counted each time they are used
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (so `on:` stays a key), no timestamps (dates stay strings), that rejects
+    duplicate keys and collections nested more than `MAX_YAML_DEPTH` deep."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.CollectionStartEvent):
+            if self._depth >= MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", mark)
+            self._depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
+    return profile_error(where, f"YAML syntax error: {problem}")
+
+
+def _check_shape(shown: str, data: Any) -> None:
+    """Refuse data nested too deep (or containing itself, through YAML aliases) or too big once aliases are
+    expanded ("billion laughs"), before anything walks it recursively."""
+    budget = MAX_YAML_NODES
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise profile_error(shown, f"too many values once YAML aliases are expanded (more than {MAX_YAML_NODES:,})")
+        if isinstance(item, dict):
+            children: Iterable[Any] = [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= MAX_YAML_DEPTH:
+            raise profile_error(shown, f"nested more than {MAX_YAML_DEPTH} levels deep (or a YAML alias inside itself)")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def read_yaml(path: Path | str, what: str = "a profile mapping", shown: str | None = None) -> Any:
+    """Parse a YAML file with labctl's loader; errors are one-line `ProfileError`s with line:column.
+
+    Only a regular file of at most `MAX_PROFILE_BYTES` is read (see `labctl.inputs`), collections may nest at
+    most `MAX_YAML_DEPTH` deep, and nothing but a `ProfileError` comes out of a hostile file."""
+    shown = shown or display_path(path)
+    data_bytes = inputs.read_regular_file(path, MAX_PROFILE_BYTES, "YAML file", shown=shown, error=ProfileError)
+    try:
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data_bytes.count(b"\n", 0, exc.start) + 1
+        raise profile_error(shown, f"not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} on line {line})") from None
+    if not text.strip():
+        raise profile_error(shown, f"empty file (expected {what})")
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise _yaml_error(shown, exc) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an explicit !!timestamp that is no date
+        raise profile_error(shown, f"YAML value error: {exc}") from None
+    except RecursionError:
+        raise profile_error(shown, f"nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
+    if data is None:
+        raise profile_error(shown, f"empty file (only comments; expected {what})")
+    _check_shape(shown, data)
+    return data
