@@ -191,8 +191,8 @@ def test_several_errors_give_the_first_and_a_count(tmp_path: Path) -> None:
     )
     with pytest.raises(ProfileError) as info:
         load_profile(path)
-    assert "lease_hours: Input should be greater than or equal to 1" in str(info.value)
-    assert str(info.value).endswith("(+1 more)")
+    assert "2 problems: lease_hours: Input should be greater than or equal to 1" in str(info.value)
+    assert "; nodes.node.count: " in str(info.value) and "more)" not in str(info.value)
 
 
 def test_paths_are_shown_relative_to_the_current_directory(

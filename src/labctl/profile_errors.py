@@ -1,6 +1,6 @@
 """Profile problems as one line a student can act on: `profiles/gpu.yaml: nodes.gpu.count: Input should be ...`.
 
-A pydantic `ValidationError` becomes its first problem (plus '(+N more)') with the field's path, a hint for
+A pydantic `ValidationError` becomes one line listing every problem with the field's path, a hint for
 unknown fields and the offending value; every message is stripped of control and bidi characters and capped.
 Shared by the profile model, the YAML reader and `labctl.sites` (user sites) so they all speak the same way.
 """
@@ -26,8 +26,10 @@ UNION_TAGS = frozenset({"int", "Port", "str", "NodeNetwork"})
 
 
 def first_of(problems: list[str]) -> str:
-    more = len(problems) - 1
-    return problems[0] + (f" (+{more} more)" if more else "")
+    """Every problem on one line (issue 13: never "(+N more)": the user fixes them all in one go)."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems: " + "; ".join(problems)
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
@@ -138,7 +140,7 @@ def _describe_error(err: Mapping[str, Any], root: type[BaseModel]) -> str:
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
-    """A pydantic error of `model` as one line: the first problem, plus '(+N more)'."""
+    """A pydantic error of `model` as one line: every problem (first_of)."""
     root = model
     errors = exc.errors(include_url=False)
     if not errors:

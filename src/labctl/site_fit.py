@@ -162,7 +162,7 @@ def _check_type(
 
 
 def require_valid_for_site(profile: Profile, site: Site) -> None:
-    """`validate_for_site` as a `ProfileError` (first problem, '(+N more)') naming the profile file."""
+    """`validate_for_site` as a `ProfileError` (every problem on one line) naming the profile file."""
     problems = validate_for_site(profile, site)
     if problems:
         shown = display_path(profile.path) if profile.path else f"profile {profile.name}"

@@ -302,6 +302,40 @@ def known_sites() -> list[Site]:
     return list(_all_sites().values())
 
 
+def usable(site: Site) -> bool:
+    """Whether labctl can run a lab there: CHI@Edge leases devices (containers), not servers."""
+    return site.reservation != "device" and site.family != "edge"
+
+
+def usable_sites() -> list[Site]:
+    """The known sites a lab can run at (`labctl sites`, the unknown-site error, `--site`'s help)."""
+    return [s for s in known_sites() if usable(s)]
+
+
+#: The emulated stand-ins, by --site value: what each one emulates.
+EMULATED_SITES: Mapping[str, str] = MappingProxyType({
+    SIM: "the profile's first Chameleon site, emulated",
+    f"{SIM}:<site>": "that Chameleon site, emulated",
+    **{name: f"{stands_for}, emulated" for name, stands_for in SIM_CLOUD_SITES.items()},
+})
+_CLOUD_FORMS = ("aws:<region|zone>", "gcp:<zone|region>")
+
+
+def site_names(sites: list[Site] | None = None) -> list[str]:
+    """Every form --site takes, from the registry: the usable named sites (built-in and sites.yaml, or
+    `sites`), the AWS and GCP forms, and the emulated stand-ins."""
+    named = [s.name for s in (usable_sites() if sites is None else sites)]
+    return [*named, *_CLOUD_FORMS, *EMULATED_SITES]
+
+
+def site_help() -> str:
+    """--site's help text, from the built-in registry (read at start-up: the user's sites.yaml is not)."""
+    builtin = ", ".join(s.name for s in BUILTIN_SITES.values() if usable(s))
+    return (f"Where to run: {builtin}, {', '.join(_CLOUD_FORMS)} (aws and gcp alone: "
+            f"{DEFAULT_CLOUD_SITES['aws']}, {DEFAULT_CLOUD_SITES['gcp']}), a site of your sites.yaml; emulated: "
+            f"{', '.join(EMULATED_SITES)}. 'labctl sites' lists them.")
+
+
 def emulate(site: Site) -> Site:
     """The emulated stand-in for a real site (the testbed fills in auth_url at run time)."""
     return dataclasses.replace(
@@ -359,9 +393,6 @@ def resolve(name: str, profile: Any = None) -> Site:
         return resolve(DEFAULT_CLOUD_SITES[key])
     if (cloud := _commercial(key)) is not None:
         return cloud
-    known = list(sites)
-    raise UserError(
-        f"unknown site '{name}'"
-        + _did_you_mean(key, [*known, SIM])
-        + f"; known sites: {', '.join(known)}, sim, sim:<site>"
-    )
+    known = site_names([s for s in sites.values() if usable(s)])
+    plain = [n for n in known if "<" not in n] + list(DEFAULT_CLOUD_SITES)
+    raise UserError(f"unknown site '{name}'" + _did_you_mean(key, plain) + f"; known sites: {', '.join(known)}")
