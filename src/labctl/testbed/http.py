@@ -105,6 +105,7 @@ class Request:
     site: Site | None
     base_url: str  # http://127.0.0.1:PORT
     service: str = ""
+    site_webs: dict[str, str] = field(default_factory=dict)  # site name -> its own address (sites.json `web`)
     params: dict[str, str] = field(default_factory=dict)
     token: dict | None = None
     fault: tuple[str, str | None] | None = None  # a "server_error_state" fault for this request

@@ -10,6 +10,14 @@ URL layout (PORT is ephemeral unless asked otherwise):
     http://127.0.0.1:PORT/<site>/volume/v3/<project> Cinder     (kvm-tacc only: the bare-metal sites have none)
     http://127.0.0.1:PORT/<site>/object-store/v1/AUTH_<project>  Swift (chi-tacc, chi-uc, kvm-tacc)
     http://127.0.0.1:PORT/refapi/sites.json         resource discovery (CHI_RESOURCE_API_URL=.../refapi)
+
+With `site_addresses=True` (`labctl testbed serve`, the compatibility tests), each site also has an address of its
+own, as each real site has a host name, with Keystone on port 5000 there, where python-chi's `use_site` looks for it
+(`<sites.json web>:5000/v3`):
+
+    http://127.40.B.N:5000/v3                       Keystone of site N (1 chi-tacc, 2 chi-uc, 3 kvm-tacc, 4 chi-edge)
+
+B is the first block from 1 to 254 whose four addresses are free on port 5000 (another testbed may hold one).
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ class Outcome:
     action: str = "respond"  # respond | hang | drop
 
 
+SITE_NET = "127.40"  # each site's own address: 127.40.<block>.<site number>
+KEYSTONE_PORT = 5000  # as on every real Chameleon site
+
+
 class App:
     """Routes one request to a service, with the testbed's cross-cutting behaviour: request log, lazy
     lifecycle, latency, token check and fault injection."""
@@ -57,6 +69,7 @@ class App:
         self.world = world
         self.base_url = base_url
         self.stop_event = stop_event
+        self.site_webs: dict[str, str] = {}  # site name -> http://127.40.B.N, when the sites have addresses
         self.unvalidated: list[str] = []  # requests whose body a handler failed on without validating it
 
     def _error(self, module: ModuleType, err: HTTPError) -> Response:
@@ -128,6 +141,7 @@ class App:
             site=site,
             base_url=self.base_url,
             service=parts[1] if site else "refapi",
+            site_webs=self.site_webs,
         )
         template = None
         try:
@@ -264,6 +278,63 @@ class _Server(ThreadingHTTPServer):
     stop_event: threading.Event
 
 
+class _KeystoneHandler(_Handler):
+    """A site's own address, port 5000: its Keystone, as `/v3/...` (the path below the shared endpoint's
+    `/<site>/identity`); anything else there is Keystone's 404."""
+
+    server: _SiteServer
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        self.path = f"/{self.server.slug}/identity/{self.path.lstrip('/')}"
+        return True
+
+
+class _SiteServer(_Server):
+    slug: str
+
+
+def _serve_in_thread(server: _Server) -> threading.Thread:
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.2},
+        name=f"labctl-testbed-{server.server_address[0]}:{server.server_address[1]}",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+def _bind_site_block(block: int, main: _Server) -> list[_SiteServer] | None:
+    """Every site's Keystone listener in `block` (127.40.<block>.<n>:5000), or None when one address is taken."""
+    bound: list[_SiteServer] = []
+    try:
+        for site in cat.SITES.values():
+            server = _SiteServer((f"{SITE_NET}.{block}.{site.number}", KEYSTONE_PORT), _KeystoneHandler)
+            server.slug, server.app, server.world, server.stop_event = site.slug, main.app, main.world, main.stop_event
+            bound.append(server)
+    except OSError:
+        for server in bound:
+            server.server_close()
+        return None
+    return bound
+
+
+def _bind_site_addresses(main: _Server, preferred: int | None) -> tuple[int, list[_SiteServer]] | None:
+    """The sites' Keystone listeners in the first free block, trying `preferred` first (a restarted `serve`
+    keeps its addresses, so a notebook that cached sites.json keeps working); None when every block is taken."""
+    blocks = list(range(1, 255))
+    if preferred in blocks:
+        blocks.remove(preferred)
+        blocks.insert(0, preferred)
+    for block in blocks:
+        servers = _bind_site_block(block, main)
+        if servers is not None:
+            return block, servers
+    return None
+
+
 def _answers(address: str, port: int) -> bool:
     """Something accepts TCP connections on address:port (an SSH listener of another process)."""
     with socket.socket() as s:
@@ -293,6 +364,8 @@ class Testbed:
         self._clouds_lock = threading.Lock()
         self.port = server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.site_block: int | None = None  # B of the sites' own addresses 127.40.B.N (None: not served)
+        self._site_servers: list[tuple[_SiteServer, threading.Thread]] = []
 
     @classmethod
     def start(
@@ -302,22 +375,21 @@ class Testbed:
         ssh: bool = True,
         port: int = 0,
         shared_ssh_port: bool = False,
+        site_addresses: bool = False,
+        site_block: int | None = None,
     ) -> Testbed:
         """Serve the world in this process. SSH listens on a port private to this process, unless
-        `shared_ssh_port` (`labctl testbed serve`): then on the world's own port, which it prints."""
+        `shared_ssh_port` (`labctl testbed serve`): then on the world's own port, which it prints.
+        `site_addresses`: each site's Keystone also on port 5000 of its own address (block `site_block` if it
+        is free), named as `web` in sites.json, for python-chi's `use_site`; skipped when no block is free."""
         world = World(state_dir, time_scale)
         server = _Server(("127.0.0.1", port), _Handler)
         server.stop_event = threading.Event()
         server.world = world
         server.app = App(world, f"http://127.0.0.1:{server.server_address[1]}", server.stop_event)
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name=f"labctl-testbed-{server.server_address[1]}",
-            daemon=True,
-        )
-        thread.start()
-        tb = cls(world, server, thread)
+        tb = cls(world, server, _serve_in_thread(server))
+        if site_addresses:
+            tb._serve_site_addresses(site_block)
         if ssh:
             try:
                 from labctl.testbed.sshd import SSHNodes
@@ -337,6 +409,14 @@ class Testbed:
                 raise
         return tb
 
+    def _serve_site_addresses(self, preferred: int | None) -> None:
+        found = _bind_site_addresses(self._server, preferred)
+        if found is None:
+            return
+        self.site_block, servers = found
+        self._site_servers = [(server, _serve_in_thread(server)) for server in servers]
+        self._server.app.site_webs = {s.name: self.site_web(s.name) for s in cat.SITES.values()}
+
     # addresses and credentials ---------------------------------------------------------------------
     @property
     def refapi_url(self) -> str:
@@ -345,8 +425,18 @@ class Testbed:
     def site_url(self, site: str) -> str:
         return f"{self.endpoint}/{cat.resolve_site(site).slug}"
 
+    def site_web(self, site: str) -> str:
+        """What sites.json says is the site's `web`: its own address when the testbed serves one, else its
+        prefix on the shared endpoint."""
+        if self.site_block is None:
+            return self.site_url(site)
+        return f"http://{SITE_NET}.{self.site_block}.{cat.resolve_site(site).number}"
+
     def auth_url(self, site: str) -> str:
-        return f"{self.site_url(site)}/identity/v3"
+        """Keystone v3 of `site`: `<web>:5000/v3` as on Chameleon when the site has its own address."""
+        if self.site_block is None:
+            return f"{self.site_url(site)}/identity/v3"
+        return f"{self.site_web(site)}:{KEYSTONE_PORT}/v3"
 
     def os_env(self, site: str) -> dict[str, str]:
         """OS_* variables for an application credential on `site` (what Chameleon's openrc would set): the
@@ -429,6 +519,11 @@ class Testbed:
             finally:
                 self._ssh = None
         self._server.stop_event.set()
+        for site_server, thread in self._site_servers:
+            site_server.shutdown()
+            site_server.server_close()
+            thread.join(5)
+        self._site_servers = []
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
@@ -457,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", default="chi@tacc", help="site whose openrc to print (default chi@tacc)")
     parser.add_argument("--no-ssh", action="store_true", help="do not start the SSH nodes")
     args = parser.parse_args(argv)
-    tb = Testbed.start(args.state_dir, args.time_scale, ssh=not args.no_ssh, port=args.port, shared_ssh_port=True)
+    tb = Testbed.start(args.state_dir, args.time_scale, ssh=not args.no_ssh, port=args.port, shared_ssh_port=True,
+                       site_addresses=True)
     scale = tb.world.time_scale
     print(f"# labctl testbed serving {tb.endpoint} (world {tb.world.state_dir}, time scale {scale})")
     print(tb.openrc(args.site), flush=True)

@@ -19,7 +19,9 @@ def _site_doc(req: Request, site: cat.Site) -> dict:
         "name": site.region,
         "description": f"Emulated {site.region} (labctl testbed)",
         "location": site.location,
-        "web": f"{req.base_url}/{site.slug}",
+        # python-chi's use_site() authenticates at `<web>:5000/v3`: the site's own address when the testbed serves
+        # Keystone there (`Testbed.start(site_addresses=True)`), else the site's prefix on the shared endpoint.
+        "web": req.site_webs.get(site.name) or f"{req.base_url}/{site.slug}",
         "user_support_contact": "help@chameleoncloud.org",
         "email_contact": "help@chameleoncloud.org",
         "site_class": "core" if site.kind == "baremetal" else "kvm" if site.kind == "kvm" else "edge",
