@@ -124,10 +124,10 @@ def test_logs_are_private_and_masked(lab, labs: Path) -> None:
 
 
 def test_log_tail_is_masked_for_a_secret_registered_later(tmp_path: Path) -> None:
-    from labctl.runner.ssh import _NodeLog
+    from labctl.runner.setup import NodeLog
 
     (tmp_path / "logs").mkdir()
-    log = _NodeLog(tmp_path / "logs" / "n.log", [])
+    log = NodeLog(tmp_path / "logs" / "n.log", [])
     log.line("password=hunter2-long \x1b[2Jdone")
     redact.register_secret("hunter2-long")
     try:

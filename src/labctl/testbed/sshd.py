@@ -36,41 +36,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
 import os
-import pty
-import signal
 import socket
-import struct
 import sys
-import termios
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labctl.testbed.node_session import node_home, run_session
+from labctl.testbed.ssh_forwarding import FORWARD_HOSTS, forward_private, forward_tcp, private_destination
+
 log = logging.getLogger(__name__)
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 USER = "cc"
-FORWARD_HOSTS = frozenset({"127.0.0.1", "localhost"})
 _ENV_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
-# Child of a PTY session: become a session leader, take the PTY as controlling terminal, exec the shell.
-_PTY_CHILD = (
-    "import fcntl, os, sys, termios\n"
-    "os.setsid()\n"
-    "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
-    "os.execvp(sys.argv[1], sys.argv[1:])\n"
-)
-
-
-def node_home(node_dir: Path) -> Path:
-    home = Path(node_dir) / "home"
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return home
 
 
 def load_host_key(node_dir: Path):
@@ -333,39 +316,14 @@ class SSHNodes:
                 log.exception("evaluating the firewall of %s for %s", target.get("name"), peer)
             return False
 
-    # -- jump-host hops -----------------------------------------------------------------------------
+    # -- jump-host hops (`labctl.testbed.ssh_forwarding`) ----------------------------------------------
     def private_destination(self, jump: dict, dest_host: str, dest_port: int) -> tuple[dict, str] | None:
         """(target, network) of the node at `dest_host:22` on a network `jump` is on, if any."""
-        nets = list(jump.get("fixed_ips") or {})
-        if int(dest_port) != 22 or not nets:
-            return None
-        for t in self._targets:
-            if t.get("site") != jump.get("site") or not t.get("internal_address"):
-                continue
-            for net in nets:
-                if (t.get("fixed_ips") or {}).get(net) == dest_host:
-                    return t, net
-        return None
+        return private_destination(self._targets, jump, dest_host, dest_port)
 
     async def forward_private(self, jump: dict, dest: dict, network: str):
-        """The jump host's connection to `<dest's fixed IP>:22`: it crosses the network, so dest's firewall
-        rules apply, with the jump host (its fixed IP on `network`) as the source."""
-        import asyncssh
-
-        from labctl.testbed.firewall import Peer
-
-        peer = Peer(str((jump.get("fixed_ips") or {}).get(network)), jump, network)
-        if not await self.allowed(dest, 22, peer):
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED,
-                f"{(dest.get('fixed_ips') or {}).get(network)}:22 is not reachable from {peer.ip}: the "
-                f"firewall rules of {dest.get('name')} drop the connection")
-        listener = (str(dest["internal_address"]), int(dest["port"]))
-        # A node that just became ACTIVE may not be served yet: wait a little for its listener.
-        deadline = time.monotonic() + 5.0
-        while listener not in self.listening() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return await forward_tcp(*listener)
+        """The jump host's connection to `<dest's fixed IP>:22`, through dest's firewall."""
+        return await forward_private(self, jump, dest, network)
 
     async def _reconcile(self, targets: list[dict]) -> None:
         self._targets = targets
@@ -409,7 +367,7 @@ class SSHNodes:
             return asyncssh.SFTPServer(chan, chroot=os.fsencode(node_home(node.node_dir)))
 
         async def process_factory(process):
-            await self._session(node, process)
+            await run_session(node, process)
 
         options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: server_class(node),
@@ -449,186 +407,6 @@ class SSHNodes:
         for conn in list(node.conns):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 1)
-
-    # -- sessions -----------------------------------------------------------------------------------
-    async def _session(self, node: _Node, process) -> None:
-        try:
-            if process.subsystem:
-                process.stderr.write(f"subsystem {process.subsystem!r} is not supported\n".encode())
-                process.exit(1)
-                return
-            home = node_home(node.node_dir)
-            env = node.env(home)
-            term = process.term_type
-            if process.command is None:
-                argv = ["bash", "-i"] if term else ["bash"]
-            else:
-                argv = ["bash", "-c", process.command]
-            if term:
-                env["TERM"] = term
-                status = await self._run_pty(node, process, argv, home, env)
-            else:
-                status = await self._run_pipes(node, process, argv, home, env)
-            if status is None:
-                return  # the client went away
-            if status >= 0:
-                process.exit(status)
-            else:
-                process.exit_with_signal(signal.Signals(-status).name.removeprefix("SIG"))
-        except Exception:
-            log.exception("SSH session on %s failed", node.name)
-            with contextlib.suppress(Exception):
-                process.exit(255)
-
-    async def _supervise(self, node: _Node, process, proc, pumps: list[asyncio.Task]) -> int | None:
-        """Wait for the command, or for the channel to close first (then kill its process group)."""
-        node.pgids.add(proc.pid)
-        waiter = asyncio.ensure_future(proc.wait())
-        closed = asyncio.ensure_future(process.wait_closed())
-        try:
-            await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                await _kill_group(proc)
-                for t in pumps:
-                    t.cancel()
-                return None
-            return proc.returncode
-        finally:
-            closed.cancel()
-            node.pgids.discard(proc.pid)
-            if not waiter.done():
-                waiter.cancel()
-
-    async def _run_pipes(self, node: _Node, process, argv, home, env) -> int | None:
-        import asyncssh
-
-        proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=home, env=env, start_new_session=True,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-
-        async def pump_out(reader, writer):
-            while data := await reader.read(65536):
-                try:
-                    writer.write(data)
-                    await writer.drain()
-                except (BrokenPipeError, ConnectionError, asyncssh.Error):
-                    return
-
-        async def pump_in():
-            try:
-                while True:
-                    try:
-                        data = await process.stdin.read(65536)
-                    except asyncssh.SignalReceived as sig:
-                        _signal_group(proc.pid, sig.signal)
-                        continue
-                    except (asyncssh.TerminalSizeChanged, asyncssh.BreakReceived):
-                        continue
-                    if not data:
-                        break
-                    proc.stdin.write(data)
-                    await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionError, asyncssh.Error):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    proc.stdin.close()
-
-        outs = [asyncio.ensure_future(pump_out(proc.stdout, process.stdout)),
-                asyncio.ensure_future(pump_out(proc.stderr, process.stderr))]
-        feeder = asyncio.ensure_future(pump_in())
-        try:
-            status = await self._supervise(node, process, proc, [*outs, feeder])
-            if status is not None:
-                # Output written before the exit must reach the client before the exit status. Like sshd,
-                # wait for EOF on the pipes (a background child holding them keeps the session open) unless
-                # the client closes the channel first.
-                drained = asyncio.ensure_future(asyncio.gather(*outs, return_exceptions=True))
-                closed = asyncio.ensure_future(process.wait_closed())
-                await asyncio.wait({drained, closed}, return_when=asyncio.FIRST_COMPLETED)
-                closed.cancel()
-                if not drained.done():
-                    drained.cancel()
-                    return None
-            return status
-        finally:
-            feeder.cancel()
-            for t in outs:
-                t.cancel()
-
-    async def _run_pty(self, node: _Node, process, argv, home, env) -> int | None:
-        import asyncssh
-
-        loop = asyncio.get_running_loop()
-        master, slave = pty.openpty()
-        try:
-            _set_winsize(slave, process.term_size)
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-c", _PTY_CHILD, *argv,
-                cwd=home, env=env, stdin=slave, stdout=slave, stderr=slave,
-            )
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
-        os.set_blocking(master, False)
-        eof = loop.create_future()
-
-        def on_readable():
-            try:
-                data = os.read(master, 65536)
-            except BlockingIOError:
-                return
-            except OSError:  # EIO: every slave fd closed
-                data = b""
-            if not data:
-                loop.remove_reader(master)
-                if not eof.done():
-                    eof.set_result(None)
-                return
-            with contextlib.suppress(Exception):
-                process.stdout.write(data)
-
-        loop.add_reader(master, on_readable)
-
-        async def pump_in():
-            try:
-                while True:
-                    try:
-                        data = await process.stdin.read(65536)
-                    except asyncssh.TerminalSizeChanged as change:
-                        _set_winsize(master, (change.width, change.height, change.pixwidth, change.pixheight))
-                        continue
-                    except asyncssh.SignalReceived as sig:
-                        _signal_group(proc.pid, sig.signal)
-                        continue
-                    except asyncssh.BreakReceived:
-                        continue
-                    if not data:
-                        return
-                    while data:
-                        try:
-                            n = os.write(master, data)
-                            data = data[n:]
-                        except BlockingIOError:
-                            await asyncio.sleep(0.01)
-            except (OSError, asyncssh.Error):
-                pass
-
-        feeder = asyncio.ensure_future(pump_in())
-        try:
-            status = await self._supervise(node, process, proc, [feeder])
-            if status is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(eof), 1.0)
-            return status
-        finally:
-            feeder.cancel()
-            loop.remove_reader(master)
-            os.close(master)
-
 
 class _Listener:
     """A node's SSH listener: accepts TCP connections on `key` (SO_REUSEPORT, so several processes may serve
@@ -696,60 +474,5 @@ class _Listener:
             await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def forward_tcp(host: str, port: int):
-    """A forwarded TCP connection for a direct-tcpip channel: asyncssh's `conn.forward_connection(host, port)`,
-    except that the channel is closed once both directions have ended, whichever ended first, as sshd does.
-
-    asyncssh's forwarder closes the channel only when the TCP side ends last: when the TCP peer hangs up first
-    (the inner node of a jump-host hop drops the connection before the client's EOF arrives), the channel's
-    `eof_received` returns False -- which closes an asyncio transport, but not an SSH channel -- and the channel
-    stayed half-open for ever, so `ssh -W` (ProxyCommand/ProxyJump) never exited unless SIGHUP killed it.
-    """
-    import asyncssh
-    from asyncssh.forward import SSHForwarder
-
-    class ClosingForwarder(SSHForwarder):
-        def eof_received(self) -> bool:
-            keep_open = super().eof_received()
-            if not keep_open:
-                self.close()
-            return keep_open
-
-    try:
-        _, peer = await asyncio.get_running_loop().create_connection(SSHForwarder, host, port)
-    except OSError as exc:
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
-    return ClosingForwarder(peer)
-
-
 def _ident(target: dict, key: tuple[str, int]) -> tuple:
     return (str(target.get("server_id")), key[0], key[1], str(target["node_dir"]))
-
-
-def _set_winsize(fd: int, size) -> None:
-    width, height, pixwidth, pixheight = (tuple(size) + (0, 0, 0, 0))[:4]
-    if width and height:
-        with contextlib.suppress(OSError):
-            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pixwidth, pixheight))
-
-
-def _signal_group(pgid: int, name: str) -> None:
-    signum = getattr(signal, "SIG" + str(name).upper().removeprefix("SIG"), None)
-    if signum is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signum)
-
-
-async def _kill_group(proc) -> None:
-    """SIGHUP then SIGKILL the session's process group, as sshd does when a client disconnects."""
-    for sig, grace in ((signal.SIGHUP, 1.0), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EPERM:
-                raise
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), grace)
-            return
