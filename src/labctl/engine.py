@@ -199,6 +199,17 @@ class Engine:
                     self.store.delete_resource(plan.deployment, rec.key)
         return [f for f in self.provider.list_owned(plan) if f.cloud_id not in kept_ids]
 
+    def delete_found(self, plan: Plan, found: list[Found]) -> None:
+        """Delete exactly these resources of one deployment (what a leak audit listed), in teardown order:
+        reverse KIND_ORDER, kinds the engine does not know last. Records nothing: the state holds no row of them."""
+        order = {kind: i for i, kind in enumerate(reversed(KIND_ORDER))}
+        by_kind: dict[str, list[Found]] = {}
+        for f in found:
+            by_kind.setdefault(f.kind, []).append(f)
+        for kind in sorted(by_kind, key=lambda k: order.get(k, len(order))):
+            self.on_progress(kind, "deleting", f"{len(by_kind[kind])} of {plan.deployment}")
+            self.provider.delete(kind, by_kind[kind], plan)
+
 
 def _spec_for_lookup(plan: Plan, key: str, data: dict) -> dict:
     try:

@@ -38,6 +38,7 @@ def _global_options(
 
 
 app.add_typer(testbed_app, name="testbed")
+app.command("gc")(__import__("labctl.cli.gc_command", fromlist=["gc_command"]).gc_command)
 class_app = typer.Typer(help="Provision a lab for a whole class roster, watch it, report, tear it down.",
                         no_args_is_help=True)
 app.add_typer(class_app, name="class")
