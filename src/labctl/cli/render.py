@@ -14,15 +14,34 @@ import threading
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from labctl.redact import clean, csv_cell, mask
 
-err_console = Console(stderr=True)
-out_console = Console()
+# Off a terminal (piped, redirected) no value is cut or wrapped to fit: tables take their natural width.
+OFF_TERMINAL_WIDTH = 100_000
+
+
+class _Console(Console):
+    """A Rich console as wide as its terminal, and unbounded off one (not COLUMNS, not 80, not the width of
+    another stream's terminal): `labctl status | grep 127.10` finds whole addresses."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if not self.is_terminal:
+            return ConsoleDimensions(OFF_TERMINAL_WIDTH, super().size.height)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+err_console = _Console(stderr=True)
+out_console = _Console()
 
 _active: list[Any] = []
 
@@ -37,8 +56,24 @@ def _s(value: object) -> str:
     return escape(clean("" if value is None else value, one_line=True))
 
 
+# Stages still under way; on success the final frame shows what each came to, on failure that it stopped.
+_FINISHED = {"creating": "created", "deleting": "deleted", "checking": "ok", "waiting": "ready",
+             "building": "built", "ssh-wait": "ssh-ready"}
+
+
+def shown_stage(stage: str, detail: str) -> tuple[str, str]:
+    """What a person reads for a progress event: waiting for SSH is waiting (a booting node refuses
+    connections: that is no error)."""
+    if stage == "ssh-wait":
+        if "connection refused" in detail:
+            detail = "the node is still booting (it refuses connections so far)"
+        return "waiting for SSH", detail
+    return stage, detail
+
+
 class LiveProgress:
-    """A live table of what each node/resource is doing (lease pending, building, SSH, setup...)."""
+    """A live table of what each node/resource is doing (lease pending, building, SSH, setup...); off a
+    terminal, one line per change. `stop` ends on a final frame: nothing left "creating" or "waiting"."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.rows: dict[str, tuple[str, str, float]] = {}
@@ -46,6 +81,7 @@ class LiveProgress:
         self.lock = threading.Lock()
         self.quiet = quiet
         self.live = None
+        self.ssh_ready: set[str] = set()
         if not quiet and err_console.is_terminal:
             from rich.live import Live
 
@@ -59,14 +95,25 @@ class LiveProgress:
 
     def __call__(self, subject: str, stage: str, detail: str) -> None:
         with self.lock:
-            previous = self.rows.get(subject)
-            self.rows[subject] = (stage, detail, time.monotonic())
+            self._set(subject, stage, detail)
+            if stage == "ssh-ready":  # the "ssh" row counts the nodes that answer
+                self.ssh_ready.add(subject)
+                waiting = self.rows.get("ssh")
+                if waiting is not None:
+                    total = waiting[1].split(" ", 1)[0].split("/")[-1]
+                    state = "ready" if total.isdigit() and len(self.ssh_ready) >= int(total) else "waiting"
+                    self._set("ssh", state, f"{len(self.ssh_ready)}/{total} node(s)")
             if self.live is not None:
                 self.live.update(self._table())
-            elif not self.quiet and (previous is None or previous[:2] != (stage, detail)):
-                elapsed = time.monotonic() - self.started
-                err_console.print(f"[dim]{elapsed:6.1f}s[/dim] {_s(subject)}: {_s(stage)}"
-                                  + (f" ({_s(detail)})" if detail else ""), highlight=False)
+
+    def _set(self, subject: str, stage: str, detail: str) -> None:
+        previous = self.rows.get(subject)
+        self.rows[subject] = (stage, detail, time.monotonic())
+        if self.live is None and not self.quiet and (previous is None or previous[:2] != (stage, detail)):
+            elapsed = time.monotonic() - self.started
+            stage, detail = shown_stage(stage, detail)
+            err_console.print(f"[dim]{elapsed:6.1f}s[/dim] {_s(subject)}: {_s(stage)}"
+                              + (f" ({_s(detail)})" if detail else ""), highlight=False)
 
     def _table(self) -> Table:
         table = Table(title=f"labctl ({time.monotonic() - self.started:.0f}s)", expand=False)
@@ -75,12 +122,23 @@ class LiveProgress:
         table.add_column("detail", overflow="fold")
         for subject, (stage, detail, _) in self.rows.items():
             style = "red" if "fail" in stage or "error" in stage else "yellow" if "fallback" in stage else ""
-            table.add_row(_t(subject), _t(stage, style), _t(detail))
+            table.add_row(_t(subject), *(_t(x, style if i == 0 else "")
+                                         for i, x in enumerate(shown_stage(stage, detail))))
         return table
 
-    def stop(self) -> None:
+    def finish(self, ok: bool) -> None:
+        """The final frame: each stage still under way becomes what it came to (ok) or says it stopped."""
+        with self.lock:
+            for subject, (stage, detail, at) in list(self.rows.items()):
+                if stage in _FINISHED:
+                    self.rows[subject] = (_FINISHED[stage] if ok else f"{stage}, stopped", detail, at)
+            if self.live is not None:
+                self.live.update(self._table(), refresh=True)
+
+    def stop(self, ok: bool = True) -> None:
         logging.getLogger("labctl.providers").removeHandler(self.handler)
         if self.live is not None:
+            self.finish(ok)
             self.live.stop()
             self.live = None
         if self in _active:
@@ -104,8 +162,9 @@ def progress_reporter(quiet: bool = False) -> LiveProgress:
 
 
 def stop_all() -> None:
+    """After an error: every live display ends on a frame that says what stopped."""
     for live in list(_active):
-        live.stop()
+        live.stop(ok=False)
 
 
 def print_status(results: list[Any], detail: bool = False) -> None:
@@ -130,10 +189,26 @@ def print_status(results: list[Any], detail: bool = False) -> None:
             err_console.print(f"warning: {_s(st.warning)}", highlight=False)
     if detail:
         for st in results:
-            for key, value in st.outputs.items():
-                out_console.print(f"[bold]{_s(key)}[/bold]: {_s(value)}", highlight=False)
-            if st.nodes and any(n.floating_ip for n in st.nodes):
-                out_console.print(f"ssh: labctl ssh {_s(st.name)}", highlight=False)
+            print_outputs(st)
+
+
+def _ssh_hint(st: Any, value: str) -> str:
+    """A profile's `labctl ssh <lab>` as it works for this deployment (`up hello --name h2`: `labctl ssh h2`)."""
+    prefix = f"labctl ssh {st.lab}"
+    if st.name != st.lab and (value == prefix or value.startswith(prefix + " ")):
+        return f"labctl ssh {st.name}" + value[len(prefix):]
+    return value
+
+
+def print_outputs(st: Any) -> None:
+    """The profile's outputs, then how to SSH in: once (a profile's own `ssh` output counts)."""
+    hinted = False
+    for key, value in st.outputs.items():
+        value = _ssh_hint(st, str(value))
+        hinted = hinted or value.startswith(f"labctl ssh {st.name}")
+        out_console.print(f"[bold]{_s(key)}[/bold]: {_s(value)}", highlight=False)
+    if not hinted and st.nodes and any(n.floating_ip for n in st.nodes):
+        out_console.print(f"ssh: labctl ssh {_s(st.name)}", highlight=False)
 
 
 def plan_json(plan: Any) -> dict[str, Any]:
