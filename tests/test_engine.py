@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pytest
 
@@ -139,3 +140,96 @@ def test_destroy_removes_recorded_and_tagged_strays(store):
     left = Engine(cloud, store).destroy(plan)
     assert left == [] and cloud.items == {}
     assert store.resources(plan.deployment) == []
+
+
+def test_delete_found_deletes_exactly_those_in_teardown_order(store):
+    cloud = MemoryCloud(capacity={"big": 1})
+    plan = make_plan()
+    Engine(cloud, store).apply(plan)
+    deleted: list[str] = []
+    delete = cloud.delete
+    cloud.delete = lambda kind, found, p: (deleted.append(kind), delete(kind, found, p))
+    listed = [cloud.items[n] for n in ("labctl-u-lab", "labctl-u-lab-n-1", "labctl-u-lab-n-1-fip")]
+    Engine(cloud, store).delete_found(plan, listed)
+    assert deleted == ["floating_ip", "server", "keypair"]
+    assert list(cloud.items) == ["labctl-u-lab-n"]  # the reservation was not listed: still there
+
+
+# -- lease ends (service.extend_deployment over an in-memory cloud) ----------------------------------------------
+def _deployment_with(store, kind: str, end: str):
+    from labctl.state import DeploymentRecord
+
+    store.save_deployment(DeploymentRecord("labctl-u-lab", "lab", "lab", "u", None, "fake", "up", None, {}))
+    store.record_resource("labctl-u-lab", f"{kind}:n-1", "ready", "id-1", {"end": end}, kind=kind,
+                          name="labctl-u-lab-n-1")
+    store.set_deployment_status("labctl-u-lab", "up", lease_end=end)
+    return store.get_deployment("labctl-u-lab")
+
+
+class EndCloud(MemoryCloud):
+    """Moves a server's end as AWS/GCP adapters do (or, with `movable=False`, gives no end back)."""
+
+    movable: bool = True
+
+    def extend(self, found, hours, plan):
+        from datetime import datetime, timedelta
+
+        if self.movable:
+            found.attrs["end"] = (datetime.fromisoformat("2026-12-04T12:00:00+00:00")
+                                  + timedelta(hours=hours)).isoformat().replace("+00:00", "Z")
+        return found
+
+
+def test_extend_moves_a_servers_end_where_the_cloud_has_no_lease(store):
+    from labctl import service
+
+    ctx = service.Context(store, "u")
+    cloud = EndCloud()
+    cloud.site = FakeSite()
+    dep = _deployment_with(store, "server", "2026-12-04T12:00:00Z")
+    st = service.extend_deployment(ctx, dep, cloud, 2)
+    assert st.lease_end == "2026-12-04T14:00:00+00:00"
+    assert store.resource(dep.id, "server:n-1").data["end"] == "2026-12-04T14:00:00+00:00"
+
+
+def test_extend_says_in_one_line_where_the_cloud_cannot_move_the_end(store):
+    from labctl import service
+    from labctl.errors import UserError
+
+    ctx = service.Context(store, "u")
+    cloud = EndCloud()
+    cloud.movable = False
+    cloud.site = FakeSite()
+    dep = _deployment_with(store, "server", "2026-12-04T12:00:00Z")
+    with pytest.raises(UserError, match="cannot move the end of server labctl-u-lab-n-1") as exc:
+        service.extend_deployment(ctx, dep, cloud, 2)
+    assert "\n" not in str(exc.value) and exc.value.exit_code == 2
+    store.delete_resource(dep.id, "server:n-1")
+    with pytest.raises(UserError, match="no lease and no server"):
+        service.extend_deployment(ctx, dep, cloud, 2)
+
+
+@pytest.mark.parametrize(("left", "expected"), [
+    (timedelta(hours=2), None),
+    (timedelta(minutes=61), None),
+    (timedelta(minutes=59), "ends in 59 min"),
+    (timedelta(seconds=10), "ends in 1 min"),
+    (-timedelta(minutes=5), "ended at"),
+])
+def test_status_warns_when_less_than_an_hour_is_left(left, expected):
+    from datetime import UTC, datetime
+
+    from labctl import service
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    warning = service.end_warning("lab", "up", (now + left).isoformat(), now)
+    assert (warning is None) if expected is None else (expected in warning and "\n" not in warning)
+    assert service.end_warning("lab", "kept", (now + left).isoformat(), now) is None
+
+
+def test_the_first_end_wins_whatever_its_notation():
+    from labctl import service
+
+    assert service.earliest_end(["2026-12-04T14:00:00Z", "2026-12-04T13:30:00+00:00", None, "garbage",
+                                 "2026-12-04T08:00:00-06:00"]) == "2026-12-04T13:30:00+00:00"
+    assert service.earliest_end([None, ""]) is None
