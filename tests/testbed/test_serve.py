@@ -113,7 +113,9 @@ def test_background_testbed_serves_ssh_after_up_returns(labctl_env: dict[str, st
     assert st["running"] is True and set(st["ports"]) == {"chameleon", "gce", "aws", "ssh"}
     pid = st["pid"]
     assert alive(pid) and st["world"] == str(world)
-    assert settings["OS_AUTH_URL"].startswith(f"http://127.0.0.1:{st['ports']['chameleon']}/")
+    # As Chameleon's openrc: Keystone on port 5000 of the site's own address (the block serve.json records)
+    assert settings["OS_AUTH_URL"] == f"http://127.40.{serve.recorded(world)['site_block']}.1:5000/v3"
+    assert settings["CHI_RESOURCE_API_URL"] == f"http://127.0.0.1:{st['ports']['chameleon']}/refapi"
     assert f"running (pid {pid})" in run(labctl_env, "testbed", "status").stdout
     for name in (serve.SERVE_FILE, serve.SERVE_LOG, serve.ENV_FILE, serve.TOKEN_FILE):
         assert stat.S_IMODE((world / name).stat().st_mode) == 0o600, name
@@ -214,6 +216,24 @@ def test_serve_prints_settings_the_real_sdks_use(labctl_env: dict[str, str], wor
                                        client_options={"api_endpoint": endpoint})
         names = {z.name for z in zones.list(project=settings["CLOUDSDK_CORE_PROJECT"])}
         assert "us-central1-a" in names
+
+        # python-chi as the course runs it: the environment of `source env.sh`, then use_site (auth_url =
+        # sites.json's web + ":5000/v3"), and for KVM@TACC (whose URL python-chi builds in) the printed chi.set
+        kvm_fix = next(line for line in lines if "chi.set('auth_url'" in line).split("after ", 1)[1].split(", ", 1)[1]
+        script = ("import chi, chi.server\n"
+                  "chi.use_site('CHI@UC')\n"
+                  "print('uc', chi.get('auth_url'), [f.name for f in chi.server.list_flavors()])\n"
+                  "chi.use_site('KVM@TACC')\n"
+                  f"{kvm_fix.strip()}\n"
+                  "print('kvm', chi.get('auth_url'), 'm1.small' in [f.name for f in chi.server.list_flavors()])\n")
+        env = {**labctl_env, **settings, "HOME": str(tmp_path)}
+        chi_run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                 timeout=120, stdin=subprocess.DEVNULL)
+        assert chi_run.returncode == 0, chi_run.stderr
+        printed = dict(line.split(" ", 1) for line in chi_run.stdout.splitlines() if line.startswith(("uc ", "kvm ")))
+        block = serve.recorded(world)["site_block"]
+        assert printed["uc"] == f"http://127.40.{block}.2:5000/v3 ['baremetal']"
+        assert printed["kvm"] == f"http://127.40.{block}.3:5000/v3 True"
     finally:
         finish()
     assert proc.returncode == 0

@@ -5,8 +5,9 @@ One process serves, over one world directory, the emulated Chameleon (every site
 front layer (with the world's moto daemon behind it), plus SSH for every emulated node on the world's SSH port.
 Files in the world directory (all 0600):
 
-    serve.json   {"pid", "ports": {"chameleon", "gce", "aws", "ssh"}, "started", "site"}: the ports are kept
-                 after the process ends, and the next one takes them again when they are free
+    serve.json   {"pid", "ports": {"chameleon", "gce", "aws", "ssh"}, "site_block", "started", "site"}: the ports
+                 and the block of the sites' own addresses (127.40.B.N, Keystone on port 5000 there, for
+                 python-chi's use_site) are kept after the process ends, and the next one takes them again when free
     serve.lock   held (flock) by the serving process for its lifetime: one server per world
     serve.log    the background process's output (no secrets: the settings go to env.sh)
     env.sh       the settings for each cloud's usual client, to `source`
@@ -185,8 +186,10 @@ class Served:
 
         self.state_dir = private_dir(Path(state_dir).expanduser())
         old = recorded(self.state_dir).get("ports") or {}
+        block = recorded(self.state_dir).get("site_block")
         self.tb = Testbed.start(self.state_dir, time_scale, port=_port_or_any(old.get("chameleon")),
-                                shared_ssh_port=True)
+                                shared_ssh_port=True, site_addresses=True,
+                                site_block=block if isinstance(block, int) else None)
         try:
             self.gce = self.tb.gce(port=_port_or_any(old.get("gce")))
             self.aws = self.tb.aws(port=_port_or_any(old.get("aws")))
@@ -206,6 +209,7 @@ class Served:
         lines = [f"# labctl testbed: world {self.state_dir}",
                  f"# Chameleon ({site}; the openstack CLI, openstacksdk, python-chi):",
                  self.tb.openrc(site).rstrip("\n"),
+                 *self._python_chi_notes(),
                  f"# Compute Engine (gcloud; google-cloud-compute with client_options="
                  f"{{'api_endpoint': '{self.gce.endpoint}'}} and the token as a bearer token):",
                  f"#   gcloud config set api_endpoint_overrides/compute {gce_url}",
@@ -222,12 +226,23 @@ class Served:
                  "(`labctl ssh LAB` uses it)"]
         return "\n".join(lines) + "\n"
 
+    def _python_chi_notes(self) -> list[str]:
+        """How python-chi finds each site: sites.json (CHI_RESOURCE_API_URL, exported above) names each site's
+        own address, and use_site() authenticates at port 5000 there."""
+        if self.tb.site_block is None:
+            return ["# python-chi: no loopback block had port 5000 free for the sites' own addresses, so",
+                    "#   chi.use_site() cannot work here; chi.set('auth_url', $OS_AUTH_URL) after it instead"]
+        return ["# python-chi: chi.use_site('CHI@TACC'), 'CHI@UC' or 'CHI@Edge' (sites.json at $CHI_RESOURCE_API_URL;",
+                "#   Keystone on port 5000 of each site's own address). KVM@TACC's address is built into python-chi:",
+                f"#   after chi.use_site('KVM@TACC'), chi.set('auth_url', '{self.tb.auth_url('kvm@tacc')}')"]
+
     def publish(self, site: str) -> None:
         """Write gce-token, env.sh and serve.json (0600), in that order: serve.json says the rest is there."""
         _write_private_text(self.state_dir / TOKEN_FILE, self.gce.token)
         _write_private_text(self.state_dir / ENV_FILE, self.settings(site))
         _write_private_json(self.state_dir / SERVE_FILE, {
-            "pid": os.getpid(), "ports": self.ports, "started": time.time(), "site": site,
+            "pid": os.getpid(), "ports": self.ports, "site_block": self.tb.site_block, "started": time.time(),
+            "site": site,
             "world": str(self.state_dir)})
 
     def stop(self) -> None:
