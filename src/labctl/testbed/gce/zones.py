@@ -4,7 +4,9 @@ zone/region/global operations (get, list, wait)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from labctl.testbed.gce import catalog
 from labctl.testbed.gce import world as w
@@ -21,6 +23,8 @@ from labctl.testbed.gce.common import (
     zone_param,
 )
 from labctl.testbed.gce.world import Db
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------ zones, regions
@@ -39,11 +43,17 @@ def zones_list(call: Call) -> dict:
     return list_page(call, "compute#zoneList", items, f"projects/{call.project}/zones")
 
 
-def zones_get(call: Call) -> dict:
+def _named(call: Call, param: str, known: Mapping[str, object], collection: str) -> str:
+    """The zone or region the call names (`{param}`), 404 as Compute Engine says it when there is none."""
     check_project(call)
-    zone = call.params["zone"]
-    if zone not in catalog.ZONES:
-        raise not_found(f"projects/{call.project}/zones/{zone}")
+    name = call.params[param]
+    if name not in known:
+        raise not_found(f"projects/{call.project}/{collection}/{name}")
+    return name
+
+
+def zones_get(call: Call) -> dict:
+    zone = _named(call, "zone", catalog.ZONES, "zones")
     return links(_zone_obj(call.project, zone), call.base)
 
 
@@ -58,10 +68,7 @@ def _region_obj(call: Call, region: str, db: Db) -> dict:
 
 
 def regions_get(call: Call) -> dict:
-    check_project(call)
-    region = call.params["region"]
-    if region not in catalog.REGIONS:
-        raise not_found(f"projects/{call.project}/regions/{region}")
+    region = _named(call, "region", catalog.REGIONS, "regions")
     with call.world.read() as db:
         return links(_region_obj(call, region, db), call.base)
 
@@ -94,30 +101,6 @@ def _machine_types_in(zone: str) -> list[catalog.MachineType]:
     return [mt for mt in catalog.MACHINE_TYPES.values() if zone in catalog.machine_type_zones(mt)]
 
 
-def machine_types_list(call: Call) -> dict:
-    check_project(call)
-    zone = zone_param(call)
-    items = [_machine_type_obj(call.project, zone, mt) for mt in _machine_types_in(zone)]
-    return list_page(call, "compute#machineTypeList", items, f"projects/{call.project}/zones/{zone}/machineTypes")
-
-
-def machine_types_get(call: Call) -> dict:
-    check_project(call)
-    zone = zone_param(call)
-    mt = catalog.machine_type_in_zone(call.params["name"], zone)
-    if mt is None:
-        raise not_found(f"projects/{call.project}/zones/{zone}/machineTypes/{call.params['name']}")
-    return links(_machine_type_obj(call.project, zone, mt), call.base)
-
-
-def machine_types_aggregated(call: Call) -> dict:
-    check_project(call)
-    per = {f"zones/{z}": [_machine_type_obj(call.project, z, mt) for mt in _machine_types_in(z)]
-           for z in catalog.ZONES}
-    return aggregated_page(call, "compute#machineTypeAggregatedList", "machineTypes", per,
-                       f"projects/{call.project}/aggregated/machineTypes")
-
-
 def _accelerator_obj(project: str, zone: str, acc: catalog.Accelerator) -> dict:
     return {"kind": "compute#acceleratorType", "id": acc.id, "creationTimestamp": EPOCH, "name": acc.name,
             "description": acc.description, "zone": f"projects/{project}/zones/{zone}",
@@ -125,29 +108,52 @@ def _accelerator_obj(project: str, zone: str, acc: catalog.Accelerator) -> dict:
             "maximumCardsPerInstance": acc.max_cards}
 
 
-def accelerator_types_list(call: Call) -> dict:
-    check_project(call)
-    zone = zone_param(call)
-    items = [_accelerator_obj(call.project, zone, a) for a in catalog.ACCELERATORS.values() if zone in a.zones]
-    return list_page(call, "compute#acceleratorTypeList", items,
-                 f"projects/{call.project}/zones/{zone}/acceleratorTypes")
+def _accelerators_in(zone: str) -> list[catalog.Accelerator]:
+    return [a for a in catalog.ACCELERATORS.values() if zone in a.zones]
 
 
-def accelerator_types_get(call: Call) -> dict:
-    check_project(call)
-    zone = zone_param(call)
-    acc = catalog.accelerator_in_zone(call.params["name"], zone)
-    if acc is None:
-        raise not_found(f"projects/{call.project}/zones/{zone}/acceleratorTypes/{call.params['name']}")
-    return links(_accelerator_obj(call.project, zone, acc), call.base)
+@dataclass(frozen=True)
+class _ZonalCatalog(Generic[T]):
+    """A read-only zonal collection of the catalogue: its list, get and aggregatedList pages, all rendered from
+    the same items by one function, as Compute Engine shows machine types and accelerator types."""
+
+    collection: str  # "machineTypes": the URL's collection and the aggregated list's key
+    kind: str  # "compute#machineType"; the list pages' kinds add "List" and "AggregatedList"
+    items_in: Callable[[str], list[T]]  # zone -> what it offers
+    find: Callable[[str, str], T | None]  # (name, zone) -> the item if the zone offers it
+    render: Callable[[str, str, T], dict]  # (project, zone, item) -> the resource
+
+    def list(self, call: Call) -> dict:
+        check_project(call)
+        zone = zone_param(call)
+        items = [self.render(call.project, zone, x) for x in self.items_in(zone)]
+        return list_page(call, f"{self.kind}List", items, f"projects/{call.project}/zones/{zone}/{self.collection}")
+
+    def get(self, call: Call) -> dict:
+        check_project(call)
+        zone = zone_param(call)
+        found = self.find(call.params["name"], zone)
+        if found is None:
+            raise not_found(f"projects/{call.project}/zones/{zone}/{self.collection}/{call.params['name']}")
+        return links(self.render(call.project, zone, found), call.base)
+
+    def aggregated(self, call: Call) -> dict:
+        check_project(call)
+        per = {f"zones/{z}": [self.render(call.project, z, x) for x in self.items_in(z)] for z in catalog.ZONES}
+        return aggregated_page(call, f"{self.kind}AggregatedList", self.collection, per,
+                               f"projects/{call.project}/aggregated/{self.collection}")
 
 
-def accelerator_types_aggregated(call: Call) -> dict:
-    check_project(call)
-    per = {f"zones/{z}": [_accelerator_obj(call.project, z, a) for a in catalog.ACCELERATORS.values()
-                          if z in a.zones] for z in catalog.ZONES}
-    return aggregated_page(call, "compute#acceleratorTypeAggregatedList", "acceleratorTypes", per,
-                       f"projects/{call.project}/aggregated/acceleratorTypes")
+_MACHINE_TYPES = _ZonalCatalog("machineTypes", "compute#machineType", _machine_types_in,
+                               catalog.machine_type_in_zone, _machine_type_obj)
+_ACCELERATOR_TYPES = _ZonalCatalog("acceleratorTypes", "compute#acceleratorType", _accelerators_in,
+                                   catalog.accelerator_in_zone, _accelerator_obj)
+machine_types_list = _MACHINE_TYPES.list
+machine_types_get = _MACHINE_TYPES.get
+machine_types_aggregated = _MACHINE_TYPES.aggregated
+accelerator_types_list = _ACCELERATOR_TYPES.list
+accelerator_types_get = _ACCELERATOR_TYPES.get
+accelerator_types_aggregated = _ACCELERATOR_TYPES.aggregated
 
 
 def _image_obj(img: catalog.Image) -> dict:
@@ -176,20 +182,23 @@ def images_list(call: Call) -> dict:
     return list_page(call, "compute#imageList", items, f"projects/{call.project}/global/images")
 
 
+def _image_page(call: Call, img: catalog.Image | None, rel: str) -> dict:
+    """The image as the API shows it, or 404 naming what was asked for (`rel`)."""
+    if img is None:
+        raise not_found(f"projects/{call.project}/{rel}")
+    return links(_image_obj(img), call.base)
+
+
 def images_get(call: Call) -> dict:
     check_project(call, read_only_image=True)
-    img = catalog.image(call.project, call.params["name"])
-    if img is None:
-        raise not_found(f"projects/{call.project}/global/images/{call.params['name']}")
-    return links(_image_obj(img), call.base)
+    name = call.params["name"]
+    return _image_page(call, catalog.image(call.project, name), f"global/images/{name}")
 
 
 def images_family(call: Call) -> dict:
     check_project(call, read_only_image=True)
-    img = catalog.image_from_family(call.project, call.params["family"])
-    if img is None:
-        raise not_found(f"projects/{call.project}/global/images/family/{call.params['family']}")
-    return links(_image_obj(img), call.base)
+    family = call.params["family"]
+    return _image_page(call, catalog.image_from_family(call.project, family), f"global/images/family/{family}")
 
 
 def image_family_views_get(call: Call) -> dict:
@@ -198,10 +207,10 @@ def image_family_views_get(call: Call) -> dict:
     zone = call.params["zone"]
     if zone != "-":
         zone_param(call)
-    img = catalog.image_from_family(call.project, call.params["family"])
-    if img is None:
-        raise not_found(f"projects/{call.project}/zones/{zone}/imageFamilyViews/{call.params['family']}")
-    return {"kind": "compute#imageFamilyView", "image": links(_image_obj(img), call.base)}
+    family = call.params["family"]
+    img = catalog.image_from_family(call.project, family)
+    return {"kind": "compute#imageFamilyView",
+            "image": _image_page(call, img, f"zones/{zone}/imageFamilyViews/{family}")}
 
 
 def resolve_image(call: Call, source: object,

@@ -24,125 +24,35 @@ from labctl.testbed.openstack.neutron.common import (
 _EPOCH = 1_700_000_000.0
 
 
-def networks(site: Site) -> list[dict]:
-    out = []
-    for name, net_id, subnet_id, external in (
-        ("public", cat.public_net_id(site), cat.public_subnet_id(site), True),
-        ("sharednet1", cat.shared_net_id(site), cat.shared_subnet_id(site), False),
-    ):
-        out.append(
-            {
-                "id": net_id,
-                "name": name,
-                "admin_state_up": True,
-                "status": "ACTIVE",
-                "subnets": [subnet_id],
-                "shared": not external,
-                "router:external": external,
-                "mtu": 1500,
-                "availability_zones": ["nova"],
-                "availability_zone_hints": [],
-                "ipv4_address_scope": None,
-                "ipv6_address_scope": None,
-                "port_security_enabled": True,
-                "is_default": external,
-                "l2_adjacency": True,
-                "qos_policy_id": None,
-                "dns_domain": "",
-                **standard_fields({"created": _EPOCH, "revision": 1}, ADMIN_PROJECT),
-            }
-        )
-    return out
+# One view per resource kind, for the site's built-in ones (made by the operator's admin project) and the
+# project's own alike: the same fields in the same shape, as Neutron answers.
 
 
-def subnets(site: Site) -> list[dict]:
-    out = []
-    for name, sid, net_id, cidr, dhcp in (
-        ("public-subnet", cat.public_subnet_id(site), cat.public_net_id(site), cat.public_cidr(site), False),
-        (
-            "sharednet1-subnet",
-            cat.shared_subnet_id(site),
-            cat.shared_net_id(site),
-            cat.shared_cidr(site),
-            True,
-        ),
-    ):
-        net = ipaddress.ip_network(cidr)
-        hosts = list(net.hosts()) if net.prefixlen >= 24 else None
-        first = str(net.network_address + 2)
-        last = str(hosts[-1]) if hosts else str(net.broadcast_address - 1)
-        out.append(
-            {
-                "id": sid,
-                "name": name,
-                "network_id": net_id,
-                "cidr": cidr,
-                "ip_version": 4,
-                "gateway_ip": str(net.network_address + 1),
-                "enable_dhcp": dhcp,
-                "allocation_pools": [{"start": first, "end": last}],
-                "dns_nameservers": ["8.8.8.8"] if dhcp else [],
-                "host_routes": [],
-                "ipv6_ra_mode": None,
-                "ipv6_address_mode": None,
-                "subnetpool_id": None,
-                "service_types": [],
-                "segment_id": None,
-                **standard_fields({"created": _EPOCH}, ADMIN_PROJECT),
-            }
-        )
-    return out
-
-
-def routers(site: Site) -> list[dict]:
-    return [
-        {
-            "id": cat.router_id(site),
-            "name": "sharednet1-router",
-            "admin_state_up": True,
-            "status": "ACTIVE",
-            "external_gateway_info": {
-                "network_id": cat.public_net_id(site),
-                "enable_snat": True,
-                "external_fixed_ips": [
-                    {"subnet_id": cat.public_subnet_id(site), "ip_address": cat.floating_ip(site, 2)}
-                ],
-            },
-            "routes": [],
-            "distributed": False,
-            "ha": False,
-            "availability_zones": ["nova"],
-            "availability_zone_hints": [],
-            "flavor_id": None,
-            **standard_fields({"created": _EPOCH}, ADMIN_PROJECT),
-        }
-    ]
-
-
-def network_view(db, site: Site, n: dict) -> dict:
+def network_view(n: dict, subnet_ids: list[str], *, external: bool = False, shared: bool = False,
+                 project: str = PROJECT_ID) -> dict:
     return {
         "id": n["id"],
         "name": n["name"],
         "admin_state_up": n.get("admin_state_up", True),
         "status": "ACTIVE",
-        "subnets": [x["id"] for x in model.network_subnets(db, site, n["id"])],
-        "shared": False,
-        "router:external": False,
+        "subnets": subnet_ids,
+        "shared": shared,
+        "router:external": external,
         "mtu": n.get("mtu", 1500),
         "availability_zones": ["nova"],
         "availability_zone_hints": [],
         "ipv4_address_scope": None,
         "ipv6_address_scope": None,
         "port_security_enabled": n.get("port_security_enabled", True),
-        "is_default": False,
+        "is_default": external,
         "l2_adjacency": True,
         "qos_policy_id": None,
         "dns_domain": "",
-        **standard_fields(n),
+        **standard_fields(n, project),
     }
 
 
-def subnet_view(x: dict) -> dict:
+def subnet_view(x: dict, project: str = PROJECT_ID) -> dict:
     return {
         "id": x["id"],
         "name": x["name"],
@@ -159,11 +69,11 @@ def subnet_view(x: dict) -> dict:
         "subnetpool_id": None,
         "service_types": [],
         "segment_id": None,
-        **standard_fields(x),
+        **standard_fields(x, project),
     }
 
 
-def router_view(db, site: Site, r: dict) -> dict:
+def router_view(r: dict, project: str = PROJECT_ID) -> dict:
     return {
         "id": r["id"],
         "name": r["name"],
@@ -176,12 +86,59 @@ def router_view(db, site: Site, r: dict) -> dict:
         "availability_zones": ["nova"],
         "availability_zone_hints": [],
         "flavor_id": None,
-        **standard_fields(r),
+        **standard_fields(r, project),
     }
 
 
+def _project_network_view(db, site: Site, n: dict) -> dict:
+    return network_view(n, [x["id"] for x in model.network_subnets(db, site, n["id"])])
+
+
+def networks(site: Site) -> list[dict]:
+    """The built-in networks: `public` (external, the floating IPs' network) and `sharednet1` (shared)."""
+    return [
+        network_view({"id": net_id, "name": name, "created": _EPOCH, "revision": 1}, [subnet_id],
+                     external=external, shared=not external, project=ADMIN_PROJECT)
+        for name, net_id, subnet_id, external in (
+            ("public", cat.public_net_id(site), cat.public_subnet_id(site), True),
+            ("sharednet1", cat.shared_net_id(site), cat.shared_subnet_id(site), False),
+        )
+    ]
+
+
+def subnets(site: Site) -> list[dict]:
+    """The built-in networks' subnets; only sharednet1's has DHCP (and a name server)."""
+    out = []
+    for name, sid, net_id, cidr, dhcp in (
+        ("public-subnet", cat.public_subnet_id(site), cat.public_net_id(site), cat.public_cidr(site), False),
+        ("sharednet1-subnet", cat.shared_subnet_id(site), cat.shared_net_id(site), cat.shared_cidr(site), True),
+    ):
+        net = ipaddress.ip_network(cidr)
+        hosts = list(net.hosts()) if net.prefixlen >= 24 else None
+        last = str(hosts[-1]) if hosts else str(net.broadcast_address - 1)
+        record = {
+            "id": sid, "name": name, "network_id": net_id, "cidr": cidr, "created": _EPOCH,
+            "gateway_ip": str(net.network_address + 1), "enable_dhcp": dhcp,
+            "allocation_pools": [{"start": str(net.network_address + 2), "end": last}],
+            "dns_nameservers": ["8.8.8.8"] if dhcp else [],
+        }
+        out.append(subnet_view(record, ADMIN_PROJECT))
+    return out
+
+
+def routers(site: Site) -> list[dict]:
+    """The built-in router from sharednet1 to the public network."""
+    gateway = {
+        "network_id": cat.public_net_id(site),
+        "enable_snat": True,
+        "external_fixed_ips": [{"subnet_id": cat.public_subnet_id(site), "ip_address": cat.floating_ip(site, 2)}],
+    }
+    record = {"id": cat.router_id(site), "name": "sharednet1-router", "gateway": gateway, "created": _EPOCH}
+    return [router_view(record, ADMIN_PROJECT)]
+
+
 def _all_networks(db, site: Site) -> list[dict]:
-    return networks(site) + [network_view(db, site, n) for n in db.find("network", site.name)]
+    return networks(site) + [_project_network_view(db, site, n) for n in db.find("network", site.name)]
 
 
 def _all_subnets(db, site: Site) -> list[dict]:
@@ -189,7 +146,7 @@ def _all_subnets(db, site: Site) -> list[dict]:
 
 
 def _all_routers(db, site: Site) -> list[dict]:
-    return routers(site) + [router_view(db, site, r) for r in db.find("router", site.name)]
+    return routers(site) + [router_view(r) for r in db.find("router", site.name)]
 
 
 def _collection(collection: str, all_fn, kind: str):
@@ -202,7 +159,7 @@ def _collection(collection: str, all_fn, kind: str):
         return listing(req, items, collection)
 
     @router.route("GET", f"/v2.0/{collection}/{{id}}")
-    def get_owned(req: Request) -> Response:
+    def _show(req: Request) -> Response:
         with req.world.read() as db:
             items = all_fn(db, req.site)
         for item in items:
@@ -225,7 +182,7 @@ def create_network(req: Request) -> Response:
     spec = resource_body(req, "network")
     with req.world.tx() as db:
         n = model.create_network(db, req.site, spec)
-        return Response(201, {"network": network_view(db, req.site, n)})
+        return Response(201, {"network": _project_network_view(db, req.site, n)})
 
 
 @router.route("PUT", "/v2.0/networks/{id}")
@@ -237,7 +194,7 @@ def update_network(req: Request) -> Response:
             if key in spec:
                 n[key] = spec[key]
         db.put("network", req.site.name, model.stamp(n))
-        return Response(200, {"network": network_view(db, req.site, n)})
+        return Response(200, {"network": _project_network_view(db, req.site, n)})
 
 
 @router.route("DELETE", "/v2.0/networks/{id}")
@@ -377,7 +334,7 @@ def create_router(req: Request) -> Response:
             "revision": 0,
         })
         db.put("router", req.site.name, r)
-        return Response(201, {"router": router_view(db, req.site, r)})
+        return Response(201, {"router": router_view(r)})
 
 
 def _get_router(db, req: Request) -> dict:
@@ -396,7 +353,7 @@ def update_router(req: Request) -> Response:
         if "external_gateway_info" in spec:
             r["gateway"] = gateway
         db.put("router", req.site.name, model.stamp(r))
-        return Response(200, {"router": router_view(db, req.site, r)})
+        return Response(200, {"router": router_view(r)})
 
 
 @router.route("DELETE", "/v2.0/routers/{id}")
