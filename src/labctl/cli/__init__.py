@@ -14,14 +14,27 @@ from labctl.cli.output import echo as _echo
 from labctl.cli.output import print_json as _print_json
 from labctl.cli.testbed_commands import testbed_app
 from labctl.errors import LabctlError
+from labctl.sites import site_help
 
 app = typer.Typer(
     help="Provision course lab environments on Chameleon, AWS and GCP (or emulated ones: `--site sim`).",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"labctl {version('labctl')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("labctl (not installed: no version)")
+        raise typer.Exit(0)
 
 
 @app.callback()
@@ -29,6 +42,8 @@ def _global_options(
     state: Annotated[str | None, typer.Option(
         "--state", envvar="LABCTL_STATE_URL", show_envvar=True,
         help="State database: a SQLite path or postgresql://... (shared among course staff).")] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print labctl's version and exit.")] = False,
 ) -> None:
     """Provision course lab environments on Chameleon, AWS, GCP (and emulated testbeds, `--site sim`)."""
     import os
@@ -40,10 +55,10 @@ def _global_options(
 app.add_typer(testbed_app, name="testbed")
 app.command("gc")(__import__("labctl.cli.gc_command", fromlist=["gc_command"]).gc_command)
 class_app = typer.Typer(help="Provision a lab for a whole class roster, watch it, report, tear it down.",
-                        no_args_is_help=True)
+                        no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(class_app, name="class")
 
-SiteOpt = Annotated[str, typer.Option("--site", "-s", help="chi@tacc, chi@uc, kvm@tacc, or sim[:chi@uc].")]
+SiteOpt = Annotated[str, typer.Option("--site", "-s", help=site_help())]
 OwnerOpt = Annotated[str | None, typer.Option("--owner", envvar="LABCTL_OWNER", help="Owner name in resource names.")]
 CloudOpt = Annotated[str | None, typer.Option("--cloud", envvar="OS_CLOUD", help="clouds.yaml entry to use.")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Deployment name (default: the lab's name).")]
@@ -98,7 +113,8 @@ def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False
 @app.command()
 def up(
     lab: Annotated[str, typer.Argument(help="Lab profile name (profiles/<lab>.yaml) or path.")],
-    site: SiteOpt,
+    site: Annotated[str, typer.Option("--site", "-s", help="A site, or several in order (chi@tacc,chi@uc: the next "
+                                      "when one has no room); auto: the profile's sites in order.")] = "auto",
     name: NameOpt = None,
     owner: OwnerOpt = None,
     cloud: CloudOpt = None,
@@ -112,6 +128,7 @@ def up(
     Examples:\n
       labctl up hello --site sim\n
       labctl up gpu-a100 --site chi@tacc\n
+      labctl up gpu-a100 --site chi@tacc,chi@uc   (chi@uc when chi@tacc has no free hosts)\n
       labctl up gpu-a100 --site sim:chi@uc --json
     """
     from labctl import service
@@ -133,6 +150,9 @@ def down(
     owner: OwnerOpt = None,
     cloud: CloudOpt = None,
     delete_volumes: DeleteVolumesOpt = False,
+    missing_ok: Annotated[bool, typer.Option(
+        "--missing-ok", help="Exit 0 when no deployment of that name exists (for clean-up scripts); "
+                             "without it a name that matches nothing exits 2.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete everything labctl created for a lab (and nothing else), even after a crash.
@@ -142,10 +162,17 @@ def down(
 
     Examples:\n
       labctl down hello\n
-      labctl down data-persist --delete-volumes
+      labctl down data-persist --delete-volumes\n
+      labctl down hello --missing-ok   (in a clean-up script: nothing to do is fine)
     """
     from labctl import service
 
+    if missing_ok and _nothing_named(owner, lab):
+        if as_json:
+            _print_json({"deleted": False, "missing": True, "left": [], "kept": []})
+        else:
+            _echo(f"nothing named '{lab}' to delete" if lab else "you have no deployments; nothing to delete")
+        return
     ctx = _ctx(owner, progress=True, as_json=as_json)
     kept: list[str] = []
     left = service.down(ctx, lab, cloud=cloud, delete_volumes=delete_volumes, kept=kept)
@@ -164,28 +191,48 @@ def down(
         typer.echo("Deleted. Nothing of this lab is left at the site.")
 
 
+def _nothing_named(owner: str | None, lab: str | None) -> bool:
+    """No deployment of this owner that `down LAB` could mean (by id, name or lab; any with no LAB)."""
+    from labctl.service import Context
+
+    ctx = Context.create(owner)
+    mine = ctx.store.deployments(owner=ctx.owner)
+    return not any(lab in (d.id, d.name, d.lab) for d in mine) if lab else not mine
+
+
 @app.command()
 def status(
-    lab: Annotated[str | None, typer.Argument(help="Deployment name (default: all of yours).")] = None,
+    lab: Annotated[str | None, typer.Argument(help="Deployment name (default: an overview of the state).")] = None,
     owner: OwnerOpt = None,
+    everyone: Annotated[bool, typer.Option(
+        "--all", help="Also other owners' labs (a state shared by course staff).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show your labs: site, nodes, IPs, lease end, setup state.
+    """Show one lab (nodes, IPs, lease end, setup, outputs) or, without a name, every deployment in the state:
+    your labs, and class environments by course and lab with counts by state.
 
     Examples:\n
       labctl status\n
-      labctl status hello --json
+      labctl status --all --json\n
+      labctl status hello
     """
     from labctl import service
-    from labctl.cli.render import print_status
 
     ctx = _ctx(owner)
-    results = ([service.status(ctx, service.resolve_deployment(ctx, lab, action="status").id)] if lab is not None
-               else service.statuses(ctx))
+    if lab is None:
+        from labctl.cli.overview import overview
+        from labctl.cli.render import print_overview
+
+        view = overview(ctx, everyone=everyone)
+        _print_json(view.to_json()) if as_json else print_overview(view)
+        return
+    from labctl.cli.render import print_status
+
+    result = service.status(ctx, service.resolve_deployment(ctx, lab, action="status").id)
     if as_json:
-        _print_json([r.to_json() for r in results] if lab is None else results[0].to_json())
+        _print_json(result.to_json())
     else:
-        print_status(results, detail=lab is not None)
+        print_status([result], detail=True)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -273,7 +320,8 @@ def validate(
     profiles: Annotated[list[str] | None, typer.Argument(help="Profile names or paths (default: all found).")] = None,
     site: Annotated[str | None, typer.Option("--site", "-s", help="Also check it can run at this site.")] = None,
 ) -> None:
-    """Check lab profiles; exit 2 on the first problem, with file and field.
+    """Check lab profiles (and that they can run at a site): print every problem, with file and field, then
+    exit 2 if there was any (0 when all are fine).
 
     Examples:\n
       labctl validate\n
@@ -316,11 +364,12 @@ def sites_cmd(as_json: JsonOpt = False, cloud: CloudOpt = None) -> None:
     from labctl.cli.render import print_sites
     from labctl.providers.base import describe_credentials
 
-    known = [*sites.known_sites(), sites.resolve("aws"), sites.resolve("gcp")]
-    rows = [{"site": s.name if s.provider == "chameleon" else f"{s.provider}:<region|zone>",
+    known = [*sites.usable_sites(), sites.resolve("aws"), sites.resolve("gcp")]
+    forms = dict(zip(("aws", "gcp"), sites.site_names([])[:2], strict=True))  # aws:<region|zone>, gcp:<...>
+    rows = [{"site": s.name if s.provider == "chameleon" else forms[s.provider],
              "provider": s.provider, "family": s.family, "region": s.region if s.provider == "chameleon" else "any",
              "reservation": s.reservation, "credentials": describe_credentials(s, cloud)} for s in known]
-    for name, what in (("sim", "chameleon (emulated)"), ("sim-aws", "aws (moto)"), ("sim-gcp", "gcp (emulated)")):
+    for name, what in sites.EMULATED_SITES.items():
         rows.append({"site": name, "provider": what, "family": "-", "region": "-",
                      "reservation": "as the site it stands for", "credentials": "none needed"})
     if as_json:
@@ -366,6 +415,7 @@ def _class_options(lab: str, roster: Path | None, site: str | None, sites: str |
 
 def _class_run(opts, as_json: bool) -> None:  # noqa: ANN001
     from labctl import classroom
+    from labctl.cli.overview import lab_name
     from labctl.cli.render import class_progress, print_class_results
 
     ui = class_progress(quiet=as_json)
@@ -376,7 +426,18 @@ def _class_run(opts, as_json: bool) -> None:  # noqa: ANN001
     if as_json:
         _print_json([r.__dict__ for r in results])
     else:
-        print_class_results(results)
+        import shlex
+
+        lab, course = shlex.quote(lab_name(opts.lab)), shlex.quote(opts.course)
+        where = f"--sites {shlex.quote(','.join(opts.sites))}" if len(opts.sites) > 1 else \
+            f"--site {shlex.quote(opts.sites[0])}"
+        steps = (f"labctl class status {lab} --course {course}   (per student: site, state, IP, setup)",
+                 f"labctl class report {lab} --course {course} -o {lab_name(opts.lab)}.csv   "
+                 "(IPs and SSH commands to hand out)")
+        if any(r.status in ("failed", "interrupted", "busy") for r in results):
+            steps += (f"labctl class retry {lab} --course {course} --roster {shlex.quote(str(opts.roster))} "
+                      f"{where}   (again, only those not up)",)
+        print_class_results(results, f"{opts.course}/{lab_name(opts.lab)}", steps)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(1)
 
@@ -434,10 +495,15 @@ def class_retry(
                               allow_host_changes=allow_host_changes, cloud=cloud), as_json)
 
 
+FindCourseOpt = Annotated[str | None, typer.Option(
+    "--course", envvar="LABCTL_COURSE",
+    help="Course name (default: the only course with environments of LAB; several: they are listed).")]
+
+
 @class_app.command("status")
 def class_status(
     lab: Annotated[str, typer.Argument(help="Lab name.")],
-    course: CourseOpt = "course",
+    course: FindCourseOpt = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -447,9 +513,11 @@ def class_status(
       labctl class status hello --watch
     """
     from labctl import classroom
+    from labctl.cli.overview import course_for
     from labctl.cli.render import class_status_table, out_console
 
     ctx = _ctx()
+    course = course_for(ctx, lab, course, "status")
     if as_json:
         _print_json([r.__dict__ for r in classroom.class_status(ctx, lab, course)])
         return
@@ -472,27 +540,46 @@ def class_status(
 @class_app.command("report")
 def class_report(
     lab: Annotated[str, typer.Argument(help="Lab name.")],
-    course: CourseOpt = "course",
-    fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    course: FindCourseOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="csv or json (--json is the same as --format json).")] = "csv",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Who got what: IPs, SSH commands, lease ends, failures (CSV or JSON).
 
     Examples:\n
-      labctl class report hello --format csv -o hello.csv
+      labctl class report hello --course ml-sys -o hello.csv\n
+      labctl class report hello --json
     """
     from labctl import classroom
+    from labctl.cli.overview import course_for
     from labctl.cli.render import class_report_text
     from labctl.errors import UserError
 
     if fmt not in ("csv", "json"):
         raise UserError(f"--format must be csv or json, not '{fmt}'")
-    text = class_report_text(classroom.class_status(_ctx(), lab, course), fmt)
+    ctx = _ctx()
+    rows = classroom.class_status(ctx, lab, course_for(ctx, lab, course, "report"))
+    _sim_ssh_note(rows)
+    text = class_report_text(rows, "json" if as_json else fmt)
     if output:
         _write_private(output, text)
         _echo(f"wrote {output}", err=True)
     else:
         sys.stdout.write(text)
+
+
+def _sim_ssh_note(rows: list) -> None:  # noqa: ANN001 - classroom.StudentStatus
+    """The report's SSH commands for emulated nodes work only while a labctl process serves their SSH: say what
+    to run first when no background testbed does (on stderr, so the CSV / JSON on stdout stays clean)."""
+    if not any(r.ssh and r.site.startswith("sim") for r in rows):
+        return
+    from labctl.testbed.serve import running
+    from labctl.testbed.world import default_state_dir
+
+    if running(default_state_dir()) is None:
+        _echo("note: on sim the nodes answer SSH only while labctl serves them: run 'labctl testbed start' "
+              "before the report's ssh commands ('labctl testbed stop' afterwards)", err=True)
 
 
 def _write_private(path: Path, text: str) -> None:

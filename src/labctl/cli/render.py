@@ -167,18 +167,42 @@ def stop_all() -> None:
         live.stop(ok=False)
 
 
-def print_status(results: list[Any], detail: bool = False) -> None:
+def print_overview(view: Any) -> None:
+    """`labctl status`: single labs (one row per node), then classes by course and lab with counts by state."""
+    if view.labs or not view.classes:
+        owners = {st.owner for st in view.labs}
+        print_status(view.labs, owner_column=len(owners) > 1 or (bool(owners) and owners != {view.owner}))
+    if view.others:
+        out_console.print(f"{view.others} lab(s) of other owners in this state: labctl status --all",
+                          highlight=False, markup=False)
+    if view.classes:
+        table = Table(title="classes")
+        for col in ("course", "lab", "environments", "states", "sites", "first lease end"):
+            table.add_column(col)
+        for c in view.classes:
+            table.add_row(*map(_t, (
+                c.course, c.lab, str(c.environments), ", ".join(f"{n} {s}" for s, n in c.by_state.items()),
+                ", ".join(f"{site} ({n})" for site, n in c.by_site.items()), c.first_lease_end or "-")))
+        out_console.print(table)
+        first = view.classes[0]
+        out_console.print(f"per student: labctl class status {_s(first.lab)} --course {_s(first.course)}",
+                          highlight=False)
+
+
+def print_status(results: list[Any], detail: bool = False, owner_column: bool = False) -> None:
     if not results:
         # No highlighter: its regexes cost more than the rest of an empty status.
         out_console.print("No labs. Start one with [bold]labctl up hello --site sim[/bold].", highlight=False)
         return
     table = Table(title="labctl status")
-    for col in ("lab", "site", "status", "node", "type", "floating IP", "setup", "lease ends"):
+    for col in ("lab", *(["owner"] if owner_column else []), "site", "status", "node", "type", "floating IP",
+                "setup", "lease ends"):
         table.add_column(col)
     for st in results:
         for i, node in enumerate(st.nodes or [None]):
             table.add_row(*map(_t, (
-                st.name if i == 0 else "", st.site if i == 0 else "", st.status if i == 0 else "",
+                st.name if i == 0 else "", *([st.owner if i == 0 else ""] if owner_column else []),
+                st.site if i == 0 else "", st.status if i == 0 else "",
                 node.name if node else "-", (node.node_type or "-") if node else "-",
                 (node.floating_ip or "-") if node else "-", node.setup if node else "-",
                 (st.lease_end or "-") if i == 0 else "",
@@ -402,16 +426,27 @@ def class_progress(quiet: bool = False) -> ClassProgress:
     return ClassProgress(quiet)
 
 
-def print_class_results(results: list[Any]) -> None:
+def print_class_results(results: list[Any], what: str | None = None, next_steps: tuple[str, ...] = ()) -> None:
+    """The summary of a class run: `what` (course/lab), counts by state and the sites, each student that did
+    not make it, then `next_steps` (commands with a note each), so a run off a terminal says what to do next."""
     counts: dict[str, int] = {}
+    sites: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    out_console.print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do",
-                      markup=False)
+        sites[r.site] = sites.get(r.site, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
+    if what is not None and results:
+        where = ", ".join(f"{site} ({n})" if len(sites) > 1 else site for site, n in sorted(sites.items()))
+        summary = f"{what}: {summary} at {where}"
+    out_console.print(clean(summary, one_line=True), markup=False, highlight=False)
     for r in results:
         if r.status in ("failed", "busy", "interrupted"):
             out_console.print(f"  {_s(r.student_id)}: {_s(r.status)}" + (f": {_s(r.error)}" if r.error else ""),
                               highlight=False)
+    if next_steps and results:
+        out_console.print("next:", highlight=False)
+        for step in next_steps:
+            out_console.print(f"  {clean(step, one_line=True)}", markup=False, highlight=False)
 
 
 def class_status_table(rows: list[Any], lab: str) -> Table:
