@@ -139,14 +139,75 @@ def plan(ctx: Context, profile_ref: str, site_name: str, name: str | None = None
 
 
 # -- up -------------------------------------------------------------------------------------------
-def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = None, cloud: str | None = None,
+AUTO = "auto"  # --site auto (or none): the profile's sites, in its order
+
+
+def site_list(site_name: str | None) -> list[str] | None:
+    """--site as a list: one site, several in order (`chi@tacc,chi@uc`), or None for `auto` / no --site (the
+    profile's `sites:`). An empty entry selects nothing and is refused."""
+    if site_name is None or site_name.strip().lower() == AUTO:
+        return None
+    names = [n.strip() for n in site_name.split(",")]
+    if not all(names):
+        raise UserError(f"--site '{site_name}' has an empty site in it; give S1 or S1,S2 (or auto: the profile's "
+                        "sites in order)")
+    return list(dict.fromkeys(names))
+
+
+def up(ctx: Context, profile_ref: str, site_name: str | None, *, name: str | None = None, cloud: str | None = None,
        allow_host_changes: bool = False, ssh_timeout: float = 900.0) -> Status:
-    from labctl.keys import ensure_keypair
-    from labctl.plan import build_plan
+    """Create (or resume) a lab at a site; with several sites (or `auto`: the profile's, in order), at the first
+    that has capacity: a site without room for any of the lab's types is cleaned of what this run made there, said
+    so, and the next one tried."""
+    from labctl import profile as profile_mod
 
     check_deployment_name(name)
     check_number(ssh_timeout, "--ssh-timeout", high=MAX_SSH_TIMEOUT, unit=" seconds")
-    prof, site = load(profile_ref, site_name)
+    names = site_list(site_name)
+    if names is None:
+        names = list(profile_mod.load_profile(profile_mod.find_profile(profile_ref)).sites)
+    options = {"name": name, "cloud": cloud, "allow_host_changes": allow_host_changes, "ssh_timeout": ssh_timeout}
+    choices = [load(profile_ref, n) for n in names]  # every site checked before anything is created
+    if len(choices) == 1:
+        return _up_at(ctx, *choices[0], **options)
+    dep_id = naming.deployment_id(name or choices[0][0].name, ctx.owner)
+    existing = ctx.store.get_deployment(dep_id)
+    if existing is not None and existing.status != "destroyed":
+        # Resume where it is (its kept volumes are there); a site outside the list is refused by _up_at.
+        at = next((c for c in choices if c[1].name == existing.site), choices[0])
+        return _up_at(ctx, *at, **options)
+    return _up_with_failover(ctx, dep_id, choices, options)
+
+
+def _up_with_failover(ctx: Context, dep_id: str, choices: list[tuple[Any, Any]], options: dict[str, Any]) -> Status:
+    from labctl.errors import QuotaExceeded
+
+    misses: list[str] = []
+    for index, (prof, site) in enumerate(choices):
+        try:
+            return _up_at(ctx, prof, site, **options, clean_on_no_room=True)
+        except (NoCapacity, QuotaExceeded) as exc:
+            why = str(exc).splitlines()[0]
+            misses.append(f"{site.name}: {why}")
+            if index + 1 < len(choices):
+                nxt = choices[index + 1][1].name
+                message = f"{site.name} has no room for {prof.name} ({why}); nothing left there; trying {nxt}"
+                ctx.on_progress("failover", "moving", message)
+                ctx.store.event(dep_id, message, "warning")
+        except UserError as exc:
+            if not misses:
+                raise
+            raise UserError(f"{'; '.join(misses)}; then {site.name}: {str(exc).splitlines()[0]}") from exc
+    raise NoCapacity(f"no room for {choices[0][0].name} at any of {', '.join(s.name for _, s in choices)}: "
+                     + "; ".join(misses))
+
+
+def _up_at(ctx: Context, prof: Any, site: Any, *, name: str | None, cloud: str | None, allow_host_changes: bool,
+           ssh_timeout: float, clean_on_no_room: bool = False) -> Status:
+    from labctl.errors import QuotaExceeded
+    from labctl.keys import ensure_keypair
+    from labctl.plan import build_plan
+
     key = ensure_keypair(ctx.store.keys_dir)
     the_plan = build_plan(prof, site, ctx.owner, key.public_key, name=name)
     with deployment_lock(ctx, the_plan.deployment, name or prof.name):
@@ -167,9 +228,26 @@ def up(ctx: Context, profile_ref: str, site_name: str, *, name: str | None = Non
         the_plan.site = provider.site
         ctx.on_progress("preflight", "checking", f"credentials and images at {provider.site.name}")
         provider.preflight(the_plan)  # before anything is recorded or created
-        provision(ctx, prof, the_plan, provider, key, name=name or prof.name,
-                  allow_host_changes=allow_host_changes, ssh_timeout=ssh_timeout)
+        try:
+            provision(ctx, prof, the_plan, provider, key, name=name or prof.name,
+                      allow_host_changes=allow_host_changes, ssh_timeout=ssh_timeout)
+        except (NoCapacity, QuotaExceeded):
+            if clean_on_no_room:
+                _leave_nothing(ctx, the_plan, provider)
+            raise
     return status(ctx, the_plan.deployment)
+
+
+def _leave_nothing(ctx: Context, the_plan: Any, provider: Any) -> None:
+    """Before moving a new lab to the next site: delete all it made at this one (recorded or tagged), the volumes
+    and containers it would keep included (just made, they hold nothing yet), and forget it."""
+    from labctl.engine import Engine
+
+    left = Engine(provider, ctx.store, ctx.on_progress).destroy(the_plan, keep=False)
+    if left:
+        what = "; ".join(f"{f.kind} {f.name} ({f.cloud_id})" for f in left)
+        raise CloudError(f"could not clean {provider.site.name} before moving on: {what}; run 'labctl down'")
+    ctx.store.forget_deployment(the_plan.deployment)
 
 
 @contextmanager
