@@ -233,3 +233,41 @@ def test_the_first_end_wins_whatever_its_notation():
     assert service.earliest_end(["2026-12-04T14:00:00Z", "2026-12-04T13:30:00+00:00", None, "garbage",
                                  "2026-12-04T08:00:00-06:00"]) == "2026-12-04T13:30:00+00:00"
     assert service.earliest_end([None, ""]) is None
+
+
+# -- site failover (service.up over the engine's NoCapacity) ------------------------------------------------------
+@pytest.mark.parametrize("site", [None, "auto", "AUTO", "chi@tacc,chi@uc"])
+def test_up_without_a_site_tries_the_profiles_sites_in_order(store, monkeypatch, site):
+    from labctl import service
+
+    tried, said = [], []
+
+    def up_at(ctx, prof, where, **kw):
+        tried.append((where.name, kw.get("clean_on_no_room")))
+        if where.name == "chi@tacc":
+            raise NoCapacity("no capacity at chi@tacc for gpu: none of compute_liqid has 1 free host(s) now")
+        return f"up at {where.name}"
+
+    monkeypatch.setattr(service, "_up_at", up_at)
+    ctx = service.Context(store, "u", lambda subject, stage, detail: said.append((subject, stage, detail)))
+    assert service.up(ctx, "gpu-a100", site) == "up at chi@uc"  # gpu-a100's sites: [chi@tacc, chi@uc]
+    assert tried == [("chi@tacc", True), ("chi@uc", True)]
+    assert [s for s in said if s[0] == "failover"] == [(
+        "failover", "moving", "chi@tacc has no room for gpu-a100 (no capacity at chi@tacc for gpu: none of "
+        "compute_liqid has 1 free host(s) now); nothing left there; trying chi@uc")]
+    assert store.events("labctl-u-gpu-a100")[-1][1:] == ("warning", said[-1][2])
+
+
+def test_one_site_is_as_before_and_a_blank_entry_is_refused(store, monkeypatch):
+    from labctl import service
+    from labctl.errors import UserError
+
+    tried = []
+    monkeypatch.setattr(service, "_up_at", lambda ctx, prof, where, **kw: tried.append(kw) or "ok")
+    ctx = service.Context(store, "u")
+    assert service.up(ctx, "gpu-a100", "chi@uc") == "ok" and "clean_on_no_room" not in tried[0]
+    with pytest.raises(UserError, match="has an empty site in it"):
+        service.up(ctx, "gpu-a100", "chi@tacc, ,chi@uc")
+    with pytest.raises(UserError, match="unknown site 'chi@nowhere'"):
+        service.up(ctx, "gpu-a100", "chi@tacc,chi@nowhere")  # every site is checked before anything is made
+    assert len(tried) == 1
