@@ -94,7 +94,7 @@ def test_network_and_subnetwork_survive_lost_answers_with_one_object_each(tmp_pa
     got = mine(emu, plan.deployment)
     assert [n["name"] for n in got["networks"]] == [net_res.name]
     assert got["networks"][0]["auto_create_subnetworks"] is False
-    assert got["networks"][0]["description"] == f"labctl:deployment={plan.deployment}"
+    assert got["networks"][0]["description"] == f"labctl:deployment={plan.deployment} labctl:owner=student1"
     assert [s["name"] for s in got["subnetworks"]] == [sub_res.name]
     # found again by name and description: nothing more is sent
     emu.world.clear_request_log()

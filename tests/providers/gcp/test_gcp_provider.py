@@ -402,7 +402,8 @@ def test_static_address_survives_a_relaunch_and_down_after_a_crash(tmp_path, sim
     [ready] = provider.wait([(plan.get("server:node-1"), relaunched)], plan, 30, lambda *a: None)
     assert ready.attrs["floating_ip"] == ip
     assert provider.find(plan.get("floating_ip:node-1"), plan).status == "ready"
-    assert provider.extend(ready, 2, plan) is ready
+    with pytest.raises(UserError, match="only while the instance is stopped"):  # setScheduling: TERMINATED only
+        provider.extend(ready, 2, plan)
 
     # `labctl down` builds Found(kind, cloud_id, name) from the records only
     from labctl.plan import Plan, Resource

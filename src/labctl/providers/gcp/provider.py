@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from labctl import naming
 from labctl.errors import CredentialsError, UserError
 from labctl.providers.base import Found, ProgressFn
-from labctl.providers.gcp import instances, names, network, storage
+from labctl.providers.gcp import instances, resources
+from labctl.providers.gcp import session as gs
 from labctl.providers.gcp.session import HANDLERS, Session, google_credentials, log
 from labctl.providers.kit import wait_each
 
@@ -21,16 +23,16 @@ if TYPE_CHECKING:
 def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> GcpProvider:
     """Application Default Credentials and a project (`cloud`, GOOGLE_CLOUD_PROJECT, CLOUDSDK_CORE_PROJECT or
     ADC's), or the emulated Compute Engine of the testbed for `sim-gcp`."""
-    if site.emulated:
-        if testbed is None:
-            raise UserError(f"{site.name} is emulated but no testbed was given")
-        tb = testbed()
-        emu = tb.gce()
-        site = dataclasses.replace(site, ssh_port=getattr(tb, "ssh_port", None) or emu.world.ssh_port)
-        # The emulated world's own bearer token (private to its owner; registered with labctl.redact).
-        return GcpProvider(site, emu.project, credentials=emu.credentials(), endpoint=emu.endpoint)
-    credentials, project = google_credentials(cloud)
-    return GcpProvider(site, project, credentials=credentials)
+    if not site.emulated:
+        credentials, project = google_credentials(cloud)
+        return GcpProvider(site, project, credentials=credentials)
+    if testbed is None:
+        raise UserError(f"{site.name} is emulated but no testbed was given")
+    tb = testbed()
+    emu = tb.gce()
+    site = dataclasses.replace(site, ssh_port=getattr(tb, "ssh_port", None) or emu.world.ssh_port)
+    # The emulated world's own bearer token (private to its owner; registered with labctl.redact).
+    return GcpProvider(site, emu.project, credentials=emu.credentials(), endpoint=emu.endpoint)
 
 
 def describe_credentials(site: Site, cloud: str | None = None) -> str:
@@ -80,30 +82,24 @@ class GcpProvider(Session):
             self._waiting.since = -1e18
 
     def list_owned(self, plan: Plan) -> list[Found]:
-        """Everything of the deployment: instances, firewalls, addresses and disks by label; networks and
-        subnetworks (no labels) by description; attachments as the deployment's instances show them."""
-        listed = self.list_instances(plan.deployment)
-        owned = [self.server_found(i) for i in listed]
-        owned += [Found("secgroup", f"global/firewalls/{fw.name}", fw.name, attrs={"firewalls": [fw.name]})
-                  for fw in network.owned_firewalls(self, plan.deployment)]
-        owned += [Found("floating_ip", f"regions/{self.region}/addresses/{a.name}", a.name, attrs={
-            "floating_ip": a.address, "node": a.labels.get(names.NODE_LABEL)}) for a in self.listing(
-            "list addresses", self.addresses, region=self.region, filter=names.label_filter(plan.deployment))]
-        owned += [names.network_found(n, n.name) for n in self.listing("list networks", self.networks)
-                  if names.deployment_of(n.description) == plan.deployment]
-        owned += [names.subnet_found(sub, sub.name)
-                  for sub in self.listing("list subnetworks", self.subnetworks, region=self.region)
-                  if names.deployment_of(sub.description) == plan.deployment]
-        disks = {d.cloud_id: d for d in storage.owned_disks(self, plan.deployment)}
-        owned += disks.values()
-        for inst in listed:
-            for ad in inst.disks:
-                if not ad.boot and (disk := names.disk_id(ad.source)) in disks:
-                    owned.append(names.attachment_found(f"{disks[disk].name}-attachment", names.last(inst.zone),
-                                                        inst.name, disk, ad.device_name))
-        return owned
+        return resources.owned(self, plan.deployment)
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:
-        log.info("%s: Compute Engine has no leases; nothing to extend (instances run until deleted)", self.site.name)
-        found.attrs.setdefault("note", "no leases on GCP: instances run until deleted")
-        return found
+        if found.kind != "server":
+            raise UserError(f"{self.site.name}: Compute Engine has no leases; a lab's end is each instance's own")
+        return instances.extend(self, found, hours)
+
+    def inventory(self) -> list[Found]:
+        """Everything in the project and the site's region that labctl marked, of any deployment: instances,
+        disks and addresses by their labels, firewalls, networks and subnetworks by the marks in their
+        descriptions (they have no labels). An object without them is never listed, whatever its name."""
+        marked = [(instances.server_found(i, self.site_network), i) for i in self.aggregated(
+            "list instances", self.instances, "instances", gs.label_filter(None), region_only=True)]
+        for kind in ("secgroup", "floating_ip", "network", "subnet", "volume"):
+            marked += [(resources.COLLECTIONS[kind].found(o, o.name), o) for o in resources.listed(self, kind)]
+        for found, obj in marked:
+            labels = getattr(obj, "labels", None) or {}
+            found.attrs.update(deployment=resources.deployment_of(obj), created=instances.iso_utc(
+                obj.creation_timestamp), owner=labels.get(gs.OWNER_LABEL) or gs.described(
+                obj.description, naming.TAG_OWNER))
+        return [found for found, _ in marked]

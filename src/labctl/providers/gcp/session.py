@@ -1,4 +1,5 @@
-"""Credentials, the error table, clients, calls and operations: what every GCP resource family shares."""
+"""What every Compute Engine resource kind shares: credentials, the error table, names and labels, clients,
+translated calls, operations, insert-or-adopt and delete-until-gone."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from labctl import naming
 from labctl.errors import (
     CloudError,
     Conflict,
@@ -23,12 +25,11 @@ from labctl.errors import (
     UserError,
 )
 from labctl.providers.base import create_or_adopt
-from labctl.providers.gcp.names import label_filter, last, server_found
 from labctl.providers.kit import HandlerTable, Memo, RateLimiter, Snapshot, call, poll_until, retry_in_use
 from labctl.redact import clean
 
 if TYPE_CHECKING:
-    from labctl.providers.base import Found
+    from labctl.plan import Plan
     from labctl.sites import Site
 
 T = TypeVar("T")
@@ -42,6 +43,7 @@ NO_PROJECT = ("no Google Cloud project: set GOOGLE_CLOUD_PROJECT (or run 'gcloud
 CAPACITY_CODES = ("ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
                   "RESOURCE_POOL_EXHAUSTED")
 CAPACITY_TEXT = re.compile(r"RESOURCE_POOL_EXHAUSTED|does not have enough resources", re.I)
+QUOTA_TEXT = re.compile(r"Quota '([A-Z0-9_]+)' exceeded")
 AUTH_ERRORS = ("RefreshError", "DefaultCredentialsError", "ReauthFailError", "UserAccessTokenError")
 RELOGIN = "run 'gcloud auth application-default login'"
 IN_USE = re.compile(r"already being used by|RESOURCE_IN_USE_BY_ANOTHER_RESOURCE|resourceInUseByAnotherResource")
@@ -78,8 +80,6 @@ def register_credentials(credentials: Any) -> None:
     `labctl.redact`, as far as it is loaded (no refresh here)."""
     from labctl.redact import register_secret
 
-    if credentials is None:
-        return
     for name in ("token", "refresh_token", "client_secret", "_refresh_token", "_client_secret"):
         value = getattr(credentials, name, None)
         if isinstance(value, str):
@@ -91,7 +91,11 @@ def translate(where: str, project: str, exc: BaseException) -> Exception:
     """An SDK error as a labctl error (`where`: "<site>: <what>")."""
     if isinstance(exc, LabctlError):
         return exc  # type: ignore[return-value]
-    text, status, reasons = error_text(exc), status_of(exc), _reasons(exc)
+    text, status = error_text(exc), getattr(exc, "code", None)
+    if not isinstance(status, int):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+    reasons = {str(e["reason"]) for e in getattr(exc, "errors", None) or [] if isinstance(e, dict) and e.get("reason")}
+    reasons.add(str(getattr(exc, "reason", None) or ""))
     kind, module = type(exc).__name__, type(exc).__module__
     if status == 401 or (module.startswith("google.auth") and kind in AUTH_ERRORS):
         return CredentialsError(f"{where}: Google credentials rejected ({text}); {RELOGIN}")
@@ -101,11 +105,11 @@ def translate(where: str, project: str, exc: BaseException) -> Exception:
         return NoCapacity(f"{where}: {text}")
     if status == 429 or reasons & {"rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED"}:
         return RateLimited(f"{where}: rate limited ({text})")
-    if reasons & {"quotaExceeded", "QUOTA_EXCEEDED"} or re.search(r"Quota '[A-Z0-9_]+' exceeded", text):
+    if reasons & {"quotaExceeded", "QUOTA_EXCEEDED"} or QUOTA_TEXT.search(text):
         return QuotaExceeded(f"{where}: quota exceeded ({text})")
     if status == 403:
         return CredentialsError(f"{where}: permission denied in project {project} ({text})")
-    if status is not None and status >= 500:
+    if isinstance(status, int) and status >= 500:
         return Transient(f"{where}: server error {status} ({text})")
     if kind in ("DeadlineExceeded", "RetryError") or isinstance(exc, TimeoutError | ConnectionError):
         return Transient(f"{where}: timed out or connection lost ({text})")
@@ -143,26 +147,9 @@ def quota_metric(op: Any) -> str | None:
         for d in e.error_details:
             if d.quota_info and d.quota_info.metric_name:
                 return d.quota_info.metric_name.rsplit("/", 1)[-1].upper()
-        m = re.search(r"Quota '([A-Z0-9_]+)' exceeded", e.message or "")
-        if m:
+        if m := QUOTA_TEXT.search(e.message or ""):
             return m.group(1)
     return None
-
-
-def status_of(exc: BaseException) -> int | None:
-    code = getattr(exc, "code", None)
-    if isinstance(code, int):
-        return code
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    return status if isinstance(status, int) else None
-
-
-def _reasons(exc: BaseException) -> set[str]:
-    out = {str(e["reason"]) for e in getattr(exc, "errors", None) or [] if isinstance(e, dict) and e.get("reason")}
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and reason:
-        out.add(reason)
-    return out
 
 
 def error_text(exc: BaseException) -> str:
@@ -175,9 +162,72 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def bound(fn: Callable[..., T]) -> Callable[..., T]:
-    """A handler method that calls `fn(handler.ctx, ...)` (the session)."""
-    return lambda handler, *args: fn(handler.ctx, *args)
+# -- names, labels, links ------------------------------------------------------------------------
+def gce_name(name: str) -> str:
+    """A Compute Engine resource name ([a-z]([-a-z0-9]*[a-z0-9])?, at most 63 characters)."""
+    text = naming.sanitise(name, 63)
+    return text if text[0].isalpha() else f"l{text}"[:63].rstrip("-")
+
+
+def label_value(value: str) -> str:
+    return naming.sanitise(str(value), 63)
+
+
+DEPLOYMENT_LABEL = naming.TAG_DEPLOYMENT.replace(":", "-")  # label keys cannot contain ':'
+NODE_LABEL = naming.TAG_NODE.replace(":", "-")
+OWNER_LABEL = naming.TAG_OWNER.replace(":", "-")
+
+
+def labels(plan: Plan, node: str | None = None, **more: str) -> dict[str, str]:
+    tags = {naming.TAG_DEPLOYMENT: plan.deployment, **plan.tags, **({naming.TAG_NODE: node} if node else {})}
+    return {**{k.replace(":", "-"): label_value(v) for k, v in tags.items()}, **more}
+
+
+def label_filter(deployment: str | None, node: str | None = None) -> str:
+    """A list filter on labctl's labels: this deployment (any labctl deployment if None), and node."""
+    first = (f'labels.{DEPLOYMENT_LABEL} = "{label_value(deployment)}"' if deployment is not None
+             else f"labels.{DEPLOYMENT_LABEL}:*")
+    return f'({first}) AND (labels.{NODE_LABEL} = "{label_value(node)}")' if node is not None else first
+
+
+def owned_by(obj: Any, deployment: str) -> bool:
+    """Whether a labelled object (instance, disk, address) carries this deployment's label."""
+    return obj.labels.get(DEPLOYMENT_LABEL) == label_value(deployment)
+
+
+def description(plan: Plan, node: str | None = None) -> str:
+    """labctl's marks in a description (firewalls, networks and subnetworks have no labels)."""
+    owner = plan.tags.get(naming.TAG_OWNER) or plan.owner
+    return " ".join(f"{k}={v}" for k, v in ((naming.TAG_DEPLOYMENT, plan.deployment), (naming.TAG_OWNER, owner),
+                                            (naming.TAG_NODE, node)) if v)
+
+
+def described(text: str | None, tag: str = naming.TAG_DEPLOYMENT) -> str | None:
+    """The value of one of labctl's marks in a description (None: not labctl's)."""
+    m = re.search(rf"(?:^|\s){re.escape(tag)}=(\S+)", text or "")
+    return m.group(1) if m else None
+
+
+def last(link: str | None) -> str:
+    return (link or "").rstrip("/").rsplit("/", 1)[-1]
+
+
+def rel(link: str) -> str:
+    """A link without its host and API prefix: "projects/p/zones/z/instances/i"."""
+    return link.split("/compute/v1/", 1)[1] if "/compute/v1/" in link else link
+
+
+_REF = re.compile(r"(?:(zones|regions)/([^/]+)|global)/([a-zA-Z]+)/([^/]+)$")
+
+
+def ref(link: str | None) -> tuple[dict[str, str], str] | None:
+    """The scope ({"zone": z}, {"region": r} or {}) and name of a link or cloud id ("zones/Z/disks/N")."""
+    m = _REF.search(link or "")
+    return ({m.group(1)[:-1]: m.group(2)} if m.group(1) else {}, m.group(4)) if m else None
+
+
+def has(plan: Plan, key: str) -> bool:
+    return any(r.key == key for r in plan.resources)
 
 
 # -- the session ---------------------------------------------------------------------------------
@@ -187,15 +237,10 @@ class Session:
     def __init__(self, site: Site, project: str, credentials: Any = None, endpoint: str | None = None,
                  poll_interval: float | None = None, call_retries: int = 6, call_timeout: float = 60.0,
                  op_timeout: float = 900.0) -> None:
-        self.site = site
-        self.project = project
-        self.credentials = credentials
-        self.endpoint = endpoint
+        self.site, self.project, self.credentials, self.endpoint = site, project, credentials, endpoint
         self.region = site.region
         self.poll_interval = poll_interval if poll_interval is not None else site.poll_interval
-        self.call_retries = call_retries
-        self.call_timeout = call_timeout
-        self.op_timeout = op_timeout
+        self.call_retries, self.call_timeout, self.op_timeout = call_retries, call_timeout, op_timeout
         self.site_network = site.network or "default"
         self._clients: dict[str, Any] = {}
         self.memo = Memo()  # look-ups that do not change during a run (zones, images, types offered)
@@ -205,21 +250,15 @@ class Session:
         self.attempts: dict[tuple[str, str], int] = {}  # (deployment, node) -> insert attempt (the requestId)
         self.lock = threading.RLock()
 
-    # -- clients ----------------------------------------------------------------------------------
     def client(self, name: str) -> Any:
         with self.lock:
             if name not in self._clients:
+                from google.auth.credentials import AnonymousCredentials
                 from google.cloud import compute_v1
 
-                credentials = self.credentials
-                if credentials is None:
-                    from google.auth.credentials import AnonymousCredentials
-
-                    credentials = AnonymousCredentials()
-                kwargs: dict[str, Any] = {"credentials": credentials}
-                if self.endpoint:
-                    kwargs["client_options"] = {"api_endpoint": self.endpoint}
-                self._clients[name] = getattr(compute_v1, name)(**kwargs)
+                options = {"client_options": {"api_endpoint": self.endpoint}} if self.endpoint else {}
+                self._clients[name] = getattr(compute_v1, name)(
+                    credentials=self.credentials or AnonymousCredentials(), **options)
             return self._clients[name]
 
     instances = property(lambda self: self.client("InstancesClient"))
@@ -246,7 +285,7 @@ class Session:
 
         With missing_ok, a 404 returns None. A 409 raises Conflict (callers that insert handle it)."""
         return call(what, fn, translate=self.translate, missing_ok=missing_ok, limiter=self.limiter,
-                    is_missing=lambda exc: status_of(exc) == 404, attempts=self.call_retries,
+                    is_missing=lambda exc: getattr(exc, "code", None) == 404, attempts=self.call_retries,
                     backoff=max(self.poll_interval, 0.01))  # type: ignore[return-value]
 
     def get(self, what: str, client: Any, *, missing_ok: bool = True, **request: Any) -> Any:
@@ -259,27 +298,24 @@ class Session:
         return self.call(what, lambda: list(getattr(client, method)(
             request={"project": self.project, **request}, **self.opts())))
 
-    def aggregated(self, what: str, client: Any, attr: str, flt: str) -> list[Any]:
-        """The items (`attr` of each scope) of an aggregatedList call, in every zone."""
-        return [i for _, scoped in self.listing(what, client, "aggregated_list", filter=flt)
-                for i in getattr(scoped, attr)]
+    def aggregated(self, what: str, client: Any, attr: str, flt: str, region_only: bool = False) -> list[Any]:
+        """The items (`attr` of each scope) of an aggregatedList call, in every zone (of the site's region)."""
+        return [i for scope, scoped in self.listing(what, client, "aggregated_list", filter=flt)
+                if not region_only or last(scope).rsplit("-", 1)[0] == self.region for i in getattr(scoped, attr)]
 
     # -- operations -------------------------------------------------------------------------------
     def wait_op(self, op: Any, what: str) -> Any:
         """Wait until the operation is DONE (zone, region or global), with `wait` calls on our endpoint
         (`ExtendedOperation.result()` would poll the default Google host; `wait` itself blocks a while)."""
-        from google.cloud import compute_v1
-
-        done = compute_v1.Operation.Status.DONE
-        if op.status == done:
+        if op.status == op.Status.DONE:
             return op
         scope = {"zone": last(op.zone)} if op.zone else {"region": last(op.region)} if op.region else {}
         client = self.client(f"{(next(iter(scope)) if scope else 'global').capitalize()}OperationsClient")
         request = {"project": self.project, "operation": op.name, **scope}
         return poll_until(lambda: self.call(f"wait for {what}", lambda: client.wait(
             request=request, **self.opts(max(150.0, self.call_timeout)))),
-            status=lambda o: "DONE" if o.status == done else "RUNNING", pending={"RUNNING"}, target={"DONE"},
-            timeout=self.op_timeout, interval=0, what=f"{self.site.name}: {what}: operation {op.name}")
+            status=lambda o: "DONE" if o.status == o.Status.DONE else "RUNNING", pending={"RUNNING"},
+            target={"DONE"}, timeout=self.op_timeout, interval=0, what=f"{self.site.name}: {what}: operation {op.name}")
 
     def op_failed(self, op: Any, what: str) -> Exception | None:
         return op_error(f"{self.site.name}: {what}", op)
@@ -320,17 +356,40 @@ class Session:
 
         return create_or_adopt(create, adopt)
 
-    def delete_until_gone(self, what: str, client: Any, **request: Any) -> None:
-        """Delete (404 = done); while the resource is still in use (a subnetwork's instance still going away, a
-        network's firewall or subnetwork), try again for a while (IN_USE_GRACE; a new requestId each time: the
-        same one would replay the failure); then wait until a get says 404."""
-        grace = min(self.op_timeout, IN_USE_GRACE)
-        start = time.monotonic()
-        sent = retry_in_use(lambda: self.run(what, client, "delete_unary", missing_ok=True, **request),
-                            is_in_use=lambda exc: isinstance(exc, CloudError) and bool(IN_USE.search(str(exc))),
-                            timeout=grace, interval=max(self.poll_interval, 0.01), what=what)
-        if sent is not None:
-            self.wait_gone(what, client, grace - (time.monotonic() - start), **request)
+    def delete_all(self, noun: str, client: Any, key: str, refs: Sequence[tuple[dict[str, str], str]]) -> None:
+        """Delete these objects ((scope, name) pairs; 404 = done): all sent at once, then each waited for until a
+        get says 404. One refused while in use (a subnetwork by an instance going away, a network by its
+        firewalls) is sent again for a while (IN_USE_GRACE; a new requestId each time: the same one would replay
+        the failure)."""
+        start, grace = time.monotonic(), min(self.op_timeout, IN_USE_GRACE)
+
+        def in_use(exc: Exception) -> bool:
+            return isinstance(exc, CloudError) and bool(IN_USE.search(str(exc)))
+
+        def send(scope: dict[str, str], name: str) -> Any:
+            return self.start(f"delete {noun} {name}", client, "delete_unary", missing_ok=True, **scope, **{key: name})
+
+        def send_or_refusal(scope: dict[str, str], name: str) -> Any:
+            try:
+                return send(scope, name)
+            except CloudError as exc:
+                if not in_use(exc):
+                    raise
+                return exc
+
+        sent = [(scope, name, [send_or_refusal(scope, name)]) for scope, name in refs]
+        for scope, name, first in sent:
+            what = f"delete {noun} {name}"
+
+            def attempt(scope: dict[str, str] = scope, name: str = name, what: str = what, first: list = first) -> Any:
+                op = first.pop() if first else send(scope, name)
+                if isinstance(op, Exception):
+                    raise op
+                return self.check_op(op, what)
+
+            retry_in_use(attempt, is_in_use=in_use, timeout=max(0.0, grace - (time.monotonic() - start)),
+                         interval=max(self.poll_interval, 0.01), what=what)
+            self.wait_gone(what, client, grace - (time.monotonic() - start), **scope, **{key: name})
 
     def wait_gone(self, what: str, client: Any, timeout: float, **request: Any) -> None:
         """Poll a get until it says 404."""
@@ -375,6 +434,3 @@ class Session:
     def wait_started(self) -> float:
         """When this thread's current `wait` began (a shared list must be newer than that)."""
         return getattr(self._waiting, "since", -1e18)
-
-    def server_found(self, inst: Any) -> Found:
-        return server_found(inst, self.site_network)
