@@ -63,7 +63,7 @@ HANG_SECONDS = 600.0
 MOTO_KEY_HEADER = "X-Labctl-Moto-Key"  # what the front layer (and the world's own clients) show the moto daemon
 
 
-MOTO_IDLE_SECONDS = 12 * 3600.0  # the daemon exits after this long without a request (LABCTL_MOTO_IDLE_SECONDS)
+MOTO_IDLE_SECONDS = 900.0  # no request this long and nothing held: the daemon exits (LABCTL_MOTO_IDLE_SECONDS)
 
 
 CANONICAL = "099720109477"

@@ -216,6 +216,32 @@ def _idle_seconds() -> float:
         return MOTO_IDLE_SECONDS
 
 
+def in_use() -> str | None:
+    """What this moto process holds that a deployment may still need (an instance not terminated, a volume, a
+    VPC of its own, a key pair, an Elastic IP, a bucket), in a few words; None when nothing. Read in the
+    daemon's own process, from moto's backends: no request, so asking does not count as use."""
+    from moto.ec2.models import ec2_backends
+    from moto.s3.models import s3_backends
+
+    try:
+        for by_region in list(dict.values(ec2_backends)):
+            for region, ec2 in list(dict.items(by_region)):
+                if any(i.state != "terminated" for r in list(ec2.reservations.values()) for i in r.instances):
+                    return f"instances in {region}"
+                for what, items in (("volumes", ec2.volumes), ("key pairs", ec2.key_pairs),
+                                    ("Elastic IPs", ec2.addresses)):
+                    if items:
+                        return f"{what} in {region}"
+                if any(not v.is_default for v in list(ec2.vpcs.values())):
+                    return f"VPCs in {region}"
+        for by_partition in list(dict.values(s3_backends)):
+            if any(s3.buckets for s3 in list(dict.values(by_partition))):
+                return "S3 buckets"
+    except RuntimeError:  # a request changed a dict while it was read: in use right now
+        return "a request in flight"
+    return None
+
+
 def _guard(app: Any, key: str, seen: list[float]) -> Any:
     """moto's WSGI app, answering only requests that carry the world's moto key (the front layer's, after it
     checked the client's signature; the world's own clients'): another local user gets a 401 AuthFailure."""
@@ -233,11 +259,18 @@ def _guard(app: Any, key: str, seen: list[float]) -> Any:
     return guarded
 
 
+def _say(line: str) -> None:
+    """One line in moto.log (the daemon's stderr), with the time and pid."""
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} labctl moto daemon {os.getpid()}: {line}\n")
+    sys.stderr.flush()
+
+
 def moto_main(state_dir: Path) -> None:
     """The daemon: moto's threaded server on 127.0.0.1 behind the world's key, warmed up, published in moto.json.
 
-    It exits when moto.json no longer names it (stop_moto, or the state dir was removed), or after
-    `LABCTL_MOTO_IDLE_SECONDS` (default 12 h) without a request: it does not outlive its use indefinitely.
+    It exits when moto.json no longer names it (stop_moto, or the state dir was removed), or once it has had
+    no request for `LABCTL_MOTO_IDLE_SECONDS` (default 15 min) and holds nothing a deployment could need
+    (`in_use`): after `labctl down` of the last sim-aws lab it goes by itself; while one is up it stays.
     """
     os.umask(0o077)  # everything the daemon writes is its owner's alone
     for key, value in MOTO_ENV.items():  # must be set before moto is imported
@@ -263,13 +296,23 @@ def moto_main(state_dir: Path) -> None:
     tmp.write_text(json.dumps(info))
     os.replace(tmp, path)
     idle = _idle_seconds()
+    said = None
     while True:
         time.sleep(min(2.0, idle / 4))
         try:
             current = json.loads(path.read_text())
         except (OSError, ValueError):
             current = None
-        if not current or current.get("pid") != os.getpid() or time.monotonic() - seen[0] > idle:
+        idle_for = time.monotonic() - seen[0]
+        # Idle, and holding nothing: the emulated EC2's state lives only in this process, so while a deployment's
+        # resources are here it stays (a client that comes after the exit starts a fresh daemon).
+        holding = in_use() if idle_for > idle else None
+        if holding != said and holding is not None:
+            _say(f"no request for {idle_for:.0f}s, staying: it holds {holding}")
+        said = holding
+        if not current or current.get("pid") != os.getpid() or (idle_for > idle and holding is None):
+            if current and current.get("pid") == os.getpid():
+                _say(f"no request for {idle_for:.0f}s and nothing held: exiting")
             with contextlib.suppress(OSError, ValueError):
                 if current and current.get("pid") == os.getpid():
                     path.unlink()
