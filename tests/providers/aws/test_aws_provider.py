@@ -352,14 +352,6 @@ def test_list_owned_sees_everything_tagged(emu, tmp_path: Path, public_key: str)
     assert not any(owned_in_inventory(emu, plan.deployment).values())
 
 
-def test_extend_is_a_no_op(emu, tmp_path: Path, public_key: str):
-    from labctl.providers.base import Found
-
-    plan = lab_plan(tmp_path, public_key, "extend")
-    f = Found("server", "i-1", "x", attrs={"zone": "us-east-1a"})
-    assert connect(emu).extend(f, 3, plan) is f
-
-
 def test_lost_answers_do_not_duplicate_anything(emu, tmp_path: Path, public_key: str):
     """Key pair, security group and Elastic IP calls carry no idempotency token: a lost answer is followed by
     a look-up, never by a second resource."""

@@ -1,11 +1,11 @@
 """AWS adapter (boto3): key pairs, security groups, instances and Elastic IPs (in the region's default VPC, or in a
 VPC of the deployment's own when the lab has a private network), EBS volumes and S3 buckets.
 
-Layout: `session` (credentials, clients, the error table, `call` and the other provider-kit helpers, the handler
-TABLE), `instances` (images, zones, key pairs, servers, Elastic IPs), `network` (VPC, subnet, router, security
-group), `storage` (volumes, attachments, buckets); each kind's find / create / delete is registered in the TABLE.
-Credentials come from the standard chain (`--cloud PROFILE`, AWS_PROFILE, the AWS_* keys, SSO, config files); an
-emulated site (`sim-aws`) talks to the testbed's EC2 front layer with the emulated world's own key.
+Layout: `session` (credentials, clients, the error table, `call`, `Ec2Kind`: how each EC2 family is listed by
+labctl's tags and deleted, the handler TABLE), `instances` (images, zones, key pairs, servers, Elastic IPs),
+`network` (VPC, subnet, router, security group), `storage` (volumes, attachments, buckets). Credentials come from
+the standard chain (`--cloud PROFILE`, AWS_PROFILE, the AWS_* keys, SSO, config files); an emulated site
+(`sim-aws`) talks to the testbed's EC2 front layer with the emulated world's own key.
 
 How the usual EC2 traps are handled:
 - every launch carries a deterministic `ClientToken` (deployment, node, type, zone, attempt), so a resent or
@@ -32,6 +32,18 @@ How the provider-neutral kinds map onto AWS:
   server then goes to its zone); attached at /dev/sdf, /dev/sdg... (/dev/disk/by-id/nvme-Amazon_Elastic_Block_
   Store_vol<id> on Nitro). `bucket`: S3, named after the resource (lower case); delete empties every version first.
 
+The lease end. EC2 has no leases, so each node ends itself: it is launched with InstanceInitiatedShutdownBehavior
+`terminate`, instance tags in its metadata (IMDS) and the tag `labctl-ends-at` = now + the profile's lease_hours
+(ISO 8601, UTC; the server's attrs['end']); its user data (cloud-config, beside the extra authorized keys) installs
+a systemd timer that reads that tag every minute through IMDSv2 and powers the node off once it has passed, which
+terminates it. `extend` moves the tag (CreateTags); the timer reads the new one. What it does not cover:
+- anyone with sudo on the node can stop the timer (or the node's IMDS access), and anyone allowed ec2:CreateTags or
+  ec2:ModifyInstanceMetadataOptions can move or hide the end: it is a guard against forgotten labs, not a control;
+- it ends instances only: the data volumes and buckets that `down` keeps (and Elastic IPs, security groups, VPCs)
+  stay, and bill, until `down` or `labctl gc`; data volumes are attached separately, so never DeleteOnTermination
+  (the instance's root volume is, and goes with it);
+- a node that never boots its timer (no cloud-init, another image) is not ended.
+
 boto3 is imported only inside functions: `import labctl.providers.aws` loads no SDK.
 """
 
@@ -42,11 +54,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from labctl import naming
 from labctl.errors import CloudError, CredentialsError, UserError
 from labctl.providers import kit
 from labctl.providers.aws import instances, network, storage
 from labctl.providers.aws.instances import IMAGES
-from labctl.providers.aws.session import AwsSession, load_session, token
+from labctl.providers.aws.session import KINDS, AwsSession, labelled, load_session, tagged, tags_of, token
 from labctl.providers.aws.storage import bucket_name
 from labctl.providers.base import Found, ProgressFn
 
@@ -127,11 +140,9 @@ class AwsProvider(AwsSession):
 
         def refresh() -> str:
             todo, missing = pending(), time.monotonic() - start > MISSING_GRACE
-            servers = [(r, f) for r, f in todo if r.kind == "server"]
-            if servers:
+            if servers := [(r, f) for r, f in todo if r.kind == "server"]:
                 instances.poll(self, servers, plan, results, missing, on_progress)
-            volumes = [(r, f) for r, f in todo if r.kind in ("volume", "volume_attachment")]
-            if volumes:
+            if volumes := [(r, f) for r, f in todo if r.kind in ("volume", "volume_attachment")]:
                 storage.poll(self, volumes, results, missing, on_progress)
             for r, _ in todo:
                 if r.kind not in ("server", "volume", "volume_attachment"):  # nothing else has a pending state
@@ -148,12 +159,24 @@ class AwsProvider(AwsSession):
 
     def list_owned(self, plan: Plan) -> list[Found]:
         """Everything tagged with the deployment: instances, Elastic IPs, key pairs, security groups, VPCs and
-        internet gateways (both kind "network"), subnets, volumes and their attachments, buckets."""
-        return [f for family in (instances, network, storage) for f in family.owned(self, plan)]
+        internet gateways (both kind "network"), subnets, volumes and their attachments, and buckets (S3 only when
+        the plan has buckets: an EC2-only account (IAM policy) is never asked)."""
+        out = [kind.view(item) for kind in KINDS for item in kind.list(self, tagged(plan), owned=True)]
+        out += [a for vol in out if vol.kind == "volume" for a in storage.attachments_of(vol)]
+        return out + (storage.buckets(self, plan.deployment) if plan.by_kind("bucket") else [])
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:
-        """No leases on AWS: instances run until deleted."""
-        return found
+        """A server's end (the tag its own timer reads) `hours` later; AWS has nothing else with an end."""
+        if found.kind != "server":
+            raise UserError(f"{self.site.name}: AWS has no leases; only a server's end can be moved")
+        return instances.extend(self, found, hours)
+
+    def inventory(self) -> list[Found]:
+        """Every EC2 resource and S3 bucket of the region that carries labctl's deployment tag, of any deployment
+        (the tag is what counts: a look-alike name without it is never listed)."""
+        any_deployment = [{"Name": "tag-key", "Values": [naming.TAG_DEPLOYMENT]}]
+        return [labelled(kind.view(item), tags_of(item.get("Tags")), item.get(kind.created) if kind.created else None)
+                for kind in KINDS for item in kind.list(self, any_deployment, owned=True)] + storage.buckets(self)
 
 
 __all__ = ["IMAGES", "AwsProvider", "bucket_name", "client_token", "connect", "describe_credentials",

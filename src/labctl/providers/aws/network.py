@@ -7,18 +7,19 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from labctl import naming
 from labctl.errors import CloudError, Conflict, UserError
 from labctl.providers.aws import instances
-from labctl.providers.aws.session import TABLE, AwsSession, delete_each, tag_list, tagged, tags_of
+from labctl.providers.aws.session import KINDS, TABLE, AwsSession, Ec2Kind, Item, tag_spec, tagged, tags_of
 from labctl.providers.base import Found, create_or_adopt
 
 if TYPE_CHECKING:
-    from labctl.plan import Plan, Resource
+    from labctl.plan import NetworkSpec, Plan, Resource, SecgroupSpec, SubnetSpec
 
 log = logging.getLogger(__name__)
+Rules = tuple[set[tuple[int, str, str]], set[str]]  # (port, protocol, CIDR) rules; CIDRs allowed everything
 
 
 def check_fixed_ip(p: AwsSession, res: Resource, net: Mapping[str, Any], plan: Plan) -> None:
@@ -41,35 +42,39 @@ def attached(igw: Mapping[str, Any], vpc_id: str) -> bool:
                for a in igw.get("Attachments") or [])
 
 
-def subnet_found(subnet: Mapping[str, Any]) -> Found:
+def subnet_found(subnet: Item) -> Found:
     return Found("subnet", subnet["SubnetId"], tags_of(subnet.get("Tags")).get("Name", subnet["SubnetId"]), attrs={
         "zone": subnet["AvailabilityZone"], "cidr": subnet["CidrBlock"], "vpc_id": subnet["VpcId"]})
 
 
+# A gateway is kind "network" too: deleted with its VPC, or by itself when a crash left it unattached.
+VPCS = Ec2Kind("network", "VPC", "describe_vpcs", "Vpcs", "VpcId", "delete_vpc", found=lambda v: Found(
+    "network", v["VpcId"], tags_of(v.get("Tags")).get("Name", v["VpcId"]), attrs={"cidr": v.get("CidrBlock")}))
+GATEWAYS = Ec2Kind("network", "internet gateway", "describe_internet_gateways", "InternetGateways",
+                   "InternetGatewayId", "delete_internet_gateway", found=lambda g: Found(
+                       "network", g["InternetGatewayId"], tags_of(g.get("Tags")).get("Name", ""),
+                       attrs={"vpc_ids": [a["VpcId"] for a in g.get("Attachments") or []]}))
+SUBNETS = Ec2Kind("subnet", "subnet", "describe_subnets", "Subnets", "SubnetId", "delete_subnet", found=subnet_found)
+GROUPS = Ec2Kind("secgroup", "security group", "describe_security_groups", "SecurityGroups", "GroupId",
+                 "delete_security_group", found=lambda g: Found("secgroup", g["GroupId"], g["GroupName"]))
+KINDS += [GROUPS, VPCS, GATEWAYS, SUBNETS]
+
+
 # -- network: VPC + internet gateway + default route -------------------------------------------------------------
-def vpcs_of(p: AwsSession, res: Resource, plan: Plan) -> list[Found]:
-    """The network's VPCs (one, but for a moment two when two runs raced): a finished one (its gateway attached)
-    first, then by id."""
-    vpcs = p.describe("list VPCs", "describe_vpcs", "Vpcs", Filters=tagged(plan, name=res.name))
-    gateways = p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
-                          Filters=tagged(plan, name=res.name)) if len(vpcs) > 1 else []
-    found = [Found("network", v["VpcId"], res.name, status="incomplete", attrs={
-        "cidr": v.get("CidrBlock"), "finished": any(attached(g, v["VpcId"]) for g in gateways)}) for v in vpcs]
-    return sorted(found, key=lambda f: (not f.attrs["finished"], f.cloud_id))
-
-
-def gateways_of(p: AwsSession, vpc_id: str, res: Resource, plan: Plan) -> list[dict[str, Any]]:
+def gateways_of(p: AwsSession, vpc_id: str, res: Resource, plan: Plan) -> list[Item]:
     """The network's internet gateways (tagged with its name): the one attached to the VPC first."""
-    return sorted(p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
-                             Filters=tagged(plan, name=res.name)),
+    return sorted(GATEWAYS.list(p, tagged(plan, name=res.name)),
                   key=lambda g: (not attached(g, vpc_id), g["InternetGatewayId"]))
 
 
-def gateway_of(p: AwsSession, vpc_id: str, res: Resource, plan: Plan) -> dict[str, Any] | None:
-    return next(iter(gateways_of(p, vpc_id, res, plan)), None)
+def vpc_rank(p: AwsSession, res: Resource, plan: Plan) -> Any:
+    """Which of the network's VPCs (one, but for a moment two when two runs raced) every run keeps: a finished one
+    (its gateway attached) first, then by id."""
+    gateways = GATEWAYS.list(p, tagged(plan, name=res.name))
+    return lambda v: not any(attached(g, v["VpcId"]) for g in gateways)
 
 
-def main_route_table(p: AwsSession, vpc_id: str) -> dict[str, Any]:
+def main_route_table(p: AwsSession, vpc_id: str) -> Item:
     tables = p.describe("get the main route table", "describe_route_tables", "RouteTables", Filters=[
         {"Name": "vpc-id", "Values": [vpc_id]}, {"Name": "association.main", "Values": ["true"]}])
     if not tables:
@@ -78,12 +83,13 @@ def main_route_table(p: AwsSession, vpc_id: str) -> dict[str, Any]:
 
 
 def find_network(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
-    vpcs = vpcs_of(p, res, plan)
-    if not vpcs:
+    """The network's VPC, "incomplete" until its gateway is attached and the default route goes through it."""
+    if not (vpcs := VPCS.list(p, tagged(plan, name=res.name))):
         return None
-    found = vpcs[0]
-    found.attrs.pop("finished")
-    igw = gateway_of(p, found.cloud_id, res, plan)
+    rank = vpc_rank(p, res, plan) if len(vpcs) > 1 else lambda v: 0
+    vpc = min(vpcs, key=lambda v: (rank(v), v["VpcId"]))
+    found = Found("network", vpc["VpcId"], res.name, status="incomplete", attrs={"cidr": vpc.get("CidrBlock")})
+    igw = next(iter(gateways_of(p, found.cloud_id, res, plan)), None)
     if igw is None or not attached(igw, found.cloud_id):
         return found  # a crash between CreateVpc and the gateway: create() finishes it
     table = main_route_table(p, found.cloud_id)
@@ -95,57 +101,39 @@ def find_network(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
 
 
 def create_network(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-    found = find_network(p, res, plan)
-    if found is not None and found.status == "ready":
+    if (found := find_network(p, res, plan)) is not None and found.status == "ready":
         return found
     if found is None:
-        cidr = plan.get(f"subnet:{res.spec['network']}").spec["cidr"]
-
-        def create_vpc() -> Found:
-            out = p.ec2_once.create_vpc(CidrBlock=cidr, TagSpecifications=[
-                {"ResourceType": "vpc", "Tags": tag_list(plan, name=res.name)}])
-            return Found("network", out["Vpc"]["VpcId"], res.name, attrs={"cidr": cidr})
-
+        cidr = plan.get(f"subnet:{cast('NetworkSpec', res.spec)['network']}").spec["cidr"]
         # CreateVpc has no idempotency token and VPC names are not unique: two racing runs converge on one.
-        found = p.create_unique(f"create VPC {res.name}", create_vpc, lambda: find_network(p, res, plan),
-                                lambda: vpcs_of(p, res, plan),
-                                lambda f: p.in_use_retry("delete duplicate VPC", lambda: p.ec2.delete_vpc(
-                                    VpcId=f.cloud_id)),
-                                ident=lambda f: f.cloud_id, rank=lambda f: not f.attrs.get("finished"))
+        vpc = p.create_unique(VPCS, f"create VPC {res.name}", lambda: p.ec2_once.create_vpc(
+            CidrBlock=cidr, TagSpecifications=tag_spec(plan, "vpc", name=res.name))["Vpc"],
+            lambda: VPCS.list(p, tagged(plan, name=res.name)), rank=lambda v: vpc_rank(p, res, plan)(v))
+        found = Found("network", vpc["VpcId"], res.name, attrs={"cidr": cidr})
         log.info("%s: made VPC %s (%s) for %s", p.site.name, found.cloud_id, cidr, res.name)
     vpc_id = found.cloud_id
-    igw = gateway_of(p, vpc_id, res, plan)
-    if igw is None:
-        def create_gateway() -> dict[str, Any]:
-            return p.ec2_once.create_internet_gateway(TagSpecifications=[
-                {"ResourceType": "internet-gateway", "Tags": tag_list(plan, name=res.name)}])["InternetGateway"]
-
-        igw = p.create_unique(f"create internet gateway for {res.name}", create_gateway,
-                              lambda: gateway_of(p, vpc_id, res, plan),
-                              lambda: gateways_of(p, vpc_id, res, plan),
-                              lambda g: p.call("delete duplicate internet gateway",
-                                               lambda: p.ec2.delete_internet_gateway(
-                                                   InternetGatewayId=g["InternetGatewayId"]), missing_ok=True),
-                              ident=lambda g: g["InternetGatewayId"], rank=lambda g: not attached(g, vpc_id))
+    if (igw := next(iter(gateways_of(p, vpc_id, res, plan)), None)) is None:
+        igw = p.create_unique(GATEWAYS, f"create internet gateway for {res.name}", lambda: p.ec2_once.
+                              create_internet_gateway(TagSpecifications=tag_spec(plan, "internet-gateway",
+                                                                                 name=res.name))["InternetGateway"],
+                              lambda: gateways_of(p, vpc_id, res, plan), rank=lambda g: not attached(g, vpc_id))
     igw_id = igw["InternetGatewayId"]
     if not attached(igw, vpc_id):
         try:
             p.call("attach internet gateway", lambda: p.ec2.attach_internet_gateway(
                 InternetGatewayId=igw_id, VpcId=vpc_id))
         except CloudError as exc:  # a retry after a lost answer attached it already
-            again = gateway_of(p, vpc_id, res, plan)
-            if again is None or not attached(again, vpc_id):
+            if not any(attached(g, vpc_id) for g in gateways_of(p, vpc_id, res, plan)):
                 raise CloudError(f"{p.site.name}: cannot attach internet gateway {igw_id} to {vpc_id}: "
                                  f"{exc}") from exc
     table = main_route_table(p, vpc_id)
+    route = {"RouteTableId": table["RouteTableId"], "DestinationCidrBlock": "0.0.0.0/0", "GatewayId": igw_id}
     routes = [r for r in table.get("Routes") or [] if r.get("DestinationCidrBlock") == "0.0.0.0/0"]
     if not routes:
         with contextlib.suppress(Conflict):  # RouteAlreadyExists: a retry after a lost answer made it
-            p.call("add the default route", lambda: p.ec2.create_route(
-                RouteTableId=table["RouteTableId"], DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id))
+            p.call("add the default route", lambda: p.ec2.create_route(**route))
     elif routes[0].get("GatewayId") != igw_id or routes[0].get("State", "active") != "active":
-        p.call("replace the default route", lambda: p.ec2.replace_route(
-            RouteTableId=table["RouteTableId"], DestinationCidrBlock="0.0.0.0/0", GatewayId=igw_id))
+        p.call("replace the default route", lambda: p.ec2.replace_route(**route))
     return Found("network", vpc_id, res.name, attrs={"cidr": found.attrs.get("cidr"), "internet_gateway": igw_id,
                                                      "route_table": table["RouteTableId"]})
 
@@ -153,62 +141,48 @@ def create_network(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, 
 def delete_networks(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
     """VPCs (their internet gateways detached and deleted first) and gateways left alone by a crash."""
     for f in sorted(found, key=lambda f: not f.cloud_id.startswith("igw-")):  # stray gateways first
-        if f.cloud_id.startswith("igw-"):
-            delete_gateways(p, [{"Name": "internet-gateway-id", "Values": [f.cloud_id]}])
-            continue
-        delete_gateways(p, [{"Name": "attachment.vpc-id", "Values": [f.cloud_id]}])
-        p.in_use_retry("delete VPC", lambda f=f: p.ec2.delete_vpc(VpcId=f.cloud_id))
-        log.info("%s: deleted VPC %s", p.site.name, f.cloud_id)
-
-
-def delete_gateways(p: AwsSession, filters: list[dict[str, Any]]) -> None:
-    """Detach the matching internet gateways from their VPCs and delete them."""
-    for igw in p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
-                          Filters=filters):
-        igw_id = igw["InternetGatewayId"]
-        for a in igw.get("Attachments") or []:
-            try:
-                p.in_use_retry("detach internet gateway", lambda a=a, g=igw_id:
-                               p.ec2.detach_internet_gateway(InternetGatewayId=g, VpcId=a["VpcId"]))
-            except CloudError as exc:
-                if "Gateway.NotAttached" not in str(exc):
-                    raise
-        p.in_use_retry("delete internet gateway", lambda g=igw_id: p.ec2.delete_internet_gateway(
-            InternetGatewayId=g))
-        log.info("%s: deleted internet gateway %s", p.site.name, igw_id)
+        stray = f.cloud_id.startswith("igw-")
+        for igw in GATEWAYS.list(p, [{"Name": "internet-gateway-id" if stray else "attachment.vpc-id",
+                                      "Values": [f.cloud_id]}]):
+            for a in igw.get("Attachments") or []:
+                try:
+                    p.in_use_retry("detach internet gateway", lambda a=a, g=igw["InternetGatewayId"]:
+                                   p.ec2.detach_internet_gateway(InternetGatewayId=g, VpcId=a["VpcId"]))
+                except CloudError as exc:
+                    if "Gateway.NotAttached" not in str(exc):
+                        raise
+            GATEWAYS.remove(p, igw["InternetGatewayId"])
+            log.info("%s: deleted internet gateway %s", p.site.name, igw["InternetGatewayId"])
+        if not stray:
+            VPCS.remove(p, f.cloud_id)
+            log.info("%s: deleted VPC %s", p.site.name, f.cloud_id)
 
 
 # -- subnet -------------------------------------------------------------------------------------------------------
-def subnets_of(p: AwsSession, res: Resource, plan: Plan) -> list[dict[str, Any]]:
+def subnets_of(p: AwsSession, res: Resource, plan: Plan) -> list[Item]:
     """The subnets of that name (one, but for a moment two when two runs raced): one in use first, then by id."""
-    return sorted(p.describe("list subnets", "describe_subnets", "Subnets", Filters=tagged(plan, name=res.name)),
+    return sorted(SUBNETS.list(p, tagged(plan, name=res.name)),
                   key=lambda n: (n.get("AvailableIpAddressCount", 0), n["SubnetId"]))
 
 
 def find_subnet(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
-    subnets = subnets_of(p, res, plan)
-    return subnet_found(subnets[0]) if subnets else None
+    return subnet_found(subnets[0]) if (subnets := subnets_of(p, res, plan)) else None
 
 
 def create_subnet(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-    existing = find_subnet(p, res, plan)
-    if existing is not None:
+    if (existing := find_subnet(p, res, plan)) is not None:
         return existing
-    vpc_id = deps[res.spec["network"]].cloud_id
-    zone = subnet_zone(p, res, plan)
-    cidr = res.spec["cidr"]
+    spec = cast("SubnetSpec", res.spec)
+    vpc_id, zone, cidr = deps[spec["network"]].cloud_id, subnet_zone(p, res, plan), spec["cidr"]
 
-    def create() -> dict[str, Any]:
-        return p.ec2_once.create_subnet(VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone, TagSpecifications=[
-            {"ResourceType": "subnet", "Tags": tag_list(plan, name=res.name)}])["Subnet"]
+    def create() -> Item:
+        return p.create_unique(SUBNETS, f"create subnet {res.name}", lambda: p.ec2_once.create_subnet(
+            VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone,
+            TagSpecifications=tag_spec(plan, "subnet", name=res.name))["Subnet"],
+            lambda: subnets_of(p, res, plan), rank=lambda n: n.get("AvailableIpAddressCount", 0))
 
     # AWS refuses a second subnet of that CIDR in the VPC (Conflict): a racing run's, adopted.
-    found = subnet_found(create_or_adopt(lambda: p.create_unique(
-        f"create subnet {res.name}", create, lambda: next(iter(subnets_of(p, res, plan)), None),
-        lambda: subnets_of(p, res, plan),
-        lambda n: p.in_use_retry("delete duplicate subnet", lambda: p.ec2.delete_subnet(SubnetId=n["SubnetId"])),
-        ident=lambda n: n["SubnetId"], rank=lambda n: n.get("AvailableIpAddressCount", 0)),
-        lambda: next(iter(subnets_of(p, res, plan)), None)))
+    found = subnet_found(create_or_adopt(create, lambda: next(iter(subnets_of(p, res, plan)), None)))
     log.info("%s: made subnet %s (%s) in %s", p.site.name, found.cloud_id, cidr, zone)
     return found
 
@@ -227,8 +201,7 @@ def subnet_zone(p: AwsSession, res: Resource, plan: Plan) -> str:
                      kept.cloud_id)
             return str(kept.attrs["zone"])
     candidates = [list(r.spec.get("candidates") or []) for r in servers]
-    every = sorted({c for cs in candidates for c in cs})
-    if not every:
+    if not (every := sorted({c for cs in candidates for c in cs})):
         return sorted(instances.region_zones(p))[0]
     offered = instances.offered_zones(p, every)
     common = set.intersection(*(offered[t] for t in every))
@@ -257,14 +230,13 @@ def router(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found] |
 
 
 # -- security group ----------------------------------------------------------------------------------------------
-def wanted(res: Resource) -> tuple[set[tuple[int, str, str]], set[str]]:
-    """The group's rules (port, protocol, CIDR), and the CIDRs of the networks without port security (all traffic
-    from them is allowed)."""
-    return ({(int(r["port"]), str(r["protocol"]), str(r["cidr"])) for r in res.spec.get("rules") or []},
-            {str(n["cidr"]) for n in res.spec.get("networks") or [] if n.get("open")})
+def wanted(spec: SecgroupSpec) -> Rules:
+    """The group's rules, and the CIDRs of the networks without port security (all traffic from them allowed)."""
+    return ({(int(r["port"]), str(r["protocol"]), str(r["cidr"])) for r in spec.get("rules") or []},
+            {str(n["cidr"]) for n in spec.get("networks") or [] if n.get("open")})
 
 
-def rules_of(group: Mapping[str, Any]) -> tuple[set[tuple[int, str, str]], set[str]]:
+def rules_of(group: Mapping[str, Any]) -> Rules:
     """What a group allows, as `wanted` says it."""
     perms = group.get("IpPermissions") or []
     return ({(int(p["FromPort"]), str(p.get("IpProtocol")), str(r.get("CidrIp"))) for p in perms
@@ -275,58 +247,50 @@ def rules_of(group: Mapping[str, Any]) -> tuple[set[tuple[int, str, str]], set[s
 
 def secgroup_vpc(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found] | None = None) -> str | None:
     """The VPC of the deployment's group: its network's (None if that does not exist), else the default VPC."""
-    nets = res.spec.get("networks") or []
-    if not nets:
+    if not (nets := res.spec.get("networks") or []):
         return instances.default_vpc(p)
-    key = nets[0]["network"]
-    if deps is not None and key in deps:
+    if deps is not None and (key := nets[0]["network"]) in deps:
         return deps[key].cloud_id
-    found = find_network(p, plan.get(key), plan)
+    found = find_network(p, plan.get(nets[0]["network"]), plan)
     return found.cloud_id if found is not None else None
 
 
 def find_secgroup(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
     filters = [{"Name": "group-name", "Values": [res.name]}]
     if "rules" in res.spec:  # a teardown look-up (no spec) searches every VPC
-        vpc = secgroup_vpc(p, res, plan)
-        if vpc is None:
+        if (vpc := secgroup_vpc(p, res, plan)) is None:
             return None
         filters.append({"Name": "vpc-id", "Values": [vpc]})
-    mine = [g for g in p.describe("list security groups", "describe_security_groups", "SecurityGroups",
-                                  Filters=filters)
-            if tags_of(g.get("Tags")).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+    mine = [g for g in GROUPS.list(p, filters) if tags_of(g.get("Tags")).get(naming.TAG_DEPLOYMENT) == plan.deployment]
     if not mine:
         return None
-    (rules, open_), (have, have_open) = wanted(res), rules_of(mine[0])
+    (rules, open_), (have, have_open) = wanted(cast("SecgroupSpec", res.spec)), rules_of(mine[0])
     return Found("secgroup", mine[0]["GroupId"], mine[0]["GroupName"], attrs={"vpc_id": mine[0].get("VpcId")},
                  status="ready" if rules <= have and open_ <= have_open else "incomplete")
 
 
 def create_secgroup(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-    existing = find_secgroup(p, res, plan)
-    if existing is None:
-        vpc = secgroup_vpc(p, res, plan, deps)
-        if vpc is None:
+    if (existing := find_secgroup(p, res, plan)) is None:
+        if (vpc := secgroup_vpc(p, res, plan, deps)) is None:
             raise CloudError(f"{p.site.name}: the network of security group {res.name} does not exist")
 
         def create() -> Found:
             out = p.call("create security group", lambda: p.ec2.create_security_group(
                 GroupName=res.name, Description=f"labctl {plan.deployment}", VpcId=vpc,
-                TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(plan, name=res.name)}]))
+                TagSpecifications=tag_spec(plan, "security-group", name=res.name)))
             return Found("secgroup", out["GroupId"], res.name, attrs={"new": True})
 
         def adopt() -> Found:
             # Group names are unique in a VPC: a retry after a lost answer or a concurrent run made it.
-            found = find_secgroup(p, res, plan)
-            if found is None:
+            if (found := find_secgroup(p, res, plan)) is None:
                 raise CloudError(f"{p.site.name}: a security group named {res.name} exists in VPC {vpc} "
                                  "but is not this deployment's (no labctl tags); delete or rename it")
             return found
 
         existing = create_or_adopt(create, adopt)
     sg_id = existing.cloud_id
-    (rules, open_), (have, have_open) = wanted(res), (set(), set()) if existing.attrs.get("new") else rules_of(
-        p.describe("get security group", "describe_security_groups", "SecurityGroups", GroupIds=[sg_id])[0])
+    (rules, open_), (have, have_open) = wanted(cast("SecgroupSpec", res.spec)), (set(), set()) if existing.attrs.get(
+        "new") else rules_of(GROUPS.list(p, [{"Name": "group-id", "Values": [sg_id]}])[0])
     # A network without port security: its nodes talk freely (every protocol from its CIDR).
     grants = [(f"allow all traffic from {cidr}", [{"IpProtocol": "-1", "IpRanges": [
         {"CidrIp": cidr, "Description": "labctl: private network"}]}]) for cidr in sorted(open_ - have_open)]
@@ -340,26 +304,8 @@ def create_secgroup(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str,
     return Found("secgroup", sg_id, res.name)
 
 
-def owned(p: AwsSession, plan: Plan) -> list[Found]:
-    """The deployment's security groups, VPCs and internet gateways (both kind "network": a gateway is deleted with
-    its VPC, one left alone by a crash before it was attached by itself), and subnets."""
-    flt = tagged(plan)
-    out = [Found("secgroup", g["GroupId"], g["GroupName"])
-           for g in p.describe("list security groups", "describe_security_groups", "SecurityGroups", Filters=flt)]
-    out += [Found("network", v["VpcId"], tags_of(v.get("Tags")).get("Name", v["VpcId"]),
-                  attrs={"cidr": v.get("CidrBlock")})
-            for v in p.describe("list VPCs", "describe_vpcs", "Vpcs", Filters=flt)]
-    out += [Found("network", g["InternetGatewayId"], tags_of(g.get("Tags")).get("Name", ""),
-                  attrs={"vpc_ids": [a["VpcId"] for a in g.get("Attachments") or []]})
-            for g in p.describe("list internet gateways", "describe_internet_gateways", "InternetGateways",
-                                Filters=flt)]
-    return out + [subnet_found(n) for n in p.describe("list subnets", "describe_subnets", "Subnets", Filters=flt)]
-
-
 TABLE.register("network", find=find_network, create=create_network, delete=delete_networks)
-TABLE.register("subnet", find=find_subnet, create=create_subnet,
-               delete=delete_each("delete subnet", "delete_subnet", "SubnetId"))
+TABLE.register("subnet", find=find_subnet, create=create_subnet, delete=SUBNETS.delete_all)
 TABLE.register("router", find=router, create=lambda p, res, plan, deps, _c: router(p, res, plan, deps),
                delete=lambda p, found, plan: None)
-TABLE.register("secgroup", find=find_secgroup, create=create_secgroup,
-               delete=delete_each("delete security group", "delete_security_group", "GroupId"))
+TABLE.register("secgroup", find=find_secgroup, create=create_secgroup, delete=GROUPS.delete_all)

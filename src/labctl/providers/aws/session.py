@@ -1,4 +1,6 @@
-"""The AWS session: credentials, clients, the error table, and the calls every handler makes.
+"""The AWS session: credentials, clients, the error table, the calls every handler makes, and `Ec2Kind`, the one
+description of an EC2 resource family (how it is listed by labctl's tags, seen as a `Found`, and deleted) that
+`list_owned`, `inventory`, the duplicate clean-up of racing creates and the plain deletes share.
 
 boto3 is imported only inside functions: importing this module loads no SDK.
 """
@@ -11,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from labctl import naming
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from labctl.sites import Site
 
 T = TypeVar("T")
+Item = dict[str, Any]  # one element of an EC2 describe answer
 log = logging.getLogger(__name__)
 
 # -- the error table: AWS error codes -> labctl's kinds --------------------------------------------------------
@@ -56,6 +60,7 @@ S3_MISSING = {"NoSuchBucket", "404", "NotFound", "NoSuchKey"}
 IN_USE_GRACE = 300.0  # seconds a delete retries DependencyViolation (interfaces of terminated instances linger)
 HELP = ("set AWS_PROFILE (or --cloud PROFILE), or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
         "or run `aws sso login` / `aws configure`")
+END_TAG = "labctl-ends-at"  # a server's end (ISO 8601, UTC) that the node itself enforces (see the package doc)
 
 
 def translate(where: str, exc: Exception) -> Exception:
@@ -158,18 +163,67 @@ def tags_of(items: Sequence[Mapping[str, str]] | None) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in items or []}
 
 
-def tag_list(plan: Plan, node: str | None = None, name: str | None = None) -> list[dict[str, str]]:
-    tags = {**plan.tags, **({naming.TAG_NODE: node} if node else {}), **({"Name": name} if name else {})}
-    return [{"Key": k, "Value": v} for k, v in tags.items()]
+def tag_spec(plan: Plan, *types: str, node: str | None = None, name: str | None = None,
+             **extra: str) -> list[dict[str, Any]]:
+    """TagSpecifications: every resource is tagged as it is made (a rerun after a crash finds it by its tags)."""
+    tags = {**plan.tags, **({naming.TAG_NODE: node} if node else {}), **({"Name": name} if name else {}), **extra}
+    return [{"ResourceType": t, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]} for t in types]
 
 
 def tagged(plan: Plan, **tags: str) -> list[dict[str, Any]]:
-    """EC2 filters: the deployment's tag, plus `tag:<key>` = value for each of `tags` (Name=..., node=...)."""
+    """EC2 filters: the deployment's tag, plus `tag:<key>` = value for each of `tags` (name=..., node=...)."""
     keys = {"name": "Name", "node": naming.TAG_NODE}
     return [{"Name": f"tag:{naming.TAG_DEPLOYMENT}", "Values": [plan.deployment]},
             *({"Name": f"tag:{keys.get(k, k)}", "Values": [v]} for k, v in tags.items())]
 
 
+def labelled(found: Found, tags: Mapping[str, str], created: Any = None) -> Found:
+    """`found` with what `inventory` reports: deployment, owner and end (from its tags), creation time."""
+    found.attrs.update(deployment=tags.get(naming.TAG_DEPLOYMENT), owner=tags.get(naming.TAG_OWNER),
+                       created=created.isoformat() if hasattr(created, "isoformat") else created, end=tags.get(END_TAG))
+    return found
+
+
+@dataclass(frozen=True)
+class Ec2Kind:
+    """An EC2 resource family: listed by `describe` (its answer's `key`; instances flattened out of their
+    reservations), `id` its id field; `found` makes labctl's view of one (kind, id and Name tag by default);
+    `delete` the boto3 call that deletes one by id (`param`, the id field by default); `owned` filters added to
+    the listing of what a deployment owns; `created` the item's creation-time field."""
+
+    kind: str
+    noun: str
+    describe: str
+    key: str
+    id: str
+    delete: str = ""
+    param: str = ""
+    owned: tuple[dict[str, Any], ...] = ()
+    created: str = ""
+    found: Callable[[Item], Found] | None = None
+
+    def list(self, p: AwsSession, filters: Sequence[Mapping[str, Any]], owned: bool = False) -> list[Item]:
+        items = p.describe(f"list {self.noun}s", self.describe, self.key,
+                           Filters=[*filters, *(self.owned if owned else ())])
+        return [i for r in items for i in r["Instances"]] if self.key == "Reservations" else items
+
+    def view(self, item: Item) -> Found:
+        if self.found is not None:
+            return self.found(item)
+        return Found(self.kind, item[self.id], tags_of(item.get("Tags")).get("Name", item[self.id]))
+
+    def remove(self, p: AwsSession, ident: str) -> None:
+        """Delete one (missing is fine), retried while in use (an instance's network interface holds its security
+        group and subnet for a while after termination)."""
+        p.in_use_retry(f"delete {self.noun}", lambda: getattr(p.ec2, self.delete)(**{self.param or self.id: ident}))
+
+    def delete_all(self, p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
+        for f in found:
+            self.remove(p, f.cloud_id or f.name)
+
+
+#: The families labctl makes, in the order `list_owned` and `inventory` report them (filled by the modules).
+KINDS: list[Ec2Kind] = []
 #: The one table of the adapter's per-kind handlers (find, create, delete), filled by instances, network, storage.
 TABLE = kit.HandlerTable("aws")
 
@@ -237,25 +291,29 @@ class AwsSession:
             out = self.call(what, lambda: getattr(self.ec2, operation)(**kwargs))
         return list((out or {}).get(key) or [])
 
-    def create_unique(self, what: str, create: Callable[[], T], lookup: Callable[[], T | None],
-                      relist: Callable[[], Sequence[T]], delete: Callable[[T], None], *,
-                      ident: Callable[[T], str], rank: Callable[[T], Any] = lambda item: 0) -> T:
+    def create_unique(self, family: Ec2Kind, what: str, create: Callable[[], Item],
+                      relist: Callable[[], Sequence[Item]], rank: Callable[[Item], Any] = lambda item: 0) -> Item:
         """A create without an idempotency token (CreateVpc, CreateSubnet, CreateInternetGateway, AllocateAddress),
         tagged at creation: sent once (no client retry); after a lost answer (timeout, 5xx) the tagged resource is
-        looked up first and made again only if there is none. AWS does not keep these names unique: when this run
-        made one, `converge_created` with a concurrent run's (both keep the same one)."""
+        looked up first (the first of `relist()` by rank) and made again only if there is none. AWS does not keep
+        these names unique: when this run made one, `converge_created` with a concurrent run's (both keep the
+        same one, the loser deletes its own)."""
+        def ident(item: Item) -> str:
+            return str(item[family.id])
+
         for attempt in range(3):
             started = time.monotonic()
             try:
                 made = self.call(what, create, resend=False)
             except (Transient, RateLimited):
-                if (found := lookup()) is not None:
+                if (found := min(relist(), key=lambda i: (rank(i), ident(i)), default=None)) is not None:
                     return found  # nothing of this run's to converge
                 if attempt == 2:
                     raise
                 time.sleep(max(self.poll_interval, 0.05) * (attempt + 1))
                 continue
-            return converge_created(made, time.monotonic() - started, relist, delete, ident=ident, rank=rank)
+            return converge_created(made, time.monotonic() - started, relist,
+                                    lambda i: family.remove(self, ident(i)), ident=ident, rank=rank)
         raise AssertionError("unreachable")
 
     def in_use_retry(self, what: str, fn: Callable[[], Any], codes: Sequence[str] = ("DependencyViolation",),
@@ -272,17 +330,6 @@ class AwsSession:
         kit.poll_until(refresh, status=status, pending=("pending",), target=("done", "gone"), timeout=timeout,
                        interval=max(self.poll_interval, 0.05), not_found_checks=1, what=f"{self.site.name}: {what}")
 
-    # -- dispatch --------------------------------------------------------------------------------------------
     def find(self, res: Resource, plan: Plan) -> Found | None:
         """The look-up of `res` by its kind's handler (None for kinds AWS does not use: reservation)."""
         return self.handlers[res.kind].find(res, plan) if res.kind in self.kinds else None
-
-
-def delete_each(what: str, operation: str, param: str) -> Callable[..., None]:
-    """A delete handler: EC2 `operation(param=<id>)` for each resource, missing is fine, retried while in use (an
-    instance's network interface holds its security group and subnet for a while after termination)."""
-    def delete(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
-        for f in found:
-            p.in_use_retry(what, lambda f=f: getattr(p.ec2, operation)(**{param: f.cloud_id or f.name}))
-
-    return delete

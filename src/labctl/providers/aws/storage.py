@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from labctl import naming
 from labctl.errors import CloudError
-from labctl.providers.aws.session import S3_MISSING, TABLE, AwsSession, tag_list, tagged, tags_of, token
+from labctl.providers.aws import session
+from labctl.providers.aws.session import TABLE, AwsSession, Ec2Kind, Item, tag_spec, tagged, tags_of
 from labctl.providers.base import Found
 
 if TYPE_CHECKING:
-    from labctl.plan import Plan, Resource
+    from labctl.plan import BucketSpec, Plan, Resource, VolumeAttachmentSpec, VolumeSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,8 @@ def bad_bucket(p: AwsSession, res: Resource) -> str:
 
 
 # -- volumes -----------------------------------------------------------------------------------------------------
-def volume_found(vol: Mapping[str, Any]) -> Found:
-    tags = tags_of(vol.get("Tags"))
-    state = vol["State"]
+def volume_found(vol: Item) -> Found:
+    tags, state = tags_of(vol.get("Tags")), vol["State"]
     status = {"available": "ready", "in-use": "ready", "error": "error"}.get(state, "pending")
     name = tags.get(VOLUME_TAG)
     return Found("volume", vol["VolumeId"], tags.get("Name", vol["VolumeId"]), status=status,
@@ -55,19 +55,20 @@ def volume_found(vol: Mapping[str, Any]) -> Found:
                                       "state": a.get("State")} for a in vol.get("Attachments") or []]})
 
 
-def volumes(p: AwsSession, plan: Plan, name: str | None = None) -> list[dict[str, Any]]:
-    """The deployment's data volumes (tagged labctl:volume; root volumes are not), but those going away."""
-    filters = [*tagged(plan, **({"name": name} if name else {})), {"Name": "tag-key", "Values": [VOLUME_TAG]}]
-    return [v for v in p.describe("list volumes", "describe_volumes", "Volumes", Filters=filters)
-            if v["State"] not in ("deleting", "deleted")]
+# Data volumes only (tagged labctl:volume; root volumes go with their instance), but those going away.
+VOLUMES = Ec2Kind("volume", "volume", "describe_volumes", "Volumes", "VolumeId", created="CreateTime",
+                  owned=({"Name": "tag-key", "Values": [VOLUME_TAG]},
+                         {"Name": "status", "Values": ["creating", "available", "in-use", "error"]}),
+                  found=volume_found)
+session.KINDS.append(VOLUMES)
 
 
-def get_volume(p: AwsSession, volume_id: str) -> dict[str, Any] | None:
+def get_volume(p: AwsSession, volume_id: str) -> Item | None:
     out = p.call("get volume", lambda: p.ec2.describe_volumes(VolumeIds=[volume_id]), missing_ok=True)
     return next(iter((out or {}).get("Volumes") or []), None)
 
 
-def wait_volume(p: AwsSession, volume_id: str, done: Callable[[dict[str, Any]], bool] = lambda v: not v.get(
+def wait_volume(p: AwsSession, volume_id: str, done: Callable[[Item], bool] = lambda v: not v.get(
         "Attachments"), timeout: float = 600) -> None:
     """Until `done(volume)` (by default: attached to nothing) or the volume is gone; a volume in error fails."""
     p.until(f"volume {volume_id}", lambda: get_volume(p, volume_id),
@@ -83,7 +84,7 @@ def detach(p: AwsSession, volume_id: str, instance_id: str) -> None:
             raise
 
 
-def detach_others(p: AwsSession, vol: Mapping[str, Any] | None, server_id: str | None = None) -> None:
+def detach_others(p: AwsSession, vol: Item | None, server_id: str | None = None) -> None:
     """Detach the volume from every instance but `server_id` and wait until it is attached to nothing."""
     others = [a["InstanceId"] for a in (vol or {}).get("Attachments") or [] if a.get("InstanceId") != server_id]
     for instance_id in others:
@@ -95,16 +96,15 @@ def detach_others(p: AwsSession, vol: Mapping[str, Any] | None, server_id: str |
 
 
 def find_volume(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
-    vols = volumes(p, plan, res.name)
+    vols = VOLUMES.list(p, tagged(plan, name=res.name), owned=True)
     key = lambda v: (v["State"] == "error", str(v.get("CreateTime") or ""), v["VolumeId"])  # noqa: E731
     return volume_found(min(vols, key=key)) if vols else None
 
 
 def create_volume(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-    spec = res.spec
+    spec = cast("VolumeSpec", res.spec)
     keep = "true" if spec.get("keep") else "false"
-    existing = find_volume(p, res, plan)
-    if existing is not None and existing.status != "error":
+    if (existing := find_volume(p, res, plan)) is not None and existing.status != "error":
         if existing.attrs["keep"] != bool(spec.get("keep")):  # the profile changed its mind
             p.call("tag volume", lambda: p.ec2.create_tags(Resources=[existing.cloud_id],
                                                           Tags=[{"Key": KEEP_TAG, "Value": keep}]))
@@ -112,16 +112,15 @@ def create_volume(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
         log.info("%s: reusing volume %s (%s)", p.site.name, existing.cloud_id, existing.attrs.get("zone"))
         return existing
     server = deps[spec["server"]]
-    zone = server.attrs.get("zone")
-    if not zone:
+    if not (zone := server.attrs.get("zone")):
         raise CloudError(f"{p.site.name}: no zone known for the server of volume {res.name}")
-    tags = [*tag_list(plan, spec["node"], res.name), {"Key": KEEP_TAG, "Value": keep},
-            {"Key": VOLUME_TAG, "Value": spec["volume"]}]
-    out = p.call(f"create volume {res.name}", lambda: p.ec2.create_volume(
+    # A data volume is made by itself and attached (never DeleteOnTermination): the end of its instance (the lease
+    # timer's power-off) leaves it, as `down` does.
+    found = volume_found(p.call(f"create volume {res.name}", lambda: p.ec2.create_volume(
         AvailabilityZone=zone, Size=int(spec["size_gb"]), VolumeType="gp3",
-        ClientToken=token(plan.deployment, spec["volume"], server.cloud_id),
-        TagSpecifications=[{"ResourceType": "volume", "Tags": tags}]))
-    found = volume_found(out)
+        ClientToken=session.token(plan.deployment, spec["volume"], server.cloud_id),
+        TagSpecifications=tag_spec(plan, "volume", node=spec["node"], name=res.name,
+                                   **{KEEP_TAG: keep, VOLUME_TAG: spec["volume"]}))))
     log.info("%s: made volume %s (%d GiB, %s)", p.site.name, found.cloud_id, int(spec["size_gb"]), zone)
     return found
 
@@ -138,19 +137,14 @@ def delete_volumes(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
 
 
 # -- attachments ---------------------------------------------------------------------------------------------------
-def device_for(res: Resource, plan: Plan) -> str:
-    """/dev/sdf for a node's first volume, /dev/sdg for its second..., in plan order."""
-    mine = [r.key for r in plan.by_kind("volume_attachment") if r.spec.get("node") == res.spec.get("node")]
-    index = mine.index(res.key) if res.key in mine else 0
-    return f"/dev/sd{VOLUME_DEVICES[min(index, len(VOLUME_DEVICES) - 1)]}"
-
-
 def attachment_found(res: Resource, plan: Plan, server_id: str, volume_id: str, state: str) -> Found:
-    device = device_for(res, plan)
+    """As the guest finds it: /dev/sdf for a node's first volume, /dev/sdg for its second... (plan order), by its
+    NVMe by-id link (Nitro), then the Xen names."""
+    mine = [r.key for r in plan.by_kind("volume_attachment") if r.spec.get("node") == res.spec.get("node")]
+    device = f"/dev/sd{VOLUME_DEVICES[min(mine.index(res.key) if res.key in mine else 0, len(VOLUME_DEVICES) - 1)]}"
     return Found("volume_attachment", f"{server_id}/{volume_id}", res.name,
                  status="ready" if state == "attached" else "pending", attrs={
                      "server_id": server_id, "volume_id": volume_id, "device": device,
-                     # where the guest finds it: the NVMe by-id link (Nitro), then the Xen names
                      "device_paths": [f"{NVME_BY_ID}{volume_id.replace('-', '')}", f"/dev/xvd{device[-1]}", device]})
 
 
@@ -166,26 +160,23 @@ def find_attachment(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
 
 
 def create_attachment(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-    volume_id = deps[res.spec["volume"]].cloud_id
-    server_id = deps[res.spec["server"]].cloud_id
-    vol = get_volume(p, volume_id)
-    if vol is None:
+    spec = cast("VolumeAttachmentSpec", res.spec)
+    volume_id, server_id = deps[spec["volume"]].cloud_id, deps[spec["server"]].cloud_id
+    if (vol := get_volume(p, volume_id)) is None:
         raise CloudError(f"{p.site.name}: volume {volume_id} is gone")
     for a in vol.get("Attachments") or []:
         if a.get("InstanceId") == server_id and a.get("State") in ("attaching", "attached"):
             return attachment_found(res, plan, server_id, volume_id, a["State"])
     detach_others(p, vol, server_id)
-    device = device_for(res, plan)
     try:
-        out = p.call(f"attach volume {volume_id} to {res.spec['node']}", lambda: p.ec2.attach_volume(
-            VolumeId=volume_id, InstanceId=server_id, Device=device))
+        out = p.call(f"attach volume {volume_id} to {spec['node']}", lambda: p.ec2.attach_volume(
+            VolumeId=volume_id, InstanceId=server_id, Device=attachment_found(res, plan, "", "", "").attrs["device"]))
         state = out.get("State") or "attaching"
     except CloudError as exc:
         if "VolumeInUse" not in str(exc):
             raise
         vol = get_volume(p, volume_id) or {}  # a retry after a lost answer: attached here already?
-        mine = [a for a in vol.get("Attachments") or [] if a.get("InstanceId") == server_id]
-        if not mine:
+        if not (mine := [a for a in vol.get("Attachments") or [] if a.get("InstanceId") == server_id]):
             raise
         state = mine[0].get("State") or "attaching"
     return attachment_found(res, plan, server_id, volume_id, state)
@@ -202,12 +193,17 @@ def delete_attachments(p: AwsSession, found: Sequence[Found], plan: Plan) -> Non
     log.info("%s: detached %s", p.site.name, ", ".join(v for _, v in pairs))
 
 
+def attachments_of(vol: Found) -> list[Found]:
+    return [Found("volume_attachment", f"{a['instance_id']}/{vol.cloud_id}", f"{vol.name}-attachment",
+                  attrs={"server_id": a["instance_id"], "volume_id": vol.cloud_id, "device": a["device"]})
+            for a in vol.attrs["attachments"]]
+
+
 def poll(p: AwsSession, storage: Sequence[tuple[Resource, Found]], results: dict[str, Found], missing: bool,
          on_progress: Callable[[str, str, str], None]) -> None:
     """One DescribeVolumes for every pending volume and attachment; `missing`: absent ones are errors now."""
     ids = sorted({f.attrs.get("volume_id") or f.cloud_id for _, f in storage})
-    vols = {v["VolumeId"]: v for v in p.describe("poll volumes", "describe_volumes", "Volumes",
-                                                 Filters=[{"Name": "volume-id", "Values": ids}])}
+    vols = {v["VolumeId"]: v for v in VOLUMES.list(p, [{"Name": "volume-id", "Values": ids}])}
     for r, f in storage:
         vol = vols.get(f.attrs.get("volume_id") or f.cloud_id)
         if r.kind == "volume":
@@ -215,8 +211,8 @@ def poll(p: AwsSession, storage: Sequence[tuple[Resource, Found]], results: dict
                 results[r.key] = volume_found(vol)
             elif missing:
                 f.status, f.error = "error", "volume disappeared"
-            now = results[r.key]
-            on_progress(r.key, now.attrs.get("volume_status") or now.status, now.error or "")
+            on_progress(r.key, results[r.key].attrs.get("volume_status") or results[r.key].status,
+                        results[r.key].error or "")
             continue
         mine = [a for a in (vol or {}).get("Attachments") or [] if a.get("InstanceId") == f.attrs.get("server_id")]
         state = mine[0].get("State") if mine else None
@@ -239,7 +235,7 @@ def bucket_tags(p: AwsSession, name: str) -> dict[str, str] | None:
             code = exc.response["Error"].get("Code")
             if code == "NoSuchTagSet":
                 return {}
-            if code in S3_MISSING or code in ("403", "AccessDenied"):  # 403: another account's bucket
+            if code in session.S3_MISSING or code in ("403", "AccessDenied"):  # 403: another account's bucket
                 return None
             raise
 
@@ -251,13 +247,24 @@ def bucket_found(name: str, tags: Mapping[str, str], key: str | None = None) -> 
     return Found("bucket", name, name, attrs={"keep": tags.get(KEEP_TAG) == "true", **({"key": key} if key else {})})
 
 
+def buckets(p: AwsSession, deployment: str | None = None) -> list[Found]:
+    """The buckets labctl made (of `deployment`, or of any), with what `inventory` reports. For a deployment, only
+    the buckets whose name could be its are asked for their tags."""
+    out = []
+    for b in p.call("list buckets", lambda: p.s3.list_buckets()).get("Buckets") or []:
+        if deployment and not b["Name"].startswith(f"{deployment.lower()}-"):
+            continue
+        owner = (tags := bucket_tags(p, b["Name"]) or {}).get(naming.TAG_DEPLOYMENT)
+        if owner and owner == (deployment or owner):
+            out.append(session.labelled(bucket_found(b["Name"], tags), tags, b.get("CreationDate")))
+    return out
+
+
 def find_bucket(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
     name = bucket_name(res.name)
-    tags = bucket_tags(p, name) if name is not None else None
-    if name is None or tags is None:
+    if name is None or (tags := bucket_tags(p, name)) is None:
         return None  # no such bucket (or another account's)
-    owner = tags.get(naming.TAG_DEPLOYMENT)
-    if owner == plan.deployment:
+    if (owner := tags.get(naming.TAG_DEPLOYMENT)) == plan.deployment:
         return bucket_found(name, tags, res.key)
     if owner is None:  # made by a run that crashed before tagging it: create() tags it
         return Found("bucket", name, name, status="incomplete", attrs={"key": res.key, "keep": False})
@@ -265,8 +272,8 @@ def find_bucket(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
 
 
 def create_bucket(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
-    name = bucket_name(res.name)
-    if name is None:
+    spec = cast("BucketSpec", res.spec)
+    if (name := bucket_name(res.name)) is None:
         raise CloudError(bad_bucket(p, res))
     kwargs = {"Bucket": name, **({} if p.region == "us-east-1" else {
         "CreateBucketConfiguration": {"LocationConstraint": p.region}})}
@@ -279,14 +286,12 @@ def create_bucket(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
                              ) from None
         if "BucketAlreadyOwnedByYou" not in str(exc):
             raise
-    tags = bucket_tags(p, name)
-    if tags is None:
+    if (tags := bucket_tags(p, name)) is None:
         raise CloudError(f"{p.site.name}: bucket {name} cannot be read after creating it")
-    owner = tags.get(naming.TAG_DEPLOYMENT)
-    if owner not in (None, plan.deployment):
+    if (owner := tags.get(naming.TAG_DEPLOYMENT)) not in (None, plan.deployment):
         raise CloudError(f"{p.site.name}: S3 bucket '{name}' belongs to another deployment ({owner})")
-    keep = "true" if res.spec.get("keep") else "false"
-    wanted = {**plan.tags, "Name": res.name, KEEP_TAG: keep, BUCKET_TAG: res.spec.get("bucket") or res.name}
+    wanted = {**plan.tags, "Name": res.name, KEEP_TAG: "true" if spec.get("keep") else "false",
+              BUCKET_TAG: spec.get("bucket") or res.name}
     if any(tags.get(k) != v for k, v in wanted.items()):
         tag_set = [{"Key": k, "Value": v} for k, v in {**tags, **wanted}.items()]
         p.call(f"tag bucket {name}", lambda: p.s3.put_bucket_tagging(Bucket=name, Tagging={"TagSet": tag_set}))
@@ -298,9 +303,7 @@ def delete_buckets(p: AwsSession, found: Sequence[Found], plan: Plan, timeout: f
     """Empty each bucket (every object version and delete marker) and delete it; a missing bucket is fine."""
     from botocore.exceptions import ClientError
 
-    for f in found:
-        name = f.cloud_id or f.name
-
+    for name in (f.cloud_id or f.name for f in found):
         def empty_and_delete(name: str = name) -> None:
             try:
                 for page in p.s3.get_paginator("list_object_versions").paginate(Bucket=name):
@@ -308,37 +311,18 @@ def delete_buckets(p: AwsSession, found: Sequence[Found], plan: Plan, timeout: f
                                for o in [*(page.get("Versions") or []), *(page.get("DeleteMarkers") or [])]]
                     for i in range(0, len(objects), 1000):
                         out = p.s3.delete_objects(Bucket=name, Delete={"Objects": objects[i:i + 1000], "Quiet": True})
-                        if out.get("Errors"):
-                            e = out["Errors"][0]
+                        if e := (out.get("Errors") or [None])[0]:
                             raise CloudError(f"{p.site.name}: cannot empty bucket {name}: {e.get('Key')}: "
                                              f"{e.get('Code')} {e.get('Message')}")
                 p.s3.delete_bucket(Bucket=name)
             except ClientError as exc:
-                if exc.response["Error"].get("Code") not in S3_MISSING:
+                if exc.response["Error"].get("Code") not in session.S3_MISSING:
                     raise
 
         # Objects written meanwhile make the delete fail with BucketNotEmpty: empty it again.
         p.in_use_retry(f"delete bucket {name}", empty_and_delete, codes=("BucketNotEmpty",), timeout=timeout)
         p.until(f"bucket {name} (deleted)", lambda name=name: bucket_tags(p, name), lambda _: "pending", timeout)
         log.info("%s: deleted bucket %s", p.site.name, name)
-
-
-def owned(p: AwsSession, plan: Plan) -> list[Found]:
-    """The deployment's volumes and their attachments; its buckets (S3 only when the plan has buckets: an
-    EC2-only account (IAM policy) is never asked)."""
-    out = []
-    for vol in map(volume_found, volumes(p, plan)):
-        out += [vol, *(Found("volume_attachment", f"{a['instance_id']}/{vol.cloud_id}", f"{vol.name}-attachment",
-                             attrs={"server_id": a["instance_id"], "volume_id": vol.cloud_id, "device": a["device"]})
-                       for a in vol.attrs["attachments"])]
-    if not plan.by_kind("bucket"):
-        return out
-    prefix = f"{plan.deployment.lower()}-"
-    for b in p.call("list buckets", lambda: p.s3.list_buckets()).get("Buckets") or []:
-        tags = bucket_tags(p, b["Name"]) if b["Name"].startswith(prefix) else None
-        if tags is not None and tags.get(naming.TAG_DEPLOYMENT) == plan.deployment:
-            out.append(bucket_found(b["Name"], tags))
-    return out
 
 
 TABLE.register("volume", find=find_volume, create=create_volume, delete=delete_volumes)
