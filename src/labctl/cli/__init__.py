@@ -57,6 +57,7 @@ app.command("gc")(__import__("labctl.cli.gc_command", fromlist=["gc_command"]).g
 class_app = typer.Typer(help="Provision a lab for a whole class roster, watch it, report, tear it down.",
                         no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(class_app, name="class")
+class_app.command("dashboard")(__import__("labctl.cli.dashboard_command", fromlist=["x"]).dashboard_command)
 
 SiteOpt = Annotated[str, typer.Option("--site", "-s", help=site_help())]
 OwnerOpt = Annotated[str | None, typer.Option("--owner", envvar="LABCTL_OWNER", help="Owner name in resource names.")]
