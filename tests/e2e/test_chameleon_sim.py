@@ -175,7 +175,7 @@ def test_sigkill_during_setup_then_resume(labctl_env, tmp_path):
 
 def test_status_json_is_plain_json(labctl_env):
     proc = run(labctl_env, "status", "--json")
-    assert json.loads(proc.stdout) == []
+    assert json.loads(proc.stdout) == {"labs": [], "classes": []}  # the overview (issue 12 item 3)
 
 
 def test_ssh_forward_carries_a_port_to_the_node(labctl_env):
