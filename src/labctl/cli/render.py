@@ -66,7 +66,7 @@ def shown_stage(stage: str, detail: str) -> tuple[str, str]:
     connections: that is no error)."""
     if stage == "ssh-wait":
         if "connection refused" in detail:
-            detail = "the node is still booting (it refuses connections so far)"
+            detail = "the node is still booting: it refuses connections so far"
         return "waiting for SSH", detail
     return stage, detail
 
