@@ -115,7 +115,8 @@ def _ctx(owner: str | None = None, progress: bool = False, as_json: bool = False
 def up(
     lab: Annotated[str, typer.Argument(help="Lab profile name (profiles/<lab>.yaml) or path.")],
     site: Annotated[str, typer.Option("--site", "-s", help="A site, or several in order (chi@tacc,chi@uc: the next "
-                                      "when one has no room); auto: the profile's sites in order.")] = "auto",
+                                      "when one has no room); auto: the profile's sites in order. "
+                                      + site_help())] = "auto",
     name: NameOpt = None,
     owner: OwnerOpt = None,
     cloud: CloudOpt = None,
