@@ -67,6 +67,8 @@ class Audit:
     skipped: list[str]  # "site: why it could not be audited"
     currency: str = "USD"
     providers: dict[str, Any] = field(default_factory=dict, repr=False)
+    # A new adapter for a site (its own connection, no listing remembered): what `delete` checks with afterwards.
+    reconnect: Callable[[str], Any] | None = field(default=None, repr=False)
 
     @property
     def cost_per_hour(self) -> float | None:
@@ -137,6 +139,8 @@ def audit(ctx: service.Context, requested: Sequence[str] | None = None, *, cloud
     now = now or datetime.now(UTC)
     known = {d.id: d for d in ctx.store.deployments(include_destroyed=True)}
     result = Audit([], [], [], currency=str(table.get("currency", "USD")))
+    by_name: dict[str, Any] = {}
+    result.reconnect = lambda name: connect(ctx, by_name[name], cloud)
     for site in resolved:
         try:
             provider = connect(ctx, site, cloud)
@@ -148,6 +152,7 @@ def audit(ctx: service.Context, requested: Sequence[str] | None = None, *, cloud
             result.skipped.append(f"{site.name}: {str(exc).splitlines()[0]}")
             continue
         name = provider.site.name
+        by_name[name] = site
         result.sites.append(name)
         result.providers[name] = provider
         for f in inventory:
@@ -257,9 +262,11 @@ def delete(ctx: service.Context, found: Audit, now: datetime | None = None) -> D
     with ThreadPoolExecutor(max_workers=DELETE_CONCURRENCY) as pool:
         for future in [pool.submit(one, site, dep_id, leaks) for (site, dep_id), leaks in groups.items()]:
             future.result()
-    # What is there now, by the same listing the audit used: the deletions are judged by the cloud, not assumed.
+    # What is there now, listed afresh (a new adapter: nothing remembered from before the deletions): the deletions
+    # are judged by the cloud, not assumed.
     sites = {leak.site for leak in attempted}
-    still = {(site, f.cloud_id) for site in sites for f in found.providers[site].inventory()}
+    fresh = found.reconnect or (lambda name: found.providers[name])
+    still = {(site, f.cloud_id) for site in sites for f in fresh(site).inventory()}
     return Deleted([leak for leak in attempted if (leak.site, leak.cloud_id) not in still],
                    [leak for leak in attempted if (leak.site, leak.cloud_id) in still], sorted(skipped))
 
