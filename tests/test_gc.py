@@ -211,3 +211,18 @@ def test_only_one_deployment(ctx):
     assert [x.name for x in run_audit(ctx, cloud, deployment="labctl-b-y").leaks] == ["labctl-b-y-node-1"]
     with pytest.raises(UserError, match="--deployment is empty"):
         run_audit(ctx, cloud, deployment=" ")
+
+
+def test_an_ended_lease_whose_cloud_reports_a_later_end_is_still_live(ctx):
+    """The state's end passed, but the lease was extended outside labctl: the cloud's end rules, nothing listed."""
+    ended = (NOW - timedelta(hours=1)).isoformat()
+    record(ctx, "labctl-alice-hello", lease_end=ended)
+    later = (NOW + timedelta(hours=2)).isoformat()
+    cloud = InventoryCloud(resolve(SITE), [tagged("reservation", "labctl-alice-hello-node", "labctl-alice-hello",
+                                                  end=later),
+                                           tagged("floating_ip", "labctl-alice-hello-node-1-fip",
+                                                  "labctl-alice-hello")])
+    assert run_audit(ctx, cloud).leaks == []
+    cloud.items[0].attrs["end"] = ended  # the lease really ended: its leftovers are listed
+    assert [(x.kind, x.reason) for x in run_audit(ctx, cloud).leaks] == [
+        ("floating_ip", f"{gc.ENDED} {ended}"), ("reservation", f"{gc.ENDED} {ended}")]

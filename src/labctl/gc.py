@@ -155,9 +155,10 @@ def audit(ctx: service.Context, requested: Sequence[str] | None = None, *, cloud
         by_name[name] = site
         result.sites.append(name)
         result.providers[name] = provider
+        ends = cloud_ends(inventory)
         for f in inventory:
-            reason = classify(f, name, known.get(_deployment_of(f)), _kept_ids(ctx, known.get(_deployment_of(f))),
-                              now)
+            dep_id = _deployment_of(f)
+            reason = classify(f, name, known.get(dep_id), _kept_ids(ctx, known.get(dep_id)), now, ends.get(dep_id))
             if reason is None or (deployment is not None and _deployment_of(f) != deployment):
                 continue
             result.leaks.append(_leak(f, provider.site, reason, table, now))
@@ -178,9 +179,21 @@ def _kept_ids(ctx: service.Context, dep: DeploymentRecord | None) -> set[str]:
             if r.kind in KEEPABLE_KINDS and r.data.get("keep") and r.cloud_id}
 
 
-def classify(f: Found, site: str, dep: DeploymentRecord | None, kept_ids: set[str], now: datetime) -> str | None:
+def cloud_ends(inventory: Sequence[Found]) -> dict[str, datetime]:
+    """Per deployment, the latest end the cloud itself reports (a lease, a server's scheduled end)."""
+    ends: dict[str, datetime] = {}
+    for f in inventory:
+        end = service.parse_end(f.attrs.get("end"))
+        if end is not None and _deployment_of(f):
+            ends[_deployment_of(f)] = max(end, ends.get(_deployment_of(f), end))
+    return ends
+
+
+def classify(f: Found, site: str, dep: DeploymentRecord | None, kept_ids: set[str], now: datetime,
+             cloud_end: datetime | None = None) -> str | None:
     """Why `f` (found at `site`) is a leak, or None when a live deployment accounts for it (or it is not
-    labctl's: no deployment tag)."""
+    labctl's: no deployment tag). A lease counts as ended when the state's end has passed and the cloud reports
+    no later one (`cloud_end`: a lease extended outside labctl still runs)."""
     dep_id = _deployment_of(f)
     if not dep_id.startswith(f"{naming.PREFIX}-"):
         return None  # not tagged by labctl: never listed, whatever its name
@@ -195,7 +208,8 @@ def classify(f: Found, site: str, dep: DeploymentRecord | None, kept_ids: set[st
     if dep.status == "kept":
         return "left after down"
     end = service.parse_end(dep.data.get("lease_end"))
-    if end is not None and end <= now and dep.status not in ("applying", "destroying"):
+    if (end is not None and end <= now and (cloud_end is None or cloud_end <= now)
+            and dep.status not in ("applying", "destroying")):
         return f"{ENDED} {dep.data.get('lease_end')}"
     return None
 
@@ -249,7 +263,8 @@ def delete(ctx: service.Context, found: Audit, now: datetime | None = None) -> D
                 return
             dep = ctx.store.get_deployment(dep_id)
             kept = _kept_ids(ctx, dep)
-            if any(classify(leak.found, site, dep, kept, now) is None for leak in leaks if leak.found):
+            end = cloud_ends([leak.found for leak in leaks if leak.found]).get(dep_id)
+            if any(classify(leak.found, site, dep, kept, now, end) is None for leak in leaks if leak.found):
                 skipped.append(f"{dep_id}: the state accounts for it now; nothing deleted")
                 return
             attempted.extend(leaks)
