@@ -140,11 +140,56 @@ def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, kl
     assert len(labctl_servers(w)) == 8 and len(gce_servers(labctl_env)) == N - 8
     assert len(w.inventory("kvm@tacc")["leases"]) == 8  # the failed leases were cleaned up
 
-    extended = run(labctl_env, "class", "extend", "hello", "--hours", "2", "--course", "mlsys").stdout
-    assert len(extended.splitlines()) == 8  # only Chameleon environments have leases
+    extended = run(labctl_env, "class", "extend", "hello", "--hours", "2", "--course", "mlsys").stdout.splitlines()
+    # One line per student: the new end (Chameleon's lease, or the end Compute Engine enforces on the instance), or
+    # why it was not moved.
+    assert len(extended) == N and all(_moved(line) or ": not extended: " in line for line in extended), extended
+    assert sum(_moved(line) for line in extended) >= 8  # at least every Chameleon lease moved
 
     run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
+
+
+def _moved(line: str) -> bool:
+    """`student: <ISO 8601 end>`, as class extend prints a moved end."""
+    from datetime import datetime
+
+    _, _, end = line.partition(": ")
+    try:
+        return datetime.fromisoformat(end).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def test_lease_ends_on_three_clouds_shown_and_extended(labctl_env, tmp_path):
+    """One student per cloud: every environment has the end its cloud enforces (a Blazar lease, an EC2 or Compute
+    Engine instance's scheduled end) in class status, about lease_hours (6 h) from now; class extend moves each by
+    the hours asked, or says in its line why it could not."""
+    from datetime import UTC, datetime
+
+    roster = tmp_path / "roster.csv"
+    write_roster(roster, make_keys(tmp_path / "keys", 3))
+    started = datetime.now(UTC)
+    run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--sites", "sim:kvm@tacc,sim-aws,sim-gcp",
+        "--spread", "--course", "ends", timeout=600)
+    status = run_json(labctl_env, "class", "status", "hello", "--course", "ends")
+    assert sorted(r["site"] for r in status) == ["sim:aws:us-east-1", "sim:gcp:us-central1-a", "sim:kvm@tacc"]
+    ends = {r["site"]: datetime.fromisoformat(r["lease_end"]) for r in status if r["lease_end"]}
+    assert sorted(ends) == sorted(r["site"] for r in status), f"an environment without an end: {status}"
+    for site, end in ends.items():
+        assert 5.9 * 3600 <= (end - started).total_seconds() <= 6.1 * 3600, (site, end)
+    lines = run(labctl_env, "class", "extend", "hello", "--hours", "2", "--course", "ends").stdout.splitlines()
+    assert len(lines) == 3 and all(_moved(line) or ": not extended: " in line for line in lines), lines
+    after = {r["site"]: r["lease_end"] for r in run_json(labctl_env, "class", "status", "hello", "--course", "ends")}
+    moved = {line.split(": ", 1)[0] for line in lines if _moved(line)}
+    by_student = {r["student_id"]: r["site"] for r in status}
+    for student, site in by_student.items():
+        delta = (datetime.fromisoformat(after[site]) - ends[site]).total_seconds()
+        assert (7140 <= delta <= 7260) if student in moved else delta == 0, (student, site, delta, lines)
+    assert by_student[next(s for s, site in by_student.items() if "kvm" in site)] and any(
+        "kvm" in by_student[s] for s in moved), "the Chameleon lease was not extended"
+    print(f"\nENDS {dict(after)}; extend: {lines}")
+    run(labctl_env, "class", "down", "hello", "--course", "ends", "--yes", timeout=600)
 
 
 def test_class_up_killed_three_times_then_completes_without_duplicates(labctl_env, klass):
