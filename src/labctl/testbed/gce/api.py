@@ -59,6 +59,7 @@ from labctl.testbed.gce.networks import (
     subnetworks_insert,
     subnetworks_list,
 )
+from labctl.testbed.gce.scheduling import instances_set_scheduling
 from labctl.testbed.gce.world import GceWorld
 from labctl.testbed.gce.zones import (
     accelerator_types_aggregated,
@@ -135,6 +136,8 @@ ROUTES: list[tuple[str, str, str, Callable[[Call], dict]]] = [
      instances_delete_access_config),
     ("POST", f"{P}/zones/{{zone}}/instances/{{name}}/attachDisk", "instances.attachDisk", instances_attach_disk),
     ("POST", f"{P}/zones/{{zone}}/instances/{{name}}/detachDisk", "instances.detachDisk", instances_detach_disk),
+    ("POST", f"{P}/zones/{{zone}}/instances/{{name}}/setScheduling", "instances.setScheduling",
+     instances_set_scheduling),
     ("GET", f"{P}/global/firewalls", "firewalls.list", firewalls_list),
     ("POST", f"{P}/global/firewalls", "firewalls.insert", firewalls_insert),
     ("GET", f"{P}/global/firewalls/{{name}}", "firewalls.get", firewalls_get),

@@ -24,6 +24,7 @@ from labctl.testbed.gce.common import (
     zone_param,
 )
 from labctl.testbed.gce.networks import pick_network_ip, place_nic
+from labctl.testbed.gce.scheduling import check_scheduling, set_end
 from labctl.testbed.gce.world import Db
 from labctl.testbed.gce.zones import resolve_image
 
@@ -157,11 +158,7 @@ def instances_insert(call: Call) -> dict:
                                "attaching guest accelerators.'", "invalid")
             accelerators.append({"acceleratorType": f"projects/{call.project}/{scope}/acceleratorTypes/{acc_name}",
                                  "acceleratorCount": count})
-        scheduling = dict(body.get("scheduling") or {})
-        scheduling.setdefault("onHostMaintenance", "MIGRATE")
-        scheduling.setdefault("automaticRestart", True)
-        scheduling.setdefault("preemptible", False)
-        scheduling.setdefault("provisioningModel", "STANDARD")
+        scheduling, time_limit = check_scheduling(body.get("scheduling"), "resource.scheduling", db.now)
         if (accelerators or mt.accelerator) and scheduling["onHostMaintenance"] != "TERMINATE":
             raise ApiError(400, "Invalid resource usage: 'Instances with guest accelerators do not support "
                            "live migration.'.", "invalid")
@@ -264,6 +261,7 @@ def instances_insert(call: Call) -> dict:
         }
         if accelerators:
             inst["guestAccelerators"] = accelerators
+        set_end(call, inst, time_limit, now)
         db.put("instance", inst)
         return w.new_operation(db, call.project, scope, "insert", link, inst_id,
                                scaled(call, w.INSERT_OP["instances"]), user=USER)

@@ -164,6 +164,8 @@ class Db:
 def instance_status(inst: dict, now: float) -> str:
     if inst.get("_stopping_at") is not None and now >= inst["_stopping_at"]:
         return "STOPPING"
+    if inst.get("_end_at") is not None and now >= inst["_end_at"]:  # its time limit (see `scheduling`)
+        return "TERMINATED" if inst["scheduling"].get("instanceTerminationAction") == "STOP" else "STOPPING"
     if now < inst["_staging_at"]:
         return "PROVISIONING"
     if now < inst["_running_at"]:
@@ -239,6 +241,11 @@ def render_instance(inst: dict, now: float) -> dict:
         ]
     if status in ("RUNNING", "STOPPING"):
         out["lastStartTimestamp"] = rfc3339(inst["_running_at"])
+    sched = inst.get("scheduling") or {}
+    if status == "RUNNING" and inst.get("_end_at") is not None:  # set by Compute Engine once the VM runs
+        end = sched.get("terminationTime") or rfc3339(inst["_running_at"] + float(
+            sched["maxRunDuration"].get("seconds", 0)))
+        out["resourceStatus"] = {"scheduling": {"terminationTimestamp": end}}
     return out
 
 
@@ -410,6 +417,20 @@ class GceWorld(SqliteWorld):
         with self.tx() as db:
             db.set_meta("time_scale", float(scale))
 
+    @property
+    def lease_scale(self) -> float:
+        """How fast instances' time limits (scheduling.terminationTime / maxRunDuration) run out: 1.0 (real time,
+        as the emulated Blazar leases) unless `LABCTL_TESTBED_LEASE_SCALE` or `set_lease_scale` says otherwise
+        (a test ends a lab in seconds with it). Applies to instances created from then on."""
+        if os.environ.get("LABCTL_TESTBED_LEASE_SCALE"):
+            return float(os.environ["LABCTL_TESTBED_LEASE_SCALE"])
+        with self.read() as db:
+            return float(db.meta("lease_scale", "1.0"))
+
+    def set_lease_scale(self, scale: float) -> None:
+        with self.tx() as db:
+            db.set_meta("lease_scale", float(scale))
+
     def set_capacity(self, zone: str, machine_or_accelerator_type: str, n: int) -> None:
         """How many instances of a machine type (or cards of an accelerator type) `zone` can hold at once.
 
@@ -488,8 +509,8 @@ class GceWorld(SqliteWorld):
         """Purge what was deleted (delete operation DONE) and free the addresses it held."""
         now = time.time() if now is None else now
         with self.read(now) as db:
-            due = db.conn.execute("SELECT 1 FROM resources WHERE gone_at IS NOT NULL AND gone_at <= ? LIMIT 1",
-                                  (now,)).fetchone()
+            due = db.conn.execute(f"SELECT 1 FROM resources WHERE (gone_at IS NOT NULL AND gone_at <= ?) OR {_ENDED} "
+                                  "LIMIT 1", (now, now)).fetchone()
         if due:
             with self.tx(now) as db:
                 purge(db)
@@ -618,8 +639,18 @@ def instance_quota(inst: dict) -> dict[str, float]:
     return use
 
 
+# Instances whose time limit has come and that are not yet being deleted (their end is `_end_at`, see `scheduling`).
+_ENDED = ("(kind = 'instance' AND gone_at IS NULL AND json_extract(data, '$._end_at') <= ? "
+          "AND json_extract(data, '$.scheduling.instanceTerminationAction') = 'DELETE')")
+
+
 def purge(db: Db) -> None:
-    """Remove resources whose delete operation is DONE; an instance's static addresses become RESERVED."""
+    """Remove resources whose delete operation is DONE; an instance's static addresses become RESERVED. An
+    instance whose time limit has come (action DELETE) is deleted as if asked then."""
+    for (data,) in db.conn.execute(f"SELECT data FROM resources WHERE {_ENDED}", (db.now,)).fetchall():
+        inst = json.loads(data)
+        inst["_stopping_at"], inst["_gone_at"] = inst["_end_at"], inst["_end_at"] + inst["_end_delete"]
+        db.put("instance", inst)
     rows = db.conn.execute(
         "SELECT kind, project, scope, name, data FROM resources WHERE gone_at IS NOT NULL AND gone_at <= ?",
         (db.now,)).fetchall()
@@ -645,10 +676,14 @@ def release_static(db: Db, project: str, inst: dict, only_ip: str | None = None)
 
 
 def release_disks(db: Db, project: str, inst: dict) -> None:
-    """A deleted instance no longer uses the disks attached to it (they stay, READY, unless autoDelete)."""
+    """A deleted instance no longer uses the disks attached to it: they stay, READY, unless attached with
+    autoDelete (then they go with it)."""
     link = inst["selfLink"]
+    auto = {d["source"] for d in inst.get("disks", []) if d.get("autoDelete") and not d.get("boot")}
     for disk in db.find("disk", project, inst["_scope"]):
-        if link in disk.get("users", []):
+        if disk["selfLink"] in auto:
+            db.delete("disk", project, disk["_scope"], disk["name"])
+        elif link in disk.get("users", []):
             disk["users"] = [u for u in disk["users"] if u != link]
             disk["lastDetachTimestamp"] = rfc3339(db.now)
             db.put("disk", disk)
