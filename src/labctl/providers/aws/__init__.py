@@ -175,8 +175,11 @@ class AwsProvider(AwsSession):
         """Every EC2 resource and S3 bucket of the region that carries labctl's deployment tag, of any deployment
         (the tag is what counts: a look-alike name without it is never listed)."""
         any_deployment = [{"Name": "tag-key", "Values": [naming.TAG_DEPLOYMENT]}]
-        return [labelled(kind.view(item), tags_of(item.get("Tags")), item.get(kind.created) if kind.created else None)
-                for kind in KINDS for item in kind.list(self, any_deployment, owned=True)] + storage.buckets(self)
+        listed = [(kind, item, tags_of(item.get("Tags"))) for kind in KINDS
+                  for item in kind.list(self, any_deployment, owned=True)]
+        # (checked here too: EC2 may merge two tag-key filters, as a data volume's listing adds one)
+        return [labelled(kind.view(item), tags, item.get(kind.created) if kind.created else None)
+                for kind, item, tags in listed if naming.TAG_DEPLOYMENT in tags] + storage.buckets(self)
 
 
 __all__ = ["IMAGES", "AwsProvider", "bucket_name", "client_token", "connect", "describe_credentials",

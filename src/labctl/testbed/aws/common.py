@@ -58,6 +58,10 @@ NOT_TERMINATED = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
 HANG_SECONDS = 600.0
+DEFAULT_TIME_SCALE = 0.01  # as the other emulated clouds: an hour of lease lasts 36 s
+LEASE_TAG = "labctl-ends-at"  # the end (ISO 8601, UTC) a node's labctl timer reads from its instance metadata
+# What labctl's timer in a node's user data does: reads that tag through IMDS and powers the node off.
+LEASE_TIMER_MARKS = (f"/meta-data/tags/instance/{LEASE_TAG}", "systemctl poweroff", "labctl-lease.timer")
 
 
 MOTO_KEY_HEADER = "X-Labctl-Moto-Key"  # what the front layer (and the world's own clients) show the moto daemon
@@ -171,6 +175,29 @@ def cloud_config_keys(user_data: str | None) -> list[str]:
         elif inside and line.strip():
             inside = False
     return keys
+
+
+def runs_lease_timer(user_data: str | None) -> bool:
+    """Whether base64 user data installs labctl's lease timer (what the node would run on a real EC2)."""
+    try:
+        text = base64.b64decode(user_data or "").decode()
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return all(mark in text for mark in LEASE_TIMER_MARKS)
+
+
+def lease_end(instance: dict[str, Any], time_scale: float) -> float | None:
+    """When the instance's lease timer powers it off, in scaled time (epoch seconds): the end its LEASE_TAG says
+    now, counted from its launch at `time_scale`; None without a readable end."""
+    from datetime import datetime
+
+    end = tag_map(instance.get("Tags")).get(LEASE_TAG)
+    try:
+        end_ts = datetime.fromisoformat(str(end).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+    launched = instance["LaunchTime"].timestamp()
+    return launched + max(0.0, end_ts - launched) * time_scale
 
 
 def split_filter(params: dict[str, str], name: str) -> tuple[dict[str, str], list[str] | None]:

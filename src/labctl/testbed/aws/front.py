@@ -179,13 +179,29 @@ class _Handler(EmulatorHandler):
             conn.close()
 
 
+REAP_SECONDS = 0.25  # how often a front layer ends the instances whose lease timer would have powered them off
+
+
+def _reaper(world: AwsWorld, stopping: threading.Event) -> None:
+    """The nodes' own lease timers, for as long as this front layer runs (`AwsWorld.reap_expired`)."""
+    while not stopping.wait(REAP_SECONDS):
+        try:
+            for iid in world.reap_expired():
+                log.info("aws: %s powered itself off at its lease end", iid)
+        except Exception:  # noqa: BLE001 - moto restarting, a state dir going away: the next round tries again
+            log.debug("aws: lease reaper round failed", exc_info=True)
+
+
 class AwsEmulator:
-    """The front layer of this process over the shared moto daemon and `aws.db`."""
+    """The front layer of this process over the shared moto daemon and `aws.db`, and its lease reaper."""
 
     def __init__(self, world: AwsWorld, front: _Front, thread: threading.Thread) -> None:
         self.world = world
         self._front = front
         self._thread = thread
+        self._reaper = threading.Thread(target=_reaper, args=(world, front.stopping), name="labctl-aws-reaper",
+                                        daemon=True)
+        self._reaper.start()
         host, port = front.server_address[:2]
         self.endpoint = f"http://{host}:{port}"
 
@@ -202,6 +218,7 @@ class AwsEmulator:
         self._front.shutdown()
         self._front.server_close()
         self._thread.join(5)
+        self._reaper.join(30)  # before the caller may stop moto: a round in flight would start it again
 
     def __enter__(self) -> AwsEmulator:
         return self
@@ -210,13 +227,15 @@ class AwsEmulator:
         self.stop()
 
 
-def start_aws(state_dir: Path, ssh_port: int | None = None, port: int = 0) -> AwsEmulator:
+def start_aws(state_dir: Path, ssh_port: int | None = None, port: int = 0,
+              time_scale: float | None = None) -> AwsEmulator:
     """Start the emulated EC2 over `state_dir`: the moto daemon (if none is alive) and this process's front
     (on 127.0.0.1:`port`, default an ephemeral one).
 
-    `ssh_port` is used only when the state dir is new (e.g. the testbed's SSH port, to share one port).
+    `ssh_port` is used only when the state dir is new (e.g. the testbed's SSH port, to share one port);
+    `time_scale` (else LABCTL_TESTBED_TIME_SCALE, else the world's) scales the lease ends the reaper enforces.
     """
-    world = AwsWorld(Path(state_dir), ssh_port=ssh_port)
+    world = AwsWorld(Path(state_dir), ssh_port=ssh_port, time_scale=time_scale)
     world.moto()
     front = _Front(world, port)
     thread = threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.1},

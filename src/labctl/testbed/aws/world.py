@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from labctl.testbed.access import world_credentials
 from labctl.testbed.aws import checks
 from labctl.testbed.aws.common import (
     DB_FILE,
+    DEFAULT_TIME_SCALE,
     EC2_NS,
     FAULT_ALIASES,
     FAULT_KINDS,
@@ -33,8 +35,10 @@ from labctl.testbed.aws.common import (
     cloud_config_keys,
     internal_headers,
     isolated_session,
+    lease_end,
     loop_address,
     params_hash,
+    runs_lease_timer,
     tag_map,
     with_moto_key,
 )
@@ -60,8 +64,11 @@ CREATE TABLE IF NOT EXISTS regions (region TEXT PRIMARY KEY);
 class AwsWorld(SqliteWorld):
     """The emulated EC2's shared state (`<state_dir>/aws.db`) and its control API for tests and SSH."""
 
-    def __init__(self, state_dir: Path, ssh_port: int | None = None) -> None:
+    def __init__(self, state_dir: Path, ssh_port: int | None = None, time_scale: float | None = None) -> None:
         self.state_dir = Path(state_dir)
+        if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
+            time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
+        self._explicit_scale = time_scale
         self.state_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(self.state_dir / DB_FILE, _SCHEMA)
         self._clients: dict[str, Any] = {}
@@ -88,10 +95,20 @@ class AwsWorld(SqliteWorld):
             if not db.execute("SELECT 1 FROM meta WHERE key='ssh_port'").fetchone():
                 db.execute("INSERT INTO meta (key, value) VALUES ('ssh_port', ?)", (str(ssh_port or free_port()),))
                 db.execute("INSERT INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
+                db.execute("INSERT INTO meta (key, value) VALUES ('time_scale', ?)",
+                           (str(self._explicit_scale if self._explicit_scale is not None else DEFAULT_TIME_SCALE),))
 
     def _meta(self, key: str, default: str | None = None) -> str | None:
         rows = self._read("SELECT value FROM meta WHERE key=?", (key,))
         return rows[0][0] if rows else default
+
+    @property
+    def time_scale(self) -> float:
+        """Emulated seconds per real second for lease ends (this process's LABCTL_TESTBED_TIME_SCALE, else the
+        world's own, set when it was made)."""
+        if self._explicit_scale is not None:
+            return float(self._explicit_scale)
+        return float(self._meta("time_scale", str(DEFAULT_TIME_SCALE)) or DEFAULT_TIME_SCALE)
 
     @property
     def ssh_port(self) -> int:
@@ -181,6 +198,13 @@ class AwsWorld(SqliteWorld):
     def vcpu_limit(self, region: str) -> int | None:
         value = self._meta(f"vcpu_limit:{region}") or self._meta("vcpu_limit:*")
         return int(value) if value is not None else None
+
+    def set_time_scale(self, scale: float) -> None:
+        """Lease ends at this scale from now on, in this process (which the reaper of its front layer reads) and
+        for the processes that do not set LABCTL_TESTBED_TIME_SCALE."""
+        self._explicit_scale = float(scale)
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('time_scale', ?)", (str(float(scale)),))
 
     def reset_controls(self) -> None:
         """Back to defaults: no capacity or vCPU limits, no faults or latency, no boot time, no other account's
@@ -570,6 +594,34 @@ class AwsWorld(SqliteWorld):
         if r is not None and int(params.get("MaxCount", want) or want) > r:
             params = {**params, "MaxCount": str(r)}  # EC2 launches as many as it can, at least MinCount
         return params
+
+    # -- the lease end a node enforces itself ------------------------------------------------------------------------
+    def reap_expired(self) -> list[str]:
+        """What labctl's timer does on a real node, at its time-scaled end (`common.lease_end`, from the tag as it is
+        now: `extend` moves it): a running instance whose user data runs the timer and whose tags are in its
+        instance metadata (so the timer can read them) powers off once its end has passed; launched with shutdown
+        behaviour `terminate` it is terminated, else stopped. Nothing else is ended. Returns the ids ended."""
+        ended = []
+        now, scale = time.time(), self.time_scale
+        for region in self.regions():
+            cli = self.client(region)
+            for i in self._instances(region, ("running",)):
+                end = lease_end(i, scale)
+                tags_in_imds = (i.get("MetadataOptions") or {}).get("InstanceMetadataTags") == "enabled"
+                if end is None or now < end or not tags_in_imds:
+                    continue
+                iid = i["InstanceId"]
+                data = cli.describe_instance_attribute(InstanceId=iid, Attribute="userData").get("UserData") or {}
+                if not runs_lease_timer(data.get("Value")):
+                    continue
+                behaviour = cli.describe_instance_attribute(
+                    InstanceId=iid, Attribute="instanceInitiatedShutdownBehavior")["InstanceInitiatedShutdownBehavior"]
+                if behaviour["Value"] == "terminate":
+                    cli.terminate_instances(InstanceIds=[iid])
+                else:
+                    cli.stop_instances(InstanceIds=[iid])
+                ended.append(iid)
+        return ended
 
     # -- what moto does not check (answered as EC2 answers: `labctl.testbed.aws.checks`) --------------------
     def check_request(self, region: str, action: str, params: dict[str, str]) -> dict[str, str]:
