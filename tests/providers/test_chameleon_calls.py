@@ -68,16 +68,17 @@ def test_up_sends_one_request_per_step_for_keypair_secgroup_and_floating_ip(setu
 
 
 def test_keypair_create_after_a_lost_answer_or_with_another_key(setup):
-    tb, provider, plan, _store = setup
+    tb, provider, plan, store = setup
     res = plan.get("keypair")
     # The keypair exists with this key but create is called without a find first (an answer lost mid-create).
     provider.conn.compute.create_keypair(name=res.name, public_key=KEY)
     assert provider.create(res, plan, {}, None).status == "ready"
-    # Another key under the name: find says incomplete, create replaces it.
+    # Another key under the name (the user's key changed): an error, which the engine deletes and makes again.
     provider.conn.compute.delete_keypair(res.name)
     provider.conn.compute.create_keypair(name=res.name, public_key=OTHER)
-    assert provider.find(res, plan).status == "incomplete"
-    provider.create(res, plan, {}, None)
+    assert provider.find(res, plan).status == "error"
+    plan.resources[:] = [res]
+    Engine(provider, store).apply(plan)
     assert provider.conn.compute.get_keypair(res.name).public_key.split()[:2] == KEY.split()[:2]
 
 

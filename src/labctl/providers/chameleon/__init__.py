@@ -92,5 +92,15 @@ class ChameleonProvider(Session):
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:
         return leases.extend(self, found, hours)
 
+    def inventory(self) -> list[Found]:
+        """Every kind's tagged resources, then the leases of the deployments seen (Blazar keeps no tags); an owner
+        the resource does not record (Neutron descriptions carry the deployment only) is its deployment's."""
+        found = [f for kind in OWNED if kind != "reservation" for f in self.handlers[kind].inventory()]
+        found += self.handlers["reservation"].inventory({f.attrs["deployment"] for f in found})
+        owners = {f.attrs["deployment"]: f.attrs["owner"] for f in found if f.attrs.get("owner")}
+        for f in found:
+            f.attrs["owner"] = f.attrs.get("owner") or owners.get(f.attrs["deployment"])
+        return found
+
 
 __all__ = ["ChameleonProvider", "connect", "describe_credentials"]

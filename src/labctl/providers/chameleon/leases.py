@@ -1,19 +1,20 @@
 """Blazar leases (the plan's "reservation" kind): a host or flavor reservation per role and candidate type.
 
 A lease in ERROR is a Found in error (the engine tries the next type); a taken lease name is a concurrent run's
-lease (or a lost answer's), adopted."""
+lease (or a lost answer's), adopted. Blazar keeps no tags: `list_owned` knows a deployment's leases by the
+plan's names, `inventory` only those of deployments whose tagged resources are on the site."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from labctl.errors import UserError
 from labctl.providers.base import Found, create_or_adopt
-from labctl.providers.chameleon.session import BLAZAR_DATE, TABLE, Session, parse_lease_date
+from labctl.providers.chameleon.session import BLAZAR_DATE, TABLE, Session, iso_utc, parse_lease_date
 from labctl.providers.kit import Handler
 
 if TYPE_CHECKING:
@@ -29,10 +30,7 @@ class Leases(Handler):
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
         leases = self.ctx.call("list leases", lambda: self.ctx.blazar.lease.list())
-        for lease in leases:
-            if lease["name"] == res.name and lease["status"] not in LEASE_DONE:
-                return lease_found(lease, res)
-        return None
+        return next((lease_found(x) for x in leases if x["name"] == res.name and x["status"] not in LEASE_DONE), None)
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s, spec = self.ctx, res.spec
@@ -52,7 +50,7 @@ class Leases(Handler):
         def create() -> Found:
             lease = s.call(f"create lease {res.name} ({candidate})", lambda: s.blazar.lease.create(
                 name=res.name, start="now", end=end.strftime(BLAZAR_DATE), reservations=[reservation], events=[]))
-            found = lease_found(lease, res)
+            found = lease_found(lease)
             found.attrs["node_type"] = candidate
             return found
 
@@ -65,16 +63,29 @@ class Leases(Handler):
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
         lease = next((x for x in self.ctx.polled_leases() if x["id"] == found.cloud_id), None)
-        return lease_found(lease, res, found) if lease else None
+        return lease_found(lease, found) if lease else None
 
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:
         return (res.key, "lease " + found.attrs.get("lease_status", "?").lower(), "")
 
+    def live(self, plan: Plan | None) -> list[Any]:
+        return [x for x in self.ctx.project_list("leases", lambda: self.ctx.blazar.lease.list(), plan)
+                if x["status"] not in LEASE_DONE]
+
     def owned(self, plan: Plan) -> list[Found]:
         names = {r.name for r in plan.by_kind("reservation")}
-        return [Found("reservation", lease["id"], lease["name"])
-                for lease in self.ctx.project_list("leases", lambda: self.ctx.blazar.lease.list(), plan)
-                if lease["name"] in names and lease["status"] not in LEASE_DONE]
+        return [Found("reservation", x["id"], x["name"]) for x in self.live(plan) if x["name"] in names]
+
+    def inventory(self, deployments: Collection[str]) -> list[Found]:
+        """Leases named `<deployment>-<role>` of one of `deployments` (those with tagged resources on the site;
+        the longest that fits), never a lease for its name alone."""
+        found = []
+        for lease in self.live(None):
+            deployment = max((d for d in deployments if lease["name"].startswith(f"{d}-")), key=len, default=None)
+            if deployment is not None:
+                found.append(lease_found(lease))
+                found[-1].attrs.update(deployment=deployment, created=iso_utc(lease.get("created_at")))
+        return found
 
 
 def extend(s: Session, found: Found, hours: float) -> Found:
@@ -85,19 +96,17 @@ def extend(s: Session, found: Found, hours: float) -> Found:
     return found
 
 
-def lease_found(lease: Mapping[str, Any], res: Resource, previous: Found | None = None) -> Found:
+def lease_found(lease: Mapping[str, Any], previous: Found | None = None) -> Found:
     status = lease["status"]
     reservations = lease.get("reservations") or []
     attrs = dict(previous.attrs) if previous else {}
     attrs.update(lease_status=status, reservation_id=reservations[0]["id"] if reservations else None,
                  end=parse_lease_date(lease["end_date"]).isoformat())
-    if reservations and reservations[0].get("resource_properties"):
-        m = re.search(r'"\$node_type",\s*"([^"]+)"', reservations[0]["resource_properties"])
-        if m:
-            attrs["node_type"] = m.group(1)
-    if status == "ACTIVE":
-        return Found("reservation", lease["id"], lease["name"], attrs=attrs)
+    properties = (reservations[0].get("resource_properties") or "") if reservations else ""
+    if m := re.search(r'"\$node_type",\s*"([^"]+)"', properties):
+        attrs["node_type"] = m.group(1)
     if status == "ERROR":
         reason = (lease.get("degraded") and "degraded") or "lease went to ERROR (not enough hosts?)"
         return Found("reservation", lease["id"], lease["name"], status="error", attrs=attrs, error=reason)
-    return Found("reservation", lease["id"], lease["name"], status="pending", attrs=attrs)
+    return Found("reservation", lease["id"], lease["name"], status="ready" if status == "ACTIVE" else "pending",
+                 attrs=attrs)

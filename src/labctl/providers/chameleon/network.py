@@ -1,20 +1,20 @@
 """Neutron: security groups, private networks, subnets, routers, the ports made for servers on private networks,
 and floating IPs (allocated per node onto its port, described with the deployment and node, deleted explicitly).
 
-Neutron does not keep names unique: every lookup is by name *and* the deployment in the description."""
+Neutron keeps no names unique and labctl tags these by description: every lookup is by name *and* the deployment
+in the description (`Listed`); a kind says what else it needs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from labctl.errors import CloudError, Conflict
 from labctl.providers.base import Found, converge_created, create_or_adopt, create_or_find
-from labctl.providers.chameleon.session import TABLE, Session, deployment_of, description
-from labctl.providers.kit import Handler
+from labctl.providers.chameleon.session import TABLE, Listed, Session, deployment_of, description
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
@@ -22,21 +22,103 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@TABLE.handler("secgroup")
-class SecurityGroups(Handler):
-    ctx: Session
+class Made(Listed):
+    """A kind `create` makes once, with what `fields` adds to its name and description."""
 
-    def named(self, res: Resource, plan: Plan) -> list[Any]:
-        groups = self.ctx.call("list security groups",
-                               lambda: list(self.ctx.conn.network.security_groups(name=res.name)))
-        return [g for g in groups if deployment_of(g.description) == plan.deployment]
+    def fields(self, res: Resource, deps: Mapping[str, Found]) -> dict[str, Any]:
+        return {}
+
+    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
+        return self.ctx.found_before_create(res, plan) or self.found(self.api(
+            "create", name=res.name, description=description(plan.deployment), **self.fields(res, deps)))
+
+
+@TABLE.handler("port")
+class Ports(Listed):
+    sdk = "port"
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
-        mine = self.named(res, plan)
+        return None  # not plan resources: made while launching a server (`ensure_port`), found by `list_owned`
+
+
+@TABLE.handler("network")
+class Networks(Made):
+    sdk = "network"
+
+    def fields(self, res: Resource, deps: Mapping[str, Found]) -> dict[str, Any]:
+        return {"port_security_enabled": res.spec["port_security"]}
+
+
+@TABLE.handler("subnet")
+class Subnets(Made):
+    sdk = "subnet"
+
+    def found(self, item: Any) -> Found:
+        return Found("subnet", item.id, item.name, attrs={"network_id": item.network_id, "cidr": item.cidr})
+
+    def fields(self, res: Resource, deps: Mapping[str, Found]) -> dict[str, Any]:
+        spec = res.spec
+        return {"network_id": deps[spec["network"]].cloud_id, "ip_version": 4, "cidr": spec["cidr"],
+                "gateway_ip": spec["gateway_ip"], "enable_dhcp": True, "allocation_pools": spec["allocation_pools"]}
+
+
+@TABLE.handler("router")
+class Routers(Listed):
+    """A router to the public network with an interface on its subnet; "incomplete" without either (a crash
+    between the calls), which `create` finishes."""
+
+    sdk = "router"
+
+    def subnets(self, router_id: str, **filters: str) -> list[str]:
+        """The subnet of each of the router's interfaces."""
+        ports = self.ctx.call("list router ports", lambda: list(self.ctx.conn.network.ports(
+            device_id=router_id, **filters)))
+        return [ip.get("subnet_id") for p in ports for ip in p.fixed_ips or []]
+
+    def find(self, res: Resource, plan: Plan) -> Found | None:
+        mine = self.named(res.name, plan)
         if not mine:
             return None
+        # Its subnet by name: a teardown's lookup may not have the plan's spec.
+        subnet = self.ctx.handlers["subnet"].named(subnet_name_of(res), plan)  # type: ignore[attr-defined]
+        complete = bool(mine[0].external_gateway_info) and bool(subnet) and subnet[0].id in self.subnets(mine[0].id)
+        return Found("router", mine[0].id, res.name, status="ready" if complete else "incomplete")
+
+    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
+        mine = self.named(res.name, plan)
+        gateway = {"network_id": self.ctx.network(public=True).id}
+        if not mine:
+            router = self.api("create", name=res.name, description=description(plan.deployment),
+                              external_gateway_info=gateway)
+        elif not mine[0].external_gateway_info:
+            router = self.api("update", mine[0], external_gateway_info=gateway)
+        else:
+            router = mine[0]
+        subnet_id = deps[res.spec["subnet"]].cloud_id
+        if subnet_id not in self.subnets(router.id):
+            self.ctx.call("add router interface", lambda: self.ctx.conn.network.add_interface_to_router(
+                router, subnet=subnet_id))
+        return Found("router", router.id, res.name)
+
+    def delete(self, found: Sequence[Found], plan: Plan) -> None:
+        for f in found:  # its interfaces first: Neutron does not delete a router that has some
+            for subnet_id in self.subnets(f.cloud_id, device_owner="network:router_interface"):
+                self.ctx.call("remove router interface", lambda f=f, s=subnet_id: self.ctx.conn.network
+                              .remove_interface_from_router(f.cloud_id, subnet=s), missing_ok=True)
+        super().delete(found, plan)
+
+
+@TABLE.handler("secgroup")
+class SecurityGroups(Listed):
+    """Its rules are added after it: "incomplete" without all of them (a crash between the calls)."""
+
+    sdk = "security_group"
+
+    def find(self, res: Resource, plan: Plan) -> Found | None:
         # Two runs that raced may have left two: every run takes the same one (`rank`).
-        sg = min(mine, key=lambda g: (rank(g, res), g.id))
+        sg = min(self.named(res.name, plan), key=lambda g: rank(g, res), default=None)
+        if sg is None:
+            return None
         return Found("secgroup", sg.id, sg.name, status="ready" if has_rules(sg, res) else "incomplete")
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
@@ -47,24 +129,19 @@ class SecurityGroups(Handler):
             sg = create_or_find(
                 lambda: s.call("create security group", lambda: s.conn.network.create_security_group(
                     name=res.name, description=description(plan.deployment)), resend=False),
-                lambda: min(self.named(res, plan), key=lambda g: (rank(g, res), g.id), default=None))
+                lambda: min(self.named(res.name, plan), key=lambda g: rank(g, res), default=None))
             # Neutron does not keep names unique: a concurrent run (other state, other machine) may have made
             # one too. Both keep the same; the one that lost deletes its own.
             survivor = converge_created(
-                sg, time.monotonic() - started, lambda: self.named(res, plan),
-                lambda g: s.call("delete duplicate security group",
-                                 lambda: s.conn.network.delete_security_group(g.id, ignore_missing=True)),
-                ident=lambda g: g.id, rank=lambda g: rank(g, res))
+                sg, time.monotonic() - started, lambda: self.named(res.name, plan),
+                lambda g: self.api("delete", g.id, ignore_missing=True), ident=lambda g: g.id,
+                rank=lambda g: rank(g, res))
             if survivor.id != sg.id:
                 log.info("%s: security group %s was made twice (a concurrent run); using %s", s.site.name,
                          res.name, survivor.id)
-            sg_id = survivor.id
-            have = ingress_rules(survivor) if survivor.id != sg.id else set()
+            sg_id, have = survivor.id, ingress_rules(survivor) if survivor.id != sg.id else set()
         else:
-            sg_id = existing.cloud_id
-            rules = s.call("list rules", lambda: list(
-                s.conn.network.security_group_rules(security_group_id=sg_id, direction="ingress")))
-            have = {(r.port_range_min, r.protocol, r.remote_ip_prefix) for r in rules}
+            sg_id, have = existing.cloud_id, ingress_rules(self.api("get", existing.cloud_id))
         for rule in res.spec["rules"]:
             if (rule["port"], rule["protocol"], rule["cidr"]) in have:
                 continue
@@ -74,182 +151,53 @@ class SecurityGroups(Handler):
                     port_range_min=r["port"], port_range_max=r["port"], remote_ip_prefix=r["cidr"]))
         return Found("secgroup", sg_id, res.name)
 
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        for f in found:
-            self.ctx.delete_in_use("delete security group", lambda f=f: self.ctx.conn.network.delete_security_group(
-                f.cloud_id, ignore_missing=True))
-
-    def owned(self, plan: Plan) -> list[Found]:
-        groups = self.ctx.call("list security groups",
-                               lambda: list(self.ctx.conn.network.security_groups(name=plan.deployment)))
-        return [Found("secgroup", g.id, g.name) for g in groups if deployment_of(g.description) == plan.deployment]
-
-
-class Owned(Handler):
-    """A kind labctl tags by description: listed project-wide (one list per kind) for `list_owned`."""
-
-    ctx: Session
-    what = ""
-
-    def lister(self) -> Callable[..., Any]:
-        return getattr(self.ctx.conn.network, f"{self.kind}s")
-
-    def owned(self, plan: Plan) -> list[Found]:
-        items = self.ctx.project_list(f"{self.kind}s", lambda: list(self.lister()()), plan)
-        return [Found(self.kind, i.id, i.name or "") for i in items if deployment_of(i.description) == plan.deployment]
-
-    def mine(self, name: str, plan: Plan) -> list[Any]:
-        return self.ctx.owned_named(f"{self.kind}s", self.lister(), name, plan)
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        remove = getattr(self.ctx.conn.network, f"delete_{self.kind}")
-        for f in found:
-            self.ctx.delete_in_use(f"delete {self.kind}", lambda f=f: remove(f.cloud_id, ignore_missing=True))
-
-
-@TABLE.handler("port")
-class Ports(Owned):
-    # Ports are not plan resources: the adapter makes them while launching a server (`ensure_port`).
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        return None
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        for f in found:
-            self.ctx.call("delete port", lambda f=f: self.ctx.conn.network.delete_port(f.cloud_id, ignore_missing=True))
-
-
-@TABLE.handler("network")
-class Networks(Owned):
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        mine = self.mine(res.name, plan)
-        return Found("network", mine[0].id, res.name) if mine else None
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        existing = self.find(res, plan)
-        if existing is not None:
-            return existing
-        net = self.ctx.call(f"create network {res.name}", lambda: self.ctx.conn.network.create_network(
-            name=res.name, description=description(plan.deployment), port_security_enabled=res.spec["port_security"]))
-        return Found("network", net.id, res.name)
-
-
-@TABLE.handler("subnet")
-class Subnets(Owned):
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        mine = self.mine(res.name, plan)
-        if not mine:
-            return None
-        return Found("subnet", mine[0].id, res.name, attrs={"network_id": mine[0].network_id, "cidr": mine[0].cidr})
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        existing = self.find(res, plan)
-        if existing is not None:
-            return existing
-        spec = res.spec
-        subnet = self.ctx.call(f"create subnet {res.name}", lambda: self.ctx.conn.network.create_subnet(
-            name=res.name, description=description(plan.deployment), network_id=deps[spec["network"]].cloud_id,
-            ip_version=4, cidr=spec["cidr"], gateway_ip=spec["gateway_ip"], enable_dhcp=True,
-            allocation_pools=spec["allocation_pools"]))
-        return Found("subnet", subnet.id, res.name, attrs={"network_id": subnet.network_id, "cidr": subnet.cidr})
-
-
-@TABLE.handler("router")
-class Routers(Owned):
-    def interfaces(self, router_id: str, **filters: str) -> list[Any]:
-        return self.ctx.call("list router ports", lambda: list(self.ctx.conn.network.ports(
-            device_id=router_id, **filters)))
-
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        mine = self.mine(res.name, plan)
-        if not mine:
-            return None
-        router = mine[0]
-        subnets = {ip.get("subnet_id") for p in self.interfaces(router.id) for ip in p.fixed_ips or []}
-        # An interface or gateway missing (a crash between the calls): "incomplete", create() finishes it.
-        subnet = self.ctx.owned_named("subnets", self.ctx.conn.network.subnets, subnet_name_of(res), plan)
-        complete = bool(router.external_gateway_info) and bool(subnet) and subnet[0].id in subnets
-        return Found("router", router.id, res.name, status="ready" if complete else "incomplete")
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        s = self.ctx
-        mine = self.mine(res.name, plan)
-        gateway = {"network_id": s.public_network().id}
-        if mine:
-            router = mine[0]
-            if not router.external_gateway_info:
-                router = s.call("set router gateway", lambda: s.conn.network.update_router(
-                    router, external_gateway_info=gateway))
-        else:
-            router = s.call(f"create router {res.name}", lambda: s.conn.network.create_router(
-                name=res.name, description=description(plan.deployment), external_gateway_info=gateway))
-        subnet_id = deps[res.spec["subnet"]].cloud_id
-        if not any(ip.get("subnet_id") == subnet_id for p in self.interfaces(router.id) for ip in p.fixed_ips or []):
-            s.call("add router interface", lambda: s.conn.network.add_interface_to_router(router, subnet=subnet_id))
-        return Found("router", router.id, res.name)
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        s = self.ctx
-        for f in found:
-            for p in self.interfaces(f.cloud_id, device_owner="network:router_interface"):
-                for ip in p.fixed_ips or []:
-                    s.call("remove router interface", lambda ip=ip, f=f: s.conn.network.remove_interface_from_router(
-                        f.cloud_id, subnet=ip["subnet_id"]), missing_ok=True)
-            s.delete_in_use("delete router", lambda f=f: s.conn.network.delete_router(f.cloud_id, ignore_missing=True))
-
 
 @TABLE.handler("floating_ip")
-class FloatingIps(Handler):
-    ctx: Session
+class FloatingIps(Listed):
+    """One per node, found by the deployment and node in its description; "incomplete" until attached."""
+
+    sdk = "ip"
+
+    def found(self, item: Any) -> Found:
+        return Found("floating_ip", item.id, item.description or "", status="ready" if item.port_id else "incomplete",
+                     attrs={"floating_ip": item.floating_ip_address, "port_id": item.port_id})
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
-        desc = description(plan.deployment, res.spec["node"])
-        ips = self.ctx.call("list floating IPs", lambda: list(self.ctx.conn.network.ips(description=desc)))
+        ips = self.api("", description=description(plan.deployment, res.spec["node"]))
         if not ips:
             return None
-        ip = min(ips, key=lambda i: (not i.port_id, str(i.created_at or ""), i.id))  # the same for every run
-        return Found("floating_ip", ip.id, res.name, status="ready" if ip.port_id else "incomplete",
-                     attrs={"floating_ip": ip.floating_ip_address, "port_id": ip.port_id})
+        found = self.found(min(ips, key=lambda i: (not i.port_id, str(i.created_at or ""), i.id)))  # as every run
+        found.name = res.name
+        return found
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s, node = self.ctx, res.spec["node"]
-        server = deps[res.spec["server"]]
         found = s.found_before_create(res, plan)
         ports = s.call(f"find port of {node}", lambda: list(s.conn.network.ports(
-            device_id=server.cloud_id, network_id=s.network().id)))
+            device_id=deps[res.spec["server"]].cloud_id, network_id=s.network().id)))
         if not ports:
             raise CloudError(f"{s.site.name}: server of {node} has no port to attach a floating IP to")
         if found is None:  # allocated and attached in one request
             def allocate() -> Found:
                 ip = s.call(f"allocate floating IP for {node}", lambda: s.conn.network.create_ip(
-                    floating_network_id=s.public_network().id, description=description(plan.deployment, node),
+                    floating_network_id=s.network(public=True).id, description=description(plan.deployment, node),
                     port_id=ports[0].id))
                 return Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
 
             # The port holds one floating IP: a 409 means a concurrent run attached its own first. Use that one.
             found = create_or_adopt(allocate, lambda: self.find(res, plan))
         if found.attrs.get("port_id", ports[0].id) != ports[0].id:  # found unattached (or elsewhere): attach it
-            s.call(f"attach floating IP to {node}",
-                   lambda: s.conn.network.update_ip(found.cloud_id, port_id=ports[0].id))
+            self.api("update", found.cloud_id, port_id=ports[0].id)
         found.status = "ready"
         found.attrs["port_id"] = ports[0].id
         return found
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        for f in found:
-            self.ctx.call("release floating IP", lambda f=f: self.ctx.conn.network.delete_ip(
-                f.cloud_id, ignore_missing=True))
-
-    def owned(self, plan: Plan) -> list[Found]:
-        return [Found("floating_ip", ip.id, ip.description or "", attrs={"floating_ip": ip.floating_ip_address})
-                for ip in self.ctx.project_list("floating IPs", lambda: list(self.ctx.conn.network.ips()), plan)
-                if deployment_of(ip.description) == plan.deployment]
 
 
 def ensure_port(s: Session, node: str, net: Mapping[str, Any], deps: Mapping[str, Found], plan: Plan) -> str:
     """The node's port on a private network: the one an earlier (crashed) run made, else a new one."""
     network_id = deps[net["network"]].cloud_id
     ports = s.call("list ports", lambda: list(s.conn.network.ports(name=net["port_name"], network_id=network_id)))
-    mine = sorted((p for p in ports if deployment_of(p.description) == plan.deployment),
+    mine = sorted((p for p in ports if deployment_of(p) == plan.deployment),
                   key=lambda p: bool(p.device_id))  # an unbound one first
     if mine and not mine[0].device_id:
         for extra in mine[1:]:
@@ -275,9 +223,9 @@ def has_rules(sg: Any, res: Resource) -> bool:
     return {(r["port"], r["protocol"], r["cidr"]) for r in res.spec.get("rules") or []} <= ingress_rules(sg)
 
 
-def rank(sg: Any, res: Resource) -> tuple[bool, str]:
+def rank(sg: Any, res: Resource) -> tuple[bool, str, str]:
     """Finished groups (with their rules: some run took it) first, then the oldest."""
-    return (not has_rules(sg, res), str(sg.created_at or ""))
+    return (not has_rules(sg, res), str(sg.created_at or ""), sg.id)
 
 
 def subnet_name_of(res: Resource) -> str:

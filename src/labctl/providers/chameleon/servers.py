@@ -1,4 +1,7 @@
-"""Nova: key pairs and servers (on a lease's reservation or a plain flavor, with ports on private networks)."""
+"""Nova: key pairs and servers (on a lease's reservation or a plain flavor, with ports on private networks).
+
+Servers carry labctl's tags in their metadata. A key pair cannot be tagged: labctl writes the tags as its public
+key's comment (Nova keeps the key as sent), which tells the leak audit its key pairs from look-alikes."""
 
 from __future__ import annotations
 
@@ -10,38 +13,38 @@ from labctl import naming
 from labctl.errors import CloudError, UserError
 from labctl.providers.base import Found, create_or_adopt, create_or_find
 from labctl.providers.chameleon.network import ensure_port
-from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Session
-from labctl.providers.kit import Handler, poll_until
+from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed
+from labctl.providers.kit import poll_until
 from labctl.redact import clean
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
 
+NODE_TYPE = "labctl:node_type"  # server metadata: the node type or flavor it runs as
+
 
 @TABLE.handler("keypair")
-class Keypairs(Handler):
-    ctx: Session
+class Keypairs(Listed):
+    """Found "error" when it holds another public key (the user's key changed): the engine deletes it and makes
+    it again."""
 
-    def get(self, name: str) -> Any:
-        """One GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404)."""
-        return self.ctx.call("get keypair", lambda: self.ctx.conn.compute.get_keypair(name), missing_ok=True)
+    service, sdk = "compute", "keypair"
+
+    def found(self, item: Any) -> Found:
+        return Found("keypair", item.name, item.name)
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
-        kp = self.get(res.name)
-        if kp is None:
-            return None
-        if kp.public_key and kp.public_key.split()[:2] != res.spec["public_key"].split()[:2]:
-            return Found("keypair", res.name, res.name, status="incomplete")  # stale key: replace it
-        return Found("keypair", res.name, res.name)
+        # One GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404).
+        kp = self.ctx.call("get keypair", lambda: self.ctx.conn.compute.get_keypair(res.name), missing_ok=True)
+        if kp is not None and kp.public_key and kp.public_key.split()[:2] != res.spec["public_key"].split()[:2]:
+            return Found("keypair", res.name, res.name, status="error", error="the key pair holds another key")
+        return None if kp is None else self.found(kp)
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        s = self.ctx
-        if s.found_before_create(res, plan) is not None:  # another key under this name: replace it
-            s.call("delete stale keypair", lambda: s.conn.compute.delete_keypair(res.name, ignore_missing=True))
+        key = " ".join([*res.spec["public_key"].split()[:2], *(f"{k}={v}" for k, v in plan.tags.items())])
 
         def create() -> Found:
-            s.call("create keypair", lambda: s.conn.compute.create_keypair(
-                name=res.name, public_key=res.spec["public_key"]))
+            self.api("create", name=res.name, public_key=key)
             return Found("keypair", res.name, res.name)
 
         def adopt() -> Found | None:
@@ -53,26 +56,23 @@ class Keypairs(Handler):
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
         for f in found:
-            self.ctx.call("delete keypair", lambda f=f: self.ctx.conn.compute.delete_keypair(
-                f.name, ignore_missing=True))
-
-    def owned(self, plan: Plan) -> list[Found]:
-        kp = self.get(plan.deployment)
-        return [Found("keypair", kp.name, kp.name)] if kp is not None else []
+            self.api("delete", f.name, ignore_missing=True)
 
 
 @TABLE.handler("server")
-class Servers(Handler):
-    ctx: Session
+class Servers(Listed):
+    service, sdk, filters, gone = "compute", "server", {"details": True}, ("DELETED", "SOFT_DELETED")
+
+    def listing(self, plan: Plan | None) -> Sequence[Any]:
+        return self.ctx.project_list("servers", lambda: list(self.ctx.conn.compute.servers(
+            details=True, name=f"^{naming.PREFIX}-")), plan)  # labctl's names: its tags then decide
+
+    def found(self, item: Any) -> Found:
+        return server_found(self.ctx.site.network, item)
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
-        servers = self.ctx.servers_named(f"^{re.escape(res.name)}$", plan)
-        live = [s for s in servers if s.status not in ("DELETED", "SOFT_DELETED")]
-        if not live:
-            return None
-        # Prefer a healthy one if an earlier run left an ERROR twin; the twin is swept by `down`.
-        live.sort(key=lambda s: s.status == "ERROR")
-        return server_found(self.ctx, live[0])
+        mine = self.named(f"^{re.escape(res.name)}$", plan)  # Nova filters names by regular expression
+        return self.found(mine[0]) if mine else None
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s, spec = self.ctx, res.spec
@@ -80,29 +80,29 @@ class Servers(Handler):
         if image is None:
             raise UserError(f"{s.site.name}: image '{spec['image']}' not found at this site")
         hints: dict[str, str] = {}
+        node_type = flavor_name = candidate or spec["candidates"][0]
         if spec.get("reservation"):
             lease = deps[spec["reservation"]]
+            node_type = lease.attrs.get("node_type") or ""
             if s.site.reservation == "flavor":
                 flavor_name = f"reservation:{lease.attrs['reservation_id']}"
             else:
                 flavor_name = "baremetal"
                 hints["reservation"] = lease.attrs["reservation_id"]
-        else:
-            flavor_name = candidate or spec["candidates"][0]
         flavor = s.flavor(flavor_name)
         if flavor is None:
             raise CloudError(f"{s.site.name}: flavor '{flavor_name}' not found")
-        nics: list[dict[str, str]] = [{"uuid": s.network().id}]
-        for net in spec.get("networks") or []:
-            nics.append({"port": ensure_port(s, spec["node"], net, deps, plan)})
+        nics = [{"uuid": s.network().id}, *({"port": ensure_port(s, spec["node"], net, deps, plan)}
+                                           for net in spec.get("networks") or [])]
         kwargs: dict[str, Any] = dict(name=res.name, image_id=image.id, flavor_id=flavor.id,
                                       key_name=deps["keypair"].name, networks=nics,
-                                      metadata={**plan.tags, naming.TAG_NODE: spec["node"]})
+                                      metadata={**plan.tags, naming.TAG_NODE: spec["node"], NODE_TYPE: node_type})
         if hints:
             kwargs["scheduler_hints"] = hints
         if "secgroup" in deps:
             # By id: Neutron names are not unique (a concurrent run may have made a twin for a moment).
             kwargs["security_groups"] = [{"name": deps["secgroup"].cloud_id}]
+
         def launch() -> Found:
             server = s.call(f"launch {spec['node']}", lambda: s.conn.compute.create_server(**kwargs), resend=False)
             return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
@@ -120,33 +120,31 @@ class Servers(Handler):
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
         server = next((x for x in self.ctx.polled_servers(plan) if x.id == found.cloud_id), None)
-        return server_found(self.ctx, server) if server else None
+        return self.found(server) if server else None
 
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:
         stage = {"pending": "building", "ready": "booted", "error": "error"}[found.status]
         return (res.spec["node"], stage, found.error or "")
 
-    def owned(self, plan: Plan) -> list[Found]:
-        return [server_found(self.ctx, x) for x in self.ctx.servers_named(f"^{re.escape(plan.deployment)}-", plan)]
 
-
-def server_found(s: Session, server: Any) -> Found:
-    fixed, floating = None, None
-    addresses = dict(server.addresses or {})
-    private = {net: a.get("addr") for net, addrs in addresses.items() if net != s.site.network
-               for a in addrs if a.get("OS-EXT-IPS:type") != "floating"}
-    for _net, addrs in sorted(addresses.items(), key=lambda kv: kv[0] != s.site.network):  # site network first
+def server_found(site_network: str, server: Any) -> Found:
+    """Its state and addresses: fixed and floating (the site's network first), `private_ips` on the others."""
+    fixed, floating, private = None, None, {}
+    for net, addrs in sorted((server.addresses or {}).items(), key=lambda kv: kv[0] != site_network):
         for a in addrs:
             if a.get("OS-EXT-IPS:type") == "floating":
                 floating = a.get("addr")
-            elif fixed is None:
-                fixed = a.get("addr")
+                continue
+            fixed = fixed or a.get("addr")
+            if net != site_network:
+                private[net] = a.get("addr")
     status = {"ACTIVE": "ready", "ERROR": "error"}.get(server.status, "pending")
     error = None
     if status == "error":
         fault = server.fault or {}
         error = fault.get("message") if isinstance(fault, dict) else str(fault)
         error = clean(error, one_line=True) if error else "server went to ERROR"
+    meta = server.metadata or {}
     return Found("server", server.id, server.name, status=status, error=error, attrs={
-        "node": (server.metadata or {}).get(naming.TAG_NODE), "fixed_ip": fixed, "floating_ip": floating,
-        "server_status": server.status, **({"private_ips": private} if private else {})})
+        "node": meta.get(naming.TAG_NODE), "fixed_ip": fixed, "floating_ip": floating, "server_status": server.status,
+        "node_type": meta.get(NODE_TYPE), **({"private_ips": private} if private else {})})

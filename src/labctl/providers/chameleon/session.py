@@ -1,33 +1,24 @@
 """One Chameleon site's clients and shared state: openstacksdk and python-blazarclient on one keystoneauth
-session, the error table (`translate`), the per-run look-ups (`Memo`) and the poll rounds' shared lists
-(`Snapshot`). The per-kind handlers (leases, servers, network, storage) hang off `TABLE` and get this
-`Session` as their context."""
+session, the error table (`translate`), the per-run look-ups (`Memo`) and the shared lists (`Snapshot`). The
+per-kind handlers (leases, servers, network, storage) hang off `TABLE` and get this `Session` as their context;
+most derive from `Listed`, which finds labctl's resources by their tags (`tags_of`)."""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from labctl import naming
-from labctl.errors import (
-    CloudError,
-    Conflict,
-    CredentialsError,
-    NoCapacity,
-    QuotaExceeded,
-    RateLimited,
-    Transient,
-    UserError,
-)
+from labctl import errors, naming
+from labctl.errors import CloudError, Conflict, UserError
 from labctl.providers import kit
-from labctl.providers.kit import HandlerTable, Memo, RateLimiter, Snapshot
+from labctl.providers.base import Found
+from labctl.providers.kit import Handler, HandlerTable, Memo, RateLimiter, Snapshot
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource
-    from labctl.providers.base import Found
     from labctl.sites import Site
 
 T = TypeVar("T")
@@ -36,6 +27,8 @@ TABLE = HandlerTable("chameleon")
 BLAZAR_DATE = "%Y-%m-%d %H:%M"
 DELETE_TIMEOUT = 600.0  # seconds a delete waits for servers / volumes to go
 IN_USE_TIMEOUT = 60.0  # seconds a delete Neutron refuses "in use" is retried
+# labctl's tags written as text: a Neutron resource's description, a key pair's public-key comment.
+TAG_TEXT = re.compile(rf"(?<!\S)({re.escape(naming.PREFIX)}:[a-z_]+)=(\S+)")
 
 
 class Session:
@@ -55,8 +48,8 @@ class Session:
         # What `find` just said about a resource, for the `create` the engine calls right after it in the same
         # thread (so create does not list again what find listed). Taken once; a missing entry means "look".
         self.just_found = Memo()
-        # Project-wide lists for `list_owned`, shared by the deployments a class tears down at once; a
-        # deployment's own deletes (time in `deleted_at`) make it fetch again rather than see its old items.
+        # Project-wide lists for `list_owned` and `inventory`, shared by the deployments a class tears down at
+        # once; a deployment's own deletes (time in `deleted_at`) make it fetch again rather than see its old items.
         self.owned_lists = Memo()
         self.deleted_at = Memo()
         self.handlers = TABLE.bind(self)
@@ -123,30 +116,31 @@ class Session:
         text = error_text(exc)
         where = f"{self.site.name}: {what}"
         if isinstance(exc, ks_exc.Unauthorized) or status == 401:
-            return CredentialsError(f"{where}: credentials rejected ({text}); check your openrc or clouds.yaml")
+            return errors.CredentialsError(f"{where}: credentials rejected ({text}); check your openrc or clouds.yaml")
         if isinstance(exc, ks_exc.ConnectFailure | ks_exc.ConnectTimeout):
-            return Transient(f"{where}: cannot reach the API ({text})")
+            return errors.Transient(f"{where}: cannot reach the API ({text})")
         if isinstance(exc, ks_exc.EndpointNotFound):
             return UserError(f"{where}: the site's catalog has no such service ({text})")
         if re.search(r"not enough .* available|no valid host", text, re.I):
-            return NoCapacity(f"{where}: {text}")
+            return errors.NoCapacity(f"{where}: {text}")
         if status == 409 or re.search(r"already exists|already has a floating IP", text, re.I):
             # Blazar answers a taken lease name with a 500 through blazarclient: the text says what it is.
             return Conflict(f"{where}: {text}")
         if status == 429:
-            return RateLimited(f"{where}: rate limited ({text})")
+            return errors.RateLimited(f"{where}: rate limited ({text})")
         if re.search(r"quota|OverQuota|limit exceeded", text, re.I) or status == 413:
-            return QuotaExceeded(f"{where}: quota exceeded ({text})")
+            return errors.QuotaExceeded(f"{where}: quota exceeded ({text})")
         if status is not None and int(status) >= 500:
-            return Transient(f"{where}: server error {status} ({text})")
+            return errors.Transient(f"{where}: server error {status} ({text})")
         if isinstance(exc, TimeoutError | ks_exc.RequestTimeout):
-            return Transient(f"{where}: timed out")
+            return errors.Transient(f"{where}: timed out")
         return CloudError(f"{where}: {text}")
 
     _translate = translate  # the name tests/e2e/test_chaos_sim.py probes the error table by
 
     def delete_in_use(self, what: str, fn: Callable[[], Any]) -> None:
-        """A Neutron delete, retried while the thing is still in use (a port of a server going away)."""
+        """A delete (404: done), retried while Neutron says the thing is still in use (a port of a server going
+        away, a subnet whose router interface is being removed)."""
         kit.retry_in_use(lambda: self.call(what, fn), is_in_use=is_in_use, timeout=IN_USE_TIMEOUT,
                          interval=max(self.poll_interval, 0.05), what=what)
 
@@ -154,15 +148,10 @@ class Session:
     def lookup(self, key: str, what: str, fn: Callable[[], Any]) -> Any:
         return self.lookups.get(key, lambda: self.call(what, fn))
 
-    def public_network(self) -> Any:
-        return self._named_network("public", self.site.public_network)
-
-    def network(self) -> Any:
-        return self._named_network("network", self.site.network)
-
-    def _named_network(self, key: str, name: str) -> Any:
-        net = self.lookup(key, f"find {'public ' if key == 'public' else ''}network",
-                          lambda: self.conn.network.find_network(name))
+    def network(self, public: bool = False) -> Any:
+        """The site's shared network, or its public one (floating IPs, router gateways); looked up once."""
+        name = self.site.public_network if public else self.site.network
+        net = self.lookup(f"network:{name}", f"find network {name}", lambda: self.conn.network.find_network(name))
         if net is None:
             raise CloudError(f"{self.site.name}: no network named '{name}'")
         return net
@@ -178,31 +167,88 @@ class Session:
         return self.handlers[res.kind].find(res, plan) if found is missing else found
 
     # -- lists ------------------------------------------------------------------------------------
-    def project_list(self, what: str, fetch: Callable[[], Any], plan: Plan) -> Any:
-        """Everything of one kind in the project, from a list shared with other deployments' teardowns."""
+    def project_list(self, what: str, fetch: Callable[[], Any], plan: Plan | None) -> Any:
+        """Everything of one kind in the project, from a list shared with other deployments' teardowns (fetched
+        again after `plan`'s own deletes)."""
         snap = self.owned_lists.get(what, lambda: Snapshot(max(self.poll_interval, 1.0)))
-        return snap.get(lambda: self.call(f"list {what}", fetch),
-                        newer_than=self.deleted_at.peek(plan.deployment, -1e18))
-
-    def owned_named(self, what: str, lister: Callable[..., Any], name: str, plan: Plan) -> list[Any]:
-        items = self.call(f"list {what}", lambda: list(lister(name=name)))
-        return [i for i in items if deployment_of(i.description) == plan.deployment]
-
-    def servers_named(self, pattern: str, plan: Plan) -> list[Any]:
-        servers = self.call("list servers", lambda: list(self.conn.compute.servers(details=True, name=pattern)))
-        return [s for s in servers if (s.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+        newer_than = self.deleted_at.peek(plan.deployment, -1e18) if plan is not None else -1e18
+        return snap.get(lambda: self.call(f"list {what}", fetch), newer_than=newer_than)
 
     def polled_servers(self, plan: Plan) -> list[Any]:
         """This deployment's servers, from the poll round's one list of every labctl server on the site."""
         servers = self.server_list.get(lambda: self.call("poll servers", lambda: list(
             self.conn.compute.servers(details=True, name=f"^{naming.PREFIX}-"))))
-        return [s for s in servers if (s.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+        return [s for s in servers if tags_of(s).get(naming.TAG_DEPLOYMENT) == plan.deployment]
 
     def polled_leases(self) -> list[Any]:
         return self.lease_list.get(lambda: self.call("poll leases", lambda: self.blazar.lease.list()))
 
     def mark_deleted(self, plan: Plan) -> None:
         self.deleted_at.put(plan.deployment, time.monotonic())  # its next list_owned must be fresh
+
+
+class Listed(Handler):
+    """A kind whose items carry labctl's tags (`tags`), on openstacksdk's proxy `conn.<service>` as
+    `<sdk>s()` / `delete_<sdk>()`. `listing` is every item of it in the project (one list shared by the
+    deployments a class tears down at once), `found` what the engine sees of one item: `owned` keeps the
+    deployment's, `inventory` every deployment's, so `down` and the leak audit agree on what is labctl's.
+    `find` takes the deployment's item of the resource's name, the same of twins for every run (`rank`)."""
+
+    ctx: Session
+    service = "network"
+    sdk = ""
+    filters: dict[str, Any] = {}  # of every list call (details=True)
+    gone: tuple[str, ...] = ()  # statuses of items on their way out: neither found nor owned
+
+    def method(self, verb: str) -> Any:
+        """openstacksdk's `conn.<service>.<verb>_<sdk>`, or its list `<sdk>s` (`verb` "")."""
+        return getattr(getattr(self.ctx.conn, self.service), f"{verb}_{self.sdk}" if verb else f"{self.sdk}s")
+
+    def api(self, verb: str, *args: Any, **kwargs: Any) -> Any:
+        """One translated call of `method(verb)`; a list comes as a list."""
+        fn = self.method(verb)
+        what = f"{verb or 'list'} {self.kind}"
+        return self.ctx.call(what, lambda: fn(*args, **kwargs) if verb else list(fn(**kwargs)))
+
+    def listing(self, plan: Plan | None) -> Sequence[Any]:
+        items = self.ctx.project_list(f"{self.kind}s", lambda: list(self.method("")(**self.filters)), plan)
+        return [i for i in items if getattr(i, "status", None) not in self.gone]
+
+    def named(self, name: str, plan: Plan) -> list[Any]:
+        items = self.api("", name=name, **self.filters)
+        mine = [i for i in items if deployment_of(i) == plan.deployment and getattr(i, "status", None) not in self.gone]
+        return sorted(mine, key=self.rank)
+
+    def rank(self, item: Any) -> tuple[Any, ...]:
+        """A healthy one first (an earlier run's ERROR twin is swept by `down`), then the oldest."""
+        return (str(getattr(item, "status", "")).lower() == "error", str(item.created_at or ""), item.id)
+
+    def find(self, res: Resource, plan: Plan) -> Found | None:
+        mine = self.named(res.name, plan)
+        return self.found(mine[0]) if mine else None
+
+    def found(self, item: Any) -> Found:
+        return Found(self.kind, item.id, item.name or "")
+
+    def delete(self, found: Sequence[Found], plan: Plan) -> None:
+        for f in found:
+            self.ctx.delete_in_use(f"delete {self.kind}", lambda f=f: self.method("delete")(
+                f.cloud_id, ignore_missing=True))
+
+    def tags(self, item: Any) -> dict[str, str]:
+        return tags_of(item)
+
+    def owned(self, plan: Plan) -> list[Found]:
+        return [self.found(i) for i in self.listing(plan) if self.tags(i).get(naming.TAG_DEPLOYMENT) == plan.deployment]
+
+    def inventory(self) -> list[Found]:
+        found = []
+        for item in self.listing(None):
+            if naming.TAG_DEPLOYMENT in (tags := self.tags(item)):
+                found.append(self.found(item))
+                found[-1].attrs.update(deployment=tags[naming.TAG_DEPLOYMENT], owner=tags.get(naming.TAG_OWNER),
+                                       created=iso_utc(getattr(item, "created_at", None)))
+        return found
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -228,22 +274,39 @@ def is_in_use(exc: Exception) -> bool:
 
 
 def description(deployment: str, node: str | None = None) -> str:
+    """labctl's tags as text, for what has no metadata (Neutron descriptions)."""
     text = f"{naming.TAG_DEPLOYMENT}={deployment}"
     return f"{text} {naming.TAG_NODE}={node}" if node else text
 
 
-def deployment_of(text: str | None) -> str | None:
-    m = re.search(rf"{re.escape(naming.TAG_DEPLOYMENT)}=(\S+)", text or "")
-    return m.group(1) if m else None
+def tags_of(item: Any) -> dict[str, str]:
+    """labctl's tags on an OpenStack resource: its metadata (Nova, Cinder), else its description (Neutron) or
+    public key's comment (Nova key pairs) read as `description` writes them. {} for a resource without them."""
+    meta = getattr(item, "metadata", None)
+    if meta:
+        return {str(k): str(v) for k, v in meta.items() if str(k).startswith(f"{naming.PREFIX}:")}
+    text = getattr(item, "description", None) or getattr(item, "public_key", None)
+    return dict(TAG_TEXT.findall(text)) if isinstance(text, str) else {}
+
+
+def deployment_of(item: Any) -> str | None:
+    return tags_of(item).get(naming.TAG_DEPLOYMENT)
 
 
 def parse_lease_date(text: str) -> datetime:
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"):
-        try:
-            return datetime.strptime(text, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-    raise CloudError(f"unexpected lease date format: {text!r}")
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise CloudError(f"unexpected lease date format: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def iso_utc(text: str | None) -> str | None:
+    """A cloud's timestamp (ISO 8601 with or without a zone, Blazar's "YYYY-MM-DD HH:MM:SS") in ISO 8601, UTC."""
+    try:
+        return parse_lease_date(text).astimezone(UTC).isoformat() if text else None
+    except CloudError:
+        return None
 
 
 def error_text(exc: Exception) -> str:

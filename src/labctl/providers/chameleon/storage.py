@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from labctl import naming
 from labctl.errors import CloudError
 from labctl.providers.base import Found
-from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Session, description
+from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, Session, description
 from labctl.providers.kit import Handler, poll_until
 
 if TYPE_CHECKING:
@@ -21,39 +21,38 @@ VOLUME_GONE = ("deleting", "deleted", "error_deleting")
 VOLUME_BUSY = ("creating", "attaching", "detaching", "in-use", "reserved", "extending", "downloading")
 VOLUME_NAME = "labctl:volume"  # volume metadata: the profile's name for it (its key in the plan)
 VOLUME_KEEP = "labctl:keep"  # "true" when `down` keeps it
-# Swift container metadata (X-Container-Meta-Labctl-Deployment / -Labctl-Keep): who made it, and keep on down.
-CONTAINER_DEPLOYMENT = "labctl-deployment"
+# Swift container metadata (X-Container-Meta-Labctl-*; Swift allows no ':' in a header): labctl's tags, and keep.
+CONTAINER_TAGS = {"labctl-deployment": naming.TAG_DEPLOYMENT, "labctl-owner": naming.TAG_OWNER}
 CONTAINER_KEEP = "labctl-keep"
 
 
 @TABLE.handler("volume")
-class Volumes(Handler):
-    ctx: Session
+class Volumes(Listed):
+    service, sdk, filters, gone = "block_storage", "volume", {"details": True}, VOLUME_GONE
 
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        vols = self.ctx.call("list volumes", lambda: list(self.ctx.conn.block_storage.volumes(
-            details=True, name=res.name)))
-        mine = [v for v in vols if (v.metadata or {}).get(naming.TAG_DEPLOYMENT) == plan.deployment
-                and v.status not in VOLUME_GONE]
-        if not mine:
-            return None
-        mine.sort(key=lambda v: v.status == "error")  # a healthy one first
-        return volume_found(mine[0])
+    def listing(self, plan: Plan | None) -> Sequence[Any]:
+        # Only where the deployment has volumes: labs without storage cost no extra calls (and sites without
+        # the service are never asked).
+        if not self.ctx.site.block_storage or (plan is not None and not (
+                plan.by_kind("volume") or plan.by_kind("volume_attachment"))):
+            return []
+        return super().listing(plan)
+
+    def found(self, item: Any) -> Found:
+        return volume_found(item)
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        existing = self.find(res, plan)
+        existing = self.find(res, plan)  # fresh: a volume kept by an earlier `down` is reused
         if existing is not None and existing.status != "error":
             return existing
         metadata = {**plan.tags, VOLUME_NAME: res.spec["volume"], VOLUME_KEEP: "true" if res.spec["keep"] else "false"}
-        vol = self.ctx.call(f"create volume {res.name}", lambda: self.ctx.conn.block_storage.create_volume(
-            size=res.spec["size_gb"], name=res.name, metadata=metadata, description=description(plan.deployment)))
-        return volume_found(vol)
+        return volume_found(self.api("create", size=res.spec["size_gb"], name=res.name, metadata=metadata,
+                                     description=description(plan.deployment)))
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
         for f in found:
             wait_volume(self.ctx, f.cloud_id, lambda v: v.status not in VOLUME_BUSY)
-            self.ctx.call("delete volume", lambda f=f: self.ctx.conn.block_storage.delete_volume(
-                f.cloud_id, ignore_missing=True))
+            self.api("delete", f.cloud_id, ignore_missing=True)
         for f in found:
             wait_volume(self.ctx, f.cloud_id, lambda v: False)
 
@@ -65,19 +64,10 @@ class Volumes(Handler):
         return (res.key, found.attrs.get("volume_status", "attaching"), "")
 
     def owned(self, plan: Plan) -> list[Found]:
-        # Volumes (and their attachments) only when the deployment has some: labs without storage cost no
-        # extra calls (and sites without the service are never asked).
-        if not self.ctx.site.block_storage or not (plan.by_kind("volume") or plan.by_kind("volume_attachment")):
-            return []
-        owned = []
-        for vol in self.ctx.call("list volumes", lambda: list(self.ctx.conn.block_storage.volumes(details=True))):
-            if (vol.metadata or {}).get(naming.TAG_DEPLOYMENT) != plan.deployment or vol.status in VOLUME_GONE:
-                continue
-            found = volume_found(vol)
-            owned.append(found)
-            for a in found.attrs["attachments"]:
-                owned.append(attachment_found(f"{vol.name}-attachment", a["server_id"], found, a["device"]))
-        return owned
+        """The deployment's volumes and their attachments."""
+        volumes = super().owned(plan)
+        return volumes + [attachment_found(f"{v.name}-attachment", a["server_id"], v, a["device"])
+                          for v in volumes for a in v.attrs["attachments"]]
 
 
 @TABLE.handler("volume_attachment")
@@ -92,10 +82,8 @@ class Attachments(Handler):
         server = self.ctx.handlers["server"].find(plan.get(res.spec["server"]), plan)
         if vol is None or server is None:
             return None
-        for a in vol.attrs.get("attachments", []):
-            if a.get("server_id") == server.cloud_id:
-                return attachment_found(res.name, server.cloud_id, vol, a.get("device"))
-        return None
+        device = next((a.get("device") for a in vol.attrs["attachments"] if a.get("server_id") == server.cloud_id), 0)
+        return attachment_found(res.name, server.cloud_id, vol, device) if device != 0 else None
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s = self.ctx
@@ -143,26 +131,41 @@ class Attachments(Handler):
 
 
 @TABLE.handler("bucket")
-class Containers(Handler):
-    ctx: Session
+class Containers(Listed):
+    """Items are (name, metadata) pairs: Swift lists containers without their metadata (one HEAD each)."""
 
     def meta(self, name: str) -> dict[str, str] | None:
-        """A container's labctl metadata ({} if none), or None if there is no such container."""
+        """A container's metadata ({} if none), or None if there is no such container."""
         c = self.ctx.call(f"get container {name}", lambda: self.ctx.conn.object_store.get_container_metadata(name),
                           missing_ok=True)
         return None if c is None else {str(k).lower(): str(v) for k, v in (c.metadata or {}).items()}
 
+    def listing(self, plan: Plan | None) -> list[tuple[str, dict[str, str]]]:
+        if not self.ctx.site.object_storage or (plan is not None and not plan.by_kind("bucket")):
+            return []
+        prefix = f"{plan.deployment if plan else naming.PREFIX}-"  # labctl's names: fewer HEADs, tags decide
+        names = [c.name for c in self.ctx.call("list containers", lambda: list(
+            self.ctx.conn.object_store.containers(prefix=prefix)))]
+        return [(name, meta) for name in names if (meta := self.meta(name)) is not None]
+
+    def tags(self, item: tuple[str, dict[str, str]]) -> dict[str, str]:
+        return {tag: item[1][key] for key, tag in CONTAINER_TAGS.items() if key in item[1]}
+
+    def found(self, item: tuple[str, dict[str, str]]) -> Found:
+        return Found("bucket", item[0], item[0], attrs={"keep": item[1].get(CONTAINER_KEEP) == "true"})
+
     def find(self, res: Resource, plan: Plan) -> Found | None:
         meta = self.meta(res.name)
-        if meta is None or meta.get(CONTAINER_DEPLOYMENT) != plan.deployment:
+        if meta is None or self.tags((res.name, meta)).get(naming.TAG_DEPLOYMENT) != plan.deployment:
             return None
         return Found("bucket", res.name, res.name, attrs={"key": res.key, "keep": meta.get(CONTAINER_KEEP) == "true"})
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         meta = self.meta(res.name)
-        if meta is not None and meta.get(CONTAINER_DEPLOYMENT) not in (None, plan.deployment):
+        if meta is not None and meta.get("labctl-deployment") not in (None, plan.deployment):
             raise CloudError(f"{self.ctx.site.name}: object-store container '{res.name}' belongs to another deployment")
-        metadata = {CONTAINER_DEPLOYMENT: plan.deployment, CONTAINER_KEEP: "true" if res.spec["keep"] else "false"}
+        metadata = {key: plan.tags[tag] for key, tag in CONTAINER_TAGS.items()}
+        metadata[CONTAINER_KEEP] = "true" if res.spec["keep"] else "false"
         self.ctx.call(f"create container {res.name}", lambda: self.ctx.conn.object_store.create_container(
             name=res.name, metadata=metadata))
         return Found("bucket", res.name, res.name, attrs={"key": res.key, "keep": bool(res.spec["keep"])})
@@ -177,17 +180,6 @@ class Containers(Handler):
 
         for f in found:
             self.ctx.call("delete container", lambda f=f: empty_and_delete(f.cloud_id), missing_ok=True)
-
-    def owned(self, plan: Plan) -> list[Found]:
-        if not self.ctx.site.object_storage or not plan.by_kind("bucket"):
-            return []
-        owned = []
-        for c in self.ctx.call("list containers", lambda: list(self.ctx.conn.object_store.containers(
-                prefix=f"{plan.deployment}-"))):
-            meta = self.meta(c.name)
-            if meta is not None and meta.get(CONTAINER_DEPLOYMENT) == plan.deployment:
-                owned.append(Found("bucket", c.name, c.name, attrs={"keep": meta.get(CONTAINER_KEEP) == "true"}))
-        return owned
 
 
 def get_volume(s: Session, volume_id: str) -> Any:
@@ -220,4 +212,3 @@ def volume_found(vol: Any) -> Found:
 def attachment_found(name: str, server_id: str, vol: Found, device: str | None) -> Found:
     return Found("volume_attachment", f"{server_id}/{vol.cloud_id}", name,
                  attrs={"server_id": server_id, "volume_id": vol.cloud_id, "device": device})
-

@@ -1,0 +1,112 @@
+"""`ChameleonProvider.inventory()` on the real SDKs against the emulated KVM@TACC: every kind labctl makes there,
+of every deployment, with its deployment, owner and creation time, and never a look-alike (a resource with a
+labctl name but without labctl's tags, made through openstacksdk / blazarclient as a user would)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from labctl import sites
+from labctl.credentials import find_openstack_credentials
+from labctl.engine import Engine
+from labctl.plan import build_plan
+from labctl.profile import load_profile
+from labctl.providers.chameleon import ChameleonProvider
+from labctl.state import StateStore
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGv1PmUi5E4bqqkqRhHg0Ss6BJqkQ8Y6fD3Y9KQ5Xn3r labctl-test"
+PROFILE = """\
+name: inv
+description: every kind labctl makes on KVM@TACC
+sites: [kvm@tacc]
+lease_hours: 2
+image: ubuntu-24.04
+networks:
+  lan: {cidr: 192.168.5.0/24, gateway: true}
+nodes:
+  node:
+    count: 1
+    floating_ip: true
+    types: {kvm@tacc: [m1.small]}
+    networks: [{network: lan, first_ip: 11}]
+volumes:
+  data: {size_gb: 1, node: node-1, mount: /mnt/data}
+object_stores:
+  box: {keep: false}
+ports: [22]
+"""
+KINDS = {"keypair", "network", "subnet", "router", "secgroup", "reservation", "port", "volume", "bucket", "server",
+         "floating_ip"}
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    from labctl.testbed import Testbed
+
+    tb = Testbed.start(state_dir=tmp_path / "tb", time_scale=0.001, ssh=False)
+    try:
+        site = sites.emulate(sites.resolve("kvm@tacc"))
+        site = site.__class__(**{**site.__dict__, "auth_url": tb.auth_url("kvm@tacc"), "poll_interval": 0.02})
+        provider = ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env("kvm@tacc")))
+        (tmp_path / "inv.yaml").write_text(PROFILE)
+        profile = load_profile(tmp_path / "inv.yaml")
+        yield provider, profile, StateStore(tmp_path / "state")
+    finally:
+        tb.stop()
+
+
+def make_look_alikes(provider: ChameleonProvider, deployment: str) -> None:
+    """What a user might make by hand with labctl's names for `deployment`, without labctl's tags."""
+    conn = provider.conn
+    conn.compute.create_keypair(name=deployment, public_key=KEY)
+    net = conn.network.create_network(name=f"{deployment}-lan")
+    conn.network.create_subnet(name=f"{deployment}-lan-subnet", network_id=net.id, ip_version=4, cidr="10.9.0.0/24")
+    conn.network.create_router(name=f"{deployment}-lan-router")
+    conn.network.create_port(name=f"{deployment}-node-1-lan", network_id=net.id)
+    conn.network.create_security_group(name=deployment, description="made by hand")
+    conn.network.create_ip(floating_network_id=provider.network(public=True).id, description="labctl by hand")
+    conn.block_storage.create_volume(size=1, name=f"{deployment}-data", metadata={"labctl": "no"})
+    conn.object_store.create_container(name=f"{deployment}-box")
+    flavor = provider.flavor("m1.small")
+    provider.blazar.lease.create(name=f"{deployment}-node", start="now", end="2099-01-01 00:00", events=[],
+                                 reservations=[{"resource_type": "flavor:instance", "flavor_id": flavor.id,
+                                                "amount": 1}])
+
+
+def test_inventory_lists_every_labctl_kind_of_every_deployment_and_no_look_alike(setup):
+    provider, profile, store = setup
+    alice = build_plan(profile, provider.site, "alice", KEY)
+    bob = build_plan(profile, provider.site, "bob", KEY, course="cs101")
+    # First: openstacksdk keeps a container's metadata in a class-wide dict, so a container made after labctl's
+    # in the same process would carry labctl's metadata (a user's own tool, in its own process, would not).
+    make_look_alikes(provider, "labctl-carol-inv")  # deployments that labctl never made
+    make_look_alikes(provider, "labctl-dave-inv")
+    engine = Engine(provider, store)
+    engine.apply(alice)
+    engine.apply(bob)
+
+    found = provider.inventory()
+    by_deployment: dict[str, set[str]] = {}
+    for f in found:
+        by_deployment.setdefault(f.attrs["deployment"], set()).add(f.kind)
+    assert by_deployment == {alice.deployment: KINDS, bob.deployment: KINDS}
+    owners = {(f.attrs["deployment"], f.attrs["owner"]) for f in found}
+    assert owners == {(alice.deployment, "alice"), (bob.deployment, "bob")}
+    for f in found:
+        if f.kind not in ("bucket", "keypair"):  # Swift's and Nova's lists say no creation time
+            assert datetime.fromisoformat(f.attrs["created"]).utcoffset().total_seconds() == 0, f
+    (lease,) = [f for f in found if f.kind == "reservation" and f.attrs["deployment"] == alice.deployment]
+    assert lease.name == f"{alice.deployment}-node"
+    assert datetime.fromisoformat(lease.attrs["end"]) > datetime.fromisoformat(lease.attrs["created"])
+    (server,) = [f for f in found if f.kind == "server" and f.attrs["deployment"] == bob.deployment]
+    assert server.attrs["node_type"] == "m1.small"
+    # The same resources as each deployment's own list_owned (attachments aside: inventory lists the volume).
+    for plan in (alice, bob):
+        owned = {(f.kind, f.cloud_id) for f in provider.list_owned(plan) if f.kind != "volume_attachment"}
+        assert owned == {(f.kind, f.cloud_id) for f in found if f.attrs["deployment"] == plan.deployment}
+
+    assert engine.destroy(alice) == [] and engine.destroy(bob) == []
+    assert provider.inventory() == []  # the look-alikes are still there, and still not labctl's
