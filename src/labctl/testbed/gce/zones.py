@@ -276,24 +276,26 @@ def _op_scope(call: Call) -> str:
     return "global"
 
 
-def operations_get(call: Call) -> dict:
+def _operation(call: Call) -> tuple[dict, float]:
+    """The operation the call names (done ones too) and the world's time it was read at, or 404."""
     check_project(call)
     scope = _op_scope(call)
     with call.world.read() as db:
         op = db.get("operation", call.project, scope, call.params["operation"], include_gone=True)
-        if op is None:
-            raise not_found(f"projects/{call.project}/{scope}/operations/{call.params['operation']}")
-        return links(w.render_operation(op, db.now), call.base)
+        now = db.now
+    if op is None:
+        raise not_found(f"projects/{call.project}/{scope}/operations/{call.params['operation']}")
+    return op, now
+
+
+def operations_get(call: Call) -> dict:
+    op, now = _operation(call)
+    return links(w.render_operation(op, now), call.base)
 
 
 def operations_wait(call: Call) -> dict:
     """Like get, but returns only when the operation is DONE (or after at most two minutes)."""
-    check_project(call)
-    scope = _op_scope(call)
-    with call.world.read() as db:
-        op = db.get("operation", call.project, scope, call.params["operation"], include_gone=True)
-    if op is None:
-        raise not_found(f"projects/{call.project}/{scope}/operations/{call.params['operation']}")
+    op, _ = _operation(call)
     left = min(op["_done_at"] - time.time(), w.WAIT_CAP)
     if left > 0:
         call.stop_event.wait(left)

@@ -197,20 +197,24 @@ def update_network(req: Request) -> Response:
         return Response(200, {"network": _project_network_view(db, req.site, n)})
 
 
+def _delete_unused(db, req: Request, kind: str, builtin: set[str], ports_of, message: str, code: str) -> dict:
+    """Delete the project's `kind` the request names, unless a port still uses it (Neutron's 409 `code`, its
+    `message` with the id); the site's built-in ones are not the project's to delete. Returns what was deleted."""
+    item = get_owned(db, req, kind, builtin=builtin)
+    if ports_of(db, req.site, item["id"]):
+        raise HTTPError(409, message.format(id=item["id"]), code)
+    db.delete(kind, req.site.name, item["id"])
+    return item
+
+
 @router.route("DELETE", "/v2.0/networks/{id}")
 def delete_network(req: Request) -> Response:
     with req.world.tx() as db:
-        n = get_owned(db, req, "network", builtin={cat.public_net_id(req.site), cat.shared_net_id(req.site)})
-        if model.network_ports(db, req.site, n["id"]):
-            raise HTTPError(
-                409,
-                f"Unable to complete operation on network {n['id']}. There are one or more ports still in use "
-                "on the network.",
-                "NetworkInUse",
-            )
+        n = _delete_unused(db, req, "network", {cat.public_net_id(req.site), cat.shared_net_id(req.site)},
+                           model.network_ports, "Unable to complete operation on network {id}. There are one or "
+                           "more ports still in use on the network.", "NetworkInUse")
         for x in model.network_subnets(db, req.site, n["id"]):  # Neutron deletes a network's subnets with it
             db.delete("subnet", req.site.name, x["id"])
-        db.delete("network", req.site.name, n["id"])
     return Response(204)
 
 
@@ -286,15 +290,9 @@ def create_subnet(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/subnets/{id}")
 def delete_subnet(req: Request) -> Response:
     with req.world.tx() as db:
-        x = get_owned(db, req, "subnet", builtin={cat.public_subnet_id(req.site), cat.shared_subnet_id(req.site)})
-        if model.subnet_ports(db, req.site, x["id"]):
-            raise HTTPError(
-                409,
-                f"Unable to complete operation on subnet {x['id']}: One or more ports have an IP allocation "
-                "from this subnet.",
-                "SubnetInUse",
-            )
-        db.delete("subnet", req.site.name, x["id"])
+        _delete_unused(db, req, "subnet", {cat.public_subnet_id(req.site), cat.shared_subnet_id(req.site)},
+                       model.subnet_ports, "Unable to complete operation on subnet {id}: One or more ports have an "
+                       "IP allocation from this subnet.", "SubnetInUse")
     return Response(204)
 
 
@@ -359,10 +357,8 @@ def update_router(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/routers/{id}")
 def delete_router(req: Request) -> Response:
     with req.world.tx() as db:
-        r = _get_router(db, req)
-        if model.router_ports(db, req.site, r["id"]):
-            raise HTTPError(409, f"Router {r['id']} still has ports", "RouterInUse")
-        db.delete("router", req.site.name, r["id"])
+        _delete_unused(db, req, "router", {cat.router_id(req.site)}, model.router_ports,
+                       "Router {id} still has ports", "RouterInUse")
     return Response(204)
 
 
