@@ -59,10 +59,13 @@ class Context:
     _testbed: Any = None
 
     @classmethod
-    def create(cls, owner: str | None = None, on_progress: Progress | None = None) -> Context:
+    def create(cls, owner: str | None = None, on_progress: Progress | None = None, *,
+               testbed: Any = None) -> Context:
+        """`testbed`: the emulated clouds to use for sim sites instead of starting them in this process (a
+        benchmark serves them from other processes, so that this one is measured alone)."""
         # The owner enters resource names: refuse a name `sanitise` would change (before the store is opened).
         who = naming.require_canonical(owner, "--owner") if owner is not None else naming.default_owner()
-        return cls(StateStore(), who, on_progress or _noop)
+        return cls(StateStore(), who, on_progress or _noop, testbed)
 
     def testbed(self, ssh: bool = True) -> Any:
         """The emulated testbed, started in this process (its world lives on disk); SSH from the background
@@ -414,20 +417,25 @@ def _run_setup(ctx: Context, prof: Any, the_plan: Any, site: Any, key: Any, foun
     view = DeploymentView(ctx.store, the_plan.deployment)
     reachable = {t.name for t in targets}
     everywhere = [n for n, _ in nodes if n in reachable]
-    host_skip = None
-    if site.emulated and not allow_host_changes:
-        host_skip = "would change the host on sim (pass --allow-host-changes to run it)"
+
+    def sim_skip(safe: bool, command: str, uploads: tuple[Any, ...] = ()) -> str | None:
+        """Why a step does not run on sim (None: it runs); for a host-changing step, the testbed says (its nodes
+        may be machines, where such a step changes only the node: `labctl.testbed.node_machine`)."""
+        if not site.emulated or safe or allow_host_changes:
+            return None
+        from labctl.testbed.node_machine import sim_skip_reason
+
+        return sim_skip_reason(command, uploads)
+
     steps = [SetupStep(i, x.name, [n for n in everywhere if not x.on or n in x.on], x.command, [], x.timeout,
-                       host_skip if x.changes_host else None) for i, x in enumerate(extra_steps)]
+                       sim_skip(not x.changes_host, x.command)) for i, x in enumerate(extra_steps)]
     for index, step in enumerate(prof.setup, start=len(extra_steps)):
         on = [step.on] if isinstance(step.on, str) else list(step.on)
         step_nodes = [n for n, role in nodes if ("all" in on or n in on or role in on) and n in reachable]
-        skip = None
-        if site.emulated and not step.safe_on_sim and not allow_host_changes:
-            skip = "would change the host on sim (pass --allow-host-changes to run it)"
         # Scripts and uploads are checked again (symbolic links resolved, under labs/<lab>/ or labs/_common/).
         field = f"setup[{index - len(extra_steps)}].script"
         command = step.run if step.run is not None else prof.read_script(step.script, field)
+        skip = sim_skip(step.safe_on_sim, command, tuple(prof.lab_dir / u.src for u in step.upload))
         uploads = [Upload(prof.lab_dir / u.src, u.dest, prof.lab_roots()) for u in step.upload]
         steps.append(SetupStep(index, step.name, step_nodes, command, uploads, step.timeout, skip))
     progress("ssh", "waiting", f"{len(targets)} node(s)")

@@ -66,7 +66,7 @@ class Lab:
         return self.tmp / "world" / name
 
     def start(self) -> SSHNodes:
-        self.sshd = SSHNodes(self.world, poll_interval=0.02).start()
+        self.sshd = SSHNodes(self.world, poll_interval=0.02, machines=False).start()
         for t in self.targets:
             self.sshd.wait_listening(t.host, t.port, 5)
         return self.sshd

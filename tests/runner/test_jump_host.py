@@ -32,7 +32,7 @@ def cluster(tmp_path: Path):
             "internal_address": f"127.11.9.{i}", "fixed_ips": fixed,
             "authorized_keys": [key.public_key], "node_dir": tmp_path / "world" / name,
         })
-    sshd = SSHNodes(world, poll_interval=0.02).start()
+    sshd = SSHNodes(world, poll_interval=0.02, machines=False).start()
     for i in (31, 32, 33):
         sshd.wait_listening(f"127.11.9.{i}", port, 5)
     sshd.wait_listening("127.10.9.31", port, 5)

@@ -42,7 +42,7 @@ def node(tmp_path):
     node_dir = tmp_path / "world" / "n1"
     world.targets.append({"server_id": "srv-1", "site": "chi@uc", "name": "n1", "address": address,
                           "port": port, "authorized_keys": [key.public_key], "node_dir": node_dir})
-    nodes = SSHNodes(world, poll_interval=0.02).start()
+    nodes = SSHNodes(world, poll_interval=0.02, machines=False).start()
     nodes.wait_listening(address, port, 5)
     try:
         yield {"key": key, "address": address, "port": port, "world": world, "dir": node_dir, "nodes": nodes}
@@ -213,7 +213,7 @@ def test_disconnect_kills_the_running_command(node):
 def test_deleted_target_stops_listening_and_shared_serving(node):
     address, port = node["address"], node["port"]
     # as if another labctl process served the same world
-    second = SSHNodes(node["world"], poll_interval=0.02).start()
+    second = SSHNodes(node["world"], poll_interval=0.02, machines=False).start()
     try:
         second.wait_listening(address, port, 5)
 

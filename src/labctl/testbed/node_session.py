@@ -40,23 +40,57 @@ def node_home(node_dir: Path) -> Path:
     return home
 
 
+def machine_session_class():
+    """asyncssh's server process, except that the `sftp` subsystem, too, goes to our process factory (which runs
+    OpenSSH's sftp-server inside the node, as the node's user): asyncssh would serve it itself."""
+    import inspect
+
+    import asyncssh
+    from asyncssh.constants import EXTENDED_DATA_STDERR
+
+    class MachineSession(asyncssh.SSHServerProcess):
+        def subsystem_requested(self, subsystem: str) -> bool:
+            return subsystem == "sftp"
+
+        def session_started(self) -> None:
+            if self.channel.get_subsystem() != "sftp":
+                super().session_started()
+                return
+            chan = self.channel
+            handler = self._start_process(asyncssh.SSHReader(self, chan), asyncssh.SSHWriter(self, chan),
+                                          asyncssh.SSHWriter(self, chan, EXTENDED_DATA_STDERR))
+            if inspect.isawaitable(handler):
+                chan.get_connection().create_task(handler)
+
+    return MachineSession
+
 
 async def run_session(node: Any, process) -> None:
+    """Serve one session: on the node's machine when it has one (`node.machine()`), else on this host."""
     try:
-        if process.subsystem:
+        machine = await node.machine()
+        sftp = machine is not None and process.subsystem == "sftp"
+        if process.subsystem and not sftp:
             process.stderr.write(f"subsystem {process.subsystem!r} is not supported\n".encode())
             process.exit(1)
             return
-        home = node_home(node.node_dir)
+        home = node_home(node.node_dir) if machine is None else Path(machine.home)
         env = node.env(home)
         term = process.term_type
         shell = ["bash", "-i"] if term else ["bash"]
         argv = shell if process.command is None else ["bash", "-c", process.command]
-        if term:
+        cwd = home
+        if machine is not None:
+            from labctl.testbed.node_machine import PATH, sftp_server
+
+            env["PATH"] = PATH
+            argv = machine.wrap([str(sftp_server())] if sftp else argv)
+            cwd = node.node_dir  # nsenter's own directory on this host; the command starts in the node's home
+        if term and not sftp:
             env["TERM"] = term
-            status = await _run_pty(node, process, argv, home, env)
+            status = await _run_pty(node, process, argv, cwd, env)
         else:
-            status = await _run_pipes(node, process, argv, home, env)
+            status = await _run_pipes(node, process, argv, cwd, env)
         if status is None:
             return  # the client went away
         if status >= 0:
@@ -67,6 +101,7 @@ async def run_session(node: Any, process) -> None:
         log.exception("SSH session on %s failed", node.name)
         with contextlib.suppress(Exception):
             process.exit(255)
+
 
 async def _supervise(node: Any, process, proc, pumps: list[asyncio.Task]) -> int | None:
     """Wait for the command, or for the channel to close first (then kill its process group)."""
@@ -87,11 +122,11 @@ async def _supervise(node: Any, process, proc, pumps: list[asyncio.Task]) -> int
         if not waiter.done():
             waiter.cancel()
 
-async def _run_pipes(node: Any, process, argv, home, env) -> int | None:
+async def _run_pipes(node: Any, process, argv, cwd, env) -> int | None:
     import asyncssh
 
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=home, env=env, start_new_session=True,
+        *argv, cwd=cwd, env=env, start_new_session=True,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
 
@@ -145,7 +180,7 @@ async def _run_pipes(node: Any, process, argv, home, env) -> int | None:
         for t in outs:
             t.cancel()
 
-async def _run_pty(node: Any, process, argv, home, env) -> int | None:
+async def _run_pty(node: Any, process, argv, cwd, env) -> int | None:
     import asyncssh
 
     loop = asyncio.get_running_loop()
@@ -154,7 +189,7 @@ async def _run_pty(node: Any, process, argv, home, env) -> int | None:
         _set_winsize(slave, process.term_size)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-c", _PTY_CHILD, *argv,
-            cwd=home, env=env, stdin=slave, stdout=slave, stderr=slave,
+            cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
         )
     except BaseException:
         os.close(master)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labctl.testbed.node_session import node_home, run_session
+from labctl.testbed.node_session import machine_session_class, node_home, run_session
 from labctl.testbed.ssh_forwarding import FORWARD_HOSTS, forward_private, forward_tcp, private_destination
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,10 @@ class _Node:
         """Login names this node accepts: `cc` on Chameleon; the cloud's user (ubuntu, labctl) elsewhere."""
         return set(self.target.get("users") or [self.target.get("user") or USER])
 
+    async def machine(self) -> Any:
+        """The node's running machine (`node_machine.Machine`), or None when nodes are not machines here."""
+        return await self.sshd.enter_machine(self.target) if self.sshd is not None else None
+
     @property
     def user(self) -> str:
         return self.target.get("user") or USER
@@ -184,6 +188,13 @@ def _make_server_class():
                 "nodes on a network they share",
             )
 
+        def session_requested(self):
+            # Only on a machine (no process factory in the options): every session, SFTP included, is ours.
+            sshd = self.node.sshd
+            if sshd is None or sshd.machine_session is None:
+                return False
+            return sshd.machine_session(sshd.process_factory(self.node), None, 3, False)
+
         def server_requested(self, listen_host: str, listen_port: int):
             return False  # no remote (-R) forwarding
 
@@ -193,8 +204,11 @@ def _make_server_class():
 class SSHNodes:
     """Serves SSH for every emulated node of `world` that is ACTIVE with a floating IP."""
 
-    def __init__(self, world, poll_interval: float = 0.05, port: int | None = None) -> None:
+    def __init__(self, world, poll_interval: float = 0.05, port: int | None = None,
+                 machines: bool | None = None) -> None:
         self.world = world
+        # Nodes as machines (`labctl.testbed.node_machine`): None = wherever this host can, False = never.
+        self.want_machines = machines
         # Each labctl process serves the nodes on a port of its own (`port`), so that a connection is never
         # served by another process that may exit while it runs; None = the ports the world gives.
         self.port = port
@@ -203,18 +217,26 @@ class SSHNodes:
         self._listening: set[tuple[str, int]] = set()  # read from other threads
         self._retry_at: dict[tuple[str, int], tuple[float, float]] = {}  # (when, backoff) after a bind error
         self._targets: list[dict] = []  # the last poll's targets (for jump-host destinations)
+        self._machine_dirs: set[str] = set()  # node dirs whose machine this process entered
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._started = threading.Event()
         self._server_class = None
+        self.machine_session: Any = None  # the asyncssh session class of a machine (SFTP as a process)
+        self.machines: Any = None  # NodeMachines when nodes are machines here (`labctl.testbed.node_machine`)
 
     # -- public API ---------------------------------------------------------------------------------
     def start(self) -> SSHNodes:
         if self._thread is not None:
             return self
         self._server_class = _make_server_class()
+        from labctl.testbed import node_machine
+
+        if self.machines is None and self.want_machines is not False and node_machine.nodes_are_machines():
+            self.machines = node_machine.NodeMachines()
+            self.machine_session = machine_session_class()
         self._started.clear()
         self._thread = threading.Thread(target=self._run, name="labctl-sshd", daemon=True)
         self._thread.start()
@@ -294,6 +316,8 @@ class SSHNodes:
         finally:
             for key in list(self._nodes):
                 await self._close(key)
+            if self.machines is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.machines.release_all)
             # let sessions whose connections were just closed kill their commands and finish
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             if others:
@@ -316,6 +340,20 @@ class SSHNodes:
                 log.exception("evaluating the firewall of %s for %s", target.get("name"), peer)
             return False
 
+    @staticmethod
+    def process_factory(node: _Node):
+        async def serve(process) -> None:
+            await run_session(node, process)
+
+        return serve
+
+    async def enter_machine(self, target: dict) -> Any:
+        """`target`'s running machine (started on first use), or None when nodes are not machines here."""
+        if self.machines is None:
+            return None
+        self._machine_dirs.add(str(target["node_dir"]))
+        return await asyncio.get_running_loop().run_in_executor(None, self.machines.enter, target)
+
     # -- jump-host hops (`labctl.testbed.ssh_forwarding`) ----------------------------------------------
     def private_destination(self, jump: dict, dest_host: str, dest_port: int) -> tuple[dict, str] | None:
         """(target, network) of the node at `dest_host:22` on a network `jump` is on, if any."""
@@ -337,6 +375,13 @@ class SSHNodes:
             t = wanted.get(key)
             if t is None or _ident(t, key) != self._nodes[key].ident:
                 await self._close(key)
+        if self.machines is not None:
+            # A server deleted (or stopped): its machine ends once no process serves it.
+            served = {str(n.node_dir) for n in self._nodes.values()} | {str(t["node_dir"]) for t in wanted.values()}
+            gone = [d for d in self._machine_dirs if d not in served]
+            self._machine_dirs -= set(gone)
+            for d in gone:
+                await asyncio.get_running_loop().run_in_executor(None, self.machines.release, Path(d))
         now = time.monotonic()
         for key, t in wanted.items():
             node = self._nodes.get(key)
@@ -363,18 +408,19 @@ class SSHNodes:
         node_home(node.node_dir)
         server_class = self._server_class
 
-        def sftp_factory(chan):
-            return asyncssh.SFTPServer(chan, chroot=os.fsencode(node_home(node.node_dir)))
+        home_sftp = _home_sftp_server_class()
 
-        async def process_factory(process):
-            await run_session(node, process)
+        def sftp_factory(chan):
+            return home_sftp(chan, chroot=os.fsencode(node_home(node.node_dir)))
 
         options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: server_class(node),
             server_host_keys=[host_key],
-            process_factory=process_factory,
-            sftp_factory=sftp_factory,
-            allow_scp=True,
+            process_factory=None if self.machines else self.process_factory(node),
+            # A machine runs OpenSSH's own sftp-server and scp inside the node (as its user); otherwise
+            # asyncssh serves SFTP and scp, confined to the node's home directory.
+            sftp_factory=None if self.machines else sftp_factory,
+            allow_scp=not self.machines,
             encoding=None,
             line_editor=False,
             agent_forwarding=False,
@@ -407,6 +453,21 @@ class SSHNodes:
         for conn in list(node.conns):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 1)
+
+def _home_sftp_server_class():
+    import asyncssh
+
+    class HomeSFTPServer(asyncssh.SFTPServer):
+        """asyncssh's SFTP server, which ends the session by closing the channel without an exit status: OpenSSH's
+        scp (SFTP mode) then exits 1 after copying. Send status 0 first, as sshd's sftp-server does."""
+
+        def exit(self) -> None:
+            super().exit()
+            with contextlib.suppress(Exception):
+                self.channel.exit(0)
+
+    return HomeSFTPServer
+
 
 class _Listener:
     """A node's SSH listener: accepts TCP connections on `key` (SO_REUSEPORT, so several processes may serve

@@ -331,11 +331,20 @@ class World(SqliteWorld):
         with self.read() as db:
             targets = model.ssh_targets(db, now)
             port = int(db.meta("ssh_port"))
+            # Attached volumes, for nodes that are machines (a loop file each: `labctl.testbed.node_machine`).
+            volumes: dict[str, list[dict]] = {}
+            for site in {t["site"] for t in targets}:
+                for v in db.find("volume", site):
+                    for a in v.get("attachments") or []:
+                        volumes.setdefault(a["server_id"], []).append({
+                            "id": v["id"], "device": a["device"], "size_gb": v.get("size") or 1,
+                            "file": self.state_dir / "volumes" / f"{v['id']}.img"})
         internal = internal_addresses((t["server_id"] for t in targets), "127.11")
         for t in targets:
             t["internal_address"] = internal[t["server_id"]]
             t["port"] = port
             t["node_dir"] = self.state_dir / "nodes" / t["server_id"]
+            t["volumes"] = volumes.get(t["server_id"], [])
         return targets
 
     def ingress_allowed(self, target: dict[str, Any], port: int, peer) -> bool:
