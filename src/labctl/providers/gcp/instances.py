@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +13,7 @@ from labctl import hardware
 from labctl.errors import CloudError, Conflict, NoCapacity, QuotaExceeded, UserError
 from labctl.providers.base import Found
 from labctl.providers.gcp import session as gs
-from labctl.providers.gcp.session import HANDLERS, Session, log
+from labctl.providers.gcp.session import HANDLERS, Session, bound, log
 from labctl.providers.kit import Handler, first_with_capacity
 
 if TYPE_CHECKING:
@@ -363,27 +363,13 @@ def _insert_instance(s: Session, res: Resource, plan: Plan, candidate: str, zone
 def _adopt_instance(s: Session, plan: Plan, zone: str, name: str) -> Found:
     """The instance that holds the name (made by a lost answer's insert or a concurrent run), if labctl's."""
     existing = s.get_instance(zone, name)
-    if existing is None or not gs.owned_by(existing, plan.deployment):
+    if existing is None or not gs.mine(plan)(existing):
         raise CloudError(f"{s.site.name}: an instance named {name} already exists in {zone} and "
                          "is not labctl's") from None
     return server_found(existing, s.site_network)
 
 
-# -- delete and extend ---------------------------------------------------------------------------
-def delete_servers(s: Session, found: Sequence[Found], plan: Plan | None = None) -> None:
-    refs = []
-    for f in found:
-        try:
-            zone, name = instance_ref(f)
-        except CloudError:  # a record without its zone: look the name up in every zone
-            listed = s.aggregated("find instance", s.instances, "instances", f'name = "{gs.gce_name(f.name)}"')
-            if not listed:
-                continue
-            zone, name = gs.last(listed[0].zone), listed[0].name
-        refs.append(({"zone": zone}, name))
-    s.delete_all("instance", s.instances, "instance", refs)
-
-
+# -- extend ---------------------------------------------------------------------------
 def extend(s: Session, found: Found, hours: float) -> Found:
     """Move the instance's end (scheduling.terminationTime) by `hours` with instances.setScheduling, which
     Compute Engine accepts only on a stopped (TERMINATED) instance: on a running one its refusal becomes a
@@ -413,15 +399,8 @@ def extend(s: Session, found: Found, hours: float) -> Found:
 @HANDLERS.handler("server")
 class Servers(Handler):
     noun = "instance"
-
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        return find_server(self.ctx, res, plan)
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        return create_server(self.ctx, res, plan, deps, candidate)
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        delete_servers(self.ctx, found, plan)
+    find, create = bound(find_server), bound(create_server)
+    delete = bound(lambda s, found, plan: gs.delete_kind(s, "server", found))
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
         """From one list of every labctl instance of the site per poll round, shared by all polling threads

@@ -82,7 +82,9 @@ class GcpProvider(Session):
             self._waiting.since = -1e18
 
     def list_owned(self, plan: Plan) -> list[Found]:
-        return resources.owned(self, plan.deployment)
+        """Everything of the deployment (instances, disks and addresses by their labels, the others by the marks
+        in their descriptions), and the attachments its instances show."""
+        return [f for f, _ in self.marked_founds(plan.deployment)]
 
     def extend(self, found: Found, hours: float, plan: Plan) -> Found:
         if found.kind != "server":
@@ -90,16 +92,25 @@ class GcpProvider(Session):
         return instances.extend(self, found, hours)
 
     def inventory(self) -> list[Found]:
-        """Everything in the project and the site's region that labctl marked, of any deployment: instances,
-        disks and addresses by their labels, firewalls, networks and subnetworks by the marks in their
-        descriptions (they have no labels). An object without them is never listed, whatever its name."""
-        marked = [(instances.server_found(i, self.site_network), i) for i in self.aggregated(
-            "list instances", self.instances, "instances", gs.label_filter(None), region_only=True)]
-        for kind in ("secgroup", "floating_ip", "network", "subnet", "volume"):
-            marked += [(resources.COLLECTIONS[kind].found(o, o.name), o) for o in resources.listed(self, kind)]
-        for found, obj in marked:
+        """Everything in the project and the site's region that labctl marked, of any deployment (see
+        `session.marked`): an object without labctl's marks is never listed, whatever its name."""
+        found = [(f, obj) for f, obj in self.marked_founds(None) if obj is not None]  # (not attachments)
+        for f, obj in found:
             labels = getattr(obj, "labels", None) or {}
-            found.attrs.update(deployment=resources.deployment_of(obj), created=instances.iso_utc(
-                obj.creation_timestamp), owner=labels.get(gs.OWNER_LABEL) or gs.described(
-                obj.description, naming.TAG_OWNER))
-        return [found for found, _ in marked]
+            f.attrs.update(deployment=gs.deployment_of(obj), created=instances.iso_utc(obj.creation_timestamp),
+                           owner=labels.get(gs.OWNER_LABEL) or gs.described(obj.description, naming.TAG_OWNER))
+        return [f for f, _ in found]
+
+    def marked_founds(self, deployment: str | None) -> list[tuple[Found, Any]]:
+        """(Found, object) of everything labctl marked (of one deployment, or of all), attachments as their
+        instances show them (object None). A deployment's instances: one list of the site's zone(s), as `wait`."""
+        listed = (self.list_instances(deployment) if deployment else
+                  self.aggregated("list instances", self.instances, "instances", gs.label_filter(None), True))
+        out = [(instances.server_found(i, self.site_network), i) for i in listed]
+        for kind in ("secgroup", "floating_ip", "network", "subnet", "volume"):
+            out += [(resources.FOUND[kind](o, o.name), o) for o in gs.marked(self, kind, deployment)]
+        disks = {f.cloud_id for f, _ in out if f.kind == "volume"}
+        return out + [(resources.attachment_found(f"{gs.last(d.source)}-attachment", gs.last(i.zone), i.name, disk,
+                                                  d.device_name), None)
+                      for i in listed for d in i.disks if not d.boot
+                      and (disk := gs.rel(d.source).split("/", 2)[-1]) in disks]

@@ -1,42 +1,39 @@
-"""Every kind but servers: one table of the Compute Engine collections labctl uses (client, scope, how labctl
-marks what it made, the `Found` it makes), the generic look-up / listing / delete over it, and the handlers:
-networks and subnetworks (generic), firewalls (secgroup), static addresses (floating_ip), persistent disks
-(volume) and their attachments; key pairs and routers, which Compute Engine does not have."""
+"""One table of the Compute Engine collections labctl uses (client, scope, how labctl marks its objects, their
+`Found`), the look-up, listing and delete over it, and every kind's handler but the server's: networks and
+subnetworks (generic), firewalls (secgroup), static addresses (floating_ip), persistent disks (volume) and their
+attachments; key pairs and routers, which Compute Engine does not have."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from labctl.errors import CloudError, Conflict
 from labctl.providers.base import Found
 from labctl.providers.gcp import session as gs
-from labctl.providers.gcp.instances import NAT_NAME, find_server, instance_ref, server_found
-from labctl.providers.gcp.session import HANDLERS, Session, log
+from labctl.providers.gcp.instances import NAT_NAME, find_server, instance_ref
+from labctl.providers.gcp.session import (
+    COLLECTIONS,
+    HANDLERS,
+    Session,
+    bound,
+    delete_kind,
+    log,
+    marked,
+    mine,
+    named,
+    where,
+)
 from labctl.providers.kit import Handler
 
 if TYPE_CHECKING:
-    from labctl.plan import Plan, Resource, SecgroupSpec, SubnetSpec, VolumeSpec
+    from labctl.plan import Plan, Resource, SecgroupSpec, SubnetSpec, VolumeAttachmentSpec, VolumeSpec
 
 KEEP_LABEL = "labctl-keep"  # a disk's label: "true" when `down` keeps it (Chameleon's `labctl:keep` metadata)
 VOLUME_LABEL = "labctl-volume"  # a disk's label: the profile's name for the volume
-DISK_TYPE = "pd-balanced"
 MIN_DISK_GB = 10  # persistent disks cannot be smaller
-DEVICE_PREFIX = "/dev/disk/by-id/google-"
-
-
-def network_found(net: Any, name: str) -> Found:
-    return Found("network", f"global/networks/{net.name}", name,
-                 attrs={"network": net.name, "auto_subnetworks": net.auto_create_subnetworks})
-
-
-def subnet_found(sub: Any, name: str) -> Found:
-    return Found("subnet", f"regions/{gs.last(sub.region)}/subnetworks/{sub.name}", name, attrs={
-        "network": gs.last(sub.network), "region": gs.last(sub.region), "cidr": sub.ip_cidr_range,
-        "gateway_ip": sub.gateway_address})
 
 
 def volume_found(disk: Any, _name: str = "") -> Found:
@@ -50,125 +47,65 @@ def volume_found(disk: Any, _name: str = "") -> Found:
                         **({"key": f"volume:{vol}"} if vol else {})})
 
 
-def address_found(addr: Any, _name: str = "") -> Found:
-    return Found("floating_ip", f"regions/{gs.last(addr.region)}/addresses/{addr.name}", addr.name, attrs={
-        "floating_ip": addr.address, "node": addr.labels.get(gs.NODE_LABEL)})
-
-
-def firewall_found(fw: Any, _name: str = "") -> Found:
-    return Found("secgroup", f"global/firewalls/{fw.name}", fw.name, attrs={"firewalls": [fw.name]})
-
-
-@dataclass(frozen=True)
-class Collection:
-    """A Compute Engine collection: its client (a Session attribute), request field, scope, whether labctl marks
-    its objects with labels (else in the description: firewalls, networks, subnetworks have no labels), and the
-    `Found` of one of its objects."""
-
-    noun: str
-    client: str
-    key: str
-    scope: str  # "global" | "region" | "zone"
-    labelled: bool
-    found: Callable[[Any, str], Found]
-
-
-COLLECTIONS = {
-    "network": Collection("network", "networks", "network", "global", False, network_found),
-    "subnet": Collection("subnetwork", "subnetworks", "subnetwork", "region", False, subnet_found),
-    "secgroup": Collection("firewall", "firewalls", "firewall", "global", False, firewall_found),
-    "floating_ip": Collection("address", "addresses", "address", "region", True, address_found),
-    "volume": Collection("disk", "disks", "disk", "zone", True, volume_found),
+#: The `Found` of an object of each kind (given the plan's name for it; servers: `instances.server_found`).
+FOUND: dict[str, Callable[[Any, str], Found]] = {
+    "volume": volume_found,
+    "floating_ip": lambda a, name: Found(
+        "floating_ip", f"regions/{gs.last(a.region)}/addresses/{a.name}", name or a.name,
+        status="ready" if a.status == "IN_USE" else "incomplete",
+        attrs={"floating_ip": a.address, "node": a.labels.get(gs.NODE_LABEL), "users": [gs.rel(u) for u in a.users]}),
+    "secgroup": lambda fw, _n: Found("secgroup", f"global/firewalls/{fw.name}", fw.name,
+                                     attrs={"firewalls": [fw.name]}),
+    "network": lambda n, name: Found("network", f"global/networks/{n.name}", name or n.name,
+                                     attrs={"network": n.name, "auto_subnetworks": n.auto_create_subnetworks}),
+    "subnet": lambda sub, name: Found(
+        "subnet", f"regions/{gs.last(sub.region)}/subnetworks/{sub.name}", name or sub.name, attrs={
+            "network": gs.last(sub.network), "region": gs.last(sub.region), "cidr": sub.ip_cidr_range,
+            "gateway_ip": sub.gateway_address}),
 }
 
 
-def deployment_of(obj: Any) -> str | None:
-    """The labctl deployment an object is marked with (its label, or the mark in its description), or None."""
-    labels = getattr(obj, "labels", None)
-    return (labels.get(gs.DEPLOYMENT_LABEL) if labels else None) or gs.described(getattr(obj, "description", ""))
-
-
-def mine(plan: Plan) -> Callable[[Any], bool]:
-    """Whether an object is marked with this deployment (labels carry it as a label value: sanitised)."""
-    return lambda obj: deployment_of(obj) in (plan.deployment, gs.label_value(plan.deployment))
-
-
-def listed(s: Session, kind: str, deployment: str | None = None) -> list[Any]:
-    """The objects of a collection in the site's project and region marked by labctl (this deployment's, or any
-    deployment's if None): labelled ones by a list filter, the others by their description. Never an unmarked
-    object, whatever its name."""
+def described_kind(kind: str, body: Callable[[Session, Resource, Plan, Mapping[str, Found]], Any]) -> None:
+    """Register a network-like kind: found by name and the deployment's mark, inserted (adopted after a lost
+    answer or a concurrent run), deleted until gone."""
     c = COLLECTIONS[kind]
-    client = getattr(s, c.client)
-    if c.scope == "zone":
-        items = s.aggregated(f"list {c.noun}s", client, f"{c.noun}s", gs.label_filter(deployment), region_only=True)
-        return [d for d in items if d.status != "DELETING"]
-    where = {"region": s.region} if c.scope == "region" else {}
-    if c.labelled:
-        return s.listing(f"list {c.noun}s", client, filter=gs.label_filter(deployment), **where)
-    return [o for o in s.listing(f"list {c.noun}s", client, **where) if (dep := deployment_of(o)) is not None
-            and deployment in (None, dep)]
 
+    def find(s: Session, res: Resource, plan: Plan) -> Found | None:
+        return next((FOUND[kind](o, res.name) for o in named(s, kind, res.name, plan)), None)
 
-def refs(s: Session, kind: str, found: Sequence[Found]) -> list[tuple[dict[str, str], str]]:
-    """(scope, name) of each: from its cloud id, else by its name in the site's region (or global)."""
-    scope = {"region": {"region": s.region}, "global": {}}.get(COLLECTIONS[kind].scope, {})
-    return [gs.ref(f.cloud_id) or (scope, gs.gce_name(f.name)) for f in found]
-
-
-def delete_kind(s: Session, kind: str, found: Sequence[Found]) -> None:
-    c = COLLECTIONS[kind]
-    s.delete_all(c.noun, getattr(s, c.client), c.key, refs(s, kind, found))
-
-
-class Described(Handler):
-    """A network or subnetwork: found by name and the deployment's mark in its description, inserted (adopted
-    after a lost answer or a concurrent run), deleted until gone."""
-
-    def body(self, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> Any:
-        raise NotImplementedError
-
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        s, c = self.ctx, COLLECTIONS[self.kind]
-        where = {"region": s.region} if c.scope == "region" else {}
-        obj = s.get(f"get {c.noun} {gs.gce_name(res.name)}", getattr(s, c.client), **where,
-                    **{c.key: gs.gce_name(res.name)})
-        return c.found(obj, res.name) if obj is not None and mine(plan)(obj) else None
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        if (existing := self.find(res, plan)) is not None:
+    def create(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+        if (existing := find(s, res, plan)) is not None:
             return existing
-        s, c = self.ctx, COLLECTIONS[self.kind]
-        where = {"region": s.region} if c.scope == "region" else {}
         obj = s.insert(f"create {c.noun} {gs.gce_name(res.name)}", getattr(s, c.client), c.key,
-                       self.body(res, plan, deps), mine(plan), **where)
-        return c.found(obj, res.name)
+                       body(s, res, plan, deps), mine(plan), **where(s, kind))
+        return FOUND[kind](obj, res.name)
 
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        s, c = self.ctx, COLLECTIONS[self.kind]
-        s.delete_all(c.noun, getattr(s, c.client), c.key, [  # never the site's own network
-            r for r in refs(s, self.kind, found) if not (self.kind == "network" and r[1] == s.site_network)])
+    HANDLERS.register(kind, find=find, create=create, delete=lambda s, found, plan: delete_kind(s, kind, found))
 
 
-@HANDLERS.handler("network")
-class Networks(Described):
-    def body(self, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> Any:
-        from google.cloud import compute_v1
+def _network(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> Any:
+    from google.cloud import compute_v1
 
-        return compute_v1.Network(name=gs.gce_name(res.name), auto_create_subnetworks=False,
-                                  description=gs.description(plan),
-                                  routing_config=compute_v1.NetworkRoutingConfig(routing_mode="REGIONAL"))
+    return compute_v1.Network(name=gs.gce_name(res.name), auto_create_subnetworks=False,
+                              description=gs.description(plan),
+                              routing_config=compute_v1.NetworkRoutingConfig(routing_mode="REGIONAL"))
 
 
-@HANDLERS.handler("subnet")
-class Subnets(Described):
-    def body(self, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> Any:
-        from google.cloud import compute_v1
+def _subnet(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> Any:
+    from google.cloud import compute_v1
 
-        spec: SubnetSpec = res.spec  # type: ignore[assignment]
-        net = deps[spec["network"]]
-        return compute_v1.Subnetwork(name=gs.gce_name(res.name), description=gs.description(plan),
-                                     ip_cidr_range=spec["cidr"],
-                                     network=f"global/networks/{net.attrs.get('network') or gs.last(net.cloud_id)}")
+    spec: SubnetSpec = res.spec  # type: ignore[assignment]
+    net = network(deps[spec["network"]])
+    return compute_v1.Subnetwork(name=gs.gce_name(res.name), description=gs.description(plan),
+                                 ip_cidr_range=spec["cidr"], network=f"global/networks/{net}")
+
+
+def network(found: Found) -> str:
+    return found.attrs.get("network") or gs.last(found.cloud_id)
+
+
+described_kind("network", _network)
+described_kind("subnet", _subnet)
 
 
 # -- key pairs and routers: nothing on the cloud side ------------------------------------------------
@@ -183,12 +120,8 @@ def _router(s: Session, res: Resource, plan: Plan, *_: Any) -> Found:
                 "external address for outbound traffic"})
 
 
-def _nothing(s: Session, found: Sequence[Found], plan: Plan) -> None:
-    """Nothing on the cloud side to delete."""
-
-
-HANDLERS.register("keypair", find=_keypair, create=_keypair, delete=_nothing)
-HANDLERS.register("router", find=_router, create=_router, delete=_nothing)
+HANDLERS.register("keypair", find=_keypair, create=_keypair, delete=lambda *_: None)
+HANDLERS.register("router", find=_router, create=_router, delete=lambda *_: None)
 
 
 # -- firewalls (secgroup) -----------------------------------------------------------------------------
@@ -199,11 +132,10 @@ def _firewall_specs(s: Session, res: Resource, plan: Plan,
     to the deployment's own (private) network, else the site's."""
     spec: SecgroupSpec = res.spec  # type: ignore[assignment]
     nets = spec.get("networks") or []
-    network = s.site_network
+    net = s.site_network
     if nets:
         key = nets[0]["network"]
-        network = (deps[key].attrs.get("network") or gs.last(deps[key].cloud_id) if deps and key in deps
-                   else gs.gce_name(plan.get(key).name))
+        net = network(deps[key]) if deps and key in deps else gs.gce_name(plan.get(key).name)
     groups: dict[str, dict[str, list[str]]] = {}
     for rule in spec["rules"]:
         ports = groups.setdefault(rule["cidr"], {}).setdefault(rule["protocol"], [])
@@ -211,13 +143,11 @@ def _firewall_specs(s: Session, res: Resource, plan: Plan,
             ports.append(str(rule["port"]))
     base = gs.gce_name(plan.deployment)
     specs = {(base if i == 0 else gs.gce_name(f"{base}-{hashlib.sha1(cidr.encode()).hexdigest()[:6]}")):
-             {"allowed": allowed, "ranges": [cidr], "network": network}
-             for i, (cidr, allowed) in enumerate(groups.items())}
-    for net in nets:
-        if net.get("open"):
-            digest = hashlib.sha1(f"open:{net['network']}".encode()).hexdigest()[:6]
-            specs[gs.gce_name(f"{base}-{digest}")] = {"allowed": {"all": []}, "ranges": [net["cidr"]],
-                                                      "network": network}
+             {"allowed": allowed, "ranges": [cidr], "network": net} for i, (cidr, allowed) in enumerate(groups.items())}
+    for n in nets:
+        if n.get("open"):
+            digest = hashlib.sha1(f"open:{n['network']}".encode()).hexdigest()[:6]
+            specs[gs.gce_name(f"{base}-{digest}")] = {"allowed": {"all": []}, "ranges": [n["cidr"]], "network": net}
     return specs
 
 
@@ -229,7 +159,7 @@ def _firewall_matches(fw: Any, spec: Mapping[str, Any]) -> bool:
 
 
 def find_secgroup(s: Session, res: Resource, plan: Plan) -> Found | None:
-    have = {fw.name: fw for fw in listed(s, "secgroup", plan.deployment)}
+    have = {fw.name: fw for fw in marked(s, "secgroup", plan.deployment)}
     if not have:
         return None
     if "rules" not in res.spec:  # a teardown lookup from state records: every firewall of the deployment
@@ -245,7 +175,7 @@ def create_secgroup(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Fo
     from google.cloud import compute_v1
 
     want = _firewall_specs(s, res, plan, deps)
-    have = {fw.name: fw for fw in listed(s, "secgroup", plan.deployment)}
+    have = {fw.name: fw for fw in marked(s, "secgroup", plan.deployment)}
     ops = []
     for name, spec in want.items():
         body = compute_v1.Firewall(
@@ -274,7 +204,7 @@ def create_secgroup(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Fo
 
 def delete_secgroups(s: Session, found: Sequence[Found], plan: Plan) -> None:
     names = {gs.last(f.cloud_id) for f in found} | {n for f in found for n in f.attrs.get("firewalls") or []}
-    s.delete_all("firewall", s.firewalls, "firewall", [({}, n) for n in sorted(names)])
+    delete_kind(s, "secgroup", [Found("secgroup", f"global/firewalls/{n}", n) for n in sorted(names)])
 
 
 HANDLERS.register("secgroup", find=find_secgroup, create=create_secgroup, delete=delete_secgroups)
@@ -282,23 +212,14 @@ HANDLERS.register("secgroup", find=find_secgroup, create=create_secgroup, delete
 
 # -- static addresses (floating_ip) -------------------------------------------------------------------
 def find_floating_ip(s: Session, res: Resource, plan: Plan) -> Found | None:
-    addr = s.get("get address", s.addresses, region=s.region, address=gs.gce_name(res.name))
-    if addr is None:
-        return None
-    return Found("floating_ip", f"regions/{s.region}/addresses/{addr.name}", res.name,
-                 status="ready" if addr.status == "IN_USE" else "incomplete",
-                 attrs={"floating_ip": addr.address, "node": res.spec.get("node"),
-                        "users": [gs.rel(u) for u in addr.users]})
-
-
-def _access(s: Session, zone: str, iname: str, ip: str | None = None) -> list[tuple[Any, Any]]:
-    """(interface, access config) pairs of an instance that carry an external address (this one if given)."""
-    inst = s.get_instance(zone, iname)
-    return [(nic, ac) for nic in (inst.network_interfaces if inst is not None else []) for ac in nic.access_configs
-            if ac.nat_i_p and ip in (None, ac.nat_i_p)]
+    found = next((FOUND["floating_ip"](a, res.name) for a in named(s, "floating_ip", res.name, plan)), None)
+    if found is not None:
+        found.attrs["node"] = res.spec.get("node")
+    return found
 
 
 def create_floating_ip(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    """Promote the instance's ephemeral address to a static one (same IP), or put a reserved one on it."""
     from google.cloud import compute_v1
 
     node, name = res.spec["node"], gs.gce_name(res.name)
@@ -311,7 +232,7 @@ def create_floating_ip(s: Session, res: Resource, plan: Plan, deps: Mapping[str,
         body = compute_v1.Address(name=name, description=gs.description(plan, node), labels=gs.labels(plan, node),
                                   address_type="EXTERNAL", network_tier="PREMIUM")
         if current is not None:
-            body.address = current.nat_i_p  # promote the ephemeral address: same IP, now static
+            body.address = current.nat_i_p
         with contextlib.suppress(Conflict):  # a concurrent run of this deployment reserved it first (its name)
             s.run(f"reserve address for {node}", s.addresses, "insert_unary", region=s.region, address_resource=body)
         addr = s.get("get address", s.addresses, missing_ok=False, region=s.region, address=name)
@@ -319,44 +240,38 @@ def create_floating_ip(s: Session, res: Resource, plan: Plan, deps: Mapping[str,
         if addr.status != "RESERVED":
             raise CloudError(f"{s.site.name}: address {name} ({addr.address}) is in use by "
                              f"{', '.join(gs.rel(u) for u in addr.users)}")
-        where = {"zone": zone, "instance": iname, "network_interface": nic.name}
+        where_ = {"zone": zone, "instance": iname, "network_interface": nic.name}
         if current is not None:
             s.run(f"detach ephemeral address of {node}", s.instances, "delete_access_config_unary",
-                  access_config=current.name, **where)
+                  access_config=current.name, **where_)
         access = compute_v1.AccessConfig(name=NAT_NAME, type_="ONE_TO_ONE_NAT", nat_i_p=addr.address,
                                          network_tier="PREMIUM")
         s.run(f"attach address to {node}", s.instances, "add_access_config_unary", access_config_resource=access,
-              **where)
+              **where_)
     return Found("floating_ip", f"regions/{s.region}/addresses/{name}", res.name,
                  attrs={"floating_ip": addr.address, "node": node, "zone": zone})
 
 
 def delete_floating_ips(s: Session, found: Sequence[Found], plan: Plan) -> None:
-    for scope, name in refs(s, "floating_ip", found):
-        addr = s.get(f"get address {name}", s.addresses, **scope, address=name)
-        for user in addr.users if addr is not None else []:  # an address in use cannot be released: detach it
-            if (r := gs.ref(user)) and "zone" in r[0]:
-                for nic, ac in _access(s, r[0]["zone"], r[1], addr.address):
-                    s.run(f"detach address from {r[1]}", s.instances, "delete_access_config_unary", missing_ok=True,
-                          zone=r[0]["zone"], instance=r[1], access_config=ac.name, network_interface=nic.name)
-    delete_kind(s, "floating_ip", found)
+    def release(zone: str, iname: str, addr: Any) -> None:  # take the address off the instance that has it
+        inst = s.get_instance(zone, iname)
+        for nic in inst.network_interfaces if inst is not None else []:
+            for ac in nic.access_configs:
+                if ac.nat_i_p == addr.address:
+                    s.run(f"detach address from {iname}", s.instances, "delete_access_config_unary",
+                          missing_ok=True, zone=zone, instance=iname, access_config=ac.name, network_interface=nic.name)
+
+    delete_kind(s, "floating_ip", found, release)
 
 
 HANDLERS.register("floating_ip", find=find_floating_ip, create=create_floating_ip, delete=delete_floating_ips)
 
 
 # -- persistent disks (volume) and attachments --------------------------------------------------------
-def find_volume(s: Session, res: Resource, plan: Plan) -> Found | None:
-    disks = [d for d in s.list_disks(f'name = "{gs.gce_name(res.name)}"')
-             if gs.owned_by(d, plan.deployment) and d.status != "DELETING"]
-    disks.sort(key=lambda d: {"READY": 0, "CREATING": 1}.get(d.status, 2))  # a healthy one first
-    return volume_found(disks[0]) if disks else None
-
-
 def attachment_found(name: str, zone: str, instance: str, disk: str, device: str) -> Found:
     return Found("volume_attachment", f"zones/{zone}/instances/{instance}/devices/{device}", name, attrs={
         "volume_id": disk, "server_id": f"zones/{zone}/instances/{instance}", "zone": zone, "device": device,
-        "device_paths": [f"{DEVICE_PREFIX}{device}"]})
+        "device_paths": [f"/dev/disk/by-id/google-{device}"]})
 
 
 def device_of(inst: Any, disk: str) -> str | None:
@@ -364,7 +279,12 @@ def device_of(inst: Any, disk: str) -> str | None:
     return next((d.device_name for d in inst.disks if not d.boot and gs.rel(d.source).endswith(disk)), None)
 
 
+def find_volume(s: Session, res: Resource, plan: Plan) -> Found | None:
+    return next((volume_found(d) for d in named(s, "volume", res.name, plan)), None)
+
+
 def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
+    """A pd-balanced disk in its server's zone (pending until READY: `wait` polls it), or the kept one."""
     from google.cloud import compute_v1
 
     spec: VolumeSpec = res.spec  # type: ignore[assignment]
@@ -380,7 +300,7 @@ def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Foun
     if size != int(spec["size_gb"]):
         log.info("%s: volume %s is %d GB (Compute Engine's smallest persistent disk), not %s", s.site.name,
                  spec["volume"], size, spec["size_gb"])
-    body = compute_v1.Disk(name=name, size_gb=size, type_=f"zones/{zone}/diskTypes/{DISK_TYPE}",
+    body = compute_v1.Disk(name=name, size_gb=size, type_=f"zones/{zone}/diskTypes/pd-balanced",
                            description=gs.description(plan, spec["node"]),
                            labels=gs.labels(plan, spec["node"], **{KEEP_LABEL: "true" if spec.get("keep") else "false",
                                                                    VOLUME_LABEL: gs.label_value(spec["volume"])}))
@@ -388,14 +308,15 @@ def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Foun
 
 
 def find_volume_attachment(s: Session, res: Resource, plan: Plan) -> Found | None:
-    if "volume" not in res.spec or "server" not in res.spec:
+    spec: VolumeAttachmentSpec = res.spec  # type: ignore[assignment]
+    if "volume" not in spec or "server" not in spec:
         return None  # a teardown lookup: attachments are found through list_owned
-    vol = find_volume(s, plan.get(res.spec["volume"]), plan)
-    server = find_server(s, plan.get(res.spec["server"]), plan)
+    vol = find_volume(s, plan.get(spec["volume"]), plan)
+    server = find_server(s, plan.get(spec["server"]), plan)
     if vol is None or server is None:
         return None
     zone, iname = instance_ref(server)
-    if not any(u.endswith(f"zones/{zone}/instances/{iname}") for u in vol.attrs.get("users", [])):
+    if not any(u.endswith(f"zones/{zone}/instances/{iname}") for u in vol.attrs["users"]):
         return None
     inst = s.get_instance(zone, iname)
     device = device_of(inst, vol.cloud_id) if inst is not None else None
@@ -417,7 +338,7 @@ def create_volume_attachment(s: Session, res: Resource, plan: Plan, deps: Mappin
         if (r := gs.ref(user)) and (r[0].get("zone"), r[1]) != (zone, iname):
             log.info("%s: detaching volume %s from %s first", s.site.name, disk_name, r[1])
             detach(s, r[0]["zone"], r[1], disk=vol.cloud_id)
-    # autoDelete false: the disk outlives the instance (Compute Engine deletes it at the lab's end, or `down`)
+    # autoDelete false: the disk outlives the instance (Compute Engine deletes that at the lab's end, or `down`)
     body = compute_v1.AttachedDisk(source=f"zones/{disk_zone}/disks/{disk_name}", device_name=disk_name,
                                    mode="READ_WRITE", auto_delete=False, boot=False, type_="PERSISTENT")
     s.run(f"attach volume {disk_name} to {iname}", s.instances, "attach_disk_unary", zone=zone, instance=iname,
@@ -437,39 +358,21 @@ def detach(s: Session, zone: str, iname: str, *, disk: str | None = None, device
 
 def delete_attachments(s: Session, found: Sequence[Found], plan: Plan) -> None:
     for f in found:
-        zone_instance, _, device = f.cloud_id.partition("/devices/")
-        if not device or not (r := gs.ref(zone_instance)):
+        server, _, device = f.cloud_id.partition("/devices/")
+        if not device or not (r := gs.ref(server)):
             raise CloudError(f"cannot tell the instance of volume attachment {f.name} ({f.cloud_id})")
         detach(s, r[0]["zone"], r[1], device=device)
 
 
 def delete_volumes(s: Session, found: Sequence[Found], plan: Plan) -> None:
-    targets = []
-    for f in found:
-        try:
-            targets.append(instance_ref(f))
-        except CloudError:  # a record without its zone: look the name up in every zone
-            targets += [(gs.last(d.zone), d.name) for d in s.list_disks(f'name = "{gs.gce_name(f.name)}"')]
-    for zone, name in targets:
-        disk = s.get(f"get disk {name}", s.disks, zone=zone, disk=name)
-        for user in disk.users if disk is not None else []:  # a disk in use cannot be deleted: detach it first
-            if (r := gs.ref(user)) and "zone" in r[0]:
-                detach(s, r[0]["zone"], r[1], disk=f"zones/{zone}/disks/{name}")
-    s.delete_all("disk", s.disks, "disk", [({"zone": z}, n) for z, n in targets])
+    delete_kind(s, "volume", found, lambda zone, iname, disk: detach(
+        s, zone, iname, disk=f"zones/{gs.last(disk.zone)}/disks/{disk.name}"))
 
 
 @HANDLERS.handler("volume")
 class Volumes(Handler):
     noun = "disk"
-
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        return find_volume(self.ctx, res, plan)
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        return create_volume(self.ctx, res, plan, deps, candidate)  # pending until READY: `wait` polls it
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        delete_volumes(self.ctx, found, plan)
+    find, create, delete = bound(find_volume), bound(create_volume), bound(delete_volumes)
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
         zone, name = instance_ref(found)  # CREATING until READY (a few per deployment: one get each)
@@ -482,16 +385,3 @@ class Volumes(Handler):
 
 HANDLERS.register("volume_attachment", find=find_volume_attachment, create=create_volume_attachment,
                   delete=delete_attachments)
-
-
-def owned(s: Session, deployment: str) -> list[Found]:
-    """Everything of the deployment: instances, firewalls, addresses and disks by label; networks and
-    subnetworks (no labels) by description; attachments as the deployment's instances show them."""
-    instances = s.list_instances(deployment)
-    out = [server_found(i, s.site_network) for i in instances]
-    for kind in ("secgroup", "floating_ip", "network", "subnet", "volume"):
-        out += [COLLECTIONS[kind].found(o, o.name) for o in listed(s, kind, deployment)]
-    disks = {f.cloud_id for f in out if f.kind == "volume"}
-    out += [attachment_found(f"{gs.last(d.source)}-attachment", gs.last(i.zone), i.name, disk, d.device_name)
-            for i in instances for d in i.disks if not d.boot and (disk := gs.rel(d.source).split("/", 2)[-1]) in disks]
-    return out

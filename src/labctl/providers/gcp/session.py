@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from labctl import naming
@@ -30,6 +31,7 @@ from labctl.redact import clean
 
 if TYPE_CHECKING:
     from labctl.plan import Plan
+    from labctl.providers.base import Found
     from labctl.sites import Site
 
 T = TypeVar("T")
@@ -190,11 +192,6 @@ def label_filter(deployment: str | None, node: str | None = None) -> str:
     return f'({first}) AND (labels.{NODE_LABEL} = "{label_value(node)}")' if node is not None else first
 
 
-def owned_by(obj: Any, deployment: str) -> bool:
-    """Whether a labelled object (instance, disk, address) carries this deployment's label."""
-    return obj.labels.get(DEPLOYMENT_LABEL) == label_value(deployment)
-
-
 def description(plan: Plan, node: str | None = None) -> str:
     """labctl's marks in a description (firewalls, networks and subnetworks have no labels)."""
     owner = plan.tags.get(naming.TAG_OWNER) or plan.owner
@@ -228,6 +225,11 @@ def ref(link: str | None) -> tuple[dict[str, str], str] | None:
 
 def has(plan: Plan, key: str) -> bool:
     return any(r.key == key for r in plan.resources)
+
+
+def bound(fn: Callable[..., T]) -> Callable[..., T]:
+    """A handler method that calls `fn(handler.ctx, ...)` (the session)."""
+    return lambda handler, *args: fn(handler.ctx, *args)
 
 
 # -- the session ---------------------------------------------------------------------------------
@@ -434,3 +436,92 @@ class Session:
     def wait_started(self) -> float:
         """When this thread's current `wait` began (a shared list must be newer than that)."""
         return getattr(self._waiting, "since", -1e18)
+
+
+# -- the collections labctl uses, and what is done the same way on each -------------------------------
+@dataclass(frozen=True)
+class Collection:
+    """A Compute Engine collection: its client (a Session attribute), request field, scope, and whether labctl
+    marks its objects with labels (else in the description: firewalls, networks, subnetworks have no labels)."""
+
+    noun: str
+    client: str
+    key: str
+    scope: str  # "global" | "region" | "zone"
+    labelled: bool
+
+
+COLLECTIONS = {
+    "server": Collection("instance", "instances", "instance", "zone", True),
+    "volume": Collection("disk", "disks", "disk", "zone", True),
+    "floating_ip": Collection("address", "addresses", "address", "region", True),
+    "secgroup": Collection("firewall", "firewalls", "firewall", "global", False),
+    "network": Collection("network", "networks", "network", "global", False),
+    "subnet": Collection("subnetwork", "subnetworks", "subnetwork", "region", False),
+}
+
+
+def where(s: Session, kind: str) -> dict[str, str]:
+    return {"region": s.region} if COLLECTIONS[kind].scope == "region" else {}
+
+
+def deployment_of(obj: Any) -> str | None:
+    """The labctl deployment an object is marked with (its label, or for kinds without labels the mark in its
+    description), or None."""
+    labels = getattr(obj, "labels", None)  # (proto-plus: AttributeError for a field the kind does not have)
+    return labels.get(DEPLOYMENT_LABEL) if labels is not None else described(obj.description)
+
+
+def mine(plan: Plan) -> Callable[[Any], bool]:
+    """Whether an object is marked with this deployment (labels carry it as a label value: sanitised)."""
+    return lambda obj: deployment_of(obj) in (plan.deployment, label_value(plan.deployment))
+
+
+def marked(s: Session, kind: str, deployment: str | None = None) -> list[Any]:
+    """The objects of a collection in the site's project and region marked by labctl (this deployment's, or any
+    deployment's if None): labelled ones by a list filter, the others by their description. Never an unmarked
+    object, whatever its name."""
+    c = COLLECTIONS[kind]
+    client, flt = getattr(s, c.client), label_filter(deployment)
+    if c.scope == "zone":
+        return [o for o in s.aggregated(f"list {c.noun}s", client, f"{c.noun}s", flt, region_only=True)
+                if o.status != "DELETING"]
+    if c.labelled:
+        return s.listing(f"list {c.noun}s", client, filter=flt, **where(s, kind))
+    return [o for o in s.listing(f"list {c.noun}s", client, **where(s, kind))
+            if (dep := described(o.description)) is not None and deployment in (None, dep)]
+
+
+def named(s: Session, kind: str, name: str, plan: Plan) -> list[Any]:
+    """This deployment's objects of a kind with this name: one get, or for a zonal one (its zone is not known)
+    one aggregated list, healthy ones first."""
+    c, name = COLLECTIONS[kind], gce_name(name)
+    client = getattr(s, c.client)
+    if c.scope == "zone":
+        objs = s.aggregated(f"find {c.noun} {name}", client, f"{c.noun}s", f'name = "{name}"')
+    else:
+        objs = [o for o in [s.get(f"get {c.noun} {name}", client, **where(s, kind), **{c.key: name})] if o]
+    return sorted((o for o in objs if mine(plan)(o) and getattr(o, "status", "") != "DELETING"),
+                  key=lambda o: {"READY": 0, "RUNNING": 0, "CREATING": 1}.get(getattr(o, "status", ""), 2))
+
+
+def delete_kind(s: Session, kind: str, found: Sequence[Found],
+                release: Callable[[str, str, Any], None] | None = None) -> None:
+    """Delete these (404 = done) and wait until they are gone. A record without its zone is looked up by name in
+    every zone. With `release(zone, instance, obj)`, each object is first let go by the instances it lists as
+    users (an address or a disk in use cannot be deleted). Never the site's own network."""
+    c = COLLECTIONS[kind]
+    client, targets = getattr(s, c.client), []
+    for f in found:
+        if (parsed := ref(f.cloud_id)) is None and c.scope == "zone":
+            targets += [({"zone": last(o.zone)}, o.name) for o in s.aggregated(
+                f"find {c.noun}", client, f"{c.noun}s", f'name = "{gce_name(f.name)}"')]
+        else:
+            targets.append(parsed or (where(s, kind), gce_name(f.name)))
+    for scope, name in targets if release else []:
+        obj = s.get(f"get {c.noun} {name}", client, **scope, **{c.key: name})
+        for user in obj.users if obj is not None else []:
+            if (r := ref(user)) and "zone" in r[0]:
+                release(r[0]["zone"], r[1], obj)
+    s.delete_all(c.noun, client, c.key, [(scope, name) for scope, name in targets
+                                         if not (kind == "network" and name == s.site_network)])
