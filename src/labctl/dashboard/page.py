@@ -19,7 +19,8 @@ h1 { font-size: 1.3rem; margin: 0 0 .2rem; } h2 { font-size: 1rem; margin: 1.2re
 #conn { font-size: .85rem; } #conn.ok { color: #2b7a3d; } #conn.bad { color: #b3261e; font-weight: 600; }
 .summary { display: flex; flex-wrap: wrap; gap: .5rem; margin: .6rem 0; }
 .pill { padding: .25rem .6rem; border-radius: 1rem; background: #e3e6eb; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(9.5rem, 1fr)); gap: .4rem; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(9.5rem, 1fr)); gap: .4rem;
+  align-items: start; }
 .tile { border-radius: .4rem; padding: .4rem .5rem; color: #111; overflow: hidden; border: 1px solid #0002; }
 .tile .sid { font-weight: 600; overflow-wrap: anywhere; } .tile .meta { font-size: .78rem; opacity: .85; }
 .st-planned { background: #d9dde3; } .st-applying { background: #9cc5f5; } .st-up { background: #8fd19e; }
