@@ -289,3 +289,28 @@ def test_ctrl_c_stops_new_work_saves_state_and_a_rerun_finishes(labctl_env, klas
     assert len(labctl_servers(w)) == N and len({s["name"] for s in labctl_servers(w)}) == N
     run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {}
+
+
+def test_status_warns_in_one_line_when_under_an_hour_of_the_lease_is_left(labctl_env):
+    """`labctl status` (one lab, and the overview) warns on stderr when a lab's end is less than an hour away,
+    and when it has passed; JSON carries the same warning. The state is written directly: no cloud is needed."""
+    from datetime import UTC, datetime, timedelta
+
+    from labctl.state import DeploymentRecord, StateStore
+
+    store = StateStore(Path(labctl_env["LABCTL_STATE_DIR"]) / "state.db")
+    soon = (datetime.now(UTC) + timedelta(minutes=30)).isoformat(timespec="seconds")
+    later = (datetime.now(UTC) + timedelta(hours=5)).isoformat(timespec="seconds")
+    for name, end in (("soon", soon), ("later", later)):
+        store.save_deployment(DeploymentRecord(f"labctl-student1-{name}", name, "hello", "student1", None,
+                                               "sim:kvm@tacc", "up", None, {"nodes": [], "lease_end": end}))
+    store.close()
+    one = run(labctl_env, "status", "soon")
+    warnings = [line for line in one.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and ("soon: its lease ends in 29 min" in warnings[0]
+                                   or "soon: its lease ends in 30 min" in warnings[0]), one.stderr
+    assert soon in one.stdout
+    assert not [line for line in run(labctl_env, "status", "later").stderr.splitlines() if "warning" in line]
+    overview = run(labctl_env, "status")
+    assert [line for line in overview.stderr.splitlines() if line.startswith("warning:")] == warnings
+    assert "ends in" in run_json(labctl_env, "status", "soon")["warning"]
