@@ -161,3 +161,26 @@ def test_the_moto_daemon_stays_while_a_sim_aws_lab_is_up_and_goes_after_down(lab
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.1)
     assert "nothing held: exiting" in log.read_text()
+
+
+def test_the_forget_host_key_advice_names_the_deployment_and_runs_as_printed(labctl_env):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from labctl.state import StateStore
+
+    run(labctl_env, "up", "hello", "--site", "sim", "--name", "h3")
+    other = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    with StateStore(Path(labctl_env["LABCTL_STATE_DIR"]) / "state.db") as store:
+        host, port, _ = store.host_key_record("labctl-student1-h3", "node-1")
+        store.pin_host_key("labctl-student1-h3", "node-1", host, port, other)  # as if the node had been rebuilt
+    refused = run(labctl_env, "up", "hello", "--site", "sim", "--name", "h3", check=False)
+    assert refused.returncode == 1 and "has changed since labctl first connected" in refused.stderr
+    advice = re.search(r"run '(labctl ssh [^']+)'", refused.stderr)
+    assert advice and advice.group(1) == "labctl ssh h3 node-1 --forget-host-key"
+    forget = subprocess.run(printed_command(advice.group(1)), env=labctl_env, cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert forget.returncode == 0 and forget.stdout.startswith("h3/node-1: forgot the pinned host key")
+    run(labctl_env, "up", "hello", "--site", "sim", "--name", "h3")  # pins the key the node presents
+    run(labctl_env, "down", "h3")

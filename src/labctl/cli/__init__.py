@@ -137,8 +137,13 @@ def up(
     from labctl.cli.render import print_status
 
     ctx = _ctx(owner, progress=True, as_json=as_json)
-    result = service.up(ctx, lab, site, name=name, cloud=cloud, allow_host_changes=allow_host_changes,
-                        ssh_timeout=ssh_timeout)
+    try:
+        result = service.up(ctx, lab, site, name=name, cloud=cloud, allow_host_changes=allow_host_changes,
+                            ssh_timeout=ssh_timeout)
+    except LabctlError as exc:
+        from labctl.cli.overview import lab_name
+
+        raise _with_name(exc, name or lab_name(lab)) from None
     _stop_progress(ctx)
     if as_json:
         _print_json(result.to_json())
@@ -191,6 +196,16 @@ def down(
         typer.echo("Deleted everything else of this lab at the site.")
     else:
         typer.echo("Deleted. Nothing of this lab is left at the site.")
+
+
+def _with_name(exc: LabctlError, name: str) -> LabctlError:
+    """The error with its `labctl ssh LAB ...` advice naming the deployment, so the command runs as printed."""
+    text = str(exc)
+    if "'labctl ssh LAB " not in text:
+        return exc
+    named = type(exc).__new__(type(exc))  # the same kind and exit code (HostKeyChanged takes other arguments)
+    LabctlError.__init__(named, text.replace("'labctl ssh LAB ", f"'labctl ssh {name} "))
+    return named
 
 
 def _nothing_named(owner: str | None, lab: str | None) -> bool:
