@@ -222,3 +222,36 @@ def test_gc_finds_and_removes_exactly_what_a_killed_up_made_after_its_state_was_
     finally:
         sdk.close()
     run(labctl_env, "down", "live")
+
+
+def test_gc_cleans_up_a_killed_class_whose_state_was_lost(labctl_env, tmp_path):
+    """A class of 8 killed once 4 servers exist (the others' leases, key pairs and groups at every stage), its state
+    deleted: gc lists what the SDK counts of the course, per kind, deletes it, and nothing of the course is left."""
+    from tests.e2e.test_class_sim import labctl_servers, make_keys, world, write_roster
+
+    if not adapter_lists(Chameleon.provider):
+        pytest.skip("the Chameleon adapter has no inventory() yet")
+    roster = tmp_path / "roster.csv"
+    write_roster(roster, make_keys(tmp_path / "keys", 8))
+    lost_state = tmp_path / "lost-state"
+    lost = {**labctl_env, "LABCTL_STATE_DIR": str(lost_state)}
+    w = world(labctl_env)
+    proc = start(lost, "class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "gc",
+                 "--concurrency", "4")
+    kill_when(proc, lambda: len(labctl_servers(w)) >= 4, timeout=300)
+    shutil.rmtree(lost_state)
+
+    sdk = Chameleon(labctl_env)
+    try:
+        made = sdk.count("labctl-gc-")
+        assert made["server"] >= 4, made
+        listed = run_json(labctl_env, "gc", "--site", "sim")["leaks"]
+        assert Counter(x["kind"] for x in listed) == made, f"listed {Counter(x['kind'] for x in listed)}, made {made}"
+        assert {x["owner"] for x in listed} <= {f"s{i:02d}" for i in range(8)}
+        deleted = run_json(labctl_env, "gc", "--site", "sim", "--delete", "--yes", timeout=600)
+        assert len(deleted["deleted"]) == len(listed) and deleted["left"] == [] and deleted["not_deleted"] == []
+        assert sdk.count("labctl-gc-") == Counter()
+        print(f"\nGC class of 8 killed: the SDK counted {sum(made.values())} {dict(made)}; gc deleted "
+              f"{len(deleted['deleted'])}, left {len(deleted['left'])}")
+    finally:
+        sdk.close()
