@@ -218,8 +218,8 @@ def _zones_of_kept_disks(s: Session, plan: Plan, node: str, candidate: str, zone
     """On a region site, a node whose volume survives from an earlier `up` must run in that disk's zone."""
     if s.site.zone or not any(v.spec.get("node") == node for v in plan.by_kind("volume")):
         return zones
-    disk_zones = {gs.last(d.zone) for d in s.list_disks(gs.label_filter(plan.deployment, node))
-                  if d.status != "DELETING"}
+    disk_zones = {gs.last(d.zone) for d in s.aggregated("list disks", s.disks, "disks", gs.label_filter(
+        plan.deployment, node)) if d.status != "DELETING"}
     if not disk_zones:
         return zones
     usable = [z for z in zones if z in disk_zones]

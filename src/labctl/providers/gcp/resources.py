@@ -14,18 +14,7 @@ from labctl.errors import CloudError, Conflict
 from labctl.providers.base import Found
 from labctl.providers.gcp import session as gs
 from labctl.providers.gcp.instances import NAT_NAME, find_server, instance_ref
-from labctl.providers.gcp.session import (
-    COLLECTIONS,
-    HANDLERS,
-    Session,
-    bound,
-    delete_kind,
-    log,
-    marked,
-    mine,
-    named,
-    where,
-)
+from labctl.providers.gcp.session import HANDLERS, Session, bound, log
 from labctl.providers.kit import Handler
 
 if TYPE_CHECKING:
@@ -68,19 +57,19 @@ FOUND: dict[str, Callable[[Any, str], Found]] = {
 def described_kind(kind: str, body: Callable[[Session, Resource, Plan, Mapping[str, Found]], Any]) -> None:
     """Register a network-like kind: found by name and the deployment's mark, inserted (adopted after a lost
     answer or a concurrent run), deleted until gone."""
-    c = COLLECTIONS[kind]
+    c = gs.COLLECTIONS[kind]
 
     def find(s: Session, res: Resource, plan: Plan) -> Found | None:
-        return next((FOUND[kind](o, res.name) for o in named(s, kind, res.name, plan)), None)
+        return next((FOUND[kind](o, res.name) for o in gs.named(s, kind, res.name, plan)), None)
 
     def create(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
         if (existing := find(s, res, plan)) is not None:
             return existing
         obj = s.insert(f"create {c.noun} {gs.gce_name(res.name)}", getattr(s, c.client), c.key,
-                       body(s, res, plan, deps), mine(plan), **where(s, kind))
+                       body(s, res, plan, deps), gs.mine(plan), **gs.where(s, kind))
         return FOUND[kind](obj, res.name)
 
-    HANDLERS.register(kind, find=find, create=create, delete=lambda s, found, plan: delete_kind(s, kind, found))
+    HANDLERS.register(kind, find=find, create=create, delete=lambda s, found, plan: gs.delete_kind(s, kind, found))
 
 
 def _network(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> Any:
@@ -159,7 +148,7 @@ def _firewall_matches(fw: Any, spec: Mapping[str, Any]) -> bool:
 
 
 def find_secgroup(s: Session, res: Resource, plan: Plan) -> Found | None:
-    have = {fw.name: fw for fw in marked(s, "secgroup", plan.deployment)}
+    have = {fw.name: fw for fw in gs.marked(s, "secgroup", plan.deployment)}
     if not have:
         return None
     if "rules" not in res.spec:  # a teardown lookup from state records: every firewall of the deployment
@@ -175,7 +164,7 @@ def create_secgroup(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Fo
     from google.cloud import compute_v1
 
     want = _firewall_specs(s, res, plan, deps)
-    have = {fw.name: fw for fw in marked(s, "secgroup", plan.deployment)}
+    have = {fw.name: fw for fw in gs.marked(s, "secgroup", plan.deployment)}
     ops = []
     for name, spec in want.items():
         body = compute_v1.Firewall(
@@ -204,7 +193,7 @@ def create_secgroup(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Fo
 
 def delete_secgroups(s: Session, found: Sequence[Found], plan: Plan) -> None:
     names = {gs.last(f.cloud_id) for f in found} | {n for f in found for n in f.attrs.get("firewalls") or []}
-    delete_kind(s, "secgroup", [Found("secgroup", f"global/firewalls/{n}", n) for n in sorted(names)])
+    gs.delete_kind(s, "secgroup", [Found("secgroup", f"global/firewalls/{n}", n) for n in sorted(names)])
 
 
 HANDLERS.register("secgroup", find=find_secgroup, create=create_secgroup, delete=delete_secgroups)
@@ -212,7 +201,7 @@ HANDLERS.register("secgroup", find=find_secgroup, create=create_secgroup, delete
 
 # -- static addresses (floating_ip) -------------------------------------------------------------------
 def find_floating_ip(s: Session, res: Resource, plan: Plan) -> Found | None:
-    found = next((FOUND["floating_ip"](a, res.name) for a in named(s, "floating_ip", res.name, plan)), None)
+    found = next((FOUND["floating_ip"](a, res.name) for a in gs.named(s, "floating_ip", res.name, plan)), None)
     if found is not None:
         found.attrs["node"] = res.spec.get("node")
     return found
@@ -261,7 +250,7 @@ def delete_floating_ips(s: Session, found: Sequence[Found], plan: Plan) -> None:
                     s.run(f"detach address from {iname}", s.instances, "delete_access_config_unary",
                           missing_ok=True, zone=zone, instance=iname, access_config=ac.name, network_interface=nic.name)
 
-    delete_kind(s, "floating_ip", found, release)
+    gs.delete_kind(s, "floating_ip", found, release)
 
 
 HANDLERS.register("floating_ip", find=find_floating_ip, create=create_floating_ip, delete=delete_floating_ips)
@@ -280,7 +269,7 @@ def device_of(inst: Any, disk: str) -> str | None:
 
 
 def find_volume(s: Session, res: Resource, plan: Plan) -> Found | None:
-    return next((volume_found(d) for d in named(s, "volume", res.name, plan)), None)
+    return next((volume_found(d) for d in gs.named(s, "volume", res.name, plan)), None)
 
 
 def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Found], _c: str | None) -> Found:
@@ -304,7 +293,7 @@ def create_volume(s: Session, res: Resource, plan: Plan, deps: Mapping[str, Foun
                            description=gs.description(plan, spec["node"]),
                            labels=gs.labels(plan, spec["node"], **{KEEP_LABEL: "true" if spec.get("keep") else "false",
                                                                    VOLUME_LABEL: gs.label_value(spec["volume"])}))
-    return volume_found(s.insert(f"create volume {name}", s.disks, "disk", body, mine(plan), zone=zone))
+    return volume_found(s.insert(f"create volume {name}", s.disks, "disk", body, gs.mine(plan), zone=zone))
 
 
 def find_volume_attachment(s: Session, res: Resource, plan: Plan) -> Found | None:
@@ -365,7 +354,7 @@ def delete_attachments(s: Session, found: Sequence[Found], plan: Plan) -> None:
 
 
 def delete_volumes(s: Session, found: Sequence[Found], plan: Plan) -> None:
-    delete_kind(s, "volume", found, lambda zone, iname, disk: detach(
+    gs.delete_kind(s, "volume", found, lambda zone, iname, disk: detach(
         s, zone, iname, disk=f"zones/{gs.last(disk.zone)}/disks/{disk.name}"))
 
 

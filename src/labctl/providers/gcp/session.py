@@ -391,13 +391,9 @@ class Session:
 
             retry_in_use(attempt, is_in_use=in_use, timeout=max(0.0, grace - (time.monotonic() - start)),
                          interval=max(self.poll_interval, 0.01), what=what)
-            self.wait_gone(what, client, grace - (time.monotonic() - start), **scope, **{key: name})
-
-    def wait_gone(self, what: str, client: Any, timeout: float, **request: Any) -> None:
-        """Poll a get until it says 404."""
-        poll_until(lambda: self.get(what, client, **request), status=lambda _: "there", pending={"there"},
-                   target={"gone"}, timeout=max(0.0, timeout), interval=max(self.poll_interval, 0.01),
-                   not_found_checks=1, what=f"{self.site.name}: {what}")
+            poll_until(lambda s=scope, n=name, w=what: self.get(w, client, **s, **{key: n}), status=lambda _: "there",
+                       pending={"there"}, target={"gone"}, timeout=max(0.0, grace - (time.monotonic() - start)),
+                       interval=max(self.poll_interval, 0.01), not_found_checks=1, what=f"{self.site.name}: {what}")
 
     # -- shared look-ups --------------------------------------------------------------------------
     def region_zones(self) -> list[str]:
@@ -423,10 +419,6 @@ class Session:
         if self.site.zone:
             return self.listing("list instances", self.instances, zone=self.site.zone, filter=flt)
         return self.aggregated("list instances", self.instances, "instances", flt)
-
-    def list_disks(self, flt: str) -> list[Any]:
-        """Disks matching a filter, in every zone (one aggregatedList call)."""
-        return self.aggregated("list disks", self.disks, "disks", flt)
 
     def snapshot(self, what: str) -> Snapshot:
         """The list of `what` shared by the threads polling this site (one call per poll round)."""
