@@ -104,6 +104,40 @@ def test_a_restart_keeps_its_ports_when_free() -> None:
     assert serve._port_or_any(None) == 0
 
 
+def test_each_site_keeps_its_own_address_unless_another_testbed_holds_it(tmp_path: Path) -> None:
+    """The sites' own addresses (Keystone on port 5000): a block another testbed holds is skipped whole, and a
+    restart takes its recorded block again once it is free (a notebook's cached sites.json stays right)."""
+    import requests
+
+    from labctl.testbed.server import Testbed
+
+    # A block well above those other testbeds take first (from 1 up), so that "the recorded one" is not
+    # also "the first free one"
+    held = 100 + os.getpid() % 100
+    first = Testbed.start(tmp_path / "a", 0.002, ssh=False, site_addresses=True, site_block=held)
+    try:
+        assert first.site_block == held and first.auth_url("chi@uc") == f"http://127.40.{held}.2:5000/v3"
+        second = Testbed.start(tmp_path / "b", 0.002, ssh=False, site_addresses=True, site_block=held)
+        try:
+            assert second.site_block not in (None, held)
+            # each answers for its own world: the first's credential is refused at the second's Keystone
+            body = {"auth": {"identity": {"methods": ["application_credential"], "application_credential": {
+                "id": first.world.credentials.app_cred_id, "secret": first.world.credentials.app_cred_secret}}}}
+            assert requests.post(f"{first.auth_url('chi@tacc')}/auth/tokens", json=body, timeout=10).status_code == 201
+            assert requests.post(f"{second.auth_url('chi@tacc')}/auth/tokens", json=body, timeout=10).status_code == 401
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+    again = Testbed.start(tmp_path / "a", 0.002, ssh=False, site_addresses=True, site_block=held)
+    try:
+        assert again.site_block == held
+        sites = requests.get(f"{again.refapi_url}/sites.json", timeout=10).json()["items"]
+        assert {s["name"]: s["web"] for s in sites}["CHI@TACC"] == f"http://127.40.{held}.1"
+    finally:
+        again.stop()
+
+
 @pytest.mark.slow
 def test_background_testbed_serves_ssh_after_up_returns(labctl_env: dict[str, str], world: Path) -> None:
     started = run(labctl_env, "testbed", "start")
