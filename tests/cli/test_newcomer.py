@@ -140,9 +140,19 @@ def test_version_and_short_help(home):
     assert cli("class", "status", "-h")[1] == cli("class", "status", "--help")[1]
 
 
-def test_shell_completion_is_offered(home):
+def test_shell_completion_is_offered_and_completes(home, monkeypatch):
     code, out, _ = cli("--help")
     assert code == 0 and "--install-completion" in out and "--show-completion" in out
+    code, out, _ = cli("--show-completion", "bash")
+    assert code == 0 and "_LABCTL_COMPLETE=complete_bash" in out
+    # What the shell function then runs: labctl with the words typed so far.
+    monkeypatch.setenv("_LABCTL_COMPLETE", "complete_bash")
+    for words_typed, expected in (("labctl st", ["status"]), ("labctl class st", ["status"]),
+                                  ("labctl down --mi", ["--missing-ok"])):
+        monkeypatch.setenv("COMP_WORDS", words_typed)
+        monkeypatch.setenv("COMP_CWORD", str(len(words_typed.split()) - 1))
+        code, out, _ = cli()
+        assert (code, out.split()) == (0, expected), words_typed
 
 
 # -- 8. down --missing-ok --------------------------------------------------------------------------------

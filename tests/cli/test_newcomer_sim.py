@@ -32,13 +32,9 @@ def test_up_piped_prints_whole_values_one_working_ssh_hint_and_down_missing_ok(l
     env = {**labctl_env, "COLUMNS": "80"}  # off a terminal labctl must not cut to it
     up = run(env, "up", "hello", "--site", "sim", "--name", "h2")
     assert re.search(rf"│ h2 +│ sim:kvm@tacc +│ up +│ node-1 +│ m1\.small +│ {IP} +│ .+ │ {ISO} +│", up.stdout)
-    hints = [line for line in up.stdout.splitlines() if "labctl ssh" in line]
-    assert len(hints) == 1 and hints[0].startswith("ssh: labctl ssh h2 ")  # the deployment's name, once
     assert "connection refused" not in up.stderr and "ssh: ready (1/1 node(s))" in up.stderr
-    # The printed command works as printed (on sim, `labctl ssh` serves the emulated node's SSH itself).
-    shell = subprocess.run(printed_command(hints[0].removeprefix("ssh: ")), env=env, cwd=REPO, text=True,
-                           input="cat hello.txt; exit\n", capture_output=True, timeout=120)
-    assert shell.returncode == 0 and "hello from" in shell.stdout, shell.stderr
+    # Printed once, with the deployment's name; it works as printed (`labctl ssh` serves the emulated sshd).
+    assert_printed_ssh_works(env, up.stdout, "h2")
     status = run(env, "status")
     assert re.search(rf"│ h2 .*│ {IP} .*│ {ISO} +│", status.stdout)
     run(env, "down", "h2")
@@ -46,6 +42,21 @@ def test_up_piped_prints_whole_values_one_working_ssh_hint_and_down_missing_ok(l
     assert gone.returncode == 2 and gone.stderr.startswith("error: ") and len(gone.stderr.splitlines()) == 1
     again = run(env, "down", "h2", "--missing-ok")
     assert again.stdout.strip() == "nothing named 'h2' to delete"
+
+
+def assert_printed_ssh_works(env: dict[str, str], stdout: str, name: str) -> None:
+    """The one SSH hint `up` printed, run as printed (a shell fed from stdin), reaches the node."""
+    (hint,) = [line for line in stdout.splitlines() if "labctl ssh" in line]
+    assert hint.startswith(f"ssh: labctl ssh {name}")
+    shell = subprocess.run(printed_command(hint.removeprefix("ssh: ")), env=env, cwd=REPO, text=True,
+                           input="cat hello.txt; exit\n", capture_output=True, timeout=120)
+    assert shell.returncode == 0 and "hello from" in shell.stdout, shell.stderr
+
+
+def test_the_printed_ssh_command_works_on_sim_gcp(labctl_env):
+    up = run(labctl_env, "up", "hello", "--site", "sim-gcp")
+    assert_printed_ssh_works(labctl_env, up.stdout, "hello")
+    run(labctl_env, "down", "hello")
 
 
 def _read_all(fd: int, proc: subprocess.Popen) -> str:
@@ -148,7 +159,8 @@ def test_the_moto_daemon_stays_while_a_sim_aws_lab_is_up_and_goes_after_down(lab
 
     env = {**labctl_env, "LABCTL_MOTO_IDLE_SECONDS": "2"}
     moto_dir = Path(labctl_env["LABCTL_TESTBED_DIR"]) / "aws"
-    run(env, "up", "hello", "--site", "sim-aws")
+    up = run(env, "up", "hello", "--site", "sim-aws")
+    assert_printed_ssh_works(env, up.stdout, "hello")
     pid = json.loads((moto_dir / "moto.json").read_text())["pid"]
     log = moto_dir / "moto.log"
     deadline = time.monotonic() + 60
