@@ -133,7 +133,7 @@ def machines_unavailable() -> str | None:
     """None when emulated nodes can be machines here; else why not (logged once per process)."""
     with _probe_lock:
         if not _probe:
-            _probe.append(_why_not())
+            _probe.append(host_check())
             if _probe[0]:
                 log.warning("emulated nodes are not machines here (%s): their commands run on this host as this "
                             "user, and steps that would change the host are skipped on sim", _probe[0])
@@ -148,7 +148,8 @@ def sftp_server() -> str | None:
     return next((p for p in SFTP_SERVERS if os.access(p, os.X_OK)), None)
 
 
-def _why_not() -> str | None:
+def host_check() -> str | None:
+    """Why this host cannot make nodes machines (None: it can); `machines_unavailable` caches it."""
     if os.environ.get(ENV_SWITCH, "").strip().lower() == "plain":
         return f"{ENV_SWITCH}=plain"
     if not sys.platform.startswith("linux"):
@@ -233,6 +234,12 @@ class Machine:
         return ["nsenter", "-t", str(self.pid), "-m", "-u", "-p", "-r", "-W", "/", "--", *argv]
 
 
+def holder_pid(node_dir: Path) -> int | None:
+    """PID 1 of the node's namespaces (a host pid), if its machine runs."""
+    info = _read_json(Path(node_dir) / MACHINE_DIR / "holder.json")
+    return int(info["pid"]) if info and _alive(int(info.get("pid", 0)), info.get("start")) else None
+
+
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of `pid` (tells a recycled pid apart), None if it has ended."""
     try:
@@ -300,9 +307,7 @@ class NodeMachines:
     def enter(self, target: dict[str, Any]) -> Machine:
         """The running machine of `target` (started if need be), its volumes attached."""
         node_dir = Path(target["node_dir"])
-        mdir = node_dir / MACHINE_DIR
-        mdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._use(mdir)
+        mdir = self.use(node_dir)
         user = str(target.get("user") or "cc")
         with _flock(mdir / "create.lock", fcntl.LOCK_EX):
             info = _read_json(mdir / "holder.json")
@@ -351,13 +356,17 @@ class NodeMachines:
             self.release(node_dir)
         self._reap()
 
-    def _use(self, mdir: Path) -> None:
+    def use(self, node_dir: Path) -> Path:
+        """Mark the node as used by this process (its machine then lives at least as long as this use)."""
+        mdir = Path(node_dir) / MACHINE_DIR
+        mdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._lock:
             if mdir in self._users:
-                return
+                return mdir
             fd = os.open(mdir / "users.lock", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a supervisor is ending the node
             self._users[mdir] = fd
+        return mdir
 
     def _reap(self) -> None:
         self._children = [c for c in self._children if c.poll() is None]

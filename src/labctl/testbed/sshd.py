@@ -406,6 +406,10 @@ class SSHNodes:
         node = _Node(ident=_ident(target, key), target=target, sshd=self)
         host_key = load_host_key(node.node_dir)
         node_home(node.node_dir)
+        if self.machines is not None:
+            # Serving a node keeps its machine (started on the first session) alive in every process.
+            self._machine_dirs.add(str(node.node_dir))
+            await asyncio.get_running_loop().run_in_executor(None, self.machines.use, node.node_dir)
         server_class = self._server_class
 
         home_sftp = _home_sftp_server_class()

@@ -1,0 +1,261 @@
+"""Emulated nodes as machines (labctl.testbed.node_machine), driven with the system OpenSSH client: hostname, user
+cc at /home/cc, passwordless sudo, a private system layer per node (a package installed with dpkg changes only
+that node), one namespace per node across sessions, a volume's loop device that mkfs/mount use, scp and sftp
+exiting 0, and nothing left (processes, mounts, loop devices) once the node is deleted or the world stops."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from labctl.keys import ensure_keypair
+from labctl.testbed import node_machine
+from labctl.testbed.sshd import SSHNodes, load_host_key
+
+WHY_NOT = node_machine.machines_unavailable()
+machines_only = pytest.mark.skipif(WHY_NOT is not None, reason=f"nodes cannot be machines here: {WHY_NOT}")
+
+
+class StandInWorld:
+    def __init__(self) -> None:
+        self.targets: list[dict] = []
+
+    def ssh_targets(self) -> list[dict]:
+        return list(self.targets)
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+class Nodes:
+    """Two nodes of a stand-in world (n1 with a 1 GB volume), served by SSHNodes, reached with `ssh`/`scp`."""
+
+    def __init__(self, tmp: Path, machines: bool | None) -> None:
+        self.tmp = tmp
+        self.key = ensure_keypair(tmp / "keys")
+        self.world = StandInWorld()
+        self.port = _free_port("127.10.9.41")
+        self.address = {"n1": "127.10.9.41", "n2": "127.10.9.42"}
+        for i, name in enumerate(self.address, 1):
+            self.world.targets.append({
+                "server_id": f"srv-{name}", "site": "chi@uc", "name": f"lab-{name}", "address": self.address[name],
+                "port": self.port, "authorized_keys": [self.key.public_key], "node_dir": tmp / "world" / name,
+                "volumes": [{"id": "vol-0123456789abcdefghij-x", "device": "/dev/vdb", "size_gb": 1,
+                             "file": tmp / "world" / "volumes" / "vol-1.img"}] if i == 1 else [],
+            })
+        self.sshd = SSHNodes(self.world, poll_interval=0.02, machines=machines).start()
+        lines = []
+        for name, address in self.address.items():
+            self.sshd.wait_listening(address, self.port, 5)
+            kind, blob = load_host_key(self.node_dir(name)).export_public_key().decode().split()[:2]
+            lines.append(f"[{address}]:{self.port} {kind} {blob}\n")
+        self.known_hosts = tmp / "known_hosts"
+        self.known_hosts.write_text("".join(lines))
+
+    def node_dir(self, name: str) -> Path:
+        return self.tmp / "world" / name
+
+    def options(self) -> list[str]:
+        return ["-i", str(self.key.private_path), "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
+
+    def ssh(self, name: str, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["ssh", "-p", str(self.port), *self.options(), f"cc@{self.address[name]}", command],
+                              capture_output=True, text=True, timeout=120)
+        if check:
+            assert proc.returncode == 0, (command, proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    n = Nodes(tmp_path, None)
+    try:
+        yield n
+    finally:
+        n.sshd.stop()
+
+
+def _world_leftovers(world_dir: Path) -> list[str]:
+    """Processes, mounts and loop devices that still refer to `world_dir`."""
+    marker = str(world_dir)
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            mounts = Path(f"/proc/{pid}/mountinfo").read_text()
+        except OSError:
+            continue
+        if marker in cmdline:
+            left.append(f"process {pid}: {cmdline[:120]}")
+        elif marker in mounts:
+            left.append(f"mounts of process {pid}")
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().startswith(marker):
+                left.append(f"{backing.parent.parent.name} on {backing.read_text().strip()}")
+        except OSError:
+            continue
+    return left
+
+
+@machines_only
+def test_a_node_is_a_machine_named_as_its_server_with_cc_and_sudo(nodes):
+    out = nodes.ssh("n1", "hostname; id -un; echo $HOME; pwd; sudo -n id -u; cat /etc/hostname").stdout.split()
+    assert out == ["lab-n1", "cc", "/home/cc", "/home/cc", "0", "lab-n1"]
+    assert socket.gethostname() != "lab-n1"
+    # the home is the node directory's (labctl's uploads and authorized_keys), owned by cc inside
+    nodes.ssh("n1", "echo hi > made-by-cc.txt && stat -c %U made-by-cc.txt | grep -x cc")
+    assert (nodes.node_dir("n1") / "home" / "made-by-cc.txt").read_text() == "hi\n"
+
+
+@machines_only
+def test_system_changes_stay_in_the_node_and_last_across_sessions(nodes, tmp_path):
+    probe = "/etc/labctl-node-probe"
+    nodes.ssh("n1", f"echo n1 | sudo tee {probe} >/dev/null")
+    assert nodes.ssh("n1", f"cat {probe}").stdout == "n1\n"  # another session, same node
+    assert nodes.ssh("n2", f"cat {probe}", check=False).returncode != 0
+    assert not Path(probe).exists()
+    # A real package, installed with dpkg as a lab step would (apt needs the internet; dpkg does not).
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "usr" / "bin").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text("Package: labctl-probe\nVersion: 1.0\nArchitecture: all\n"
+                                            "Maintainer: labctl <labctl@example.org>\nDescription: probe\n")
+    tool = pkg / "usr" / "bin" / "labctl-probe"
+    tool.write_text("#!/bin/sh\necho probe on $(hostname)\n")
+    tool.chmod(0o755)
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(nodes.node_dir("n1") / "home" /
+                                                                               "probe.deb")],
+                   check=True, capture_output=True)
+    nodes.ssh("n1", "sudo dpkg -i probe.deb >/dev/null")
+    assert nodes.ssh("n1", "labctl-probe; dpkg -s labctl-probe | grep Status").stdout == (
+        "probe on lab-n1\nStatus: install ok installed\n")
+    assert nodes.ssh("n2", "command -v labctl-probe", check=False).returncode != 0
+    assert not Path("/usr/bin/labctl-probe").exists()
+    assert subprocess.run(["dpkg", "-s", "labctl-probe"], capture_output=True).returncode != 0
+
+
+@machines_only
+def test_one_pid_namespace_per_node_kept_across_sessions(nodes):
+    nodes.ssh("n1", "nohup sleep 300 >/dev/null 2>&1 & echo started")
+    assert "sleep 300" in nodes.ssh("n1", "ps -eo args").stdout  # a later session sees the background job
+    assert "sleep 300" not in nodes.ssh("n2", "ps -eo args").stdout
+    assert nodes.ssh("n1", "cat /proc/1/comm").stdout.strip() != "systemd"  # its own PID 1, not the host's
+
+
+@machines_only
+def test_a_volume_is_a_block_device_that_mkfs_and_mount_use(nodes):
+    script = ("set -e; DEV=/dev/disk/by-id/virtio-vol-0123456789abcdef; [ -b /dev/vdb ]; "
+              "sudo blkid /dev/vdb || sudo mkfs.ext4 -q $DEV; sudo mkdir -p /mnt/block; "
+              "mountpoint -q /mnt/block || sudo mount $DEV /mnt/block; sudo chown cc /mnt/block; "
+              "echo kept > /mnt/block/data.txt; findmnt -n -o FSTYPE /mnt/block")
+    assert nodes.ssh("n1", script).stdout.strip().splitlines()[-1] == "ext4"
+    assert nodes.ssh("n1", "cat /mnt/block/data.txt").stdout == "kept\n"
+    assert nodes.ssh("n2", "ls /dev/vdb", check=False).returncode != 0  # attached to n1 only
+    assert " /mnt/block " not in Path("/proc/self/mountinfo").read_text()  # mounted in the node only
+
+
+@pytest.mark.parametrize("machines", [pytest.param(True, marks=machines_only), False], ids=["machine", "plain"])
+def test_scp_and_sftp_exit_zero(tmp_path, machines):
+    """OpenSSH's scp (SFTP mode, the default) exited 1 after copying: the SFTP session ended without an exit
+    status. Both node kinds now end it with 0; legacy scp (-O) and sftp too."""
+    n = Nodes(tmp_path, machines)
+    try:
+        src = tmp_path / "upload.txt"
+        src.write_text("payload\n")
+        remote = f"cc@{n.address['n1']}"
+        for mode, name in (([], "a.txt"), (["-O"], "b.txt")):
+            proc = subprocess.run(["scp", *mode, "-P", str(n.port), *n.options(), str(src), f"{remote}:{name}"],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, (mode, proc.stderr)
+            assert (n.node_dir("n1") / "home" / name).read_text() == "payload\n"
+        back = tmp_path / "back.txt"
+        proc = subprocess.run(["scp", "-P", str(n.port), *n.options(), f"{remote}:a.txt", str(back)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and back.read_text() == "payload\n", proc.stderr
+        proc = subprocess.run(["sftp", "-P", str(n.port), *n.options(), "-b", "-", remote],
+                              input=f"put {src} c.txt\nls\n", capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "c.txt" in proc.stdout, proc.stderr
+        assert (n.node_dir("n1") / "home" / "c.txt").read_text() == "payload\n"
+    finally:
+        n.sshd.stop()
+
+
+@machines_only
+def test_nothing_left_when_a_node_is_deleted_or_the_world_stops(tmp_path):
+    n = Nodes(tmp_path, None)
+    try:
+        n.ssh("n1", "nohup sleep 300 >/dev/null 2>&1 & sudo mkfs.ext4 -q /dev/vdb && sudo mkdir -p /mnt/v && "
+                    "sudo mount /dev/vdb /mnt/v")
+        n.ssh("n2", "nohup sleep 300 >/dev/null 2>&1 &")
+        assert _world_leftovers(tmp_path / "world")  # the machines run
+        holder = node_machine.holder_pid(n.node_dir("n2"))
+        assert holder is not None
+        # n2's server is deleted: its machine ends, n1's runs on
+        n.world.targets = [t for t in n.world.targets if t["name"] != "lab-n2"]
+        n.sshd.wait_stopped_listening(n.address["n2"], n.port, 5)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{holder}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{holder}")
+        assert "sleep 300" in n.ssh("n1", "ps -eo args").stdout
+    finally:
+        n.sshd.stop()
+    assert _world_leftovers(tmp_path / "world") == []
+
+
+@machines_only
+def test_two_processes_share_a_node_until_the_last_one_stops(tmp_path):
+    n = Nodes(tmp_path, None)
+    second = SSHNodes(n.world, poll_interval=0.02, port=_free_port("127.10.9.41")).start()
+    try:
+        second.wait_listening(n.address["n1"], second.port, 5)
+        n.ssh("n1", "nohup sleep 301 >/dev/null 2>&1 &")
+        holder = node_machine.holder_pid(n.node_dir("n1"))
+        n.sshd.stop()  # the first process goes: the node lives on for the second
+        proc = subprocess.run(["ssh", "-p", str(second.port), "-o", f"UserKnownHostsFile={n.known_hosts}",
+                               "-o", "StrictHostKeyChecking=no", "-i", str(n.key.private_path), "-o",
+                               "IdentitiesOnly=yes", f"cc@{n.address['n1']}", "ps -eo args"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "sleep 301" in proc.stdout, proc.stderr
+        assert node_machine.holder_pid(n.node_dir("n1")) == holder
+    finally:
+        second.stop()
+        n.sshd.stop()
+    assert _world_leftovers(tmp_path / "world") == []
+
+
+def test_plain_nodes_when_asked_and_why_is_said(monkeypatch, tmp_path):
+    monkeypatch.setenv(node_machine.ENV_SWITCH, "plain")
+    assert node_machine.host_check() == f"{node_machine.ENV_SWITCH}=plain"
+    n = Nodes(tmp_path, False)
+    try:
+        assert n.sshd.machines is None
+        assert n.ssh("n1", "echo $HOME").stdout.strip() == str(n.node_dir("n1") / "home")
+    finally:
+        n.sshd.stop()
+
+
+def test_which_host_changing_steps_run_on_machine_nodes(monkeypatch):
+    monkeypatch.delenv(node_machine.INTERNET_SWITCH, raising=False)
+    if WHY_NOT is not None:
+        assert node_machine.sim_skip_reason("sudo mkfs.ext4 /dev/vdb") == node_machine.HOST_SKIP
+        return
+    assert node_machine.sim_skip_reason("sudo mkfs.ext4 -q /dev/vdb && sudo mount /dev/vdb /mnt") is None
+    assert "a GPU" in node_machine.sim_skip_reason("nvidia-smi")
+    assert "container runtime" in node_machine.sim_skip_reason("curl -fsSL https://get.docker.com/ | sudo sh")
+    assert "Kubernetes" in node_machine.sim_skip_reason("sudo kubeadm init")
+    assert "internet" in node_machine.sim_skip_reason("sudo apt-get update -q")
+    assert "internet" in node_machine.sim_skip_reason("git clone https://github.com/x/y")
+    assert "block device" in node_machine.sim_skip_reason("[ -e /dev/disk/by-id/google-data ]")
+    monkeypatch.setenv(node_machine.INTERNET_SWITCH, "1")
+    assert node_machine.sim_skip_reason("sudo apt-get update -q") is None
