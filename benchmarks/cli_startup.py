@@ -2,13 +2,16 @@
 
 The baseline is a minimal Typer app with labctl's commands whose `status` opens a SQLite database and prints a
 Rich table: what `labctl status` must do at least. Runs each command N times in fresh interpreters, in one
-run, and prints the medians and their ratios; the target (issue 10) is a ratio of at most 1.2 for both.
+run, and prints the medians and their ratios; the target (issue 10) is a ratio of at most 1.2 for both. Besides
+wall time it prints CPU time (user + system of the child): on a shared, loaded machine wall time swings with the
+load, CPU time much less.
 Usage: python benchmarks/cli_startup.py [N] [--check]   (--check: exit 1 when a ratio is over the target)
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,12 +58,17 @@ TARGET = 1.2
 
 
 def median_seconds(argv: list[str], env: dict[str, str], n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(argv, env)[0] for _ in range(n))
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child: user + system) of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -76,6 +84,7 @@ def main() -> None:
         py = sys.executable
         # Interleaved rounds, so that load from elsewhere on the machine hits every command alike.
         runs: dict[str, list[float]] = {k: [] for k in ("interp", "base_help", "help", "base_status", "status")}
+        cpu: dict[str, list[float]] = {k: [] for k in runs}
         argvs = {"interp": [py, "-c", "pass"], "base_help": [py, str(bare), "--help"],
                  "help": [py, "-m", "labctl", "--help"], "base_status": [py, str(bare), "status"],
                  "status": [py, "-m", "labctl", "status"]}
@@ -83,8 +92,11 @@ def main() -> None:
             median_seconds(argv, env, 1)
         for _ in range(n):
             for key, argv in argvs.items():
-                runs[key].append(median_seconds(argv, env, 1))
+                wall, used = timed(argv, env)
+                runs[key].append(wall)
+                cpu[key].append(used)
         med = {k: statistics.median(v) for k, v in runs.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     ratios = {"help": med["help"] / med["base_help"], "status": med["status"] / med["base_status"]}
     print(f"runs per command: {n} (interleaved)")
     print(f"python -c pass            {med['interp'] * 1000:7.1f} ms")
@@ -93,6 +105,9 @@ def main() -> None:
     print(f"bare typer status         {med['base_status'] * 1000:7.1f} ms  (baseline: SQLite + a Rich table)")
     print(f"labctl status (empty)     {med['status'] * 1000:7.1f} ms  ratio {ratios['status']:.2f}"
           f"  (target <= {TARGET})")
+    print(f"CPU (user+sys): --help {med_cpu['help'] * 1000:.1f} ms vs bare {med_cpu['base_help'] * 1000:.1f} ms "
+          f"(ratio {med_cpu['help'] / med_cpu['base_help']:.2f}); status {med_cpu['status'] * 1000:.1f} ms vs bare "
+          f"{med_cpu['base_status'] * 1000:.1f} ms (ratio {med_cpu['status'] / med_cpu['base_status']:.2f})")
     if "--check" in sys.argv and max(ratios.values()) > TARGET:
         sys.exit(1)
 
