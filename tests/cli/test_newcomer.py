@@ -108,7 +108,7 @@ def test_sites_off_a_terminal_is_one_line_per_site(home):
     assert all("missing" in row or "none needed" in row or "found" in row for row in rows)
 
 
-TABLE_COMMANDS = [("up",), ("down",), ("status",), ("plan",), ("sites",), ("extend",), ("class", "up"),
+TABLE_COMMANDS = [("up",), ("down",), ("status",), ("plan",), ("sites",), ("extend",), ("gc",), ("class", "up"),
                   ("class", "retry"), ("class", "status"), ("class", "down"), ("class", "report"),
                   ("testbed", "status")]
 

@@ -60,7 +60,8 @@ def testbed_status(as_json: JsonOpt = False) -> None:
 
 @testbed_app.command("stop")
 def testbed_stop() -> None:
-    """Stop the background testbed and the world's moto daemon (emulated EC2's state is lost with it)."""
+    """Stop the background testbed and the world's moto daemon (emulated EC2's state is lost with it; the
+    daemon also stops by itself once idle and empty: LABCTL_MOTO_IDLE_SECONDS)."""
     from labctl.testbed import serve
     from labctl.testbed.world import default_state_dir
 
