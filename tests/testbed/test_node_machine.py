@@ -164,6 +164,24 @@ def test_a_volume_is_a_block_device_that_mkfs_and_mount_use(nodes):
     assert " /mnt/block " not in Path("/proc/self/mountinfo").read_text()  # mounted in the node only
 
 
+@machines_only
+def test_a_volume_in_fstab_is_mounted_again_when_the_machine_restarts(tmp_path):
+    n = Nodes(tmp_path, None)
+    try:
+        n.ssh("n1", "sudo mkfs.ext4 -q /dev/vdb && sudo mkdir -p /mnt/block && sudo mount /dev/vdb /mnt/block && "
+                    "sudo chown cc /mnt/block && echo kept > /mnt/block/data.txt && "
+                    "echo \"UUID=$(sudo blkid -s UUID -o value /dev/vdb) /mnt/block ext4 defaults,nofail 0 2\" "
+                    "| sudo tee -a /etc/fstab >/dev/null")
+    finally:
+        n.sshd.stop()  # every process gone: the machine ends (as a reboot)
+    assert _world_leftovers(tmp_path / "world") == []
+    n = Nodes(tmp_path, None)
+    try:
+        assert n.ssh("n1", "findmnt -n -o FSTYPE /mnt/block; cat /mnt/block/data.txt").stdout == "ext4\nkept\n"
+    finally:
+        n.sshd.stop()
+
+
 @pytest.mark.parametrize("machines", [pytest.param(True, marks=machines_only), False], ids=["machine", "plain"])
 def test_scp_and_sftp_exit_zero(tmp_path, machines):
     """OpenSSH's scp (SFTP mode, the default) exited 1 after copying: the SFTP session ended without an exit

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -418,10 +419,14 @@ class NodeMachines:
             loops[vid] = loop
             _write_json(loops_path, loops)  # recorded first: the supervisor detaches what is listed
             rdev = os.stat(loop).st_rdev
-            device = str(vol.get("device") or "/dev/vdb")
-            link = f"/dev/disk/by-id/virtio-{vid[:20]}"
+            device = shlex.quote(str(vol.get("device") or "/dev/vdb"))
+            link = shlex.quote(f"/dev/disk/by-id/virtio-{vid[:20]}")
+            # As at boot, a volume listed in the node's /etc/fstab (labctl's mount step adds it) is mounted again.
             script = (f"mknod -m 660 {device} b {os.major(rdev)} {os.minor(rdev)} && "
-                      f"ln -sfn ../../{os.path.basename(device)} {link}")
+                      f"ln -sfn ../../{shlex.quote(os.path.basename(str(vol.get('device') or 'vdb')))} {link} && "
+                      f"{{ u=$(blkid -s UUID -o value {device}) && [ -n \"$u\" ] && "
+                      f"mp=$(awk -v u=\"UUID=$u\" '$1 == u {{ print $2; exit }}' /etc/fstab) && [ -n \"$mp\" ] && "
+                      f"mkdir -p \"$mp\" && mount {device} \"$mp\" || true; }}")
             subprocess.run(machine.wrap_root(["/bin/sh", "-c", script]), check=True, capture_output=True,
                            env={"PATH": PATH})
 
