@@ -13,7 +13,17 @@ from datetime import datetime
 from typing import Any
 
 from labctl.testbed.gce import world as w
-from labctl.testbed.gce.common import USER, ApiError, Call, check_project, idempotent, invalid, scaled, zone_param
+from labctl.testbed.gce.common import (
+    USER,
+    ApiError,
+    Call,
+    check_project,
+    get_stored,
+    idempotent,
+    invalid,
+    scaled,
+    zone_param,
+)
 from labctl.testbed.gce.world import Db
 
 MIN_LIMIT = 30.0  # seconds
@@ -105,9 +115,7 @@ def instances_set_scheduling(call: Call) -> dict:
     body = call.json()
 
     def perform(db: Db) -> dict:
-        from labctl.testbed.gce.instances import get_instance
-
-        inst = get_instance(db, call, zone, call.params["name"])
+        inst = get_stored(db, call, "instance", f"zones/{zone}", "instances")
         scheduling, limit = check_scheduling(body, "resource", db.now)
         status = w.instance_status(inst, db.now)
         if status != "TERMINATED":
