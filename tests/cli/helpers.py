@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 from unittest import mock
 
 from labctl.state import DeploymentRecord, StateStore
@@ -60,3 +61,23 @@ def seed(store: StateStore, dep_id: str, name: str, lab: str, *, owner: str = "s
         store.record_resource(dep_id, "floating_ip:node-1", "created", "fip-1", {"floating_ip": floating_ip},
                               kind="floating_ip", name=f"{dep_id}-node-1-fip")
     return dep
+
+
+def write_roster(tmp_path: Path, students: tuple[str, ...]) -> tuple[Path, dict[str, Path]]:
+    """roster.csv in `tmp_path` with a fresh ed25519 key per student: (its path, {student: private key path})."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    keys, lines = {}, ["student_id,name,email,ssh_public_key"]
+    for sid in students:
+        key = ed25519.Ed25519PrivateKey.generate()
+        path = tmp_path / f"{sid}.key"
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+        keys[sid] = path
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        lines.append(f"{sid},{sid.title()} Doe,{sid}@example.edu,{public.decode()}")
+    roster = tmp_path / "roster.csv"
+    roster.write_text("\n".join(lines) + "\n")
+    return roster, keys

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.cli.helpers import write_roster
 from tests.e2e.helpers import LABCTL, REPO, run
 
 pytestmark = pytest.mark.slow
@@ -94,27 +95,8 @@ def test_up_on_a_terminal_ends_on_a_final_frame(labctl_env):
     run(labctl_env, "down", "hello")
 
 
-def _roster(tmp_path: Path, students: tuple[str, ...]) -> tuple[Path, dict[str, Path]]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    keys, lines = {}, ["student_id,name,email,ssh_public_key"]
-    for sid in students:
-        key = ed25519.Ed25519PrivateKey.generate()
-        path = tmp_path / f"{sid}.key"
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
-        path.chmod(0o600)
-        keys[sid] = path
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        lines.append(f"{sid},{sid.title()} Doe,{sid}@example.edu,{public.decode()}")
-    roster = tmp_path / "roster.csv"
-    roster.write_text("\n".join(lines) + "\n")
-    return roster, keys
-
-
 def test_class_up_piped_says_what_next_and_every_printed_command_works(labctl_env, tmp_path):
-    roster, keys = _roster(tmp_path, ("alice", "bob"))
+    roster, keys = write_roster(tmp_path, ("alice", "bob"))
     up = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "ml-sys")
     lines = up.stdout.splitlines()
     assert lines[0] == "ml-sys/hello: 2 up at sim:kvm@tacc"
