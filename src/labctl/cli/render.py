@@ -58,7 +58,8 @@ def _s(value: object) -> str:
 
 # Stages still under way; on success the final frame shows what each came to, on failure that it stopped.
 _FINISHED = {"creating": "created", "deleting": "deleted", "checking": "ok", "waiting": "ready",
-             "building": "built", "ssh-wait": "ssh-ready"}
+             "building": "built", "ssh-wait": "ssh-ready", "attaching": "attached", "pending": "ready",
+             "lease pending": "lease active"}
 
 
 def shown_stage(stage: str, detail: str) -> tuple[str, str]:
