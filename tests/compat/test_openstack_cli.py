@@ -77,6 +77,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             if line.startswith("# SSH:"):
                 break
         settings = exports("".join(lines))
+        assert "OS_AUTH_URL" in settings, f"labctl testbed serve printed no openrc:\n{''.join(lines)}"
         env = {**base, **{k: v for k, v in settings.items() if k.startswith("OS_")}}
         yield Served(World(state_dir, float(SCALE)), settings, env)
     finally:
