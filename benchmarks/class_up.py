@@ -1,22 +1,25 @@
 """`labctl class up` for a whole class on the emulated testbed, next to a python-chi notebook loop.
 
 Provisions `--students` environments of `--lab` with labctl's class mode (in-process: `classroom.class_up`)
-against a fresh emulated site where every API call takes `--latency` realistic seconds and labctl may send
-at most `--rate` realistic calls per second, all in scaled time (`--time-scale`). Then provisions
+at one or more emulated Chameleon sites (`--site`, comma-separated) where every API call takes `--latency`
+realistic seconds and labctl may send at most `--rate` realistic calls per second per site, all in scaled
+time (`--time-scale`, default 0.1: lease start 3 s, VM boot 6 s, 30 ms per call). Then provisions
 `--baseline-students` of them one after another with python-chi, as a course notebook loop does, on another
-fresh world, and extrapolates that linearly to `--students`. Prints, for both: wall time, the lower bound
-that the latencies and the rate limit allow, their ratio, API calls per environment and peak memory, then
-the speed-up. Tears labctl's class down with `class_down` and exits 1 if the world still holds anything of
-labctl's (or a student was not provisioned).
+fresh world at the same settings, and extrapolates that linearly to `--students`. Prints, for both: wall
+time, the lower bound that the latencies and the rate limit allow, their ratio, API calls per environment,
+CPU per API call and peak memory, then the speed-up, and the SSH phase on its own. Tears labctl's class down
+with `class_down` and exits 1 if the world still holds anything of labctl's (or a student was not
+provisioned). `--json FILE` writes the summary.
 
-Usage: python benchmarks/class_up.py [--students 200] [--time-scale 0.01] [--latency 0.3] [--rate 10]
+Usage: python benchmarks/class_up.py [--students 200] [--time-scale 0.1] [--latency 0.3] [--rate 10]
                                      [--concurrency 32] [--baseline-students 10] [--lab hello]
-                                     [--site sim:kvm@tacc] [--tracemalloc]
+                                     [--site sim:kvm@tacc[,sim:chi@uc]] [--json FILE] [--tracemalloc]
 
-Each run happens in a fresh interpreter of its own (this script, with `--role`), so that its peak RSS is
-its own and the two runs share no module state; the emulated testbed (HTTP APIs and SSH nodes) is served
-inside that interpreter, as `labctl class up --site sim` does. Everything listens and connects on 127.0.0.1
-only (a guard in each run refuses any other address). See benchmarks/README.md for the lower bound.
+Each run (labctl, python-chi) happens in a fresh interpreter of its own (this script, with `--role`), and the
+emulated clouds it talks to are served by other processes over the same world directory, as `labctl testbed
+serve` serves them: one process per emulated site for its HTTP APIs, one for the nodes' SSH. So each client's
+CPU time and peak RSS are its own, and the emulators' are reported apart. Everything listens and connects on
+127.0.0.1 only (a guard in each process refuses any other address). See benchmarks/README.md for the bound.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -51,27 +55,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--students", type=int, default=200, help="class size for labctl (default 200)")
-    p.add_argument("--time-scale", type=float, default=0.01,
-                   help="emulated seconds per realistic second (default 0.01: a 60 s boot takes 0.6 s)")
+    p.add_argument("--time-scale", type=float, default=0.1,
+                   help="emulated seconds per realistic second (default 0.1: a 60 s boot takes 6 s; "
+                        "0.01 is a stress setting where the emulators' CPU dominates)")
     p.add_argument("--latency", type=float, default=0.3, help="realistic seconds per API call (default 0.3)")
     p.add_argument("--rate", type=float, default=10.0,
                    help="realistic API calls per second allowed per site (default 10); labctl gets rate/scale")
-    p.add_argument("--concurrency", type=int, default=32, help="labctl environments in flight (default 32)")
+    p.add_argument("--concurrency", type=int, default=32,
+                   help="labctl environments in flight per site (default 32)")
     p.add_argument("--baseline-students", type=int, default=10,
                    help="students the python-chi loop provisions; extrapolated linearly (default 10, 0 = skip)")
-    p.add_argument("--lab", default="hello", help="a single-node lab (default hello: KVM flavor lease + VM + FIP)")
-    p.add_argument("--site", default="sim:kvm@tacc", help="an emulated Chameleon site (default sim:kvm@tacc)")
+    p.add_argument("--lab", default="hello",
+                   help="a single-node lab or a profile file (default hello: KVM flavor lease + VM + FIP)")
+    p.add_argument("--site", default="sim:kvm@tacc",
+                   help="emulated Chameleon site(s), comma-separated; students are spread over them "
+                        "(default sim:kvm@tacc)")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the summary as JSON to FILE")
     p.add_argument("--tracemalloc", action="store_true",
                    help="also report tracemalloc's peak (slows allocation-heavy code, so wall times grow)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (worlds, state, logs)")
-    p.add_argument("--role", choices=("labctl", "baseline"), help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=("labctl", "baseline", "emulator"), help=argparse.SUPPRESS)
     p.add_argument("--roster", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--emulators", help=argparse.SUPPRESS)  # JSON: {"endpoints": {site: url}, "ssh_port": N}
+    p.add_argument("--serve", help=argparse.SUPPRESS)  # emulator role: "ssh" or the real site it serves
+    p.add_argument("--ready", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.students < 1 or a.baseline_students < 0 or a.time_scale <= 0 or a.rate <= 0 or a.latency < 0:
         p.error("--students >= 1, --baseline-students >= 0, --time-scale > 0, --rate > 0, --latency >= 0")
-    if not a.site.startswith("sim:"):
-        p.error("--site must be an emulated Chameleon site, e.g. sim:kvm@tacc")
+    a.sites = [s.strip() for s in a.site.split(",")]
+    if not all(s.startswith("sim:") for s in a.sites) or len(set(a.sites)) != len(a.sites):
+        p.error("--site takes distinct emulated Chameleon sites, e.g. sim:kvm@tacc or sim:kvm@tacc,sim:chi@uc")
     return a
 
 
@@ -177,7 +191,8 @@ def lab_shape(lab: str, site_name: str, scale: float) -> dict[str, Any]:
     the lifecycle delay of each kind at this time scale, and the node's image and types."""
     from labctl import service
     from labctl.plan import build_plan
-    from labctl.testbed.openstack import catalog, model
+    from labctl.testbed.openstack import catalog
+    from labctl.testbed.openstack.model import base as model
 
     prof, site = service.load(lab, site_name)
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkKvZ0Qz2Zl7uF6yN1dYx3dQ3bVQ3bVQ3bVQ3bVQ3bV bench"
@@ -232,23 +247,30 @@ def leftovers(world: Any, site: str, marker: str) -> dict[str, list[str]]:
     return left
 
 
-def lower_bound(shape: dict[str, Any], calls_by_label: dict[str, int], envs: int, total_requests: float,
+def lower_bound(shapes: list[dict[str, Any]], calls_by_label: dict[str, int], envs: int, busiest_site_requests: float,
                 latency_s: float, rate_s: float) -> dict[str, Any]:
-    """max(critical path of one environment, all requests / rate); see the README for the derivation."""
-    path, chain = 0.0, []
-    for level in shape["levels"]:
-        best_kind, best_cost, best_calls = None, -1.0, 0.0
-        for kind in level:
-            calls = calls_by_label.get(kind, 0) / envs / max(1, shape["per_kind"].get(kind, 1))
-            cost = calls * latency_s + shape["delays"].get(kind, 0.0)
-            if cost > best_cost:
-                best_kind, best_cost, best_calls = kind, cost, calls
-        path += best_cost
-        chain.append((best_kind, round(best_calls, 2), round(shape["delays"].get(best_kind, 0.0), 4)))
-    seq_calls = sum(c for _, c, _ in chain)
-    rate_term = total_requests / rate_s
-    return {"bound": max(path, rate_term), "path": path, "rate_term": rate_term, "chain": chain,
-            "sequential_calls": seq_calls, "delays": sum(d for _, _, d in chain)}
+    """max(critical path of one environment at the slowest site, the busiest site's requests / its rate); see
+    the README for the derivation."""
+    best: dict[str, Any] | None = None
+    for shape in shapes:
+        path, chain = 0.0, []
+        for level in shape["levels"]:
+            best_kind, best_cost, best_calls = None, -1.0, 0.0
+            for kind in level:
+                calls = calls_by_label.get(kind, 0) / envs / max(1, shape["per_kind"].get(kind, 1))
+                cost = calls * latency_s + shape["delays"].get(kind, 0.0)
+                if cost > best_cost:
+                    best_kind, best_cost, best_calls = kind, cost, calls
+            path += best_cost
+            chain.append((best_kind, round(best_calls, 2), round(shape["delays"].get(best_kind, 0.0), 4)))
+        if best is None or path > best["path"]:
+            best = {"path": path, "chain": chain, "site": shape["real_site"]}
+    assert best is not None
+    chain = best["chain"]
+    rate_term = busiest_site_requests / rate_s
+    return {"bound": max(best["path"], rate_term), "path": best["path"], "rate_term": rate_term, "chain": chain,
+            "site": best["site"], "sequential_calls": sum(c for _, c, _ in chain),
+            "delays": sum(d for _, _, d in chain)}
 
 
 def write_result(path: str, data: dict[str, Any]) -> None:
@@ -259,9 +281,165 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+# ================================================================================ the emulators' processes
+class ServedTestbed:
+    """The emulated clouds as labctl's adapters and this benchmark see a `Testbed`, served by other processes
+    over one world directory: each site's HTTP APIs by its own process, every node's SSH by another."""
+
+    def __init__(self, state_dir: str, endpoints: dict[str, str], ssh_port: int) -> None:
+        from labctl.testbed.world import World
+
+        self.world = World(state_dir)  # the same world on disk: credentials, request log, capacity
+        self.endpoints = endpoints
+        self.ssh_port = ssh_port
+        self.ssh_elsewhere = True
+
+    def endpoint(self, site: str) -> str:
+        from labctl.testbed.openstack import catalog
+
+        return self.endpoints[catalog.resolve_site(site).name]
+
+    def site_url(self, site: str) -> str:
+        from labctl.testbed.openstack import catalog
+
+        return f"{self.endpoint(site)}/{catalog.resolve_site(site).slug}"
+
+    def auth_url(self, site: str) -> str:
+        return f"{self.site_url(site)}/identity/v3"
+
+    @property
+    def refapi_url(self) -> str:
+        return f"{next(iter(self.endpoints.values()))}/refapi"
+
+    def os_env(self, site: str) -> dict[str, str]:
+        from labctl.testbed.openstack import catalog
+
+        creds = self.world.credentials
+        return {"OS_AUTH_TYPE": "v3applicationcredential", "OS_AUTH_URL": self.auth_url(site),
+                "OS_IDENTITY_API_VERSION": "3", "OS_REGION_NAME": catalog.resolve_site(site).region,
+                "OS_INTERFACE": "public", "OS_APPLICATION_CREDENTIAL_ID": creds.app_cred_id,
+                "OS_APPLICATION_CREDENTIAL_SECRET": creds.app_cred_secret}
+
+    def wait_ssh(self, address: str, port: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                if sock.connect_ex((address, int(port))) == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no SSH listener on {address}:{port} after {timeout:g}s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Nothing to stop here: the parent stops the emulators' processes."""
+
+
+def run_emulator(a: argparse.Namespace) -> int:
+    """Child: serve one site's HTTP APIs (or, with `--serve ssh`, every node's SSH) over the world until SIGTERM;
+    then write this process's CPU time and peak RSS."""
+    loopback_only()
+    from labctl.testbed.server import Testbed
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ssh = a.serve == "ssh"
+    tb = Testbed.start(os.environ["LABCTL_TESTBED_DIR"], time_scale=a.time_scale, ssh=ssh, shared_ssh_port=ssh)
+    if ssh:
+        tb.slow_ssh_polls(0.05)  # a node answers SSH within 50 ms of becoming reachable
+    cpu0 = cpu_seconds()
+    write_result(a.ready, {"endpoint": tb.endpoint, "ssh_port": tb.ssh_port})
+    stop.wait()
+    cpu = cpu_seconds() - cpu0
+    tb.stop()
+    write_result(a.result, {"serves": a.serve, "cpu": cpu, "peak_rss_mib": peak_rss_mib()})
+    return 0
+
+
+class Emulators:
+    """The emulators' processes for one run: one per site, one for SSH (the parent's side)."""
+
+    def __init__(self, root: Path, role: str, sites: list[str], scale: float) -> None:
+        self.root, self.role, self.scale = root, role, scale
+        self.dir = root / role / "emulators"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.sites = [s.split(":", 1)[1] for s in sites]
+
+    def start(self) -> Path:
+        """Start them, wait until each serves; return the file the client reads the endpoints from."""
+        endpoints: dict[str, str] = {}
+        ssh_port = 0
+        for serves in [*self.sites, "ssh"]:
+            ready = self.dir / f"{serves}.ready.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "emulator", "--serve", serves,
+                   "--time-scale", repr(self.scale), "--ready", str(ready),
+                   "--result", str(self.dir / f"{serves}.result.json")]
+            proc = subprocess.Popen(cmd, env=child_env(self.root, self.role, self.scale), cwd=self.root)
+            self.procs.append((serves, proc))
+            deadline = time.monotonic() + 120
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit(f"the emulator for {serves} did not start (exit {proc.returncode})")
+                time.sleep(0.05)
+            info = json.loads(ready.read_text())
+            if serves == "ssh":
+                ssh_port = int(info["ssh_port"])
+            else:
+                endpoints[serves] = info["endpoint"]
+        out = self.dir / "emulators.json"
+        write_result(str(out), {"endpoints": endpoints, "ssh_port": ssh_port})
+        return out
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM them all; their CPU time and peak RSS."""
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        usage: dict[str, Any] = {}
+        for serves, proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            result = self.dir / f"{serves}.result.json"
+            if result.exists():
+                usage[serves] = json.loads(result.read_text())
+        self.procs.clear()
+        return usage
+
+
+def served_testbed(a: argparse.Namespace) -> ServedTestbed:
+    info = json.loads(Path(a.emulators).read_text())
+    return ServedTestbed(os.environ["LABCTL_TESTBED_DIR"], info["endpoints"], int(info["ssh_port"]))
+
+
 # ======================================================================================= the labctl run
+def ssh_phase_alone(a: argparse.Namespace, ctx: Any, classroom: Any, roster: Path) -> float | None:
+    """The SSH phase's bound: one student's environment provisioned alone on the idle world (another course),
+    timed from its first SSH wait to the end of its setup; then deleted."""
+    one = roster.with_name("roster-one.csv")
+    with roster.open(newline="") as src, one.open("w", newline="") as dst:
+        dst.writelines(list(src)[:2])
+    began: list[float] = []
+    ended: list[float] = []
+
+    def student(sid: str, stage: str, detail: str) -> None:
+        if stage == "waiting" and detail.startswith("ssh ") and not began:
+            began.append(time.perf_counter())
+
+    opts = classroom.ClassOptions(lab=a.lab, course=f"{COURSE}-alone", sites=a.sites[:1], roster=one,
+                                  concurrency=1, rate=a.rate / a.time_scale)
+    classroom.class_up(ctx, opts, classroom.ClassEvents(
+        student=student, finished=lambda result: ended.append(time.perf_counter())))
+    classroom.class_down(ctx, a.lab, f"{COURSE}-alone", concurrency=1)
+    return ended[0] - began[0] if began and ended else None
+
+
 def run_labctl(a: argparse.Namespace) -> int:
-    """Child: `class_up` for the roster on a fresh world, then `class_down`. Env vars are set by the parent."""
+    """Child: `class_up` for the roster on a fresh world, then `class_down`. Env vars are set by the parent; the
+    emulators are other processes (`--emulators`)."""
     loopback_only()
     if a.tracemalloc:
         import tracemalloc
@@ -269,12 +447,13 @@ def run_labctl(a: argparse.Namespace) -> int:
         tracemalloc.start()
     from labctl import classroom, service
     from labctl.engine import Engine
-    from labctl.testbed.world import World
 
     scale = a.time_scale
-    shape = lab_shape(a.lab, a.site, scale)
-    world = World(os.environ["LABCTL_TESTBED_DIR"])
-    configure_world(world, shape, a.latency, a.students)
+    shapes = {site: lab_shape(a.lab, site, scale) for site in a.sites}
+    tb = served_testbed(a)
+    world = tb.world
+    for shape in shapes.values():
+        configure_world(world, shape, a.latency, a.students)
     world.clear_request_log()
 
     counter = HttpCounter()
@@ -283,22 +462,31 @@ def run_labctl(a: argparse.Namespace) -> int:
     counter.wrap(Engine, "_wait", WAIT)
 
     done: list[str] = []
+    ssh_started: dict[str, float] = {}
+    ssh_phase: list[float] = []
     started = time.perf_counter()
+
+    def student(sid: str, stage: str, detail: str) -> None:
+        if stage == "waiting" and detail.startswith("ssh ") and sid not in ssh_started:
+            ssh_started[sid] = time.perf_counter()
 
     def finished(result: Any) -> None:
         done.append(result.status)
+        if result.student_id in ssh_started:
+            ssh_phase.append(time.perf_counter() - ssh_started[result.student_id])
         if len(done) % max(1, a.students // 10) == 0 or len(done) == a.students:
             say(f"  labctl: {len(done)}/{a.students} finished ({Counter(done)}) at "
                 f"{time.perf_counter() - started:.1f} s")
 
-    ctx = service.Context.create(owner="bench")
-    opts = classroom.ClassOptions(lab=a.lab, course=COURSE, sites=[a.site], roster=Path(a.roster),
-                                  concurrency=a.concurrency, rate=a.rate / scale)
-    say(f"labctl: class up {a.lab} for {a.students} students at {a.site} (concurrency {a.concurrency}, "
-        f"rate {a.rate / scale:g}/s, latency {a.latency * scale * 1000:g} ms, time scale {scale:g})")
+    ctx = service.Context.create(owner="bench", testbed=tb)
+    opts = classroom.ClassOptions(lab=a.lab, course=COURSE, sites=a.sites, roster=Path(a.roster),
+                                  concurrency=a.concurrency, rate=a.rate / scale, spread=len(a.sites) > 1)
+    say(f"labctl: class up {a.lab} for {a.students} students at {', '.join(a.sites)} (concurrency "
+        f"{a.concurrency} per site, rate {a.rate / scale:g}/s per site, latency {a.latency * scale * 1000:g} ms, "
+        f"time scale {scale:g})")
     cpu0 = cpu_seconds()
     started = time.perf_counter()
-    results = classroom.class_up(ctx, opts, classroom.ClassEvents(finished=finished))
+    results = classroom.class_up(ctx, opts, classroom.ClassEvents(student=student, finished=finished))
     wall = time.perf_counter() - started
     cpu = cpu_seconds() - cpu0
     up_requests = site_requests(world)
@@ -314,23 +502,29 @@ def run_labctl(a: argparse.Namespace) -> int:
 
     say(f"labctl: class down {a.lab} ({a.students} environments)")
     world.clear_request_log()
+    cpu0 = cpu_seconds()
     started = time.perf_counter()
     down = classroom.class_down(ctx, a.lab, COURSE, concurrency=a.concurrency)
     down_wall = time.perf_counter() - started
+    down_cpu = cpu_seconds() - cpu0
     down_requests = len(site_requests(world))
-    left = leftovers(world, shape["real_site"], "labctl")
+    solo = ssh_phase_alone(a, ctx, classroom, Path(a.roster))
+    left = {site: leftovers(world, shape["real_site"], "labctl") for site, shape in shapes.items()}
+    left = {k: v for k, v in left.items() if v}
     left_state = [d.id for d in classroom.class_deployments(ctx, COURSE, a.lab)]
-    with contextlib.suppress(Exception):
-        ctx.testbed().stop()
 
     total = len(up_requests)
-    bound = lower_bound(shape, by_label, a.students, total, a.latency * scale, a.rate / scale)
+    per_site = Counter(r["site"] for r in up_requests)
+    bound = lower_bound(list(shapes.values()), by_label, a.students, max(per_site.values(), default=0),
+                        a.latency * scale, a.rate / scale)
     write_result(a.result, {
         "who": "labctl", "students": a.students, "wall": wall, "cpu": cpu, "requests": total,
+        "requests_by_site": dict(per_site),
         "requests_counted": sum(by_label.values()), "by_label": by_label, "statuses": dict(statuses),
         "errors": errors, "peak_rss_mib": rss, "tracemalloc_peak_mib": tm_peak,
-        "peak_rate": peak_rate(up_requests), "bound": bound, "shape": shape,
-        "down_wall": down_wall, "down_requests": down_requests,
+        "peak_rate": peak_rate(up_requests), "bound": bound, "shape": next(iter(shapes.values())),
+        "ssh_phase": sorted(ssh_phase), "ssh_phase_alone": solo,
+        "down_wall": down_wall, "down_cpu": down_cpu, "down_requests": down_requests,
         "down_statuses": dict(Counter(r.status for r in down)), "leftovers": left, "left_in_state": left_state,
     })
     return 0
@@ -357,13 +551,11 @@ def run_baseline(a: argparse.Namespace) -> int:
         import tracemalloc
 
         tracemalloc.start()
-    from labctl.testbed import Testbed
-
     scale = a.time_scale
-    shape = lab_shape(a.lab, a.site, scale)
+    shape = lab_shape(a.lab, a.sites[0], scale)
     if shape["nodes"] != 1 or shape["reservation"] not in ("flavor", "host"):
         raise SystemExit(f"the python-chi baseline supports single-node leased labs only ({a.lab} is not one)")
-    tb = Testbed.start(os.environ["LABCTL_TESTBED_DIR"], time_scale=scale, ssh=True)
+    tb = served_testbed(a)
     world = tb.world
     configure_world(world, shape, a.latency, a.baseline_students)
     real = shape["real_site"]
@@ -483,7 +675,7 @@ def run_baseline(a: argparse.Namespace) -> int:
 
     n = len(students)
     total = len(up_requests)
-    bound = lower_bound(shape, by_label, n, total / n * a.students, a.latency * scale, a.rate / scale)
+    bound = lower_bound([shape], by_label, n, total / n * a.students, a.latency * scale, a.rate / scale)
     write_result(a.result, {
         "who": "python-chi", "students": n, "wall": wall, "cpu": cpu, "requests": total,
         "requests_counted": sum(by_label.values()), "by_label": by_label, "errors": errors,
@@ -525,14 +717,69 @@ def child_env(root: Path, name: str, scale: float) -> dict[str, str]:
     return env
 
 
-def run_child(role: str, argv: list[str], root: Path, roster: Path, scale: float) -> dict[str, Any]:
+def run_child(role: str, a: argparse.Namespace, argv: list[str], root: Path, roster: Path) -> dict[str, Any]:
+    """One client run in its own interpreter, against emulators in processes of their own (the same world)."""
     result = root / f"{role}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--role", role, "--roster", str(roster),
-           "--result", str(result)]
-    proc = subprocess.run(cmd, env=child_env(root, role, scale), cwd=root)
+    sites = a.sites if role == "labctl" else a.sites[:1]
+    emulators = Emulators(root, role, sites, a.time_scale)
+    endpoints = emulators.start()
+    try:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--role", role, "--roster", str(roster),
+               "--result", str(result), "--emulators", str(endpoints)]
+        proc = subprocess.run(cmd, env=child_env(root, role, a.time_scale), cwd=root)
+    finally:
+        usage = emulators.stop()
     if proc.returncode != 0 or not result.exists():
         raise SystemExit(f"the {role} run failed (exit {proc.returncode})")
-    return json.loads(result.read_text())
+    data = json.loads(result.read_text())
+    data["emulators"] = usage
+    return data
+
+
+def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+    """The figures issue 14 asks for, as `--json` writes them."""
+    n = a.students
+    ssh = lab["ssh_phase"]
+
+    def pct(q: float) -> float | None:
+        return ssh[min(len(ssh) - 1, int(q * len(ssh)))] if ssh else None
+
+    emulator_cpu = sum(u.get("cpu", 0.0) for u in lab["emulators"].values())
+    alone = lab.get("ssh_phase_alone") or 0.0
+    # One environment cannot finish before its API path and then its SSH phase (timed alone); nor the class
+    # before the busiest site's calls have passed its rate limit.
+    bound = max(lab["bound"]["path"] + alone, lab["bound"]["rate_term"])
+    return {
+        "settings": {"students": n, "sites": a.sites, "lab": a.lab, "time_scale": a.time_scale,
+                     "latency_s": a.latency, "rate_per_s": a.rate, "concurrency_per_site": a.concurrency,
+                     "baseline_students": a.baseline_students, "commit": git_commit()},
+        "wall_s": lab["wall"], "bound_s": bound, "wall_over_bound": lab["wall"] / bound,
+        "bound_parts_s": {"api_path": lab["bound"]["path"], "ssh_alone": alone, "rate_term": lab["bound"]["rate_term"]},
+        "speedup": (base["wall"] / base["students"] * n / lab["wall"]) if base else None,
+        "calls_per_env_up": lab["requests"] / n, "calls_per_env_down": lab["down_requests"] / n,
+        "client_cpu_s": lab["cpu"], "client_cpu_ms_per_call": lab["cpu"] / max(1, lab["requests"]) * 1000,
+        "client_cpu_ms_per_env": lab["cpu"] / n * 1000,
+        "emulator_cpu_s": emulator_cpu, "emulator_cpu_ms_per_call": emulator_cpu / max(1, lab["requests"]) * 1000,
+        "peak_rss_mib": lab["peak_rss_mib"],
+        "emulator_peak_rss_mib": {k: u.get("peak_rss_mib") for k, u in lab["emulators"].items()},
+        "ssh_phase_s": {"bound": lab.get("ssh_phase_alone"), "min": ssh[0] if ssh else None, "median": pct(0.5),
+                        "p95": pct(0.95), "max": ssh[-1] if ssh else None,
+                        "p95_over_bound": (pct(0.95) or 0) / alone if alone else None},
+        "statuses": lab["statuses"], "down_statuses": lab["down_statuses"], "down_wall_s": lab["down_wall"],
+        "baseline": None if not base else {
+            "students": base["students"], "wall_s": base["wall"], "wall_per_student_s": base["wall"] / base["students"],
+            "calls_per_env": base["requests"] / base["students"],
+            "cpu_ms_per_call": base["cpu"] / max(1, base["requests"]) * 1000, "peak_rss_mib": base["peak_rss_mib"]},
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
 
 
 def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | None) -> None:
@@ -540,9 +787,9 @@ def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | No
     n = a.students
     shape = lab["shape"]
     rows = [("", "students", "wall s", "bound s", "wall/bound", "API calls/env", "peak RSS MiB", "CPU s")]
-    lb = lab["bound"]
-    rows.append(("labctl class up", f"{n}", f"{lab['wall']:.1f}", f"{lb['bound']:.2f}",
-                 f"{lab['wall'] / lb['bound']:.1f}", f"{lab['requests'] / n:.1f}", f"{lab['peak_rss_mib']:.0f}",
+    sm = summarize(a, lab, base)
+    rows.append(("labctl class up", f"{n}", f"{lab['wall']:.1f}", f"{sm['bound_s']:.2f}",
+                 f"{sm['wall_over_bound']:.2f}", f"{lab['requests'] / n:.1f}", f"{lab['peak_rss_mib']:.0f}",
                  f"{lab['cpu']:.1f}"))
     if base:
         m = base["students"]
@@ -586,11 +833,23 @@ def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | No
                   f"{res['requests_counted']})")
     print()
     print(f"labctl: {lab['statuses']}, CPU {lab['cpu']:.1f} s in {lab['wall']:.1f} s wall "
-          f"({lab['cpu'] / lab['wall']:.0%} of one core; {lab['cpu'] / max(1, lab['requests']) * 1000:.1f} ms CPU per "
-          f"API call, client and emulator together); peak API rate {lab['peak_rate'] * scale:.1f} realistic calls/s "
-          f"(limit {a.rate:g}), average {lab['requests'] / lab['wall'] * scale:.2f}")
-    if lab["errors"]:
-        print(f"labctl errors: {lab['errors']}")
+          f"({lab['cpu'] / lab['wall']:.0%} of one core; {sm['client_cpu_ms_per_call']:.1f} ms CPU per API call, "
+          f"{sm['client_cpu_ms_per_env']:.0f} ms per environment, labctl's process alone, SSH and setup included); "
+          f"peak API rate {lab['peak_rate'] * scale:.1f} realistic calls/s (limit {a.rate:g} per site), "
+          f"average {lab['requests'] / lab['wall'] * scale:.2f}")
+    print(f"emulators (their own processes): CPU {sm['emulator_cpu_s']:.1f} s, "
+          f"{sm['emulator_cpu_ms_per_call']:.1f} ms per API call; peak RSS "
+          + ", ".join(f"{k} {v:.0f} MiB" for k, v in sm["emulator_peak_rss_mib"].items() if v is not None))
+    ph = sm["ssh_phase_s"]
+    if ph["min"] is not None:
+        print(f"SSH phase per environment (first SSH wait to setup done: wait for the node, pin its host key, "
+              f"{shape['setup_steps']} setup steps): alone {ph['bound'] or 0:.2f} s (its bound: one environment "
+              f"provisioned alone on the idle world); in the class: min {ph['min']:.2f} s, median "
+              f"{ph['median']:.2f} s, p95 {ph['p95']:.2f} s, max {ph['max']:.2f} s"
+              + (f"; p95/bound {ph['p95_over_bound']:.1f}" if ph["p95_over_bound"] else ""))
+    print(f"labctl class up: wall {sm['wall_s']:.1f} s against a bound of {sm['bound_s']:.2f} s = max(API path "
+          f"{sm['bound_parts_s']['api_path']:.2f} s + SSH phase alone {sm['bound_parts_s']['ssh_alone']:.2f} s, "
+          f"rate term {sm['bound_parts_s']['rate_term']:.2f} s): {sm['wall_over_bound']:.2f}x")
     print(f"labctl setup over SSH per student: the student's key + {shape['setup_steps']} steps of '{a.lab}'"
           + (f", of which {', '.join(shape['skipped_steps'])} skipped on sim (would change the host)"
              if shape["skipped_steps"] else "") + "; SSH time is not in the lower bound")
@@ -598,7 +857,7 @@ def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | No
         print(f"python-chi per student: key pair, lease (wait ACTIVE), server (wait ACTIVE), floating IP, TCP "
               f"check of the emulated SSH port ({base['connectivity']}); no security group, no setup"
               + (f"; errors: {base['errors']}" if base["errors"] else ""))
-        print("peak RSS includes the emulated testbed (HTTP APIs and SSH nodes) served in the same process"
+        print("peak RSS is each client's process alone (the emulators run in their own processes)"
               + ("" if not a.tracemalloc else
                  f"; tracemalloc peak: labctl {lab['tracemalloc_peak_mib']:.0f} MiB, "
                  f"python-chi {base['tracemalloc_peak_mib']:.0f} MiB"))
@@ -616,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_labctl(a)
     if a.role == "baseline":
         return run_baseline(a)
+    if a.role == "emulator":
+        return run_emulator(a)
     passthrough = ["--students", str(a.students), "--time-scale", repr(a.time_scale), "--latency", repr(a.latency),
                    "--rate", repr(a.rate), "--concurrency", str(a.concurrency), "--baseline-students",
                    str(a.baseline_students), "--lab", a.lab, "--site", a.site]
@@ -626,9 +887,12 @@ def main(argv: list[str] | None = None) -> int:
         roster = root / "roster.csv"
         make_roster(roster, max(a.students, a.baseline_students))
         started = time.perf_counter()
-        lab = run_child("labctl", passthrough, root, roster, a.time_scale)
-        base = run_child("baseline", passthrough, root, roster, a.time_scale) if a.baseline_students else None
+        lab = run_child("labctl", a, passthrough, root, roster)
+        base = run_child("baseline", a, passthrough, root, roster) if a.baseline_students else None
         report(a, lab, base)
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(summarize(a, lab, base), indent=1) + "\n")
+            print(f"summary written to {a.json_out}")
         print(f"benchmark wall time: {time.perf_counter() - started:.0f} s")
     finally:
         if a.keep:
