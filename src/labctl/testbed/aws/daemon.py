@@ -218,8 +218,8 @@ def _idle_seconds() -> float:
 
 def in_use() -> str | None:
     """What this moto process holds that a deployment may still need (an instance not terminated, a volume, a
-    VPC of its own, a key pair, an Elastic IP, a bucket), in a few words; None when nothing. Read in the
-    daemon's own process, from moto's backends: no request, so asking does not count as use."""
+    VPC or security group of its own, a key pair, an Elastic IP, a bucket), in a few words; None when nothing.
+    Read in the daemon's own process, from moto's backends: no request, so asking does not count as use."""
     from moto.ec2.models import ec2_backends
     from moto.s3.models import s3_backends
 
@@ -234,6 +234,8 @@ def in_use() -> str | None:
                         return f"{what} in {region}"
                 if any(not v.is_default for v in list(ec2.vpcs.values())):
                     return f"VPCs in {region}"
+                if any(g.name != "default" for by_vpc in list(ec2.groups.values()) for g in list(by_vpc.values())):
+                    return f"security groups in {region}"
         for by_partition in list(dict.values(s3_backends)):
             if any(s3.buckets for s3 in list(dict.values(by_partition))):
                 return "S3 buckets"
