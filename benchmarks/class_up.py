@@ -335,6 +335,40 @@ class ServedTestbed:
         """Nothing to stop here: the parent stops the emulators' processes."""
 
 
+def profile_threads() -> list[Any]:
+    """cProfile every thread started from now on (one profiler per thread: cProfile sees only its own)."""
+    import cProfile
+
+    profiles: list[Any] = []
+
+    def start(*_: Any) -> None:
+        profile = cProfile.Profile()
+        profiles.append(profile)
+        profile.enable()  # replaces this hook in the new thread
+
+    threading.setprofile(start)
+    return profiles
+
+
+def dump_profiles(profiles: list[Any], out: Path) -> None:
+    """Every thread's profile, merged, as a pstats file (`python -m pstats FILE`)."""
+    import pstats
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stats = None
+    for profile in list(profiles):
+        profile.disable()
+        profile.create_stats()
+        if not profile.stats:
+            continue
+        if stats is None:
+            stats = pstats.Stats(profile)
+        else:
+            stats.add(profile)
+    if stats is not None:
+        stats.dump_stats(str(out))
+
+
 def run_emulator(a: argparse.Namespace) -> int:
     """Child: serve one site's HTTP APIs (or, with `--serve ssh`, every node's SSH) over the world until SIGTERM;
     then write this process's CPU time and peak RSS."""
@@ -347,11 +381,14 @@ def run_emulator(a: argparse.Namespace) -> int:
     tb = Testbed.start(os.environ["LABCTL_TESTBED_DIR"], time_scale=a.time_scale, ssh=ssh, shared_ssh_port=ssh)
     if ssh:
         tb.slow_ssh_polls(0.05)  # a node answers SSH within 50 ms of becoming reachable
+    profiles = profile_threads() if os.environ.get("LABCTL_BENCH_PROFILE") else None
     cpu0 = cpu_seconds()
     write_result(a.ready, {"endpoint": tb.endpoint, "ssh_port": tb.ssh_port})
     stop.wait()
     cpu = cpu_seconds() - cpu0
     tb.stop()
+    if profiles is not None:
+        dump_profiles(profiles, Path(os.environ["LABCTL_BENCH_PROFILE"]) / f"emulator-{a.serve}.prof")
     write_result(a.result, {"serves": a.serve, "cpu": cpu, "peak_rss_mib": peak_rss_mib()})
     return 0
 
