@@ -57,19 +57,23 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Runs as PID 1 of the node's namespaces (as root), before anything else: build the node's root, pivot into it.
 _SETUP = r"""
 set -eu
+umask 022
 hostname "$NODE_NAME"
 R="$M/rootfs"
 mkdir -p "$R"
+chmod 755 "$R"
 mount --bind "$R" "$R"
 for d in $OVERLAID; do
   [ -d "/$d" ] || continue
   mkdir -p "$M/upper/$d" "$M/work/$d" "$R/$d"
+  chmod --reference="/$d" "$M/upper/$d"; chown --reference="/$d" "$M/upper/$d"  # the top's mode is the upper's
   mount -t overlay overlay -o "lowerdir=/$d,upperdir=$M/upper/$d,workdir=$M/work/$d" "$R/$d"
 done
 for l in bin lib lib32 lib64 libx32 sbin; do
   if [ -L "/$l" ] && [ ! -e "$R/$l" ]; then ln -s "$(readlink "/$l")" "$R/$l"; fi
 done
 mkdir -p "$R/home/$NODE_USER" "$R/root" "$R/tmp" "$R/run" "$R/dev" "$R/proc" "$R/sys" "$R/mnt" "$R/media"
+chmod 755 "$R/home" "$R/mnt" "$R/media"
 chmod 700 "$R/root"
 mount --bind "$NODE_HOME" "$R/home/$NODE_USER"
 chmod 1777 "$R/tmp"

@@ -198,7 +198,13 @@ class Served:
             raise
         self.tb.slow_ssh_polls(0.25)  # a node answers SSH at most 0.25 s after it became reachable
         self.ports = {"chameleon": self.tb.port, "gce": self.gce.port,
-                      "aws": int(self.aws.endpoint.rsplit(":", 1)[1]), "ssh": int(self.tb.ssh_port or 0)}
+                      "aws": int(self.aws.endpoint.rsplit(":", 1)[1]), "ssh": self._ssh_port()}
+
+    def _ssh_port(self) -> int:
+        """22 when this world's floating IPs answer there (`labctl.testbed.ssh_port22`), else the world's port."""
+        from labctl.testbed import ssh_port22
+
+        return ssh_port22.PORT if ssh_port22.held_by(self.state_dir) else int(self.tb.ssh_port or 0)
 
     def settings(self, site: str = "chi@tacc") -> str:
         """Shell lines for each cloud's usual client (secrets included: for the owner's terminal or env.sh)."""

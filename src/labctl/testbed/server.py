@@ -400,7 +400,7 @@ class Testbed:
                     "start the testbed with ssh=False to run without SSH nodes"
                 ) from e
             tb.ssh_port = world.ssh_port if shared_ssh_port else _free_port()
-            tb._ssh = SSHNodes(world, port=tb.ssh_port)
+            tb._ssh = SSHNodes(world, port=tb.ssh_port, port22=shared_ssh_port or None)
             try:
                 tb._ssh.start()
             except BaseException:

@@ -205,8 +205,12 @@ class SSHNodes:
     """Serves SSH for every emulated node of `world` that is ACTIVE with a floating IP."""
 
     def __init__(self, world, poll_interval: float = 0.05, port: int | None = None,
-                 machines: bool | None = None) -> None:
+                 machines: bool | None = None, port22: bool | None = None) -> None:
         self.world = world
+        # Port 22 of the floating IPs too (`labctl.testbed.ssh_port22`): True = claim it for this world (`labctl
+        # testbed serve`), None = share the claim this process holds for the same world, False = never.
+        self.want_port22 = port22
+        self._port22: Any = None
         # Nodes as machines (`labctl.testbed.node_machine`): None = wherever this host can, False = never.
         self.want_machines = machines
         # Each labctl process serves the nodes on a port of its own (`port`), so that a connection is never
@@ -237,6 +241,14 @@ class SSHNodes:
         if self.machines is None and self.want_machines is not False and node_machine.nodes_are_machines():
             self.machines = node_machine.NodeMachines()
             self.machine_session = machine_session_class()
+        if self.want_port22 is not False and self._port22 is None:
+            from labctl.testbed import ssh_port22
+
+            world_dir = getattr(self.world, "state_dir", None)
+            if self.want_port22:
+                self._port22 = ssh_port22.claim(str(world_dir)) if world_dir is not None else None
+            else:
+                self._port22 = ssh_port22.join(world_dir)
         self._started.clear()
         self._thread = threading.Thread(target=self._run, name="labctl-sshd", daemon=True)
         self._thread.start()
@@ -251,6 +263,14 @@ class SSHNodes:
             loop.call_soon_threadsafe(self._stopping.set)
         thread.join(timeout)
         self._thread = None
+        if self._port22 is not None:
+            self._port22.release()
+            self._port22 = None
+
+    @property
+    def port22(self) -> bool:
+        """Whether the floating IPs answer SSH on port 22 too."""
+        return self._port22 is not None
 
     def __enter__(self) -> SSHNodes:
         return self.start()
@@ -369,6 +389,8 @@ class SSHNodes:
         for t in targets:
             if t.get("address"):
                 wanted[(str(t["address"]), int(t["port"]))] = t
+                if self._port22 is not None:
+                    wanted[(str(t["address"]), 22)] = t
             if t.get("internal_address"):
                 wanted[(str(t["internal_address"]), int(t["port"]))] = t
         for key in list(self._nodes):
