@@ -62,9 +62,7 @@ class ChameleonProvider(Session):
         # Authenticates (a wrong secret fails here, before anything is created) and checks the images.
         self.call("authenticate", lambda: self.conn.authorize())
         for image in sorted({n.image for n in plan.nodes}):
-            if self.lookup(f"image:{image}", f"find image {image}",
-                           lambda im=image: self.conn.image.find_image(im)) is None:
-                raise UserError(f"{self.site.name}: image '{image}' not found at this site")
+            self.image(image)
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
         found = self.handlers[res.kind].find(res, plan)

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from labctl.errors import UserError
 from labctl.providers.base import Found, create_or_adopt
@@ -18,7 +18,7 @@ from labctl.providers.chameleon.session import BLAZAR_DATE, TABLE, Session, iso_
 from labctl.providers.kit import Handler
 
 if TYPE_CHECKING:
-    from labctl.plan import Plan, Resource
+    from labctl.plan import Plan, ReservationSpec, Resource
 
 LEASE_DONE = ("TERMINATED", "DELETED", "DELETING", "TERMINATING")
 
@@ -33,7 +33,7 @@ class Leases(Handler):
         return next((lease_found(x) for x in leases if x["name"] == res.name and x["status"] not in LEASE_DONE), None)
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        s, spec = self.ctx, res.spec
+        s, spec = self.ctx, cast("ReservationSpec", res.spec)
         count = spec["count"]
         if spec["kind"] == "host":
             reservation: dict[str, Any] = {

@@ -10,27 +10,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from labctl.errors import CloudError, Conflict
 from labctl.providers.base import Found, converge_created, create_or_adopt, create_or_find
 from labctl.providers.chameleon.session import TABLE, Listed, Session, deployment_of, description
 
 if TYPE_CHECKING:
-    from labctl.plan import Plan, Resource
+    from labctl.plan import Plan, Resource, ServerNetwork, SubnetSpec
 
 log = logging.getLogger(__name__)
-
-
-class Made(Listed):
-    """A kind `create` makes once, with what `fields` adds to its name and description."""
-
-    def fields(self, res: Resource, deps: Mapping[str, Found]) -> dict[str, Any]:
-        return {}
-
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        return self.ctx.found_before_create(res, plan) or self.found(self.api(
-            "create", name=res.name, description=description(plan.deployment), **self.fields(res, deps)))
 
 
 @TABLE.handler("port")
@@ -42,22 +31,22 @@ class Ports(Listed):
 
 
 @TABLE.handler("network")
-class Networks(Made):
+class Networks(Listed):
     sdk = "network"
 
-    def fields(self, res: Resource, deps: Mapping[str, Found]) -> dict[str, Any]:
+    def fields(self, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> dict[str, Any]:
         return {"port_security_enabled": res.spec["port_security"]}
 
 
 @TABLE.handler("subnet")
-class Subnets(Made):
+class Subnets(Listed):
     sdk = "subnet"
 
     def found(self, item: Any) -> Found:
         return Found("subnet", item.id, item.name, attrs={"network_id": item.network_id, "cidr": item.cidr})
 
-    def fields(self, res: Resource, deps: Mapping[str, Found]) -> dict[str, Any]:
-        spec = res.spec
+    def fields(self, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> dict[str, Any]:
+        spec = cast("SubnetSpec", res.spec)
         return {"network_id": deps[spec["network"]].cloud_id, "ip_version": 4, "cidr": spec["cidr"],
                 "gateway_ip": spec["gateway_ip"], "enable_dhcp": True, "allocation_pools": spec["allocation_pools"]}
 
@@ -193,7 +182,7 @@ class FloatingIps(Listed):
         return found
 
 
-def ensure_port(s: Session, node: str, net: Mapping[str, Any], deps: Mapping[str, Found], plan: Plan) -> str:
+def ensure_port(s: Session, node: str, net: ServerNetwork, deps: Mapping[str, Found], plan: Plan) -> str:
     """The node's port on a private network: the one an earlier (crashed) run made, else a new one."""
     network_id = deps[net["network"]].cloud_id
     ports = s.call("list ports", lambda: list(s.conn.network.ports(name=net["port_name"], network_id=network_id)))

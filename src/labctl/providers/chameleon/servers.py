@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from labctl import naming
-from labctl.errors import CloudError, UserError
+from labctl.errors import CloudError
 from labctl.providers.base import Found, create_or_adopt, create_or_find
 from labctl.providers.chameleon.network import ensure_port
 from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed
@@ -18,7 +18,7 @@ from labctl.providers.kit import poll_until
 from labctl.redact import clean
 
 if TYPE_CHECKING:
-    from labctl.plan import Plan, Resource
+    from labctl.plan import KeypairSpec, Plan, Resource, ServerSpec
 
 NODE_TYPE = "labctl:node_type"  # server metadata: the node type or flavor it runs as
 
@@ -36,12 +36,16 @@ class Keypairs(Listed):
     def find(self, res: Resource, plan: Plan) -> Found | None:
         # One GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404).
         kp = self.ctx.call("get keypair", lambda: self.ctx.conn.compute.get_keypair(res.name), missing_ok=True)
-        if kp is not None and kp.public_key and kp.public_key.split()[:2] != res.spec["public_key"].split()[:2]:
+        if kp is None:
+            return None
+        if kp.public_key and kp.public_key.split()[:2] != cast("KeypairSpec", res.spec)["public_key"].split()[:2]:
             return Found("keypair", res.name, res.name, status="error", error="the key pair holds another key")
-        return None if kp is None else self.found(kp)
+        return self.found(kp)
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        key = " ".join([*res.spec["public_key"].split()[:2], *(f"{k}={v}" for k, v in plan.tags.items())])
+        # labctl's tags as the key's comment: the only mark of ownership a Nova key pair can keep.
+        tags = (f"{k}={v}" for k, v in plan.tags.items())
+        key = " ".join([*cast("KeypairSpec", res.spec)["public_key"].split()[:2], *tags])
 
         def create() -> Found:
             self.api("create", name=res.name, public_key=key)
@@ -53,10 +57,6 @@ class Keypairs(Listed):
             return again if again is not None and again.status == "ready" else None
 
         return create_or_adopt(create, adopt)
-
-    def delete(self, found: Sequence[Found], plan: Plan) -> None:
-        for f in found:
-            self.api("delete", f.name, ignore_missing=True)
 
 
 @TABLE.handler("server")
@@ -75,10 +75,8 @@ class Servers(Listed):
         return self.found(mine[0]) if mine else None
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        s, spec = self.ctx, res.spec
-        image = s.lookup(f"image:{spec['image']}", "find image", lambda: s.conn.image.find_image(spec["image"]))
-        if image is None:
-            raise UserError(f"{s.site.name}: image '{spec['image']}' not found at this site")
+        s, spec = self.ctx, cast("ServerSpec", res.spec)
+        image = s.image(spec["image"])
         hints: dict[str, str] = {}
         node_type = flavor_name = candidate or spec["candidates"][0]
         if spec.get("reservation"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -156,6 +156,12 @@ class Session:
             raise CloudError(f"{self.site.name}: no network named '{name}'")
         return net
 
+    def image(self, name: str) -> Any:
+        image = self.lookup(f"image:{name}", f"find image {name}", lambda: self.conn.image.find_image(name))
+        if image is None:
+            raise UserError(f"{self.site.name}: image '{name}' not found at this site")
+        return image
+
     def flavor(self, name: str) -> Any:
         return self.lookup(f"flavor:{name}", f"find flavor {name}",
                            lambda: self.conn.compute.find_flavor(name, ignore_missing=True))
@@ -229,6 +235,17 @@ class Listed(Handler):
 
     def found(self, item: Any) -> Found:
         return Found(self.kind, item.id, item.name or "")
+
+    def fields(self, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> dict[str, Any]:
+        """What `create` sends besides the name and the deployment's description."""
+        raise CloudError(f"labctl does not create {self.kind} resources here")
+
+    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
+        found = self.ctx.found_before_create(res, plan)
+        if found is not None and found.status != "error":
+            return found
+        fields = self.fields(res, plan, deps)
+        return self.found(self.api("create", name=res.name, description=description(plan.deployment), **fields))
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
         for f in found:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from labctl import naming
 from labctl.errors import CloudError
 from labctl.providers.base import Found
-from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, Session, description
+from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, Session
 from labctl.providers.kit import Handler, poll_until
 
 if TYPE_CHECKING:
@@ -41,13 +41,9 @@ class Volumes(Listed):
     def found(self, item: Any) -> Found:
         return volume_found(item)
 
-    def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        existing = self.find(res, plan)  # fresh: a volume kept by an earlier `down` is reused
-        if existing is not None and existing.status != "error":
-            return existing
+    def fields(self, res: Resource, plan: Plan, deps: Mapping[str, Found]) -> dict[str, Any]:
         metadata = {**plan.tags, VOLUME_NAME: res.spec["volume"], VOLUME_KEEP: "true" if res.spec["keep"] else "false"}
-        return volume_found(self.api("create", size=res.spec["size_gb"], name=res.name, metadata=metadata,
-                                     description=description(plan.deployment)))
+        return {"size": res.spec["size_gb"], "metadata": metadata}
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
         for f in found:
@@ -82,8 +78,10 @@ class Attachments(Handler):
         server = self.ctx.handlers["server"].find(plan.get(res.spec["server"]), plan)
         if vol is None or server is None:
             return None
-        device = next((a.get("device") for a in vol.attrs["attachments"] if a.get("server_id") == server.cloud_id), 0)
-        return attachment_found(res.name, server.cloud_id, vol, device) if device != 0 else None
+        for a in vol.attrs["attachments"]:
+            if a.get("server_id") == server.cloud_id:
+                return attachment_found(res.name, server.cloud_id, vol, a.get("device"))
+        return None
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s = self.ctx
