@@ -751,6 +751,8 @@ def child_env(root: Path, name: str, scale: float) -> dict[str, str]:
         LABCTL_OWNER="bench",
         NO_COLOR="1",
     )
+    if os.environ.get("LABCTL_BENCH_PROFILE"):
+        env["LABCTL_BENCH_PROFILE"] = os.environ["LABCTL_BENCH_PROFILE"]  # run_emulator dumps its profile there
     return env
 
 
