@@ -39,10 +39,6 @@ def gc_command(
     if delete and not yes and not interactive:  # before any cloud call
         raise UserError("gc --delete asks before deleting; not on a terminal, so pass --yes to confirm")
     ctx = Context.create()
-    if delete and not as_json:
-        from labctl.cli.render import progress_reporter
-
-        ctx.on_progress = progress_reporter()
     found = gc.audit(ctx, site, cloud=cloud, deployment=deployment)
     if not as_json:
         _print_audit(found)
@@ -60,6 +56,10 @@ def gc_command(
         return
     if not yes and not typer.confirm(f"Delete these {len(found.leaks)} resource(s)?", default=False, err=True):
         raise UserError("nothing deleted")
+    if not as_json:  # after the question: a live display would hide it
+        from labctl.cli.render import progress_reporter
+
+        ctx.on_progress = progress_reporter()
     result = gc.delete(ctx, found)
     stop = getattr(ctx.on_progress, "stop", None)
     if stop:
@@ -106,6 +106,7 @@ def _print_audit(found) -> None:  # noqa: ANN001
         table.add_row(*map(cell, (leak.kind + (" (kept)" if leak.keep else ""), leak.site, leak.name,
                                 gc.age_text(leak.age_hours), leak.owner or "-", cost, leak.reason)))
     out_console.print(table)
+    _echo(f"Audited: {', '.join(found.sites)}")
     total = found.cost_per_hour
     if total is not None:
         _echo(f"Known cost of what is listed: {total:.2f} {found.currency} per hour (servers on AWS/GCP, on-demand)")
