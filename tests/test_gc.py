@@ -226,3 +226,17 @@ def test_an_ended_lease_whose_cloud_reports_a_later_end_is_still_live(ctx):
     cloud.items[0].attrs["end"] = ended  # the lease really ended: its leftovers are listed
     assert [(x.kind, x.reason) for x in run_audit(ctx, cloud).leaks] == [
         ("floating_ip", f"{gc.ENDED} {ended}"), ("reservation", f"{gc.ENDED} {ended}")]
+
+
+def test_delete_off_a_terminal_needs_yes_and_asks_no_cloud(labctl_env):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "labctl", "gc", "--site", "sim", "--delete"], env=labctl_env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: gc --delete asks before deleting")
+    assert "Traceback" not in proc.stderr and not Path(labctl_env["LABCTL_TESTBED_DIR"]).exists()
+    empty = subprocess.run([sys.executable, "-m", "labctl", "gc", "--site", ""], env=labctl_env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "--site is empty" in empty.stderr
