@@ -88,7 +88,7 @@ class Deleted:
 
     def to_json(self) -> dict[str, Any]:
         return {"deleted": [leak.to_json() for leak in self.deleted], "left": [leak.to_json() for leak in self.left],
-                "skipped": self.skipped}
+                "not_deleted": self.skipped}
 
 
 # -- which sites ----------------------------------------------------------------------------------

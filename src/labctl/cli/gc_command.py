@@ -65,7 +65,7 @@ def gc_command(
     if stop:
         stop()
     if as_json:
-        _print_json({**found.to_json(), **result.to_json(), "not_deleted": result.skipped})
+        _print_json({**found.to_json(), **result.to_json()})
     else:
         _echo(f"Deleted {len(result.deleted)} of {len(found.leaks)}.")
         for line in result.skipped:
