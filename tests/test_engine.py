@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from labctl.engine import Engine
-from labctl.errors import NoCapacity
+from labctl.errors import NoCapacity, QuotaExceeded
 from labctl.plan import NodePlan, Plan, Resource
 from labctl.providers.base import Found
 from labctl.state import StateStore
@@ -237,7 +237,8 @@ def test_the_first_end_wins_whatever_its_notation():
 
 # -- site failover (service.up over the engine's NoCapacity) ------------------------------------------------------
 @pytest.mark.parametrize("site", [None, "auto", "AUTO", "chi@tacc,chi@uc"])
-def test_up_without_a_site_tries_the_profiles_sites_in_order(store, monkeypatch, site):
+@pytest.mark.parametrize("error", [NoCapacity, QuotaExceeded])
+def test_up_without_a_site_tries_the_profiles_sites_in_order(store, monkeypatch, site, error):
     from labctl import service
 
     tried, said = [], []
@@ -245,7 +246,7 @@ def test_up_without_a_site_tries_the_profiles_sites_in_order(store, monkeypatch,
     def up_at(ctx, prof, where, **kw):
         tried.append((where.name, kw.get("clean_on_no_room")))
         if where.name == "chi@tacc":
-            raise NoCapacity("no capacity at chi@tacc for gpu: none of compute_liqid has 1 free host(s) now")
+            raise error("no capacity at chi@tacc for gpu: none of compute_liqid has 1 free host(s) now")
         return f"up at {where.name}"
 
     monkeypatch.setattr(service, "_up_at", up_at)

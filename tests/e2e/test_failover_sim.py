@@ -57,3 +57,19 @@ def test_a_site_list_with_an_empty_entry_is_refused(labctl_env):
     up = run(labctl_env, "up", "gpu-a100", "--site", "sim:chi@tacc,,sim:chi@uc", check=False)
     assert up.returncode == 2 and up.stderr.startswith("error: --site") and "Traceback" not in up.stderr
     assert not Path(labctl_env["LABCTL_TESTBED_DIR"]).exists() or labctl_leftovers(world(labctl_env)) == {}
+
+
+def test_failover_deletes_even_the_kept_container_it_made_at_the_first_site(labctl_env):
+    """data-persist keeps its volume and container across `down`; moving on from a full site must still leave
+    nothing there: what this run made is new and holds no data. The lab then comes up on the emulated AWS."""
+    w = world(labctl_env)
+    w.set_flavor_slots("kvm@tacc", "m1.large", 0)
+    up = run(labctl_env, "up", "data-persist", "--site", "sim:kvm@tacc,sim-aws", timeout=300)
+    assert "trying sim-aws" in up.stdout + up.stderr or "trying sim:aws" in up.stdout + up.stderr, up.stderr
+    made_there = [(m, path) for _, m, path in w.request_log() if m in ("PUT", "DELETE") and "persist" in path]
+    assert [m for m, _ in made_there][:1] == ["PUT"] and "DELETE" in [m for m, _ in made_there], made_there
+    inv = w.inventory("kvm@tacc")
+    assert labctl_leftovers(w, "kvm@tacc") == {}, {k: v for k, v in inv.items() if v}
+    st = run_json(labctl_env, "status", "data-persist")
+    assert st["site"] == "sim:aws:us-east-1" and st["status"] == "up" and st["lease_end"]
+    run(labctl_env, "down", "data-persist", "--delete-volumes", timeout=300)
