@@ -342,7 +342,7 @@ def profile_threads() -> list[Any]:
     profiles: list[Any] = []
 
     def start(*_: Any) -> None:
-        profile = cProfile.Profile()
+        profile = cProfile.Profile(time.thread_time)  # CPU time: waits (latency, locks, sockets) left out
         profiles.append(profile)
         profile.enable()  # replaces this hook in the new thread
 
