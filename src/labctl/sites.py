@@ -14,7 +14,6 @@ first Chameleon site; `resolve("sim:chi@uc")` an explicit one. User sites live i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -287,6 +286,8 @@ def load_user_sites(path: Path | None = None) -> dict[str, Site]:
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
+    import difflib  # only for a mistyped name: the CLI imports this module at every start (--site's help)
+
     match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
