@@ -319,20 +319,21 @@ EMULATED_SITES: Mapping[str, str] = MappingProxyType({
     f"{SIM}:<site>": "that Chameleon site, emulated",
     **{name: f"{stands_for}, emulated" for name, stands_for in SIM_CLOUD_SITES.items()},
 })
-_CLOUD_FORMS = ("aws:<region|zone>", "gcp:<zone|region>")
+#: The forms --site takes for AWS and GCP, by provider.
+CLOUD_FORMS: Mapping[str, str] = MappingProxyType({"aws": "aws:<region|zone>", "gcp": "gcp:<zone|region>"})
 
 
 def site_names(sites: list[Site] | None = None) -> list[str]:
     """Every form --site takes, from the registry: the usable named sites (built-in and sites.yaml, or
     `sites`), the AWS and GCP forms, and the emulated stand-ins."""
     named = [s.name for s in (usable_sites() if sites is None else sites)]
-    return [*named, *_CLOUD_FORMS, *EMULATED_SITES]
+    return [*named, *CLOUD_FORMS.values(), *EMULATED_SITES]
 
 
 def site_help() -> str:
     """--site's help text, from the built-in registry (read at start-up: the user's sites.yaml is not)."""
     builtin = ", ".join(s.name for s in BUILTIN_SITES.values() if usable(s))
-    return (f"Where to run: {builtin}, {', '.join(_CLOUD_FORMS)} (aws and gcp alone: "
+    return (f"Where to run: {builtin}, {', '.join(CLOUD_FORMS.values())} (aws and gcp alone: "
             f"{DEFAULT_CLOUD_SITES['aws']}, {DEFAULT_CLOUD_SITES['gcp']}), a site of your sites.yaml; emulated: "
             f"{', '.join(EMULATED_SITES)}. 'labctl sites' lists them.")
 

@@ -203,8 +203,8 @@ def _with_name(exc: LabctlError, name: str) -> LabctlError:
     text = str(exc)
     if "'labctl ssh LAB " not in text:
         return exc
-    named = type(exc).__new__(type(exc))  # the same kind and exit code (HostKeyChanged takes other arguments)
-    LabctlError.__init__(named, text.replace("'labctl ssh LAB ", f"'labctl ssh {name} "))
+    named = LabctlError(text.replace("'labctl ssh LAB ", f"'labctl ssh {name} "))
+    named.exit_code = exc.exit_code
     return named
 
 
@@ -382,8 +382,7 @@ def sites_cmd(as_json: JsonOpt = False, cloud: CloudOpt = None) -> None:
     from labctl.providers.base import describe_credentials
 
     known = [*sites.usable_sites(), sites.resolve("aws"), sites.resolve("gcp")]
-    forms = dict(zip(("aws", "gcp"), sites.site_names([])[:2], strict=True))  # aws:<region|zone>, gcp:<...>
-    rows = [{"site": s.name if s.provider == "chameleon" else forms[s.provider],
+    rows = [{"site": s.name if s.provider == "chameleon" else sites.CLOUD_FORMS[s.provider],
              "provider": s.provider, "family": s.family, "region": s.region if s.provider == "chameleon" else "any",
              "reservation": s.reservation, "credentials": describe_credentials(s, cloud)} for s in known]
     for name, what in sites.EMULATED_SITES.items():
