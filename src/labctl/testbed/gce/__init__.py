@@ -14,7 +14,9 @@ endpoint over the same directory and they all see one project (`sim-project`). P
 RUNNING -> DONE and instances PROVISIONING -> STAGING -> RUNNING in a few seconds × the time scale
 (default: `LABCTL_TESTBED_TIME_SCALE`, else 0.01). External IPs are loopback addresses 127.30.x.y. Besides
 instances, firewalls and addresses: VPC networks, subnetworks (an instance's networkIP comes from its subnetwork's
-range), zonal persistent disks and instances.attachDisk / detachDisk. Every RUNNING instance is also served over
+range), zonal persistent disks and instances.attachDisk / detachDisk, and instance time limits
+(scheduling.terminationTime / maxRunDuration, enforced at the world's lease scale; instances.setScheduling only on
+a stopped instance: `labctl.testbed.gce.scheduling`). Every RUNNING instance is also served over
 SSH on an internal loopback address (127.13.x.y), reachable through a node on one of its networks (`ssh -J`).
 Also projects.get, imageFamilyViews.get and the batch endpoint (`POST /batch/compute/v1`, which gcloud's list
 commands use). Resource references are read in every form the API accepts (full and partial URLs, names where
