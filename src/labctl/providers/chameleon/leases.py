@@ -62,7 +62,8 @@ class Leases(Handler):
             self.ctx.call("delete lease", lambda f=f: self.ctx.blazar.lease.delete(f.cloud_id), missing_ok=True)
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
-        lease = next((x for x in self.ctx.polled_leases() if x["id"] == found.cloud_id), None)
+        leases = self.ctx.polled("leases", lambda: self.ctx.blazar.lease.list())
+        lease = next((x for x in leases if x["id"] == found.cloud_id), None)
         return lease_found(lease, found) if lease else None
 
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:

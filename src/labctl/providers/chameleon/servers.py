@@ -13,7 +13,7 @@ from labctl import naming
 from labctl.errors import CloudError
 from labctl.providers.base import Found, create_or_adopt, create_or_find
 from labctl.providers.chameleon.network import ensure_port
-from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed
+from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, deployment_of
 from labctl.providers.kit import poll_until
 from labctl.redact import clean
 
@@ -70,6 +70,12 @@ class Servers(Listed):
     def found(self, item: Any) -> Found:
         return server_found(self.ctx.site.network, item)
 
+    def polled(self, plan: Plan) -> list[Any]:
+        """This deployment's servers, from the poll round's one list of every labctl server on the site."""
+        servers = self.ctx.polled("servers", lambda: list(self.ctx.conn.compute.servers(
+            details=True, name=f"^{naming.PREFIX}-")))
+        return [x for x in servers if deployment_of(x) == plan.deployment]
+
     def find(self, res: Resource, plan: Plan) -> Found | None:
         mine = self.named(f"^{re.escape(res.name)}$", plan)  # Nova filters names by regular expression
         return self.found(mine[0]) if mine else None
@@ -78,7 +84,6 @@ class Servers(Listed):
         s, spec = self.ctx, cast("ServerSpec", res.spec)
         image = s.image(spec["image"])
         hints: dict[str, str] = {}
-        node_type = flavor_name = candidate or spec["candidates"][0]
         if spec.get("reservation"):
             lease = deps[spec["reservation"]]
             node_type = lease.attrs.get("node_type") or ""
@@ -87,6 +92,8 @@ class Servers(Listed):
             else:
                 flavor_name = "baremetal"
                 hints["reservation"] = lease.attrs["reservation_id"]
+        else:
+            node_type = flavor_name = candidate or spec["candidates"][0]
         flavor = s.flavor(flavor_name)
         if flavor is None:
             raise CloudError(f"{s.site.name}: flavor '{flavor_name}' not found")
@@ -112,12 +119,12 @@ class Servers(Listed):
         for f in found:
             s.call("delete server", lambda f=f: s.conn.compute.delete_server(f.cloud_id, ignore_missing=True))
         ids = {f.cloud_id for f in found}
-        poll_until(lambda: ({x.id for x in s.polled_servers(plan)} & ids) or None, status=lambda _left: "deleting",
+        poll_until(lambda: ({x.id for x in self.polled(plan)} & ids) or None, status=lambda _left: "deleting",
                    pending=("deleting",), target=("gone",), timeout=DELETE_TIMEOUT, interval=s.poll_interval,
                    not_found_checks=1, what=f"{s.site.name}: servers {sorted(ids)}")
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
-        server = next((x for x in self.ctx.polled_servers(plan) if x.id == found.cloud_id), None)
+        server = next((x for x in self.polled(plan) if x.id == found.cloud_id), None)
         return self.found(server) if server else None
 
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:

@@ -43,8 +43,7 @@ class Session:
         self.lookups = Memo()  # networks, images, flavors: they do not change during a run
         self.limiter = RateLimiter(None)
         # Polls share one list call per round across all deployments on this site (class mode).
-        self.server_list = Snapshot(self.poll_interval * 0.9)
-        self.lease_list = Snapshot(self.poll_interval * 0.9)
+        self.poll_lists = Memo()
         # What `find` just said about a resource, for the `create` the engine calls right after it in the same
         # thread (so create does not list again what find listed). Taken once; a missing entry means "look".
         self.just_found = Memo()
@@ -180,14 +179,10 @@ class Session:
         newer_than = self.deleted_at.peek(plan.deployment, -1e18) if plan is not None else -1e18
         return snap.get(lambda: self.call(f"list {what}", fetch), newer_than=newer_than)
 
-    def polled_servers(self, plan: Plan) -> list[Any]:
-        """This deployment's servers, from the poll round's one list of every labctl server on the site."""
-        servers = self.server_list.get(lambda: self.call("poll servers", lambda: list(
-            self.conn.compute.servers(details=True, name=f"^{naming.PREFIX}-"))))
-        return [s for s in servers if tags_of(s).get(naming.TAG_DEPLOYMENT) == plan.deployment]
-
-    def polled_leases(self) -> list[Any]:
-        return self.lease_list.get(lambda: self.call("poll leases", lambda: self.blazar.lease.list()))
+    def polled(self, what: str, fetch: Callable[[], Any]) -> Any:
+        """The poll round's one list of `what`, shared by every thread that polls."""
+        snap = self.poll_lists.get(what, lambda: Snapshot(self.poll_interval * 0.9))
+        return snap.get(lambda: self.call(f"poll {what}", fetch))
 
     def mark_deleted(self, plan: Plan) -> None:
         self.deleted_at.put(plan.deployment, time.monotonic())  # its next list_owned must be fresh
