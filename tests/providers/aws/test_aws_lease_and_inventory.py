@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from tests.fixtures.standin import StandInTestbed
 
 from labctl import sites
@@ -102,6 +103,11 @@ def test_a_node_carries_its_end_and_ends_itself_there(emu, tmp_path: Path, publi
         InstanceId=server.cloud_id, Attribute="userData")["UserData"]["Value"]).decode()
     assert data.startswith("#cloud-config\n") and f"meta-data/tags/instance/{END_TAG}" in data
     assert "X-aws-ec2-metadata-token" in data and "labctl-lease.timer" in data
+    doc = yaml.safe_load(data)  # what cloud-init parses: the extra key and the timer's files
+    assert doc["ssh_authorized_keys"] == [extra] and "systemctl enable --now labctl-lease.timer" in doc["runcmd"][0]
+    assert {f["path"] for f in doc["write_files"]} == {"/usr/local/sbin/labctl-lease-check",
+                                                       "/etc/systemd/system/labctl-lease.service",
+                                                       "/etc/systemd/system/labctl-lease.timer"}
     # The extra key still reaches the node (cloud-config's ssh_authorized_keys), beside the key pair's.
     (target,) = [t for t in emu.world.ssh_targets() if t["server_id"] == server.cloud_id]
     assert target["authorized_keys"] == [public_key, extra]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from labctl import naming
-from labctl.errors import CloudError, Conflict, NoCapacity, UserError
+from labctl.errors import CloudError, NoCapacity, UserError
 from labctl.providers import kit
 from labctl.providers.aws import session
 from labctl.providers.aws.session import END_TAG, TABLE, AwsSession, Ec2Kind, Item, tag_spec, tagged, tags_of
@@ -31,36 +31,24 @@ IMAGES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 LIVE = ("pending", "running")
 NOT_TERMINATED = ("pending", "running", "stopping", "stopped", "shutting-down")
-# The node's own timer (cloud-init): every minute it reads its END_TAG through IMDSv2 (instance metadata tags) and
-# powers off once it has passed; the instance was launched to terminate on power-off. A tag it cannot read (none,
-# or IMDS off) ends nothing.
-LEASE_TIMER = f"""write_files:
+# The node's own timer (a systemd timer from its cloud-config): every minute it reads its END_TAG through IMDSv2
+# (instance tags in metadata) and powers off once that has passed; the instance was launched to terminate on
+# power-off. A tag it cannot read (none, or IMDS off) ends nothing.
+LEASE_TIMER = rf"""write_files:
   - path: /usr/local/sbin/labctl-lease-check
     permissions: '0755'
     content: |
       #!/bin/sh
-      # labctl: power off (= terminate) this node once its {END_TAG} tag has passed
       imds=http://169.254.169.254/latest
       t=$(curl -sf -m 5 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' $imds/api/token) || exit 0
       end=$(curl -sf -m 5 -H "X-aws-ec2-metadata-token: $t" $imds/meta-data/tags/instance/{END_TAG}) || exit 0
       [ "$(date -u +%s)" -ge "$(date -u -d "$end" +%s)" ] && exec systemctl poweroff
   - path: /etc/systemd/system/labctl-lease.service
-    content: |
-      [Unit]
-      Description=labctl: end this node at its lease end
-      [Service]
-      Type=oneshot
-      ExecStart=/usr/local/sbin/labctl-lease-check
+    content: "[Service]\nType=oneshot\nExecStart=/usr/local/sbin/labctl-lease-check\n"
   - path: /etc/systemd/system/labctl-lease.timer
-    content: |
-      [Timer]
-      OnBootSec=1min
-      OnUnitActiveSec=1min
-      [Install]
-      WantedBy=timers.target
+    content: "[Timer]\nOnBootSec=1min\nOnUnitActiveSec=1min\n[Install]\nWantedBy=timers.target\n"
 runcmd:
-  - [systemctl, daemon-reload]
-  - [systemctl, enable, --now, labctl-lease.timer]
+  - systemctl daemon-reload && systemctl enable --now labctl-lease.timer
 """
 
 
@@ -205,24 +193,13 @@ def create_keypair(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, 
             TagSpecifications=tag_spec(plan, "key-pair")))
         return Found("keypair", res.name, res.name, attrs={"key_pair_id": out.get("KeyPairId")})
 
-    # Imported first, deleted only when another key holds the name: deleting first would pull the key pair
-    # from under a concurrent run of this deployment that is launching with it right now.
-    stale: list[Found] = []
-
-    def adopt() -> Found | None:
-        found = find_keypair(p, res, plan)  # a retry after a lost answer, or a concurrent run: same key?
-        if found is not None and found.status != "ready":
-            stale.append(found)
-            return None
+    # Deleted only when another key holds the name (a concurrent run of this deployment imports the same key: it
+    # is adopted, never pulled from under that run's launch).
+    if (found := find_keypair(p, res, plan)) is not None and found.status == "ready":
         return found
-
-    try:
-        return create_or_adopt(import_key, adopt)
-    except Conflict:
-        if not stale:
-            raise
-    p.call("delete stale key pair", lambda: p.ec2.delete_key_pair(KeyName=res.name), missing_ok=True)
-    return import_key()
+    if found is not None:
+        p.call("delete stale key pair", lambda: p.ec2.delete_key_pair(KeyName=res.name), missing_ok=True)
+    return create_or_adopt(import_key, lambda: find_keypair(p, res, plan))
 
 
 # -- servers ---------------------------------------------------------------------------------------------------

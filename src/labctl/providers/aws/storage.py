@@ -68,31 +68,23 @@ def get_volume(p: AwsSession, volume_id: str) -> Item | None:
     return next(iter((out or {}).get("Volumes") or []), None)
 
 
-def wait_volume(p: AwsSession, volume_id: str, done: Callable[[Item], bool] = lambda v: not v.get(
-        "Attachments"), timeout: float = 600) -> None:
-    """Until `done(volume)` (by default: attached to nothing) or the volume is gone; a volume in error fails."""
-    p.until(f"volume {volume_id}", lambda: get_volume(p, volume_id),
-            lambda v: "done" if done(v) else "error" if v["State"] == "error" else "pending", timeout)
+def detach(p: AwsSession, volume_id: str, instance_ids: Sequence[str]) -> None:
+    """Detach the volume from these instances (detached already is fine) and wait until none of them holds it."""
+    for iid in instance_ids:
+        try:
+            p.call("detach volume", lambda iid=iid: p.ec2.detach_volume(VolumeId=volume_id, InstanceId=iid),
+                   missing_ok=True)
+        except CloudError as exc:
+            if "IncorrectState" not in str(exc):
+                raise
+    if instance_ids:
+        p.until(f"volume {volume_id}", lambda: get_volume(p, volume_id), lambda v: "error" if v["State"] == "error"
+                else "pending" if set(instance_ids) & {a.get("InstanceId") for a in v.get("Attachments") or []}
+                else "done", 600)
 
 
-def detach(p: AwsSession, volume_id: str, instance_id: str) -> None:
-    try:
-        p.call("detach volume", lambda: p.ec2.detach_volume(VolumeId=volume_id, InstanceId=instance_id),
-               missing_ok=True)
-    except CloudError as exc:
-        if "IncorrectState" not in str(exc):  # detached already
-            raise
-
-
-def detach_others(p: AwsSession, vol: Item | None, server_id: str | None = None) -> None:
-    """Detach the volume from every instance but `server_id` and wait until it is attached to nothing."""
-    others = [a["InstanceId"] for a in (vol or {}).get("Attachments") or [] if a.get("InstanceId") != server_id]
-    for instance_id in others:
-        if server_id:  # attached to the instance of an earlier `up` that is still going away
-            log.info("%s: detaching volume %s from %s first", p.site.name, vol["VolumeId"], instance_id)
-        detach(p, vol["VolumeId"], instance_id)
-    if others:
-        wait_volume(p, vol["VolumeId"])
+def holders(vol: Item | None, but: str | None = None) -> list[str]:
+    return [a["InstanceId"] for a in (vol or {}).get("Attachments") or [] if a.get("InstanceId") != but]
 
 
 def find_volume(p: AwsSession, res: Resource, plan: Plan) -> Found | None:
@@ -128,11 +120,12 @@ def create_volume(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[str, F
 def delete_volumes(p: AwsSession, found: Sequence[Found], plan: Plan) -> None:
     ids = [f.cloud_id for f in found]
     for volume_id in ids:  # still attached (an instance not terminated): detach first
-        detach_others(p, get_volume(p, volume_id))
+        detach(p, volume_id, holders(get_volume(p, volume_id)))
     for volume_id in ids:
         p.in_use_retry("delete volume", lambda v=volume_id: p.ec2.delete_volume(VolumeId=v), codes=("VolumeInUse",))
     for volume_id in ids:
-        wait_volume(p, volume_id, lambda v: v["State"] == "deleted")
+        p.until(f"volume {volume_id}", lambda v=volume_id: get_volume(p, v),
+                lambda v: "done" if v["State"] == "deleted" else "pending", 600)
     log.info("%s: deleted %s", p.site.name, ", ".join(ids))
 
 
@@ -167,7 +160,9 @@ def create_attachment(p: AwsSession, res: Resource, plan: Plan, deps: Mapping[st
     for a in vol.get("Attachments") or []:
         if a.get("InstanceId") == server_id and a.get("State") in ("attaching", "attached"):
             return attachment_found(res, plan, server_id, volume_id, a["State"])
-    detach_others(p, vol, server_id)
+    if others := holders(vol, server_id):  # the instance of an earlier `up` that is still going away
+        log.info("%s: detaching volume %s from %s first", p.site.name, volume_id, ", ".join(others))
+        detach(p, volume_id, others)
     try:
         out = p.call(f"attach volume {volume_id} to {spec['node']}", lambda: p.ec2.attach_volume(
             VolumeId=volume_id, InstanceId=server_id, Device=attachment_found(res, plan, "", "", "").attrs["device"]))
@@ -186,10 +181,7 @@ def delete_attachments(p: AwsSession, found: Sequence[Found], plan: Plan) -> Non
     pairs = [(f.attrs.get("server_id") or f.cloud_id.partition("/")[0],
               f.attrs.get("volume_id") or f.cloud_id.partition("/")[2]) for f in found]
     for instance_id, volume_id in pairs:
-        detach(p, volume_id, instance_id)
-    for instance_id, volume_id in pairs:
-        wait_volume(p, volume_id, lambda v, i=instance_id: all(
-            a.get("InstanceId") != i for a in v.get("Attachments") or []))
+        detach(p, volume_id, [instance_id])
     log.info("%s: detached %s", p.site.name, ", ".join(v for _, v in pairs))
 
 

@@ -26,6 +26,7 @@ from labctl.testbed.aws.common import (
     INTERNAL_PREFIX,
     IPV4,
     IPV4_DASHED,
+    LEASE_TAG,
     LIVE_STATES,
     LOOP,
     NOT_LOGGED,
@@ -605,7 +606,9 @@ class AwsWorld(SqliteWorld):
         now, scale = time.time(), self.time_scale
         for region in self.regions():
             cli = self.client(region)
-            for i in self._instances(region, ("running",)):
+            pages = cli.get_paginator("describe_instances").paginate(Filters=[
+                {"Name": "instance-state-name", "Values": ["running"]}, {"Name": "tag-key", "Values": [LEASE_TAG]}])
+            for i in (i for page in pages for r in page["Reservations"] for i in r["Instances"]):
                 end = lease_end(i, scale)
                 tags_in_imds = (i.get("MetadataOptions") or {}).get("InstanceMetadataTags") == "enabled"
                 if end is None or now < end or not tags_in_imds:
