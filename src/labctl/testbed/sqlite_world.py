@@ -63,6 +63,7 @@ class SqliteWorld:
         private_file(db_path)
         private_files(db_path.parent, (db_path.name + "-wal", db_path.name + "-shm"))
         self._local = threading.local()
+        self._writer_lock = writer_lock(db_path)  # looked up once: its key is the file's realpath (syscalls)
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         conn = self._conn()
@@ -110,7 +111,7 @@ class SqliteWorld:
             finally:
                 self._local.depth -= 1
             return
-        with writer_lock(self.db_path) if mode != "DEFERRED" else contextlib.nullcontext():
+        with self._writer_lock if mode != "DEFERRED" else contextlib.nullcontext():
             for attempt in range(50):
                 try:
                     conn.execute(f"BEGIN {mode}")

@@ -33,6 +33,14 @@ CREATE TABLE IF NOT EXISTS objects (
     created REAL NOT NULL, t_next REAL, data TEXT NOT NULL,
     PRIMARY KEY (kind, site, id));
 CREATE INDEX IF NOT EXISTS objects_due ON objects (t_next) WHERE t_next IS NOT NULL;
+CREATE INDEX IF NOT EXISTS objects_name ON objects (kind, site, name);
+CREATE INDEX IF NOT EXISTS objects_device ON objects (kind, site, json_extract(data, '$.device_id'))
+    WHERE kind = 'port';
+CREATE INDEX IF NOT EXISTS objects_port ON objects (kind, site, json_extract(data, '$.port_id'))
+    WHERE kind = 'fip';
+CREATE INDEX IF NOT EXISTS objects_group ON objects (kind, site, json_extract(data, '$.security_group_id'))
+    WHERE kind = 'sgrule';
+INSERT OR IGNORE INTO meta (key, value) VALUES ('objects_gen', '0');
 CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, site TEXT NOT NULL, expires REAL NOT NULL,
                                    data TEXT NOT NULL);
 """
@@ -87,16 +95,50 @@ class Db:
     def find(self, kind: str, site: str | None = None, **equal: str) -> list[dict]:
         """Objects of a kind (at a site), oldest first; `equal` keeps those whose top-level fields have these
         values, compared by SQLite itself (a class-sized world has thousands of rows: parsing them all in
-        Python for each lookup made listings grow with the square of the class)."""
-        sql, args = "SELECT data FROM objects WHERE kind=?", [kind]
+        Python for each lookup made listings grow with the square of the class). `name` is its own indexed
+        column; ports' `device_id`, floating IPs' `port_id` and rules' `security_group_id` have indexes."""
+        where, args = self._where(kind, site, equal)
+        rows = self.conn.execute(f"SELECT data FROM objects WHERE {where} ORDER BY created, rowid", args)
+        return [json.loads(r[0]) for r in rows]
+
+    def count(self, kind: str, site: str | None = None, **equal: str) -> int:
+        """How many objects `find` would return, counted by SQLite (quota usage: nothing parsed)."""
+        where, args = self._where(kind, site, equal)
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM objects WHERE {where}", args).fetchone()[0])
+
+    @staticmethod
+    def _where(kind: str, site: str | None, equal: dict[str, str]) -> tuple[str, list[Any]]:
+        if not kind.isidentifier():
+            raise ValueError(f"bad kind {kind!r}")
+        # The kind inline: SQLite uses the partial indexes (WHERE kind = 'port'...) only for a literal kind.
+        sql, args = f"kind='{kind}'", []
         if site is not None:
             sql, args = sql + " AND site=?", [*args, site]
         for field, value in equal.items():
             if not field.isidentifier():
                 raise ValueError(f"bad field name {field!r}")
-            sql, args = sql + f" AND json_extract(data, '$.{field}')=?", [*args, value]
-        rows = self.conn.execute(sql + " ORDER BY created, rowid", args)
-        return [json.loads(r[0]) for r in rows]
+            # `name` mirrors the object's name (see `put`); other fields are read from the JSON by SQLite, in
+            # the very form of the indexes' expressions (SQLite uses an index only for the same expression).
+            column = "name" if field == "name" else f"json_extract(data, '$.{field}')"
+            sql, args = sql + f" AND {column}=?", [*args, value]
+        return sql, args
+
+    def any_listed(self, kind: str, site: str, field: str, value: str) -> bool:
+        """Whether an object of `kind` at `site` has `value` in its list `field` (looked up by SQLite)."""
+        where, args = self._where(kind, site, {})
+        if not field.isidentifier():
+            raise ValueError(f"bad field name {field!r}")
+        row = self.conn.execute(
+            f"SELECT 1 FROM objects, json_each(objects.data, '$.{field}') AS item WHERE {where} "
+            "AND item.value = ? LIMIT 1", [*args, value]).fetchone()
+        return row is not None
+
+    def generation(self) -> int:
+        """A number that changes whenever an object is written or deleted (readers' caches compare it)."""
+        return int(self.meta("objects_gen", "0") or 0)
+
+    def _bump(self) -> None:
+        self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'objects_gen'")
 
     def put(self, kind: str, site: str, obj: dict) -> dict:
         """Insert or replace `obj` (needs `id`; `name`, `created`, `t_next` are mirrored into columns)."""
@@ -109,10 +151,13 @@ class Db:
             "data=excluded.data",
             (kind, site, obj["id"], obj.get("name"), obj["created"], obj.get("t_next"), json.dumps(obj)),
         )
+        self._bump()
         return obj
 
     def delete(self, kind: str, site: str, id: str) -> bool:
         cur = self.conn.execute("DELETE FROM objects WHERE kind=? AND site=? AND id=?", (kind, site, id))
+        if cur.rowcount > 0:
+            self._bump()
         return cur.rowcount > 0
 
     def due(self, now: float) -> list[tuple[str, str, dict]]:
@@ -180,6 +225,7 @@ class World(SqliteWorld):
         if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
             time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
         self._explicit_scale = time_scale
+        self._ssh_cache: tuple[int, float, list[dict[str, Any]]] | None = None  # see ssh_targets
         super().__init__(self.state_dir / "world.db", _SCHEMA)
         self._init()
 
@@ -329,7 +375,13 @@ class World(SqliteWorld):
         self.tick()
         now = time.time()
         with self.read() as db:
-            targets = model.ssh_targets(db, now)
+            # The SSH side asks many times a second: the same answer while no object was written and no
+            # server finished booting (a copy of each target, so a caller's change stays its own).
+            generation = db.generation()
+            cached = self._ssh_cache
+            if cached is not None and cached[0] == generation and now < cached[1]:
+                return [dict(t) for t in cached[2]]
+            targets, changes_at = model.ssh_targets(db, now)
             port = int(db.meta("ssh_port"))
             # Attached volumes, for nodes that are machines (a loop file each: `labctl.testbed.node_machine`).
             volumes: dict[str, list[dict]] = {}
@@ -345,7 +397,8 @@ class World(SqliteWorld):
             t["port"] = port
             t["node_dir"] = self.state_dir / "nodes" / t["server_id"]
             t["volumes"] = volumes.get(t["server_id"], [])
-        return targets
+        self._ssh_cache = (generation, changes_at, targets)
+        return [dict(t) for t in targets]
 
     def ingress_allowed(self, target: dict[str, Any], port: int, peer) -> bool:
         """Whether the site's security groups let `peer` (`labctl.testbed.firewall.Peer`) reach `port` of the

@@ -6,6 +6,7 @@ agrees on them without storing them. Mutable state (leases, servers, floating IP
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ APP_CRED_NAME = "labctl-testbed"
 # (`labctl.testbed.access`, `World.credentials`).
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure, and asked for each flavor and network of every view
 def stable_id(*parts: object) -> str:
     return str(uuid.uuid5(_NS, "/".join(str(p) for p in parts)))
 

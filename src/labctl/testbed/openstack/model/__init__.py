@@ -31,6 +31,7 @@ from labctl.testbed.openstack.model.leases import (
     update_lease,
 )
 from labctl.testbed.openstack.model.network import (
+    SiteAddresses,
     add_rule,
     allocate_fip,
     allocate_ip,
@@ -67,7 +68,7 @@ from labctl.testbed.openstack.model.volumes import (
 )
 
 __all__ = [
-    "BOOT_SECONDS", "NO_VALID_HOST", "SCHEDULE_SECONDS", "VOLUME_TYPE_ID", "add_rule", "all_flavors",
+    "BOOT_SECONDS", "NO_VALID_HOST", "SCHEDULE_SECONDS", "VOLUME_TYPE_ID", "SiteAddresses", "add_rule", "all_flavors",
     "allocate_fip", "allocate_ip", "associate_fip", "attach_volume", "attachment_view", "blazar_dt", "check_tags",
     "create_lease", "create_network", "create_port", "create_security_group", "create_volume", "default_pools",
     "delete_lease", "delete_port", "delete_server", "detach_volume", "find_security_group", "fingerprint",

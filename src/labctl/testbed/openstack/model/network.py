@@ -87,7 +87,7 @@ def find_security_group(db, site: Site, ref: str) -> dict | None:
 
 
 def security_group_in_use(db, site: Site, sg_id: str) -> bool:
-    return any(sg_id in p.get("security_groups", []) for p in db.find("port", site.name))
+    return db.any_listed("port", site.name, "security_groups", sg_id)
 
 
 def create_port(
@@ -134,10 +134,43 @@ def network_name(site: Site, network_id: str, db=None) -> str:
 
 
 def server_addresses(db, site: Site, server: dict) -> dict[str, list[dict]]:
+    """One server's `addresses` (Nova's view): its ports, their floating IPs, by network name."""
+    ports = server_ports(db, site, server["id"])
+    fips = {port["id"]: db.find("fip", site.name, port_id=port["id"]) for port in ports}
+    return _addresses(site, ports, fips, lambda network_id: network_name(site, network_id, db))
+
+
+class SiteAddresses:
+    """Every server's `addresses` at a site from one read of its ports, floating IPs and networks: a server
+    list renders every server, and a few queries per server made it grow with the square of the class."""
+
+    def __init__(self, db, site: Site) -> None:
+        self.site = site
+        self.ports_of: dict[str, list[dict]] = {}
+        for port in db.find("port", site.name):
+            self.ports_of.setdefault(port["device_id"], []).append(port)
+        self.fips_of: dict[str, list[dict]] = {}
+        for fip in db.find("fip", site.name):
+            if fip.get("port_id"):
+                self.fips_of.setdefault(fip["port_id"], []).append(fip)
+        self.network_names = {n["id"]: n["name"] for n in db.find("network", site.name)}
+
+    def network_name(self, network_id: str) -> str:
+        if network_id in (catalog.public_net_id(self.site), catalog.shared_net_id(self.site)):
+            return network_name(self.site, network_id)
+        return self.network_names.get(network_id, network_id)
+
+    def of(self, server: dict) -> dict[str, list[dict]]:
+        ports = attach_order(self.ports_of.get(server["id"], []))
+        return _addresses(self.site, ports, self.fips_of, self.network_name)
+
+
+def _addresses(site: Site, ports: list[dict], fips_of: dict[str, list[dict]],
+               name_of: Any) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    for port in server_ports(db, site, server["id"]):
-        fips = db.find("fip", site.name, port_id=port["id"])  # in SQLite: a server list renders every server
-        entries = out.setdefault(network_name(site, port["network_id"], db) or port["network_id"], [])
+    for port in ports:
+        fips = fips_of.get(port["id"], [])
+        entries = out.setdefault(name_of(port["network_id"]) or port["network_id"], [])
         entries.append(
             {
                 "version": 4,
@@ -287,25 +320,23 @@ def new_port(
 
 
 def unbind_port(db, site: Site, port: dict) -> None:
-    for fip in db.find("fip", site.name):
-        if fip.get("port_id") == port["id"]:
-            associate_fip(db, site, fip, None)
+    for fip in db.find("fip", site.name, port_id=port["id"]):
+        associate_fip(db, site, fip, None)
     port.update(device_id="", device_owner="", bound_at=None, updated=time.time())
     port["revision"] = port.get("revision", 0) + 1
     db.put("port", site.name, port)
 
 
 def delete_port(db, site: Site, port: dict) -> None:
-    for fip in db.find("fip", site.name):
-        if fip.get("port_id") == port["id"]:
-            associate_fip(db, site, fip, None)
+    for fip in db.find("fip", site.name, port_id=port["id"]):
+        associate_fip(db, site, fip, None)
     db.delete("port", site.name, port["id"])
 
 
 def router_ports(db, site: Site, router_id: str) -> list[dict]:
     return [
-        p for p in db.find("port", site.name)
-        if p["device_id"] == router_id and p["device_owner"] == "network:router_interface"
+        p for p in db.find("port", site.name, device_id=router_id)
+        if p["device_owner"] == "network:router_interface"
     ]
 
 

@@ -9,13 +9,13 @@ from labctl.testbed.openstack.catalog import SITES, Site
 from labctl.testbed.openstack.model.base import site_of
 from labctl.testbed.openstack.model.leases import all_flavors, lease_status, lease_view
 from labctl.testbed.openstack.model.network import (
+    SiteAddresses,
     allocate_fip,
     attach_order,
     create_security_group,
     network_name,
     network_subnets,
     router_ports,
-    server_addresses,
     sg_rules,
 )
 from labctl.testbed.openstack.model.servers import delete_server, server_status
@@ -96,6 +96,7 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
     }
     for site in sites:
         flavors = {f["id"]: f["name"] for f in all_flavors(db, site)}
+        addresses = SiteAddresses(db, site)
         for s in db.find("server", site.name):
             inv["servers"].append(
                 {
@@ -105,7 +106,7 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
                     "status": server_status(s, now),
                     "metadata": s.get("metadata", {}),
                     "key_name": s.get("key_name"),
-                    "addresses": server_addresses(db, site, s),
+                    "addresses": addresses.of(s),
                     "flavor_id": s["flavor_id"],
                     "flavor_name": flavors.get(s["flavor_id"]),
                     "image_id": s.get("image_id"),
@@ -235,32 +236,50 @@ def inventory(db, site_name: str | None, now: float) -> dict[str, list[dict]]:
     return inv
 
 
-def ssh_targets(db, now: float) -> list[dict]:
+def ssh_targets(db, now: float) -> tuple[list[dict], float]:
+    """Every ACTIVE server with its floating IP, keys and fixed IPs; and the time when that list changes
+    without a write (the next server to finish booting), for the caller's cache.
+
+    It runs on every poll of the SSH side: each kind is read once per site, only the fields needed, by SQLite
+    (json_extract) rather than parsing every stored object."""
     out = []
+    changes_at = float("inf")
     for site in SITES.values():
-        # One read of each kind, grouped here: this runs every poll of the SSH side, for every server.
         fip_of_port: dict[str, str] = {}
-        for f in db.find("fip", site.name):
-            if f.get("port_id"):
-                fip_of_port.setdefault(f["port_id"], f["address"])
+        for port_id, address in db.conn.execute(
+                "SELECT json_extract(data, '$.port_id'), json_extract(data, '$.address') FROM objects "
+                "WHERE kind='fip' AND site=? ORDER BY created, rowid", (site.name,)):
+            if port_id:
+                fip_of_port.setdefault(port_id, address)
         ports_of: dict[str, list[dict]] = {}
-        for p in db.find("port", site.name):
-            ports_of.setdefault(p["device_id"], []).append(p)
-        for s in db.find("server", site.name):
-            if server_status(s, now) != "ACTIVE":
+        for pid, device_id, network_id, fixed_ip, bound_at, created in db.conn.execute(
+                "SELECT id, json_extract(data, '$.device_id'), json_extract(data, '$.network_id'), "
+                "json_extract(data, '$.fixed_ip'), json_extract(data, '$.bound_at'), "
+                "json_extract(data, '$.created') FROM objects WHERE kind='port' AND site=? "
+                "ORDER BY created, rowid", (site.name,)):
+            ports_of.setdefault(device_id, []).append({"id": pid, "network_id": network_id, "fixed_ip": fixed_ip,
+                                                       "bound_at": bound_at, "created": created})
+        for sid, name, ready_at, fault, error_at, key_data in db.conn.execute(
+                "SELECT id, json_extract(data, '$.name'), json_extract(data, '$.ready_at'), "
+                "json_extract(data, '$.fault'), json_extract(data, '$.error_at'), "
+                "json_extract(data, '$.key_data') FROM objects WHERE kind='server' AND site=? "
+                "ORDER BY created, rowid", (site.name,)):
+            if server_status({"fault": fault, "error_at": error_at, "ready_at": ready_at}, now) != "ACTIVE":
+                if not fault:
+                    changes_at = min(changes_at, ready_at)  # it becomes ACTIVE then
                 continue
-            sports = attach_order(ports_of.get(s["id"], []))
+            sports = attach_order(ports_of.get(sid, []))
             # No floating IP: still listed (address None), reachable only from a node on one of its networks.
             addr = next((fip_of_port[p["id"]] for p in sports if p["id"] in fip_of_port), None)
-            keys = [s["key_data"].strip()] if s.get("key_data") else []
+            keys = [key_data.strip()] if key_data else []
             out.append(
                 {
-                    "server_id": s["id"],
+                    "server_id": sid,
                     "site": site.name,
-                    "name": s["name"],
+                    "name": name,
                     "address": addr,
                     "authorized_keys": keys,
                     "fixed_ips": {p["network_id"]: p["fixed_ip"] for p in sports if p.get("fixed_ip")},
                 }
             )
-    return out
+    return out, changes_at

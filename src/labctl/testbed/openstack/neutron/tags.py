@@ -113,12 +113,12 @@ def get_quota_details(req: Request) -> Response:
         quota = _quota(db, req.site)
         used = {
             "floatingip": model.fips_used(db, req.site),
-            "port": len(db.find("port", req.site.name)),
-            "network": len(db.find("network", req.site.name)),
-            "subnet": len(db.find("subnet", req.site.name)),
-            "router": len(db.find("router", req.site.name)),
-            "security_group": len(db.find("secgroup", req.site.name)),
-            "security_group_rule": len(db.find("sgrule", req.site.name)),
+            "port": db.count("port", req.site.name),
+            "network": db.count("network", req.site.name),
+            "subnet": db.count("subnet", req.site.name),
+            "router": db.count("router", req.site.name),
+            "security_group": db.count("secgroup", req.site.name),
+            "security_group_rule": db.count("sgrule", req.site.name),
         }
     return Response(
         200, {"quota": {k: {"limit": v, "used": used.get(k, 0), "reserved": 0} for k, v in quota.items()}}

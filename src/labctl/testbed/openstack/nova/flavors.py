@@ -235,7 +235,7 @@ def _usage(req: Request) -> dict:
     with req.world.read() as db:
         servers = db.find("server", req.site.name)
         flavors = {f["id"]: f for f in model.all_flavors(db, req.site)}
-        keypairs = len(db.find("keypair", req.site.name))
+        keypairs = db.count("keypair", req.site.name)
     cores = sum(flavors.get(s["flavor_id"], {}).get("vcpus", 0) for s in servers)
     ram = sum(flavors.get(s["flavor_id"], {}).get("ram", 0) for s in servers)
     return {"instances": len(servers), "cores": cores, "ram": ram, "key_pairs": keypairs}

@@ -135,7 +135,8 @@ def list_servers_detail(req: Request, mv) -> Response:
         servers = filter_servers(db, req, db.find("server", req.site.name))
         servers, links = paginate(req, servers, "servers", "/servers/detail")
         flavors = {f["id"]: f for f in model.all_flavors(db, req.site)}
-        views = [server_view(db, req, s, mv, flavors) for s in servers]
+        addresses = model.SiteAddresses(db, req.site)  # every server's, in three queries
+        views = [server_view(db, req, s, mv, flavors, addresses.of(s)) for s in servers]
     body = {"servers": views}
     if links:
         body["servers_links"] = links
