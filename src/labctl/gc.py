@@ -141,13 +141,14 @@ def audit(ctx: service.Context, requested: Sequence[str] | None = None, *, cloud
     result = Audit([], [], [], currency=str(table.get("currency", "USD")))
     by_name: dict[str, Any] = {}
     result.reconnect = lambda name: connect(ctx, by_name[name], cloud)
+    kept: dict[str, set[str]] = {}  # per deployment, read once
     for site in resolved:
         try:
             provider = connect(ctx, site, cloud)
+            if getattr(provider, "inventory", None) is None:
+                result.skipped.append(f"{site.name}: its adapter cannot list labctl's resources yet")
+                continue
             inventory = provider.inventory()
-        except AttributeError:
-            result.skipped.append(f"{site.name}: its adapter cannot list labctl's resources yet")
-            continue
         except LabctlError as exc:
             result.skipped.append(f"{site.name}: {str(exc).splitlines()[0]}")
             continue
@@ -158,7 +159,9 @@ def audit(ctx: service.Context, requested: Sequence[str] | None = None, *, cloud
         ends = cloud_ends(inventory)
         for f in inventory:
             dep_id = _deployment_of(f)
-            reason = classify(f, name, known.get(dep_id), _kept_ids(ctx, known.get(dep_id)), now, ends.get(dep_id))
+            if dep_id not in kept:
+                kept[dep_id] = _kept_ids(ctx, known.get(dep_id))
+            reason = classify(f, name, known.get(dep_id), kept[dep_id], now, ends.get(dep_id))
             if reason is None or (deployment is not None and _deployment_of(f) != deployment):
                 continue
             result.leaks.append(_leak(f, provider.site, reason, table, now))
