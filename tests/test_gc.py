@@ -240,3 +240,28 @@ def test_delete_off_a_terminal_needs_yes_and_asks_no_cloud(labctl_env):
     empty = subprocess.run([sys.executable, "-m", "labctl", "gc", "--site", ""], env=labctl_env,
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert empty.returncode == 2 and "--site is empty" in empty.stderr
+
+
+@given(values=st.lists(st.text(max_size=30), min_size=1, max_size=4))
+def test_site_selections_from_users_are_names_or_a_one_line_refusal(values):
+    """Whatever `--site` values a user types, gc gets non-empty trimmed names (sim expanded) or a UserError."""
+    try:
+        names = gc.site_names(values)
+    except UserError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert names and all(n and n == n.strip() and "," not in n for n in names)
+    assert len(names) == len(set(names))
+
+
+@given(value=st.one_of(st.none(), st.text(max_size=40)))
+def test_up_site_lists_are_names_auto_or_a_one_line_refusal(value):
+    try:
+        names = service.site_list(value)
+    except UserError as exc:
+        assert "\n" not in str(exc) and "\r" not in str(exc)
+        return
+    if names is None:
+        assert value is None or value.strip().lower() == "auto"
+    else:
+        assert names and all(n and n == n.strip() and "," not in n for n in names)

@@ -152,8 +152,10 @@ def site_list(site_name: str | None) -> list[str] | None:
         return None
     names = [n.strip() for n in site_name.split(",")]
     if not all(names):
-        raise UserError(f"--site '{site_name}' has an empty site in it; give S1 or S1,S2 (or auto: the profile's "
-                        "sites in order)")
+        from labctl.redact import clean
+
+        raise UserError(f"--site '{clean(site_name, one_line=True)}' has an empty site in it; give S1 or S1,S2 "
+                        "(or auto: the profile's sites in order)")
     return list(dict.fromkeys(names))
 
 
