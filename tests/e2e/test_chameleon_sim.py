@@ -126,7 +126,8 @@ def test_sigkill_during_setup_then_resume(labctl_env, tmp_path):
     # A profile whose second step blocks until a flag file exists, so the kill lands mid-setup.
     profiles = tmp_path / "work" / "profiles"
     profiles.mkdir(parents=True)
-    flag = tmp_path / "release"
+    # The flag is in each node's home (a node that is a machine sees only its own files, as a real one).
+    homes = Path(labctl_env["LABCTL_TESTBED_DIR"]) / "nodes"
     (profiles / "slowsetup.yaml").write_text(
         "name: slowsetup\n"
         "description: setup that waits\n"
@@ -140,7 +141,7 @@ def test_sigkill_during_setup_then_resume(labctl_env, tmp_path):
         "    types: {kvm@tacc: [m1.small]}\n"
         "setup:\n"
         "  - {name: first, run: 'echo one >> steps.txt', safe_on_sim: true}\n"
-        f"  - {{name: wait, run: 'while [ ! -e {flag} ]; do sleep 0.05; done; echo two >> steps.txt',"
+        "  - {name: wait, run: 'while [ ! -e release ]; do sleep 0.05; done; echo two >> steps.txt',"
         " safe_on_sim: true, timeout: 120}\n"
         "  - {name: last, run: 'echo three >> steps.txt', safe_on_sim: true}\n"
     )
@@ -161,7 +162,8 @@ def test_sigkill_during_setup_then_resume(labctl_env, tmp_path):
             return False
 
     kill_when(proc, waiting_step_running)
-    flag.write_text("go")
+    for home in homes.glob("*/home"):
+        (home / "release").write_text("go")
     run(labctl_env, "up", path, "--site", "sim")
     w = world(labctl_env)
     assert len(servers_of(w, "kvm@tacc")) == 2
