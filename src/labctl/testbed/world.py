@@ -16,6 +16,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,18 @@ class Db:
             "SELECT data FROM objects WHERE kind=? AND site=? AND id=?", (kind, site, id)
         ).fetchone()
         return json.loads(row[0]) if row else None
+
+    def get_many(self, kind: str, site: str, ids: Iterable[str]) -> list[dict]:
+        """The objects of `kind` at `site` with these ids (those that exist), oldest first."""
+        ids = list(ids)
+        out: list[tuple[float, int, dict]] = []
+        for start in range(0, len(ids), 500):  # under SQLite's limit on bound variables
+            chunk = ids[start:start + 500]
+            rows = self.conn.execute(
+                f"SELECT created, rowid, data FROM objects WHERE kind=? AND site=? AND id IN "
+                f"({','.join('?' * len(chunk))})", [kind, site, *chunk])
+            out += [(created, rowid, json.loads(data)) for created, rowid, data in rows]
+        return [obj for *_, obj in sorted(out, key=lambda row: row[:2])]
 
     def find(self, kind: str, site: str | None = None, **equal: str) -> list[dict]:
         """Objects of a kind (at a site), oldest first; `equal` keeps those whose top-level fields have these

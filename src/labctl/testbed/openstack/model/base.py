@@ -3,6 +3,7 @@ every Neutron resource carries."""
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from datetime import UTC, datetime
@@ -55,18 +56,22 @@ def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure; a listing renders the same times on every poll
 def iso_z(ts: float | None) -> str | None:
     return None if ts is None else _dt(ts).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def iso_us(ts: float | None) -> str | None:
     return None if ts is None else _dt(ts).strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def blazar_dt(ts: float | None) -> str | None:
     return None if ts is None else _dt(ts).strftime(BLAZAR_DT)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def blazar_created(ts: float | None) -> str | None:
     return None if ts is None else _dt(ts).strftime(BLAZAR_CREATED)
 

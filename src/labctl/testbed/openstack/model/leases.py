@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from labctl.testbed.errors import HTTPError
@@ -25,7 +26,21 @@ def flavor_slots(db, site: Site, flavor_name: str) -> int:
 
 def all_flavors(db, site: Site) -> list[dict]:
     """Public flavors of the site plus the private `reservation:<id>` flavors Blazar made."""
-    out = [
+    return _public_flavors(site) + db.find("flavor", site.name)
+
+
+def flavors_by_id(db, site: Site, ids: Iterable[str]) -> dict[str, dict]:
+    """The flavors with these ids (public or reserved; unknown ids left out), in one query: a server list
+    needs only its servers' flavors, not every reservation's."""
+    public = {f["id"]: f for f in _public_flavors(site)}
+    wanted = set(ids)
+    found = {i: public[i] for i in wanted if i in public}
+    found.update((f["id"], f) for f in db.get_many("flavor", site.name, wanted - set(found)))
+    return found
+
+
+def _public_flavors(site: Site) -> list[dict]:
+    return [
         {
             "id": f.id,
             "name": f.name,
@@ -38,15 +53,13 @@ def all_flavors(db, site: Site) -> list[dict]:
         }
         for f in catalog.flavors(site)
     ]
-    out += db.find("flavor", site.name)
-    return out
 
 
 def get_flavor(db, site: Site, ref: str) -> dict | None:
-    for f in all_flavors(db, site):
-        if f["id"] == ref:
-            return f
-    return None
+    """The flavor whose id is `ref` (a public one, or a reservation's), looked up by id."""
+    if not isinstance(ref, str):
+        return None
+    return flavors_by_id(db, site, [ref]).get(ref)
 
 
 def site_hosts(db, site: Site) -> list[catalog.Host]:

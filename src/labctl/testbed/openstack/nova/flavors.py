@@ -234,7 +234,7 @@ _QUOTAS = {
 def _usage(req: Request) -> dict:
     with req.world.read() as db:
         servers = db.find("server", req.site.name)
-        flavors = {f["id"]: f for f in model.all_flavors(db, req.site)}
+        flavors = model.flavors_by_id(db, req.site, {s["flavor_id"] for s in servers})
         keypairs = db.count("keypair", req.site.name)
     cores = sum(flavors.get(s["flavor_id"], {}).get("vcpus", 0) for s in servers)
     ram = sum(flavors.get(s["flavor_id"], {}).get("ram", 0) for s in servers)

@@ -134,7 +134,7 @@ def list_servers_detail(req: Request, mv) -> Response:
     with req.world.read() as db:
         servers = filter_servers(db, req, db.find("server", req.site.name))
         servers, links = paginate(req, servers, "servers", "/servers/detail")
-        flavors = {f["id"]: f for f in model.all_flavors(db, req.site)}
+        flavors = model.flavors_by_id(db, req.site, {s["flavor_id"] for s in servers})
         addresses = model.SiteAddresses(db, req.site)  # every server's, in three queries
         views = [server_view(db, req, s, mv, flavors, addresses.of(s)) for s in servers]
     body = {"servers": views}
@@ -316,7 +316,7 @@ def create_server(req: Request, mv) -> Response:
 def get_server(req: Request, mv) -> Response:
     with req.world.read() as db:
         s = server_or_404(db, req)
-        flavors = {f["id"]: f for f in model.all_flavors(db, req.site)}
+        flavors = model.flavors_by_id(db, req.site, [s["flavor_id"]])
         return Response(200, {"server": server_view(db, req, s, mv, flavors)})
 
 
@@ -331,7 +331,7 @@ def update_server(req: Request, mv) -> Response:
             s["description"] = spec["description"]
         s["updated"] = time.time()
         db.put("server", req.site.name, s)
-        flavors = {f["id"]: f for f in model.all_flavors(db, req.site)}
+        flavors = model.flavors_by_id(db, req.site, [s["flavor_id"]])
         return Response(200, {"server": server_view(db, req, s, mv, flavors)})
 
 
