@@ -378,10 +378,10 @@ def run_emulator(a: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     ssh = a.serve == "ssh"
+    profiles = profile_threads() if os.environ.get("LABCTL_BENCH_PROFILE") else None  # the servers' threads too
     tb = Testbed.start(os.environ["LABCTL_TESTBED_DIR"], time_scale=a.time_scale, ssh=ssh, shared_ssh_port=ssh)
     if ssh:
         tb.slow_ssh_polls(0.05)  # a node answers SSH within 50 ms of becoming reachable
-    profiles = profile_threads() if os.environ.get("LABCTL_BENCH_PROFILE") else None
     cpu0 = cpu_seconds()
     write_result(a.ready, {"endpoint": tb.endpoint, "ssh_port": tb.ssh_port})
     stop.wait()
