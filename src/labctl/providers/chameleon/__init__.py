@@ -91,10 +91,12 @@ class ChameleonProvider(Session):
         return leases.extend(self, found, hours)
 
     def inventory(self) -> list[Found]:
-        """Every kind's tagged resources, then the leases of the deployments seen (Blazar keeps no tags); an owner
-        the resource does not record (Neutron descriptions carry the deployment only) is its deployment's."""
+        """Every kind's tagged resources, then the leases each deployment's key pair records (Blazar keeps no
+        tags); an owner the resource does not record (Neutron descriptions carry the deployment only) is its
+        deployment's."""
         found = [f for kind in OWNED if kind != "reservation" for f in self.handlers[kind].inventory()]
-        found += self.handlers["reservation"].inventory({f.attrs["deployment"] for f in found})
+        leases = {name: f.attrs["deployment"] for f in found if f.kind == "keypair" for name in f.attrs["leases"]}
+        found += self.handlers["reservation"].inventory(leases)
         owners = {f.attrs["deployment"]: f.attrs["owner"] for f in found if f.attrs.get("owner")}
         for f in found:
             f.attrs["owner"] = f.attrs.get("owner") or owners.get(f.attrs["deployment"])

@@ -2,13 +2,13 @@
 
 A lease in ERROR is a Found in error (the engine tries the next type); a taken lease name is a concurrent run's
 lease (or a lost answer's), adopted. Blazar keeps no tags: `list_owned` knows a deployment's leases by the
-plan's names, `inventory` only those of deployments whose tagged resources are on the site."""
+plan's names, `inventory` those the deployments' key pairs record."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
@@ -77,15 +77,14 @@ class Leases(Handler):
         names = {r.name for r in plan.by_kind("reservation")}
         return [Found("reservation", x["id"], x["name"]) for x in self.live(plan) if x["name"] in names]
 
-    def inventory(self, deployments: Collection[str]) -> list[Found]:
-        """Leases named `<deployment>-<role>` of one of `deployments` (those with tagged resources on the site;
-        the longest that fits), never a lease for its name alone."""
+    def inventory(self, deployments: Mapping[str, str]) -> list[Found]:
+        """The live leases named in `deployments` (lease name: deployment, as the deployments' key pairs record
+        them), never a lease for its name alone."""
         found = []
         for lease in self.live(None):
-            deployment = max((d for d in deployments if lease["name"].startswith(f"{d}-")), key=len, default=None)
-            if deployment is not None:
+            if lease["name"] in deployments:
                 found.append(lease_found(lease))
-                found[-1].attrs.update(deployment=deployment, created=iso_utc(lease.get("created_at")))
+                found[-1].attrs.update(deployment=deployments[lease["name"]], created=iso_utc(lease.get("created_at")))
         return found
 
 

@@ -13,7 +13,7 @@ from labctl import naming
 from labctl.errors import CloudError
 from labctl.providers.base import Found, create_or_adopt, create_or_find
 from labctl.providers.chameleon.network import ensure_port
-from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, deployment_of
+from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, deployment_of, tags_of
 from labctl.providers.kit import poll_until
 from labctl.redact import clean
 
@@ -21,17 +21,19 @@ if TYPE_CHECKING:
     from labctl.plan import KeypairSpec, Plan, Resource, ServerSpec
 
 NODE_TYPE = "labctl:node_type"  # server metadata: the node type or flavor it runs as
+LEASES = "labctl:leases"  # in the key pair's comment: the deployment's lease names (Blazar keeps no tags)
 
 
 @TABLE.handler("keypair")
 class Keypairs(Listed):
     """Found "error" when it holds another public key (the user's key changed): the engine deletes it and makes
-    it again."""
+    it again. Its comment records labctl's tags and the deployment's leases (`inventory` lists only those)."""
 
     service, sdk = "compute", "keypair"
 
     def found(self, item: Any) -> Found:
-        return Found("keypair", item.name, item.name)
+        leases = tags_of(item).get(LEASES)
+        return Found("keypair", item.name, item.name, attrs={"leases": leases.split(",")} if leases else {})
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
         # One GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404).
@@ -44,8 +46,9 @@ class Keypairs(Listed):
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         # labctl's tags as the key's comment: the only mark of ownership a Nova key pair can keep.
-        tags = (f"{k}={v}" for k, v in plan.tags.items())
-        key = " ".join([*cast("KeypairSpec", res.spec)["public_key"].split()[:2], *tags])
+        marks = {**plan.tags, LEASES: ",".join(r.name for r in plan.by_kind("reservation"))}
+        key = " ".join([*cast("KeypairSpec", res.spec)["public_key"].split()[:2],
+                        *(f"{k}={v}" for k, v in marks.items() if v)])
 
         def create() -> Found:
             self.api("create", name=res.name, public_key=key)
