@@ -23,6 +23,8 @@ from typing import Any
 from labctl.testbed.sqlite_world import SqliteWorld, free_port, internal_addresses
 
 DEFAULT_TIME_SCALE = 0.01
+# What `ssh_targets` reads: its cache holds while none of these kinds is written.
+_SSH_KINDS = ("server", "port", "fip", "volume")
 FAULT_KINDS = ("error500", "error429", "server_error_state", "hang_after", "timeout_after")
 
 _SCHEMA = """
@@ -41,7 +43,6 @@ CREATE INDEX IF NOT EXISTS objects_port ON objects (kind, site, json_extract(dat
     WHERE kind = 'fip';
 CREATE INDEX IF NOT EXISTS objects_group ON objects (kind, site, json_extract(data, '$.security_group_id'))
     WHERE kind = 'sgrule';
-INSERT OR IGNORE INTO meta (key, value) VALUES ('objects_gen', '0');
 CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, site TEXT NOT NULL, expires REAL NOT NULL,
                                    data TEXT NOT NULL);
 """
@@ -146,12 +147,19 @@ class Db:
             "AND item.value = ? LIMIT 1", [*args, value]).fetchone()
         return row is not None
 
-    def generation(self) -> int:
-        """A number that changes whenever an object is written or deleted (readers' caches compare it)."""
-        return int(self.meta("objects_gen", "0") or 0)
+    def generation(self, kinds: Iterable[str]) -> tuple[int, ...]:
+        """Numbers that change whenever an object of one of `kinds` is written or deleted (readers' caches
+        compare them)."""
+        kinds = list(kinds)
+        rows = dict(self.conn.execute(
+            f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(kinds))})",
+            [f"objects_gen:{kind}" for kind in kinds]).fetchall())
+        return tuple(int(rows.get(f"objects_gen:{kind}", 0)) for kind in kinds)
 
-    def _bump(self) -> None:
-        self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'objects_gen'")
+    def _bump(self, kind: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, '1') "
+            "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1", (f"objects_gen:{kind}",))
 
     def put(self, kind: str, site: str, obj: dict) -> dict:
         """Insert or replace `obj` (needs `id`; `name`, `created`, `t_next` are mirrored into columns)."""
@@ -164,13 +172,13 @@ class Db:
             "data=excluded.data",
             (kind, site, obj["id"], obj.get("name"), obj["created"], obj.get("t_next"), json.dumps(obj)),
         )
-        self._bump()
+        self._bump(kind)
         return obj
 
     def delete(self, kind: str, site: str, id: str) -> bool:
         cur = self.conn.execute("DELETE FROM objects WHERE kind=? AND site=? AND id=?", (kind, site, id))
         if cur.rowcount > 0:
-            self._bump()
+            self._bump(kind)
         return cur.rowcount > 0
 
     def due(self, now: float) -> list[tuple[str, str, dict]]:
@@ -238,7 +246,8 @@ class World(SqliteWorld):
         if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
             time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
         self._explicit_scale = time_scale
-        self._ssh_cache: tuple[int, float, list[dict[str, Any]]] | None = None  # see ssh_targets
+        self._ssh_cache: tuple[tuple[int, ...], float, list[dict[str, Any]]] | None = None  # see ssh_targets
+        self._node_dirs: dict[str, Path] = {}
         super().__init__(self.state_dir / "world.db", _SCHEMA)
         self._init()
 
@@ -390,7 +399,7 @@ class World(SqliteWorld):
         with self.read() as db:
             # The SSH side asks many times a second: the same answer while no object was written and no
             # server finished booting (a copy of each target, so a caller's change stays its own).
-            generation = db.generation()
+            generation = db.generation(_SSH_KINDS)
             cached = self._ssh_cache
             if cached is not None and cached[0] == generation and now < cached[1]:
                 return [dict(t) for t in cached[2]]
@@ -408,10 +417,17 @@ class World(SqliteWorld):
         for t in targets:
             t["internal_address"] = internal[t["server_id"]]
             t["port"] = port
-            t["node_dir"] = self.state_dir / "nodes" / t["server_id"]
+            t["node_dir"] = self._node_dir(t["server_id"])
             t["volumes"] = volumes.get(t["server_id"], [])
         self._ssh_cache = (generation, changes_at, targets)
         return [dict(t) for t in targets]
+
+    def _node_dir(self, server_id: str) -> Path:
+        """`<state dir>/nodes/<server id>` (memoized: building paths was a fair part of each SSH poll)."""
+        path = self._node_dirs.get(server_id)
+        if path is None:
+            path = self._node_dirs[server_id] = self.state_dir / "nodes" / server_id
+        return path
 
     def ingress_allowed(self, target: dict[str, Any], port: int, peer) -> bool:
         """Whether the site's security groups let `peer` (`labctl.testbed.firewall.Peer`) reach `port` of the
