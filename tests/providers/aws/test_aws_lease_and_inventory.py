@@ -224,3 +224,10 @@ def test_inventory_lists_every_labctl_tagged_resource_and_no_look_alike(emu, tmp
                 cli.release_address(AllocationId=a["AllocationId"])
         for plan in (first, second):
             assert Engine(provider, store).destroy(plan, keep=False) == []
+
+
+def test_an_unknown_ami_id_is_a_user_error(emu):
+    from labctl.providers.aws import instances
+
+    with pytest.raises(UserError, match="image ami-0123456789abcdef0 not found"):
+        instances.find_image(connect(emu), "ami-0123456789abcdef0")

@@ -59,7 +59,7 @@ from labctl.errors import CloudError, CredentialsError, UserError
 from labctl.providers import kit
 from labctl.providers.aws import instances, network, storage
 from labctl.providers.aws.instances import IMAGES
-from labctl.providers.aws.session import KINDS, AwsSession, labelled, load_session, tagged, tags_of, token
+from labctl.providers.aws.session import KINDS, AwsSession, labelled, load_session, tagged, tags_of
 from labctl.providers.aws.storage import bucket_name
 from labctl.providers.base import Found, ProgressFn
 
@@ -68,8 +68,6 @@ if TYPE_CHECKING:
     from labctl.sites import Site
 
 MISSING_GRACE = 30.0  # seconds a new instance may be absent from DescribeInstances (eventual consistency)
-_session = load_session  # (the tests load the standard chain through it)
-client_token = volume_token = token  # a launch's and a volume's ClientToken
 
 
 def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] | None = None) -> AwsProvider:
@@ -161,7 +159,7 @@ class AwsProvider(AwsSession):
         """Everything tagged with the deployment: instances, Elastic IPs, key pairs, security groups, VPCs and
         internet gateways (both kind "network"), subnets, volumes and their attachments, and buckets (S3 only when
         the plan has buckets: an EC2-only account (IAM policy) is never asked)."""
-        out = [kind.view(item) for kind in KINDS for item in kind.list(self, tagged(plan), owned=True)]
+        out = [kind.found(item) for kind in KINDS for item in kind.list(self, tagged(plan), owned=True)]
         out += [a for vol in out if vol.kind == "volume" for a in storage.attachments_of(vol)]
         return out + (storage.buckets(self, plan.deployment) if plan.by_kind("bucket") else [])
 
@@ -178,9 +176,8 @@ class AwsProvider(AwsSession):
         listed = [(kind, item, tags_of(item.get("Tags"))) for kind in KINDS
                   for item in kind.list(self, any_deployment, owned=True)]
         # (checked here too: EC2 may merge two tag-key filters, as a data volume's listing adds one)
-        return [labelled(kind.view(item), tags, item.get(kind.created) if kind.created else None)
+        return [labelled(kind.found(item), tags, item.get(kind.created) if kind.created else None)
                 for kind, item, tags in listed if naming.TAG_DEPLOYMENT in tags] + storage.buckets(self)
 
 
-__all__ = ["IMAGES", "AwsProvider", "bucket_name", "client_token", "connect", "describe_credentials",
-           "volume_token"]
+__all__ = ["IMAGES", "AwsProvider", "bucket_name", "connect", "describe_credentials"]

@@ -59,8 +59,9 @@ def image(p: AwsSession, abstract: str) -> dict[str, Any]:
 
 def find_image(p: AwsSession, abstract: str) -> dict[str, Any]:
     owners, pattern = IMAGES.get(abstract, (("self",), abstract))
-    if abstract.startswith("ami-"):
-        images = p.describe(f"find image {abstract}", "describe_images", "Images", ImageIds=[abstract])
+    if abstract.startswith("ami-"):  # (EC2 answers an unknown id with InvalidAMIID.NotFound)
+        out = p.call(f"find image {abstract}", lambda: p.ec2.describe_images(ImageIds=[abstract]), missing_ok=True)
+        images = (out or {}).get("Images") or []
     else:
         images = sorted(p.describe(f"find image {abstract}", "describe_images", "Images", Owners=list(owners),
                                    Filters=[{"Name": "name", "Values": [pattern]},
@@ -146,13 +147,13 @@ def node_found(inst: Item, res: Resource, plan: Plan) -> Found:
     return found
 
 
-SERVERS = Ec2Kind("server", "instance", "describe_instances", "Reservations", "InstanceId", created="LaunchTime",
-                  owned=({"Name": "instance-state-name", "Values": list(NOT_TERMINATED)},), found=instance_found)
-ADDRESSES = Ec2Kind("floating_ip", "Elastic IP", "describe_addresses", "Addresses", "AllocationId", "release_address",
-                    found=lambda a: Found("floating_ip", a["AllocationId"], tags_of(a.get("Tags")).get("Name", ""),
-                                          attrs={"floating_ip": a.get("PublicIp"), "instance_id": a.get("InstanceId")}))
-KEYPAIRS = Ec2Kind("keypair", "key pair", "describe_key_pairs", "KeyPairs", "KeyName", "delete_key_pair",
-                   created="CreateTime", found=lambda k: Found("keypair", k["KeyName"], k["KeyName"]))
+SERVERS = Ec2Kind("server", "instance", "describe_instances", "Reservations", "InstanceId", instance_found,
+                  created="LaunchTime", owned=({"Name": "instance-state-name", "Values": list(NOT_TERMINATED)},))
+ADDRESSES = Ec2Kind("floating_ip", "Elastic IP", "describe_addresses", "Addresses", "AllocationId", lambda a: Found(
+    "floating_ip", a["AllocationId"], tags_of(a.get("Tags")).get("Name", ""),
+    attrs={"floating_ip": a.get("PublicIp"), "instance_id": a.get("InstanceId")}), "release_address")
+KEYPAIRS = Ec2Kind("keypair", "key pair", "describe_key_pairs", "KeyPairs", "KeyName",
+                   lambda k: Found("keypair", k["KeyName"], k["KeyName"]), "delete_key_pair", created="CreateTime")
 session.KINDS += [SERVERS, ADDRESSES, KEYPAIRS]
 
 

@@ -48,15 +48,16 @@ def subnet_found(subnet: Item) -> Found:
 
 
 # A gateway is kind "network" too: deleted with its VPC, or by itself when a crash left it unattached.
-VPCS = Ec2Kind("network", "VPC", "describe_vpcs", "Vpcs", "VpcId", "delete_vpc", found=lambda v: Found(
-    "network", v["VpcId"], tags_of(v.get("Tags")).get("Name", v["VpcId"]), attrs={"cidr": v.get("CidrBlock")}))
+VPCS = Ec2Kind("network", "VPC", "describe_vpcs", "Vpcs", "VpcId", lambda v: Found(
+    "network", v["VpcId"], tags_of(v.get("Tags")).get("Name", v["VpcId"]), attrs={"cidr": v.get("CidrBlock")}),
+    "delete_vpc")
 GATEWAYS = Ec2Kind("network", "internet gateway", "describe_internet_gateways", "InternetGateways",
-                   "InternetGatewayId", "delete_internet_gateway", found=lambda g: Found(
+                   "InternetGatewayId", lambda g: Found(
                        "network", g["InternetGatewayId"], tags_of(g.get("Tags")).get("Name", ""),
-                       attrs={"vpc_ids": [a["VpcId"] for a in g.get("Attachments") or []]}))
-SUBNETS = Ec2Kind("subnet", "subnet", "describe_subnets", "Subnets", "SubnetId", "delete_subnet", found=subnet_found)
+                       attrs={"vpc_ids": [a["VpcId"] for a in g.get("Attachments") or []]}), "delete_internet_gateway")
+SUBNETS = Ec2Kind("subnet", "subnet", "describe_subnets", "Subnets", "SubnetId", subnet_found, "delete_subnet")
 GROUPS = Ec2Kind("secgroup", "security group", "describe_security_groups", "SecurityGroups", "GroupId",
-                 "delete_security_group", found=lambda g: Found("secgroup", g["GroupId"], g["GroupName"]))
+                 lambda g: Found("secgroup", g["GroupId"], g["GroupName"]), "delete_security_group")
 KINDS += [GROUPS, VPCS, GATEWAYS, SUBNETS]
 
 

@@ -187,30 +187,25 @@ def labelled(found: Found, tags: Mapping[str, str], created: Any = None) -> Foun
 @dataclass(frozen=True)
 class Ec2Kind:
     """An EC2 resource family: listed by `describe` (its answer's `key`; instances flattened out of their
-    reservations), `id` its id field; `found` makes labctl's view of one (kind, id and Name tag by default);
-    `delete` the boto3 call that deletes one by id (`param`, the id field by default); `owned` filters added to
-    the listing of what a deployment owns; `created` the item's creation-time field."""
+    reservations), `id` its id field; `found` makes labctl's view of one; `delete` the boto3 call that deletes one
+    by id (`param`, the id field by default); `owned` filters added to the listing of what labctl owns (data volumes
+    only, instances not terminated); `created` the item's creation-time field."""
 
     kind: str
     noun: str
     describe: str
     key: str
     id: str
+    found: Callable[[Item], Found]
     delete: str = ""
     param: str = ""
     owned: tuple[dict[str, Any], ...] = ()
     created: str = ""
-    found: Callable[[Item], Found] | None = None
 
     def list(self, p: AwsSession, filters: Sequence[Mapping[str, Any]], owned: bool = False) -> list[Item]:
         items = p.describe(f"list {self.noun}s", self.describe, self.key,
                            Filters=[*filters, *(self.owned if owned else ())])
         return [i for r in items for i in r["Instances"]] if self.key == "Reservations" else items
-
-    def view(self, item: Item) -> Found:
-        if self.found is not None:
-            return self.found(item)
-        return Found(self.kind, item[self.id], tags_of(item.get("Tags")).get("Name", item[self.id]))
 
     def remove(self, p: AwsSession, ident: str) -> None:
         """Delete one (missing is fine), retried while in use (an instance's network interface holds its security

@@ -56,10 +56,9 @@ def volume_found(vol: Item) -> Found:
 
 
 # Data volumes only (tagged labctl:volume; root volumes go with their instance), but those going away.
-VOLUMES = Ec2Kind("volume", "volume", "describe_volumes", "Volumes", "VolumeId", created="CreateTime",
+VOLUMES = Ec2Kind("volume", "volume", "describe_volumes", "Volumes", "VolumeId", volume_found, created="CreateTime",
                   owned=({"Name": "tag-key", "Values": [VOLUME_TAG]},
-                         {"Name": "status", "Values": ["creating", "available", "in-use", "error"]}),
-                  found=volume_found)
+                         {"Name": "status", "Values": ["creating", "available", "in-use", "error"]}))
 session.KINDS.append(VOLUMES)
 
 
