@@ -521,11 +521,15 @@ def run_labctl(a: argparse.Namespace) -> int:
     say(f"labctl: class up {a.lab} for {a.students} students at {', '.join(a.sites)} (concurrency "
         f"{a.concurrency} per site, rate {a.rate / scale:g}/s per site, latency {a.latency * scale * 1000:g} ms, "
         f"time scale {scale:g})")
+    profiles = profile_threads() if os.environ.get("LABCTL_BENCH_PROFILE") else None  # class up's threads
     cpu0 = cpu_seconds()
     started = time.perf_counter()
     results = classroom.class_up(ctx, opts, classroom.ClassEvents(student=student, finished=finished))
     wall = time.perf_counter() - started
     cpu = cpu_seconds() - cpu0
+    if profiles is not None:
+        threading.setprofile(None)  # type: ignore[arg-type]
+        dump_profiles(profiles, Path(os.environ["LABCTL_BENCH_PROFILE"]) / "labctl-up.prof")
     up_requests = site_requests(world)
     by_label = counter.take()
     statuses = Counter(r.status for r in results)
