@@ -337,7 +337,7 @@ class SSHNodes:
             for key in list(self._nodes):
                 await self._close(key)
             if self.machines is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self.machines.release_all)
+                await _off_loop(self.machines.release_all)
             # let sessions whose connections were just closed kill their commands and finish
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             if others:
@@ -372,7 +372,7 @@ class SSHNodes:
         if self.machines is None:
             return None
         self._machine_dirs.add(str(target["node_dir"]))
-        return await asyncio.get_running_loop().run_in_executor(None, self.machines.enter, target)
+        return await _off_loop(self.machines.enter, target)
 
     # -- jump-host hops (`labctl.testbed.ssh_forwarding`) ----------------------------------------------
     def private_destination(self, jump: dict, dest_host: str, dest_port: int) -> tuple[dict, str] | None:
@@ -403,7 +403,7 @@ class SSHNodes:
             gone = [d for d in self._machine_dirs if d not in served]
             self._machine_dirs -= set(gone)
             for d in gone:
-                await asyncio.get_running_loop().run_in_executor(None, self.machines.release, Path(d))
+                await _off_loop(self.machines.release, Path(d))
         now = time.monotonic()
         for key, t in wanted.items():
             node = self._nodes.get(key)
@@ -431,7 +431,7 @@ class SSHNodes:
         if self.machines is not None:
             # Serving a node keeps its machine (started on the first session) alive in every process.
             self._machine_dirs.add(str(node.node_dir))
-            await asyncio.get_running_loop().run_in_executor(None, self.machines.use, node.node_dir)
+            await _off_loop(self.machines.use, node.node_dir)
         server_class = self._server_class
 
         home_sftp = _home_sftp_server_class()
@@ -559,6 +559,17 @@ class _Listener:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _off_loop(fn, *args):
+    """`fn(*args)` on the default executor; in this thread when the interpreter is exiting (the executor
+    refuses work then), so that a node's machine is still released."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    except RuntimeError as exc:
+        if "shutdown" not in str(exc) and not sys.is_finalizing():
+            raise
+        return fn(*args)
 
 
 def _ident(target: dict, key: tuple[str, int]) -> tuple:
