@@ -145,6 +145,21 @@ def test_system_changes_stay_in_the_node_and_last_across_sessions(nodes, tmp_pat
 
 
 @machines_only
+def test_root_in_a_node_cannot_reach_the_hosts_network_or_devices(nodes):
+    """sudo works (mount, files), but the capabilities past the node's namespaces are gone: the host's network
+    (shared with the node) and firewall, new device nodes, the clock."""
+    probe = "127.99.0.1"
+    try:
+        for command in (f"sudo ip addr add {probe}/32 dev lo", "sudo mknod /root/disk b 8 0",
+                        'sudo date -s "$(date)"'):  # harmless if it ran: the clock set to the time it is
+            assert nodes.ssh("n1", command, check=False).returncode != 0, command
+        assert probe not in subprocess.run(["ip", "addr", "show", "lo"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{probe}/32", "dev", "lo"], capture_output=True)
+    nodes.ssh("n1", "sudo mkdir -p /mnt/t && sudo mount -t tmpfs tmpfs /mnt/t && sudo touch /mnt/t/ok")
+
+
+@machines_only
 def test_one_pid_namespace_per_node_kept_across_sessions(nodes):
     nodes.ssh("n1", "nohup sleep 300 >/dev/null 2>&1 & echo started")
     assert "sleep 300" in nodes.ssh("n1", "ps -eo args").stdout  # a later session sees the background job

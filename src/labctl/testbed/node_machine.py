@@ -50,8 +50,12 @@ ENV_SWITCH = "LABCTL_TESTBED_NODES"
 MACHINE_DIR = "machine"
 OVERLAID = ("etc", "usr", "var", "opt", "srv")
 SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/lib/sftp-server")
-TOOLS = ("unshare", "nsenter", "pivot_root", "mount", "losetup", "mknod", "sudo")
+TOOLS = ("unshare", "nsenter", "setpriv", "pivot_root", "mount", "losetup", "mknod", "sudo")
 START_TIMEOUT = 30.0
+# Out of reach for a node's sessions, sudo included (see Machine.wrap); mount stays (volumes, as on a real node).
+DROPPED_CAPS = ",".join(f"-{c}" for c in ("net_admin", "sys_module", "sys_time", "sys_boot", "sys_rawio", "mknod",
+                                          "mac_admin", "mac_override", "audit_control", "sys_pacct", "wake_alarm",
+                                          "block_suspend", "syslog"))
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Runs as PID 1 of the node's namespaces (as root), before anything else: build the node's root, pivot into it.
@@ -231,9 +235,12 @@ class Machine:
     home: str
 
     def wrap(self, argv: list[str]) -> list[str]:
-        """argv that runs `argv` inside the node, as its user, in its home."""
-        return ["nsenter", "-t", str(self.pid), "-m", "-u", "-p", "-r", "-W", self.home,
-                "-S", str(self.uid), "-G", str(self.gid), "--", *argv]
+        """argv that runs `argv` inside the node, as its user, in its home. Root inside the node (sudo) is this
+        host's root in the node's namespaces, so the capabilities that reach past them (the host's network
+        and firewall, kernel modules, the clock, raw devices, new device nodes) leave the bounding set."""
+        return ["nsenter", "-t", str(self.pid), "-m", "-u", "-p", "-r", "-W", self.home, "--",
+                "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+                f"--bounding-set={DROPPED_CAPS}", "--", *argv]
 
     def wrap_root(self, argv: list[str]) -> list[str]:
         return ["nsenter", "-t", str(self.pid), "-m", "-u", "-p", "-r", "-W", "/", "--", *argv]
