@@ -160,6 +160,17 @@ def test_root_in_a_node_cannot_reach_the_hosts_network_or_devices(nodes):
 
 
 @machines_only
+def test_an_interactive_shell_on_a_pty_is_the_nodes(nodes):
+    proc = subprocess.run(["ssh", "-tt", "-p", str(nodes.port), *nodes.options(), f"cc@{nodes.address['n1']}"],
+                          input="hostname; tty; exit 3\n", capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TERM": "xterm"})
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stdout.replace("\r", "").splitlines()
+    assert any(line.endswith("cc@lab-n1:~$ hostname; tty; exit 3") for line in lines), lines  # the node's prompt
+    assert lines[lines.index("lab-n1") + 1].startswith("/dev/pts/"), lines
+
+
+@machines_only
 def test_one_pid_namespace_per_node_kept_across_sessions(nodes):
     nodes.ssh("n1", "nohup sleep 300 >/dev/null 2>&1 & echo started")
     assert "sleep 300" in nodes.ssh("n1", "ps -eo args").stdout  # a later session sees the background job
