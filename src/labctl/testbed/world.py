@@ -115,6 +115,36 @@ class Db:
         rows = self.conn.execute(f"SELECT data FROM objects WHERE {where} ORDER BY created, rowid", args)
         return [json.loads(r[0]) for r in rows]
 
+    def find_any(self, kind: str, site: str, **values: Iterable[str]) -> list[dict]:
+        """Objects of `kind` at `site` where any of these top-level fields has one of its values, oldest
+        first (matched by SQLite: only those rows are parsed)."""
+        where, args = self._where(kind, site, {})
+        alternatives = []
+        for field, wanted in values.items():
+            wanted = list(wanted)
+            if not field.isidentifier():
+                raise ValueError(f"bad field name {field!r}")
+            if wanted:
+                alternatives.append(f"json_extract(data, '$.{field}') IN ({','.join('?' * len(wanted))})")
+                args += wanted
+        if not alternatives:
+            return []
+        rows = self.conn.execute(
+            f"SELECT data FROM objects WHERE {where} AND ({' OR '.join(alternatives)}) ORDER BY created, rowid", args)
+        return [json.loads(r[0]) for r in rows]
+
+    def find_by_item(self, kind: str, site: str, field: str, key: str, value: str) -> list[dict]:
+        """Objects of `kind` at `site` whose list `field` holds an object with `key` equal to `value`
+        (a lease by one of its reservations' ids), matched by SQLite."""
+        where, args = self._where(kind, site, {})
+        if not (field.isidentifier() and key.isidentifier()):
+            raise ValueError(f"bad field name {field!r} or {key!r}")
+        rows = self.conn.execute(
+            f"SELECT data FROM objects WHERE {where} AND EXISTS (SELECT 1 FROM json_each(objects.data, "
+            f"'$.{field}') AS item WHERE json_extract(item.value, '$.{key}') = ?) ORDER BY created, rowid",
+            [*args, value])
+        return [json.loads(r[0]) for r in rows]
+
     def count(self, kind: str, site: str | None = None, **equal: str) -> int:
         """How many objects `find` would return, counted by SQLite (quota usage: nothing parsed)."""
         where, args = self._where(kind, site, equal)

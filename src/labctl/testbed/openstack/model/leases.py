@@ -202,7 +202,9 @@ def reservation_status(lease: dict, now: float) -> str:
 
 
 def find_reservation(db, site: Site, reservation_id: str) -> tuple[dict, dict] | None:
-    for lease in db.find("lease", site.name):
+    if not isinstance(reservation_id, str):
+        return None
+    for lease in db.find_by_item("lease", site.name, "reservations", "id", reservation_id):
         for r in lease["reservations"]:
             if r["id"] == reservation_id:
                 return lease, r
@@ -217,7 +219,7 @@ def create_lease(db, site: Site, body: dict, now: float, scale: float, *, error:
     if not isinstance(body, dict) or not body.get("name"):
         raise HTTPError(400, "Missing parameter name", "MissingParameter")
     name = body["name"]
-    if any(lease["name"] == name for lease in db.find("lease", site.name)):
+    if isinstance(name, str) and db.count("lease", site.name, name=name):
         raise HTTPError(409, f"The lease with name: {name} already exists", "LeaseNameAlreadyExists")
     start = parse_lease_date(body.get("start_date", "now"), now, "start_date")
     if "end_date" not in body:
@@ -405,7 +407,8 @@ def update_lease(db, site: Site, lease: dict, body: dict, now: float) -> dict:
         raise HTTPError(400, "Cannot update a lease that has already ended", "InvalidInput")
     start, end = lease["start"], lease["end"]
     if body.get("name"):
-        if any(x["name"] == body["name"] and x["id"] != lease["id"] for x in db.find("lease", site.name)):
+        named = db.find("lease", site.name, name=body["name"]) if isinstance(body["name"], str) else []
+        if any(x["id"] != lease["id"] for x in named):
             raise HTTPError(
                 409, f"The lease with name: {body['name']} already exists", "LeaseNameAlreadyExists"
             )

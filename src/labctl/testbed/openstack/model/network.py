@@ -82,7 +82,7 @@ def find_security_group(db, site: Site, ref: str) -> dict | None:
     sg = db.get("secgroup", site.name, ref)
     if sg:
         return sg
-    named = [g for g in db.find("secgroup", site.name) if g["name"] == ref]
+    named = db.find("secgroup", site.name, name=ref) if isinstance(ref, str) else []
     return named[0] if len(named) == 1 else None
 
 

@@ -34,8 +34,8 @@ def server_status(server: dict, now: float) -> str:
 
 def schedule(db, site: Site, server: dict, now: float) -> str | None:
     """Pick a host for a new server; returns None (host set on `server`) or the fault message."""
-    servers = [s for s in db.find("server", site.name) if not s.get("fault")]
     if site.kind == "baremetal":
+        servers = [s for s in db.find("server", site.name) if not s.get("fault")]
         rid = server.get("reservation_id")
         found = find_reservation(db, site, rid) if rid else None
         if not found:
@@ -61,7 +61,8 @@ def schedule(db, site: Site, server: dict, now: float) -> str | None:
         lease, r = found
         if lease_status(lease, now) != "ACTIVE":
             return NO_VALID_HOST
-        if sum(1 for s in servers if s["flavor_id"] == flavor["id"]) >= int(r["amount"]):
+        on_flavor = db.find("server", site.name, flavor_id=flavor["id"])  # the reservation's own flavor
+        if sum(1 for s in on_flavor if not s.get("fault")) >= int(r["amount"]):
             return NO_VALID_HOST
         k = db.counter(f"kvm_host:{site.name}")
         server["host"] = f"kvm-{k % 40 + 1:03d}"

@@ -32,12 +32,10 @@ def seed(db) -> None:
 def release_lease(db, site: Site, lease: dict) -> None:
     """What Blazar does at lease end (and on delete): servers, reserved FIPs and flavors go away."""
     rids = {r["id"] for r in lease["reservations"]}
-    for server in db.find("server", site.name):
-        if server.get("reservation_id") in rids or server.get("flavor_id") in rids:
-            delete_server(db, site, server["id"])
-    for fip in db.find("fip", site.name):
-        if fip.get("reservation_id") in rids:
-            db.delete("fip", site.name, fip["id"])
+    for server in db.find_any("server", site.name, reservation_id=rids, flavor_id=rids):
+        delete_server(db, site, server["id"])
+    for fip in db.find_any("fip", site.name, reservation_id=rids):
+        db.delete("fip", site.name, fip["id"])
     for rid in rids:
         db.delete("flavor", site.name, rid)
 
