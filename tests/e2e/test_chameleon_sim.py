@@ -58,7 +58,7 @@ def test_up_status_ssh_down(labctl_env, lab, site, real_site, node, node_type):
     down = run(labctl_env, "down", lab)
     assert "Deleted" in down.stdout
     assert labctl_leftovers(w) == {}
-    assert run_json(labctl_env, "status") == []
+    assert run_json(labctl_env, "status") == {"labs": [], "classes": []}  # the overview
 
 
 def test_setup_ran_safe_steps_and_skipped_host_changing_ones(labctl_env):
