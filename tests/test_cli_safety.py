@@ -107,6 +107,31 @@ def test_class_down_refuses_an_empty_lab_or_course(klass, args):
     assert len(ids(klass)) == 2
 
 
+def test_class_commands_without_course_take_the_only_course(klass):
+    """No silent default course: without --course, the only course that has the lab is meant (and said)."""
+    code, _, err = cli("class", "down", "hello")
+    assert_one_line_error(code, err, expect="would delete 2 environment(s) of c/hello")
+    assert len(ids(klass)) == 2
+
+
+@pytest.mark.parametrize("command", [("down", "--yes"), ("extend", "--hours", "1"),
+                                     ("retry", "--roster", "r.csv", "--site", "sim")])
+def test_class_commands_without_course_refuse_when_several_courses_have_the_lab(klass, command):
+    seed(klass, "labctl-d-carol-hello", "hello", "hello", owner="carol", course="d",
+         student={"id": "carol", "name": "Carol", "email": "carol@example.edu"})
+    code, _, err = cli("class", command[0], "hello", *command[1:])
+    line = assert_one_line_error(code, err, expect="lab 'hello' is in 2 courses: c (2 environments), d (1 environment)")
+    assert "--course" in line
+    assert len(ids(klass)) == 3
+
+
+@pytest.mark.parametrize("command", ["down", "extend"])
+def test_class_commands_without_course_refuse_a_lab_no_class_has(klass, command):
+    code, _, err = cli("class", command, "mltrain", *(["--yes"] if command == "down" else []))
+    assert_one_line_error(code, err, expect="no class has environments of lab 'mltrain'")
+    assert len(ids(klass)) == 2
+
+
 def test_class_down_of_a_whole_class_off_a_terminal_needs_yes(klass):
     code, _, err = cli("class", "down", "hello", "--course", "c")
     line = assert_one_line_error(code, err, expect="would delete 2 environment(s) of c/hello")

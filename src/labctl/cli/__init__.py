@@ -417,6 +417,10 @@ def extend(
 
 
 CourseOpt = Annotated[str, typer.Option("--course", envvar="LABCTL_COURSE", help="Course name in resource names.")]
+# Commands on a class that exists (retry, status, report, down, extend) find its course; none defaults to one.
+FindCourseOpt = Annotated[str | None, typer.Option(
+    "--course", envvar="LABCTL_COURSE",
+    help="Course name (default: the only course with environments of LAB; several: they are listed).")]
 
 
 def _class_options(lab: str, roster: Path | None, site: str | None, sites: str | None, **kw: object):  # noqa: ANN202
@@ -493,7 +497,7 @@ def class_retry(
     roster: Annotated[Path, typer.Option("--roster", "-r", help="The roster CSV used for class up.")],
     site: Annotated[str | None, typer.Option("--site", "-s")] = None,
     sites: Annotated[str | None, typer.Option("--sites")] = None,
-    course: CourseOpt = "course",
+    course: FindCourseOpt = None,
     keys: Annotated[Path | None, typer.Option("--keys")] = None,
     skip_bad_rows: Annotated[bool, typer.Option()] = False,
     concurrency: ConcurrencyOpt = 16,
@@ -506,14 +510,12 @@ def class_retry(
     Examples:\n
       labctl class retry hello --roster roster.csv --site sim
     """
+    from labctl.cli.overview import course_for
+
+    course = course_for(_ctx(), lab, course, "retry")
     _class_run(_class_options(lab, roster, site, sites, course=course, keys_dir=keys, only_failed=True,
                               skip_bad_rows=skip_bad_rows, concurrency=concurrency,
                               allow_host_changes=allow_host_changes, cloud=cloud), as_json)
-
-
-FindCourseOpt = Annotated[str | None, typer.Option(
-    "--course", envvar="LABCTL_COURSE",
-    help="Course name (default: the only course with environments of LAB; several: they are listed).")]
 
 
 @class_app.command("status")
@@ -618,7 +620,7 @@ def _write_private(path: Path, text: str) -> None:
 @class_app.command("down")
 def class_down(
     lab: Annotated[str, typer.Argument(help="Lab name.")],
-    course: CourseOpt = "course",
+    course: FindCourseOpt = None,
     student: Annotated[str | None, typer.Option("--student", help="Only this student's environment.")] = None,
     concurrency: ConcurrencyOpt = 16,
     cloud: CloudOpt = None,
@@ -635,11 +637,13 @@ def class_down(
       labctl class down hello --student alice
     """
     from labctl import classroom
+    from labctl.cli.overview import course_for
     from labctl.cli.render import class_progress, print_class_results
     from labctl.errors import UserError
     from labctl.redact import clean
 
     ctx = _ctx()
+    course = course_for(ctx, lab, course, "down")
     targets = classroom.class_down_targets(ctx, lab, course, student)  # refuses an empty selector
     if student is None and targets:
         what = (f"{len(targets)} environment(s) of {clean(course, one_line=True)}/{clean(lab, one_line=True)}"
@@ -667,13 +671,15 @@ def class_down(
 def class_extend(
     lab: Annotated[str, typer.Argument(help="Lab name.")],
     hours: HoursOpt = 1,
-    course: CourseOpt = "course",
+    course: FindCourseOpt = None,
     cloud: CloudOpt = None,
 ) -> None:
     """Extend the lease of every student's environment."""
     from labctl import classroom
+    from labctl.cli.overview import course_for
 
-    for line in classroom.class_extend(_ctx(), lab, course, hours, cloud=cloud):
+    ctx = _ctx()
+    for line in classroom.class_extend(ctx, lab, course_for(ctx, lab, course, "extend"), hours, cloud=cloud):
         _echo(line)
 
 
