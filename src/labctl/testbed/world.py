@@ -96,7 +96,7 @@ class Db:
 
     def get_many(self, kind: str, site: str, ids: Iterable[str]) -> list[dict]:
         """The objects of `kind` at `site` with these ids (those that exist), oldest first."""
-        ids = list(ids)
+        ids = [i for i in ids if isinstance(i, str)]  # stored ids are strings
         out: list[tuple[float, int, dict]] = []
         for start in range(0, len(ids), 500):  # under SQLite's limit on bound variables
             chunk = ids[start:start + 500]
@@ -121,7 +121,7 @@ class Db:
         where, args = self._where(kind, site, {})
         alternatives = []
         for field, wanted in values.items():
-            wanted = list(wanted)
+            wanted = [w for w in wanted if isinstance(w, str)]
             if not field.isidentifier():
                 raise ValueError(f"bad field name {field!r}")
             if wanted:
@@ -163,6 +163,9 @@ class Db:
                 raise ValueError(f"bad field name {field!r}")
             # `name` mirrors the object's name (see `put`); other fields are read from the JSON by SQLite, in
             # the very form of the indexes' expressions (SQLite uses an index only for the same expression).
+            if not isinstance(value, str):  # stored names and ids are strings: a number, list... matches none
+                sql += " AND 0"
+                continue
             column = "name" if field == "name" else f"json_extract(data, '$.{field}')"
             sql, args = sql + f" AND {column}=?", [*args, value]
         return sql, args

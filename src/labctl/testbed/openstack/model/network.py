@@ -219,15 +219,15 @@ def create_network(db, site: Site, spec: dict) -> dict:
 
 
 def network_ports(db, site: Site, network_id: str) -> list[dict]:
-    return [p for p in db.find("port", site.name) if p["network_id"] == network_id]
+    return db.find("port", site.name, network_id=network_id)
 
 
 def network_subnets(db, site: Site, network_id: str) -> list[dict]:
-    return [s for s in db.find("subnet", site.name) if s["network_id"] == network_id]
+    return db.find("subnet", site.name, network_id=network_id)
 
 
 def subnet_ports(db, site: Site, subnet_id: str) -> list[dict]:
-    return [p for p in db.find("port", site.name) if p.get("subnet_id") == subnet_id]
+    return db.find("port", site.name, subnet_id=subnet_id)
 
 
 def default_pools(net: ipaddress.IPv4Network, gateway: str | None) -> list[dict]:

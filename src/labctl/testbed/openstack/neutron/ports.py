@@ -167,10 +167,11 @@ def delete_port(req: Request) -> Response:
     return Response(204)
 
 
-def fip_view(db, site: Site, f: dict) -> dict:
+def fip_view(db, site: Site, f: dict, ports: dict[str, dict] | None = None) -> dict:
+    """A floating IP as Neutron shows it; `ports`: its port, if already read (a listing reads them at once)."""
     details = None
     if f.get("port_id"):
-        p = db.get("port", site.name, f["port_id"])
+        p = ports.get(f["port_id"]) if ports is not None else db.get("port", site.name, f["port_id"])
         if p:
             details = {
                 "name": p.get("name", ""),
@@ -201,7 +202,10 @@ def fip_view(db, site: Site, f: dict) -> dict:
 @router.route("GET", "/v2.0/floatingips")
 def list_fips(req: Request) -> Response:
     with req.world.read() as db:
-        fips = [fip_view(db, req.site, f) for f in listed_rows(db, req, "fip", "description", "port_id")]
+        rows = listed_rows(db, req, "fip", "description", "port_id")
+        ports = {p["id"]: p for p in db.get_many("port", req.site.name, {f["port_id"] for f in rows
+                                                                           if f.get("port_id")})}
+        fips = [fip_view(db, req.site, f, ports) for f in rows]
     return listing(req, fips, "floatingips")
 
 
