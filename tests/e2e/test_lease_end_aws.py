@@ -31,7 +31,7 @@ def ec2(env: dict[str, str]):
     """boto3 EC2 against a front layer of the lab's emulated EC2 (whose reaper runs while the test watches)."""
     from labctl.testbed.aws import start_aws
 
-    emu = start_aws(Path(env["LABCTL_TESTBED_DIR"]) / "aws", time_scale=SCALE)
+    emu = start_aws(Path(env["LABCTL_TESTBED_DIR"]) / "aws", lease_scale=SCALE)
     return emu, emu.session(REGION).client("ec2", endpoint_url=emu.endpoint)
 
 
@@ -57,8 +57,8 @@ def scaled_end(inst: dict) -> float:
 
 @pytest.fixture
 def env(labctl_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    monkeypatch.setenv("LABCTL_TESTBED_TIME_SCALE", str(SCALE))
-    return {**labctl_env, "LABCTL_TESTBED_TIME_SCALE": str(SCALE)}
+    monkeypatch.setenv("LABCTL_TESTBED_LEASE_SCALE", str(SCALE))
+    return {**labctl_env, "LABCTL_TESTBED_LEASE_SCALE": str(SCALE)}
 
 
 def test_the_node_ends_itself_at_the_lease_end_and_the_kept_volume_survives(env, tmp_path):

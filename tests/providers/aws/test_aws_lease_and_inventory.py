@@ -36,10 +36,10 @@ def public_key(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def scale(emu):
     """Lease ends at 3/1000 for this test only: an hour lasts 10.8 s, time enough for the checks before the end."""
-    before = emu.world.time_scale
-    emu.world.set_time_scale(0.003)
+    before = emu.world.lease_scale
+    emu.world.set_lease_scale(0.003)
     yield 0.003
-    emu.world.set_time_scale(before)
+    emu.world.set_lease_scale(before)
 
 
 def connect(emu):

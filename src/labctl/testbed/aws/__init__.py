@@ -30,9 +30,9 @@ file `<state_dir>/aws.db` (WAL, short transactions), shared by all processes:
 - boot time: with `set_boot_seconds(s)` new instances say ``pending`` for s seconds (moto: ``running`` at once);
 - the lease end a node enforces itself (`AwsWorld.reap_expired`, run by every front layer's reaper thread): a
   running instance whose user data installs labctl's timer, whose tags are in its instance metadata and whose
-  ``labctl-ends-at`` tag (read each round, so a moved end counts) has passed in scaled time (``time_scale``:
-  LABCTL_TESTBED_TIME_SCALE, else the world's, from launch) powers off: terminated when it was launched with
-  shutdown behaviour ``terminate``, stopped otherwise. An instance without any of these runs on;
+  ``labctl-ends-at`` tag (read each round, so a moved end counts) has passed in scaled time (``lease_scale``:
+  LABCTL_TESTBED_LEASE_SCALE, else the world's: real time unless set, from launch) powers off: terminated when it
+  was launched with shutdown behaviour ``terminate``, stopped otherwise. An instance without any of these runs on;
 - a request log and fault injection (``error503``, ``throttle`` = RequestLimitExceeded, ``hang_after``,
   ``timeout_after``) for tests.
 

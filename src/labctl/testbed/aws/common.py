@@ -58,7 +58,7 @@ NOT_TERMINATED = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
 HANG_SECONDS = 600.0
-DEFAULT_TIME_SCALE = 0.01  # as the other emulated clouds: an hour of lease lasts 36 s
+DEFAULT_LEASE_SCALE = 1.0  # lease ends run in real time unless a test says otherwise, as Blazar's and GCE's do
 LEASE_TAG = "labctl-ends-at"  # the end (ISO 8601, UTC) a node's labctl timer reads from its instance metadata
 # What labctl's timer in a node's user data does: reads that tag through IMDS and powers the node off.
 LEASE_TIMER_MARKS = (f"/meta-data/tags/instance/{LEASE_TAG}", "systemctl poweroff", "labctl-lease.timer")
@@ -186,9 +186,9 @@ def runs_lease_timer(user_data: str | None) -> bool:
     return all(mark in text for mark in LEASE_TIMER_MARKS)
 
 
-def lease_end(instance: dict[str, Any], time_scale: float) -> float | None:
+def lease_end(instance: dict[str, Any], lease_scale: float) -> float | None:
     """When the instance's lease timer powers it off, in scaled time (epoch seconds): the end its LEASE_TAG says
-    now, counted from its launch at `time_scale`; None without a readable end."""
+    now, counted from its launch at `lease_scale`; None without a readable end."""
     from datetime import datetime
 
     end = tag_map(instance.get("Tags")).get(LEASE_TAG)
@@ -197,7 +197,7 @@ def lease_end(instance: dict[str, Any], time_scale: float) -> float | None:
     except ValueError:
         return None
     launched = instance["LaunchTime"].timestamp()
-    return launched + max(0.0, end_ts - launched) * time_scale
+    return launched + max(0.0, end_ts - launched) * lease_scale
 
 
 def split_filter(params: dict[str, str], name: str) -> tuple[dict[str, str], list[str] | None]:

@@ -228,14 +228,15 @@ class AwsEmulator:
 
 
 def start_aws(state_dir: Path, ssh_port: int | None = None, port: int = 0,
-              time_scale: float | None = None) -> AwsEmulator:
+              lease_scale: float | None = None) -> AwsEmulator:
     """Start the emulated EC2 over `state_dir`: the moto daemon (if none is alive) and this process's front
     (on 127.0.0.1:`port`, default an ephemeral one).
 
     `ssh_port` is used only when the state dir is new (e.g. the testbed's SSH port, to share one port);
-    `time_scale` (else LABCTL_TESTBED_TIME_SCALE, else the world's) scales the lease ends the reaper enforces.
+    `lease_scale` (else LABCTL_TESTBED_LEASE_SCALE, else the world's: real time) scales the lease ends the reaper
+    enforces.
     """
-    world = AwsWorld(Path(state_dir), ssh_port=ssh_port, time_scale=time_scale)
+    world = AwsWorld(Path(state_dir), ssh_port=ssh_port, lease_scale=lease_scale)
     world.moto()
     front = _Front(world, port)
     thread = threading.Thread(target=front.serve_forever, kwargs={"poll_interval": 0.1},

@@ -19,7 +19,7 @@ from labctl.testbed.access import world_credentials
 from labctl.testbed.aws import checks
 from labctl.testbed.aws.common import (
     DB_FILE,
-    DEFAULT_TIME_SCALE,
+    DEFAULT_LEASE_SCALE,
     EC2_NS,
     FAULT_ALIASES,
     FAULT_KINDS,
@@ -65,11 +65,11 @@ CREATE TABLE IF NOT EXISTS regions (region TEXT PRIMARY KEY);
 class AwsWorld(SqliteWorld):
     """The emulated EC2's shared state (`<state_dir>/aws.db`) and its control API for tests and SSH."""
 
-    def __init__(self, state_dir: Path, ssh_port: int | None = None, time_scale: float | None = None) -> None:
+    def __init__(self, state_dir: Path, ssh_port: int | None = None, lease_scale: float | None = None) -> None:
         self.state_dir = Path(state_dir)
-        if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
-            time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
-        self._explicit_scale = time_scale
+        if lease_scale is None and os.environ.get("LABCTL_TESTBED_LEASE_SCALE"):
+            lease_scale = float(os.environ["LABCTL_TESTBED_LEASE_SCALE"])
+        self._explicit_scale = lease_scale
         self.state_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(self.state_dir / DB_FILE, _SCHEMA)
         self._clients: dict[str, Any] = {}
@@ -96,20 +96,21 @@ class AwsWorld(SqliteWorld):
             if not db.execute("SELECT 1 FROM meta WHERE key='ssh_port'").fetchone():
                 db.execute("INSERT INTO meta (key, value) VALUES ('ssh_port', ?)", (str(ssh_port or free_port()),))
                 db.execute("INSERT INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
-                db.execute("INSERT INTO meta (key, value) VALUES ('time_scale', ?)",
-                           (str(self._explicit_scale if self._explicit_scale is not None else DEFAULT_TIME_SCALE),))
+                db.execute("INSERT INTO meta (key, value) VALUES ('lease_scale', ?)",
+                           (str(self._explicit_scale if self._explicit_scale is not None else DEFAULT_LEASE_SCALE),))
 
     def _meta(self, key: str, default: str | None = None) -> str | None:
         rows = self._read("SELECT value FROM meta WHERE key=?", (key,))
         return rows[0][0] if rows else default
 
     @property
-    def time_scale(self) -> float:
-        """Emulated seconds per real second for lease ends (this process's LABCTL_TESTBED_TIME_SCALE, else the
-        world's own, set when it was made)."""
+    def lease_scale(self) -> float:
+        """Emulated seconds per real second for lease ends (this process's LABCTL_TESTBED_LEASE_SCALE, else the
+        world's own: real time unless set, as the emulated Blazar leases and Compute Engine time limits; the
+        testbed's time scale, which shortens boots and waits, would end an ordinary test's lab under it)."""
         if self._explicit_scale is not None:
             return float(self._explicit_scale)
-        return float(self._meta("time_scale", str(DEFAULT_TIME_SCALE)) or DEFAULT_TIME_SCALE)
+        return float(self._meta("lease_scale", str(DEFAULT_LEASE_SCALE)) or DEFAULT_LEASE_SCALE)
 
     @property
     def ssh_port(self) -> int:
@@ -200,12 +201,12 @@ class AwsWorld(SqliteWorld):
         value = self._meta(f"vcpu_limit:{region}") or self._meta("vcpu_limit:*")
         return int(value) if value is not None else None
 
-    def set_time_scale(self, scale: float) -> None:
+    def set_lease_scale(self, scale: float) -> None:
         """Lease ends at this scale from now on, in this process (which the reaper of its front layer reads) and
-        for the processes that do not set LABCTL_TESTBED_TIME_SCALE."""
+        for the processes that do not set LABCTL_TESTBED_LEASE_SCALE."""
         self._explicit_scale = float(scale)
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('time_scale', ?)", (str(float(scale)),))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lease_scale', ?)", (str(float(scale)),))
 
     def reset_controls(self) -> None:
         """Back to defaults: no capacity or vCPU limits, no faults or latency, no boot time, no other account's
@@ -603,7 +604,7 @@ class AwsWorld(SqliteWorld):
         instance metadata (so the timer can read them) powers off once its end has passed; launched with shutdown
         behaviour `terminate` it is terminated, else stopped. Nothing else is ended. Returns the ids ended."""
         ended = []
-        now, scale = time.time(), self.time_scale
+        now, scale = time.time(), self.lease_scale
         for region in self.regions():
             cli = self.client(region)
             pages = cli.get_paginator("describe_instances").paginate(Filters=[
