@@ -147,11 +147,12 @@ def test_system_changes_stay_in_the_node_and_last_across_sessions(nodes, tmp_pat
 @machines_only
 def test_root_in_a_node_cannot_reach_the_hosts_network_or_devices(nodes):
     """sudo works (mount, files), but the capabilities past the node's namespaces are gone: the host's network
-    (shared with the node) and firewall, new device nodes, the clock."""
+    (shared with the node) and firewall, new device nodes, the clock, the kernel's settings (/proc/sys, /sys)."""
     probe = "127.99.0.1"
     try:
         for command in (f"sudo ip addr add {probe}/32 dev lo", "sudo mknod /root/disk b 8 0",
-                        'sudo date -s "$(date)"'):  # harmless if it ran: the clock set to the time it is
+                        'sudo date -s "$(date)"',  # harmless if it ran: the clock set to the time it is
+                        "echo 1 | sudo tee /proc/sys/vm/drop_caches", "echo 1 | sudo tee /sys/kernel/mm/ksm/run"):
             assert nodes.ssh("n1", command, check=False).returncode != 0, command
         assert probe not in subprocess.run(["ip", "addr", "show", "lo"], capture_output=True, text=True).stdout
     finally:

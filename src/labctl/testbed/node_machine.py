@@ -93,7 +93,11 @@ mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$R/dev/shm"
 ln -s /proc/self/fd "$R/dev/fd"; ln -s /proc/self/fd/0 "$R/dev/stdin"
 ln -s /proc/self/fd/1 "$R/dev/stdout"; ln -s /proc/self/fd/2 "$R/dev/stderr"; ln -s pts/ptmx "$R/dev/ptmx"
 mount -t proc proc "$R/proc"
-mount --rbind /sys "$R/sys"
+# The kernel's settings are the host's: read-only in the node, as in a container.
+mount --bind "$R/proc/sys" "$R/proc/sys"; mount -o remount,bind,ro "$R/proc/sys"
+T="$R/proc/sysrq-trigger"
+{ mount --bind "$T" "$T" && mount -o remount,bind,ro "$T"; } || true
+mount --rbind /sys "$R/sys"; mount -o remount,bind,ro "$R/sys"
 cd "$R"
 mkdir -p .oldroot
 pivot_root . .oldroot
