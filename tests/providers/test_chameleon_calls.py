@@ -1,8 +1,9 @@
 """The Chameleon adapter's creates send no more requests than they need, on the real SDK against the emulator.
 
-`find` is what the engine calls right before `create`; create does not list again what find just listed, a key
-pair is not deleted unless a different key holds its name, and a floating IP is allocated onto its port in one
-request.
+`find` is what the engine calls right before `create`: it reads lists a class shares (one list call for every
+deployment), and create does not list again what find just listed; a key pair is not deleted unless a different
+key holds its name, a floating IP is allocated onto its port in one request, and a flavor reservation's flavor is
+used by its id (the reservation's) without a look-up.
 """
 
 from __future__ import annotations
@@ -43,28 +44,53 @@ def _sent(tb, since: int) -> list[tuple[str, str]]:
     return [(m, p) for s, m, p in tb.world.request_log()[since:] if s == "kvm@tacc"]
 
 
-def test_up_sends_one_request_per_step_for_keypair_secgroup_and_floating_ip(setup):
+WRITES = [("POST", "/compute/v2.1/os-keypairs"), ("POST", "/network/v2.0/security-groups"),
+          ("POST", "/network/v2.0/security-group-rules"), ("POST", "/reservation/v1/leases"),
+          ("POST", "/compute/v2.1/servers"), ("POST", "/network/v2.0/floatingips")]
+# What a class shares: one list per poll round or per find round for every deployment, not a GET each.
+SHARED_LISTS = ["/compute/v2.1/os-keypairs", "/network/v2.0/security-groups", "/reservation/v1/leases",
+                "/compute/v2.1/servers/detail", "/network/v2.0/floatingips", "/network/v2.0/ports"]
+
+
+def test_up_sends_one_write_per_resource_and_finds_from_lists(setup):
     tb, provider, plan, store = setup
     provider.conn.authorize()
     engine = Engine(provider, store)
     before = len(tb.world.request_log())
     engine.apply(plan)
     sent = _sent(tb, before)
-    keypair = [r for r in sent if "os-keypairs" in r[1]]
-    assert keypair == [("GET", f"/compute/v2.1/os-keypairs/{plan.deployment}"),
-                       ("POST", "/compute/v2.1/os-keypairs")]  # no DELETE, no list after the 404
-    fips = [r for r in sent if "floatingips" in r[1]]
-    assert [m for m, _ in fips] == ["GET", "POST"]  # find, then allocate onto the port: no second find, no PUT
-    groups = [r for r in sent if r[1].endswith("/security-groups")]
-    # find, then create, then one list after it: a concurrent run of the same deployment (other state, other
-    # machine) may have made a twin, since Neutron does not keep names unique
-    assert [m for m, _ in groups] == ["GET", "POST", "GET"]
+    # one write per resource: no DELETE, no PUT (a floating IP is allocated onto its port), no second create
+    assert sorted(r for r in sent if r[0] != "GET") == sorted(WRITES)
+    # no GET of one item by name (the key pair's GET /os-keypairs/NAME, a flavor's): lists and one-off look-ups
+    assert not [p for m, p in sent if m == "GET" and plan.deployment in p]
+    # the reservation's flavor is not looked up (its id is the reservation's): only the lease's source flavor
+    assert sum(1 for _, p in sent if p.startswith("/compute/v2.1/flavors")) == 2
     inv = tb.world.inventory("kvm@tacc")
     (fip,) = inv["floating_ips"]
     (server,) = [s for s in inv["servers"] if s["name"].startswith("labctl-")]
     floating = [a["addr"] for a in server["addresses"]["sharednet1"] if a["OS-EXT-IPS:type"] == "floating"]
     assert fip["port_id"] and floating == [fip["floating_ip_address"]]
     assert engine.destroy(plan) == []
+
+
+def test_a_class_finds_from_one_list_per_kind_and_sees_its_own_creates(setup):
+    """The engine's finds for a class's environments (before their creates) share one list per kind instead of a
+    GET each; a create makes the next find of that resource fetch again, so it is never missed."""
+    tb, provider, plan, store = setup
+    profile = load_profile(find_profile("hello"))
+    plans = [build_plan(profile, provider.site, f"student{i}", KEY) for i in range(6)]
+    provider.conn.authorize()
+    before = len(tb.world.request_log())
+    kinds = ("keypair", "secgroup", "reservation", "server", "floating_ip")
+    assert all(provider.find(p.get(r.key), p) is None for p in plans for r in p.resources if r.kind in kinds)
+    sent = [r for r in _sent(tb, before) if r[1] != "/compute/v2.1"]  # the SDK's version discovery, once
+    assert sorted(sent) == sorted(("GET", p) for p in SHARED_LISTS if not p.endswith("/ports"))  # one each
+    keypair = plans[0].get("keypair")
+    provider.create(keypair, plans[0], {}, None)
+    before = len(tb.world.request_log())
+    assert provider.find(keypair, plans[0]).status == "ready"  # fetched again: its own create is seen
+    assert provider.find(plans[1].get("keypair"), plans[1]) is None  # that fresh list serves the others too
+    assert _sent(tb, before) == [("GET", "/compute/v2.1/os-keypairs")]
 
 
 def test_keypair_create_after_a_lost_answer_or_with_another_key(setup):

@@ -70,7 +70,10 @@ class ChameleonProvider(Session):
         return found
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
-        return self.handlers[res.kind].create(res, plan, deps, candidate)
+        try:
+            return self.handlers[res.kind].create(res, plan, deps, candidate)
+        finally:  # made, or perhaps made (a lost answer): the next find of it must not trust an older listing
+            self.wrote(res.kind, res.name, plan.deployment)
 
     def wait(self, items: Sequence[tuple[Resource, Found]], plan: Plan, timeout: float,
              on_progress: ProgressFn) -> list[Found]:

@@ -29,6 +29,12 @@ class Leases(Handler):
     ctx: Session
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
+        """From the list of leases the class shares (fetched after this session's last create of the name)."""
+        live = self.live(plan, newer_than=self.ctx.written(self.kind, res.name))
+        return next((lease_found(x) for x in live if x["name"] == res.name), None)
+
+    def look(self, res: Resource, plan: Plan) -> Found | None:
+        """From a list of its own (Blazar filters leases by nothing)."""
         leases = self.ctx.call("list leases", lambda: self.ctx.blazar.lease.list())
         return next((lease_found(x) for x in leases if x["name"] == res.name and x["status"] not in LEASE_DONE), None)
 
@@ -55,7 +61,7 @@ class Leases(Handler):
             return found
 
         # Lease names are unique in a project: a taken name is a concurrent run's lease (or a lost answer's).
-        return create_or_adopt(create, lambda: self.find(res, plan))
+        return create_or_adopt(create, lambda: self.look(res, plan))
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
         for f in found:
@@ -69,19 +75,20 @@ class Leases(Handler):
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:
         return (res.key, "lease " + found.attrs.get("lease_status", "?").lower(), "")
 
-    def live(self, plan: Plan | None) -> list[Any]:
-        return [x for x in self.ctx.project_list("leases", lambda: self.ctx.blazar.lease.list(), plan)
-                if x["status"] not in LEASE_DONE]
+    def live(self, plan: Plan | None, newer_than: float = -1e18) -> list[Any]:
+        return [x for x in self.ctx.project_list("leases", lambda: self.ctx.blazar.lease.list(), plan,
+                                                 newer_than=newer_than) if x["status"] not in LEASE_DONE]
 
     def owned(self, plan: Plan) -> list[Found]:
         names = {r.name for r in plan.by_kind("reservation")}
-        return [Found("reservation", x["id"], x["name"]) for x in self.live(plan) if x["name"] in names]
+        return [Found("reservation", x["id"], x["name"]) for x in self.live(plan, self.ctx.changed(plan.deployment))
+                if x["name"] in names]
 
     def inventory(self, deployments: Mapping[str, str]) -> list[Found]:
         """The live leases named in `deployments` (lease name: deployment, as the deployments' key pairs record
         them), never a lease for its name alone."""
         found = []
-        for lease in self.live(None):
+        for lease in self.live(None, self.ctx.changed(None)):
             if lease["name"] in deployments:
                 found.append(lease_found(lease))
                 found[-1].attrs.update(deployment=deployments[lease["name"]], created=iso_utc(lease.get("created_at")))

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @TABLE.handler("port")
 class Ports(Listed):
-    sdk = "port"
+    sdk, raw = "port", ("/ports", "ports")
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
         return None  # not plan resources: made while launching a server (`ensure_port`), found by `list_owned`
@@ -101,11 +101,11 @@ class Routers(Listed):
 class SecurityGroups(Listed):
     """Its rules are added after it: "incomplete" without all of them (a crash between the calls)."""
 
-    sdk = "security_group"
+    sdk, shared_find, raw = "security_group", True, ("/security-groups", "security_groups")
 
-    def find(self, res: Resource, plan: Plan) -> Found | None:
+    def lookup(self, res: Resource, plan: Plan, *, shared: bool) -> Found | None:
         # Two runs that raced may have left two: every run takes the same one (`rank`).
-        sg = min(self.named(res.name, plan), key=lambda g: rank(g, res), default=None)
+        sg = min(self.named(res.name, plan, shared=shared), key=lambda g: rank(g, res), default=None)
         if sg is None:
             return None
         return Found("secgroup", sg.id, sg.name, status="ready" if has_rules(sg, res) else "incomplete")
@@ -120,9 +120,11 @@ class SecurityGroups(Listed):
                     name=res.name, description=description(plan.deployment)), resend=False),
                 lambda: min(self.named(res.name, plan), key=lambda g: rank(g, res), default=None))
             # Neutron does not keep names unique: a concurrent run (other state, other machine) may have made
-            # one too. Both keep the same; the one that lost deletes its own.
+            # one too. Both keep the same; the one that lost deletes its own. The list is the class's shared one,
+            # fetched after the settling time as a GET of its own would be.
             survivor = converge_created(
-                sg, time.monotonic() - started, lambda: self.named(res.name, plan),
+                sg, time.monotonic() - started,
+                lambda: self.named(res.name, plan, shared=True, newer_than=time.monotonic()),
                 lambda g: self.api("delete", g.id, ignore_missing=True), ident=lambda g: g.id,
                 rank=lambda g: rank(g, res))
             if survivor.id != sg.id:
@@ -145,14 +147,18 @@ class SecurityGroups(Listed):
 class FloatingIps(Listed):
     """One per node, found by the deployment and node in its description; "incomplete" until attached."""
 
-    sdk = "ip"
+    sdk, shared_find, raw = "ip", True, ("/floatingips", "floatingips")
 
     def found(self, item: Any) -> Found:
         return Found("floating_ip", item.id, item.description or "", status="ready" if item.port_id else "incomplete",
                      attrs={"floating_ip": item.floating_ip_address, "port_id": item.port_id})
 
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        ips = self.api("", description=description(plan.deployment, res.spec["node"]))
+    def lookup(self, res: Resource, plan: Plan, *, shared: bool) -> Found | None:
+        text = description(plan.deployment, res.spec["node"])
+        if shared:
+            ips = [i for i in self.listing(plan, self.ctx.written(self.kind, res.name)) if i.description == text]
+        else:
+            ips = self.api("", description=text)
         if not ips:
             return None
         found = self.found(min(ips, key=lambda i: (not i.port_id, str(i.created_at or ""), i.id)))  # as every run
@@ -162,8 +168,7 @@ class FloatingIps(Listed):
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s, node = self.ctx, res.spec["node"]
         found = s.found_before_create(res, plan)
-        ports = s.call(f"find port of {node}", lambda: list(s.conn.network.ports(
-            device_id=deps[res.spec["server"]].cloud_id, network_id=s.network().id)))
+        ports = server_ports(s, deps[res.spec["server"]].cloud_id, plan)
         if not ports:
             raise CloudError(f"{s.site.name}: server of {node} has no port to attach a floating IP to")
         if found is None:  # allocated and attached in one request
@@ -174,12 +179,22 @@ class FloatingIps(Listed):
                 return Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
 
             # The port holds one floating IP: a 409 means a concurrent run attached its own first. Use that one.
-            found = create_or_adopt(allocate, lambda: self.find(res, plan))
+            found = create_or_adopt(allocate, lambda: self.look(res, plan))
         if found.attrs.get("port_id", ports[0].id) != ports[0].id:  # found unattached (or elsewhere): attach it
             self.api("update", found.cloud_id, port_id=ports[0].id)
         found.status = "ready"
         found.attrs["port_id"] = ports[0].id
         return found
+
+
+def server_ports(s: Session, server_id: str, plan: Plan) -> list[Any]:
+    """The server's ports on the site's network: from the project's list of ports the class shares, else (a list
+    fetched before the server had its port) from a GET of its own."""
+    net_id = s.network().id
+    ports = [p for p in s.handlers["port"].listing(plan)  # type: ignore[attr-defined]
+             if p.device_id == server_id and p.network_id == net_id]
+    return ports or s.call("find port of server", lambda: list(s.conn.network.ports(
+        device_id=server_id, network_id=net_id)))
 
 
 def ensure_port(s: Session, node: str, net: ServerNetwork, deps: Mapping[str, Found], plan: Plan) -> str:

@@ -29,15 +29,18 @@ class Keypairs(Listed):
     """Found "error" when it holds another public key (the user's key changed): the engine deletes it and makes
     it again. Its comment records labctl's tags and the deployment's leases (`inventory` lists only those)."""
 
-    service, sdk = "compute", "keypair"
+    service, sdk, shared_find, raw = "compute", "keypair", True, ("/os-keypairs", "keypairs")
 
     def found(self, item: Any) -> Found:
         leases = tags_of(item).get(LEASES)
         return Found("keypair", item.name, item.name, attrs={"leases": leases.split(",")} if leases else {})
 
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        # One GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404).
-        kp = self.ctx.call("get keypair", lambda: self.ctx.conn.compute.get_keypair(res.name), missing_ok=True)
+    def lookup(self, res: Resource, plan: Plan, *, shared: bool) -> Found | None:
+        if shared:  # the class's one list of key pairs (they come with their public keys)
+            since = self.ctx.written(self.kind, res.name)
+            kp = next((k for k in self.listing(plan, since) if k.name == res.name), None)
+        else:  # one GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404)
+            kp = self.ctx.call("get keypair", lambda: self.ctx.conn.compute.get_keypair(res.name), missing_ok=True)
         if kp is None:
             return None
         if kp.public_key and kp.public_key.split()[:2] != cast("KeypairSpec", res.spec)["public_key"].split()[:2]:
@@ -56,7 +59,7 @@ class Keypairs(Listed):
 
         def adopt() -> Found | None:
             # Made by a retry after a lost answer or by a concurrent run: fine if it holds this key.
-            again = self.find(res, plan)
+            again = self.look(res, plan)
             return again if again is not None and again.status == "ready" else None
 
         return create_or_adopt(create, adopt)
@@ -65,23 +68,24 @@ class Keypairs(Listed):
 @TABLE.handler("server")
 class Servers(Listed):
     service, sdk, filters, gone = "compute", "server", {"details": True}, ("DELETED", "SOFT_DELETED")
+    shared_find = True
 
-    def listing(self, plan: Plan | None) -> Sequence[Any]:
-        return self.ctx.project_list("servers", lambda: list(self.ctx.conn.compute.servers(
-            details=True, name=f"^{naming.PREFIX}-")), plan)  # labctl's names: its tags then decide
+    def fetch_all(self) -> list[Any]:  # labctl's names only: its tags then decide
+        return self.ctx.raw_list("compute", "/servers/detail", "servers", {"name": f"^{naming.PREFIX}-"})
+
+    def listing(self, plan: Plan | None, newer_than: float = -1e18) -> Sequence[Any]:
+        return self.ctx.project_list("servers", self.fetch_all, plan, newer_than=newer_than)
+
+    def query_name(self, name: str) -> str:
+        return f"^{re.escape(name)}$"  # Nova filters names by regular expression
 
     def found(self, item: Any) -> Found:
         return server_found(self.ctx.site.network, item)
 
     def polled(self, plan: Plan) -> list[Any]:
         """This deployment's servers, from the poll round's one list of every labctl server on the site."""
-        servers = self.ctx.polled("servers", lambda: list(self.ctx.conn.compute.servers(
-            details=True, name=f"^{naming.PREFIX}-")))
+        servers = self.ctx.polled("servers", self.fetch_all)
         return [x for x in servers if deployment_of(x) == plan.deployment]
-
-    def find(self, res: Resource, plan: Plan) -> Found | None:
-        mine = self.named(f"^{re.escape(res.name)}$", plan)  # Nova filters names by regular expression
-        return self.found(mine[0]) if mine else None
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s, spec = self.ctx, cast("ServerSpec", res.spec)
@@ -91,18 +95,16 @@ class Servers(Listed):
             lease = deps[spec["reservation"]]
             node_type = lease.attrs.get("node_type") or ""
             if s.site.reservation == "flavor":
-                flavor_name = f"reservation:{lease.attrs['reservation_id']}"
+                flavor_name = ""  # Blazar makes the reservation's flavor with the reservation's id: no look-up
             else:
                 flavor_name = "baremetal"
                 hints["reservation"] = lease.attrs["reservation_id"]
         else:
             node_type = flavor_name = candidate or spec["candidates"][0]
-        flavor = s.flavor(flavor_name)
-        if flavor is None:
-            raise CloudError(f"{s.site.name}: flavor '{flavor_name}' not found")
+        flavor_id = lease.attrs["reservation_id"] if not flavor_name else flavor_id_of(s, flavor_name)
         nics = [{"uuid": s.network().id}, *({"port": ensure_port(s, spec["node"], net, deps, plan)}
                                            for net in spec.get("networks") or [])]
-        kwargs: dict[str, Any] = dict(name=res.name, image_id=image.id, flavor_id=flavor.id,
+        kwargs: dict[str, Any] = dict(name=res.name, image_id=image.id, flavor_id=flavor_id,
                                       key_name=deps["keypair"].name, networks=nics,
                                       metadata={**plan.tags, naming.TAG_NODE: spec["node"], NODE_TYPE: node_type})
         if hints:
@@ -115,7 +117,7 @@ class Servers(Listed):
             server = s.call(f"launch {spec['node']}", lambda: s.conn.compute.create_server(**kwargs), resend=False)
             return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
 
-        return create_or_find(launch, lambda: self.find(res, plan))
+        return create_or_find(launch, lambda: self.look(res, plan))
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
         s = self.ctx
@@ -133,6 +135,13 @@ class Servers(Listed):
     def progress(self, res: Resource, found: Found) -> tuple[str, str, str]:
         stage = {"pending": "building", "ready": "booted", "error": "error"}[found.status]
         return (res.spec["node"], stage, found.error or "")
+
+
+def flavor_id_of(s: Any, name: str) -> str:
+    flavor = s.flavor(name)  # looked up once per run
+    if flavor is None:
+        raise CloudError(f"{s.site.name}: flavor '{name}' not found")
+    return str(flavor.id)
 
 
 def server_found(site_network: str, server: Any) -> Found:
