@@ -398,10 +398,7 @@ class World(SqliteWorld):
         from labctl.testbed.openstack import model
 
         now = time.time() if now is None else now
-        with self.read() as db:
-            due = db.conn.execute(
-                "SELECT 1 FROM objects WHERE t_next IS NOT NULL AND t_next <= ? LIMIT 1", (now,)
-            ).fetchone()
+        due = self._read_one("SELECT 1 FROM objects WHERE t_next IS NOT NULL AND t_next <= ? LIMIT 1", (now,))
         if due:
             with self.tx() as db:
                 model.process_due(db, now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 
@@ -20,9 +21,14 @@ from labctl.testbed.openstack.neutron.common import (
 )
 
 
+@functools.lru_cache(maxsize=4096)  # a group list renders every rule: the same few prefixes each time
+def _normalized_cidr(prefix: str) -> str:
+    return str(ipaddress.ip_network(prefix, strict=False))
+
+
 def rule_view(r: dict, default_sg: bool) -> dict:
     prefix = r.get("remote_ip_prefix")
-    normalized = str(ipaddress.ip_network(prefix, strict=False)) if prefix else None
+    normalized = _normalized_cidr(prefix) if prefix else None
     return {
         "id": r["id"],
         "security_group_id": r["security_group_id"],
