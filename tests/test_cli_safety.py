@@ -474,7 +474,7 @@ def test_host_key_changed_message_names_the_real_command():
 
 # -- 9. mount paths in the generated volume script -----------------------------------------------------------
 def volume_script(mount: str, device: Path) -> str:
-    from labctl.service import volume_steps
+    from labctl.node_setup import volume_steps
 
     res = SimpleNamespace(key="volume_attachment:block", spec={"mount": mount, "filesystem": "ext4",
                                                                "node": "node-1", "volume": "volume:block"})
@@ -515,7 +515,7 @@ def run_volume_script(mount: str, tmp: Path) -> tuple[list[list[str]], str]:
 
 
 def check_volume_script(mount: str, tmp: Path) -> None:
-    from labctl.service import fstab_escape
+    from labctl.node_setup import fstab_escape
 
     marker = tmp / "pwned"
     calls, fstab = run_volume_script(mount, tmp)

@@ -10,9 +10,9 @@ from tests import profile_text
 
 from labctl import sites
 from labctl.errors import ProfileError
+from labctl.node_setup import node_targets
 from labctl.plan import build_plan
 from labctl.profile import find_profile, load_profile
-from labctl.service import _targets
 
 PROFILE = """\
 name: net
@@ -70,7 +70,7 @@ def test_targets_direct_via_jump_host_or_unreachable():
         "server:node-3": {"fixed_ip": "10.0.0.3", "private_ips": {"lab-other": "192.168.2.13"}},
         "server:db-1": {"fixed_ip": "10.0.0.4"},
     }
-    targets, unreachable = _targets(SITE, NODES, resources)
+    targets, unreachable = node_targets(SITE, NODES, resources)
     assert [(t.name, t.host, t.port, t.via.name if t.via else None) for t in targets] == [
         ("node-1", "127.10.1.5", 2222, None), ("node-2", "192.168.1.12", 22, "node-1")]
     assert targets[1].via is targets[0]
@@ -78,5 +78,5 @@ def test_targets_direct_via_jump_host_or_unreachable():
     assert "shares no private network" in unreachable["node-3"]
     # No node with a floating IP at all.
     del resources["floating_ip:node-1"]
-    targets, unreachable = _targets(SITE, NODES, resources)
+    targets, unreachable = node_targets(SITE, NODES, resources)
     assert targets == [] and set(unreachable) == {n for n, _ in NODES}

@@ -20,6 +20,7 @@ from typing import Any
 
 from labctl import naming, service
 from labctl.errors import CloudError, Interrupted, LabctlError, NoCapacity, QuotaExceeded, UserError
+from labctl.node_setup import ExtraStep
 from labctl.state import DeploymentRecord
 
 UP, FAILED, BUSY, ALREADY, INTERRUPTED = "up", "failed", "busy", "already up", "interrupted"
@@ -103,14 +104,14 @@ def class_deployments(ctx: service.Context, course: str, lab: str) -> list[Deplo
     return [d for d in ctx.store.deployments() if d.course == course and d.lab == lab]
 
 
-def authorize_step(public_key: str) -> service.ExtraStep:
+def authorize_step(public_key: str) -> ExtraStep:
     line = shlex.quote(public_key.strip())
     command = (
         "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
         f"chmod 600 ~/.ssh/authorized_keys && (grep -qxF {line} ~/.ssh/authorized_keys || "
         f"echo {line} >> ~/.ssh/authorized_keys)"
     )
-    return service.ExtraStep("authorize-student-key", command)
+    return ExtraStep("authorize-student-key", command)
 
 
 def class_up(ctx: service.Context, opts: ClassOptions, events: ClassEvents | None = None) -> list[StudentResult]:

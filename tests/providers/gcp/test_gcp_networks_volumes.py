@@ -182,10 +182,10 @@ def test_engine_three_nodes_on_the_private_network(tmp_path, sim_site, testbed, 
     assert [s["gateway_address"] for s in got["subnetworks"]] == ["192.168.1.1"]
 
     # the service's jump-host logic: node-2 and node-3 through node-1, at their private address
-    from labctl.service import _targets
+    from labctl.node_setup import node_targets
 
-    targets, unreachable = _targets(provider.site, [(n.name, n.role) for n in plan.nodes],
-                                    {k: f.attrs for k, f in found.items()})
+    targets, unreachable = node_targets(provider.site, [(n.name, n.role) for n in plan.nodes],
+                                        {k: f.attrs for k, f in found.items()})
     assert unreachable == {}
     hops = {t.name: (t.host, t.port, t.via.name if t.via else None) for t in targets}
     assert hops["node-2"] == ("192.168.1.12", 22, "node-1") and hops["node-3"] == ("192.168.1.13", 22, "node-1")
@@ -236,7 +236,7 @@ def test_volume_create_attach_keep_reattach_delete(tmp_path, sim_site, testbed, 
     assert disk["status"] == "READY" and disk["type"] == "pd-balanced" and disk["users"] == [server.name]
     assert disk["labels"] == {"labctl-deployment": plan.deployment, "labctl-lab": "vollab", "labctl-owner": "student1",
                               "labctl-node": "node-1", "labctl-keep": "true", "labctl-volume": "block"}
-    from labctl.service import volume_steps
+    from labctl.node_setup import volume_steps
 
     (step,) = volume_steps(plan, found)
     assert f"/dev/disk/by-id/google-{disk_name}" in step.command and step.on == ("node-1",)
