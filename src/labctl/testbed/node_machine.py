@@ -429,6 +429,7 @@ class NodeMachines:
             if not image.exists():
                 with open(image, "wb") as f:
                     f.truncate(int(vol.get("size_gb") or 1) * 1024**3)  # sparse: costs nothing until written
+            _wait_detached(image)
             loop = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True,
                                   check=True, env={"PATH": PATH}).stdout.strip()
             loops[vid] = loop
@@ -444,6 +445,20 @@ class NodeMachines:
                       f"mkdir -p \"$mp\" && mount {device} \"$mp\" || true; }}")
             subprocess.run(machine.wrap_root(["/bin/sh", "-c", script]), check=True, capture_output=True,
                            env={"PATH": PATH})
+
+
+def _wait_detached(image: Path, timeout: float = 15.0) -> None:
+    """A volume moved to this node from a deleted one: wait until the old node's machine has ended and let go of
+    its loop device (mounting one file system through two devices would corrupt it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        users = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True,
+                               env={"PATH": PATH}).stdout.strip()
+        if not users:
+            return
+        if time.monotonic() > deadline:
+            raise MachineError(f"volume file {image.name} is still attached elsewhere: {users.splitlines()[0]}")
+        time.sleep(0.05)
 
 
 def _import_root() -> str:
