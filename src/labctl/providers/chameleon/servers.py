@@ -69,6 +69,7 @@ class Keypairs(Listed):
 class Servers(Listed):
     service, sdk, filters, gone = "compute", "server", {"details": True}, ("DELETED", "SOFT_DELETED")
     shared_find = True
+    _index: tuple[Any, dict[str | None, list[Any]]] = (None, {})  # the last polled list, by deployment
 
     def fetch_all(self) -> list[Any]:  # labctl's names only: its tags then decide
         return self.ctx.raw_list("compute", "/servers/detail", "servers", {"name": f"^{naming.PREFIX}-"})
@@ -85,7 +86,13 @@ class Servers(Listed):
     def polled(self, plan: Plan) -> list[Any]:
         """This deployment's servers, from the poll round's one list of every labctl server on the site."""
         servers = self.ctx.polled("servers", self.fetch_all)
-        return [x for x in servers if deployment_of(x) == plan.deployment]
+        index = self._index
+        if index[0] is not servers:  # a new round's list: sorted by deployment once, not scanned by every poll
+            by_deployment: dict[str | None, list[Any]] = {}
+            for x in servers:
+                by_deployment.setdefault(deployment_of(x), []).append(x)
+            index = self._index = (servers, by_deployment)
+        return list(index[1].get(plan.deployment, []))
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s, spec = self.ctx, cast("ServerSpec", res.spec)
