@@ -93,6 +93,7 @@ def echoing_ec2() -> Iterator[str]:
 @pytest.mark.parametrize("status", [400, 500])
 def test_aws_adapter_masks_the_secret_key_and_token_a_cloud_echoes(echoing_ec2, monkeypatch, status):
     from labctl.providers import aws
+    from labctl.providers.aws.session import load_session
 
     monkeypatch.setattr(_EchoingEc2, "status", status)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
@@ -101,7 +102,7 @@ def test_aws_adapter_masks_the_secret_key_and_token_a_cloud_echoes(echoing_ec2, 
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
     site = sites.resolve("aws")
-    session, source = aws._session(site, None)  # the standard chain: loads (and registers) the keys
+    session, source = load_session(site, None)  # the standard chain: loads (and registers) the keys
     provider = aws.AwsProvider(site, session, endpoint_url=echoing_ec2, poll_interval=0.01, call_retries=2,
                                credential_source=source)
     plan = build_plan(load_profile(find_profile("hello")), site, "alice", KEY)
