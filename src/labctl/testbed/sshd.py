@@ -372,7 +372,18 @@ class SSHNodes:
         if self.machines is None:
             return None
         self._machine_dirs.add(str(target["node_dir"]))
-        return await _off_loop(self.machines.enter, target)
+        return await _off_loop(lambda: self.machines.enter(self._as_now(target)))
+
+    def _as_now(self, target: dict) -> dict:
+        """`target` as the world says now: a volume attached since the last poll is in the node at once, as it is
+        on a real node once Cinder says it is attached (labctl's mount step may start before the next poll)."""
+        server_id = target.get("server_id")
+        if server_id is None:
+            return target
+        for current in self.world.ssh_targets():
+            if current.get("server_id") == server_id:
+                return current
+        return target
 
     # -- jump-host hops (`labctl.testbed.ssh_forwarding`) ----------------------------------------------
     def private_destination(self, jump: dict, dest_host: str, dest_port: int) -> tuple[dict, str] | None:
