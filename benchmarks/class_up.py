@@ -808,7 +808,8 @@ def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] |
         "ssh_phase_s": {"bound": lab.get("ssh_phase_alone"), "min": ssh[0] if ssh else None, "median": pct(0.5),
                         "p95": pct(0.95), "max": ssh[-1] if ssh else None,
                         "p95_over_bound": (pct(0.95) or 0) / alone if alone else None},
-        "statuses": lab["statuses"], "down_statuses": lab["down_statuses"], "down_wall_s": lab["down_wall"],
+        "statuses": lab["statuses"], "errors": lab["errors"], "down_statuses": lab["down_statuses"],
+        "down_wall_s": lab["down_wall"],
         "baseline": None if not base else {
             "students": base["students"], "wall_s": base["wall"], "wall_per_student_s": base["wall"] / base["students"],
             "calls_per_env": base["requests"] / base["students"],
