@@ -312,13 +312,9 @@ class ServedTestbed:
         return f"{next(iter(self.endpoints.values()))}/refapi"
 
     def os_env(self, site: str) -> dict[str, str]:
-        from labctl.testbed.openstack import catalog
+        from labctl.testbed.server import openstack_env
 
-        creds = self.world.credentials
-        return {"OS_AUTH_TYPE": "v3applicationcredential", "OS_AUTH_URL": self.auth_url(site),
-                "OS_IDENTITY_API_VERSION": "3", "OS_REGION_NAME": catalog.resolve_site(site).region,
-                "OS_INTERFACE": "public", "OS_APPLICATION_CREDENTIAL_ID": creds.app_cred_id,
-                "OS_APPLICATION_CREDENTIAL_SECRET": creds.app_cred_secret}
+        return openstack_env(site, self.auth_url(site), self.world.credentials)
 
     def wait_ssh(self, address: str, port: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
