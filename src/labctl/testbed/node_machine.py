@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import re
-import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -402,8 +402,7 @@ class NodeMachines:
             os.close(errlog)
         self._children.append(child)
         assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], START_TIMEOUT)
-        line = child.stdout.readline().decode(errors="replace").strip() if ready else ""
+        line = _first_line(child.stdout, START_TIMEOUT)
         child.stdout.close()
         if not line.startswith("ready"):
             with contextlib.suppress(ProcessLookupError):
@@ -461,6 +460,16 @@ def _wait_detached(image: Path, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def _first_line(stream: Any, timeout: float) -> str:
+    """The first line `stream` gives within `timeout` seconds ("" if none). A poll, not select(): an emulator
+    serving hundreds of nodes holds descriptors above select's limit (FD_SETSIZE, 1024)."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return stream.readline().decode(errors="replace").strip()
+
+
 def _import_root() -> str:
     """The directory labctl is imported from (the supervisor gets no other environment from its caller)."""
     return str(Path(__file__).resolve().parents[2])
@@ -478,8 +487,7 @@ def hold(mdir: Path, name: str, user: str, home: str, uid: int, gid: int) -> int
     ns = subprocess.Popen(["unshare", "-m", "-u", "-p", "-f", "--propagation", "private", "--", "/bin/sh", "-c",
                            _SETUP], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert ns.stdout is not None
-    ready, _, _ = select.select([ns.stdout], [], [], START_TIMEOUT)
-    if not ready or ns.stdout.readline().strip() != b"ready":
+    if _first_line(ns.stdout, START_TIMEOUT) != "ready":
         ns.kill()
         ns.wait()
         print("namespaces did not start", file=sys.stderr, flush=True)
