@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracemalloc", action="store_true",
                    help="also report tracemalloc's peak (slows allocation-heavy code, so wall times grow)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (worlds, state, logs)")
+    p.add_argument("--timeline", metavar="FILE",
+                   help="also write every student's progress events of class up, timed, as JSON to FILE")
     p.add_argument("--role", choices=("labctl", "baseline", "emulator"), help=argparse.SUPPRESS)
     p.add_argument("--roster", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -499,7 +501,11 @@ def run_labctl(a: argparse.Namespace) -> int:
     ssh_phase: list[float] = []
     started = time.perf_counter()
 
+    timeline: list[tuple[float, str, str, str]] = []
+
     def student(sid: str, stage: str, detail: str) -> None:
+        if a.timeline:
+            timeline.append((round(time.perf_counter() - started, 3), sid, stage, detail))
         if stage == "waiting" and detail.startswith("ssh ") and sid not in ssh_started:
             ssh_started[sid] = time.perf_counter()
 
@@ -523,6 +529,8 @@ def run_labctl(a: argparse.Namespace) -> int:
     results = classroom.class_up(ctx, opts, classroom.ClassEvents(student=student, finished=finished))
     wall = time.perf_counter() - started
     cpu = cpu_seconds() - cpu0
+    if a.timeline:
+        Path(a.timeline).write_text(json.dumps(timeline))
     if profiles is not None:
         threading.setprofile(None)  # type: ignore[arg-type]
         dump_profiles(profiles, Path(os.environ["LABCTL_BENCH_PROFILE"]) / "labctl-up.prof")
@@ -922,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
                    str(a.baseline_students), "--lab", a.lab, "--site", a.site]
     if a.tracemalloc:
         passthrough.append("--tracemalloc")
+    if a.timeline:
+        passthrough += ["--timeline", str(Path(a.timeline).resolve())]
     root = Path(tempfile.mkdtemp(prefix="labctl-bench-"))
     try:
         roster = root / "roster.csv"
