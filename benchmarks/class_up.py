@@ -183,8 +183,8 @@ def peak_rss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
+def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
 
 
@@ -380,14 +380,16 @@ def run_emulator(a: argparse.Namespace) -> int:
     tb = Testbed.start(os.environ["LABCTL_TESTBED_DIR"], time_scale=a.time_scale, ssh=ssh, shared_ssh_port=ssh)
     if ssh:
         tb.slow_ssh_polls(0.05)  # a node answers SSH within 50 ms of becoming reachable
-    cpu0 = cpu_seconds()
+    cpu0, children0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     write_result(a.ready, {"endpoint": tb.endpoint, "ssh_port": tb.ssh_port})
     stop.wait()
     cpu = cpu_seconds() - cpu0
     tb.stop()
+    # The nodes' own processes (their machines' holders, each session's commands), reaped by now.
+    children = cpu_seconds(resource.RUSAGE_CHILDREN) - children0
     if profiles is not None:
         dump_profiles(profiles, Path(os.environ["LABCTL_BENCH_PROFILE"]) / f"emulator-{a.serve}.prof")
-    write_result(a.result, {"serves": a.serve, "cpu": cpu, "peak_rss_mib": peak_rss_mib()})
+    write_result(a.result, {"serves": a.serve, "cpu": cpu, "children_cpu": children, "peak_rss_mib": peak_rss_mib()})
     return 0
 
 
@@ -792,6 +794,7 @@ def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] |
         return ssh[min(len(ssh) - 1, int(q * len(ssh)))] if ssh else None
 
     emulator_cpu = sum(u.get("cpu", 0.0) for u in lab["emulators"].values())
+    nodes_cpu = sum(u.get("children_cpu", 0.0) for u in lab["emulators"].values())
     alone = lab.get("ssh_phase_alone") or 0.0
     # One environment cannot finish before its API path and then its SSH phase (timed alone); nor the class
     # before the busiest site's calls have passed its rate limit.
@@ -806,7 +809,7 @@ def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] |
         "calls_per_env_up": lab["requests"] / n, "calls_per_env_down": lab["down_requests"] / n,
         "client_cpu_s": lab["cpu"], "client_cpu_ms_per_call": lab["cpu"] / max(1, lab["requests"]) * 1000,
         "client_cpu_ms_per_env": lab["cpu"] / n * 1000,
-        "emulator_cpu_s": emulator_cpu, "emulator_cpu_ms_per_call": emulator_cpu / max(1, lab["requests"]) * 1000,
+        "emulator_cpu_s": emulator_cpu, "nodes_cpu_s": nodes_cpu, "emulator_cpu_ms_per_call": emulator_cpu / max(1, lab["requests"]) * 1000,
         "peak_rss_mib": lab["peak_rss_mib"],
         "emulator_peak_rss_mib": {k: u.get("peak_rss_mib") for k, u in lab["emulators"].items()},
         "ssh_phase_s": {"bound": lab.get("ssh_phase_alone"), "min": ssh[0] if ssh else None, "median": pct(0.5),
@@ -887,7 +890,8 @@ def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | No
           f"average {lab['requests'] / lab['wall'] * scale:.2f}")
     print(f"emulators (their own processes): CPU {sm['emulator_cpu_s']:.1f} s, "
           f"{sm['emulator_cpu_ms_per_call']:.1f} ms per API call; peak RSS "
-          + ", ".join(f"{k} {v:.0f} MiB" for k, v in sm["emulator_peak_rss_mib"].items() if v is not None))
+          + ", ".join(f"{k} {v:.0f} MiB" for k, v in sm["emulator_peak_rss_mib"].items() if v is not None)
+          + f"; the nodes' own processes (machines, sessions' commands): CPU {sm['nodes_cpu_s']:.1f} s")
     ph = sm["ssh_phase_s"]
     if ph["min"] is not None:
         print(f"SSH phase per environment (first SSH wait to setup done: wait for the node, pin its host key, "
