@@ -178,6 +178,30 @@ class HttpCounter:
         return out
 
 
+class ThreadCpu:
+    """CPU time (this thread's, `time.thread_time`) spent inside the wrapped functions, summed over threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seconds = 0.0
+
+    def wrap(self, module: Any, name: str) -> None:
+        original = getattr(module, name)
+        meter = self
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            began = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent = time.thread_time() - began
+                with meter.lock:
+                    meter.seconds += spent
+
+        setattr(module, name, wrapper)
+
+
 def peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
@@ -497,6 +521,13 @@ def run_labctl(a: argparse.Namespace) -> int:
     counter.install()
     counter.wrap(Engine, "_ensure", lambda self, plan, res, *rest, **kw: res.kind)
     counter.wrap(Engine, "_wait", WAIT)
+    # labctl's SSH phase (waiting for the nodes, pinning host keys, setup) runs in each environment's thread, on
+    # an event loop of its own: its CPU is told apart from the API path's.
+    from labctl.runner import ssh as runner
+
+    ssh_cpu = ThreadCpu()
+    ssh_cpu.wrap(runner, "wait_for_ssh")
+    ssh_cpu.wrap(runner, "run_setup")
 
     done: list[str] = []
     ssh_started: dict[str, float] = {}
@@ -531,6 +562,7 @@ def run_labctl(a: argparse.Namespace) -> int:
     results = classroom.class_up(ctx, opts, classroom.ClassEvents(student=student, finished=finished))
     wall = time.perf_counter() - started
     cpu = cpu_seconds() - cpu0
+    ssh_cpu_up = ssh_cpu.seconds
     if a.timeline:
         Path(a.timeline).write_text(json.dumps(timeline))
     if profiles is not None:
@@ -565,7 +597,8 @@ def run_labctl(a: argparse.Namespace) -> int:
     bound = lower_bound(list(shapes.values()), by_label, a.students, max(per_site.values(), default=0),
                         a.latency * scale, a.rate / scale)
     write_result(a.result, {
-        "who": "labctl", "students": a.students, "wall": wall, "cpu": cpu, "requests": total,
+        "who": "labctl", "students": a.students, "wall": wall, "cpu": cpu, "ssh_cpu": ssh_cpu_up,
+        "requests": total,
         "requests_by_site": dict(per_site),
         "requests_counted": sum(by_label.values()), "by_label": by_label, "statuses": dict(statuses),
         "errors": errors, "peak_rss_mib": rss, "tracemalloc_peak_mib": tm_peak,
@@ -809,7 +842,11 @@ def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] |
         "calls_per_env_up": lab["requests"] / n, "calls_per_env_down": lab["down_requests"] / n,
         "client_cpu_s": lab["cpu"], "client_cpu_ms_per_call": lab["cpu"] / max(1, lab["requests"]) * 1000,
         "client_cpu_ms_per_env": lab["cpu"] / n * 1000,
-        "emulator_cpu_s": emulator_cpu, "nodes_cpu_s": nodes_cpu, "emulator_cpu_ms_per_call": emulator_cpu / max(1, lab["requests"]) * 1000,
+        # The same without the SSH phase (waiting for the nodes, host keys, setup over SSH): the API path's CPU.
+        "client_ssh_cpu_ms_per_env": lab["ssh_cpu"] / n * 1000,
+        "client_api_cpu_ms_per_call": (lab["cpu"] - lab["ssh_cpu"]) / max(1, lab["requests"]) * 1000,
+        "emulator_cpu_s": emulator_cpu, "nodes_cpu_s": nodes_cpu,
+        "emulator_cpu_ms_per_call": emulator_cpu / max(1, lab["requests"]) * 1000,
         "peak_rss_mib": lab["peak_rss_mib"],
         "emulator_peak_rss_mib": {k: u.get("peak_rss_mib") for k, u in lab["emulators"].items()},
         "ssh_phase_s": {"bound": lab.get("ssh_phase_alone"), "min": ssh[0] if ssh else None, "median": pct(0.5),
@@ -885,7 +922,9 @@ def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | No
     print()
     print(f"labctl: {lab['statuses']}, CPU {lab['cpu']:.1f} s in {lab['wall']:.1f} s wall "
           f"({lab['cpu'] / lab['wall']:.0%} of one core; {sm['client_cpu_ms_per_call']:.1f} ms CPU per API call, "
-          f"{sm['client_cpu_ms_per_env']:.0f} ms per environment, labctl's process alone, SSH and setup included); "
+          f"{sm['client_cpu_ms_per_env']:.0f} ms per environment, labctl's process alone, SSH and setup included; "
+          f"without the SSH phase's {sm['client_ssh_cpu_ms_per_env']:.0f} ms per environment: "
+          f"{sm['client_api_cpu_ms_per_call']:.1f} ms per API call); "
           f"peak API rate {lab['peak_rate'] * scale:.1f} realistic calls/s (limit {a.rate:g} per site), "
           f"average {lab['requests'] / lab['wall'] * scale:.2f}")
     print(f"emulators (their own processes): CPU {sm['emulator_cpu_s']:.1f} s, "
