@@ -57,6 +57,12 @@ TOOLS = ("unshare", "nsenter", "setpriv", "pivot_root", "mount", "losetup", "mkn
 DROPPED_CAPS = ",".join(f"-{c}" for c in ("net_admin", "sys_module", "sys_time", "sys_boot", "sys_rawio", "mknod",
                                           "mac_admin", "mac_override", "audit_control", "sys_pacct", "wake_alarm",
                                           "block_suspend", "syslog"))
+# The supervisor: a bare interpreter (no site, no environment, nothing of labctl) importing the stdlib-only
+# node_pid1 as a module of its own, so its cached bytecode is used (a script would be compiled at every start: ~4 ms).
+# Its directory goes last on sys.path: the testbed's other files must not shadow the standard library.
+_LAUNCH = "import sys; sys.path.append(sys.argv.pop(1)); import node_pid1; sys.exit(node_pid1.main(sys.argv[1:]))"
+
+
 class MachineError(Exception):
     """A node's namespaces could not be started."""
 
@@ -287,9 +293,8 @@ class NodeMachines:
         old = read_json(mdir / "holder.json")
         uid = int(old.get("uid") or free_id("/etc/passwd"))
         gid = int(old.get("gid") or free_id("/etc/group"))
-        # A bare interpreter on a stdlib-only file: the supervisor (and PID 1, its fork) import nothing of labctl.
-        args = [sys.executable, "-I", "-S", node_pid1.__file__, "hold", str(mdir), name, user, str(home), str(uid),
-                str(gid)]
+        args = [sys.executable, "-I", "-S", "-c", _LAUNCH, os.path.dirname(node_pid1.__file__), "hold", str(mdir),
+                name, user, str(home), str(uid), str(gid)]
         errlog = os.open(mdir / "holder.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,

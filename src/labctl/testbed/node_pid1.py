@@ -11,6 +11,7 @@ node dies with it, and the node's mounts with its mount namespace) and detaches 
 
 from __future__ import annotations
 
+import _thread
 import fcntl
 import os
 import select
@@ -34,8 +35,6 @@ DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("u
 DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
 START_TIMEOUT = 30.0
-# A backstop, not a poll: a signal landing just before the supervisor blocks in flock() would otherwise go unseen.
-WAKE_INTERVAL = 1.0
 
 # <linux/mount.h>, <sched.h>, <linux/loop.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
@@ -112,6 +111,7 @@ def _c() -> Any:
         lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
         lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         lib.unshare.argtypes = [ctypes.c_int]
+        lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         _libc = lib
     return _libc
@@ -141,6 +141,10 @@ def remount_read_only(target: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_c().unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_c().setns(fd, nstype), "setns")
 
 
 def sethostname(name: str) -> None:
@@ -342,17 +346,12 @@ def run_pid1(node: Node, ready_fd: int) -> None:
 
 
 # -- the supervisor ---------------------------------------------------------------------------------------
-class _Wake(Exception):
-    """Raised by a signal handler to leave the blocking flock() wait."""
-
-
 class Supervisor:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.mdir = node.mdir
         self.pid1 = 0
         self.stopping = False
-        self.waiting = False
 
     def run(self) -> int:
         """Start the node, say `ready`, and end it when no process uses the node (or on SIGTERM)."""
@@ -375,18 +374,21 @@ class Supervisor:
 
     def _start(self, users: int) -> bool:
         """Fork PID 1 into a new PID namespace; True once it says `ready`. This process stays in the host's
-        namespaces (it forks nothing else: its next child would land in the node's PID namespace)."""
+        namespaces."""
         read_end, write_end = os.pipe()
-        unshare(CLONE_NEWPID)
+        own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        unshare(CLONE_NEWPID)  # for the next child only
         pid = os.fork()
         if pid == 0:
             try:
-                os.close(read_end)
-                os.close(users)
+                for fd in (read_end, users, own_pid_ns):
+                    os.close(fd)
                 run_pid1(self.node, write_end)  # returns only by an exception
             except BaseException as exc:  # PID 1 says why in holder.log and ends: none of the parent's code runs here
                 print(f"node {self.node.name}: {exc}", file=sys.stderr, flush=True)
             os._exit(1)
+        setns(own_pid_ns, CLONE_NEWPID)  # back: this process makes a thread (not allowed across), not nodes
+        os.close(own_pid_ns)
         self.pid1 = pid
         os.close(write_end)
         line = _read_line(read_end, START_TIMEOUT)
@@ -396,11 +398,8 @@ class Supervisor:
             return False
         return True
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        if signum == signal.SIGTERM:
-            self.stopping = True
-        if self.waiting and (self.stopping or self._pid1_ended()):
-            raise _Wake
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.stopping = True  # SIGTERM while the node starts: it ends as soon as it has started
 
     def _pid1_ended(self) -> bool:
         try:
@@ -409,36 +408,43 @@ class Supervisor:
             return True
 
     def _wait_unused(self, users: int) -> None:
-        """Block until no other process holds users.lock (shared), SIGTERM comes, or PID 1 ends. New users still
-        get their shared lock while this waits: Linux grants flock() requests without queueing behind a waiter."""
-        for sig in (signal.SIGCHLD, signal.SIGALRM):
-            signal.signal(sig, self._on_signal)
-        signal.setitimer(signal.ITIMER_REAL, WAKE_INTERVAL, WAKE_INTERVAL)
-        try:
-            self.waiting = True
-            if not (self.stopping or self._pid1_ended()):
-                fcntl.flock(users, fcntl.LOCK_EX)
-        except _Wake:
-            pass
-        finally:
-            self.waiting = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        """Sleep until no other process holds users.lock (shared), SIGTERM comes, or PID 1 ends: no polling, no
+        timer. A thread waits for the lock (flock cannot be polled) and signals this one, which waits for the
+        three signals blocked, so none can slip in between a check and the wait. New users still get their shared
+        lock while the thread waits: Linux does not queue flock() requests behind a waiting exclusive one."""
+        # Blocked from here, they queue for sigwaitinfo (a SIGTERM caught before has run its handler by now).
+        signal.pthread_sigmask(signal.SIG_BLOCK, WAIT_SIGNALS)
+        if self.stopping or self._pid1_ended():
+            return
+        _thread.start_new_thread(_signal_when_locked, (users,))  # inherits the blocked signals
+        while True:
+            info = signal.sigwaitinfo(WAIT_SIGNALS)
+            if info.si_signo == signal.SIGTERM:
+                return
+            if info.si_signo == signal.SIGCHLD and self._pid1_ended():
+                return
+            if info.si_signo == signal.SIGUSR1 and info.si_pid == os.getpid():
+                return  # the lock is ours: no process uses the node any more
 
     def _kill_pid1(self, timeout: float = 10.0) -> None:
         """SIGKILL PID 1: the kernel ends every process of its PID namespace, then PID 1's mount namespace with
         its mounts."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # queued from here: no wake-up is lost
         try:
             os.kill(self.pid1, signal.SIGKILL)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             try:
                 if os.waitpid(self.pid1, os.WNOHANG)[0]:
                     return
             except ChildProcessError:
                 return
-            time.sleep(0.005)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            signal.sigtimedwait({signal.SIGCHLD}, left)
 
     def _end(self) -> None:
         """End the node, detach its loop devices (`losetup -d`), forget it."""
@@ -459,6 +465,18 @@ class Supervisor:
                 os.unlink(f"{self.mdir}/{name}")
             except FileNotFoundError:
                 continue
+
+
+WAIT_SIGNALS = {signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1}
+
+
+def _signal_when_locked(users: int) -> None:
+    """The waiting thread: take users.lock exclusively (when no one else holds it), then wake the supervisor.
+    If the lock cannot be waited for, the node ends rather than outliving its users unwatched."""
+    try:
+        fcntl.flock(users, fcntl.LOCK_EX)
+    finally:
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def _read_line(fd: int, timeout: float) -> str:
