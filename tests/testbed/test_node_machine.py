@@ -6,15 +6,19 @@ exiting 0, and nothing left (processes, mounts, loop devices) once the node is d
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from labctl.keys import ensure_keypair
-from labctl.testbed import node_machine
+from labctl.testbed import node_machine, node_pid1
 from labctl.testbed.sshd import SSHNodes, load_host_key
 
 WHY_NOT = node_machine.machines_unavailable()
@@ -330,3 +334,179 @@ def test_which_host_changing_steps_run_on_machine_nodes(monkeypatch):
     assert "block device" in node_machine.sim_skip_reason("[ -e /dev/disk/by-id/google-data ]")
     monkeypatch.setenv(node_machine.INTERNET_SWITCH, "1")
     assert node_machine.sim_skip_reason("sudo apt-get update -q") is None
+
+
+@machines_only
+def test_a_nodes_tree_devices_and_mounts(nodes):
+    """What PID 1 builds (with system calls): device nodes, /dev links, modes and owners, the mounts' flags, the
+    node's name in /etc/hosts, the user's lines, the sudoers file."""
+    script = ("cd /; stat -c '%n|%F %a %U:%G %t:%T' / /root /tmp /home /home/cc /mnt /media /run /dev /dev/shm "
+              "/dev/null /dev/zero /dev/full /dev/random /dev/urandom /dev/tty /etc /usr /etc/sudoers.d/90-labctl-cc;"
+              " echo --; readlink /dev/fd /dev/stdin /dev/stdout /dev/stderr /dev/ptmx; echo --;"
+              " for m in / /etc /run /dev /dev/pts /dev/shm /proc /proc/sys /sys; do"
+              "   echo \"$m|$(findmnt -n -o FSTYPE,OPTIONS --mountpoint $m | head -n1)\"; done; echo --;"
+              " grep -c ' lab-n1$' /etc/hosts; grep -c '^cc:' /etc/passwd /etc/group; sudo cat /etc/sudoers.d/*cc;"
+              " head -c 4 /dev/zero | od -An -tx1; echo gone > /dev/null")
+    stat_lines, links, mount_lines, rest = nodes.ssh("n1", script).stdout.split("--\n")
+    stats = dict(line.split("|", 1) for line in stat_lines.splitlines())
+    assert stats["/"].startswith("directory 755 root:root")
+    assert stats["/root"].startswith("directory 700 root:root")
+    assert stats["/tmp"].startswith("directory 1777 root:root")
+    assert stats["/home/cc"].startswith("directory 755 cc:cc")
+    for d in ("/home", "/mnt", "/media", "/run", "/dev"):
+        assert stats[d].startswith("directory 755 root:root"), d
+    assert stats["/dev/shm"].startswith("directory 1777 root:root")
+    for d in ("/etc", "/usr"):  # an overlay's top has its upper dir's mode and owner: made the host's
+        host = os.stat(d)
+        assert stats[d].startswith(f"directory {host.st_mode & 0o7777:o} {'root:root' if host.st_uid == 0 else ''}")
+    devices = {"/dev/null": "1:3", "/dev/zero": "1:5", "/dev/full": "1:7", "/dev/random": "1:8",
+               "/dev/urandom": "1:9", "/dev/tty": "5:0"}
+    for dev, numbers in devices.items():
+        assert stats[dev] == f"character special file 666 root:root {numbers}", dev
+    assert stats["/etc/sudoers.d/90-labctl-cc"].startswith("regular file 440 root:root")
+    assert links.split() == ["/proc/self/fd", "/proc/self/fd/0", "/proc/self/fd/1", "/proc/self/fd/2", "pts/ptmx"]
+    mounts = {m: opts.split() for m, opts in (line.split("|", 1) for line in mount_lines.splitlines())}
+    host_fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", str(nodes.node_dir("n1"))],
+                             capture_output=True, text=True).stdout.strip()
+    assert mounts["/"][0] == host_fs  # the node's rootfs directory, bound on itself
+    assert [mounts[m][0] for m in ("/etc", "/run", "/dev", "/dev/pts", "/dev/shm", "/proc", "/proc/sys", "/sys")] \
+        == ["overlay", "tmpfs", "tmpfs", "devpts", "tmpfs", "proc", "proc", "sysfs"]
+    flags = {m: set(opts[1].split(",")) for m, opts in mounts.items()}
+    assert {"nosuid", "nodev"} <= flags["/run"] and {"nosuid", "nodev"} <= flags["/dev/shm"]
+    assert "nosuid" in flags["/dev"] and "nodev" not in flags["/dev"]  # its device nodes work
+    assert "ro" in flags["/proc/sys"] and "ro" in flags["/sys"] and "rw" in flags["/proc"]
+    assert rest.splitlines() == ["1", "/etc/passwd:1", "/etc/group:1", "cc ALL=(ALL) NOPASSWD:ALL", " 00 00 00 00"]
+
+
+@machines_only
+def test_a_restarted_node_has_an_empty_tmp_and_its_home_is_its_users(tmp_path):
+    """A restart is a reboot: /tmp is emptied without following its symlinks out, files put in the home from
+    outside become the user's, and the system files are not appended to twice."""
+    n = Nodes(tmp_path, None)
+    try:
+        n.ssh("n1", "mkdir -p /tmp/a/b && echo x > /tmp/a/b/f && echo y > /tmp/.hidden && mkdir keep && "
+                    "echo k > keep/file && ln -s /home/cc/keep /tmp/out && ln -s /etc /tmp/etc && "
+                    "mkfifo /tmp/pipe && [ -n \"$(ls -A /tmp)\" ]")
+    finally:
+        n.sshd.stop()
+    dropped = n.node_dir("n1") / "home" / "dropped" / "in"
+    dropped.mkdir(parents=True)
+    (dropped / "file").write_text("root's\n")  # owned by this host's root
+    (dropped / "link").symlink_to("/etc/hostname")
+    n = Nodes(tmp_path, None)
+    try:
+        out = n.ssh("n1", "ls -A /tmp | wc -l; stat -c %a /tmp; cat keep/file; "
+                          "stat -c %U dropped dropped/in dropped/in/file; stat -c %U%G -L dropped/in/link; "
+                          "find . -not -user cc | wc -l; grep -c ' lab-n1$' /etc/hosts; grep -c '^cc:' /etc/passwd"
+                    ).stdout.split()
+        assert out == ["0", "1777", "k", "cc", "cc", "cc", "rootroot", "0", "1", "1"]
+    finally:
+        n.sshd.stop()
+    assert _world_leftovers(tmp_path / "world") == []
+
+
+@machines_only
+def test_the_supervisor_is_a_bare_interpreter_and_pid1_its_fork(nodes):
+    """Each node's start costs a bare interpreter: `python -I -S` on node_pid1 (nothing of labctl, no
+    environment but PATH), and the node's PID 1 is that process's fork, not another program."""
+    nodes.ssh("n1", "true")
+    info = node_pid1.read_json(nodes.node_dir("n1") / "machine" / "holder.json")
+    supervisor, pid1 = int(info["supervisor"]), int(info["pid"])
+    cmdline = Path(f"/proc/{supervisor}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[1:3] == [b"-I", b"-S"]
+    assert [v.split(b"=")[0] for v in Path(f"/proc/{supervisor}/environ").read_bytes().split(b"\0") if v] == [b"PATH"]
+    assert Path(f"/proc/{pid1}/cmdline").read_bytes() == Path(f"/proc/{supervisor}/cmdline").read_bytes()
+    assert int(Path(f"/proc/{pid1}/stat").read_text().rsplit(")", 1)[1].split()[1]) == supervisor  # its parent
+
+
+def test_the_supervisor_imports_no_labctl_and_no_slow_modules():
+    """node_pid1 runs in a bare interpreter: importing it adds only small C modules to what the interpreter
+    loads anyway (json, re, enum, pathlib, typing, signal would cost milliseconds per node)."""
+    code = ("import sys; before = set(sys.modules); sys.path.append(sys.argv[1]); import node_pid1; "
+            "print(' '.join(sorted(set(sys.modules) - before)))")
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, os.path.dirname(node_pid1.__file__)],
+                          capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")}, check=True)
+    added = set(proc.stdout.split())
+    assert "node_pid1" in added
+    cheap = {"os", "os.path", "posixpath", "genericpath", "_collections_abc", "stat", "_stat",  # frozen in 3.11
+             "__future__", "_thread", "_signal", "fcntl", "select", "time"}
+    assert added - {"node_pid1"} <= cheap, added - cheap
+
+
+@machines_only
+def test_a_node_whose_pid1_is_killed_ends_and_starts_again(nodes):
+    nodes.ssh("n2", "true")
+    mdir = nodes.node_dir("n2") / "machine"
+    info = node_pid1.read_json(mdir / "holder.json")
+    os.kill(int(info["pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while node_machine.start_time(int(info["supervisor"])) == info["supervisor_start"] and \
+            time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert node_machine.start_time(int(info["supervisor"])) != info["supervisor_start"]  # it noticed, and ended
+    assert not (mdir / "holder.json").exists()
+    assert nodes.ssh("n2", "hostname").stdout == "lab-n2\n"  # the next session starts it again
+    assert node_machine.holder_pid(nodes.node_dir("n2")) not in (None, int(info["pid"]))
+
+
+_names = st.text("abcxyz.-_", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
+_trees = st.recursive(st.sampled_from(["file", "link-out", "link-in", "fifo"]),
+                      lambda kids: st.dictionaries(_names, kids, max_size=4), max_leaves=20)
+
+
+def _make(path: Path, spec, outside: Path) -> None:
+    if isinstance(spec, dict):
+        path.mkdir()
+        for name, kid in spec.items():
+            _make(path / name, kid, outside)
+    elif spec == "file":
+        path.write_text("x")
+    elif spec == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(outside if spec == "link-out" else path.parent)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tree=st.dictionaries(_names, _trees, max_size=5))
+def test_emptying_tmp_deletes_everything_in_it_and_nothing_outside(tmp_path_factory, tree):
+    """/tmp's contents are the node user's: a link out of it is deleted, never followed."""
+    base = tmp_path_factory.mktemp("tmp")
+    outside = base / "outside"
+    outside.mkdir()
+    (outside / "kept").write_text("k")
+    top = base / "tmp"
+    _make(top, tree, outside)
+    node_pid1.empty_dir(str(top))
+    assert list(top.iterdir()) == []
+    assert (outside / "kept").read_text() == "k"
+
+
+def test_emptying_and_chowning_a_tree_deeper_than_the_recursion_limit(tmp_path):
+    deep = tmp_path / "top"
+    path = str(deep)
+    os.mkdir(path)
+    for _ in range(sys.getrecursionlimit() + 100):
+        path += "/d"
+        os.mkdir(path)
+    with open(f"{path}/f", "w") as f:
+        f.write("x")
+    node_pid1.chown_tree(str(deep), os.getuid(), os.getgid())
+    node_pid1.empty_dir(str(deep))
+    assert list(deep.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_chown_tree_changes_links_not_their_targets(tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_text("o")
+    home = tmp_path / "home"
+    (home / "sub").mkdir(parents=True)
+    (home / "sub" / "f").write_text("f")
+    (home / "link").symlink_to(outside)
+    (home / "dirlink").symlink_to(tmp_path)
+    node_pid1.chown_tree(str(home), 4321, 4322)
+    for path in (home, home / "sub", home / "sub" / "f", home / "link", home / "dirlink"):
+        st_ = os.lstat(path)
+        assert (st_.st_uid, st_.st_gid) == (4321, 4322), path
+    assert os.stat(outside).st_uid == os.geteuid() and os.stat(tmp_path).st_uid == os.geteuid()
