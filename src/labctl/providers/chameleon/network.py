@@ -116,8 +116,9 @@ class SecurityGroups(Listed):
         if existing is None:
             started = time.monotonic()
             sg = create_or_find(
-                lambda: s.call("create security group", lambda: s.conn.network.create_security_group(
-                    name=res.name, description=description(plan.deployment)), resend=False),
+                lambda: s.call("create security group", lambda: s.raw_create(
+                    "network", "/security-groups", "security_group",
+                    {"name": res.name, "description": description(plan.deployment)}), resend=False),
                 lambda: min(self.named(res.name, plan), key=lambda g: rank(g, res), default=None))
             # Neutron does not keep names unique: a concurrent run (other state, other machine) may have made
             # one too. Both keep the same; the one that lost deletes its own. The list is the class's shared one,
@@ -137,9 +138,11 @@ class SecurityGroups(Listed):
             if (rule["port"], rule["protocol"], rule["cidr"]) in have:
                 continue
             with contextlib.suppress(Conflict):  # a concurrent run opened it first
-                s.call(f"open port {rule['port']}", lambda r=rule: s.conn.network.create_security_group_rule(
-                    security_group_id=sg_id, direction="ingress", ethertype="IPv4", protocol=r["protocol"],
-                    port_range_min=r["port"], port_range_max=r["port"], remote_ip_prefix=r["cidr"]))
+                s.call(f"open port {rule['port']}", lambda r=rule: s.raw_create(
+                    "network", "/security-group-rules", "security_group_rule", {
+                        "security_group_id": sg_id, "direction": "ingress", "ethertype": "IPv4",
+                        "protocol": r["protocol"], "port_range_min": r["port"], "port_range_max": r["port"],
+                        "remote_ip_prefix": r["cidr"]}))
         return Found("secgroup", sg_id, res.name)
 
 
@@ -173,9 +176,10 @@ class FloatingIps(Listed):
             raise CloudError(f"{s.site.name}: server of {node} has no port to attach a floating IP to")
         if found is None:  # allocated and attached in one request
             def allocate() -> Found:
-                ip = s.call(f"allocate floating IP for {node}", lambda: s.conn.network.create_ip(
-                    floating_network_id=s.network(public=True).id, description=description(plan.deployment, node),
-                    port_id=ports[0].id))
+                ip = s.call(f"allocate floating IP for {node}", lambda: s.raw_create("network", "/floatingips",
+                            "floatingip", {"floating_network_id": s.network(public=True).id,
+                                           "description": description(plan.deployment, node),
+                                           "port_id": ports[0].id}))
                 return Found("floating_ip", ip.id, res.name, attrs={"floating_ip": ip.floating_ip_address})
 
             # The port holds one floating IP: a 409 means a concurrent run attached its own first. Use that one.

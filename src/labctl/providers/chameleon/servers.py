@@ -54,7 +54,8 @@ class Keypairs(Listed):
                         *(f"{k}={v}" for k, v in marks.items() if v)])
 
         def create() -> Found:
-            self.api("create", name=res.name, public_key=key)
+            self.ctx.call("create keypair", lambda: self.ctx.raw_create(
+                "compute", "/os-keypairs", "keypair", {"name": res.name, "public_key": key}))
             return Found("keypair", res.name, res.name)
 
         def adopt() -> Found | None:
@@ -111,17 +112,17 @@ class Servers(Listed):
         flavor_id = lease.attrs["reservation_id"] if not flavor_name else flavor_id_of(s, flavor_name)
         nics = [{"uuid": s.network().id}, *({"port": ensure_port(s, spec["node"], net, deps, plan)}
                                            for net in spec.get("networks") or [])]
-        kwargs: dict[str, Any] = dict(name=res.name, image_id=image.id, flavor_id=flavor_id,
-                                      key_name=deps["keypair"].name, networks=nics,
-                                      metadata={**plan.tags, naming.TAG_NODE: spec["node"], NODE_TYPE: node_type})
-        if hints:
-            kwargs["scheduler_hints"] = hints
+        body: dict[str, Any] = dict(name=res.name, imageRef=image.id, flavorRef=flavor_id,
+                                    key_name=deps["keypair"].name, networks=nics,
+                                    metadata={**plan.tags, naming.TAG_NODE: spec["node"], NODE_TYPE: node_type})
         if "secgroup" in deps:
             # By id: Neutron names are not unique (a concurrent run may have made a twin for a moment).
-            kwargs["security_groups"] = [{"name": deps["secgroup"].cloud_id}]
+            body["security_groups"] = [{"name": deps["secgroup"].cloud_id}]
+        top = {"os:scheduler_hints": hints} if hints else {}
 
         def launch() -> Found:
-            server = s.call(f"launch {spec['node']}", lambda: s.conn.compute.create_server(**kwargs), resend=False)
+            server = s.call(f"launch {spec['node']}",
+                            lambda: s.raw_create("compute", "/servers", "server", body, **top), resend=False)
             return Found("server", server.id, res.name, status="pending", attrs={"node": spec["node"]})
 
         return create_or_find(launch, lambda: self.look(res, plan))
