@@ -449,6 +449,19 @@ def test_a_node_whose_pid1_is_killed_ends_and_starts_again(nodes):
     assert node_machine.holder_pid(nodes.node_dir("n2")) not in (None, int(info["pid"]))
 
 
+@machines_only
+def test_a_node_ends_with_its_supervisor_even_when_that_is_killed(nodes):
+    nodes.ssh("n2", "nohup sleep 302 >/dev/null 2>&1 &")
+    info = node_pid1.read_json(nodes.node_dir("n2") / "machine" / "holder.json")
+    os.kill(int(info["supervisor"]), signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while node_machine.start_time(int(info["pid"])) == info["start"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert node_machine.start_time(int(info["pid"])) != info["start"]  # PID 1 went, and the node's processes
+    assert "sleep 302" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert nodes.ssh("n2", "hostname").stdout == "lab-n2\n"  # the next session starts it again
+
+
 _names = st.text("abcxyz.-_", min_size=1, max_size=6).filter(lambda n: n not in (".", ".."))
 _trees = st.recursive(st.sampled_from(["file", "link-out", "link-in", "fifo"]),
                       lambda kids: st.dictionaries(_names, kids, max_size=4), max_leaves=20)

@@ -41,6 +41,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME = 1024, 2048
 MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWPID = 0x00020000, 0x04000000, 0x20000000
 LOOP_CLR_FD = 0x4C01
 # pivot_root(2) has no libc wrapper; its number per architecture (others run the pivot_root command).
@@ -141,6 +142,11 @@ def remount_read_only(target: str) -> None:
 
 def unshare(flags: int) -> None:
     _check(_c().unshare(flags), "unshare")
+
+
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent ends, even by SIGKILL (prctl PR_SET_PDEATHSIG)."""
+    _check(_c().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
 
 
 def setns(fd: int, nstype: int) -> None:
@@ -331,6 +337,9 @@ def run_pid1(node: Node, ready_fd: int) -> None:
     """The node's PID 1 (a child of the supervisor in a new PID namespace): its namespaces, root, `ready`, reaper."""
     for sig in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    # A killed supervisor takes its node along (its lock and loop devices are then left for the next start). If it
+    # died before this line, writing `ready` to its closed pipe fails and PID 1 ends all the same.
+    die_with_parent()
     unshare(CLONE_NEWNS | CLONE_NEWUTS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing the node mounts reaches the host, and back
     os.umask(0o022)
