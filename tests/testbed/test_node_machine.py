@@ -406,6 +406,30 @@ def test_a_restarted_node_has_an_empty_tmp_and_its_home_is_its_users(tmp_path):
 
 
 @machines_only
+def test_links_left_in_a_nodes_root_do_not_reach_the_host(tmp_path):
+    """Root in a node may replace its /tmp, /root or /mnt with a symlink (here: made from outside, as it would be
+    left at the next start): the next start replaces them, and neither empties nor chmods what they point to."""
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o750)
+    (victim / "precious").write_text("p")
+    rootfs = tmp_path / "world" / "n1" / node_machine.MACHINE_DIR / "rootfs"
+    rootfs.mkdir(parents=True)
+    for name in ("tmp", "root", "mnt", "home", "etc"):
+        (rootfs / name).symlink_to(victim)
+    n = Nodes(tmp_path, None)
+    try:
+        out = n.ssh("n1", "stat -c '%n %F %a' /tmp /root /mnt /home /etc; ls -A /tmp | wc -l; hostname").stdout
+    finally:
+        n.sshd.stop()
+    assert out.splitlines()[:5] == ["/tmp directory 1777", "/root directory 700", "/mnt directory 755",
+                                    "/home directory 755", f"/etc directory {os.stat('/etc').st_mode & 0o7777:o}"]
+    assert out.splitlines()[5:] == ["0", "lab-n1"]
+    assert (victim / "precious").read_text() == "p"
+    assert victim.stat().st_mode & 0o7777 == 0o750
+    assert _world_leftovers(tmp_path / "world") == []
+
+
+@machines_only
 def test_the_supervisor_is_a_bare_interpreter_and_pid1_its_fork(nodes):
     """Each node's start costs a bare interpreter: `python -I -S` on node_pid1 (nothing of labctl, no
     environment but PATH), and the node's PID 1 is that process's fork, not another program."""

@@ -114,6 +114,7 @@ def _c() -> Any:
         lib.unshare.argtypes = [ctypes.c_int]
         lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
         lib.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         _libc = lib
     return _libc
 
@@ -161,7 +162,9 @@ def sethostname(name: str) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     number = PIVOT_ROOT_NR.get(os.uname().machine)
     if number is not None:
-        _check(_c().syscall(number, _b(new_root), _b(put_old)), "pivot_root")
+        import ctypes
+
+        _check(_c().syscall(ctypes.c_long(number), _b(new_root), _b(put_old)), "pivot_root")
         return
     tool = next((f"{d}/pivot_root" for d in PATH.split(":") if os.access(f"{d}/pivot_root", os.X_OK)), None)
     if tool is None:
@@ -194,8 +197,9 @@ def build_root(node: Node) -> None:
         if not os.path.isdir(f"/{d}"):
             continue
         upper, work = f"{node.mdir}/upper/{d}", f"{node.mdir}/work/{d}"
-        for path in (upper, work, f"{r}/{d}"):
+        for path in (upper, work):
             os.makedirs(path, exist_ok=True)
+        real_dir(f"{r}/{d}")
         lower = os.stat(f"/{d}")
         os.chmod(upper, stat.S_IMODE(lower.st_mode))  # the top of an overlay has its upper dir's mode and owner
         os.chown(upper, lower.st_uid, lower.st_gid)
@@ -203,8 +207,8 @@ def build_root(node: Node) -> None:
     for link in ROOT_LINKS:
         if os.path.islink(f"/{link}") and not os.path.lexists(f"{r}/{link}"):
             os.symlink(os.readlink(f"/{link}"), f"{r}/{link}")
-    for d in (f"home/{node.user}", "root", "tmp", "run", "dev", "proc", "sys", "mnt", "media"):
-        os.makedirs(f"{r}/{d}", exist_ok=True)
+    for d in ("home", f"home/{node.user}", "root", "tmp", "run", "dev", "proc", "sys", "mnt", "media"):
+        real_dir(f"{r}/{d}")
     for d in ("home", "mnt", "media"):
         os.chmod(f"{r}/{d}", 0o755)
     os.chmod(f"{r}/root", 0o700)
@@ -227,6 +231,20 @@ def build_root(node: Node) -> None:
     remount_read_only(f"{r}/sys")
 
 
+def real_dir(path: str) -> None:
+    """`path` (in the node's rootfs) as a directory of its own. The node's root may have left a symlink (or a
+    file) there: it is removed, so that nothing done to `path` before pivot_root (chmod, emptying /tmp) follows
+    it into the host's tree. No process of the node runs while its root is built: nothing can swap it back."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.mkdir(path)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        os.mkdir(path)
+
+
 def _build_dev(dev: str) -> None:
     mount("tmpfs", dev, "tmpfs", MS_NOSUID, "mode=755")
     for name, major, minor in DEVICES:
@@ -243,7 +261,7 @@ def _build_dev(dev: str) -> None:
 def enter_root(rootfs: str) -> None:
     """pivot_root into `rootfs`; the host's tree is unmounted (lazily) from the node."""
     os.chdir(rootfs)
-    os.makedirs(".oldroot", exist_ok=True)
+    real_dir(".oldroot")
     pivot_root(".", ".oldroot")
     os.chdir("/")
     umount_lazy("/.oldroot")
