@@ -12,12 +12,17 @@ from __future__ import annotations
 import os
 import threading
 
-_locks: dict[str, threading.RLock] = {}
+_locks: dict[str, threading.RLock] = {}  # by the file's real path
+_by_spelling: dict[str, threading.RLock] = {}  # by the path as callers give it (realpath costs a syscall per part)
 _guard = threading.Lock()
 
 
 def writer_lock(db_path: str | os.PathLike[str]) -> threading.RLock:
     """The lock for writes to the database at `db_path` (the same object for every caller in this process)."""
-    key = os.path.realpath(db_path)
-    with _guard:
-        return _locks.setdefault(key, threading.RLock())
+    spelled = os.fspath(db_path)
+    lock = _by_spelling.get(spelled)
+    if lock is None:
+        key = os.path.realpath(spelled)
+        with _guard:
+            lock = _by_spelling[spelled] = _locks.setdefault(key, threading.RLock())
+    return lock

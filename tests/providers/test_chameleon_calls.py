@@ -8,6 +8,7 @@ used by its id (the reservation's) without a look-up.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,23 @@ def test_teardowns_share_project_lists_but_see_their_own_deletes(setup, tmp_path
     assert engine.destroy(plan) == []  # its check after the deletes fetched again: nothing of it is left
     assert {f.kind for f in provider.list_owned(other)} == mine  # the other deployment is untouched
     assert engine.destroy(other) == []
+
+
+@pytest.mark.parametrize("proxy", [None, "https_proxy", "HTTPS_PROXY", "REQUESTS_CA_BUNDLE"])
+def test_environment_settings_are_read_only_when_some_are_set(setup, monkeypatch, proxy):
+    """requests scans the whole environment for proxies on every request: skipped when none is set, kept when
+    one is (a user behind a proxy, a site's own CA bundle)."""
+    tb, _provider, _plan, _store = setup
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "requests_ca_bundle",
+                            "curl_ca_bundle"):
+            monkeypatch.delenv(name)
+    if proxy:
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9" if "PROXY" in proxy.upper() else "/nonexistent.pem")
+    site = sites.emulate(sites.resolve("kvm@tacc"))
+    site = site.__class__(**{**site.__dict__, "auth_url": tb.auth_url("kvm@tacc")})
+    provider = ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env("kvm@tacc")))
+    assert provider.conn.session.session.trust_env is (proxy is not None)
+    if proxy is None:
+        provider.conn.authorize()  # and the API answers as before
+        assert provider.conn.compute.get("/flavors").status_code == 200
