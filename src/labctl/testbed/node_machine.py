@@ -259,9 +259,7 @@ class NodeMachines:
                     return  # other processes use the node
                 except BlockingIOError:
                     pass  # the supervisor holds it: it is ending the node
-            deadline = time.monotonic() + 15
-            while _alive(supervisor, info.get("supervisor_start")) and time.monotonic() < deadline:
-                time.sleep(0.02)
+            _wait_ended(supervisor, info.get("supervisor_start"), 15.0)
         finally:
             os.close(probe)
             self._reap()
@@ -345,6 +343,25 @@ class NodeMachines:
                       f"mkdir -p \"$mp\" && mount {device} \"$mp\" || true; }}")
             subprocess.run(machine.wrap_root(["/bin/sh", "-c", script]), check=True, capture_output=True,
                            env={"PATH": PATH})
+
+
+def _wait_ended(pid: int, start: str | None, timeout: float) -> None:
+    """Wait until process `pid` (started at `start`) has ended, at most `timeout` seconds: woken by its exit
+    through a pidfd (a world's stop releases its nodes one after another: a 20 ms poll made each cost 20 ms)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # gone already, or no pidfd here (Linux < 5.3): poll
+        deadline = time.monotonic() + timeout
+        while _alive(pid, start) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return
+    try:
+        if _alive(pid, start):  # checked after opening: the pidfd is then this very process's
+            with selectors.DefaultSelector() as sel:
+                sel.register(pidfd, selectors.EVENT_READ)
+                sel.select(timeout)
+    finally:
+        os.close(pidfd)
 
 
 def _wait_detached(image: Path, timeout: float = 15.0) -> None:
