@@ -1,12 +1,13 @@
 """The supervisor of an emulated node machine and the node's PID 1 (see `labctl.testbed.node_machine`).
 
-Standard library only, and imports nothing of labctl: the supervisor runs as `python -I -S <this file> hold ...`,
-so a node's start costs a bare interpreter. The supervisor opens a PID namespace for its next child and forks:
+Standard library only, and imports nothing of labctl: the supervisor runs in a bare interpreter (`python -I -S`),
+so a node's start costs little more than that. The supervisor opens a PID namespace for its next child and forks:
 that child is the node's PID 1. PID 1 takes a mount and a UTS namespace of its own, builds the node's root with
 system calls (mkdir, chmod, chown, symlink, mknod, mount(2) through ctypes), pivots into it and then reaps orphans
-for the node's lifetime. The supervisor records PID 1 in holder.json, says `ready`, and waits (blocked in flock, not
-polling) until no process holds users.lock, or SIGTERM, or PID 1 ends; then it kills PID 1 (every process of the
-node dies with it, and the node's mounts with its mount namespace) and detaches the node's loop devices.
+for the node's lifetime; it dies with the supervisor. The supervisor records PID 1 in holder.json, says `ready`,
+and sleeps (no timer, no polling) until no process holds users.lock, or SIGTERM, or PID 1 ends; then it kills
+PID 1 (every process of the node dies with it, and the node's mounts with its mount namespace) and detaches the
+node's loop devices.
 """
 
 from __future__ import annotations
