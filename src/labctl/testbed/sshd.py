@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
 USER = "cc"
+WORKERS = 32  # threads for blocking work (machine starts, firewall checks): mostly waiting, not computing
 _ENV_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 
 
@@ -225,6 +226,7 @@ class SSHNodes:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._poll_pool: Any = None
         self._stopping: asyncio.Event | None = None
         self._started = threading.Event()
         self._server_class = None
@@ -302,13 +304,23 @@ class SSHNodes:
 
     # -- the loop -----------------------------------------------------------------------------------
     def _run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         loop = asyncio.new_event_loop()
+        # Blocking work off the loop: starting a node's machine waits for its namespaces, and with the default
+        # pool (6 threads on 2 cores) a class's machine starts queued the firewall checks and the openings of
+        # new nodes' listeners behind them (nodes of a class refused SSH for seconds after they were ACTIVE).
+        loop.set_default_executor(ThreadPoolExecutor(WORKERS, thread_name_prefix="labctl-sshd-work"))
+        self._poll_pool = ThreadPoolExecutor(1, thread_name_prefix="labctl-sshd-poll")  # the world's poll, alone
         self._loop = loop
         try:
             loop.run_until_complete(self._main())
         finally:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_default_executor())
+            self._poll_pool.shutdown(wait=False, cancel_futures=True)
             loop.close()
 
     async def _main(self) -> None:
@@ -319,7 +331,7 @@ class SSHNodes:
                 try:
                     # Off the event loop: a world's query takes a while, and every SSH session waits on this loop.
                     targets = await asyncio.get_running_loop().run_in_executor(
-                        None, lambda: list(self.world.ssh_targets()))
+                        self._poll_pool, lambda: list(self.world.ssh_targets()))
                     if self.port:
                         targets = [{**t, "port": self.port} for t in targets]
                 except Exception as exc:
