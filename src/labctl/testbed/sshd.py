@@ -430,29 +430,36 @@ class SSHNodes:
             for d in gone:
                 await _off_loop(self.machines.release, Path(d))
         now = time.monotonic()
+        new: list[tuple[tuple[str, int], dict]] = []
         for key, t in wanted.items():
             node = self._nodes.get(key)
             if node is not None:
                 node.target = t
-                continue
-            when, backoff = self._retry_at.get(key, (0.0, 0.0))
-            if now < when:
-                continue
-            try:
-                await self._open(key, t)
-                self._retry_at.pop(key, None)
-            except Exception as exc:
-                backoff = min(max(backoff * 2, 0.5), 10.0)
-                self._retry_at[key] = (now + backoff, backoff)
-                log.warning("cannot serve SSH for %s on %s:%s: %s (retrying in %.1fs)",
-                            t.get("name"), key[0], key[1], exc, backoff)
+            elif now >= self._retry_at.get(key, (0.0, 0.0))[0]:
+                new.append((key, t))
+        # The nodes that became reachable since the last poll (a class's come in dozens) open together.
+        await asyncio.gather(*(self._open_or_retry_later(key, t, now) for key, t in new))
+
+    async def _open_or_retry_later(self, key: tuple[str, int], target: dict, now: float) -> None:
+        try:
+            await self._open(key, target)
+            self._retry_at.pop(key, None)
+        except Exception as exc:
+            backoff = min(max(self._retry_at.get(key, (0.0, 0.0))[1] * 2, 0.5), 10.0)
+            self._retry_at[key] = (now + backoff, backoff)
+            log.warning("cannot serve SSH for %s on %s:%s: %s (retrying in %.1fs)",
+                        target.get("name"), key[0], key[1], exc, backoff)
 
     async def _open(self, key: tuple[str, int], target: dict) -> None:
         import asyncssh
 
         node = _Node(ident=_ident(target, key), target=target, sshd=self)
-        host_key = load_host_key(node.node_dir)
-        node_home(node.node_dir)
+
+        def prepare() -> Any:  # files, and a key made on first use: off the loop every session waits on
+            node_home(node.node_dir)
+            return load_host_key(node.node_dir)
+
+        host_key = await _off_loop(prepare)
         if self.machines is not None:
             # Serving a node keeps its machine (started on the first session) alive in every process.
             self._machine_dirs.add(str(node.node_dir))
