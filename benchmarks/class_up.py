@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracemalloc", action="store_true",
                    help="also report tracemalloc's peak (slows allocation-heavy code, so wall times grow)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (worlds, state, logs)")
+    p.add_argument("--ssh-processes", type=int, default=2,
+                   help="processes serving the emulated nodes' SSH, each every node on one port (default 2: this "
+                        "machine's cores; real nodes are machines of their own)")
     p.add_argument("--timeline", metavar="FILE",
                    help="also write every student's progress events of class up, timed, as JSON to FILE")
     p.add_argument("--role", choices=("labctl", "baseline", "emulator"), help=argparse.SUPPRESS)
@@ -83,8 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve", help=argparse.SUPPRESS)  # emulator role: "ssh" or the real site it serves
     p.add_argument("--ready", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.students < 1 or a.baseline_students < 0 or a.time_scale <= 0 or a.rate <= 0 or a.latency < 0:
-        p.error("--students >= 1, --baseline-students >= 0, --time-scale > 0, --rate > 0, --latency >= 0")
+    if (a.students < 1 or a.baseline_students < 0 or a.time_scale <= 0 or a.rate <= 0 or a.latency < 0
+            or a.ssh_processes < 1):
+        p.error("--students >= 1, --baseline-students >= 0, --time-scale > 0, --rate > 0, --latency >= 0, "
+                "--ssh-processes >= 1")
     a.sites = [s.strip() for s in a.site.split(",")]
     if not all(s.startswith("sim:") for s in a.sites) or len(set(a.sites)) != len(a.sites):
         p.error("--site takes distinct emulated Chameleon sites, e.g. sim:kvm@tacc or sim:kvm@tacc,sim:chi@uc")
@@ -412,7 +417,8 @@ def run_emulator(a: argparse.Namespace) -> int:
     # The nodes' own processes (their machines' holders, each session's commands), reaped by now.
     children = cpu_seconds(resource.RUSAGE_CHILDREN) - children0
     if profiles is not None:
-        dump_profiles(profiles, Path(os.environ["LABCTL_BENCH_PROFILE"]) / f"emulator-{a.serve}.prof")
+        name = Path(a.result).name.split(".")[0]  # ssh, ssh-2, ... or the site
+        dump_profiles(profiles, Path(os.environ["LABCTL_BENCH_PROFILE"]) / f"emulator-{name}.prof")
     write_result(a.result, {"serves": a.serve, "cpu": cpu, "children_cpu": children, "peak_rss_mib": peak_rss_mib()})
     return 0
 
@@ -420,8 +426,8 @@ def run_emulator(a: argparse.Namespace) -> int:
 class Emulators:
     """The emulators' processes for one run: one per site, one for SSH (the parent's side)."""
 
-    def __init__(self, root: Path, role: str, sites: list[str], scale: float) -> None:
-        self.root, self.role, self.scale = root, role, scale
+    def __init__(self, root: Path, role: str, sites: list[str], scale: float, ssh_processes: int = 1) -> None:
+        self.root, self.role, self.scale, self.ssh_processes = root, role, scale, ssh_processes
         self.dir = root / role / "emulators"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -431,18 +437,21 @@ class Emulators:
         """Start them, wait until each serves; return the file the client reads the endpoints from."""
         endpoints: dict[str, str] = {}
         ssh_port = 0
-        for serves in [*self.sites, "ssh"]:
-            ready = self.dir / f"{serves}.ready.json"
+        # The SSH side may be served by several processes: each serves every node on the world's one port
+        # (SO_REUSEPORT), and the kernel spreads the connections over them, as over a class's many machines.
+        ssh = [(f"ssh-{i + 1}" if i else "ssh", "ssh") for i in range(self.ssh_processes)]
+        for name, serves in [*((site, site) for site in self.sites), *ssh]:
+            ready = self.dir / f"{name}.ready.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--role", "emulator", "--serve", serves,
                    "--time-scale", repr(self.scale), "--ready", str(ready),
-                   "--result", str(self.dir / f"{serves}.result.json")]
+                   "--result", str(self.dir / f"{name}.result.json")]
             proc = subprocess.Popen(cmd, env=child_env(self.root, self.role, self.scale), cwd=self.root)
-            self.procs.append((serves, proc))
+            self.procs.append((name, proc))
             deadline = time.monotonic() + 120
             while not ready.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise SystemExit(f"the emulator for {serves} did not start (exit {proc.returncode})")
+                    raise SystemExit(f"the emulator for {name} did not start (exit {proc.returncode})")
                 time.sleep(0.05)
             info = json.loads(ready.read_text())
             if serves == "ssh":
@@ -803,7 +812,7 @@ def run_child(role: str, a: argparse.Namespace, argv: list[str], root: Path, ros
     """One client run in its own interpreter, against emulators in processes of their own (the same world)."""
     result = root / f"{role}.json"
     sites = a.sites if role == "labctl" else a.sites[:1]
-    emulators = Emulators(root, role, sites, a.time_scale)
+    emulators = Emulators(root, role, sites, a.time_scale, a.ssh_processes)
     endpoints = emulators.start()
     try:
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--role", role, "--roster", str(roster),
@@ -968,7 +977,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_baseline(a)
     if a.role == "emulator":
         return run_emulator(a)
-    passthrough = ["--students", str(a.students), "--time-scale", repr(a.time_scale), "--latency", repr(a.latency),
+    passthrough = ["--ssh-processes", str(a.ssh_processes),
+                   "--students", str(a.students), "--time-scale", repr(a.time_scale), "--latency", repr(a.latency),
                    "--rate", repr(a.rate), "--concurrency", str(a.concurrency), "--baseline-students",
                    str(a.baseline_students), "--lab", a.lab, "--site", a.site]
     if a.tracemalloc:
