@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             or a.ssh_processes < 1):
         p.error("--students >= 1, --baseline-students >= 0, --time-scale > 0, --rate > 0, --latency >= 0, "
                 "--ssh-processes >= 1")
+    if Path(a.lab).is_file():
+        a.lab = str(Path(a.lab).resolve())  # the runs' working directory is a temporary one
     a.sites = [s.strip() for s in a.site.split(",")]
     if not all(s.startswith("sim:") for s in a.sites) or len(set(a.sites)) != len(a.sites):
         p.error("--site takes distinct emulated Chameleon sites, e.g. sim:kvm@tacc or sim:kvm@tacc,sim:chi@uc")
