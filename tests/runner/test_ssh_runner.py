@@ -249,3 +249,21 @@ def test_wait_for_ssh_waits_for_a_node_that_comes_up_late(lab):
     stages = _wait(lab, connect_timeout=0.5)
     assert ("n1", "ssh-ready") in {(n, s) for n, s, _ in stages}
     assert any(s == "ssh-wait" and "refused" in d for _, s, d in stages)
+
+
+def test_first_contact_pins_the_key_the_node_shows_in_the_same_handshake(lab):
+    """Trust on first use: the host key of the handshake that authenticates is pinned (one key exchange, not a
+    separate look first); a node that refuses labctl's key still gets its key pinned and says so."""
+    from labctl.testbed.sshd import load_host_key
+
+    # n2 does not know labctl's key yet: SSH answers, authentication fails, its key is pinned all the same
+    lab.world.targets[1]["authorized_keys"] = []
+    stages: list[tuple[str, str, str]] = []
+    with pytest.raises(SetupFailed, match="refuses labctl's key"):
+        wait_for_ssh(lab.targets, lab.key.private_path, lab.store, timeout=3, on_stage=lambda *a: stages.append(a))
+    for name in ("n1", "n2"):
+        shown = " ".join(load_host_key(lab.node_dir(name)).export_public_key().decode().split()[:2])
+        assert lab.store.get_host_key(name) == shown
+    assert [s for s in stages if s[1] == "host-key-pinned"] and {s[0] for s in stages if s[1] == "host-key-pinned"} \
+        == {"n1", "n2"}
+    assert ("n1", "ssh-ready", f"cc@{lab.targets[0].where()}") in stages

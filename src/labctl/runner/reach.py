@@ -108,38 +108,6 @@ def key_line(key) -> str:
     return " ".join(key.export_public_key("openssh").decode().split()[:2])
 
 
-async def fetch_host_key(target: NodeTarget, timeout: float, tunnel: Any = None):
-    import asyncssh
-
-    hop = {"tunnel": tunnel} if tunnel is not None else {}
-    key = await asyncio.wait_for(
-        asyncssh.get_server_host_key(
-            target.host, target.port, config=[], server_host_key_algs=PIN_HOST_KEY_ALGS, **hop
-        ),
-        timeout,
-    )
-    if key is None:
-        raise asyncssh.DisconnectError(asyncssh.DISC_KEY_EXCHANGE_FAILED, "server presented no host key")
-    return key
-
-
-async def pinned_key(target: NodeTarget, hostkeys: HostKeyStore, timeout: float,
-                      on_stage: StageCallback | None = None, tunnel: Any = None) -> str:
-    """The node's pinned host key; on first contact fetch it from the node (through `tunnel`, the jump host's
-    connection, for a node behind one) and pin it (TOFU)."""
-    pinned = hostkeys.get_host_key(target.name)
-    if pinned:
-        return pinned
-    key = await fetch_host_key(target, timeout, tunnel)
-    line = key_line(key)
-    hostkeys.pin_host_key(target.name, target.host, target.port, line)
-    if on_stage:
-        from labctl.keys import fingerprint
-
-        on_stage(target.name, "host-key-pinned", fingerprint(line))
-    return line
-
-
 # AES-GCM first: asyncssh makes a new cipher context per packet for chacha20-poly1305, which was 1/10 of labctl's
 # CPU in a class's setup; every OpenSSH server offers both.
 ENCRYPTION_ALGS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
@@ -152,23 +120,58 @@ async def connect(target: NodeTarget, key_path: Path, pinned: str, timeout: floa
     import asyncssh
 
     trusted = asyncssh.import_public_key(pinned)
-    hop = {"tunnel": tunnel} if tunnel is not None else {}
     try:
-        return await asyncssh.connect(
-            target.host, target.port, **hop,
-            username=target.user,
-            known_hosts=([trusted], [], []),
-            client_keys=[str(key_path)],
-            agent_path=None,
-            config=[],
-            preferred_auth="publickey",
-            encryption_algs=ENCRYPTION_ALGS,
-            connect_timeout=timeout,
-            keepalive_interval=30,
-            keepalive_count_max=4,
-        )
+        return await _connect(target, key_path, timeout, tunnel, known_hosts=([trusted], [], []))
     except asyncssh.HostKeyNotVerifiable:
         raise HostKeyChanged(target.name, target.host, target.port) from None
+
+
+async def connect_pinning(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, timeout: float,
+                          on_stage: StageCallback | None = None, tunnel: Any = None):
+    """`connect` with the node's pinned host key; on first contact, the key the node shows in this very handshake
+    is pinned (trust on first use, as a separate look at it would be, one key exchange fewer), even if the node
+    then refuses labctl's key."""
+    import asyncssh
+
+    pinned = hostkeys.get_host_key(target.name)
+    if pinned:
+        return await connect(target, key_path, pinned, timeout, tunnel)
+    shown: list[Any] = []
+
+    class FirstContact(asyncssh.SSHClient):
+        def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
+            shown.append(key)
+            return True
+
+    try:
+        return await _connect(target, key_path, timeout, tunnel, known_hosts=([], [], []),
+                              client_factory=FirstContact, server_host_key_algs=PIN_HOST_KEY_ALGS)
+    finally:
+        if shown:
+            line = key_line(shown[0])
+            hostkeys.pin_host_key(target.name, target.host, target.port, line)
+            if on_stage:
+                from labctl.keys import fingerprint
+
+                on_stage(target.name, "host-key-pinned", fingerprint(line))
+
+
+async def _connect(target: NodeTarget, key_path: Path, timeout: float, tunnel: Any, **options: Any):
+    import asyncssh
+
+    hop = {"tunnel": tunnel} if tunnel is not None else {}
+    return await asyncssh.connect(
+        target.host, target.port, **hop, **options,
+        username=target.user,
+        client_keys=[str(key_path)],
+        agent_path=None,
+        config=[],
+        preferred_auth="publickey",
+        encryption_algs=ENCRYPTION_ALGS,
+        connect_timeout=timeout,
+        keepalive_interval=30,
+        keepalive_count_max=4,
+    )
 
 
 class Jumps:
@@ -184,8 +187,7 @@ class Jumps:
             conn = self.conns.get(via.name)
             if conn is not None and not conn.is_closed():
                 return conn
-            pinned = await pinned_key(via, self.hostkeys, timeout, self.on_stage)
-            conn = await connect(via, self.key_path, pinned, timeout)
+            conn = await connect_pinning(via, self.key_path, self.hostkeys, timeout, self.on_stage)
             self.conns[via.name] = conn
             return conn
 
@@ -334,11 +336,7 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
         try:
             if target.via is not None:
                 tunnel = await jumps.get(target.via, per_try)
-            pinned = hostkeys.get_host_key(target.name)
-            if not pinned:
-                pinned = await pinned_key(target, hostkeys, per_try, on_stage, tunnel)
-                stat.spoke_ssh = True  # the node completed a key exchange: SSH gets through
-            conn = await connect(target, key_path, pinned, per_try, tunnel)
+            conn = await connect_pinning(target, key_path, hostkeys, per_try, on_stage, tunnel)
         except HostKeyChanged:
             raise
         except (TimeoutError, OSError, asyncssh.Error) as exc:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from labctl import inputs
 from labctl import redact as _redact
-from labctl.runner.reach import HostKeyChanged, HostKeyStore, Jumps, NodeTarget, classify, connect, pinned_key, run_sync
+from labctl.runner.reach import HostKeyChanged, HostKeyStore, Jumps, NodeTarget, classify, connect_pinning, run_sync
 
 LOG_TAIL_LINES = 20
 # Inline scripts up to this size run as `bash -lc <script>`; bigger ones are uploaded first (ARG_MAX).
@@ -243,16 +243,14 @@ class _StepRunner:
         import asyncssh
 
         target = self.by_name[node]
-        pinned = self.hostkeys.get_host_key(target.name)
         # A node that answered before can drop one handshake (sshd restarting, a load balancer, a listener
         # going away): try a few times before failing the step. Nothing has run yet, so this is safe.
         for attempt in range(3):
             try:
                 # A node behind a jump host: over the one shared connection to it (reopened if it died).
                 tunnel = await self.jumps.get(target.via, self.connect_timeout) if target.via else None
-                if not pinned:
-                    pinned = await pinned_key(target, self.hostkeys, self.connect_timeout, tunnel=tunnel)
-                conn = await connect(target, self.key_path, pinned, self.connect_timeout, tunnel)
+                conn = await connect_pinning(target, self.key_path, self.hostkeys, self.connect_timeout,
+                                             tunnel=tunnel)
                 break
             except HostKeyChanged:
                 raise
