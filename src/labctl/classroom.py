@@ -21,6 +21,7 @@ from typing import Any
 from labctl import naming, service
 from labctl.errors import CloudError, Interrupted, LabctlError, NoCapacity, QuotaExceeded, UserError
 from labctl.node_setup import ExtraStep
+from labctl.providers.kit import rank
 from labctl.state import DeploymentRecord
 
 UP, FAILED, BUSY, ALREADY, INTERRUPTED = "up", "failed", "busy", "already up", "interrupted"
@@ -98,6 +99,7 @@ class _Run:
     sites: list[_Site]
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    order: dict[str, int] = field(default_factory=dict)  # student slug -> place in the roster
 
 
 def class_deployments(ctx: service.Context, course: str, lab: str) -> list[DeploymentRecord]:
@@ -141,6 +143,7 @@ def class_up(ctx: service.Context, opts: ClassOptions, events: ClassEvents | Non
     futures: dict[Future, Any] = {}
     try:
         for i, student in enumerate(students):
+            run.order[student.slug] = i
             site = _initial_site(run, i, existing.get(student.slug))
             futures[site.executor.submit(_provision_one, run, student, site)] = student
         results = _collect(run, futures)
@@ -246,15 +249,18 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
             return StudentResult(sid, site.name, ALREADY, None, the_plan.deployment)
         run.events.student(sid, "starting", site.name)
         try:
-            service.provision(
-                run.ctx, site.prof, the_plan, site.provider, run.key, name=site.prof.name,
-                allow_host_changes=run.opts.allow_host_changes, ssh_timeout=run.opts.ssh_timeout,
-                data={"student": {"id": sid, "name": student.name, "email": student.email,
-                                  "public_key": student.ssh_public_key}},
-                extra_steps=(authorize_step(student.ssh_public_key),),
-                on_progress=lambda subject, stage, detail: run.events.student(sid, stage, f"{subject} {detail}"),
-                should_stop=run.stop.is_set,
-            )
+            # The rate limit serves students in roster order: the first ones finish first, and their SSH and
+            # setup run while the others' calls are still going out, not all at the end.
+            with rank(run.order.get(student.slug, 0)):
+                service.provision(
+                    run.ctx, site.prof, the_plan, site.provider, run.key, name=site.prof.name,
+                    allow_host_changes=run.opts.allow_host_changes, ssh_timeout=run.opts.ssh_timeout,
+                    data={"student": {"id": sid, "name": student.name, "email": student.email,
+                                      "public_key": student.ssh_public_key}},
+                    extra_steps=(authorize_step(student.ssh_public_key),),
+                    on_progress=lambda subject, stage, detail: run.events.student(sid, stage, f"{subject} {detail}"),
+                    should_stop=run.stop.is_set,
+                )
         except (NoCapacity, QuotaExceeded) as exc:
             return _site_exhausted(run, site, student, the_plan, exc)
         except Interrupted:

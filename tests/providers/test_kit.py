@@ -11,6 +11,7 @@ import pytest
 from labctl import redact
 from labctl.errors import CloudError, Conflict, NoCapacity, QuotaExceeded, RateLimited, Transient
 from labctl.plan import Resource
+from labctl.providers import kit
 from labctl.providers.base import Found
 from labctl.providers.kit import (
     Disappeared,
@@ -336,3 +337,56 @@ def test_wait_each_polls_each_pending_resource_to_ready_error_disappeared_or_tim
     assert [f.status for f in got] == ["ready", "error", "error", "error", "ready"]
     assert got[2].error == "server disappeared" and got[3].error == "still not ready after 0s"
     assert ("a", "ready", "") in events and ("b", "error", "") in events
+
+
+# -- the rate limiter ------------------------------------------------------------------------------------------
+def _queue_behind_a_held_bucket(limiter, ranks):
+    """Threads that call `acquire` under `kit.rank(r)` for each r, in this order, while the bucket is empty;
+    returns (the order they got through, the threads)."""
+    order: list[int] = []
+    started = []
+    for i, r in enumerate(ranks):
+        def go(i=i, r=r):
+            with kit.rank(r):
+                limiter.acquire()
+            order.append(i)
+
+        t = threading.Thread(target=go)
+        t.start()
+        started.append(t)
+        while len(limiter._queue) < i + 1:  # queued before the next one arrives
+            time.sleep(0.001)
+    return order, started
+
+
+def test_rate_limiter_serves_lower_ranks_first_then_by_arrival():
+    limiter = kit.RateLimiter(10, burst=1)
+    limiter.acquire()  # the bucket is empty now: the next token is 100 ms away, time for all five to queue
+    order, threads = _queue_behind_a_held_bucket(limiter, [3, 1, 2, 1, 0])
+    for t in threads:
+        t.join(10)
+    # the first in line (rank 3) was already waiting for the token when the others came: it keeps its turn only
+    # if nobody ranked before it arrived first; here every later one outranks it
+    assert order == [4, 1, 3, 2, 0]
+
+
+def test_rate_limiter_keeps_the_rate_and_wakes_each_waiter_about_once(monkeypatch):
+    limiter = kit.RateLimiter(200, burst=1)
+    waits = []
+    original = threading.Event.wait
+
+    def counting(self, timeout=None):
+        waits.append(timeout)
+        return original(self, timeout)
+
+    monkeypatch.setattr(threading.Event, "wait", counting)
+    began = time.monotonic()
+    threads = [threading.Thread(target=limiter.acquire) for _ in range(41)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    took = time.monotonic() - began
+    monkeypatch.undo()
+    assert took >= 40 / 200 * 0.95  # 41 calls, one token at first: 40 more at 200/s
+    assert len(waits) <= 3 * 41  # a waiter sleeps until its turn, then for its token (not every few ms)
