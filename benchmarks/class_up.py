@@ -137,6 +137,8 @@ class HttpCounter:
         self.local = threading.local()
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.requests: list[tuple[float, float, str, str, str]] | None = None  # with --timeline: each request
+        self.t0 = time.perf_counter()
 
     def install(self) -> None:
         from keystoneauth1 import session
@@ -149,7 +151,16 @@ class HttpCounter:
             stack = getattr(counter.local, "stack", None)
             with counter.lock:
                 counter.counts[stack[-1] if stack else LABEL_DEFAULT] += 1
-            return original(self, *args, **kwargs)
+            began = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                if counter.requests is not None:  # (start, end, thread, method, URL path)
+                    url = str(args[0] if args else kwargs.get("url", ""))
+                    counter.requests.append((round(began - counter.t0, 3), round(time.perf_counter() - counter.t0, 3),
+                                             threading.current_thread().name, str(args[1] if len(args) > 1 else
+                                                                                  kwargs.get("method", "")),
+                                             url.split("?")[0][-80:]))
 
         session.Session.request = request
 
@@ -555,11 +566,14 @@ def run_labctl(a: argparse.Namespace) -> int:
     ssh_phase: list[float] = []
     started = time.perf_counter()
 
-    timeline: list[tuple[float, str, str, str]] = []
+    timeline: list[tuple[float, str, str, str, str]] = []
+    if a.timeline:
+        counter.requests = []
 
     def student(sid: str, stage: str, detail: str) -> None:
         if a.timeline:
-            timeline.append((round(time.perf_counter() - started, 3), sid, stage, detail))
+            timeline.append((round(time.perf_counter() - started, 3), sid, stage, detail,
+                             threading.current_thread().name))
         if stage == "waiting" and detail.startswith("ssh ") and sid not in ssh_started:
             ssh_started[sid] = time.perf_counter()
 
@@ -586,7 +600,9 @@ def run_labctl(a: argparse.Namespace) -> int:
     machine_cpu = (machine_cpu_seconds() or 0.0) - machine0 if machine0 is not None else None
     ssh_cpu_up = ssh_cpu.seconds
     if a.timeline:
-        Path(a.timeline).write_text(json.dumps(timeline))
+        shift = started - counter.t0
+        Path(a.timeline).write_text(json.dumps({"events": timeline, "requests": [
+            (b - shift, e - shift, *rest) for b, e, *rest in counter.requests or []]}))
     if profiles is not None:
         threading.setprofile(None)  # type: ignore[arg-type]
         dump_profiles(profiles, Path(os.environ["LABCTL_BENCH_PROFILE"]) / "labctl-up.prof")

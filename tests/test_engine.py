@@ -272,3 +272,24 @@ def test_one_site_is_as_before_and_a_blank_entry_is_refused(store, monkeypatch):
     with pytest.raises(UserError, match="unknown site 'chi@nowhere'"):
         service.up(ctx, "gpu-a100", "chi@tacc,chi@nowhere")  # every site is checked before anything is made
     assert len(tried) == 1
+
+
+def test_creates_run_in_the_callers_context(store):
+    """A level's resources are made in threads of the engine's own; each sees the caller's context (a class's
+    rank for the rate limit is one such value)."""
+    import contextvars
+
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="unset")
+    seen: dict[str, str] = {}
+
+    class Seeing(MemoryCloud):
+        def create(self, res, plan, deps, candidate):
+            seen[res.key] = marker.get()
+            return super().create(res, plan, deps, candidate)
+
+    token = marker.set("student-7")
+    try:
+        Engine(Seeing(capacity={"big": 1}), store).apply(make_plan())
+    finally:
+        marker.reset(token)
+    assert seen == dict.fromkeys(["keypair", "reservation:n", "server:n-1", "floating_ip:n-1"], "student-7")

@@ -6,6 +6,7 @@ after a crash first asks the provider to find each resource by name and tags, so
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,8 +56,10 @@ class Engine:
         retries: dict[str, int] = {}
         todo = list(level)
         while todo:
+            # Each resource's thread runs in a copy of the caller's context (its rank for the rate limit, say).
+            contexts = [contextvars.copy_context() for _ in todo]
             with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(todo)))) as pool:
-                results = list(pool.map(lambda r: self._ensure(plan, r, found, attempts), todo))
+                results = list(pool.map(lambda c, r: c.run(self._ensure, plan, r, found, attempts), contexts, todo))
             for res, f in zip(todo, results, strict=True):
                 found[res.key] = f
             pending = [(r, found[r.key]) for r in todo if found[r.key].status == "pending"]

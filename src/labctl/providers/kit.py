@@ -18,6 +18,7 @@ Nothing here imports a cloud SDK; tenacity is imported when a call is made.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import itertools
 import threading
@@ -51,20 +52,22 @@ class WaitTimedOut(Transient):
 
 
 # -- rate limit and shared lists ---------------------------------------------------------------------------------
-_rank = threading.local()
+# A context variable, not a thread-local: the engine carries its caller's context into the threads that create a
+# level's resources.
+_RANK: contextvars.ContextVar[float] = contextvars.ContextVar("labctl_rank", default=0.0)
+SHARED_RANK = -1.0  # the rank of a call many threads wait on (a poll round's list): served before any own call
 
 
 @contextlib.contextmanager
 def rank(position: float) -> Iterator[None]:
-    """Calls this thread makes inside wait for the rate limit before those of threads with a higher `position`
-    (a class: the environments started first are served first, so they finish first and their SSH and setup
-    overlap the others' API calls instead of all coming at the end)."""
-    previous = getattr(_rank, "position", 0.0)
-    _rank.position = position
+    """Calls made inside wait for the rate limit before those made under a higher `position` (a class: the
+    environments started first are served first, so they finish first and their SSH and setup overlap the
+    others' API calls instead of all coming at the end)."""
+    token = _RANK.set(float(position))
     try:
         yield
     finally:
-        _rank.position = previous
+        _RANK.reset(token)
 
 
 class RateLimiter:
@@ -86,7 +89,7 @@ class RateLimiter:
     def acquire(self) -> None:
         if not self.rate:
             return
-        me = (float(getattr(_rank, "position", 0.0)), next(self._arrivals), threading.Event())
+        me = (_RANK.get(), next(self._arrivals), threading.Event())
         with self.lock:
             # Ahead of a head that sleeps for its token, we wait for it ourselves; it wakes when its timer runs out,
             # sees it is no longer first, and waits untimed for its turn.
@@ -127,7 +130,8 @@ class Snapshot:
         with self.lock:
             if self.value is None or time.monotonic() - self.at >= self.ttl or self.started < newer_than:
                 started = time.monotonic()
-                self.value = fetch()
+                with rank(SHARED_RANK):  # every thread waits on this call: ahead of anyone's own calls
+                    self.value = fetch()
                 self.at, self.started = time.monotonic(), started
             return self.value
 
