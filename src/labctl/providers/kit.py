@@ -55,14 +55,15 @@ class WaitTimedOut(Transient):
 # A context variable, not a thread-local: the engine carries its caller's context into the threads that create a
 # level's resources.
 _RANK: contextvars.ContextVar[float] = contextvars.ContextVar("labctl_rank", default=0.0)
-SHARED_RANK = -1.0  # the rank of a call many threads wait on (a poll round's list): served before any own call
+SHARED_RANK = -1.0  # a call many threads wait on (a poll round's list): served before anyone's own calls
 
 
 @contextlib.contextmanager
 def rank(position: float) -> Iterator[None]:
     """Calls made inside wait for the rate limit before those made under a higher `position` (a class: the
     environments started first are served first, so they finish first and their SSH and setup overlap the
-    others' API calls instead of all coming at the end)."""
+    others' API calls). A context variable, not a thread-local: the engine carries its caller's context into
+    the threads that make a level's resources."""
     token = _RANK.set(float(position))
     try:
         yield
