@@ -52,8 +52,6 @@ class WaitTimedOut(Transient):
 
 
 # -- rate limit and shared lists ---------------------------------------------------------------------------------
-# A context variable, not a thread-local: the engine carries its caller's context into the threads that create a
-# level's resources.
 _RANK: contextvars.ContextVar[float] = contextvars.ContextVar("labctl_rank", default=0.0)
 SHARED_RANK = -1.0  # a call many threads wait on (a poll round's list): served before anyone's own calls
 
