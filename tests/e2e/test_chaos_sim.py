@@ -30,7 +30,8 @@ N = 50
 KILLS = 20
 SITE = "kvm@tacc"
 CONCURRENCY = 10
-FAULT_EVERY = (2, 8)  # API calls between two injected faults (some of a killed run's are never consumed)
+CALLS_PER_RUN = 25  # the most API calls a killed run makes before its kill
+FAULT_EVERY = (2, 6)  # API calls between two injected faults (some of a killed run's are never consumed)
 MAX_OUTSTANDING = 3  # faults waiting for their call; fewer than a call's retries (6), so none fails on 5xx/429 alone
 SEED = int(os.environ.get("LABCTL_CHAOS_SEED", "90210"))
 # Also lose the answer of half the faulted creates (the emulator does the POST, then drops the connection): a
@@ -88,7 +89,7 @@ class ServerFaults:
 
 
 class FaultFeeder(threading.Thread):
-    """Injects one counted fault every 2-8 API calls (by the request log), on an operation the run made in its
+    """Injects one counted fault every 2-6 API calls (by the request log), on an operation the run made in its
     last 40 calls, while the run lasts: a 500 or a 429, or (see `ServerFaults`) a server that goes to ERROR."""
 
     def __init__(self, w, rng: random.Random, server_faults: ServerFaults | None):
@@ -207,13 +208,15 @@ def test_class_of_50_under_faults_and_20_kills_ends_with_each_student_up_once_th
         faults = feeder()
         proc = start(labctl_env, *args)
         if rng.random() < 0.5:
-            calls = rng.randint(3, 30)  # a class of N needs ~11 calls per environment: 20 kills land before its end
+            calls = rng.randint(3, CALLS_PER_RUN)  # a class of N needs ~11 calls per environment: 20 kills land first
             point, target = f"after {calls} API calls", request_count(w) + calls
             reached = lambda t=target: request_count(w) >= t  # noqa: E731
         else:
+            # A delay, but no more than CALLS_PER_RUN calls: a faster labctl must not finish the class in fewer runs
+            # than there are kills (20 runs of at most 25 calls are fewer calls than a class of 50 needs).
             delay = rng.uniform(0.3, 2.5)
-            point, deadline = f"after {delay:.2f}s", time.monotonic() + delay
-            reached = lambda d=deadline: time.monotonic() >= d  # noqa: E731
+            point, deadline, cap = f"after {delay:.2f}s", time.monotonic() + delay, request_count(w) + CALLS_PER_RUN
+            reached = lambda d=deadline, c=cap: time.monotonic() >= d or request_count(w) >= c  # noqa: E731
         limit = time.monotonic() + 180
         while not reached() and proc.poll() is None and time.monotonic() < limit:
             time.sleep(0.01)
