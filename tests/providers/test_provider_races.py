@@ -3,12 +3,13 @@ adopted only when the lookup finds this deployment's."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
 from labctl.errors import CloudError, Conflict, Transient
-from labctl.providers.base import converge_duplicates, create_or_adopt, create_or_find, scrub
+from labctl.providers.base import CREATE_ATTEMPTS, converge_duplicates, create_or_adopt, create_or_find, scrub
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,24 @@ def test_create_or_find_looks_before_sending_again_after_a_lost_answer():
         return "made"
 
     assert create_or_find(create_not_made, lambda: None) == "made" and len(sent) == 2
+
+    def fails(times: int) -> Callable[[], str]:  # server errors in a row, nothing made, then it works
+        def create() -> str:
+            sent.append(1)
+            if len(sent) <= times:
+                raise Transient("500 Internal Server Error")
+            return "made"
+        return create
+
+    sent.clear()
+    assert create_or_find(fails(CREATE_ATTEMPTS - 1), lambda: None) == "made" and len(sent) == CREATE_ATTEMPTS
+    sent.clear()
     with pytest.raises(Transient):
-        create_or_find(create_lost, lambda: None)  # still lost on the resend: the engine's rerun finds it
+        create_or_find(fails(CREATE_ATTEMPTS), lambda: None)  # every send failed: the engine's rerun finds out
+    assert len(sent) == CREATE_ATTEMPTS
+    cloud.clear()
+    with pytest.raises(Transient):
+        create_or_find(create_lost, lambda: None)  # lost every time and never listed: the rerun finds them
 
 
 def test_scrub_masks_registered_secrets_on_one_line():

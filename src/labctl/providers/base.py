@@ -128,19 +128,27 @@ def create_or_adopt(create: Callable[[], T], find: Callable[[], T | None]) -> T:
         return found
 
 
+CREATE_ATTEMPTS = 4  # sends of a create without a client token, each after a look that found nothing
+
+
 def create_or_find(create: Callable[[], T], find: Callable[[], T | None]) -> T:
-    """A create the cloud cannot make idempotent (no client token), sent once (`kit.call(..., resend=False)`):
-    after a lost answer it may have happened all the same, so look for it before sending it again; sending it
-    blindly made a twin (a server, a security group) that a SIGKILL then left behind."""
+    """A create the cloud cannot make idempotent (no client token), sent once per attempt (`kit.call(...,
+    resend=False)`): after a lost answer or a server error it may have happened all the same, so look for it
+    before sending it again; sending it blindly made a twin (a server, a security group) that a SIGKILL then left
+    behind. Up to `CREATE_ATTEMPTS` sends, as a call that may be resent gets its retries (one resend failed a
+    class's student when two faults in a row met the same launch)."""
     from labctl.errors import Transient
 
-    try:
-        return create()
-    except Transient:
-        found = find()
-        if found is not None:
-            return found
-        return create()
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            return create()
+        except Transient:
+            if attempt == CREATE_ATTEMPTS:
+                raise
+            found = find()
+            if found is not None:
+                return found
+    raise AssertionError("unreachable")
 
 
 def converge_duplicates(found: Sequence[T], created: T | None, delete: Callable[[T], None], *,
