@@ -357,9 +357,7 @@ def _wait_ended(pid: int, start: str | None, timeout: float) -> None:
         return
     try:
         if _alive(pid, start):  # checked after opening: the pidfd is then this very process's
-            with selectors.DefaultSelector() as sel:
-                sel.register(pidfd, selectors.EVENT_READ)
-                sel.select(timeout)
+            _readable(pidfd, timeout)
     finally:
         os.close(pidfd)
 
@@ -378,11 +376,14 @@ def _wait_detached(image: Path, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def _first_line(stream: Any, timeout: float) -> str:
-    """The first line `stream` gives within `timeout` seconds ("" if none). A poll, not select(): an emulator
-    serving hundreds of nodes holds descriptors above select's limit (FD_SETSIZE, 1024)."""
+def _readable(fileobj: Any, timeout: float) -> bool:
+    """Whether `fileobj` (a file or a descriptor) becomes readable within `timeout` seconds. A selector (epoll), not
+    select(): an emulator serving hundreds of nodes holds descriptors above select's limit (FD_SETSIZE, 1024)."""
     with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            return ""
-    return stream.readline().decode(errors="replace").strip()
+        sel.register(fileobj, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+
+
+def _first_line(stream: Any, timeout: float) -> str:
+    """The first line `stream` gives within `timeout` seconds ("" if none)."""
+    return stream.readline().decode(errors="replace").strip() if _readable(stream, timeout) else ""
