@@ -360,7 +360,8 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
     def pause(rs: Any) -> float:
         failure = rs.outcome.exception() if rs.outcome is not None else None
         refused = isinstance(failure, _NotReady) and failure.kind == "refused"
-        return max(0.0, min(backoff(rs), REFUSED_RETRY if refused else 5.0, deadline - time.monotonic()))
+        wait = min(backoff(rs), REFUSED_RETRY) if refused else backoff(rs)
+        return max(0.0, min(wait, deadline - time.monotonic()))
 
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(_NotReady),
