@@ -200,6 +200,7 @@ def test_down_name(store, name):
 @example(state="u:Hunter2xyz@h")
 @example(state="..")
 @example(state="~")
+@example(state="~0")  # a user this machine does not have: pathlib raised RuntimeError (a traceback)
 @example(state="ok.db")
 def test_state(home, monkeypatch, state):
     assume(not state.strip().lower().startswith(("postgres", "sqlite")) and "://" not in state)

@@ -138,7 +138,11 @@ def _state_path(text: str) -> Path:
                 "(password from PGPASSWORD or ~/.pgpass)")
     if _CONTROL.search(text):
         raise UserError(f"the state database (--state / LABCTL_STATE_URL) contains control characters; {expected}")
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~name/..." for a user this machine does not have
+        raise UserError("the state database (--state / LABCTL_STATE_URL) starts with ~ and a user name this "
+                        f"machine does not know (not shown: it may hold a password); {expected}") from None
     if path.is_file():
         return path
     if _KEY_VALUE.search(text) or "=" in path.name or ("@" in text and ":" in text.split("@", 1)[0]):
