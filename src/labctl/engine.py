@@ -56,10 +56,7 @@ class Engine:
         retries: dict[str, int] = {}
         todo = list(level)
         while todo:
-            # Each resource's thread runs in a copy of the caller's context (its rank for the rate limit, say).
-            contexts = [contextvars.copy_context() for _ in todo]
-            with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(todo)))) as pool:
-                results = list(pool.map(lambda c, r: c.run(self._ensure, plan, r, found, attempts), contexts, todo))
+            results = self._ensure_all(plan, todo, found, attempts)
             for res, f in zip(todo, results, strict=True):
                 found[res.key] = f
             pending = [(r, found[r.key]) for r in todo if found[r.key].status == "pending"]
@@ -74,6 +71,15 @@ class Engine:
                 self._record(plan, res, "failed", f)
                 again.append(self._recover(plan, res, f, attempts, retries))
             todo = [r for r in again if r is not None]
+
+    def _ensure_all(self, plan: Plan, todo: list[Resource], found: dict[str, Found],
+                    attempts: dict[str, int]) -> list[Found]:
+        if len(todo) == 1:  # no thread for a level of one (most levels of a one-node lab: a class starts 200 labs)
+            return [self._ensure(plan, todo[0], found, attempts)]
+        # Each resource's thread runs in a copy of the caller's context (its rank for the rate limit, say).
+        contexts = [contextvars.copy_context() for _ in todo]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(todo)))) as pool:
+            return list(pool.map(lambda c, r: c.run(self._ensure, plan, r, found, attempts), contexts, todo))
 
     def _recover(self, plan: Plan, res: Resource, f: Found, attempts: dict[str, int],
                  retries: dict[str, int]) -> Resource | None:

@@ -149,11 +149,10 @@ def run_setup(ctx: Any, prof: Any, the_plan: Any, site: Any, key: Any, found: di
     # A booting node drops SSH packets just as a firewall does; on real sites, only call port 22 "blocked"
     # once the node has had time to boot (bare metal takes minutes after ACTIVE).
     blocked_after = None if site.emulated else {"chi": 900.0, "kvm": 240.0}.get(site.family, 300.0)
-    runner.wait_for_ssh(targets, key.private_path, view, timeout=ssh_timeout, on_stage=progress,
-                 blocked_after=blocked_after)
     results = runner.run_setup(targets, steps, key.private_path, view, view,
-                        ctx.store.logs_dir / the_plan.deployment,
-                        on_event=lambda node, step, st: progress(node, f"setup {st}", step))
+                               ctx.store.logs_dir / the_plan.deployment,
+                               on_event=lambda node, step, st: progress(node, f"setup {st}", step),
+                               wait_first=runner.WaitFirst(ssh_timeout, progress, blocked_after))
     failed = [r for r in results.values() if not r.ok]
     if failed:
         ctx.store.set_deployment_status(the_plan.deployment, "setup-failed")

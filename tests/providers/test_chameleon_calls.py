@@ -129,21 +129,30 @@ def test_teardowns_share_project_lists_but_see_their_own_deletes(setup, tmp_path
     assert engine.destroy(other) == []
 
 
-@pytest.mark.parametrize("proxy", [None, "https_proxy", "HTTPS_PROXY", "REQUESTS_CA_BUNDLE"])
-def test_environment_settings_are_read_only_when_some_are_set(setup, monkeypatch, proxy):
-    """requests scans the whole environment for proxies on every request: skipped when none is set, kept when
-    one is (a user behind a proxy, a site's own CA bundle)."""
+@pytest.mark.parametrize(("env", "trusted", "verify"), [
+    ({}, False, True),
+    ({"https_proxy": "http://127.0.0.1:9"}, True, True),
+    ({"HTTPS_PROXY": "http://127.0.0.1:9", "REQUESTS_CA_BUNDLE": "/a.pem"}, True, True),
+    ({"REQUESTS_CA_BUNDLE": "/a.pem"}, False, "/a.pem"),
+    ({"CURL_CA_BUNDLE": "/b.pem"}, False, "/b.pem"),
+    ({"REQUESTS_CA_BUNDLE": "/a.pem", "CURL_CA_BUNDLE": "/b.pem"}, False, "/a.pem"),
+])
+def test_environment_settings_are_read_once_unless_a_proxy_is_set(setup, monkeypatch, env, trusted, verify):
+    """requests scans the whole environment for proxies on every request: with no proxy set, the CA bundle it
+    would find there (REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE) is read once and the scan is off; with a proxy,
+    requests keeps reading the environment (its per-host no_proxy rule)."""
     tb, _provider, _plan, _store = setup
     for name in list(os.environ):
         if name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "requests_ca_bundle",
                             "curl_ca_bundle"):
             monkeypatch.delenv(name)
-    if proxy:
-        monkeypatch.setenv(proxy, "http://127.0.0.1:9" if "PROXY" in proxy.upper() else "/nonexistent.pem")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     site = sites.emulate(sites.resolve("kvm@tacc"))
     site = site.__class__(**{**site.__dict__, "auth_url": tb.auth_url("kvm@tacc")})
     provider = ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env("kvm@tacc")))
-    assert provider.conn.session.session.trust_env is (proxy is not None)
-    if proxy is None:
+    assert provider.conn.session.session.trust_env is trusted
+    assert provider.conn.session.verify == verify
+    if not env:
         provider.conn.authorize()  # and the API answers as before
         assert provider.conn.compute.get("/flavors").status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -267,3 +268,78 @@ def test_first_contact_pins_the_key_the_node_shows_in_the_same_handshake(lab):
     assert [s for s in stages if s[1] == "host-key-pinned"] and {s[0] for s in stages if s[1] == "host-key-pinned"} \
         == {"n1", "n2"}
     assert ("n1", "ssh-ready", f"cc@{lab.targets[0].where()}") in stages
+
+
+class CountingRelay:
+    """A TCP relay in front of one node that counts the connections it accepts (an observer outside SSH)."""
+
+    def __init__(self, address: str, upstream: tuple[str, int], port_for) -> None:
+        import threading
+
+        self.upstream, self.accepted = upstream, 0
+        self.listener = socket.create_server((address, port_for(address)))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            server = socket.create_connection(self.upstream)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_setup_after_waiting_reuses_the_connection_the_wait_opened(lab, tmp_path, port_for):
+    """`wait_first`: the wait's authenticated connection carries the steps too, one handshake per node; without
+    it, the wait and the steps connect once each."""
+    from labctl.runner import WaitFirst
+
+    steps = [SetupStep(0, "one", ["n1", "n2"], "echo one", [], 20), SetupStep(1, "two", ["n1", "n2"], "echo two",
+                                                                           [], 20)]
+    relays = [CountingRelay(t.host, (t.host, t.port), port_for) for t in lab.targets]
+    targets = [NodeTarget(t.name, t.host, r.port, t.user) for t, r in zip(lab.targets, relays, strict=True)]
+    try:
+        stages: list[tuple[str, str, str]] = []
+        results = run_setup(targets, steps, lab.key.private_path, lab.store, lab.store, tmp_path / "logs",
+                            wait_first=WaitFirst(10, lambda *a: stages.append(a)))
+        assert all(r.ok for r in results.values()), [r.log_tail for r in results.values()]
+        assert [r.accepted for r in relays] == [1, 1]
+        assert {n for n, s, _ in stages if s == "ssh-ready"} == {"n1", "n2"}
+        assert "two" in results["n2"].log_path.read_text()
+
+        wait_for_ssh(targets, lab.key.private_path, lab.store, timeout=10)
+        steps = [SetupStep(2, "three", ["n1", "n2"], "echo three", [], 20)]
+        results = run_setup(targets, steps, lab.key.private_path, lab.store, lab.store, tmp_path / "logs")
+        assert all(r.ok for r in results.values())
+        assert [r.accepted for r in relays] == [3, 3]
+    finally:
+        for relay in relays:
+            relay.close()
+
+
+def test_setup_after_waiting_raises_what_the_wait_raises_and_runs_no_step(lab, tmp_path):
+    from labctl.runner import WaitFirst
+
+    lab.world.targets[1]["authorized_keys"] = []
+    steps = [SetupStep(0, "one", ["n1", "n2"], "echo one", [], 20)]
+    with pytest.raises(SetupFailed, match="refuses labctl's key"):
+        run_setup(lab.targets, steps, lab.key.private_path, lab.store, lab.store, tmp_path / "logs",
+                  wait_first=WaitFirst(2))
+    assert lab.store.marks == []

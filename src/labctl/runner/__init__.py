@@ -5,7 +5,7 @@ Importing this package does not import asyncssh; the functions do, when called.
 """
 
 from labctl.runner.reach import HostKeyChanged, HostKeyStore, NodeTarget, SSHBlocked, wait_for_ssh
-from labctl.runner.setup import NodeResult, ProgressStore, SetupStep, Upload, UploadRefused, run_setup
+from labctl.runner.setup import NodeResult, ProgressStore, SetupStep, Upload, UploadRefused, WaitFirst, run_setup
 from labctl.runner.system_ssh import known_hosts_file, ssh_argv
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "SetupStep",
     "Upload",
     "UploadRefused",
+    "WaitFirst",
     "known_hosts_file",
     "run_setup",
     "ssh_argv",

@@ -280,17 +280,27 @@ def wait_for_ssh(targets: list[NodeTarget], key_path: Path, hostkeys: HostKeySto
     3 x connect_timeout) while no node has spoken SSH, and `SetupFailed` naming each node's last error when
     `timeout` runs out.
     """
+    if targets:
+        run_sync(lambda: wait_all(targets, Path(key_path), hostkeys, timeout, on_stage, connect_timeout,
+                                  blocked_after))
+
+
+async def wait_all(targets: list[NodeTarget], key_path: Path, hostkeys: HostKeyStore, timeout: float,
+                   on_stage: StageCallback | None = None, connect_timeout: float = 10,
+                   blocked_after: float | None = None, jumps: Jumps | None = None,
+                   keep: dict[str, Any] | None = None) -> None:
+    """`wait_for_ssh` inside a running loop. With `keep`, each node's first authenticated connection is kept
+    there by node name (for the setup steps: one handshake fewer per node), and `jumps` (then the caller's to
+    close) carries the nodes behind a jump host; the caller closes what is kept, whatever happens."""
     if not targets:
         return
     state = _WaitState(targets, blocked_after if blocked_after is not None else 3 * connect_timeout)
-    run_sync(lambda: _wait_all(targets, Path(key_path), hostkeys, timeout, on_stage, connect_timeout, state))
-
-
-async def _wait_all(targets, key_path, hostkeys, timeout, on_stage, connect_timeout, state) -> None:
     deadline = time.monotonic() + timeout
-    jumps = Jumps(key_path, hostkeys, on_stage)
+    own_jumps = jumps is None
+    jumps = jumps or Jumps(key_path, hostkeys, on_stage)
     tasks = [
-        asyncio.ensure_future(_wait_one(t, key_path, hostkeys, deadline, on_stage, connect_timeout, state, jumps))
+        asyncio.ensure_future(_wait_one(t, key_path, hostkeys, deadline, on_stage, connect_timeout, state, jumps,
+                                        keep))
         for t in targets
     ]
     try:
@@ -299,7 +309,8 @@ async def _wait_all(targets, key_path, hostkeys, timeout, on_stage, connect_time
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await jumps.close()
+        if own_jumps:
+            await jumps.close()
     errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
     for kind in (HostKeyChanged, SSHBlocked):
         for exc in errors:
@@ -316,7 +327,7 @@ async def _wait_all(targets, key_path, hostkeys, timeout, on_stage, connect_time
 
 async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, deadline: float,
                     on_stage: StageCallback | None, connect_timeout: float, state: _WaitState,
-                    jumps: Jumps) -> str | None:
+                    jumps: Jumps, keep: dict[str, Any] | None) -> str | None:
     """None once the node accepts us; a one-line failure when the deadline passes."""
     import asyncssh
     from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
@@ -353,6 +364,9 @@ async def _wait_one(target: NodeTarget, key_path: Path, hostkeys: HostKeyStore, 
                 raise SSHBlocked(_blocked_message(blocked)) from None
             raise _NotReady(kind, detail) from None
         stat.spoke_ssh = True
+        if keep is not None:
+            keep[target.name] = conn
+            return
         conn.close()
         with contextlib.suppress(Exception):
             await conn.wait_closed()

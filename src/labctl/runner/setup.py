@@ -18,7 +18,17 @@ from typing import Any, Protocol
 
 from labctl import inputs
 from labctl import redact as _redact
-from labctl.runner.reach import HostKeyChanged, HostKeyStore, Jumps, NodeTarget, classify, connect_pinning, run_sync
+from labctl.runner.reach import (
+    HostKeyChanged,
+    HostKeyStore,
+    Jumps,
+    NodeTarget,
+    StageCallback,
+    classify,
+    connect_pinning,
+    run_sync,
+    wait_all,
+)
 
 LOG_TAIL_LINES = 20
 # Inline scripts up to this size run as `bash -lc <script>`; bigger ones are uploaded first (ARG_MAX).
@@ -58,6 +68,17 @@ class SetupStep:
     uploads: list[Upload] = field(default_factory=list)
     timeout: float = 600.0
     skip_reason: str | None = None
+
+
+@dataclass
+class WaitFirst:
+    """`run_setup` first waits for SSH on every target, as `wait_for_ssh` with these arguments does, and runs
+    the steps over the connections that wait opened."""
+
+    timeout: float
+    on_stage: StageCallback | None = None
+    blocked_after: float | None = None
+    connect_timeout: float = 10
 
 
 class ProgressStore(Protocol):
@@ -153,7 +174,7 @@ def _now() -> str:
 def run_setup(targets: list[NodeTarget], steps: list[SetupStep], key_path: Path, hostkeys: HostKeyStore,
               progress: ProgressStore, log_dir: Path, on_event: EventCallback | None = None,
               max_parallel: int = 16, redact: Iterable[str] = (),
-              connect_timeout: float = 30) -> dict[str, NodeResult]:
+              connect_timeout: float = 30, wait_first: WaitFirst | None = None) -> dict[str, NodeResult]:
     """Run `steps` in order; each on all of its nodes in parallel, the next once it finished everywhere.
 
     Per node: steps in `progress.steps_done(node)` are skipped ("already-done"), a step with `skip_reason`
@@ -162,7 +183,8 @@ def run_setup(targets: list[NodeTarget], steps: list[SetupStep], key_path: Path,
     `redact` are masked). A non-zero exit, the step's timeout or an SSH error marks the step "failed" and
     stops that node (others go on); rerunning resumes at the failed step. `on_event(node, step, status)`
     reports running | done | failed | skipped | already-done. Raises `HostKeyChanged` (after marking the
-    step failed) when a node's host key no longer matches.
+    step failed) when a node's host key no longer matches. With `wait_first`, waits for SSH first and raises
+    what `wait_for_ssh` raises, before any step runs.
     """
     by_name = {t.name: t for t in targets}
     unknown = sorted({n for s in steps for n in s.nodes} - by_name.keys())
@@ -173,7 +195,7 @@ def run_setup(targets: list[NodeTarget], steps: list[SetupStep], key_path: Path,
     logs = {t.name: NodeLog(log_dir / f"{t.name}.log", list(redact)) for t in targets}
     failed: dict[str, str] = run_sync(
         lambda: _setup_all(by_name, steps, Path(key_path), hostkeys, progress, logs, on_event,
-                           max(1, max_parallel), connect_timeout)
+                           max(1, max_parallel), connect_timeout, wait_first)
     )
     return {
         name: NodeResult(node=name, ok=name not in failed, failed_step=failed.get(name),
@@ -183,13 +205,17 @@ def run_setup(targets: list[NodeTarget], steps: list[SetupStep], key_path: Path,
 
 
 async def _setup_all(by_name, steps, key_path, hostkeys, progress, logs, on_event, max_parallel,
-                     connect_timeout) -> dict[str, str]:
+                     connect_timeout, wait_first) -> dict[str, str]:
     sem = asyncio.Semaphore(max_parallel)
     conns: dict[str, Any] = {}
     failed: dict[str, str] = {}
     total = len(steps)
-    runner = _StepRunner(by_name, key_path, hostkeys, progress, logs, on_event, conns, connect_timeout)
+    jumps = Jumps(key_path, hostkeys, wait_first.on_stage if wait_first else None)
+    runner = _StepRunner(by_name, key_path, hostkeys, progress, logs, on_event, conns, connect_timeout, jumps)
     try:
+        if wait_first:
+            await wait_all(list(by_name.values()), key_path, hostkeys, wait_first.timeout, wait_first.on_stage,
+                           wait_first.connect_timeout, wait_first.blocked_after, jumps=jumps, keep=conns)
         for position, step in enumerate(steps, 1):
             nodes = [n for n in dict.fromkeys(step.nodes) if n not in failed]
 
@@ -216,12 +242,13 @@ async def _setup_all(by_name, steps, key_path, hostkeys, progress, logs, on_even
         for conn in conns.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 5)
-        await runner.jumps.close()
+        await jumps.close()
     return failed
 
 
 class _StepRunner:
-    def __init__(self, by_name, key_path, hostkeys, progress, logs, on_event, conns, connect_timeout) -> None:
+    def __init__(self, by_name, key_path, hostkeys, progress, logs, on_event, conns, connect_timeout,
+                 jumps: Jumps) -> None:
         self.by_name: dict[str, NodeTarget] = by_name
         self.key_path = key_path
         self.hostkeys = hostkeys
@@ -230,7 +257,7 @@ class _StepRunner:
         self.on_event = on_event
         self.conns = conns
         self.connect_timeout = connect_timeout
-        self.jumps: Jumps = Jumps(key_path, hostkeys)
+        self.jumps = jumps
 
     def _event(self, node: str, step: str, status: str) -> None:
         if self.on_event:

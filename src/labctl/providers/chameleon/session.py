@@ -28,11 +28,23 @@ TABLE = HandlerTable("chameleon")
 BLAZAR_DATE = "%Y-%m-%d %H:%M"
 DELETE_TIMEOUT = 600.0  # seconds a delete waits for servers / volumes to go
 IN_USE_TIMEOUT = 60.0  # seconds a delete Neutron refuses "in use" is retried
-# What requests reads from the environment (its `trust_env`): proxies and a CA bundle.
-ENVIRONMENT_SETTINGS = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy", "requests_ca_bundle",
-                                  "curl_ca_bundle"})
+# Proxy settings requests reads from the environment on every request (its `trust_env`).
+PROXY_SETTINGS = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
+# The CA bundle it reads there too, in this order, when the call says only "verify".
+CA_BUNDLE_SETTINGS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 # labctl's tags written as text: a Neutron resource's description, a key pair's public-key comment.
 TAG_TEXT = re.compile(rf"(?<!\S)({re.escape(naming.PREFIX)}:[a-z_]+)=(\S+)")
+
+
+def read_environment_once(session: Any) -> None:
+    """Read what requests would look up in the environment on every request, once, into the keystoneauth
+    `session`: requests scans all of os.environ for proxies per request (a tenth of labctl's CPU per API call in
+    a class). With a proxy set, requests keeps reading it (its per-host `no_proxy` rule stays requests')."""
+    if any(k.lower() in PROXY_SETTINGS for k in os.environ):
+        return
+    if session.verify is True:  # True means "the default": requests' default is the environment's bundle
+        session.verify = next((os.environ[k] for k in CA_BUNDLE_SETTINGS if os.environ.get(k)), True)
+    session.session.trust_env = False
 
 
 class Session:
@@ -76,10 +88,7 @@ class Session:
                 load_envvars=False, app_name="labctl",
             )
             self._limit_requests(self._conn.session)
-            if not any(k.lower() in ENVIRONMENT_SETTINGS for k in os.environ):
-                # requests looks for these in the whole environment on every request (a scan of os.environ, a
-                # tenth of labctl's CPU per API call in a class); with none of them set it would find nothing.
-                self._conn.session.session.trust_env = False
+            read_environment_once(self._conn.session)
         return self._conn
 
     def _limit_requests(self, session: Any) -> None:
