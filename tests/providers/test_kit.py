@@ -390,3 +390,16 @@ def test_rate_limiter_keeps_the_rate_and_wakes_each_waiter_about_once(monkeypatc
     monkeypatch.undo()
     assert took >= 40 / 200 * 0.95  # 41 calls, one token at first: 40 more at 200/s
     assert len(waits) <= 3 * 41  # a waiter sleeps until its turn, then for its token (not every few ms)
+
+
+def test_cloud_clock_leaves_out_the_wait_for_the_rate_limit():
+    """A create's settling time is 3x what it took at the cloud; a class's queue for the rate limit is not part
+    of it (seconds long, it made every security group settle 5 s)."""
+    limiter = kit.RateLimiter(4, burst=1)
+    limiter.acquire()  # empty: the next token is 250 ms away
+    clock = kit.CloudClock()
+    limiter.acquire()
+    time.sleep(0.05)  # "the call"
+    wall = time.monotonic() - clock.started
+    assert wall >= 0.25
+    assert 0.04 <= clock.elapsed() <= 0.15

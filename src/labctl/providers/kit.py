@@ -69,6 +69,24 @@ def rank(position: float) -> Iterator[None]:
         _RANK.reset(token)
 
 
+_QUEUED = threading.local()  # .seconds: how long this thread has waited for rate limits, in total
+
+
+def _queued_seconds() -> float:
+    return getattr(_QUEUED, "seconds", 0.0)
+
+
+class CloudClock:
+    """How long the calls made since it started took at the cloud: the wall time less what this thread waited
+    for a rate limit (in a class that queue is seconds long, and a settling time of 3x that was 5 s)."""
+
+    def __init__(self) -> None:
+        self.started, self.queued = time.monotonic(), _queued_seconds()
+
+    def elapsed(self) -> float:
+        return max(0.0, time.monotonic() - self.started - (_queued_seconds() - self.queued))
+
+
 class RateLimiter:
     """A client-side token bucket shared by the threads of one adapter: at most `rate` calls per second.
 
@@ -88,6 +106,7 @@ class RateLimiter:
     def acquire(self) -> None:
         if not self.rate:
             return
+        arrived = time.monotonic()
         me = (_RANK.get(), next(self._arrivals), threading.Event())
         with self.lock:
             # Ahead of a head that sleeps for its token, we wait for it ourselves; it wakes when its timer runs out,
@@ -104,6 +123,7 @@ class RateLimiter:
                     heapq.heappop(self._queue)
                     if self._queue:
                         self._queue[0][2].set()  # the next one's turn to wait for a token
+                    _QUEUED.seconds = _queued_seconds() + now - arrived
                     return
                 me[2].clear()
                 delay = (1 - self.tokens) / self.rate if head else None

@@ -297,7 +297,7 @@ class AwsSession:
             return str(item[family.id])
 
         for attempt in range(3):
-            started = time.monotonic()
+            clock = kit.CloudClock()
             try:
                 made = self.call(what, create, resend=False)
             except (Transient, RateLimited):
@@ -307,7 +307,7 @@ class AwsSession:
                     raise
                 time.sleep(max(self.poll_interval, 0.05) * (attempt + 1))
                 continue
-            return converge_created(made, time.monotonic() - started, relist,
+            return converge_created(made, clock.elapsed(), relist,
                                     lambda i: family.remove(self, ident(i)), ident=ident, rank=rank)
         raise AssertionError("unreachable")
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 from labctl.errors import CloudError, Conflict
 from labctl.providers.base import Found, converge_created, create_or_adopt, create_or_find
 from labctl.providers.chameleon.session import TABLE, Listed, Session, deployment_of, description
+from labctl.providers.kit import CloudClock
 
 if TYPE_CHECKING:
     from labctl.plan import Plan, Resource, ServerNetwork, SubnetSpec
@@ -114,7 +115,7 @@ class SecurityGroups(Listed):
         s = self.ctx
         existing = s.found_before_create(res, plan)
         if existing is None:
-            started = time.monotonic()
+            clock = CloudClock()
             sg = create_or_find(
                 lambda: s.call("create security group", lambda: s.raw_create(
                     "network", "/security-groups", "security_group",
@@ -124,7 +125,7 @@ class SecurityGroups(Listed):
             # one too. Both keep the same; the one that lost deletes its own. The list is the class's shared one,
             # fetched after the settling time as a GET of its own would be.
             survivor = converge_created(
-                sg, time.monotonic() - started,
+                sg, clock.elapsed(),
                 lambda: self.named(res.name, plan, shared=True, newer_than=time.monotonic()),
                 lambda g: self.api("delete", g.id, ignore_missing=True), ident=lambda g: g.id,
                 rank=lambda g: rank(g, res))
