@@ -81,6 +81,23 @@ def test_sim_stands_for_the_profiles_first_chameleon_site() -> None:
     assert sim.real_name == "chi@uc"
 
 
+@pytest.mark.parametrize(("scale", "expected"), [(0.001, 0.05), (0.01, 0.05), (0.1, 0.5), (1.0, 5.0)])
+def test_an_emulated_site_is_polled_as_the_real_one_at_the_time_scale(scale, expected) -> None:
+    """The emulated cloud's waits are the real ones times its time scale: labctl polls it as it polls the real
+    site (every 5 s), scaled alike, never more often than SIM_POLL_INTERVAL."""
+    assert sites.resolve("kvm@tacc").poll_interval == 5.0
+    assert sites.emulated_poll_interval(sites.resolve("sim:kvm@tacc"), scale) == pytest.approx(expected)
+
+
+def test_an_emulated_session_polls_at_the_worlds_time_scale(tmp_path) -> None:
+    from labctl.providers.chameleon import connect
+    from labctl.testbed.server import Testbed
+
+    with Testbed.start(str(tmp_path / "world"), time_scale=0.1, ssh=False) as tb:
+        provider = connect(sites.resolve("sim:kvm@tacc"), testbed=lambda: tb)
+        assert provider.poll_interval == pytest.approx(0.5)
+
+
 def test_sim_needs_a_profile_with_a_site_to_emulate() -> None:
     assert "give a profile" in _one_line_error("sim")
     message = _one_line_error("sim", SimpleNamespace(name="x", sites=["chi@edge"]))

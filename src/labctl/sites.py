@@ -351,6 +351,14 @@ def emulate(site: Site) -> Site:
     )
 
 
+def emulated_poll_interval(site: Site, time_scale: float) -> float:
+    """How often labctl polls emulated `site`: as often as it polls the site it stands for, at the emulated
+    cloud's time scale (its waits are the real ones times that scale), and at most every SIM_POLL_INTERVAL.
+    At a scale of 0.1, polling every SIM_POLL_INTERVAL was ten times what labctl does on the real site."""
+    real = BUILTIN_SITES.get(site.stands_for or "")
+    return max(site.poll_interval, real.poll_interval * time_scale) if real else site.poll_interval
+
+
 def _not_yet(name: str) -> None:
     """Nothing is unsupported any more; kept as the one place to refuse a provider by prefix."""
     return None

@@ -44,13 +44,15 @@ def connect(site: Site, *, cloud: str | None = None, testbed: Callable[[], Any] 
     import dataclasses
 
     from labctl.credentials import find_openstack_credentials
+    from labctl.sites import emulated_poll_interval
 
     if site.emulated:
         if testbed is None:
             raise UserError(f"{site.name} is emulated but no testbed was given")
         tb = testbed()
         real = site.stands_for or site.name
-        site = dataclasses.replace(site, auth_url=tb.auth_url(real), ssh_port=tb.ssh_port or tb.world.ssh_port)
+        site = dataclasses.replace(site, auth_url=tb.auth_url(real), ssh_port=tb.ssh_port or tb.world.ssh_port,
+                                   poll_interval=emulated_poll_interval(site, tb.world.time_scale))
         return ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env(real)))
     return ChameleonProvider(site, find_openstack_credentials(site, cloud=cloud))
 
