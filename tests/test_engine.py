@@ -98,6 +98,27 @@ def test_apply_twice_creates_once(store):
     assert {r.status for r in store.resources(plan.deployment)} == {"ready"}
 
 
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_a_level_starts_its_long_wait_first_and_one_at_a_time_uses_no_thread(store, concurrency, monkeypatch):
+    """With concurrency 1 (a class's students), the caller's thread makes a level's resources, the reservation
+    (a lease's start) before the key pair, whatever the plan's order; else the caller's thread makes the
+    reservation and threads the others."""
+    import threading
+
+    cloud = MemoryCloud(capacity={"big": 1})
+    plan = make_plan()
+    assert [r.kind for r in plan.resources[:2]] == ["keypair", "reservation"]
+    threads = []
+    original = threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (threads.append(self), original(self))[1])
+    Engine(cloud, store, concurrency=concurrency).apply(plan)
+    assert set(cloud.creates[:2]) == {"reservation:n", "keypair"}
+    if concurrency == 1:
+        assert cloud.creates[0] == "reservation:n" and threads == []
+    else:  # the caller's thread makes the reservation, one thread the key pair
+        assert len(threads) == 1
+
+
 def test_falls_back_to_next_type_and_records_it(store):
     cloud = MemoryCloud(capacity={"big": 0, "small": 1})
     plan = make_plan()

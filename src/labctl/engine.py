@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from labctl.errors import CloudError, Interrupted, NoCapacity
-from labctl.plan import KEEPABLE_KINDS, KIND_ORDER, Plan, Resource
+from labctl.plan import KEEPABLE_KINDS, KIND_ORDER, LONG_WAIT_KINDS, Plan, Resource
 from labctl.providers.base import Found, Provider
 from labctl.redact import clean
 from labctl.state import StateStore
@@ -54,7 +54,7 @@ class Engine:
     def _converge_level(self, plan: Plan, level: list[Resource], found: dict[str, Found]) -> None:
         attempts: dict[str, int] = {}  # resource key -> index of the candidate to try next
         retries: dict[str, int] = {}
-        todo = list(level)
+        todo = sorted(level, key=lambda r: r.kind not in LONG_WAIT_KINDS)  # start the long waits first
         while todo:
             results = self._ensure_all(plan, todo, found, attempts)
             for res, f in zip(todo, results, strict=True):
@@ -74,12 +74,17 @@ class Engine:
 
     def _ensure_all(self, plan: Plan, todo: list[Resource], found: dict[str, Found],
                     attempts: dict[str, int]) -> list[Found]:
-        if len(todo) == 1:  # no thread for a level of one (most levels of a one-node lab: a class starts 200 labs)
-            return [self._ensure(plan, todo[0], found, attempts)]
-        # Each resource's thread runs in a copy of the caller's context (its rank for the rate limit, say).
-        contexts = [contextvars.copy_context() for _ in todo]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(todo)))) as pool:
-            return list(pool.map(lambda c, r: c.run(self._ensure, plan, r, found, attempts), contexts, todo))
+        # The caller's thread makes the first resource, threads the others (a class runs hundreds of labs at once:
+        # each thread costs memory and a start). Each runs in a copy of the caller's context (its rank for the
+        # rate limit, say).
+        first, rest = todo[0], todo[1:]
+        if not rest or self.concurrency <= 1:
+            return [self._ensure(plan, r, found, attempts) for r in todo]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency - 1, len(rest))) as pool:
+            futures = [pool.submit(contextvars.copy_context().run, self._ensure, plan, r, found, attempts)
+                       for r in rest]
+            mine = self._ensure(plan, first, found, attempts)
+            return [mine, *(f.result() for f in futures)]
 
     def _recover(self, plan: Plan, res: Resource, f: Found, attempts: dict[str, int],
                  retries: dict[str, int]) -> Resource | None:

@@ -24,6 +24,9 @@ KIND_ORDER = ("keypair", "network", "subnet", "router", "secgroup", "reservation
               "server", "volume_attachment", "floating_ip")
 #: Kinds that may outlive a deployment's `down` (their spec / recorded data says keep: true).
 KEEPABLE_KINDS = ("volume", "bucket")
+# Kinds whose create starts a long wait at the cloud (a lease's start, a boot): the engine makes them first of
+# their level, so the wait runs while the others are made.
+LONG_WAIT_KINDS = ("reservation", "server")
 
 
 # -- specs: what each kind of resource asks of a cloud (typed per kind; plain dicts at run time, so a plan stays
