@@ -260,9 +260,6 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
                     extra_steps=(authorize_step(student.ssh_public_key),),
                     on_progress=lambda subject, stage, detail: run.events.student(sid, stage, f"{subject} {detail}"),
                     should_stop=run.stop.is_set,
-                    # The class's parallelism is its students': a thread per resource as well doubled the threads
-                    # of a class of 500 (about 48 KiB of memory each) and sped nothing up under the rate limit.
-                    concurrency=1,
                 )
         except (NoCapacity, QuotaExceeded) as exc:
             return _site_exhausted(run, site, student, the_plan, exc)
