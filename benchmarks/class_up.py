@@ -553,12 +553,11 @@ def run_labctl(a: argparse.Namespace) -> int:
     counter.install()
     counter.wrap(Engine, "_ensure", lambda self, plan, res, *rest, **kw: res.kind)
     counter.wrap(Engine, "_wait", WAIT)
-    # labctl's SSH phase (waiting for the nodes, pinning host keys, setup) runs in each environment's thread, on
-    # an event loop of its own: its CPU is told apart from the API path's.
+    # labctl's SSH phase (waiting for the nodes, pinning host keys, setup: one `run_setup` with `wait_first`) runs
+    # in each environment's thread, on an event loop of its own: its CPU is told apart from the API path's.
     from labctl.runner import ssh as runner
 
     ssh_cpu = ThreadCpu()
-    ssh_cpu.wrap(runner, "wait_for_ssh")
     ssh_cpu.wrap(runner, "run_setup")
 
     done: list[str] = []
