@@ -20,6 +20,7 @@ from typing import Any
 
 from labctl import naming, service
 from labctl.errors import CloudError, Interrupted, LabctlError, NoCapacity, QuotaExceeded, UserError
+from labctl.malloc_tuning import tune_for_threads
 from labctl.node_setup import ExtraStep
 from labctl.providers.kit import rank
 from labctl.state import DeploymentRecord
@@ -138,6 +139,7 @@ def class_up(ctx: service.Context, opts: ClassOptions, events: ClassEvents | Non
     if opts.only_failed:
         students = [s for s in students if s.slug not in existing or existing[s.slug].status != "up"]
     key = ensure_keypair(ctx.store.keys_dir)
+    tune_for_threads()
     run = _Run(opts, ctx, key, events, _open_sites(ctx, opts))
     events.start(len(students))
     futures: dict[Future, Any] = {}
@@ -360,6 +362,7 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
     deps = class_down_targets(ctx, lab, course, student)
     check_options(concurrency)
     events.start(len(deps))
+    tune_for_threads()
     providers: dict[str, Any] = {}
     plock = threading.Lock()
 
