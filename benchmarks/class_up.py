@@ -328,7 +328,10 @@ def lower_bound(shapes: list[dict[str, Any]], calls_by_label: dict[str, int], en
 
 
 def write_result(path: str, data: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(data, indent=1, default=str))
+    """Whole or not at all: the parent polls for the file and reads it as soon as it exists."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
 
 
 def say(text: str) -> None:
