@@ -845,8 +845,8 @@ def run_child(role: str, a: argparse.Namespace, argv: list[str], root: Path, ros
     result = root / f"{role}.json"
     sites = a.sites if role == "labctl" else a.sites[:1]
     emulators = Emulators(root, role, sites, a.time_scale, a.ssh_processes)
-    endpoints = emulators.start()
-    try:
+    try:  # an emulator that failed to start stops the ones already started
+        endpoints = emulators.start()
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--role", role, "--roster", str(roster),
                "--result", str(result), "--emulators", str(endpoints)]
         proc = subprocess.run(cmd, env=child_env(root, role, a.time_scale), cwd=root)
