@@ -100,9 +100,9 @@ def test_apply_twice_creates_once(store):
 
 @pytest.mark.parametrize("concurrency", [1, 8])
 def test_a_level_starts_its_long_wait_first_and_one_at_a_time_uses_no_thread(store, concurrency, monkeypatch):
-    """With concurrency 1 (a class's students), the caller's thread makes a level's resources, the reservation
-    (a lease's start) before the key pair, whatever the plan's order; else the caller's thread makes the
-    reservation and threads the others."""
+    """With concurrency 1, the caller's thread makes a level's resources, the reservation (a lease's start) before
+    the key pair, whatever the plan's order; else the caller's thread makes the reservation and threads the
+    others."""
     import threading
 
     cloud = MemoryCloud(capacity={"big": 1})

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 # malloc_stats() then prints one "Arena N:" block per arena. Then: free 1 MiB (glibc's dynamic threshold rises
 # to it) and allocate 256 KiB; mallinfo2().hblks counts mmapped chunks.
 PROBE = r"""
-import ctypes, sys, threading
+import ctypes, threading
 from labctl.malloc_tuning import tune_for_threads
 print("tuned" if tune_for_threads() else "untuned", flush=True)
 libc = ctypes.CDLL(None)

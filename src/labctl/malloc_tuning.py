@@ -3,7 +3,7 @@
 glibc gives each new thread an arena of its own, up to 8 per core, and after the first large free it raises the
 size from which allocations are mmapped, so the large, short-lived bodies of list polls land in arena heaps it
 seldom hands back. With hundreds of threads, that fragmentation, not live data, set labctl's peak memory: for 500
-students, two arenas and a fixed 128 KiB mmap threshold measured 171 MiB of peak RSS against 188 MiB
+students, two arenas and a fixed 128 KiB mmap threshold measured 169 MiB of peak RSS against 188-192 MiB
 (benchmarks/README.md). These are `MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072`, set from inside; a
 user's own MALLOC_* settings are left alone.
 """
