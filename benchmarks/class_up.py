@@ -369,9 +369,9 @@ class ServedTestbed:
         return f"{next(iter(self.endpoints.values()))}/refapi"
 
     def os_env(self, site: str) -> dict[str, str]:
-        from labctl.testbed.server import openstack_env
+        from labctl.testbed.openstack import catalog  # not the server: this process only calls the emulators
 
-        return openstack_env(site, self.auth_url(site), self.world.credentials)
+        return catalog.openstack_env(site, self.auth_url(site), self.world.credentials)
 
     def wait_ssh(self, address: str, port: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -342,20 +342,6 @@ def _answers(address: str, port: int) -> bool:
         return s.connect_ex((address, port)) == 0
 
 
-def openstack_env(site: str, auth_url: str, creds: Any) -> dict[str, str]:
-    """OS_* variables for the world's application credential `creds` on `site`, authenticating at `auth_url`
-    (what Chameleon's openrc sets)."""
-    return {
-        "OS_AUTH_TYPE": "v3applicationcredential",
-        "OS_AUTH_URL": auth_url,
-        "OS_IDENTITY_API_VERSION": "3",
-        "OS_REGION_NAME": cat.resolve_site(site).region,
-        "OS_INTERFACE": "public",
-        "OS_APPLICATION_CREDENTIAL_ID": creds.app_cred_id,
-        "OS_APPLICATION_CREDENTIAL_SECRET": creds.app_cred_secret,
-    }
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -455,7 +441,7 @@ class Testbed:
     def os_env(self, site: str) -> dict[str, str]:
         """OS_* variables for an application credential on `site` (what Chameleon's openrc would set): the
         world's own credential, which only its owner can read (see `labctl.testbed.access`)."""
-        return openstack_env(site, self.auth_url(site), self.world.credentials)
+        return cat.openstack_env(site, self.auth_url(site), self.world.credentials)
 
     def openrc(self, site: str) -> str:
         s = cat.resolve_site(site)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @TABLE.handler("port")
 class Ports(Listed):
     sdk, raw = "port", ("/ports", "ports")
+    keep = dict.fromkeys(("device_id", "network_id"))
 
     def find(self, res: Resource, plan: Plan) -> Found | None:
         return None  # not plan resources: made while launching a server (`ensure_port`), found by `list_owned`
@@ -103,6 +104,7 @@ class SecurityGroups(Listed):
     """Its rules are added after it: "incomplete" without all of them (a crash between the calls)."""
 
     sdk, shared_find, raw = "security_group", True, ("/security-groups", "security_groups")
+    keep = {"security_group_rules": ("direction", "protocol", "port_range_min", "remote_ip_prefix")}
 
     def lookup(self, res: Resource, plan: Plan, *, shared: bool) -> Found | None:
         # Two runs that raced may have left two: every run takes the same one (`rank`).
@@ -152,6 +154,7 @@ class FloatingIps(Listed):
     """One per node, found by the deployment and node in its description; "incomplete" until attached."""
 
     sdk, shared_find, raw = "ip", True, ("/floatingips", "floatingips")
+    keep = dict.fromkeys(("port_id", "floating_ip_address"))
 
     def found(self, item: Any) -> Found:
         return Found("floating_ip", item.id, item.description or "", status="ready" if item.port_id else "incomplete",

@@ -30,6 +30,7 @@ class Keypairs(Listed):
     it again. Its comment records labctl's tags and the deployment's leases (`inventory` lists only those)."""
 
     service, sdk, shared_find, raw = "compute", "keypair", True, ("/os-keypairs", "keypairs")
+    keep = {"public_key": None}
 
     def found(self, item: Any) -> Found:
         leases = tags_of(item).get(LEASES)
@@ -71,9 +72,11 @@ class Servers(Listed):
     service, sdk, filters, gone = "compute", "server", {"details": True}, ("DELETED", "SOFT_DELETED")
     shared_find = True
     _index: tuple[Any, dict[str | None, list[Any]]] = (None, {})  # the last polled list, by deployment
+    keep = dict.fromkeys(("addresses", "fault"))  # `server_found`
 
     def fetch_all(self) -> list[Any]:  # labctl's names only: its tags then decide
-        return self.ctx.raw_list("compute", "/servers/detail", "servers", {"name": f"^{naming.PREFIX}-"})
+        return self.ctx.raw_list("compute", "/servers/detail", "servers", {"name": f"^{naming.PREFIX}-"},
+                                 keep=self.keep)
 
     def listing(self, plan: Plan | None, newer_than: float = -1e18) -> Sequence[Any]:
         return self.ctx.project_list("servers", self.fetch_all, plan, newer_than=newer_than)

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from labctl import hardware
 
@@ -68,6 +69,21 @@ def resolve_site(ref: str) -> Site:
         if key in (s.name, s.slug, s.region.lower()):
             return s
     raise KeyError(f"unknown testbed site {ref!r} (known: {', '.join(SITES)})")
+
+
+def openstack_env(site: str, auth_url: str, creds: Any) -> dict[str, str]:
+    """OS_* variables for the world's application credential `creds` on `site`, authenticating at `auth_url`
+    (what Chameleon's openrc sets). Here, not beside the HTTP server, so a client of a world served by other
+    processes does not load the server."""
+    return {
+        "OS_AUTH_TYPE": "v3applicationcredential",
+        "OS_AUTH_URL": auth_url,
+        "OS_IDENTITY_API_VERSION": "3",
+        "OS_REGION_NAME": resolve_site(site).region,
+        "OS_INTERFACE": "public",
+        "OS_APPLICATION_CREDENTIAL_ID": creds.app_cred_id,
+        "OS_APPLICATION_CREDENTIAL_SECRET": creds.app_cred_secret,
+    }
 
 
 # ---------------------------------------------------------------- networks
