@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from labctl.providers.chameleon.leases import LEASE_FIELDS, lease_found
 from labctl.providers.chameleon.network import SecurityGroups, has_rules
 from labctl.providers.chameleon.servers import Servers, server_found
 from labctl.providers.chameleon.session import KEEP_ALWAYS, Item, kept, tags_of
@@ -69,3 +70,17 @@ def test_kept_holds_a_subset_of_the_item_and_the_kept_fields_whole(item):
         else:
             assert len(value) == len(item[name])
     assert kept(None)(item) == item
+
+
+def test_a_kept_lease_reads_as_the_whole_one():
+    lease = {"id": "l1", "name": "labctl-d1-node", "status": "ERROR", "degraded": False, "user_id": "u",
+             "start_date": "2026-12-05T06:00:00.000000", "end_date": "2026-12-05T12:00:00.000000",
+             "created_at": "2026-12-05 06:00:00", "trust_id": "t", "project_id": "p",
+             "reservations": [{"id": "r1", "lease_id": "l1", "resource_type": "physical:host", "min": 1, "max": 1,
+                               "resource_properties": '["==", "$node_type", "compute_cascadelake"]',
+                               "hypervisor_properties": "", "status": "error", "missing_resources": False}],
+             "events": [{"id": "e1", "event_type": "start_lease", "status": "ERROR", "time": "2026-12-05T06:00"}]}
+    item = LEASE_FIELDS(lease)
+    assert lease_found(item) == lease_found(lease)
+    assert lease_found(item).attrs["node_type"] == "compute_cascadelake" and lease_found(item).status == "error"
+    assert "events" not in item and set(item["reservations"][0]) == {"id", "resource_properties"}

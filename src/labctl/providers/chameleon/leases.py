@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from labctl.errors import UserError
 from labctl.providers.base import Found, create_or_adopt
-from labctl.providers.chameleon.session import BLAZAR_DATE, TABLE, Session, iso_utc, parse_lease_date
+from labctl.providers.chameleon.session import BLAZAR_DATE, TABLE, Session, iso_utc, kept, parse_lease_date
 from labctl.providers.kit import Handler
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class Leases(Handler):
 
     def look(self, res: Resource, plan: Plan) -> Found | None:
         """From a list of its own (Blazar filters leases by nothing)."""
-        leases = self.ctx.call("list leases", lambda: self.ctx.blazar.lease.list())
+        leases = self.ctx.call("list leases", lambda: list_leases(self.ctx))
         return next((lease_found(x) for x in leases if x["name"] == res.name and x["status"] not in LEASE_DONE), None)
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
@@ -68,7 +68,7 @@ class Leases(Handler):
             self.ctx.call("delete lease", lambda f=f: self.ctx.blazar.lease.delete(f.cloud_id), missing_ok=True)
 
     def status(self, res: Resource, found: Found, plan: Plan) -> Found | None:
-        leases = self.ctx.polled("leases", lambda: self.ctx.blazar.lease.list())
+        leases = self.ctx.polled("leases", lambda: list_leases(self.ctx))
         lease = next((x for x in leases if x["id"] == found.cloud_id), None)
         return lease_found(lease, found) if lease else None
 
@@ -76,7 +76,7 @@ class Leases(Handler):
         return (res.key, "lease " + found.attrs.get("lease_status", "?").lower(), "")
 
     def live(self, plan: Plan | None, newer_than: float = -1e18) -> list[Any]:
-        return [x for x in self.ctx.project_list("leases", lambda: self.ctx.blazar.lease.list(), plan,
+        return [x for x in self.ctx.project_list("leases", lambda: list_leases(self.ctx), plan,
                                                  newer_than=newer_than) if x["status"] not in LEASE_DONE]
 
     def owned(self, plan: Plan) -> list[Found]:
@@ -93,6 +93,14 @@ class Leases(Handler):
                 found.append(lease_found(lease))
                 found[-1].attrs.update(deployment=deployments[lease["name"]], created=iso_utc(lease.get("created_at")))
         return found
+
+
+# What `lease_found` and the lookups read of a listed lease (Blazar lists each with its reservations and events).
+LEASE_FIELDS = kept({"end_date": None, "degraded": None, "reservations": ("id", "resource_properties")})
+
+
+def list_leases(s: Session) -> list[Any]:
+    return [LEASE_FIELDS(lease) for lease in s.blazar.lease.list()]
 
 
 def extend(s: Session, found: Found, hours: float) -> Found:
