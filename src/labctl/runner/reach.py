@@ -13,6 +13,7 @@ from inside a running loop).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import os
@@ -81,17 +82,47 @@ class SSHBlocked(SetupFailed):
 
 
 # -- plumbing ---------------------------------------------------------------------------------------------
+BLOCKING_WORKERS = 4  # threads shared by every event loop here for blocking work (asyncssh's option set-up)
+
+
+class SharedExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Every loop's default executor: one small pool for all of them. asyncssh builds each connection's options in
+    the loop's default executor (it reads the key file); a default executor per loop started a thread per
+    connection, 160 more threads at once in the SSH phase of a class of 500. A loop's shutdown leaves the pool
+    to the others (its threads end with the interpreter, as any ThreadPoolExecutor's)."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+_shared: list[SharedExecutor] = []
+_shared_lock = threading.Lock()
+
+
+def shared_executor() -> SharedExecutor:
+    with _shared_lock:  # one pool, however many loops start at once
+        if not _shared:
+            _shared.append(SharedExecutor(BLOCKING_WORKERS, thread_name_prefix="labctl-ssh-io"))
+        return _shared[0]
+
+
+async def _on_shared_executor(factory: Callable[[], Any]) -> Any:
+    asyncio.get_running_loop().set_default_executor(shared_executor())
+    return await factory()
+
+
 def run_sync(factory: Callable[[], Any]) -> Any:
-    """Run the coroutine made by `factory` to completion, from sync code or from inside a running loop."""
+    """Run the coroutine made by `factory` to completion, from sync code or from inside a running loop (on a
+    loop of its own, whose blocking work goes to the `SharedExecutor`)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(factory())
+        return asyncio.run(_on_shared_executor(factory))
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(factory())
+            box["value"] = asyncio.run(_on_shared_executor(factory))
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 
