@@ -273,6 +273,7 @@ def configure_world(world: Any, shape: dict[str, Any], latency: float, n: int) -
         else:
             world.set_hosts(real, candidate, n * shape["nodes"] + 10)
     world.set_fip_quota(real, n * shape["nodes"] + 10)
+    world.set_public_subnets(real, min(6, -(-(n * shape["nodes"] + 10) // 245)))  # a /24 holds 245 floating IPs
 
 
 def site_requests(world: Any) -> list[dict[str, Any]]:

@@ -2,10 +2,11 @@
 `execute()`, a plain `ssh cc@<floating ip>`), when this process may bind it: as root, or where
 `net.ipv4.ip_unprivileged_port_start` is 22 or less.
 
-Floating IPs are loopback addresses that every world numbers alike (127.10.<site>.<n>), so two worlds on one host
-would answer on the same address and port. One world at a time has port 22: the one whose serving process holds
-an exclusive flock on a host-wide lock file (`claim`); the others, and a host that may not bind port 22, keep
-the per-world port (printed by `labctl testbed serve`), as before.
+Floating IPs are loopback addresses that every world numbers alike (127.10.<site>.<n>; 127.14-18.<site>.<n> where
+a world's public network has more subnets), so two worlds on one host would answer on the same address and port.
+One world at a time has port 22: the one whose serving process holds an exclusive flock on a host-wide lock file
+(`claim`); the others, and a host that may not bind port 22, keep the per-world port (printed by `labctl testbed
+serve`), as before.
 """
 
 from __future__ import annotations

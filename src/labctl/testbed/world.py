@@ -347,6 +347,16 @@ class World(SqliteWorld):
         with self.tx() as db:
             db.set_setting(site, "quota:floatingip", int(n))
 
+    def set_public_subnets(self, site: str, n: int) -> None:
+        """How many /24 subnets `site`'s public network has (default 1: 245 floating IPs; at most 6)."""
+        from labctl.testbed.openstack import catalog
+
+        if not 1 <= int(n) <= len(catalog.PUBLIC_PREFIXES):
+            raise ValueError(f"public subnets: 1 to {len(catalog.PUBLIC_PREFIXES)}, not {n}")
+        site = _site_name(site)
+        with self.tx() as db:
+            db.set_setting(site, "public_subnets", int(n))
+
     # faults, latency, request log (their storage: `SqliteWorld`) ---------------------------------------------
     def inject_fault(
         self, site: str | None, operation: str, kind: str, count: int = 1, message: str | None = None

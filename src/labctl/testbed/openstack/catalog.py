@@ -97,8 +97,8 @@ def shared_net_id(site: Site) -> str:
     return stable_id(site.name, "network", "sharednet1")
 
 
-def public_subnet_id(site: Site) -> str:
-    return stable_id(site.name, "subnet", "public")
+def public_subnet_id(site: Site, pool: int = 0) -> str:
+    return stable_id(site.name, "subnet", "public" if pool == 0 else f"public-{pool + 1}")
 
 
 def shared_subnet_id(site: Site) -> str:
@@ -113,8 +113,13 @@ def shared_cidr(site: Site) -> str:
     return f"10.{50 + site.number}.0.0/16"
 
 
-def public_cidr(site: Site) -> str:
-    return f"127.10.{site.number}.0/24"
+# The public network's subnets, a /24 each per site: one unless the world has more (`World.set_public_subnets`:
+# a class of hundreds needs more floating IPs than a /24 holds, as on the real sites' larger public ranges).
+PUBLIC_PREFIXES = ("127.10", "127.14", "127.15", "127.16", "127.17", "127.18")
+
+
+def public_cidr(site: Site, pool: int = 0) -> str:
+    return f"{PUBLIC_PREFIXES[pool]}.{site.number}.0/24"
 
 
 def fixed_ip(site: Site, k: int) -> str:
@@ -127,7 +132,19 @@ FIP_FIRST, FIP_LAST = 10, 254
 
 
 def floating_ip(site: Site, n: int) -> str:
-    return f"127.10.{site.number}.{n}"
+    """The address of floating IP number `n`: host `n % 256` of public subnet `n // 256`."""
+    pool, host = divmod(n, 256)
+    return f"{PUBLIC_PREFIXES[pool]}.{site.number}.{host}"
+
+
+def floating_ip_number(site: Site, address: str) -> int | None:
+    """`n` of `floating_ip(site, n) == address` for a host in the floating IP range; None for any other address."""
+    for pool, prefix in enumerate(PUBLIC_PREFIXES):
+        head = f"{prefix}.{site.number}."
+        if address.startswith(head) and address[len(head):].isdigit():
+            host = int(address[len(head):])
+            return pool * 256 + host if FIP_FIRST <= host <= FIP_LAST else None
+    return None
 
 
 def mac_for(port_id: str) -> str:

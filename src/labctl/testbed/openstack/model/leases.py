@@ -13,7 +13,7 @@ from labctl.testbed.errors import HTTPError
 from labctl.testbed.openstack import catalog
 from labctl.testbed.openstack.catalog import PROJECT_ID, USER_ID, Site
 from labctl.testbed.openstack.model.base import BEFORE_END_MINUTES, LEASE_START_DELAY, blazar_created, blazar_dt, new_id
-from labctl.testbed.openstack.model.network import free_fip_octets
+from labctl.testbed.openstack.model.network import free_fip_numbers
 
 
 def flavor_slots(db, site: Site, flavor_name: str) -> int:
@@ -365,7 +365,7 @@ def _reserve(db, site: Site, lease_id: str, req: dict, start: float, end: float,
             for r in lease["reservations"]
             if r["resource_type"] == "virtual:floatingip"
         )
-        if amount < 1 or amount + pending > len(free_fip_octets(db, site)):
+        if amount < 1 or amount + pending > len(free_fip_numbers(db, site)):
             raise HTTPError(400, "Not enough floating IPs available", "NotEnoughFloatingIPAvailable")
         return {
             **base,

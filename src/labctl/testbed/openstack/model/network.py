@@ -348,9 +348,15 @@ def fips_used(db, site: Site) -> int:
     return sum(1 for f in db.find("fip", site.name) if not f.get("reservation_id"))
 
 
-def free_fip_octets(db, site: Site) -> list[int]:
+def public_subnets(db, site: Site) -> int:
+    """How many /24 subnets the site's public network has (`World.set_public_subnets`; one by default)."""
+    return int(db.setting(site.name, "public_subnets", "1"))
+
+
+def free_fip_numbers(db, site: Site) -> list[int]:
     used = {f["n"] for f in db.find("fip", site.name)}
-    return [n for n in range(catalog.FIP_FIRST, catalog.FIP_LAST + 1) if n not in used]
+    return [pool * 256 + host for pool in range(public_subnets(db, site))
+            for host in range(catalog.FIP_FIRST, catalog.FIP_LAST + 1) if pool * 256 + host not in used]
 
 
 def allocate_fip(
@@ -366,15 +372,10 @@ def allocate_fip(
     net_id = catalog.public_net_id(site)
     if quota and fips_used(db, site) >= fip_quota(db, site):
         raise HTTPError(409, "Quota exceeded for resources: ['floatingip'].", "OverQuota")
-    free = free_fip_octets(db, site)
+    free = free_fip_numbers(db, site)
     if address:
-        prefix = f"127.10.{site.number}."
-        n = (
-            int(address[len(prefix) :])
-            if address.startswith(prefix) and address[len(prefix) :].isdigit()
-            else -1
-        )
-        if not catalog.FIP_FIRST <= n <= catalog.FIP_LAST:
+        n = catalog.floating_ip_number(site, address)
+        if n is None or n // 256 >= public_subnets(db, site):
             raise HTTPError(
                 400,
                 f"IP address {address} is not a valid IP for the specified subnet.",
@@ -383,7 +384,7 @@ def allocate_fip(
         if n not in free:
             raise HTTPError(
                 409,
-                f"IP address {address} already allocated in subnet {catalog.public_subnet_id(site)}",
+                f"IP address {address} already allocated in subnet {catalog.public_subnet_id(site, n // 256)}",
                 "IpAddressAlreadyAllocated",
             )
     else:

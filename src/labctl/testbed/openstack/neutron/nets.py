@@ -94,23 +94,26 @@ def _project_network_view(db, site: Site, n: dict) -> dict:
     return network_view(n, [x["id"] for x in model.network_subnets(db, site, n["id"])])
 
 
-def networks(site: Site) -> list[dict]:
+def networks(site: Site, public_subnets: int = 1) -> list[dict]:
     """The built-in networks: `public` (external, the floating IPs' network) and `sharednet1` (shared)."""
     return [
-        network_view({"id": net_id, "name": name, "created": _EPOCH, "revision": 1}, [subnet_id],
+        network_view({"id": net_id, "name": name, "created": _EPOCH, "revision": 1}, subnet_ids,
                      external=external, shared=not external, project=ADMIN_PROJECT)
-        for name, net_id, subnet_id, external in (
-            ("public", cat.public_net_id(site), cat.public_subnet_id(site), True),
-            ("sharednet1", cat.shared_net_id(site), cat.shared_subnet_id(site), False),
+        for name, net_id, subnet_ids, external in (
+            ("public", cat.public_net_id(site), [cat.public_subnet_id(site, k) for k in range(public_subnets)], True),
+            ("sharednet1", cat.shared_net_id(site), [cat.shared_subnet_id(site)], False),
         )
     ]
 
 
-def subnets(site: Site) -> list[dict]:
-    """The built-in networks' subnets; only sharednet1's has DHCP (and a name server)."""
+def subnets(site: Site, public_subnets: int = 1) -> list[dict]:
+    """The built-in networks' subnets (the public network's first, `public-subnet`, and any more the world
+    has); only sharednet1's has DHCP (and a name server)."""
     out = []
+    public = [(f"public-subnet{f'-{k + 1}' if k else ''}", cat.public_subnet_id(site, k), cat.public_net_id(site),
+               cat.public_cidr(site, k), False) for k in range(public_subnets)]
     for name, sid, net_id, cidr, dhcp in (
-        ("public-subnet", cat.public_subnet_id(site), cat.public_net_id(site), cat.public_cidr(site), False),
+        *public,
         ("sharednet1-subnet", cat.shared_subnet_id(site), cat.shared_net_id(site), cat.shared_cidr(site), True),
     ):
         net = ipaddress.ip_network(cidr)
@@ -138,11 +141,12 @@ def routers(site: Site) -> list[dict]:
 
 
 def _all_networks(db, site: Site) -> list[dict]:
-    return networks(site) + [_project_network_view(db, site, n) for n in db.find("network", site.name)]
+    return (networks(site, model.public_subnets(db, site))
+            + [_project_network_view(db, site, n) for n in db.find("network", site.name)])
 
 
 def _all_subnets(db, site: Site) -> list[dict]:
-    return subnets(site) + [subnet_view(x) for x in db.find("subnet", site.name)]
+    return subnets(site, model.public_subnets(db, site)) + [subnet_view(x) for x in db.find("subnet", site.name)]
 
 
 def _all_routers(db, site: Site) -> list[dict]:
@@ -290,7 +294,9 @@ def create_subnet(req: Request) -> Response:
 @router.route("DELETE", "/v2.0/subnets/{id}")
 def delete_subnet(req: Request) -> Response:
     with req.world.tx() as db:
-        _delete_unused(db, req, "subnet", {cat.public_subnet_id(req.site), cat.shared_subnet_id(req.site)},
+        built_in = {cat.shared_subnet_id(req.site), *(cat.public_subnet_id(req.site, k)
+                                                      for k in range(len(cat.PUBLIC_PREFIXES)))}
+        _delete_unused(db, req, "subnet", built_in,
                        model.subnet_ports, "Unable to complete operation on subnet {id}: One or more ports have an "
                        "IP allocation from this subnet.", "SubnetInUse")
     return Response(204)
