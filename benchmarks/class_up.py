@@ -241,26 +241,35 @@ def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
 
 
 def lab_shape(lab: str, site_name: str, scale: float) -> dict[str, Any]:
-    """What the lower bound needs from the lab's plan: its dependency levels (kinds), resources per kind,
-    the lifecycle delay of each kind at this time scale, and the node's image and types."""
+    """What the lower bound needs from the lab's plan: its dependency levels (kinds), resources per kind, and the
+    node's image and types (the kinds' lifecycle delays: `add_delays`)."""
     from labctl import service
     from labctl.plan import build_plan
     from labctl.testbed.openstack import catalog
-    from labctl.testbed.openstack.model import base as model
 
     prof, site = service.load(lab, site_name)
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkKvZ0Qz2Zl7uF6yN1dYx3dQ3bVQ3bVQ3bVQ3bVQ3bV bench"
     plan = build_plan(prof, site, "shape", key, course=COURSE)
     real = site.stands_for or site.name
     kind = catalog.resolve_site(real).kind  # "kvm" | "baremetal"
-    delays = {"reservation": model.LEASE_START_DELAY * scale, "server": model.BOOT_SECONDS.get(kind, 0.0) * scale}
     levels = [sorted({r.kind for r in level}) for level in plan.levels()]
     per_kind = Counter(r.kind for r in plan.resources)
     skipped = [s.name for s in prof.setup if not s.safe_on_sim]
     return {"real_site": real, "site_kind": kind, "reservation": site.reservation, "levels": levels,
-            "per_kind": dict(per_kind), "delays": delays, "nodes": len(plan.nodes),
+            "per_kind": dict(per_kind), "scale": scale, "nodes": len(plan.nodes),
             "image": plan.nodes[0].image, "candidates": list(plan.nodes[0].candidates),
             "lease_hours": prof.lease_hours, "skipped_steps": skipped, "setup_steps": len(prof.setup)}
+
+
+def add_delays(shape: dict[str, Any]) -> dict[str, Any]:
+    """The lifecycle delay of each kind at the shape's time scale, from the emulator's model: read after the run,
+    so that labctl's process has not loaded the emulator's code when its peak RSS is taken."""
+    from labctl.testbed.openstack.model import base as model
+
+    scale = shape["scale"]
+    shape["delays"] = {"reservation": model.LEASE_START_DELAY * scale,
+                       "server": model.BOOT_SECONDS.get(shape["site_kind"], 0.0) * scale}
+    return shape
 
 
 def configure_world(world: Any, shape: dict[str, Any], latency: float, n: int) -> None:
@@ -635,8 +644,8 @@ def run_labctl(a: argparse.Namespace) -> int:
 
     total = len(up_requests)
     per_site = Counter(r["site"] for r in up_requests)
-    bound = lower_bound(list(shapes.values()), by_label, a.students, max(per_site.values(), default=0),
-                        a.latency * scale, a.rate / scale)
+    bound = lower_bound([add_delays(shape) for shape in shapes.values()], by_label, a.students,
+                        max(per_site.values(), default=0), a.latency * scale, a.rate / scale)
     write_result(a.result, {
         "who": "labctl", "students": a.students, "wall": wall, "cpu": cpu, "ssh_cpu": ssh_cpu_up,
         "machine_cpu": machine_cpu, "cores": os.cpu_count(),
@@ -797,7 +806,7 @@ def run_baseline(a: argparse.Namespace) -> int:
 
     n = len(students)
     total = len(up_requests)
-    bound = lower_bound([shape], by_label, n, total / n * a.students, a.latency * scale, a.rate / scale)
+    bound = lower_bound([add_delays(shape)], by_label, n, total / n * a.students, a.latency * scale, a.rate / scale)
     write_result(a.result, {
         "who": "python-chi", "students": n, "wall": wall, "cpu": cpu, "requests": total,
         "requests_counted": sum(by_label.values()), "by_label": by_label, "errors": errors,
