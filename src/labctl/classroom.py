@@ -13,7 +13,7 @@ from __future__ import annotations
 import shlex
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from labctl.malloc_tuning import tune_for_threads
 from labctl.node_setup import ExtraStep
 from labctl.providers.kit import rank
 from labctl.state import DeploymentRecord
+from labctl.workers import ShortLivedWorkers
 
 UP, FAILED, BUSY, ALREADY, INTERRUPTED = "up", "failed", "busy", "already up", "interrupted"
 
@@ -87,7 +88,7 @@ class _Site:
     name: str
     provider: Any
     prof: Any
-    executor: ThreadPoolExecutor
+    executor: ShortLivedWorkers
     exhausted: str | None = None  # why no new environment goes here any more
 
 
@@ -173,8 +174,7 @@ def _open_sites(ctx: service.Context, opts: ClassOptions) -> list[_Site]:
                             course=opts.course)
         provider.preflight(sample)  # credentials and images, once per site, before anything is created
         opened.append(_Site(provider.site.name, provider, prof,
-                            ThreadPoolExecutor(max_workers=max(1, opts.concurrency),
-                                               thread_name_prefix=f"class-{name}")))
+                            ShortLivedWorkers(max(1, opts.concurrency), thread_name_prefix=f"class-{name}")))
     return opened
 
 
@@ -392,7 +392,7 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
         events.finished(result)
         return result
 
-    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+    with ShortLivedWorkers(max(1, concurrency), thread_name_prefix="class-down") as pool:
         return list(pool.map(one, deps))
 
 
