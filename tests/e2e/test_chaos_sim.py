@@ -33,6 +33,8 @@ CONCURRENCY = 10
 CALLS_PER_RUN = 25  # the most API calls a killed run makes before its kill
 FAULT_EVERY = (2, 6)  # API calls between two injected faults (some of a killed run's are never consumed)
 MAX_OUTSTANDING = 3  # faults waiting for their call; fewer than a call's retries (6), so none fails on 5xx/429 alone
+STALE_AFTER = 40  # API calls with the outstanding faults untouched (their operation is not called again, e.g. a
+#                   create every student has made): they are withdrawn so the run keeps meeting new ones
 SEED = int(os.environ.get("LABCTL_CHAOS_SEED", "90210"))
 # Also lose the answer of half the faulted creates (the emulator does the POST, then drops the connection): a
 # create without an idempotency token must look before sending again (providers.base.create_or_find); sending it
@@ -90,12 +92,14 @@ class ServerFaults:
 
 class FaultFeeder(threading.Thread):
     """Injects one counted fault every 2-6 API calls (by the request log), on an operation the run made in its
-    last 40 calls, while the run lasts: a 500 or a 429, or (see `ServerFaults`) a server that goes to ERROR."""
+    last 40 calls, while the run lasts: a 500 or a 429, or (see `ServerFaults`) a server that goes to ERROR. Faults
+    that wait STALE_AFTER calls unconsumed are withdrawn (counted as not consumed), so stale ones do not stop it."""
 
     def __init__(self, w, rng: random.Random, server_faults: ServerFaults | None):
         super().__init__(daemon=True)
         self.w, self.rng, self.server_faults = w, rng, server_faults
         self.injected: Counter[str] = Counter()
+        self.withdrawn = 0  # stale faults cleared unconsumed
         self.halt = threading.Event()
 
     def recent_operations(self, seq: int, window: int = 40) -> list[str]:
@@ -106,10 +110,18 @@ class FaultFeeder(threading.Thread):
 
     def run(self) -> None:
         next_at = request_count(self.w) + self.rng.randint(*FAULT_EVERY)
+        waiting, since = 0, request_count(self.w)  # outstanding faults, and the call count when that last changed
         while not self.halt.wait(0.02):
             seq = request_count(self.w)
-            outstanding = self.w.faults()
-            if seq < next_at or sum(f["remaining"] for f in outstanding) >= MAX_OUTSTANDING:
+            outstanding = sum(f["remaining"] for f in self.w.faults())
+            if outstanding != waiting:
+                waiting, since = outstanding, seq
+            if outstanding >= MAX_OUTSTANDING and seq - since >= STALE_AFTER:
+                self.w.clear_faults()  # none of them consumed in STALE_AFTER calls: their operations are done
+                self.withdrawn += outstanding
+                waiting, since = 0, seq
+                continue
+            if seq < next_at or outstanding >= MAX_OUTSTANDING:
                 continue
             ops = self.recent_operations(seq)
             if not ops:
@@ -128,12 +140,12 @@ class FaultFeeder(threading.Thread):
             next_at = seq + self.rng.randint(*FAULT_EVERY)
 
     def stop(self) -> tuple[Counter[str], int]:
-        """Stop injecting; returns (injected by kind, how many are still waiting), and clears those."""
+        """Stop injecting; returns (injected by kind, how many were never consumed), and clears those waiting."""
         self.halt.set()
         self.join(10)
         remaining = sum(f["remaining"] for f in self.w.faults())
         self.w.clear_faults()
-        return self.injected, remaining
+        return self.injected, remaining + self.withdrawn
 
 
 def duplicates(w) -> dict[str, dict[str, int]]:
