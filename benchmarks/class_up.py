@@ -274,6 +274,8 @@ def add_delays(shape: dict[str, Any]) -> dict[str, Any]:
 
 def configure_world(world: Any, shape: dict[str, Any], latency: float, n: int) -> None:
     """Realistic latency on every call, and room for the whole class (a course asks Chameleon for that)."""
+    from labctl.testbed.openstack import catalog
+
     world.set_latency("*", latency)
     real = shape["real_site"]
     for candidate in shape["candidates"]:
@@ -282,7 +284,8 @@ def configure_world(world: Any, shape: dict[str, Any], latency: float, n: int) -
         else:
             world.set_hosts(real, candidate, n * shape["nodes"] + 10)
     world.set_fip_quota(real, n * shape["nodes"] + 10)
-    world.set_public_subnets(real, min(6, -(-(n * shape["nodes"] + 10) // 245)))  # a /24 holds 245 floating IPs
+    world.set_public_subnets(real, min(len(catalog.PUBLIC_PREFIXES), -(-(n * shape["nodes"] + 10)
+                                                                       // catalog.FIPS_PER_SUBNET)))
 
 
 def site_requests(world: Any) -> list[dict[str, Any]]:

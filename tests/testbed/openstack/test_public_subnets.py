@@ -32,7 +32,7 @@ def test_floating_ips_fill_the_first_subnet_then_the_next(tb):
     assert set(public.subnet_ids) == set(subnets) and len(subnets) == 2
     assert sorted(s.cidr for s in subnets.values()) == [f"127.10.{site.number}.0/24", f"127.14.{site.number}.0/24"]
 
-    per_subnet = catalog.FIP_LAST - catalog.FIP_FIRST + 1
+    per_subnet = catalog.FIPS_PER_SUBNET
     addresses = [conn.network.create_ip(floating_network_id=public.id).floating_ip_address
                  for _ in range(per_subnet + 3)]
     assert len(set(addresses)) == per_subnet + 3
@@ -52,7 +52,7 @@ def test_a_full_public_network_is_refused_as_neutron_does(tb):
     conn = connect(tb, SITE)
     tb.world.set_fip_quota(SITE, 1000)
     public = conn.network.find_network("public", ignore_missing=False)
-    for _ in range(catalog.FIP_LAST - catalog.FIP_FIRST + 1):
+    for _ in range(catalog.FIPS_PER_SUBNET):
         conn.network.create_ip(floating_network_id=public.id)
     status, body = neutron_error(tb, {"floating_network_id": public.id})
     assert (status, body["NeutronError"]["type"]) == (409, "IpAddressGenerationFailure")

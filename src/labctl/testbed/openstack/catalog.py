@@ -128,22 +128,37 @@ def fixed_ip(site: Site, k: int) -> str:
     return f"10.{50 + site.number}.{k // 250}.{k % 250 + 2}"
 
 
-FIP_FIRST, FIP_LAST = 10, 254
+FIP_FIRST, FIP_LAST = 10, 254  # the floating IP hosts of each public subnet
+FIPS_PER_SUBNET = FIP_LAST - FIP_FIRST + 1
+# A floating IP's number `n` is host `n % 256` of public subnet `n // 256`.
+
+
+def fip_number(subnet: int, host: int) -> int:
+    return subnet * 256 + host
+
+
+def fip_subnet(n: int) -> int:
+    """Which public subnet floating IP number `n` is in (its index in `PUBLIC_PREFIXES`)."""
+    return n // 256
+
+
+def fip_numbers(subnets: int) -> list[int]:
+    """Every floating IP number of the first `subnets` public subnets, in order."""
+    return [fip_number(subnet, host) for subnet in range(subnets) for host in range(FIP_FIRST, FIP_LAST + 1)]
 
 
 def floating_ip(site: Site, n: int) -> str:
-    """The address of floating IP number `n`: host `n % 256` of public subnet `n // 256`."""
-    pool, host = divmod(n, 256)
-    return f"{PUBLIC_PREFIXES[pool]}.{site.number}.{host}"
+    """The address of floating IP number `n`."""
+    return f"{PUBLIC_PREFIXES[fip_subnet(n)]}.{site.number}.{n % 256}"
 
 
 def floating_ip_number(site: Site, address: str) -> int | None:
     """`n` of `floating_ip(site, n) == address` for a host in the floating IP range; None for any other address."""
-    for pool, prefix in enumerate(PUBLIC_PREFIXES):
+    for subnet, prefix in enumerate(PUBLIC_PREFIXES):
         head = f"{prefix}.{site.number}."
         if address.startswith(head) and address[len(head):].isdigit():
             host = int(address[len(head):])
-            return pool * 256 + host if FIP_FIRST <= host <= FIP_LAST else None
+            return fip_number(subnet, host) if FIP_FIRST <= host <= FIP_LAST else None
     return None
 
 

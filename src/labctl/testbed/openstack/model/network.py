@@ -355,8 +355,7 @@ def public_subnets(db, site: Site) -> int:
 
 def free_fip_numbers(db, site: Site) -> list[int]:
     used = {f["n"] for f in db.find("fip", site.name)}
-    return [pool * 256 + host for pool in range(public_subnets(db, site))
-            for host in range(catalog.FIP_FIRST, catalog.FIP_LAST + 1) if pool * 256 + host not in used]
+    return [n for n in catalog.fip_numbers(public_subnets(db, site)) if n not in used]
 
 
 def allocate_fip(
@@ -375,7 +374,7 @@ def allocate_fip(
     free = free_fip_numbers(db, site)
     if address:
         n = catalog.floating_ip_number(site, address)
-        if n is None or n // 256 >= public_subnets(db, site):
+        if n is None or (subnet := catalog.fip_subnet(n)) >= public_subnets(db, site):
             raise HTTPError(
                 400,
                 f"IP address {address} is not a valid IP for the specified subnet.",
@@ -384,7 +383,7 @@ def allocate_fip(
         if n not in free:
             raise HTTPError(
                 409,
-                f"IP address {address} already allocated in subnet {catalog.public_subnet_id(site, n // 256)}",
+                f"IP address {address} already allocated in subnet {catalog.public_subnet_id(site, subnet)}",
                 "IpAddressAlreadyAllocated",
             )
     else:
