@@ -374,14 +374,23 @@ class Item(dict):  # type: ignore[type-arg]
     `created_at` is Nova's `created`)."""
 
     __slots__ = ()
-    fields: frozenset[str] | None = None  # a `kept` item's: reading another is a bug, not a None
 
     def __getattr__(self, name: str) -> Any:
-        if self.fields is not None and name not in self.fields and not name.startswith("__"):
-            raise AttributeError(f"{name!r} is not kept in this listing (add it to the handler's `keep`)")
         if name == "created_at" and name not in self:
             return self.get("created")
         return self.get(name)
+
+
+class KeptItem(Item):
+    """A listed item holding only `fields` (`kept`): reading another field is a bug, not a None."""
+
+    __slots__ = ()
+    fields: frozenset[str] = frozenset()
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.fields and not name.startswith("__"):
+            raise AttributeError(f"{name!r} is not kept in this listing (add it to the handler's `keep`)")
+        return super().__getattr__(name)
 
 
 # What a listing keeps of each item: a field, and for a list of objects (a group's rules) the fields kept of each.
@@ -390,8 +399,8 @@ KEEP_ALWAYS: Keep = dict.fromkeys(("id", "name", "status", "description", "metad
 
 
 @functools.cache
-def _kept_type(fields: frozenset[str]) -> type[Item]:
-    return type("KeptItem", (Item,), {"__slots__": (), "fields": fields | {"created_at"}})
+def _kept_type(fields: frozenset[str]) -> type[KeptItem]:
+    return type("KeptItem", (KeptItem,), {"__slots__": (), "fields": fields})
 
 
 def kept(keep: Keep | None) -> Callable[[Mapping[str, Any]], Item]:
