@@ -1,7 +1,9 @@
 """The lists a class polls keep only the fields labctl reads (`session.kept`): the rest of each item is dropped, and
-reading a dropped field is an error, not a silent None."""
+reading a dropped field is an error, not a silent None. `read_kept` decodes a page straight into those fields."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from hypothesis import given
@@ -9,8 +11,8 @@ from hypothesis import strategies as st
 
 from labctl.providers.chameleon.leases import LEASE_FIELDS, lease_found
 from labctl.providers.chameleon.network import SecurityGroups, has_rules
-from labctl.providers.chameleon.servers import Servers, server_found
-from labctl.providers.chameleon.session import KEEP_ALWAYS, Item, kept, tags_of
+from labctl.providers.chameleon.servers import Keypairs, Servers, server_found
+from labctl.providers.chameleon.session import KEEP_ALWAYS, Item, kept, read_kept, tags_of
 
 SERVER = {
     "id": "s1", "name": "labctl-d1-node-1", "status": "ERROR", "created": "2026-12-05T06:00:00Z",
@@ -84,3 +86,47 @@ def test_a_kept_lease_reads_as_the_whole_one():
     assert lease_found(item) == lease_found(lease)
     assert lease_found(item).attrs["node_type"] == "compute_cascadelake" and lease_found(item).status == "error"
     assert "events" not in item and set(item["reservations"][0]) == {"id", "resource_properties"}
+
+
+def whole_then_kept(content: bytes, key: str, keep) -> list:
+    """What `raw_list` made of a page before `read_kept`: the whole JSON, then `kept` per item."""
+    return [kept(keep)(x.get(key[:-1], x) if key == "keypairs" else x) for x in json.loads(content).get(key) or []]
+
+
+def test_a_page_read_kept_is_the_whole_page_kept():
+    group = {"id": "g", "name": "sg", "description": "labctl:deployment=d1", "tenant_id": "p",
+             "security_group_rules": [{"id": "r1", "direction": "ingress", "protocol": "tcp", "port_range_min": 22,
+                                       "port_range_max": 22, "remote_ip_prefix": "0.0.0.0/0", "ethertype": "IPv4"}]}
+    for key, keep, items in (("servers", Servers.keep, [SERVER, {**SERVER, "id": "s2", "fault": None}]),
+                             ("security_groups", SecurityGroups.keep, [group]),
+                             ("keypairs", Keypairs.keep, [{"keypair": {"name": "k", "public_key": "ssh-ed25519 A c",
+                                                                       "fingerprint": "f", "type": "ssh"}}])):
+        content = json.dumps({key: items, f"{key}_links": [{"rel": "next", "href": "http://127.0.0.1/x"}]}).encode()
+        body = read_kept(content, key, keep)
+        assert body is not None and body[f"{key}_links"] == [{"rel": "next", "href": "http://127.0.0.1/x"}]
+        assert [x.get("keypair", x) for x in body[key]] == whole_then_kept(content, key, keep)
+    assert "hostId" not in read_kept(json.dumps({"servers": [SERVER]}).encode(), "servers", Servers.keep)["servers"][0]
+
+
+@pytest.mark.parametrize("content", [
+    b"not json", b"[]", b'{"servers": null}', b'{"servers": [1]}', b'{"servers": [{"id": NaN}]}',
+    b'{"security_groups": [{"security_group_rules": "none"}]}', b'{"keypairs": [{"name": "k"}]}',
+])
+def test_a_page_of_another_shape_is_left_to_the_whole_json(content):
+    key = next(k for k in ("servers", "security_groups", "keypairs") if k.encode() in content) \
+        if b"{" in content else "servers"
+    keep = {"servers": Servers.keep, "security_groups": SecurityGroups.keep, "keypairs": Keypairs.keep}[key]
+    assert read_kept(content, key, keep) is None
+    assert read_kept(b'{"servers": []}', "servers", None) is None  # nothing to keep: the whole JSON
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=8) | st.sampled_from(sorted({*KEEP_ALWAYS, *SecurityGroups.keep})),
+                                json_values, max_size=8), max_size=4))
+def test_read_kept_agrees_with_kept_or_declines(items):
+    content = json.dumps({"security_groups": items}).encode()
+    body = read_kept(content, "security_groups", SecurityGroups.keep)
+    if body is not None:
+        assert body["security_groups"] == whole_then_kept(content, "security_groups", SecurityGroups.keep)
+    else:  # declined only for a kept list that is not a list of objects
+        rules = [x.get("security_group_rules", []) for x in items]
+        assert any(not isinstance(r, list) or not all(isinstance(rule, dict) for rule in r) for r in rules)
