@@ -370,6 +370,29 @@ def test_rate_limiter_serves_lower_ranks_first_then_by_arrival():
     assert order == [4, 1, 3, 2, 0]
 
 
+def test_a_memo_computes_ahead_of_everyones_own_calls():
+    """A look-up every caller waits for is made ahead of the queue, whatever the rank of the caller that makes it."""
+    limiter = kit.RateLimiter(10, burst=1)
+    limiter.acquire()  # empty: the next token is 100 ms away
+    order, threads = _queue_behind_a_held_bucket(limiter, [0, 1, 2])
+    memo = kit.Memo()
+
+    def look_up() -> str:
+        limiter.acquire()
+        order.append("look-up")
+        return "m1.small"
+
+    def late_student():
+        with kit.rank(5):
+            assert memo.get("flavor", look_up) == "m1.small"
+
+    threads.append(threading.Thread(target=late_student))
+    threads[-1].start()
+    for t in threads:
+        t.join(10)
+    assert order == ["look-up", 0, 1, 2]
+
+
 def test_rate_limiter_keeps_the_rate_and_wakes_each_waiter_about_once(monkeypatch):
     limiter = kit.RateLimiter(200, burst=1)
     waits = []
