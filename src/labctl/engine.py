@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from labctl.errors import CloudError, Interrupted, NoCapacity
 from labctl.plan import KEEPABLE_KINDS, KIND_ORDER, LONG_WAIT_KINDS, Plan, Resource
 from labctl.providers.base import Found, Provider
+from labctl.providers.kit import ahead
 from labctl.redact import clean
 from labctl.state import StateStore
 
@@ -102,6 +103,12 @@ class Engine:
         raise CloudError(clean(f"{res.key} failed at {plan.site.name}: {f.error}", one_line=True))
 
     def _ensure(self, plan: Plan, res: Resource, found: dict[str, Found], attempts: dict[str, int]) -> Found:
+        if res.kind in LONG_WAIT_KINDS:  # its wait at the cloud starts with its create: ahead at the rate limit
+            with ahead():
+                return self._make(plan, res, found, attempts)
+        return self._make(plan, res, found, attempts)
+
+    def _make(self, plan: Plan, res: Resource, found: dict[str, Found], attempts: dict[str, int]) -> Found:
         existing = self.provider.find(res, plan)
         if existing is not None and existing.status in ("ready", "pending"):
             self._record(plan, res, "created", existing)

@@ -53,7 +53,8 @@ class WaitTimedOut(Transient):
 
 # -- rate limit and shared lists ---------------------------------------------------------------------------------
 _RANK: contextvars.ContextVar[float] = contextvars.ContextVar("labctl_rank", default=0.0)
-SHARED_RANK = -1.0  # a call many threads wait on (a poll round's list): served before anyone's own calls
+SHARED_RANK = -1e12  # a call many threads wait on (a poll round's list): served before anyone's own calls
+AHEAD = 1e9  # what `ahead` takes off a rank: more than any class's roster position
 
 
 @contextlib.contextmanager
@@ -67,6 +68,15 @@ def rank(position: float) -> Iterator[None]:
         yield
     finally:
         _RANK.reset(token)
+
+
+@contextlib.contextmanager
+def ahead() -> Iterator[None]:
+    """Calls made inside wait for the rate limit before every call made outside `ahead` except shared ones, in
+    the order of their ranks: a class's creates that start a long wait at the cloud (a lease's start, a boot) go
+    before the other students' key pairs and security groups, which nothing waits for that long."""
+    with rank(_RANK.get() - AHEAD):
+        yield
 
 
 _QUEUED = threading.local()  # .seconds: how long this thread has waited for rate limits, in total
