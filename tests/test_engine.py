@@ -10,6 +10,7 @@ import pytest
 from labctl.engine import Engine
 from labctl.errors import NoCapacity, QuotaExceeded
 from labctl.plan import NodePlan, Plan, Resource
+from labctl.providers import kit
 from labctl.providers.base import Found
 from labctl.state import StateStore
 
@@ -314,3 +315,25 @@ def test_creates_run_in_the_callers_context(store):
     finally:
         marker.reset(token)
     assert seen == dict.fromkeys(["keypair", "reservation:n", "server:n-1", "floating_ip:n-1"], "student-7")
+
+
+def test_creates_that_start_a_long_wait_go_ahead_at_the_rate_limit(store):
+    """A lease or a server is found and made under a rank ahead of the student's other calls (`kit.ahead`)."""
+    ranks: dict[str, float] = {}
+
+    class RankedCloud(MemoryCloud):
+        def find(self, res, plan):
+            ranks[f"find {res.kind}"] = kit.current_rank()
+            return super().find(res, plan)
+
+        def create(self, res, plan, deps, candidate):
+            ranks[f"create {res.kind}"] = kit.current_rank()
+            return super().create(res, plan, deps, candidate)
+
+    engine = Engine(RankedCloud(capacity={"big": 1}), store)
+    with kit.rank(7):  # the student's place in the roster
+        engine.apply(make_plan())
+    assert ranks["find keypair"] == ranks["create keypair"] == 7
+    for kind in ("reservation", "server"):
+        assert ranks[f"find {kind}"] == ranks[f"create {kind}"] == 7 - kit.AHEAD
+    assert kit.SHARED_RANK < 7 - kit.AHEAD  # a shared list every student waits on still goes first

@@ -70,12 +70,17 @@ def rank(position: float) -> Iterator[None]:
         _RANK.reset(token)
 
 
+def current_rank() -> float:
+    """The rank calls made here wait for the rate limit with (`rank`, `ahead`)."""
+    return _RANK.get()
+
+
 @contextlib.contextmanager
 def ahead() -> Iterator[None]:
     """Calls made inside wait for the rate limit before every call made outside `ahead` except shared ones, in
     the order of their ranks: a class's creates that start a long wait at the cloud (a lease's start, a boot) go
     before the other students' key pairs and security groups, which nothing waits for that long."""
-    with rank(_RANK.get() - AHEAD):
+    with rank(current_rank() - AHEAD):
         yield
 
 
@@ -117,7 +122,7 @@ class RateLimiter:
         if not self.rate:
             return
         arrived = time.monotonic()
-        me = (_RANK.get(), next(self._arrivals), threading.Event())
+        me = (current_rank(), next(self._arrivals), threading.Event())
         with self.lock:
             # Ahead of a head that sleeps for its token, we wait for it ourselves; it wakes when its timer runs out,
             # sees it is no longer first, and waits untimed for its turn.
