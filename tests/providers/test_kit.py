@@ -272,6 +272,34 @@ def test_snapshot_shares_one_fetch_until_its_ttl_or_a_newer_change():
     assert snap.get(lambda: fetched.append(1) or len(fetched), newer_than=time.monotonic()) == 2
 
 
+def test_snapshot_refetches_for_newer_changes_at_most_once_per_gap_and_never_older():
+    """Callers that each need a list newer than their own change, arriving within the gap, share one fetch;
+    every caller gets a list that started after its change."""
+    snap = Snapshot(ttl=10, min_gap=0.2)
+    starts: list[float] = []
+
+    def fetch():
+        starts.append(time.monotonic())
+        return starts[-1]
+
+    snap.get(fetch)
+    got: list[tuple[float, float]] = []
+
+    def caller():
+        changed = time.monotonic()
+        got.append((changed, snap.get(fetch, newer_than=changed)))
+
+    threads = []
+    for _ in range(8):
+        threads.append(threading.Thread(target=caller))
+        threads[-1].start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(10)
+    assert len(starts) == 2 and starts[1] - starts[0] >= 0.2  # one fetch for the eight, after the gap
+    assert all(started >= changed for changed, started in got)
+
+
 # -- handler table and the shared wait -----------------------------------------------------------------------------
 TABLE = HandlerTable("test")
 

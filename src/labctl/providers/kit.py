@@ -150,24 +150,32 @@ class Snapshot:
 
     Concurrent callers within `ttl` seconds get the same result; the lock makes the others wait for the
     one call in flight instead of sending their own. A caller that must see its own changes passes
-    `newer_than` (a `time.monotonic()` value): a result whose call started before then is fetched again.
+    `newer_than` (a `time.monotonic()` value): a result whose call started before then is fetched again, but
+    not sooner than `min_gap` seconds after the last call started, so that the callers who come meanwhile share
+    it (a class's twin checks after creating its security groups listed them every 60 ms, back to back).
     """
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, min_gap: float = 0.0) -> None:
         self.ttl = ttl
+        self.min_gap = min_gap
         self.lock = threading.Lock()
         self.at = -1e18
         self.started = -1e18
         self.value: Any = None
 
     def get(self, fetch: Callable[[], Any], newer_than: float = -1e18) -> Any:
-        with self.lock:
-            if self.value is None or time.monotonic() - self.at >= self.ttl or self.started < newer_than:
-                started = time.monotonic()
-                with rank(SHARED_RANK):  # every thread waits on this call: ahead of anyone's own calls
-                    self.value = fetch()
-                self.at, self.started = time.monotonic(), started
-            return self.value
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                if self.value is not None and now - self.at < self.ttl and self.started >= newer_than:
+                    return self.value
+                wait = self.started + self.min_gap - now if self.value is not None else 0.0
+                if wait <= 0:
+                    with rank(SHARED_RANK):  # every thread waits on this call: ahead of anyone's own calls
+                        self.value = fetch()
+                    self.at, self.started = time.monotonic(), now
+                    return self.value
+            time.sleep(wait)  # not holding the lock: callers the last result still serves get it meanwhile
 
 
 class Memo:

@@ -250,7 +250,7 @@ class Session:
         """Everything of one kind in the project, from a list shared with the other deployments of a class (their
         finds before creating, their teardowns); fetched again after `plan`'s own deletes, and when the list
         was fetched before `newer_than` (a `time.monotonic()` value)."""
-        snap = self.owned_lists.get(what, lambda: Snapshot(max(self.poll_interval, 1.0)))
+        snap = self.owned_lists.get(what, lambda: Snapshot(max(self.poll_interval, 1.0), self.poll_interval / 2))
         if plan is not None:
             newer_than = max(newer_than, self.deleted_at.peek(plan.deployment, -1e18))
         return snap.get(lambda: self.call(f"list {what}", fetch), newer_than=newer_than)
