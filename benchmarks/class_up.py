@@ -337,12 +337,13 @@ def lower_bound(shapes: list[dict[str, Any]], calls_by_label: dict[str, int], en
     assert best is not None
     chain = best["chain"]
     rate_term = busiest_site_requests / rate_s
-    creates = max(((creates_path(shape, envs_by_site[shape["site"]], latency_s, rate_s, burst), shape["site"])
-                   for shape in shapes if (envs_by_site or {}).get(shape["site"])), default=((0.0, ""), ""))
-    return {"bound": max(best["path"], rate_term, creates[0][0]), "path": best["path"], "rate_term": rate_term,
+    creates, kind, site = max(((*creates_path(shape, envs_by_site[shape["site"]], latency_s, rate_s, burst),
+                                shape["site"]) for shape in shapes if (envs_by_site or {}).get(shape["site"])),
+                              default=(0.0, "", ""))
+    return {"bound": max(best["path"], rate_term, creates), "path": best["path"], "rate_term": rate_term,
             "chain": chain, "site": best["site"], "sequential_calls": sum(c for _, c, _ in chain),
             "delays": sum(d for _, _, d in chain),
-            "creates_path": creates[0][0], "creates_path_kind": creates[0][1], "creates_path_site": creates[1]}
+            "creates_path": creates, "creates_path_kind": kind, "creates_path_site": site}
 
 
 def creates_path(shape: dict[str, Any], envs: int, latency_s: float, rate_s: float, burst: float) -> tuple[float, str]:
@@ -579,7 +580,7 @@ def run_labctl(a: argparse.Namespace) -> int:
         tracemalloc.start()
     from labctl import classroom, service
     from labctl.engine import Engine
-    from labctl.providers.kit import RateLimiter
+    from labctl.providers.kit import BURST
 
     scale = a.time_scale
     shapes = {site: lab_shape(a.lab, site, scale) for site in a.sites}
@@ -674,7 +675,7 @@ def run_labctl(a: argparse.Namespace) -> int:
     per_site = Counter(r["site"] for r in up_requests)
     bound = lower_bound([add_delays(shape) for shape in shapes.values()], by_label, a.students,
                         max(per_site.values(), default=0), a.latency * scale, a.rate / scale,
-                        envs_by_site=dict(envs_by_site), burst=RateLimiter(None).capacity)
+                        envs_by_site=dict(envs_by_site), burst=BURST)
     write_result(a.result, {
         "who": "labctl", "students": a.students, "wall": wall, "cpu": cpu, "ssh_cpu": ssh_cpu_up,
         "machine_cpu": machine_cpu, "cores": os.cpu_count(),

@@ -6,6 +6,7 @@ after a crash first asks the provider to find each resource by name and tags, so
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 from collections.abc import Callable
@@ -103,10 +104,9 @@ class Engine:
         raise CloudError(clean(f"{res.key} failed at {plan.site.name}: {f.error}", one_line=True))
 
     def _ensure(self, plan: Plan, res: Resource, found: dict[str, Found], attempts: dict[str, int]) -> Found:
-        if res.kind in LONG_WAIT_KINDS:  # its wait at the cloud starts with its create: ahead at the rate limit
-            with ahead():
-                return self._make(plan, res, found, attempts)
-        return self._make(plan, res, found, attempts)
+        # A lease's or a server's wait at the cloud starts with its create: it goes ahead at the rate limit.
+        with ahead() if res.kind in LONG_WAIT_KINDS else contextlib.nullcontext():
+            return self._make(plan, res, found, attempts)
 
     def _make(self, plan: Plan, res: Resource, found: dict[str, Found], attempts: dict[str, int]) -> Found:
         existing = self.provider.find(res, plan)

@@ -102,6 +102,9 @@ class CloudClock:
         return max(0.0, time.monotonic() - self.started - (_queued_seconds() - self.queued))
 
 
+BURST = 5  # calls a rate limiter lets through at once before its rate applies
+
+
 class RateLimiter:
     """A client-side token bucket shared by the threads of one adapter: at most `rate` calls per second.
 
@@ -109,7 +112,7 @@ class RateLimiter:
     wakes the next when it leaves: one wake-up per call, however many threads wait (polling sleepers woke every
     few milliseconds each, which cost more CPU the bigger the class)."""
 
-    def __init__(self, rate: float | None, burst: int = 5) -> None:
+    def __init__(self, rate: float | None, burst: int = BURST) -> None:
         self.rate = rate
         self.capacity = float(max(1, burst))
         self.tokens = self.capacity
