@@ -40,3 +40,22 @@ def test_run_sync_from_inside_a_running_loop_uses_the_same_pool():
         return run_sync(inner)
 
     assert asyncio.run(outer()).startswith("labctl-ssh-io")
+
+
+def test_closing_a_loop_starts_no_thread(monkeypatch):
+    """asyncio's own shutdown starts a thread per loop to shut its default executor down; the shared pool outlives
+    every loop, so closing one must not (a thread per node's setup in a class)."""
+    async def setup() -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: 1)
+
+    assert run_sync(setup) == 1  # the pool's threads exist now
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(self: threading.Thread) -> None:
+        started.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    assert [run_sync(setup) for _ in range(5)] == [1] * 5
+    assert started == []

@@ -106,9 +106,21 @@ def shared_executor() -> SharedExecutor:
         return _shared[0]
 
 
-async def _on_shared_executor(factory: Callable[[], Any]) -> Any:
-    asyncio.get_running_loop().set_default_executor(shared_executor())
-    return await factory()
+class _SharedPoolLoop(asyncio.SelectorEventLoop):
+    """An event loop whose blocking work goes to the `SharedExecutor`. Closing it leaves the pool alone: asyncio's
+    own shutdown starts a thread per loop to shut the pool down, a tenth of labctl's CPU in a class's SSH phase."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_default_executor(shared_executor())
+
+    async def shutdown_default_executor(self, *args: Any) -> None:
+        return None
+
+
+def _run_on_own_loop(factory: Callable[[], Any]) -> Any:
+    with asyncio.Runner(loop_factory=_SharedPoolLoop) as runner:
+        return runner.run(factory())
 
 
 def run_sync(factory: Callable[[], Any]) -> Any:
@@ -117,12 +129,12 @@ def run_sync(factory: Callable[[], Any]) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_on_shared_executor(factory))
+        return _run_on_own_loop(factory)
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(_on_shared_executor(factory))
+            box["value"] = _run_on_own_loop(factory)
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 
