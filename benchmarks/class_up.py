@@ -934,7 +934,7 @@ def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] |
         "emulator_cpu_s": emulator_cpu, "nodes_cpu_s": nodes_cpu,
         # This machine during class up: every process's CPU (the emulated cloud and its nodes share these cores
         # with labctl). What the others used, spread over every core, is a floor no client beats here.
-        "machine": machine_figures(lab),
+        "machine": machine_figures(lab, parts["path"], nodes_cpu),
         "emulator_cpu_ms_per_call": emulator_cpu / max(1, lab["requests"]) * 1000,
         "peak_rss_mib": lab["peak_rss_mib"],
         "emulator_peak_rss_mib": {k: u.get("peak_rss_mib") for k, u in lab["emulators"].items()},
@@ -950,13 +950,19 @@ def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] |
     }
 
 
-def machine_figures(lab: dict[str, Any]) -> dict[str, Any] | None:
+def machine_figures(lab: dict[str, Any], api_path: float, nodes_cpu: float) -> dict[str, Any] | None:
+    """Every process's CPU on this machine during class up, and two floors no client beats here: what the other
+    processes used, spread over every core; and the nodes' own work (their machines, the setup steps' commands),
+    which starts when the first environment's API path has brought a node up, then spread over every core. The
+    lower bound counts neither: on a real cloud the nodes have CPUs of their own."""
     machine_cpu, cores = lab.get("machine_cpu"), lab.get("cores") or 1
     if machine_cpu is None:
         return None
     others_floor = max(0.0, machine_cpu - lab["cpu"]) / cores
+    nodes_floor = api_path + nodes_cpu / cores
     return {"cpu_s": machine_cpu, "cores": cores, "busy": machine_cpu / (lab["wall"] * cores),
-            "others_floor_s": others_floor}
+            "others_floor_s": others_floor, "nodes_floor_s": nodes_floor,
+            "wall_over_nodes_floor": lab["wall"] / nodes_floor if nodes_floor else None}
 
 
 def git_commit() -> str | None:
@@ -1037,7 +1043,8 @@ def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | No
     if (mach := sm["machine"]) is not None:
         print(f"this machine during class up: {mach['cpu_s']:.1f} s of CPU by every process on {mach['cores']} "
               f"cores ({mach['busy']:.0%} busy); what the others (emulators, nodes, anything else) used, spread "
-              f"over the cores: {mach['others_floor_s']:.1f} s")
+              f"over the cores: {mach['others_floor_s']:.1f} s; the nodes' own work after the first environment's API "
+              f"path: {mach['nodes_floor_s']:.1f} s (wall / that floor: {mach['wall_over_nodes_floor']:.2f})")
     ph = sm["ssh_phase_s"]
     if ph["min"] is not None:
         print(f"SSH phase per environment (first SSH wait to setup done: wait for the node, pin its host key, "

@@ -50,3 +50,13 @@ def test_the_bound_takes_the_creates_path_only_where_environments_ran():
     without = class_up.lower_bound([shape], calls, 250, 1250, 0.03, 100)
     assert with_envs["creates_path"] == pytest.approx(70.01) and with_envs["bound"] == with_envs["creates_path"]
     assert without["creates_path"] == 0.0 and without["bound"] == max(without["path"], without["rate_term"])
+
+
+def test_the_nodes_floor_starts_after_the_api_path_and_spreads_their_work_over_the_cores():
+    # 200 nodes' own work (20 s of CPU) on 2 cores, after a 9.1 s API path: no client finishes before 19.1 s here.
+    lab = {"machine_cpu": 40.0, "cores": 2, "cpu": 8.0, "wall": 28.65}
+    figures = class_up.machine_figures(lab, api_path=9.1, nodes_cpu=20.0)
+    assert figures["nodes_floor_s"] == pytest.approx(9.1 + 20.0 / 2)
+    assert figures["wall_over_nodes_floor"] == pytest.approx(28.65 / 19.1)
+    assert figures["others_floor_s"] == pytest.approx((40.0 - 8.0) / 2)
+    assert class_up.machine_figures({**lab, "machine_cpu": None}, 9.1, 20.0) is None  # no /proc/stat
