@@ -220,6 +220,22 @@ class ThreadCpu:
         setattr(module, name, wrapper)
 
 
+def ssh_threads_cpu() -> float:
+    """CPU time of labctl's SSH threads (the one SSH loop's and its pool's: `labctl.runner.reach`), from their own
+    clocks in /proc; 0 where there is none."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for thread in threading.enumerate():
+        if not thread.name.startswith("labctl-ssh") or not thread.native_id:
+            continue
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
@@ -594,8 +610,9 @@ def run_labctl(a: argparse.Namespace) -> int:
     counter.install()
     counter.wrap(Engine, "_ensure", lambda self, plan, res, *rest, **kw: res.kind)
     counter.wrap(Engine, "_wait", WAIT)
-    # labctl's SSH phase (waiting for the nodes, pinning host keys, setup: one `run_setup` with `wait_first`) runs
-    # in each environment's thread, on an event loop of its own: its CPU is told apart from the API path's.
+    # labctl's SSH phase (waiting for the nodes, pinning host keys, setup: one `run_setup` with `wait_first`) starts
+    # in each environment's thread and runs on the process's one SSH loop: both parts' CPU is told apart from the
+    # API path's.
     from labctl.runner import ssh as runner
 
     ssh_cpu = ThreadCpu()
@@ -632,13 +649,13 @@ def run_labctl(a: argparse.Namespace) -> int:
         f"{a.concurrency} per site, rate {a.rate / scale:g}/s per site, latency {a.latency * scale * 1000:g} ms, "
         f"time scale {scale:g})")
     profiles = profile_threads() if os.environ.get("LABCTL_BENCH_PROFILE") else None  # class up's threads
-    cpu0, machine0 = cpu_seconds(), machine_cpu_seconds()
+    cpu0, machine0, ssh_threads0 = cpu_seconds(), machine_cpu_seconds(), ssh_threads_cpu()
     started = time.perf_counter()
     results = classroom.class_up(ctx, opts, classroom.ClassEvents(student=student, finished=finished))
     wall = time.perf_counter() - started
     cpu = cpu_seconds() - cpu0
     machine_cpu = (machine_cpu_seconds() or 0.0) - machine0 if machine0 is not None else None
-    ssh_cpu_up = ssh_cpu.seconds
+    ssh_cpu_up = ssh_cpu.seconds + ssh_threads_cpu() - ssh_threads0  # the callers' part, and the SSH loop's
     if a.timeline:
         shift = started - counter.t0
         Path(a.timeline).write_text(json.dumps({"events": timeline, "requests": [

@@ -127,6 +127,29 @@ def test_sftp_upload_lands_in_home(lab, tmp_path):
     assert results["n2"].ok and results["n2"].failed_step is None
 
 
+def test_a_slow_state_store_for_one_node_does_not_hold_up_another(lab, tmp_path):
+    """Every node's SSH shares one event loop: the state store's calls (a database, maybe across the network) run
+    off it, so while one node's write waits the other nodes' steps go on."""
+    _wait(lab)
+
+    class SlowForN1(type(lab.store)):
+        def mark_step(self, node: str, index: int, name: str, status: str, detail: str = "") -> None:
+            if node == "n1" and status == "running":
+                time.sleep(1.0)
+            super().mark_step(node, index, name, status, detail)
+
+    store = SlowForN1()
+    store.keys = dict(lab.store.keys)
+    seen: list[tuple[float, str, str]] = []
+    steps = [SetupStep(0, "s", ["n1", "n2"], "true", [], 20)]
+    results = run_setup(lab.targets, steps, lab.key.private_path, store, store, tmp_path / "logs",
+                        on_event=lambda node, step, status: seen.append((time.monotonic(), node, status)))
+    assert results["n1"].ok and results["n2"].ok
+    n1_running = next(t for t, node, status in seen if (node, status) == ("n1", "running"))
+    n2_done = next(t for t, node, status in seen if (node, status) == ("n2", "done"))
+    assert n2_done < n1_running
+
+
 def test_run_setup_order_logs_failure_and_resume(lab, tmp_path):
     both = ["n1", "n2"]
     fail_once = (

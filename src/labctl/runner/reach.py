@@ -16,13 +16,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from labctl.errors import SetupFailed
 
@@ -82,7 +83,9 @@ class SSHBlocked(SetupFailed):
 
 
 # -- plumbing ---------------------------------------------------------------------------------------------
-BLOCKING_WORKERS = 4  # threads shared by every event loop here for blocking work (asyncssh's option set-up)
+T = TypeVar("T")
+# Threads shared by every event loop here for blocking work: asyncssh's option set-up, the state store's calls.
+BLOCKING_WORKERS = 8
 
 
 class SharedExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -123,13 +126,55 @@ def _run_on_own_loop(factory: Callable[[], Any]) -> Any:
         return runner.run(factory())
 
 
+_ssh_loops: list[_SharedPoolLoop] = []
+_ssh_loop_lock = threading.Lock()
+os.register_at_fork(after_in_child=_ssh_loops.clear)  # a forked child has the loop but not its thread
+CANCEL_GRACE = 10.0  # seconds an interrupted caller waits for its coroutine's own clean-up (step marks, closing)
+
+
+def ssh_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for SSH, in a thread of its own: every node's connections and sessions, however
+    many environments set up at once. A loop (and a thread) per environment made their wake-ups fight over the GIL:
+    a fifth of labctl's CPU in a class of 200. What blocks runs in the shared pool (`off_loop`)."""
+    with _ssh_loop_lock:
+        if not _ssh_loops:
+            loop = _SharedPoolLoop()
+            threading.Thread(target=loop.run_forever, name="labctl-ssh-loop", daemon=True).start()
+            _ssh_loops.append(loop)
+        return _ssh_loops[0]
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in the shared pool, not on the loop: the state store (maybe a database across the network) would
+    stall every node's SSH while one call waits."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+def _run_on_ssh_loop(factory: Callable[[], Any]) -> Any:
+    finished = threading.Event()
+
+    async def run() -> Any:
+        try:
+            return await factory()
+        finally:
+            finished.set()
+
+    future = asyncio.run_coroutine_threadsafe(run(), ssh_loop())
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()  # Ctrl-C here: the coroutine marks its steps and closes its connections before we go on
+        finished.wait(CANCEL_GRACE)
+        raise
+
+
 def run_sync(factory: Callable[[], Any]) -> Any:
-    """Run the coroutine made by `factory` to completion, from sync code or from inside a running loop (on a
-    loop of its own, whose blocking work goes to the `SharedExecutor`)."""
+    """Run the coroutine made by `factory` to completion on the SSH loop, from sync code; from inside a running
+    loop, on a loop of its own in another thread (blocking a running loop on the SSH loop could wait on itself)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _run_on_own_loop(factory)
+        return _run_on_ssh_loop(factory)
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -176,7 +221,7 @@ async def connect_pinning(target: NodeTarget, key_path: Path, hostkeys: HostKeyS
     then refuses labctl's key."""
     import asyncssh
 
-    pinned = hostkeys.get_host_key(target.name)
+    pinned = await off_loop(hostkeys.get_host_key, target.name)
     if pinned:
         return await connect(target, key_path, pinned, timeout, tunnel)
     shown: list[Any] = []
@@ -192,7 +237,7 @@ async def connect_pinning(target: NodeTarget, key_path: Path, hostkeys: HostKeyS
     finally:
         if shown:
             line = key_line(shown[0])
-            hostkeys.pin_host_key(target.name, target.host, target.port, line)
+            await off_loop(hostkeys.pin_host_key, target.name, target.host, target.port, line)
             if on_stage:
                 from labctl.keys import fingerprint
 
