@@ -55,8 +55,18 @@ def test_the_bound_takes_the_creates_path_only_where_environments_ran():
 def test_the_nodes_floor_starts_after_the_api_path_and_spreads_their_work_over_the_cores():
     # 200 nodes' own work (20 s of CPU) on 2 cores, after a 9.1 s API path: no client finishes before 19.1 s here.
     lab = {"machine_cpu": 40.0, "cores": 2, "cpu": 8.0, "wall": 28.65}
-    figures = class_up.machine_figures(lab, api_path=9.1, nodes_cpu=20.0)
+    figures = class_up.machine_figures(lab, first_path=9.1, nodes_cpu=20.0)
     assert figures["nodes_floor_s"] == pytest.approx(9.1 + 20.0 / 2)
     assert figures["wall_over_nodes_floor"] == pytest.approx(28.65 / 19.1)
     assert figures["others_floor_s"] == pytest.approx((40.0 - 8.0) / 2)
     assert class_up.machine_figures({**lab, "machine_cpu": None}, 9.1, 20.0) is None  # no /proc/stat
+
+
+def test_the_first_path_is_the_quickest_sites():
+    # A class on a VM site and a bare-metal one: its first nodes are up after the VM site's path, not the other's.
+    vm = {**HELLO, "site": "sim:kvm@tacc", "real_site": "kvm@tacc", "delays": {"reservation": 3.0, "server": 6.0}}
+    metal = {**HELLO, "site": "sim:chi@uc", "real_site": "chi@uc", "delays": {"reservation": 3.0, "server": 60.0}}
+    calls = {kind: 500 for kind in HELLO["per_kind"]}
+    bound = class_up.lower_bound([metal, vm], calls, 500, 1000, latency_s=0.03, rate_s=100)
+    assert bound["first_path"] == pytest.approx(3 * 0.03 + 3.0 + 6.0)
+    assert bound["path"] == pytest.approx(3 * 0.03 + 3.0 + 60.0)
