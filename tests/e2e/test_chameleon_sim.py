@@ -6,6 +6,7 @@ emulator's own view of the world, not labctl's word for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def test_sigkill_during_setup_then_resume(labctl_env, tmp_path):
         if not state_db.exists():
             return False
         try:
-            with sqlite3.connect(state_db, timeout=1) as db:
+            with contextlib.closing(sqlite3.connect(state_db, timeout=1)) as db:
                 rows = db.execute("SELECT count(*) FROM setup_steps WHERE step_name='wait' AND status='running'")
                 return rows.fetchone()[0] >= 2
         except sqlite3.OperationalError:

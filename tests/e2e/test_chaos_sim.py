@@ -10,6 +10,7 @@ leftovers, wall time) are printed at the end: run with `-s` to see them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -71,7 +72,8 @@ class ServerFaults:
                 return server["metadata"].get("labctl:deployment")
         if not self.state_db.exists():
             return None
-        with sqlite3.connect(self.state_db, timeout=30) as db:  # then labctl's "launching again" event
+        # then labctl's "launching again" event
+        with contextlib.closing(sqlite3.connect(self.state_db, timeout=30)) as db:
             try:
                 row = db.execute("SELECT deployment_id FROM events WHERE message LIKE ?", (f"%{tag}%",)).fetchone()
             except sqlite3.OperationalError:  # no tables yet
@@ -199,7 +201,7 @@ def test_class_of_50_under_faults_and_20_kills_ends_with_each_student_up_once_th
         assert not unexpected, f"run {run_no}: students failed for another reason than injected server faults"
         if failed:
             print(f"CHAOS run {run_no}: {len(failed)} failed after two server faults: {failed}")
-            with sqlite3.connect(Path(labctl_env["LABCTL_STATE_DIR"]) / "state.db") as db:
+            with contextlib.closing(sqlite3.connect(Path(labctl_env["LABCTL_STATE_DIR"]) / "state.db")) as db:
                 for r in failed:
                     events = db.execute("SELECT at, message FROM events WHERE deployment_id = ? ORDER BY id",
                                         (r["deployment"],)).fetchall()

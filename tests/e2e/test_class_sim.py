@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
 import sqlite3
@@ -62,7 +63,7 @@ def labctl_servers(w, site="kvm@tacc"):
 
 def known_hosts(env, path: Path, port: int) -> Path:
     """The host keys labctl pinned, for the port this process serves the emulated nodes on."""
-    with sqlite3.connect(Path(env["LABCTL_STATE_DIR"]) / "state.db") as db:
+    with contextlib.closing(sqlite3.connect(Path(env["LABCTL_STATE_DIR"]) / "state.db")) as db:
         rows = db.execute("SELECT host, key FROM host_keys").fetchall()
     path.write_text("".join(f"[{h}]:{port} {k}\n" for h, k in rows))
     return path

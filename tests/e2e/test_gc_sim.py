@@ -10,6 +10,7 @@ the untagged decoy are still there.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 from collections import Counter
@@ -181,7 +182,7 @@ def reached(state_db: Path, kind: str, statuses: tuple[str, ...]) -> bool:
     if not state_db.exists():
         return False
     try:
-        with sqlite3.connect(state_db, timeout=5) as db:
+        with contextlib.closing(sqlite3.connect(state_db, timeout=5)) as db:
             marks = ",".join("?" * len(statuses))
             return bool(db.execute(f"SELECT 1 FROM resources WHERE kind=? AND status IN ({marks})",
                                    (kind, *statuses)).fetchone())

@@ -110,8 +110,8 @@ def shared_executor() -> SharedExecutor:
 
 
 class _SharedPoolLoop(asyncio.SelectorEventLoop):
-    """An event loop whose blocking work goes to the `SharedExecutor`. Closing it leaves the pool alone: asyncio's
-    own shutdown starts a thread per loop to shut the pool down, a tenth of labctl's CPU in a class's SSH phase."""
+    """An event loop whose blocking work goes to the `SharedExecutor`. Closing one (`run_sync` from inside another
+    loop runs on a loop of its own) leaves the pool alone: asyncio's shutdown would start a thread to shut it down."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,7 +135,7 @@ CANCEL_GRACE = 10.0  # seconds an interrupted caller waits for its coroutine's o
 def ssh_loop() -> asyncio.AbstractEventLoop:
     """The process's one event loop for SSH, in a thread of its own: every node's connections and sessions, however
     many environments set up at once. A loop (and a thread) per environment made their wake-ups fight over the GIL:
-    a fifth of labctl's CPU in a class of 200. What blocks runs in the shared pool (`off_loop`)."""
+    a third of the SSH phase's CPU in a class of 200. What blocks runs in the shared pool (`off_loop`)."""
     with _ssh_loop_lock:
         if not _ssh_loops:
             loop = _SharedPoolLoop()
