@@ -954,7 +954,7 @@ def summarize(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] |
         "emulator_cpu_s": emulator_cpu, "nodes_cpu_s": nodes_cpu,
         # This machine during class up: every process's CPU (the emulated cloud and its nodes share these cores
         # with labctl). What the others used, spread over every core, is a floor no client beats here.
-        "machine": machine_figures(lab, parts.get("first_path", parts["path"]), nodes_cpu),
+        "machine": machine_figures(lab, parts["first_path"], nodes_cpu),
         "emulator_cpu_ms_per_call": emulator_cpu / max(1, lab["requests"]) * 1000,
         "peak_rss_mib": lab["peak_rss_mib"],
         "emulator_peak_rss_mib": {k: u.get("peak_rss_mib") for k, u in lab["emulators"].items()},
@@ -1063,8 +1063,8 @@ def report(a: argparse.Namespace, lab: dict[str, Any], base: dict[str, Any] | No
     if (mach := sm["machine"]) is not None:
         print(f"this machine during class up: {mach['cpu_s']:.1f} s of CPU by every process on {mach['cores']} "
               f"cores ({mach['busy']:.0%} busy); what the others (emulators, nodes, anything else) used, spread "
-              f"over the cores: {mach['others_floor_s']:.1f} s; the nodes' own work after the first environment's API "
-              f"path: {mach['nodes_floor_s']:.1f} s (wall / that floor: {mach['wall_over_nodes_floor']:.2f})")
+              f"over the cores: {mach['others_floor_s']:.1f} s; the nodes' own work after the shortest API path: "
+              f"{mach['nodes_floor_s']:.1f} s (wall / that floor: {mach['wall_over_nodes_floor']:.2f})")
     ph = sm["ssh_phase_s"]
     if ph["min"] is not None:
         print(f"SSH phase per environment (first SSH wait to setup done: wait for the node, pin its host key, "
