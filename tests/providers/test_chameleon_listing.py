@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from labctl.providers.chameleon.leases import LEASE_FIELDS, lease_found
 from labctl.providers.chameleon.network import SecurityGroups, has_rules
 from labctl.providers.chameleon.servers import Keypairs, Servers, server_found
-from labctl.providers.chameleon.session import KEEP_ALWAYS, Item, Listed, kept, read_kept, tags_of
+from labctl.providers.chameleon.session import KEEP_ALWAYS, Item, kept, read_kept, tags_of
 
 SERVER = {
     "id": "s1", "name": "labctl-d1-node-1", "status": "ERROR", "created": "2026-12-05T06:00:00Z",
@@ -130,46 +130,3 @@ def test_read_kept_agrees_with_kept_or_declines(items):
     else:  # declined only for a kept list that is not a list of objects
         rules = [x.get("security_group_rules", []) for x in items]
         assert any(not isinstance(r, list) or not all(isinstance(rule, dict) for rule in r) for r in rules)
-
-
-
-class _Fetched:
-    """What a handler's `listing` reads: the project's list as last fetched (a new list object per fetch)."""
-
-    def __init__(self) -> None:
-        self.items: list[Item] = []
-
-    def project_list(self, what, fetch, plan, *, newer_than=-1e18):
-        return self.items
-
-
-class _Things(Listed):
-    kind, gone = "thing", ("DELETED", "SOFT_DELETED")
-
-
-class _CountedItem(Item):
-    names_read = 0
-
-    def __getattr__(self, name: str):
-        if name == "name":
-            _CountedItem.names_read += 1
-        return super().__getattr__(name)
-
-
-listed_items = st.lists(st.builds(lambda n, s, i: _CountedItem({"id": f"i{i}", "name": f"n{n}", "status": s}),
-                                  st.integers(0, 4), st.sampled_from(["ACTIVE", "ERROR", "DELETED", "SOFT_DELETED"]),
-                                  st.integers(0, 10**6)), max_size=30)
-
-
-@given(listed_items, listed_items, st.integers(0, 4))
-def test_by_name_is_the_live_listing_s_items_of_that_name_and_follows_each_fetch(first, second, n):
-    ctx = _Fetched()
-    things = _Things(ctx)
-    for items in (first, second):
-        ctx.items = list(items)  # a fetch: a new list
-        live = [i for i in items if i.status not in ("DELETED", "SOFT_DELETED")]
-        assert list(things.listing(None)) == live
-        assert things.by_name(f"n{n}", None) == [i for i in live if i.name == f"n{n}"]
-        read = _CountedItem.names_read
-        things.by_name(f"n{n + 1}", None)
-        assert _CountedItem.names_read == read  # one index per fetched list, not a scan per look-up

@@ -39,7 +39,7 @@ class Keypairs(Listed):
     def lookup(self, res: Resource, plan: Plan, *, shared: bool) -> Found | None:
         if shared:  # the class's one list of key pairs (they come with their public keys)
             since = self.ctx.written(self.kind, res.name)
-            kp = next(iter(self.by_name(res.name, plan, since)), None)
+            kp = next((k for k in self.listing(plan, since) if k.name == res.name), None)
         else:  # one GET /os-keypairs/NAME (find_keypair would also list every key pair after a 404)
             kp = self.ctx.call("get keypair", lambda: self.ctx.conn.compute.get_keypair(res.name), missing_ok=True)
         if kp is None:
