@@ -172,6 +172,8 @@ def test_yaml_alias_bomb_and_self_reference(tmp_path: Path) -> None:
 
 def test_yaml_value_errors_are_profile_errors(tmp_path: Path) -> None:
     assert "YAML value error" in _yaml_error(tmp_path, "a: !!timestamp 2001-02-30\n")
+    # no date at all (PyYAML's own constructor failed with an AttributeError; found by test_profile_fuzz)
+    assert "not a timestamp: '2001-13-45# x'" in _yaml_error(tmp_path, "!!timestamp 2001-13-45# x\n")
     assert "YAML value error" in _yaml_error(tmp_path, "a: " + "1" * 5000 + "\n")
     # dates are plain strings in a profile (no timestamp resolution)
     assert load(tmp_path, BASE + "description: 2001-02-30\n").description == "2001-02-30"

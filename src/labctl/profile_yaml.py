@@ -57,7 +57,14 @@ class _Loader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        # An explicit !!timestamp that is no date at all: PyYAML's own fails with an AttributeError on it.
+        if not self.timestamp_regexp.match(str(node.value)):
+            raise yaml.constructor.ConstructorError(None, None, f"not a timestamp: {node.value!r}", node.start_mark)
+        return super().construct_yaml_timestamp(node)
 
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
