@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import functools
 import os
 import threading
 import time
@@ -135,19 +134,14 @@ CANCEL_GRACE = 10.0  # seconds an interrupted caller waits for its coroutine's o
 def ssh_loop() -> asyncio.AbstractEventLoop:
     """The process's one event loop for SSH, in a thread of its own: every node's connections and sessions, however
     many environments set up at once. A loop (and a thread) per environment made their wake-ups fight over the GIL:
-    a third of the SSH phase's CPU in a class of 200. What blocks runs in the shared pool (`off_loop`)."""
+    a third of the SSH phase's CPU in a class of 200. What blocks runs in the shared pool
+    (`asyncio.to_thread`: the loop's default executor is that pool)."""
     with _ssh_loop_lock:
         if not _ssh_loops:
             loop = _SharedPoolLoop()
             threading.Thread(target=loop.run_forever, name="labctl-ssh-loop", daemon=True).start()
             _ssh_loops.append(loop)
         return _ssh_loops[0]
-
-
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in the shared pool, not on the loop: the state store (maybe a database across the network) would
-    stall every node's SSH while one call waits."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
 
 def _run_on_ssh_loop(factory: Callable[[], Any]) -> Any:
@@ -221,7 +215,7 @@ async def connect_pinning(target: NodeTarget, key_path: Path, hostkeys: HostKeyS
     then refuses labctl's key."""
     import asyncssh
 
-    pinned = await off_loop(hostkeys.get_host_key, target.name)
+    pinned = await asyncio.to_thread(hostkeys.get_host_key, target.name)
     if pinned:
         return await connect(target, key_path, pinned, timeout, tunnel)
     shown: list[Any] = []
@@ -237,7 +231,7 @@ async def connect_pinning(target: NodeTarget, key_path: Path, hostkeys: HostKeyS
     finally:
         if shown:
             line = key_line(shown[0])
-            await off_loop(hostkeys.pin_host_key, target.name, target.host, target.port, line)
+            await asyncio.to_thread(hostkeys.pin_host_key, target.name, target.host, target.port, line)
             if on_stage:
                 from labctl.keys import fingerprint
 

@@ -26,7 +26,6 @@ from labctl.runner.reach import (
     StageCallback,
     classify,
     connect_pinning,
-    off_loop,
     run_sync,
     wait_all,
 )
@@ -295,18 +294,18 @@ class _StepRunner:
 
         log = self.logs[node]
         label = f"step {position}/{total} {step.name!r}"
-        if step.index in await off_loop(self.progress.steps_done, node):
+        if step.index in await asyncio.to_thread(self.progress.steps_done, node):
             log.line(f"==> {label} on {node}: already done ({_now()})")
             self._event(node, step.name, "already-done")
             return True
         if step.skip_reason:
             log.line(f"==> {label} on {node}: skipped: {step.skip_reason} ({_now()})")
-            await off_loop(self.progress.mark_step, node, step.index, step.name, "skipped", step.skip_reason)
+            await asyncio.to_thread(self.progress.mark_step, node, step.index, step.name, "skipped", step.skip_reason)
             self._event(node, step.name, "skipped")
             return True
 
         log.line(f"==> {label} on {node} ({_now()})")
-        await off_loop(self.progress.mark_step, node, step.index, step.name, "running")
+        await asyncio.to_thread(self.progress.mark_step, node, step.index, step.name, "running")
         self._event(node, step.name, "running")
         started = time.monotonic()
         status, detail = "failed", ""
@@ -326,7 +325,7 @@ class _StepRunner:
             elapsed = time.monotonic() - started
             why = f" ({detail})" if detail else ""
             log.line(f"<== {label} on {node}: {status}{why} after {elapsed:.1f}s")
-            await off_loop(self.progress.mark_step, node, step.index, step.name, status, detail)
+            await asyncio.to_thread(self.progress.mark_step, node, step.index, step.name, status, detail)
             self._event(node, step.name, status)
         return status == "done"
 
