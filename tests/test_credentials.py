@@ -6,6 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from labctl import credentials, sites
 from labctl.credentials import describe, find_openstack_credentials
@@ -247,6 +249,39 @@ def test_clouds_yaml_problems(isolated: Path) -> None:
         "auth.application_credential_secret is missing"
     )
     assert "credentials are per site" in _error(KVM, _env(isolated, OS_CLOUD="chi-tacc"))
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    # PyYAML's own SafeLoader fails with an AttributeError on the first, a RecursionError on the deep one
+    ("clouds: !!timestamp 2001-13-45# x\n", "clouds.yaml:1:9: YAML value error: not a timestamp: '2001-13-45# x'"),
+    ("clouds:\n  chi-tacc: !!timestamp 2001-02-30\n",
+     "clouds.yaml:2:13: YAML value error: '2001-02-30' is not a valid !!timestamp (day is out of range for month)"),
+    ("[" * 10_000, "clouds.yaml:1:33: YAML syntax error: nested more than 32 levels deep"),
+    ("clouds: {chi-tacc: x\n", "clouds.yaml:2:1: YAML syntax error: expected ',' or '}', but got '<stream end>'"),
+    (b"clouds: \xff\n", "clouds.yaml: not UTF-8 text"),
+    ("# " + "x" * (1 << 20), "clouds.yaml: 1,048,578 bytes is too large for a config file (limit 1 MiB)"),
+    ("clouds:\n  chi-tacc:\n    auth: !!int\n", "clouds.yaml:3:11: YAML value error: '' is not a valid !!int"),
+    ("- clouds\n", "clouds.yaml: expected a mapping with a 'clouds' key"),
+])
+def test_a_broken_clouds_yaml_is_a_one_line_error(isolated: Path, content: str | bytes, expected: str) -> None:
+    path = isolated / ".config" / "openstack" / "clouds.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    message = _error(TACC, _env(isolated, OS_CLOUD="chi-tacc"))
+    assert message.startswith(f"no credentials for chi@tacc: ~/.config/openstack/{expected}"), message
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(list("clouds:chi-tac{}[]!&*#|>'\"\n -0123456789.") + ["!!timestamp ", "!!int ",
+       "!!float ", "!!binary ", "!!python/name:os.system ", "auth:\n    ", "\u00e9", "\t"]), max_size=60).map("".join))
+def test_any_clouds_yaml_gives_credentials_or_a_one_line_error(isolated: Path, text: str) -> None:
+    path = isolated / ".config" / "openstack" / "clouds.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("clouds:\n  chi-tacc:\n    " + text, encoding="utf-8")
+    try:
+        find_openstack_credentials(TACC, None, _env(isolated, OS_CLOUD="chi-tacc"))
+    except CredentialsError as exc:
+        assert "\n" not in str(exc)
 
 
 # ------------------------------------------------------------------------------------- secrets

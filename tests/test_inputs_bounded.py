@@ -175,6 +175,12 @@ def test_yaml_value_errors_are_profile_errors(tmp_path: Path) -> None:
     # no date at all (PyYAML's own constructor failed with an AttributeError; found by test_profile_fuzz)
     assert "not a timestamp: '2001-13-45# x'" in _yaml_error(tmp_path, "!!timestamp 2001-13-45# x\n")
     assert "YAML value error" in _yaml_error(tmp_path, "a: " + "1" * 5000 + "\n")
+    # an explicit tag on an empty value: PyYAML's constructors fail with an IndexError or a KeyError
+    message = _yaml_error(tmp_path, "a: !!int\n")
+    assert message.endswith(":1:4: YAML value error: '' is not a valid !!int")
+    assert _yaml_error(tmp_path, "a: {b: !!float }\n").endswith(":1:8: YAML value error: '' is not a valid !!float")
+    message = _yaml_error(tmp_path, "a: 1\nb: [!!bool maybe]\n")
+    assert message.endswith(":2:5: YAML value error: 'maybe' is not a valid !!bool")
     # dates are plain strings in a profile (no timestamp resolution)
     assert load(tmp_path, BASE + "description: 2001-02-30\n").description == "2001-02-30"
     path = write(tmp_path, BASE)

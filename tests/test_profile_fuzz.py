@@ -168,7 +168,9 @@ def text_mutations(draw: st.DrawFn) -> tuple[str, bytes]:
                 st.binary(max_size=20),
                 st.sampled_from([b"[", b"]", b"{", b"}", b": ", b"- ", b"&a ", b"*a", b"!!binary x", b"\t", b"\n",
                                  b"<<: *a", b"? ", b"!!timestamp 2001-13-45", b"\xff\xfe", b"%YAML 1.1\n---\n",
-                                 b".nan", b".inf", b"1e-300", b"'", b'"', b"\\", b"#", b"\x00"]),
+                                 b".nan", b".inf", b"1e-300", b"'", b'"', b"\\", b"#", b"\x00",
+                                 # explicit tags, on whatever value follows (PyYAML fails on `!!int` alone)
+                                 b"!!int ", b"!!float ", b"!!bool ", b"!!set ", b"!!omap ", b"!!pairs ", b"!!str "]),
             ))
             text = text[:at] + piece + text[at:]
         elif op == "cut":

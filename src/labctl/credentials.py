@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from labctl.errors import CredentialsError
+from labctl.errors import CredentialsError, UserError
 
 if TYPE_CHECKING:
     from labctl.sites import Site
@@ -293,12 +293,6 @@ def config_files(name: str, env: Mapping[str, str], override: str | None = None)
     return paths
 
 
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
@@ -312,16 +306,23 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 def _load_cloud_file(path: Path, site: Site, env: Mapping[str, str]) -> dict[str, Any]:
     import yaml
 
+    from labctl import inputs
+    from labctl.profile_yaml import GuardedSafeLoader, YAMLValueError
+
+    shown = _tilde(path, env)
     try:
-        data = _read_yaml(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(site, f"cannot read {_tilde(path, env)}: {type(exc).__name__}") from None
+        text = inputs.read_regular_file(path, inputs.MAX_PROFILE_BYTES, "config file", shown=shown).decode("utf-8")
+        # read as openstacksdk reads it (YAML 1.1, safe), but a hostile file ends in a YAMLError, not a traceback
+        data = yaml.load(text, Loader=GuardedSafeLoader)  # noqa: S506 - a SafeLoader
+    except UserError as exc:
+        raise _fail(site, str(exc)) from None
+    except UnicodeDecodeError:
+        raise _fail(site, f"{shown}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{_tilde(path, env)}:{mark.line + 1}:{mark.column + 1}" if mark else _tilde(path, env)
-        raise _fail(
-            site, f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or 'invalid'}"
-        ) from None
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
+        kind = "value" if isinstance(exc, YAMLValueError) else "syntax"
+        raise _fail(site, f"{where}: YAML {kind} error: {getattr(exc, 'problem', None) or 'invalid'}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("clouds", {}), dict):

@@ -22,11 +22,31 @@ MAX_YAML_DEPTH = 32  # nesting of YAML collections
 MAX_YAML_NODES = 1_000_000  # values visited, aliases counted each time they are used
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans (so `on:` stays a key), no timestamps (dates stay strings), that rejects
-    duplicate keys and collections nested more than `MAX_YAML_DEPTH` deep."""
+class YAMLValueError(yaml.constructor.ConstructorError):
+    """A value with an explicit tag that PyYAML's constructors cannot make: `!!int` with no digits, a
+    `!!timestamp` that is no date, a `!!bool` that is no boolean."""
+
+
+class GuardedSafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader whose every failure on a hostile file is a `yaml.YAMLError` with a mark: collections
+    nested more than `MAX_YAML_DEPTH` deep are refused (not a RecursionError), and a value its constructors fail on
+    (with an IndexError, a KeyError, an AttributeError...) is a `YAMLValueError`. For files read as other tools read
+    them (clouds.yaml); labctl's own files get `_Loader`."""
 
     _depth = 0
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ArithmeticError, LookupError, ValueError, TypeError, AttributeError) as exc:
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            text = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
+            value = f"{text[:20]!r}{'...' if len(text) > 20 else ''}" if isinstance(node, yaml.ScalarNode) else "value"
+            # a lookup's or an attribute's error says nothing more; the int digit limit's ends with Python's advice
+            why = "" if isinstance(exc, (LookupError, AttributeError)) else f" ({str(exc).split(';')[0]})"
+            raise YAMLValueError(None, None, f"{value} is not a valid {tag}{why}", node.start_mark) from None
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.CollectionStartEvent):
@@ -40,6 +60,20 @@ class _Loader(yaml.SafeLoader):
             finally:
                 self._depth -= 1
         return super().compose_node(parent, index)
+
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        # An explicit !!timestamp that is no date at all: PyYAML's own fails with an AttributeError on it.
+        if not self.timestamp_regexp.match(str(node.value)):
+            raise YAMLValueError(None, None, f"not a timestamp: {node.value!r}", node.start_mark)
+        return super().construct_yaml_timestamp(node)
+
+
+GuardedSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", GuardedSafeLoader.construct_yaml_timestamp)
+
+
+class _Loader(GuardedSafeLoader):
+    """labctl's loader: YAML 1.2 booleans (so `on:` stays a key), no timestamps (dates stay strings), and duplicate
+    keys refused."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         self.flatten_mapping(node)
@@ -57,14 +91,7 @@ class _Loader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep=deep)
 
-    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
-        # An explicit !!timestamp that is no date at all: PyYAML's own fails with an AttributeError on it.
-        if not self.timestamp_regexp.match(str(node.value)):
-            raise yaml.constructor.ConstructorError(None, None, f"not a timestamp: {node.value!r}", node.start_mark)
-        return super().construct_yaml_timestamp(node)
 
-
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
@@ -78,7 +105,8 @@ def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
-    return profile_error(where, f"YAML syntax error: {problem}")
+    kind = "value" if isinstance(exc, YAMLValueError) else "syntax"
+    return profile_error(where, f"YAML {kind} error: {problem}")
 
 
 def _check_shape(shown: str, data: Any) -> None:
