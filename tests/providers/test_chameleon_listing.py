@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from labctl.providers.chameleon.leases import LEASE_FIELDS, lease_found
 from labctl.providers.chameleon.network import SecurityGroups, has_rules
 from labctl.providers.chameleon.servers import Keypairs, Servers, server_found
-from labctl.providers.chameleon.session import KEEP_ALWAYS, Item, kept, read_kept, tags_of
+from labctl.providers.chameleon.session import KEEP_ALWAYS, ByDeployment, Item, kept, read_kept, tags_of
 
 SERVER = {
     "id": "s1", "name": "labctl-d1-node-1", "status": "ERROR", "created": "2026-12-05T06:00:00Z",
@@ -130,3 +130,58 @@ def test_read_kept_agrees_with_kept_or_declines(items):
     else:  # declined only for a kept list that is not a list of objects
         rules = [x.get("security_group_rules", []) for x in items]
         assert any(not isinstance(r, list) or not all(isinstance(rule, dict) for rule in r) for r in rules)
+
+
+# -------------------------------------------------------------------------- a list's items by deployment
+
+
+def _counted_tags() -> tuple[list[object], object]:
+    seen: list[object] = []
+
+    def tags(item: object) -> dict[str, str]:
+        seen.append(item)
+        return tags_of(item)
+
+    return seen, tags
+
+
+def _group(deployment: str, i: int, status: str = "ACTIVE") -> Item:
+    return Item({"id": f"{deployment}-{i}", "name": f"n{i}", "status": status,
+                 "description": f"labctl:deployment={deployment} labctl:owner=o"})
+
+
+def test_a_list_is_grouped_by_deployment_once_however_many_deployments_read_it():
+    seen, tags = _counted_tags()
+    index = ByDeployment(tags, gone=("DELETED",))
+    items = [_group(f"d{n}", i) for n in range(50) for i in range(2)] + [_group("d0", 9, "DELETED")]
+    for n in range(50):
+        assert [x.id for x in index(items, f"d{n}")] == [f"d{n}-0", f"d{n}-1"]  # the one on its way out left
+    assert len(seen) == 100  # each live item's tags read once, not once per deployment (was 50 x 101)
+    assert index(items, "nobody") == []
+    index(items, "d0").clear()  # a caller's copy: the index is not changed through it
+    assert len(index(items, "d0")) == 2
+
+
+def test_a_new_fetch_is_grouped_again_and_the_last_few_lists_are_kept():
+    seen, tags = _counted_tags()
+    index = ByDeployment(tags)
+    project, polled = [_group("d1", 0)], [_group("d1", 0), _group("d1", 1)]
+    for _ in range(3):  # a kind's project list and its poll list, read in turn
+        assert len(index(project, "d1")) == 1 and len(index(polled, "d1")) == 2
+    assert len(seen) == 3
+    fresh = [_group("d1", 0)]  # equal to `project`, but another fetch: what changed since must be seen
+    index(fresh, "d1")
+    assert len(seen) == 4
+    for n in range(ByDeployment.KEPT):
+        index([_group("d1", n)], "d1")
+    index(project, "d1")  # pushed out by newer lists: grouped again
+    assert len(seen) == 4 + ByDeployment.KEPT + 1
+
+
+@given(st.lists(st.tuples(st.sampled_from(["d1", "d2", "d3", ""]), st.sampled_from(["ACTIVE", "DELETED", None])),
+                max_size=30), st.sampled_from(["d1", "d2", "d3", ""]))
+def test_the_index_finds_what_a_scan_of_the_list_finds(spec: list[tuple[str, str | None]], deployment: str):
+    items = [Item({"id": str(i), "status": status, "description": f"labctl:deployment={d}" if d else "x"})
+             for i, (d, status) in enumerate(spec)]
+    scan = [x for x in items if tags_of(x).get("labctl:deployment") == deployment and x.status != "DELETED"]
+    assert ByDeployment(tags_of, ("DELETED",))(items, deployment) == scan

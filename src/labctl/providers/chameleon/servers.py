@@ -13,7 +13,7 @@ from labctl import naming
 from labctl.errors import CloudError
 from labctl.providers.base import Found, create_or_adopt, create_or_find
 from labctl.providers.chameleon.network import ensure_port
-from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, deployment_of, tags_of
+from labctl.providers.chameleon.session import DELETE_TIMEOUT, TABLE, Listed, tags_of
 from labctl.providers.kit import poll_until
 from labctl.redact import clean
 
@@ -71,15 +71,11 @@ class Keypairs(Listed):
 class Servers(Listed):
     service, sdk, filters, gone = "compute", "server", {"details": True}, ("DELETED", "SOFT_DELETED")
     shared_find = True
-    _index: tuple[Any, dict[str | None, list[Any]]] = (None, {})  # the last polled list, by deployment
     keep = dict.fromkeys(("addresses", "fault"))  # `server_found`
 
     def fetch_all(self) -> list[Any]:  # labctl's names only: its tags then decide
         return self.ctx.raw_list("compute", "/servers/detail", "servers", {"name": f"^{naming.PREFIX}-"},
                                  keep=self.keep)
-
-    def listing(self, plan: Plan | None, newer_than: float = -1e18) -> Sequence[Any]:
-        return self.ctx.project_list("servers", self.fetch_all, plan, newer_than=newer_than)
 
     def query_name(self, name: str) -> str:
         return f"^{re.escape(name)}$"  # Nova filters names by regular expression
@@ -89,14 +85,7 @@ class Servers(Listed):
 
     def polled(self, plan: Plan) -> list[Any]:
         """This deployment's servers, from the poll round's one list of every labctl server on the site."""
-        servers = self.ctx.polled("servers", self.fetch_all)
-        index = self._index
-        if index[0] is not servers:  # a new round's list: sorted by deployment once, not scanned by every poll
-            by_deployment: dict[str | None, list[Any]] = {}
-            for x in servers:
-                by_deployment.setdefault(deployment_of(x), []).append(x)
-            index = self._index = (servers, by_deployment)
-        return list(index[1].get(plan.deployment, []))
+        return self.by_deployment(self.ctx.polled("servers", self.fetch_all), plan.deployment)
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         s, spec = self.ctx, cast("ServerSpec", res.spec)

@@ -30,13 +30,13 @@ CONTAINER_KEEP = "labctl-keep"
 class Volumes(Listed):
     service, sdk, filters, gone = "block_storage", "volume", {"details": True}, VOLUME_GONE
 
-    def listing(self, plan: Plan | None, newer_than: float = -1e18) -> Sequence[Any]:
+    def shared(self, plan: Plan | None, newer_than: float = -1e18) -> Sequence[Any]:
         # Only where the deployment has volumes: labs without storage cost no extra calls (and sites without
         # the service are never asked).
         if not self.ctx.site.block_storage or (plan is not None and not (
                 plan.by_kind("volume") or plan.by_kind("volume_attachment"))):
             return []
-        return super().listing(plan, newer_than)
+        return super().shared(plan, newer_than)
 
     def found(self, item: Any) -> Found:
         return volume_found(item)
@@ -138,7 +138,7 @@ class Containers(Listed):
                           missing_ok=True)
         return None if c is None else {str(k).lower(): str(v) for k, v in (c.metadata or {}).items()}
 
-    def listing(self, plan: Plan | None, newer_than: float = -1e18) -> list[tuple[str, dict[str, str]]]:
+    def shared(self, plan: Plan | None, newer_than: float = -1e18) -> list[tuple[str, dict[str, str]]]:
         # Fetched anew every time (a HEAD per container): `newer_than` always holds.
         if not self.ctx.site.object_storage or (plan is not None and not plan.by_kind("bucket")):
             return []
