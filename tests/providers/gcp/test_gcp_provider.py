@@ -103,6 +103,21 @@ def test_missing_credentials_are_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
     with pytest.raises(CredentialsError, match="GOOGLE_APPLICATION_CREDENTIALS"):
         gcp.connect(sites.resolve("gcp:us-central1-a"))
+    # a broken key file: google-auth's (message, cause) error reads as one sentence, not a tuple's repr
+    broken = tmp_path / "key.json"
+    broken.write_text('{"type": "service_account", "private_key": "x"')
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(broken))
+    with pytest.raises(CredentialsError) as err:
+        gcp.connect(sites.resolve("gcp:us-central1-a"))
+    assert str(err.value) == (f"GOOGLE_APPLICATION_CREDENTIALS: File {broken} is not a valid json file: "
+                              "JSONDecodeError: Expecting ',' delimiter: line 1 column 47 (char 46)")
+    broken.write_text('{"type": "service_account", "private_key": "not-a-key", "client_email": "a@b.c", '
+                      '"token_uri": "https://oauth2.googleapis.com/token", "project_id": "p"}')
+    with pytest.raises(CredentialsError) as err:
+        gcp.connect(sites.resolve("gcp:us-central1-a"))
+    message = str(err.value)
+    assert message.startswith(f"GOOGLE_APPLICATION_CREDENTIALS: Failed to load service account credentials from "
+                              f"{broken}: ValueError: ") and "not-a-key" not in message and "\n" not in message
 
 
 def test_type_names():

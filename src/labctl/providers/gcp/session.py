@@ -161,7 +161,13 @@ def error_text(exc: BaseException) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    args = exc.args
+    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], BaseException):
+        # google-auth's (message, cause): its str() is the tuple's repr
+        text = f"{args[0].strip().rstrip('.')}: {type(args[1]).__name__}: {args[1]}"
+    else:
+        text = str(exc)
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 # -- names, labels, links ------------------------------------------------------------------------
