@@ -3,6 +3,7 @@ clean mount paths, degenerate keys. Each case is one line naming file and field,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,11 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.profile_text import error, load, write
 
 from labctl import inputs, pricing
 from labctl.errors import ProfileError, UserError
 from labctl.profile import MAX_NODES, MAX_YAML_DEPTH, Volume, check_mount, load_profile
+from labctl.profile_yaml import GuardedSafeLoader, ProfileLoader
 from labctl.roster import load_roster, parse_public_key
 
 BASE = """\
@@ -187,6 +192,22 @@ def test_yaml_value_errors_are_profile_errors(tmp_path: Path) -> None:
     path.write_bytes(b"name: \xff\n")
     with pytest.raises(ProfileError, match=r"not UTF-8 text \(byte 0xff on line 1\)"):
         load_profile(path)
+
+
+YAML_PIECES = ["a", "1", "0x", "-", ":", ": ", "- ", "[", "]", "{", "}", ",", "? ", "\n", "\n  ", "#", "'", '"', "&a ",
+               "*a", "<<: ", "!!int ", "!!float ", "!!bool ", "!!null ", "!!str ", "!!binary ", "!!timestamp ",
+               "!!set ", "!!omap ", "!!pairs ", "!!map ", "!!seq ", "!!merge ", "!!python/name:os.system ",
+               "2001-02-30", "2001-13-45", ".nan", "1e999", "=", "~"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(YAML_PIECES), max_size=24).map("".join))
+def test_the_guarded_loader_gives_data_or_a_yaml_error(text: str) -> None:
+    """What clouds.yaml and labctl's own files are read with: any text is data or a `yaml.YAMLError` (which the
+    callers turn into one line with line:column), never PyYAML's IndexError, KeyError, TypeError..."""
+    for loader in (GuardedSafeLoader, ProfileLoader):
+        with contextlib.suppress(yaml.YAMLError):
+            yaml.load(text, Loader=loader)  # noqa: S506 - both are SafeLoaders
 
 
 # ------------------------------------------------------------------------------------ numbers

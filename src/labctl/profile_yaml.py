@@ -31,7 +31,7 @@ class GuardedSafeLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader whose every failure on a hostile file is a `yaml.YAMLError` with a mark: collections
     nested more than `MAX_YAML_DEPTH` deep are refused (not a RecursionError), and a value its constructors fail on
     (with an IndexError, a KeyError, an AttributeError...) is a `YAMLValueError`. For files read as other tools read
-    them (clouds.yaml); labctl's own files get `_Loader`."""
+    them (clouds.yaml); labctl's own files get `ProfileLoader`."""
 
     _depth = 0
 
@@ -47,6 +47,16 @@ class GuardedSafeLoader(yaml.SafeLoader):
             # a lookup's or an attribute's error says nothing more; the int digit limit's ends with Python's advice
             why = "" if isinstance(exc, (LookupError, AttributeError)) else f" ({str(exc).split(';')[0]})"
             raise YAMLValueError(None, None, f"{value} is not a valid {tag}{why}", node.start_mark) from None
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # a collection's constructors run to their end here, after `construct_object` returned
+        try:
+            return super().construct_document(node)
+        except yaml.YAMLError:
+            raise
+        except (ArithmeticError, LookupError, ValueError, TypeError, AttributeError) as exc:
+            problem = f"a value that is not what its tag says ({exc})"
+            raise YAMLValueError(None, None, problem, node.start_mark) from None
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.CollectionStartEvent):
@@ -71,11 +81,13 @@ class GuardedSafeLoader(yaml.SafeLoader):
 GuardedSafeLoader.add_constructor("tag:yaml.org,2002:timestamp", GuardedSafeLoader.construct_yaml_timestamp)
 
 
-class _Loader(GuardedSafeLoader):
+class ProfileLoader(GuardedSafeLoader):
     """labctl's loader: YAML 1.2 booleans (so `on:` stays a key), no timestamps (dates stay strings), and duplicate
     keys refused."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if not isinstance(node, yaml.MappingNode):  # `!!set [a]`: the base class says what it expected
+            return super().construct_mapping(node, deep=deep)
         self.flatten_mapping(node)
         seen: set[Any] = set()
         for key_node, _ in node.value:
@@ -92,11 +104,11 @@ class _Loader(GuardedSafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_Loader.yaml_implicit_resolvers = {
+ProfileLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(
+ProfileLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 
@@ -145,7 +157,7 @@ def read_yaml(path: Path | str, what: str = "a profile mapping", shown: str | No
     if not text.strip():
         raise profile_error(shown, f"empty file (expected {what})")
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        data = yaml.load(text, Loader=ProfileLoader)  # noqa: S506 - ProfileLoader is a SafeLoader
     except yaml.YAMLError as exc:
         raise _yaml_error(shown, exc) from None
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. an explicit !!timestamp that is no date
