@@ -100,6 +100,16 @@ def test_missing_credentials_are_one_line(monkeypatch, tmp_path):
     with pytest.raises(CredentialsError) as err:
         gcp.connect(sites.resolve("gcp:us-central1-a"))
     assert str(err.value) == gcp.NO_CREDENTIALS
+    # gcloud's own file, there but broken: not "log in" alone, but which file and what is wrong with it
+    adc = tmp_path / "gcloud" / "application_default_credentials.json"
+    adc.parent.mkdir()
+    adc.write_text('{"type": "authorized_user", "client_id": "x"')
+    with pytest.raises(CredentialsError) as err:
+        gcp.connect(sites.resolve("gcp:us-central1-a"))
+    assert str(err.value) == (f"Google application default credentials: File {adc} is not a valid json file: "
+                              "JSONDecodeError: Expecting ',' delimiter: line 1 column 45 (char 44); run 'gcloud auth "
+                              "application-default login'")
+    adc.unlink()
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
     with pytest.raises(CredentialsError, match="GOOGLE_APPLICATION_CREDENTIALS"):
         gcp.connect(sites.resolve("gcp:us-central1-a"))

@@ -66,6 +66,8 @@ def google_credentials(project: str | None = None) -> tuple[Any, str]:
     except auth_exc.DefaultCredentialsError as exc:
         if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
             raise CredentialsError(f"GOOGLE_APPLICATION_CREDENTIALS: {first_line(exc)}") from None
+        if "were not found" not in str(exc):  # gcloud's file is there but broken: say so, not "log in"
+            raise CredentialsError(f"Google application default credentials: {first_line(exc)}; {RELOGIN}") from None
         raise CredentialsError(NO_CREDENTIALS) from None
     except auth_exc.GoogleAuthError as exc:
         raise CredentialsError(f"Google credentials: {first_line(exc)}") from None
@@ -167,7 +169,7 @@ def first_line(exc: BaseException) -> str:
         text = f"{args[0].strip().rstrip('.')}: {type(args[1]).__name__}: {args[1]}"
     else:
         text = str(exc)
-    return (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 # -- names, labels, links ------------------------------------------------------------------------
