@@ -307,7 +307,7 @@ def _load_cloud_file(path: Path, site: Site, env: Mapping[str, str]) -> dict[str
     import yaml
 
     from labctl import inputs
-    from labctl.profile_yaml import GuardedSafeLoader, YAMLValueError
+    from labctl.profile_yaml import GuardedSafeLoader, yaml_error_parts
 
     shown = _tilde(path, env)
     try:
@@ -319,10 +319,8 @@ def _load_cloud_file(path: Path, site: Site, env: Mapping[str, str]) -> dict[str
     except UnicodeDecodeError:
         raise _fail(site, f"{shown}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
-        kind = "value" if isinstance(exc, YAMLValueError) else "syntax"
-        raise _fail(site, f"{where}: YAML {kind} error: {getattr(exc, 'problem', None) or 'invalid'}") from None
+        where, problem = yaml_error_parts(shown, exc, "invalid")
+        raise _fail(site, f"{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("clouds", {}), dict):

@@ -20,6 +20,8 @@ from labctl.profile_errors import display_path, profile_error
 MAX_PROFILE_BYTES = inputs.MAX_PROFILE_BYTES  # 1 MiB
 MAX_YAML_DEPTH = 32  # nesting of YAML collections
 MAX_YAML_NODES = 1_000_000  # values visited, aliases counted each time they are used
+# What PyYAML's constructors raise on a value that is not what its tag says (`!!int` alone: an IndexError)
+CONSTRUCTOR_ERRORS = (ArithmeticError, LookupError, ValueError, TypeError, AttributeError)
 
 
 class YAMLValueError(yaml.constructor.ConstructorError):
@@ -40,10 +42,12 @@ class GuardedSafeLoader(yaml.SafeLoader):
             return super().construct_object(node, deep=deep)
         except yaml.YAMLError:
             raise
-        except (ArithmeticError, LookupError, ValueError, TypeError, AttributeError) as exc:
+        except CONSTRUCTOR_ERRORS as exc:
             tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
-            text = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
-            value = f"{text[:20]!r}{'...' if len(text) > 20 else ''}" if isinstance(node, yaml.ScalarNode) else "value"
+            value = "value"
+            if isinstance(node, yaml.ScalarNode):
+                text = str(node.value)
+                value = f"{text[:20]!r}{'...' if len(text) > 20 else ''}"
             # a lookup's or an attribute's error says nothing more; the int digit limit's ends with Python's advice
             why = "" if isinstance(exc, (LookupError, AttributeError)) else f" ({str(exc).split(';')[0]})"
             raise YAMLValueError(None, None, f"{value} is not a valid {tag}{why}", node.start_mark) from None
@@ -54,7 +58,7 @@ class GuardedSafeLoader(yaml.SafeLoader):
             return super().construct_document(node)
         except yaml.YAMLError:
             raise
-        except (ArithmeticError, LookupError, ValueError, TypeError, AttributeError) as exc:
+        except CONSTRUCTOR_ERRORS as exc:
             problem = f"a value that is not what its tag says ({exc})"
             raise YAMLValueError(None, None, problem, node.start_mark) from None
 
@@ -113,12 +117,13 @@ ProfileLoader.add_implicit_resolver(
 )
 
 
-def _yaml_error(shown: str, exc: yaml.YAMLError) -> ProfileError:
+def yaml_error_parts(shown: str, exc: yaml.YAMLError, fallback: str) -> tuple[str, str]:
+    """(`shown` with the error's line:column, "YAML syntax|value error: <problem>"); `fallback` stands for a problem
+    PyYAML did not name (its str() quotes the file's line, which a credentials file must not show)."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
     where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
     kind = "value" if isinstance(exc, YAMLValueError) else "syntax"
-    return profile_error(where, f"YAML {kind} error: {problem}")
+    return where, f"YAML {kind} error: {getattr(exc, 'problem', None) or fallback}"
 
 
 def _check_shape(shown: str, data: Any) -> None:
@@ -158,10 +163,8 @@ def read_yaml(path: Path | str, what: str = "a profile mapping", shown: str | No
         raise profile_error(shown, f"empty file (expected {what})")
     try:
         data = yaml.load(text, Loader=ProfileLoader)  # noqa: S506 - ProfileLoader is a SafeLoader
-    except yaml.YAMLError as exc:
-        raise _yaml_error(shown, exc) from None
-    except (ValueError, TypeError, OverflowError) as exc:  # e.g. an explicit !!timestamp that is no date
-        raise profile_error(shown, f"YAML value error: {exc}") from None
+    except yaml.YAMLError as exc:  # a value not what its tag says too (the loader's YAMLValueError)
+        raise profile_error(*yaml_error_parts(shown, exc, str(exc))) from None
     except RecursionError:
         raise profile_error(shown, f"nested too deeply (at most {MAX_YAML_DEPTH} levels)") from None
     if data is None:
