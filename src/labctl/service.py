@@ -274,8 +274,9 @@ def deployment_lock(ctx: Context, dep_id: str, shown: str, wait: float | None = 
 def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *, name: str,
               allow_host_changes: bool = False, ssh_timeout: float = 900.0, data: dict | None = None,
               extra_steps: tuple[ExtraStep, ...] = (), on_progress: Progress | None = None,
-              should_stop: Callable[[], bool] | None = None) -> None:
-    """Apply one deployment's plan, then run its setup. Idempotent: a rerun resumes where it stopped."""
+              should_stop: Callable[[], bool] | None = None, concurrency: int = 8) -> None:
+    """Apply one deployment's plan, then run its setup. Idempotent: a rerun resumes where it stopped.
+    `concurrency`: how many of one level's resources are made at once (threads of their own)."""
     from labctl.engine import Engine
 
     progress = on_progress or ctx.on_progress
@@ -286,7 +287,7 @@ def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *
         data={"tags": the_plan.tags, "nodes": [[n.name, n.role] for n in the_plan.nodes],
               "lease_hours": prof.lease_hours, **(data or {})},
     ))
-    engine = Engine(provider, ctx.store, progress, should_stop=should_stop)
+    engine = Engine(provider, ctx.store, progress, concurrency=concurrency, should_stop=should_stop)
     try:
         found = engine.apply(the_plan)
     except NoCapacity:
