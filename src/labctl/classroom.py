@@ -10,10 +10,11 @@ operators running `class up` (or `class down`) at once never both work on the sa
 
 from __future__ import annotations
 
+import queue
 import shlex
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,30 +200,38 @@ def _next_site(run: _Run, after: _Site) -> _Site | None:
 
 
 def _collect(run: _Run, futures: dict[Future, Any]) -> list[StudentResult]:
+    # Each future hands itself to `finished` when it ends: one step per environment. (`wait(FIRST_COMPLETED)` over
+    # the ones still pending set up a waiter on every one of them for each that ended: O(students²).)
     results: list[StudentResult] = []
-    pending = set(futures)
-    while pending:
+    finished: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    for f in futures:
+        f.add_done_callback(finished.put)
+    left = len(futures)
+    while left:
         try:
-            done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            f = finished.get(timeout=0.5)
+        except queue.Empty:
+            continue
         except KeyboardInterrupt:
             # Ctrl-C: start nothing new; calls in flight finish and record their state.
             run.stop.set()
-            for f in pending:
-                f.cancel()
+            for pending in list(futures):
+                pending.cancel()
             continue
-        for f in done:
-            student = futures[f]
-            if f.cancelled():
-                results.append(StudentResult(student.student_id, None, INTERRUPTED))
-                continue
-            outcome = f.result()
-            if isinstance(outcome, _Site):  # moved: its site ran out of capacity or quota
-                nf = outcome.executor.submit(_provision_one, run, student, outcome)
-                futures[nf] = student
-                pending.add(nf)
-                continue
-            results.append(outcome)
-            run.events.finished(outcome)
+        left -= 1
+        student = futures[f]
+        if f.cancelled():
+            results.append(StudentResult(student.student_id, None, INTERRUPTED))
+            continue
+        outcome = f.result()
+        if isinstance(outcome, _Site):  # moved: its site ran out of capacity or quota
+            nf = outcome.executor.submit(_provision_one, run, student, outcome)
+            futures[nf] = student
+            left += 1
+            nf.add_done_callback(finished.put)
+            continue
+        results.append(outcome)
+        run.events.finished(outcome)
     if run.stop.is_set():
         raise Interrupted(f"stopped: {sum(r.status == UP for r in results)} environments up; "
                           "state is saved, rerun 'labctl class up' to resume")
