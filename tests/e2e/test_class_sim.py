@@ -316,3 +316,44 @@ def test_status_warns_in_one_line_when_under_an_hour_of_the_lease_is_left(labctl
     overview = run(labctl_env, "status")
     assert [line for line in overview.stderr.splitlines() if line.startswith("warning:")] == warnings
     assert "ends in" in run_json(labctl_env, "status", "soon")["warning"]
+
+
+# A labctl whose engine counts the thread pools it makes for a dependency level's resources.
+COUNTING_POOLS = r"""
+import atexit, sys
+import labctl.engine as engine
+made = []
+class Counting(engine.ThreadPoolExecutor):
+    def __init__(self, *args, **kwargs):
+        made.append(kwargs.get("max_workers"))
+        super().__init__(*args, **kwargs)
+engine.ThreadPoolExecutor = Counting
+atexit.register(lambda: print("pools", len(made)))
+from labctl.cli import main
+sys.argv = ["labctl", *sys.argv[1:]]
+main()
+"""
+
+
+def test_class_up_makes_each_environment_in_its_own_thread_and_up_alone_in_parallel(labctl_env, tmp_path):
+    """In a class the environments are the concurrency: a thread per keypair, group and lease of each one was 1,200
+    threads at the start of a class of 500 (its memory peak). `labctl up` alone still makes a level at once."""
+    keys = make_keys(tmp_path / "keys", 3)
+    roster = tmp_path / "roster.csv"
+    write_roster(roster, keys)
+
+    def labctl(*args: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", COUNTING_POOLS, *args], env=labctl_env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()[-2:]
+
+    assert labctl("class", "up", "hello", "--roster", str(roster), "--site", "sim", "--course", "mlsys") == [
+        "pools", "0"]
+    status = run_json(labctl_env, "class", "status", "hello", "--course", "mlsys")
+    assert sorted(r["status"] for r in status) == ["up"] * 3
+    pools = labctl("up", "hello", "--site", "sim")
+    assert pools[0] == "pools" and int(pools[1]) >= 1
+    run(labctl_env, "down", "hello", timeout=600)
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
+    assert labctl_leftovers(world(labctl_env)) == {}
