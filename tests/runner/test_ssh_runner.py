@@ -187,9 +187,13 @@ def test_run_setup_order_logs_failure_and_resume(lab, tmp_path):
     assert lab.store.status[("n2", 1)] == ("failed", "exit status 7")
 
     events.clear()
+    reads: list[str] = []
+    read_done = lab.store.steps_done
+    lab.store.steps_done = lambda node: reads.append(node) or read_done(node)  # type: ignore[method-assign]
     res = run_setup(lab.targets, steps, lab.key.private_path, lab.store, lab.store, logs,
                     on_event=lambda *e: events.append(e))
     assert res["n1"].ok and res["n2"].ok
+    assert sorted(reads) == ["n1", "n2"]  # what an earlier run finished: read once per node, not before each step
     assert (home["n2"] / "order.txt").read_text() == "one\ntwo\nthree\n"
     assert (home["n1"] / "order.txt").read_text() == "one\ntwo\nthree\n"  # not rerun on n1
     assert {e for e in events if e[0] == "n1"} == {("n1", s, "already-done") for s in ("one", "two", "three")}

@@ -258,6 +258,7 @@ class _StepRunner:
         self.conns = conns
         self.connect_timeout = connect_timeout
         self.jumps = jumps
+        self.done_before: dict[str, set[int]] = {}  # per node, the steps an earlier run finished: read once
 
     def _event(self, node: str, step: str, status: str) -> None:
         if self.on_event:
@@ -294,7 +295,10 @@ class _StepRunner:
 
         log = self.logs[node]
         label = f"step {position}/{total} {step.name!r}"
-        if step.index in await asyncio.to_thread(self.progress.steps_done, node):
+        done_before = self.done_before.get(node)
+        if done_before is None:
+            done_before = self.done_before[node] = set(await asyncio.to_thread(self.progress.steps_done, node))
+        if step.index in done_before:
             log.line(f"==> {label} on {node}: already done ({_now()})")
             self._event(node, step.name, "already-done")
             return True
