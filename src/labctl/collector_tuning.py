@@ -2,8 +2,8 @@
 
 When a class starts, labctl has imported its SDKs: over a hundred thousand objects that live as long as the
 process, which every full collection walked again. And with hundreds of threads decoding list bodies, the young
-generation filled every 700 allocations. At 500 students, 1,474 young, 134 middle and 13 full collections took
-about 1.4 s of labctl's CPU in `class up`, a tenth of it (benchmarks/README.md). `gc.freeze()` takes what exists
+generation filled every 700 allocations. At 500 students, the collections took about 1.4 s of labctl's CPU in
+`class up`, a tenth of it, and 0.3 s with these settings (benchmarks/README.md). `gc.freeze()` takes what exists
 at the start out of the collector's sight, and a young generation of 20,000 objects is collected about seventy
 times less often; cycles made later are still collected.
 """
