@@ -275,7 +275,7 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
                     should_stop=run.stop.is_set,
                     # One thread per environment: the class already runs `concurrency` environments per site, and
                     # threads of their own for each one's keypair, group and lease were 1,200 threads at the start
-                    # of a class of 500 (its peak memory: 150 MiB against 133 with one each), no faster.
+                    # of a class of 500, its memory peak (148-151 MiB against 135 with one each), and no faster.
                     concurrency=1,
                 )
         except (NoCapacity, QuotaExceeded) as exc:
