@@ -4,6 +4,7 @@
 # evaluating ~400 postponed string annotations cost more than building them once here.
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -387,7 +388,16 @@ def _plain_command(argv: list[str]) -> bool:
     return first in plain and "--help" not in argv and "-h" not in argv
 
 
+def quiet_known_warnings() -> None:
+    """asyncssh (2.24) names cryptography's DSA classes when it is imported, and cryptography 51 warns at each
+    name: five warnings, ten lines, on every command that uses SSH. labctl never makes or accepts a DSA key, so
+    they tell its users nothing. Only those: the same message from anything else, and asyncssh's other
+    warnings, still show."""
+    warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"asyncssh\.")
+
+
 def main() -> None:
+    quiet_known_warnings()
     groups = app.registered_groups
     if _plain_command(sys.argv[1:]):
         app.registered_groups = []
