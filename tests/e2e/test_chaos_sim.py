@@ -318,3 +318,18 @@ def test_blazar_errors_are_told_apart_by_their_http_status(code, text, kind):
 
     provider = ChameleonProvider(resolve("kvm@tacc"), None)
     assert type(provider._translate("create lease", BlazarClientException(text, code=code))).__name__ == kind
+
+
+def test_neutron_over_quota_is_a_quota_error_not_a_conflict():
+    """Neutron refuses a create past the project's quota with a 409 (OverQuota): the site is out of quota (class
+    mode moves its students on), not a name conflict to adopt."""
+    from openstack import exceptions as sdk_exc
+
+    from labctl.providers.chameleon import ChameleonProvider
+    from labctl.sites import resolve
+
+    provider = ChameleonProvider(resolve("kvm@tacc"), None)
+    over = sdk_exc.ConflictException(message="Quota exceeded for resources: ['security_group'].", http_status=409)
+    taken = sdk_exc.ConflictException(message="Security group rule already exists. Rule id is 1.", http_status=409)
+    assert type(provider._translate("create security group", over)).__name__ == "QuotaExceeded"
+    assert type(provider._translate("add rule", taken)).__name__ == "Conflict"

@@ -143,13 +143,14 @@ class Session:
             return UserError(f"{where}: the site's catalog has no such service ({text})")
         if re.search(r"not enough .* available|no valid host", text, re.I):
             return errors.NoCapacity(f"{where}: {text}")
+        if status == 429:  # before the quota's words: its text says "Rate limit exceeded"
+            return errors.RateLimited(f"{where}: rate limited ({text})")
+        # Before the 409s: Neutron answers a create past the project's quota with a 409 (OverQuota).
+        if re.search(r"quota|OverQuota|limit exceeded", text, re.I) or status == 413:
+            return errors.QuotaExceeded(f"{where}: quota exceeded ({text})")
         if status == 409 or re.search(r"already exists|already has a floating IP", text, re.I):
             # Blazar answers a taken lease name with a 500 through blazarclient: the text says what it is.
             return Conflict(f"{where}: {text}")
-        if status == 429:
-            return errors.RateLimited(f"{where}: rate limited ({text})")
-        if re.search(r"quota|OverQuota|limit exceeded", text, re.I) or status == 413:
-            return errors.QuotaExceeded(f"{where}: quota exceeded ({text})")
         if status is not None and int(status) >= 500:
             return errors.Transient(f"{where}: server error {status} ({text})")
         if isinstance(exc, TimeoutError | ks_exc.RequestTimeout):
