@@ -151,6 +151,25 @@ def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, kl
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
 
+def test_site_out_of_security_group_quota_moves_its_students_to_the_next_site(labctl_env, klass):
+    """Neutron refuses the 7th group past a quota of 7 (the project's default group counts): that site is out of
+    quota, the student who met it is cleaned up there, and the rest of the class goes to the next site."""
+    _, roster = klass
+    w = world(labctl_env)
+    w.set_quota("kvm@tacc", "security_group", 7)
+    out = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--sites", "sim:kvm@tacc,sim-gcp",
+              "--course", "mlsys", "--concurrency", "4", "--json", timeout=600)
+    import json
+
+    results = json.loads(out.stdout)
+    assert all(r["status"] == "up" for r in results)
+    assert len(labctl_servers(w)) == 6 and len(gce_servers(labctl_env)) == N - 6
+    inventory = w.inventory("kvm@tacc")
+    assert len(inventory["leases"]) == 6 and len(inventory["security_groups"]) == 6  # the refused one cleaned up
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
+    assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
+
+
 def _moved(line: str) -> bool:
     """`student: <ISO 8601 end>`, as class extend prints a moved end."""
     from datetime import datetime

@@ -343,9 +343,18 @@ class World(SqliteWorld):
 
     def set_fip_quota(self, site: str, n: int) -> None:
         """The project's floating IP quota at `site` (default 50)."""
+        self.set_quota(site, "floatingip", n)
+
+    def set_quota(self, site: str, resource: str, n: int) -> None:
+        """The project's Neutron quota for `resource` at `site` (floatingip, network, port, router, subnet,
+        security_group, security_group_rule; defaults as Neutron reports them, `NEUTRON_QUOTAS`)."""
+        from labctl.testbed.openstack.model.base import NEUTRON_QUOTAS
+
+        if resource not in NEUTRON_QUOTAS:
+            raise ValueError(f"no Neutron quota named {resource!r}: {', '.join(NEUTRON_QUOTAS)}")
         site = _site_name(site)
         with self.tx() as db:
-            db.set_setting(site, "quota:floatingip", int(n))
+            db.set_setting(site, f"quota:{resource}", int(n))
 
     def set_public_subnets(self, site: str, n: int) -> None:
         """How many /24 subnets `site`'s public network has (default 1: 245 floating IPs; at most 6)."""

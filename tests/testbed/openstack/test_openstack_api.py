@@ -730,3 +730,52 @@ def test_python_chi_lease_and_server(tb, monkeypatch):
         "keypairs": [],
     }
     chi.reset()
+
+
+def test_neutron_refuses_groups_rules_networks_subnets_and_routers_past_the_quota_it_reports(tb):
+    """Each quota GET /v2.0/quotas reports is the one a create meets: one more is Neutron's 409 OverQuota."""
+    from openstack import exceptions as sdk_exc
+
+    conn = connect(tb)
+    quotas = conn.network.get(f"/quotas/{conn.current_project_id}").json()["quota"]
+    assert quotas["security_group"] == 100 and quotas["router"] == 10  # Neutron's report, as before
+
+    for resource, n in (("security_group", 2), ("security_group_rule", 5), ("network", 1), ("subnet", 1),
+                        ("router", 1)):
+        tb.world.set_quota("chi@tacc", resource, n)
+    details = conn.network.get(f"/quotas/{conn.current_project_id}/details").json()["quota"]
+    groups_before = details["security_group"]["used"]  # the project's default group counts
+    tb.world.set_quota("chi@tacc", "security_group", groups_before + 1)
+
+    def refused(resource: str, path: str, body: dict) -> None:
+        raw = conn.session.post(f"{tb.site_url('chi@tacc')}/network/v2.0/{path}", raise_exc=False, json=body)
+        assert raw.status_code == 409, raw.text
+        assert raw.json() == {"NeutronError": {"type": "OverQuota", "detail": "",
+                                               "message": f"Quota exceeded for resources: ['{resource}']."}}
+
+    group = conn.network.create_security_group(name="labctl-q")  # its two egress rules are Neutron's own
+    refused("security_group", "security-groups", {"security_group": {"name": "labctl-q2"}})
+    rules_used = conn.network.get(f"/quotas/{conn.current_project_id}/details").json()["quota"][
+        "security_group_rule"]["used"]
+    tb.world.set_quota("chi@tacc", "security_group_rule", rules_used + 3)
+    for port in (22, 8888, 9090):
+        conn.network.create_security_group_rule(security_group_id=group.id, direction="ingress", protocol="tcp",
+                                                port_range_min=port, port_range_max=port)
+    with pytest.raises(sdk_exc.ConflictException, match=r"Quota exceeded for resources: \['security_group_rule'\]"):
+        conn.network.create_security_group_rule(security_group_id=group.id, direction="ingress", protocol="tcp",
+                                                port_range_min=80, port_range_max=80)
+    net = conn.network.create_network(name="labctl-q")
+    refused("network", "networks", {"network": {"name": "labctl-q2"}})
+    conn.network.create_subnet(network_id=net.id, cidr="192.168.50.0/24", ip_version=4)
+    refused("subnet", "subnets", {"subnet": {"network_id": net.id, "cidr": "192.168.51.0/24", "ip_version": 4}})
+    conn.network.create_router(name="labctl-q")
+    refused("router", "routers", {"router": {"name": "labctl-q2"}})
+
+    # Deleting makes room again, and the report counts what is there.
+    conn.network.delete_security_group(group.id)
+    assert conn.network.create_security_group(name="labctl-q3").name == "labctl-q3"
+    details = conn.network.get(f"/quotas/{conn.current_project_id}/details").json()["quota"]
+    assert details["router"] == {"limit": 1, "used": 1, "reserved": 0}
+    assert details["security_group"]["used"] == details["security_group"]["limit"] == groups_before + 1
+    with pytest.raises(ValueError, match="no Neutron quota named 'volumes'"):
+        tb.world.set_quota("chi@tacc", "volumes", 1)

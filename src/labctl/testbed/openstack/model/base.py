@@ -27,6 +27,12 @@ BEFORE_END_MINUTES = 60
 FIP_QUOTA = 50
 
 
+# The project's Neutron quotas (GET /v2.0/quotas reports them; a create past one is a 409 OverQuota). Ports are
+# counted in the report but not refused: a port past the quota is Nova's error on a server create, another shape.
+NEUTRON_QUOTAS = {"floatingip": FIP_QUOTA, "network": 100, "port": 500, "router": 10, "subnet": 100,
+                  "security_group": 100, "security_group_rule": 1000}
+
+
 VOLUME_CREATE_SECONDS = 5.0  # creating -> available (× time scale)
 
 

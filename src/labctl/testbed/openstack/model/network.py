@@ -10,7 +10,7 @@ from typing import Any
 from labctl.testbed.errors import HTTPError
 from labctl.testbed.openstack import catalog
 from labctl.testbed.openstack.catalog import Site
-from labctl.testbed.openstack.model.base import FIP_QUOTA, check_tags, new_id, stamp
+from labctl.testbed.openstack.model.base import NEUTRON_QUOTAS, check_tags, new_id, stamp
 
 
 def _rule(sg_id: str, direction: str, ethertype: str, remote_group_id: str | None = None, **kw) -> dict:
@@ -340,8 +340,28 @@ def router_ports(db, site: Site, router_id: str) -> list[dict]:
     ]
 
 
+# The table each quota counts (floating IPs: `fips_used`, reserved ones are not the project's).
+QUOTA_TABLES = {"network": "network", "port": "port", "router": "router", "subnet": "subnet",
+                "security_group": "secgroup", "security_group_rule": "sgrule"}
+
+
+def quota(db, site: Site, resource: str) -> int:
+    """The project's quota for `resource` at `site` (`World.set_quota`; NEUTRON_QUOTAS by default)."""
+    return int(db.setting(site.name, f"quota:{resource}", str(NEUTRON_QUOTAS[resource])))
+
+
+def quota_used(db, site: Site, resource: str) -> int:
+    return fips_used(db, site) if resource == "floatingip" else db.count(QUOTA_TABLES[resource], site.name)
+
+
+def check_quota(db, site: Site, resource: str) -> None:
+    """Neutron's refusal of one more `resource` past the project's quota."""
+    if quota_used(db, site, resource) >= quota(db, site, resource):
+        raise HTTPError(409, f"Quota exceeded for resources: ['{resource}'].", "OverQuota")
+
+
 def fip_quota(db, site: Site) -> int:
-    return int(db.setting(site.name, "quota:floatingip", str(FIP_QUOTA)))
+    return quota(db, site, "floatingip")
 
 
 def fips_used(db, site: Site) -> int:
@@ -369,8 +389,8 @@ def allocate_fip(
     quota: bool = True,
 ) -> dict:
     net_id = catalog.public_net_id(site)
-    if quota and fips_used(db, site) >= fip_quota(db, site):
-        raise HTTPError(409, "Quota exceeded for resources: ['floatingip'].", "OverQuota")
+    if quota:
+        check_quota(db, site, "floatingip")
     free = free_fip_numbers(db, site)
     if address:
         n = catalog.floating_ip_number(site, address)

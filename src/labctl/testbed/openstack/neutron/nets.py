@@ -185,6 +185,7 @@ _collection("routers", _all_routers, "router")
 def create_network(req: Request) -> Response:
     spec = resource_body(req, "network")
     with req.world.tx() as db:
+        model.check_quota(db, req.site, "network")
         n = model.create_network(db, req.site, spec)
         return Response(201, {"network": _project_network_view(db, req.site, n)})
 
@@ -274,6 +275,7 @@ def create_subnet(req: Request) -> Response:
                     "overlaps with another subnet.",
                     "InvalidInput",
                 )
+        model.check_quota(db, req.site, "subnet")
         x = model.stamp({
             "id": model.new_id(),
             "name": spec.get("name") or "",
@@ -328,6 +330,7 @@ def create_router(req: Request) -> Response:
     spec = resource_body(req, "router")
     gateway = _gateway_info(req, spec.get("external_gateway_info"))
     with req.world.tx() as db:
+        model.check_quota(db, req.site, "router")
         r = model.stamp({
             "id": model.new_id(),
             "name": spec.get("name") or "",

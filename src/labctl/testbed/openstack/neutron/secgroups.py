@@ -79,6 +79,7 @@ def create_sg(req: Request) -> Response:
     if name == "default":
         raise HTTPError(409, "Default security group already exists.", "SecurityGroupDefaultAlreadyExists")
     with req.world.tx() as db:
+        model.check_quota(db, req.site, "security_group")
         g = model.create_security_group(
             db,
             req.site,
@@ -228,6 +229,7 @@ def create_rule(req: Request) -> Response:
                     f"Security group rule already exists. Rule id is {r['id']}.",
                     "SecurityGroupRuleExists",
                 )
+        model.check_quota(db, req.site, "security_group_rule")
         rule = model.add_rule(
             db,
             req.site,

@@ -7,6 +7,7 @@ import time
 from labctl.testbed.http import HTTPError, Request, Response
 from labctl.testbed.openstack import model
 from labctl.testbed.openstack.catalog import Site
+from labctl.testbed.openstack.model.base import NEUTRON_QUOTAS
 from labctl.testbed.openstack.neutron.common import router
 
 _TAGGABLE = {
@@ -90,15 +91,7 @@ def delete_tag(req: Request) -> Response:
 
 
 def _quota(db, site: Site) -> dict:
-    return {
-        "floatingip": model.fip_quota(db, site),
-        "network": 100,
-        "port": 500,
-        "router": 10,
-        "subnet": 100,
-        "security_group": 100,
-        "security_group_rule": 1000,
-    }
+    return {resource: model.quota(db, site, resource) for resource in NEUTRON_QUOTAS}
 
 
 @router.route("GET", "/v2.0/quotas/{project}")
@@ -111,15 +104,7 @@ def get_quota(req: Request) -> Response:
 def get_quota_details(req: Request) -> Response:
     with req.world.read() as db:
         quota = _quota(db, req.site)
-        used = {
-            "floatingip": model.fips_used(db, req.site),
-            "port": db.count("port", req.site.name),
-            "network": db.count("network", req.site.name),
-            "subnet": db.count("subnet", req.site.name),
-            "router": db.count("router", req.site.name),
-            "security_group": db.count("secgroup", req.site.name),
-            "security_group_rule": db.count("sgrule", req.site.name),
-        }
+        used = {resource: model.quota_used(db, req.site, resource) for resource in quota}
     return Response(
         200, {"quota": {k: {"limit": v, "used": used.get(k, 0), "reserved": 0} for k, v in quota.items()}}
     )
