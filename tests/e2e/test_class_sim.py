@@ -127,18 +127,23 @@ def test_class_of_30_on_chameleon_and_gcp_each_key_on_its_own_node_only_then_dow
     assert run_json(labctl_env, "class", "status", "hello", "--course", "mlsys") == []
 
 
+def class_up_over_two_sites(env, roster: Path, kvm_servers: int) -> None:
+    """`class up` of the roster at sim:kvm@tacc then sim-gcp: every student up, `kvm_servers` of them at kvm@tacc
+    and the others moved to the emulated GCP."""
+    import json
+
+    out = run(env, "class", "up", "hello", "--roster", str(roster), "--sites", "sim:kvm@tacc,sim-gcp",
+              "--course", "mlsys", "--concurrency", "4", "--json", timeout=600)
+    assert all(r["status"] == "up" for r in json.loads(out.stdout))
+    assert len(labctl_servers(world(env))) == kvm_servers and len(gce_servers(env)) == N - kvm_servers
+
+
 def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, klass):
     _, roster = klass
     w = world(labctl_env)
     w.set_flavor_slots("kvm@tacc", "m1.small", 8)
     w.set_flavor_slots("kvm@tacc", "m1.medium", 0)
-    out = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--sites", "sim:kvm@tacc,sim-gcp",
-              "--course", "mlsys", "--concurrency", "4", "--json", timeout=600)
-    import json
-
-    results = json.loads(out.stdout)
-    assert all(r["status"] == "up" for r in results)
-    assert len(labctl_servers(w)) == 8 and len(gce_servers(labctl_env)) == N - 8
+    class_up_over_two_sites(labctl_env, roster, 8)
     assert len(w.inventory("kvm@tacc")["leases"]) == 8  # the failed leases were cleaned up
 
     extended = run(labctl_env, "class", "extend", "hello", "--hours", "2", "--course", "mlsys").stdout.splitlines()
@@ -152,18 +157,12 @@ def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, kl
 
 
 def test_site_out_of_security_group_quota_moves_its_students_to_the_next_site(labctl_env, klass):
-    """Neutron refuses the 7th group past a quota of 7 (the project's default group counts): that site is out of
-    quota, the student who met it is cleaned up there, and the rest of the class goes to the next site."""
+    """A quota of 7 groups, the project's default group among them: Neutron refuses the 7th student's group. That
+    site is out of quota, the student who met it is cleaned up there, and the rest of the class goes on."""
     _, roster = klass
     w = world(labctl_env)
     w.set_quota("kvm@tacc", "security_group", 7)
-    out = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--sites", "sim:kvm@tacc,sim-gcp",
-              "--course", "mlsys", "--concurrency", "4", "--json", timeout=600)
-    import json
-
-    results = json.loads(out.stdout)
-    assert all(r["status"] == "up" for r in results)
-    assert len(labctl_servers(w)) == 6 and len(gce_servers(labctl_env)) == N - 6
+    class_up_over_two_sites(labctl_env, roster, 6)
     inventory = w.inventory("kvm@tacc")
     assert len(inventory["leases"]) == 6 and len(inventory["security_groups"]) == 6  # the refused one cleaned up
     run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
