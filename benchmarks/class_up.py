@@ -300,9 +300,10 @@ def configure_world(world: Any, shape: dict[str, Any], latency: float, n: int) -
         else:
             world.set_hosts(real, candidate, n * shape["nodes"] + 10)
     world.set_fip_quota(real, n * shape["nodes"] + 10)
-    # Every resource Neutron counts, per environment, with room: each group has two egress rules and one per port.
+    # Every resource Neutron and Nova refuse past a quota, per environment, with room: a group has two egress
+    # rules and one per port.
     for counted, per_env in (("security_group", 2), ("security_group_rule", 16), ("network", 2), ("subnet", 2),
-                             ("router", 2), ("port", 2 * shape["nodes"] + 4)):
+                             ("router", 2), ("instances", shape["nodes"]), ("key_pairs", 1)):
         world.set_quota(real, counted, n * per_env + 100)
     world.set_public_subnets(real, min(len(catalog.PUBLIC_PREFIXES), -(-(n * shape["nodes"] + 10)
                                                                        // catalog.FIPS_PER_SUBNET)))

@@ -346,12 +346,13 @@ class World(SqliteWorld):
         self.set_quota(site, "floatingip", n)
 
     def set_quota(self, site: str, resource: str, n: int) -> None:
-        """The project's Neutron quota for `resource` at `site` (floatingip, network, port, router, subnet,
-        security_group, security_group_rule; defaults as Neutron reports them, `NEUTRON_QUOTAS`)."""
-        from labctl.testbed.openstack.model.base import NEUTRON_QUOTAS
+        """The project's quota for `resource` at `site`: Neutron's (floatingip, network, port, router, subnet,
+        security_group, security_group_rule) or Nova's (instances, cores, ram, key_pairs...); by default what
+        the APIs report (`QUOTA_DEFAULTS`)."""
+        from labctl.testbed.openstack.model.base import QUOTA_DEFAULTS
 
-        if resource not in NEUTRON_QUOTAS:
-            raise ValueError(f"no Neutron quota named {resource!r}: {', '.join(NEUTRON_QUOTAS)}")
+        if resource not in QUOTA_DEFAULTS:
+            raise ValueError(f"no quota named {resource!r}: {', '.join(QUOTA_DEFAULTS)}")
         site = _site_name(site)
         with self.tx() as db:
             db.set_setting(site, f"quota:{resource}", int(n))

@@ -777,5 +777,42 @@ def test_neutron_refuses_groups_rules_networks_subnets_and_routers_past_the_quot
     details = conn.network.get(f"/quotas/{conn.current_project_id}/details").json()["quota"]
     assert details["router"] == {"limit": 1, "used": 1, "reserved": 0}
     assert details["security_group"]["used"] == details["security_group"]["limit"] == groups_before + 1
-    with pytest.raises(ValueError, match="no Neutron quota named 'volumes'"):
+    with pytest.raises(ValueError, match="no quota named 'volumes'"):
         tb.world.set_quota("chi@tacc", "volumes", 1)
+
+
+def test_nova_refuses_key_pairs_and_servers_past_the_quotas_it_reports(tb):
+    """Nova's 403s: 'Quota exceeded, too many key pairs.' and 'Quota exceeded for instances: ...', with the
+    figures the limits report; labctl reads both as quota, not as a refusal of its credentials."""
+    from openstack import exceptions as sdk_exc
+
+    from labctl.providers.chameleon import ChameleonProvider
+    from labctl.sites import resolve
+
+    conn = connect(tb)
+    limits = conn.compute.get("/limits").json()["limits"]["absolute"]
+    assert limits["maxTotalKeypairs"] == 100 and limits["maxTotalInstances"] == 100  # the report, as before
+    tb.world.set_quota("chi@tacc", "key_pairs", 1)
+    tb.world.set_quota("chi@tacc", "instances", 1)
+    assert conn.compute.get("/limits").json()["limits"]["absolute"]["maxTotalKeypairs"] == 1
+
+    def post(path: str, body: dict):
+        return conn.compute.post(path, json=body, raise_exc=False)
+
+    assert post("/os-keypairs", {"keypair": {"name": "labctl-k1", "public_key": PUBKEY}}).status_code in (200, 201)
+    refused = post("/os-keypairs", {"keypair": {"name": "labctl-k2", "public_key": PUBKEY}})
+    assert refused.status_code == 403
+    assert refused.json() == {"forbidden": {"code": 403, "message": "Quota exceeded, too many key pairs."}}
+
+    lease = active_lease(blazar(conn, "CHI@TACC"), "labctl-q", [host_reservation("compute_zen3", 2)])
+    first = boot(conn, "labctl-q1", lease["reservations"][0]["id"], key_name="labctl-k1")
+    with pytest.raises(sdk_exc.HttpException) as second:
+        boot(conn, "labctl-q2", lease["reservations"][0]["id"], key_name="labctl-k1")
+    assert second.value.status_code == 403
+    assert "Quota exceeded for instances: Requested 1, but already used 1 of 1 instances" in str(second.value)
+    provider = ChameleonProvider(resolve("chi@tacc"), None)
+    assert type(provider._translate("launch node", second.value)).__name__ == "QuotaExceeded"
+
+    conn.compute.delete_server(first)
+    conn.compute.wait_for_delete(first, interval=0.02, wait=10)
+    assert boot(conn, "labctl-q3", lease["reservations"][0]["id"], key_name="labctl-k1").name == "labctl-q3"

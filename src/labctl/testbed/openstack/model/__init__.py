@@ -18,6 +18,7 @@ from labctl.testbed.openstack.model.base import (
     iso_us,
     iso_z,
     new_id,
+    quota,
     stamp,
 )
 from labctl.testbed.openstack.model.leases import (
@@ -50,7 +51,6 @@ from labctl.testbed.openstack.model.network import (
     network_subnets,
     new_port,
     public_subnets,
-    quota,
     quota_used,
     router_ports,
     security_group_in_use,
@@ -59,7 +59,15 @@ from labctl.testbed.openstack.model.network import (
     sg_rules,
     subnet_ports,
 )
-from labctl.testbed.openstack.model.servers import delete_server, fingerprint, host_id_for, schedule, server_status
+from labctl.testbed.openstack.model.servers import (
+    check_server_quota,
+    compute_usage,
+    delete_server,
+    fingerprint,
+    host_id_for,
+    schedule,
+    server_status,
+)
 from labctl.testbed.openstack.model.views import delete_lease, inventory, process_due, seed, ssh_targets
 from labctl.testbed.openstack.model.volumes import (
     attach_volume,
@@ -75,7 +83,7 @@ from labctl.testbed.openstack.model.volumes import (
 __all__ = [
     "BOOT_SECONDS", "NO_VALID_HOST", "SCHEDULE_SECONDS", "VOLUME_TYPE_ID", "SiteAddresses", "add_rule", "all_flavors",
     "allocate_fip", "allocate_ip", "associate_fip", "attach_volume", "attachment_view", "blazar_dt", "check_quota",
-    "check_tags",
+    "check_server_quota", "check_tags", "compute_usage",
     "create_lease", "create_network", "create_port", "create_security_group", "create_volume", "default_pools",
     "delete_lease", "delete_port", "delete_server", "detach_volume", "find_security_group", "fingerprint",
     "fip_quota", "fips_used", "flavors_by_id", "get_flavor", "host_id_for", "inventory", "iso_us", "iso_z",

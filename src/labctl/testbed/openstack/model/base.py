@@ -31,6 +31,16 @@ FIP_QUOTA = 50
 # counted in the report but not refused: a port past the quota is Nova's error on a server create, another shape.
 NEUTRON_QUOTAS = {"floatingip": FIP_QUOTA, "network": 100, "port": 500, "router": 10, "subnet": 100,
                   "security_group": 100, "security_group_rule": 1000}
+# Nova's (GET /limits and os-quota-sets report them): instances are refused past theirs on a server create, key
+# pairs (counted per user: all of a class's are the instructor's) on a key pair create, with a 403.
+NOVA_QUOTAS = {"instances": 100, "cores": 2000, "ram": 5_120_000, "key_pairs": 100, "metadata_items": 128,
+               "server_groups": 10, "server_group_members": 10}
+QUOTA_DEFAULTS = {**NEUTRON_QUOTAS, **NOVA_QUOTAS}
+
+
+def quota(db, site: Site, resource: str) -> int:
+    """The project's quota for `resource` at `site` (`World.set_quota`; QUOTA_DEFAULTS otherwise)."""
+    return int(db.setting(site.name, f"quota:{resource}", str(QUOTA_DEFAULTS[resource])))
 
 
 VOLUME_CREATE_SECONDS = 5.0  # creating -> available (× time scale)

@@ -10,7 +10,7 @@ from typing import Any
 from labctl.testbed.errors import HTTPError
 from labctl.testbed.openstack import catalog
 from labctl.testbed.openstack.catalog import Site
-from labctl.testbed.openstack.model.base import NEUTRON_QUOTAS, check_tags, new_id, stamp
+from labctl.testbed.openstack.model.base import check_tags, new_id, quota, stamp
 
 
 def _rule(sg_id: str, direction: str, ethertype: str, remote_group_id: str | None = None, **kw) -> dict:
@@ -343,11 +343,6 @@ def router_ports(db, site: Site, router_id: str) -> list[dict]:
 # The table each quota counts (floating IPs: `fips_used`, reserved ones are not the project's).
 QUOTA_TABLES = {"network": "network", "port": "port", "router": "router", "subnet": "subnet",
                 "security_group": "secgroup", "security_group_rule": "sgrule"}
-
-
-def quota(db, site: Site, resource: str) -> int:
-    """The project's quota for `resource` at `site` (`World.set_quota`; NEUTRON_QUOTAS by default)."""
-    return int(db.setting(site.name, f"quota:{resource}", str(NEUTRON_QUOTAS[resource])))
 
 
 def quota_used(db, site: Site, resource: str) -> int:

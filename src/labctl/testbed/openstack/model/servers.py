@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import hashlib
 
+from labctl.testbed.errors import HTTPError
 from labctl.testbed.openstack.catalog import PROJECT_ID, Site
-from labctl.testbed.openstack.model.base import NO_VALID_HOST
-from labctl.testbed.openstack.model.leases import find_reservation, get_flavor, lease_status, site_hosts
+from labctl.testbed.openstack.model.base import NO_VALID_HOST, quota
+from labctl.testbed.openstack.model.leases import (
+    find_reservation,
+    flavors_by_id,
+    get_flavor,
+    lease_status,
+    site_hosts,
+)
 from labctl.testbed.openstack.model.network import delete_port, server_ports, unbind_port
 from labctl.testbed.openstack.model.volumes import detach_volume
 
@@ -69,6 +76,25 @@ def schedule(db, site: Site, server: dict, now: float) -> str | None:
         server["hypervisor_hostname"] = f"kvm-{k % 40 + 1:03d}.tacc.chameleoncloud.org"
         return None
     return NO_VALID_HOST
+
+
+def compute_usage(db, site: Site) -> dict[str, int]:
+    """What the project's servers and key pairs use of Nova's quotas at `site`."""
+    servers = db.find("server", site.name)
+    flavors = flavors_by_id(db, site, {s["flavor_id"] for s in servers})
+    return {"instances": len(servers), "cores": sum(flavors.get(s["flavor_id"], {}).get("vcpus", 0) for s in servers),
+            "ram": sum(flavors.get(s["flavor_id"], {}).get("ram", 0) for s in servers),
+            "key_pairs": db.count("keypair", site.name)}
+
+
+def check_server_quota(db, site: Site) -> None:
+    """Nova's refusal of one more server past the project's instances (403). Cores and RAM are reported, not
+    refused: their figures here are not a real site's, and a bare-metal node's flavor counts 48 cores and
+    192 GiB."""
+    used, allowed = db.count("server", site.name), quota(db, site, "instances")
+    if used + 1 > allowed:
+        raise HTTPError(403, f"Quota exceeded for instances: Requested 1, but already used {used} of {allowed} "
+                             "instances", "Forbidden")
 
 
 def delete_server(db, site: Site, server_id: str) -> bool:

@@ -8,6 +8,7 @@ import time
 from labctl.testbed.http import HTTPError, Request, Response
 from labctl.testbed.openstack import model
 from labctl.testbed.openstack.catalog import USER_ID
+from labctl.testbed.openstack.model.base import NOVA_QUOTAS
 from labctl.testbed.openstack.nova.common import api, paginate, self_link
 
 
@@ -168,6 +169,8 @@ def create_keypair(req: Request, mv) -> Response:
     with req.world.tx() as db:
         if db.get("keypair", req.site.name, name):
             raise HTTPError(409, f"Key pair '{name}' already exists.", "KeyPairExists")
+        if model.compute_usage(db, req.site)["key_pairs"] >= model.quota(db, req.site, "key_pairs"):
+            raise HTTPError(403, "Quota exceeded, too many key pairs.", "Forbidden")
         kp = {
             "id": name,
             "name": name,
@@ -220,38 +223,22 @@ def delete_keypair(req: Request, mv) -> Response:
     return Response(204 if mv >= (2, 2) else 202)
 
 
-_QUOTAS = {
-    "instances": 100,
-    "cores": 2000,
-    "ram": 5_120_000,
-    "key_pairs": 100,
-    "metadata_items": 128,
-    "server_groups": 10,
-    "server_group_members": 10,
-}
-
-
-def _usage(req: Request) -> dict:
+def _quotas_and_usage(req: Request) -> tuple[dict, dict]:
     with req.world.read() as db:
-        servers = db.find("server", req.site.name)
-        flavors = model.flavors_by_id(db, req.site, {s["flavor_id"] for s in servers})
-        keypairs = db.count("keypair", req.site.name)
-    cores = sum(flavors.get(s["flavor_id"], {}).get("vcpus", 0) for s in servers)
-    ram = sum(flavors.get(s["flavor_id"], {}).get("ram", 0) for s in servers)
-    return {"instances": len(servers), "cores": cores, "ram": ram, "key_pairs": keypairs}
+        return {k: model.quota(db, req.site, k) for k in NOVA_QUOTAS}, model.compute_usage(db, req.site)
 
 
 @api("GET", "/limits")
 def limits(req: Request, mv) -> Response:
-    used = _usage(req)
+    quotas, used = _quotas_and_usage(req)
     absolute = {
-        "maxTotalInstances": _QUOTAS["instances"],
-        "maxTotalCores": _QUOTAS["cores"],
-        "maxTotalRAMSize": _QUOTAS["ram"],
-        "maxTotalKeypairs": _QUOTAS["key_pairs"],
-        "maxServerMeta": _QUOTAS["metadata_items"],
-        "maxServerGroups": _QUOTAS["server_groups"],
-        "maxServerGroupMembers": _QUOTAS["server_group_members"],
+        "maxTotalInstances": quotas["instances"],
+        "maxTotalCores": quotas["cores"],
+        "maxTotalRAMSize": quotas["ram"],
+        "maxTotalKeypairs": quotas["key_pairs"],
+        "maxServerMeta": quotas["metadata_items"],
+        "maxServerGroups": quotas["server_groups"],
+        "maxServerGroupMembers": quotas["server_group_members"],
         "maxImageMeta": 128,
         "maxPersonality": 5,
         "maxPersonalitySize": 10240,
@@ -268,18 +255,19 @@ def limits(req: Request, mv) -> Response:
 
 @api("GET", "/os-quota-sets/{project}")
 def quota_set(req: Request, mv) -> Response:
-    return Response(200, {"quota_set": {"id": req.params["project"], **_QUOTAS}})
+    quotas, _ = _quotas_and_usage(req)
+    return Response(200, {"quota_set": {"id": req.params["project"], **quotas}})
 
 
 @api("GET", "/os-quota-sets/{project}/detail")
 def quota_set_detail(req: Request, mv) -> Response:
-    used = _usage(req)
+    quotas, used = _quotas_and_usage(req)
     return Response(
         200,
         {
             "quota_set": {
                 "id": req.params["project"],
-                **{k: {"limit": v, "in_use": used.get(k, 0), "reserved": 0} for k, v in _QUOTAS.items()},
+                **{k: {"limit": v, "in_use": used.get(k, 0), "reserved": 0} for k, v in quotas.items()},
             }
         },
     )

@@ -249,6 +249,7 @@ def create_server(req: Request, mv) -> Response:
             if sg["name"] not in sg_names:
                 sg_names.append(sg["name"])
                 sg_ids.append(sg["id"])
+        model.check_server_quota(db, site)
         boot = model.BOOT_SECONDS["baremetal" if site.kind == "baremetal" else "kvm"] * scale
         server = {
             "id": model.new_id(),
