@@ -169,7 +169,7 @@ def create_keypair(req: Request, mv) -> Response:
     with req.world.tx() as db:
         if db.get("keypair", req.site.name, name):
             raise HTTPError(409, f"Key pair '{name}' already exists.", "KeyPairExists")
-        if model.compute_usage(db, req.site)["key_pairs"] >= model.quota(db, req.site, "key_pairs"):
+        if db.count("keypair", req.site.name) >= model.quota(db, req.site, "key_pairs"):
             raise HTTPError(403, "Quota exceeded, too many key pairs.", "Forbidden")
         kp = {
             "id": name,
