@@ -355,10 +355,6 @@ def check_quota(db, site: Site, resource: str) -> None:
         raise HTTPError(409, f"Quota exceeded for resources: ['{resource}'].", "OverQuota")
 
 
-def fip_quota(db, site: Site) -> int:
-    return quota(db, site, "floatingip")
-
-
 def fips_used(db, site: Site) -> int:
     return sum(1 for f in db.find("fip", site.name) if not f.get("reservation_id"))
 
@@ -381,10 +377,11 @@ def allocate_fip(
     tags: list | None = None,
     reservation_id: str | None = None,
     address: str | None = None,
-    quota: bool = True,
+    counted: bool = True,
 ) -> dict:
+    """A floating IP of the public network; `counted` False for one Blazar reserved (not in the project's quota)."""
     net_id = catalog.public_net_id(site)
-    if quota:
+    if counted:
         check_quota(db, site, "floatingip")
     free = free_fip_numbers(db, site)
     if address:

@@ -64,7 +64,7 @@ def process_due(db, now: float) -> None:
                                     site,
                                     tags=["blazar", f"reservation:{r['id']}"],
                                     reservation_id=r["id"],
-                                    quota=False,
+                                    counted=False,
                                 )
                             except HTTPError:
                                 break
