@@ -107,12 +107,13 @@ def test_up_ssh_timeout(home, store, timeout):
 @example(rate="-1", concurrency="16")
 @example(rate="1000", concurrency="256")
 @example(rate="5", concurrency="0")
+@example(rate="5", concurrency="²")  # a digit to isdigit(), not to int(): found by the CI run of 2026-12-05
 def test_class_up_rate_and_concurrency(home, store, rate, concurrency):
     missing = home / "no-roster.csv"
     code, _, err = cli("class", "up", "hello", "--roster", str(missing), "--site", "sim",
                        f"--rate={rate}", f"--concurrency={concurrency}")
     line = one_error_line(code, err)
-    conc_ok = concurrency.strip().lstrip("+-").isdigit() and 1 <= int(concurrency) <= 256
+    conc_ok = concurrency.strip().lstrip("+-").isdecimal() and 1 <= int(concurrency) <= 256  # as int() reads
     if in_bounds(rate, 1000) and conc_ok:
         assert "no-roster.csv" in line  # got as far as reading the roster
     else:
