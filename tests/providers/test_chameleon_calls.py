@@ -156,3 +156,37 @@ def test_environment_settings_are_read_once_unless_a_proxy_is_set(setup, monkeyp
     if not env:
         provider.conn.authorize()  # and the API answers as before
         assert provider.conn.compute.get("/flavors").status_code == 200
+
+
+@pytest.mark.parametrize("operation, quota", [
+    ("POST /v2.0/floatingips", "floatingip"),
+    ("POST /v2.0/security-group-rules", "security_group_rule"),
+    ("POST /os-keypairs", "key_pairs"),
+])
+def test_a_lost_create_that_took_the_last_room_under_the_quota_is_found_not_failed(setup, operation, quota):
+    """The create was done but its answer lost, and it took the project's last room: the resend is refused for
+    quota (Neutron and Nova check the quota before a name, a rule or a port is found taken), so labctl looks for its
+    own before it gives the site up. Before, a class of 50 at a floating IP quota of 50 failed a student this way."""
+    from labctl.testbed.openstack.model import compute_usage, quota_used
+    from labctl.testbed.openstack.model.base import site_of
+
+    tb, provider, plan, store = setup
+
+    def used() -> int:
+        with tb.world.read() as db:
+            site = site_of("kvm@tacc")
+            return compute_usage(db, site)[quota] if quota == "key_pairs" else quota_used(db, site, quota)
+
+    engine = Engine(provider, store)
+    before = used()
+    engine.apply(plan)
+    full = used()
+    assert engine.destroy(plan) == [] and used() == before
+    tb.world.set_quota("kvm@tacc", quota, full)  # room for this environment's, not one more
+    tb.world.inject_fault("kvm@tacc", operation, "timeout_after", 1)
+    engine.apply(plan)
+    assert tb.world.faults() == []  # the fault met the create
+    assert used() == full
+    assert all(f.status == "ready" for f in (provider.find(r, plan) for r in plan.resources))
+    assert engine.destroy(plan) == []
+    assert used() == before

@@ -115,13 +115,16 @@ MAX_SETTLE = 5.0
 
 def create_or_adopt(create: Callable[[], T], find: Callable[[], T | None]) -> T:
     """`create()`; when the cloud answers that it exists already (`Conflict`: a retry after a lost answer, or a
-    concurrent run), what `find()` returns instead. `find` returns None (the conflict is raised) or raises its own
-    error when what holds the name is not this deployment's."""
-    from labctl.errors import Conflict
+    concurrent run), what `find()` returns instead. `find` returns None (the error is raised) or raises its own
+    error when what holds the name is not this deployment's.
+
+    A refusal for quota is looked into the same way: Nova and Neutron check the quota before the name or the port,
+    so the resend of a create whose answer was lost, and which took the project's last room, is refused for quota."""
+    from labctl.errors import Conflict, QuotaExceeded
 
     try:
         return create()
-    except Conflict:
+    except (Conflict, QuotaExceeded):
         found = find()
         if found is None:
             raise

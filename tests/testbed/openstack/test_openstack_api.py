@@ -764,6 +764,10 @@ def test_neutron_refuses_groups_rules_networks_subnets_and_routers_past_the_quot
     with pytest.raises(sdk_exc.ConflictException, match=r"Quota exceeded for resources: \['security_group_rule'\]"):
         conn.network.create_security_group_rule(security_group_id=group.id, direction="ingress", protocol="tcp",
                                                 port_range_min=80, port_range_max=80)
+    # Neutron's quota hook runs before its plugin finds the rule taken: a rule that exists meets the quota first.
+    with pytest.raises(sdk_exc.ConflictException, match=r"Quota exceeded for resources: \['security_group_rule'\]"):
+        conn.network.create_security_group_rule(security_group_id=group.id, direction="ingress", protocol="tcp",
+                                                port_range_min=22, port_range_max=22)
     net = conn.network.create_network(name="labctl-q")
     refused("network", "networks", {"network": {"name": "labctl-q2"}})
     conn.network.create_subnet(network_id=net.id, cidr="192.168.50.0/24", ip_version=4)
@@ -803,6 +807,8 @@ def test_nova_refuses_key_pairs_and_servers_past_the_quotas_it_reports(tb):
     refused = post("/os-keypairs", {"keypair": {"name": "labctl-k2", "public_key": PUBKEY}})
     assert refused.status_code == 403
     assert refused.json() == {"forbidden": {"code": 403, "message": "Quota exceeded, too many key pairs."}}
+    # Nova checks the quota before the name (a unique key in its database): a taken name meets the quota first.
+    assert post("/os-keypairs", {"keypair": {"name": "labctl-k1", "public_key": PUBKEY}}).status_code == 403
 
     lease = active_lease(blazar(conn, "CHI@TACC"), "labctl-q", [host_reservation("compute_zen3", 2)])
     first = boot(conn, "labctl-q1", lease["reservations"][0]["id"], key_name="labctl-k1")

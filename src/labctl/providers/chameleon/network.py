@@ -6,13 +6,12 @@ in the description (`Listed`); a kind says what else it needs."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from labctl.errors import CloudError, Conflict
+from labctl.errors import CloudError, Conflict, QuotaExceeded
 from labctl.providers.base import Found, converge_created, create_or_adopt, create_or_find
 from labctl.providers.chameleon.session import TABLE, Listed, Session, deployment_of, description
 from labctl.providers.kit import CloudClock
@@ -138,15 +137,25 @@ class SecurityGroups(Listed):
         else:
             sg_id, have = existing.cloud_id, ingress_rules(self.api("get", existing.cloud_id))
         for rule in res.spec["rules"]:
-            if (rule["port"], rule["protocol"], rule["cidr"]) in have:
-                continue
-            with contextlib.suppress(Conflict):  # a concurrent run opened it first
-                s.call(f"open port {rule['port']}", lambda r=rule: s.raw_create(
-                    "network", "/security-group-rules", "security_group_rule", {
-                        "security_group_id": sg_id, "direction": "ingress", "ethertype": "IPv4",
-                        "protocol": r["protocol"], "port_range_min": r["port"], "port_range_max": r["port"],
-                        "remote_ip_prefix": r["cidr"]}))
+            if (rule["port"], rule["protocol"], rule["cidr"]) not in have:
+                self.open_port(sg_id, rule)
         return Found("secgroup", sg_id, res.name)
+
+    def open_port(self, sg_id: str, rule: Mapping[str, Any]) -> None:
+        s = self.ctx
+        try:
+            s.call(f"open port {rule['port']}", lambda: s.raw_create(
+                "network", "/security-group-rules", "security_group_rule", {
+                    "security_group_id": sg_id, "direction": "ingress", "ethertype": "IPv4",
+                    "protocol": rule["protocol"], "port_range_min": rule["port"], "port_range_max": rule["port"],
+                    "remote_ip_prefix": rule["cidr"]}))
+        except Conflict:  # a concurrent run opened it first
+            pass
+        except QuotaExceeded:
+            # Neutron checks the quota before it finds the rule taken: the resend of a create whose answer was lost,
+            # and which took the project's last room, is refused for quota. Then the rule is there.
+            if (rule["port"], rule["protocol"], rule["cidr"]) not in ingress_rules(self.api("get", sg_id)):
+                raise
 
 
 @TABLE.handler("floating_ip")

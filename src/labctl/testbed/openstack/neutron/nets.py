@@ -267,6 +267,7 @@ def create_subnet(req: Request) -> Response:
             if net_id in (cat.public_net_id(req.site), cat.shared_net_id(req.site)):
                 raise HTTPError(403, "(rule:create_subnet) is disallowed by policy", "PolicyNotAuthorized")
             raise not_found("network", net_id)
+        model.check_quota(db, req.site, "subnet")  # before the plugin's checks, as Neutron's quota hook
         for other in model.network_subnets(db, req.site, net_id):
             if ipaddress.ip_network(other["cidr"]).overlaps(net):
                 raise HTTPError(
@@ -275,7 +276,6 @@ def create_subnet(req: Request) -> Response:
                     "overlaps with another subnet.",
                     "InvalidInput",
                 )
-        model.check_quota(db, req.site, "subnet")
         x = model.stamp({
             "id": model.new_id(),
             "name": spec.get("name") or "",

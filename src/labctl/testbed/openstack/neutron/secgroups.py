@@ -213,6 +213,9 @@ def create_rule(req: Request) -> Response:
         g = get_owned(db, req, "secgroup", spec.get("security_group_id"))
         if spec.get("remote_group_id"):
             get_owned(db, req, "secgroup", spec["remote_group_id"])
+        # Neutron's quota is enforced before its plugin looks for a duplicate (a hook ahead of the create): the
+        # resend of a rule create whose answer was lost, and which took the last room, is refused for quota.
+        model.check_quota(db, req.site, "security_group_rule")
         key = (direction, ethertype, protocol, lo, hi, prefix, spec.get("remote_group_id"))
         for r in model.sg_rules(db, req.site, g["id"]):
             if (
@@ -229,7 +232,6 @@ def create_rule(req: Request) -> Response:
                     f"Security group rule already exists. Rule id is {r['id']}.",
                     "SecurityGroupRuleExists",
                 )
-        model.check_quota(db, req.site, "security_group_rule")
         rule = model.add_rule(
             db,
             req.site,

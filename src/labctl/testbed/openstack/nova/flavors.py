@@ -159,18 +159,20 @@ def create_keypair(req: Request, mv) -> Response:
             )
         public_key, private_key = _generate_keypair(name)
     public_key = public_key.strip()
-    try:
-        fp = model.fingerprint(public_key)
-    except ValueError:
-        raise HTTPError(
-            400, "Keypair data is invalid: failed to generate fingerprint", "InvalidKeypair"
-        ) from None
     ktype = spec.get("type", "ssh") if mv >= (2, 2) else "ssh"
     with req.world.tx() as db:
-        if db.get("keypair", req.site.name, name):
-            raise HTTPError(409, f"Key pair '{name}' already exists.", "KeyPairExists")
+        # Nova's order (KeypairAPI): the quota, then the key's fingerprint, then the name (a unique key in its
+        # database). So a resend of a create whose answer was lost can meet the quota, not the name.
         if db.count("keypair", req.site.name) >= model.quota(db, req.site, "key_pairs"):
             raise HTTPError(403, "Quota exceeded, too many key pairs.", "Forbidden")
+        try:
+            fp = model.fingerprint(public_key)
+        except ValueError:
+            raise HTTPError(
+                400, "Keypair data is invalid: failed to generate fingerprint", "InvalidKeypair"
+            ) from None
+        if db.get("keypair", req.site.name, name):
+            raise HTTPError(409, f"Key pair '{name}' already exists.", "KeyPairExists")
         kp = {
             "id": name,
             "name": name,
