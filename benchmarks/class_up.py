@@ -260,12 +260,15 @@ def lab_shape(lab: str, site_name: str, scale: float) -> dict[str, Any]:
     """What the lower bound needs from the lab's plan: its dependency levels (kinds), resources per kind, and the
     node's image and types (the kinds' lifecycle delays: `add_delays`)."""
     from labctl import service
-    from labctl.plan import build_plan
+    from labctl.plan import build_plan, class_shared_plan
     from labctl.testbed.openstack import catalog
 
     prof, site = service.load(lab, site_name)
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkKvZ0Qz2Zl7uF6yN1dYx3dQ3bVQ3bVQ3bVQ3bVQ3bV bench"
-    plan = build_plan(prof, site, "shape", key, course=COURSE)
+    # A student's plan as class mode makes it: what the class shares at the site (made once) is given to it.
+    shared = class_shared_plan(prof, site, COURSE, "bench")
+    plan = build_plan(prof, site, "shape", key, course=COURSE,
+                      given={r.key: r for r in shared.resources} if shared else None)
     real = site.stands_for or site.name
     kind = catalog.resolve_site(real).kind  # "kvm" | "baremetal"
     levels = [sorted({r.kind for r in level}) for level in plan.levels()]

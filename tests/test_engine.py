@@ -337,3 +337,48 @@ def test_creates_that_start_a_long_wait_go_ahead_at_the_rate_limit(store):
     for kind in ("reservation", "server"):
         assert ranks[f"find {kind}"] == ranks[f"create {kind}"] == 7 - kit.AHEAD
     assert kit.SHARED_RANK < 7 - kit.AHEAD  # a shared list every student waits on still goes first
+
+
+def test_a_given_resource_is_used_as_given_never_made_recorded_or_deleted(store):
+    """A class's shared group comes with the plan (`Plan.given`): the server that depends on it gets it, and the
+    environment's apply and destroy never touch it."""
+    cloud = MemoryCloud(capacity={"big": 1})
+    plan = make_plan()
+    group = Found("secgroup", "sg-of-the-class", "labctl-c-class-fake-lab")
+    plan.given = {"secgroup": group}
+    server = plan.get("server:n-1")
+    plan.resources[plan.resources.index(server)] = Resource(server.key, server.kind, server.name, server.spec,
+                                                            (*server.depends_on, "secgroup"))
+    seen: dict[str, Found] = {}
+    create = cloud.create
+    cloud.create = lambda res, p, deps, candidate: (seen.update(deps), create(res, p, deps, candidate))[1]
+    found = Engine(cloud, store).apply(plan)
+    assert seen["secgroup"] is group and found["secgroup"] is group
+    assert "secgroup" not in cloud.creates and "secgroup" not in {r.key for r in store.resources(plan.deployment)}
+    assert [[r.key for r in level] for level in plan.levels()][0] == ["keypair", "reservation:n"]
+    cloud.items[group.name] = group  # in the cloud, as the class made it; not the environment's to delete
+    cloud.list_owned = lambda p: [f for f in cloud.items.values() if f is not group]
+    assert Engine(cloud, store).destroy(plan) == [] and list(cloud.items.values()) == [group]
+
+
+def test_a_class_shares_one_security_group_per_chameleon_site_and_nothing_elsewhere():
+    from labctl import sites
+    from labctl.plan import build_plan, class_shared_plan
+    from labctl.profile import find_profile, load_profile
+
+    hello = load_profile(find_profile("hello"))
+    kvm = sites.resolve("kvm@tacc")
+    shared = class_shared_plan(hello, kvm, "mlsys", "prof")
+    assert shared is not None and shared.deployment == "labctl-mlsys-class-kvm-tacc-hello"
+    (group,) = shared.resources
+    assert (group.kind, group.name, group.depends_on) == ("secgroup", shared.deployment, ())
+    assert group.spec["rules"] == [{"port": 22, "protocol": "tcp", "cidr": "0.0.0.0/0"}]
+    assert shared.tags["labctl:owner"] == "prof" and shared.tags["labctl:course"] == "mlsys"
+    student = build_plan(hello, kvm, "s01", "ssh-ed25519 AAAA k", course="mlsys", given={"secgroup": group})
+    assert "secgroup" not in {r.key for r in student.resources}
+    assert "secgroup" in student.get("server:node-1").depends_on
+    alone = build_plan(hello, kvm, "s01", "ssh-ed25519 AAAA k", course="mlsys")
+    assert alone.get("secgroup").name == alone.deployment  # `labctl up` and a class elsewhere: a group of its own
+    # Bare metal has no groups; on AWS and GCP a group or firewall belongs to the deployment's network.
+    for name in ("chi@tacc", "aws:us-east-1", "gcp:us-central1-a"):
+        assert class_shared_plan(hello, sites.resolve(name), "mlsys", "prof") is None, name

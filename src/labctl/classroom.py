@@ -25,7 +25,7 @@ from labctl.errors import CloudError, Interrupted, LabctlError, NoCapacity, Quot
 from labctl.malloc_tuning import tune_for_threads
 from labctl.node_setup import ExtraStep
 from labctl.providers.kit import rank
-from labctl.state import DeploymentRecord
+from labctl.state import CLASS_SHARED, DeploymentRecord
 from labctl.workers import ShortLivedWorkers
 
 UP, FAILED, BUSY, ALREADY, INTERRUPTED = "up", "failed", "busy", "already up", "interrupted"
@@ -92,6 +92,8 @@ class _Site:
     prof: Any
     executor: ShortLivedWorkers
     exhausted: str | None = None  # why no new environment goes here any more
+    shared: dict[str, Any] | None = None  # what the class's environments here use as given, once found or made
+    shared_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -107,7 +109,15 @@ class _Run:
 
 
 def class_deployments(ctx: service.Context, course: str, lab: str) -> list[DeploymentRecord]:
-    return [d for d in ctx.store.deployments() if d.course == course and d.lab == lab]
+    """The students' environments of course/lab (not what they share)."""
+    return [d for d in ctx.store.deployments()
+            if d.course == course and d.lab == lab and not d.class_shared]
+
+
+def shared_deployments(ctx: service.Context, course: str, lab: str) -> list[DeploymentRecord]:
+    """What the students of course/lab share, one deployment per site (`plan.class_shared_plan`)."""
+    return [d for d in ctx.store.deployments()
+            if d.course == course and d.lab == lab and d.class_shared and d.status != "destroyed"]
 
 
 def authorize_step(public_key: str) -> ExtraStep:
@@ -247,15 +257,24 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
     if site.exhausted:
         nxt = _next_site(run, site)
         return nxt if nxt else StudentResult(sid, site.name, FAILED, site.exhausted)
+    try:
+        given = _shared_resources(run, site)
+    except (NoCapacity, QuotaExceeded) as exc:
+        return _site_exhausted(run, site, student, None, exc)
+    except Interrupted:
+        return StudentResult(sid, site.name, INTERRUPTED)
+    except LabctlError as exc:
+        return StudentResult(sid, site.name, FAILED, str(exc).splitlines()[0])
     the_plan = build_plan(site.prof, site.provider.site, student.slug, run.key.public_key, name=site.prof.name,
-                          course=run.opts.course)
+                          course=run.opts.course, given=given)
     store = run.ctx.store
     with store.lock(f"env:{the_plan.deployment}") as mine:
         if not mine:
             return StudentResult(sid, site.name, BUSY, "another operator is working on it", the_plan.deployment)
         current = store.get_deployment(the_plan.deployment)
         if (current and current.status != "destroyed"
-                and (current.owner, current.course) != (student.slug, run.opts.course)):
+                and ((current.owner, current.course) != (student.slug, run.opts.course)
+                     or current.class_shared)):
             return StudentResult(sid, site.name, FAILED, f"deployment id {the_plan.deployment} already belongs to "
                                  f"{current.name} of {current.owner}", the_plan.deployment)
         if current and current.status == "up" and current.site == site.name:
@@ -288,20 +307,60 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
 
 
 def _site_exhausted(run: _Run, site: _Site, student: Any, the_plan: Any, exc: CloudError) -> StudentResult | _Site:
-    """Stop creating at this site; clean this student's partial environment and move them on if we can."""
+    """Stop creating at this site; clean this student's partial environment (if it was begun) and move them on if
+    we can."""
     from labctl.engine import Engine
 
     with run.lock:
         if site.exhausted is None:
             site.exhausted = f"{site.name} is out of {'quota' if isinstance(exc, QuotaExceeded) else 'capacity'}"
             run.events.student(student.student_id, "site exhausted", str(exc).splitlines()[0])
-    if run.ctx.store.get_deployment(the_plan.deployment) is not None:
+    if the_plan is not None and run.ctx.store.get_deployment(the_plan.deployment) is not None:
         Engine(site.provider, run.ctx.store).destroy(the_plan)
         run.ctx.store.forget_deployment(the_plan.deployment)
     nxt = _next_site(run, site)
     if nxt is not None:
         return nxt
-    return StudentResult(student.student_id, site.name, FAILED, str(exc).splitlines()[0], the_plan.deployment)
+    return StudentResult(student.student_id, site.name, FAILED, str(exc).splitlines()[0],
+                         the_plan.deployment if the_plan is not None else None)
+
+
+def _shared_resources(run: _Run, site: _Site) -> dict[str, Any]:
+    """What the class's environments at `site` share (`plan.class_shared_plan`), by key: found or made once per run,
+    before the first environment there needs it. Nothing where they share nothing."""
+    from labctl.plan import class_shared_plan
+
+    with site.shared_lock:  # the site's other environments wait for the first one's look (or create)
+        if site.shared is None:
+            the_plan = class_shared_plan(site.prof, site.provider.site, run.opts.course, run.ctx.owner)
+            site.shared = {} if the_plan is None else _apply_shared(run, site, the_plan)
+        return site.shared
+
+
+def _apply_shared(run: _Run, site: _Site, the_plan: Any) -> dict[str, Any]:
+    """The class's shared deployment at `site`, as `provision` makes a student's: recorded first, then applied (a
+    rerun finds what is there), under its lock (another operator's `class up` waits for it, then finds it)."""
+    from labctl.engine import Engine
+
+    store, dep_id = run.ctx.store, the_plan.deployment
+    with service.deployment_lock(run.ctx, dep_id, f"the shared resources of {run.opts.course}/{site.prof.name}"):
+        current = store.get_deployment(dep_id)
+        if current is not None and current.status != "destroyed" and not current.class_shared:
+            raise UserError(f"deployment id {dep_id} (what the class shares at {site.name}) already belongs to "
+                            f"{current.name} of {current.owner}")
+        if current is None or current.status != "up":
+            store.save_deployment(DeploymentRecord(
+                id=dep_id, name=dep_id, lab=site.prof.name, owner=the_plan.owner, course=run.opts.course,
+                site=site.name, status="applying", profile_path=str(site.prof.path),
+                data={CLASS_SHARED: True, "tags": the_plan.tags, "nodes": [], "lease_hours": site.prof.lease_hours}))
+        try:
+            found = Engine(site.provider, store, concurrency=1, should_stop=run.stop.is_set).apply(the_plan)
+        except CloudError as exc:
+            store.set_deployment_status(dep_id, "failed", error=str(exc))
+            raise
+        if current is None or current.status != "up":
+            store.set_deployment_status(dep_id, "up", error=None)
+    return found
 
 
 # -- status / report ------------------------------------------------------------------------------
@@ -409,7 +468,32 @@ def class_down(ctx: service.Context, lab: str, course: str, student: str | None 
         return result
 
     with ShortLivedWorkers(max(1, concurrency), thread_name_prefix="class-down") as pool:
-        return list(pool.map(one, deps))
+        results = list(pool.map(one, deps))
+    return results + _down_shared(ctx, course, _lab_name(lab), provider_for, events)
+
+
+def _down_shared(ctx: service.Context, course: str, lab: str, provider_for: Callable[[str], Any],
+                 events: ClassEvents) -> list[StudentResult]:
+    """Delete what the class shares at each site where none of its environments is left; a row only for one that
+    could not be deleted (its environments' rows say the rest)."""
+    results = []
+    for dep in shared_deployments(ctx, course, lab):
+        if any(d.site == dep.site and d.status != "destroyed" for d in class_deployments(ctx, course, lab)):
+            continue  # a student's environment there still uses it
+        with ctx.store.lock(f"env:{dep.id}", wait=True, timeout=service.LOCK_WAIT) as mine:
+            current = ctx.store.get_deployment(dep.id)
+            if not mine or current is None or current.status == "destroyed":
+                continue  # another operator has it (and deletes it), or deleted it meanwhile
+            try:
+                left = service.destroy_deployment(ctx, current, provider_for(dep.site), on_progress=lambda *a: None)
+                error = ("left: " + "; ".join(left)) if left else None
+            except LabctlError as exc:
+                error = str(exc).splitlines()[0]
+        if error:
+            result = StudentResult("(shared)", dep.site, FAILED, error, dep.id)
+            events.finished(result)
+            results.append(result)
+    return results
 
 
 def class_extend(ctx: service.Context, lab: str, course: str, hours: float, cloud: str | None = None) -> list[str]:

@@ -47,8 +47,9 @@ class Engine:
 
     # -- apply ------------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> dict[str, Found]:
-        """Create what is missing, wait until ready; returns what the cloud says per resource key."""
-        found: dict[str, Found] = {}
+        """Create what is missing, wait until ready; returns what the cloud says per resource key (and what the
+        plan was given)."""
+        found: dict[str, Found] = dict(plan.given)
         for level in plan.levels():
             self._converge_level(plan, level, found)
         return found

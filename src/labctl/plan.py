@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict, Union
 
@@ -27,6 +28,12 @@ KEEPABLE_KINDS = ("volume", "bucket")
 # Kinds whose create starts a long wait at the cloud (a lease's start, a boot): the engine makes them first of
 # their level, so the wait runs while the others are made.
 LONG_WAIT_KINDS = ("reservation", "server")
+#: What the students of a class share at one site, per provider: made once for the class (a deployment of its own,
+#: `class_shared_plan`) before their environments, which use it as given (`Plan.given`), and deleted after the last
+#: of them. A Neutron security group belongs to the project, not to a network (as on AWS and GCP), and every
+#: student's would hold the same rules: one group for the class instead of a group and its rules per student,
+#: each counted against the project's quotas (Neutron's defaults: 10 groups, 100 rules).
+CLASS_SHARED_KINDS = {"chameleon": ("secgroup",)}
 
 
 # -- specs: what each kind of resource asks of a cloud (typed per kind; plain dicts at run time, so a plan stays
@@ -161,6 +168,9 @@ class Plan:
     tags: dict[str, str]
     nodes: list[NodePlan]
     resources: list[Resource] = field(default_factory=list)
+    # Resources another deployment made and owns, by key (a class's shared group: the providers' `Found`s): this
+    # one's resources depend on them, but never makes, records or deletes them.
+    given: dict[str, Any] = field(default_factory=dict)
 
     def get(self, key: str) -> Resource:
         for res in self.resources:
@@ -173,7 +183,7 @@ class Plan:
 
     def levels(self) -> list[list[Resource]]:
         """Resources grouped so that each group depends only on earlier groups (for concurrent apply)."""
-        placed: dict[str, int] = {}
+        placed: dict[str, int] = dict.fromkeys(self.given, -1)
         pending = list(self.resources)
         levels: list[list[Resource]] = []
         while pending:
@@ -195,7 +205,9 @@ def build_plan(
     name: str | None = None,
     course: str | None = None,
     extra_keys: tuple[str, ...] = (),
+    given: Mapping[str, Any] | None = None,
 ) -> Plan:
+    """`given`: what the environment uses without making it (a class's shared resources, by key)."""
     deployment = naming.deployment_id(name or profile.name, owner, course)
     tags = {
         naming.TAG_DEPLOYMENT: deployment,
@@ -223,7 +235,8 @@ def build_plan(
         )
         for node, role in profile.node_names()
     ]
-    plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, nodes)
+    plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, nodes,
+                given=dict(given or {}))
     res = plan.resources
     res.append(Resource("keypair", "keypair", deployment, KeypairSpec(public_key=public_key)))
     server_deps = ["keypair"]
@@ -245,13 +258,10 @@ def build_plan(
                 RouterSpec(subnet=f"subnet:{net_name}", external_network=site.public_network),
                 (f"subnet:{net_name}",)))
     if site.security_groups:
-        rules = [PortRule(port=p.port, protocol=p.protocol, cidr=p.cidr) for p in profile.port_rules()]
-        # On AWS and GCP the group / firewall belongs to the deployment's network, and a network without port
-        # security lets its nodes talk freely (all traffic from its CIDR), as Neutron does with port security off.
-        nets = [SecgroupNetwork(network=f"network:{n}", cidr=net.cidr, open=not net.port_security)
-                for n, net in profile.networks.items()]
-        res.append(Resource("secgroup", "secgroup", deployment, SecgroupSpec(rules=rules, networks=nets),
-                            tuple(n["network"] for n in nets)))
+        if "secgroup" not in plan.given:
+            spec = _secgroup_spec(profile, with_networks=True)
+            res.append(Resource("secgroup", "secgroup", deployment, spec,
+                                tuple(n["network"] for n in spec["networks"])))
         server_deps.append("secgroup")
     reservations: dict[str, str] = {}
     if site.reservation in ("host", "flavor"):
@@ -324,6 +334,30 @@ def build_plan(
     for store_name, store in profile.object_stores.items():
         res.append(Resource(f"bucket:{store_name}", "bucket", naming.resource_name(deployment, store_name),
                             BucketSpec(bucket=store_name, keep=store.keep)))
+    return plan
+
+
+def _secgroup_spec(profile: Profile, *, with_networks: bool) -> SecgroupSpec:
+    rules = [PortRule(port=p.port, protocol=p.protocol, cidr=p.cidr) for p in profile.port_rules()]
+    # On AWS and GCP the group / firewall belongs to the deployment's network, and a network without port
+    # security lets its nodes talk freely (all traffic from its CIDR), as Neutron does with port security off.
+    nets = [SecgroupNetwork(network=f"network:{n}", cidr=net.cidr, open=not net.port_security)
+            for n, net in profile.networks.items()] if with_networks else []
+    return SecgroupSpec(rules=rules, networks=nets)
+
+
+def class_shared_plan(profile: Profile, site: Site, course: str, owner: str) -> Plan | None:
+    """The deployment of what a class's environments at `site` share (`CLASS_SHARED_KINDS`), made by `owner` (the
+    instructor); None where they share nothing. Its id names the course, the site and the lab."""
+    kinds = CLASS_SHARED_KINDS.get(site.provider, ())
+    if "secgroup" not in kinds or not site.security_groups:
+        return None
+    deployment = naming.deployment_id(profile.name, f"class-{naming.sanitise(site.name)}", course)
+    tags = {naming.TAG_DEPLOYMENT: deployment, naming.TAG_LAB: profile.name, naming.TAG_OWNER: owner,
+            naming.TAG_COURSE: course}
+    plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, [])
+    # A Neutron group is the project's: its rules name ports and addresses, not the students' networks.
+    plan.resources.append(Resource("secgroup", "secgroup", deployment, _secgroup_spec(profile, with_networks=False)))
     return plan
 
 

@@ -598,6 +598,9 @@ def down(ctx: Context, name: str | None, cloud: str | None = None, *, delete_vol
     from labctl.sites import resolve
 
     dep = resolve_deployment(ctx, name, action="down")
+    if dep.class_shared:
+        raise UserError(f"{dep.name} is what the environments of {dep.course}/{dep.lab} at {dep.site} share; "
+                        f"'labctl class down {dep.lab} --course {dep.course}' deletes it after the last of them")
     with deployment_lock(ctx, dep.id, dep.name):
         dep = _still_there(ctx, dep)
         return destroy_deployment(ctx, dep, connect(ctx, resolve(dep.site), cloud),

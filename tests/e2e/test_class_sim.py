@@ -156,17 +156,57 @@ def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, kl
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
 
-def test_site_out_of_security_group_quota_moves_its_students_to_the_next_site(labctl_env, klass):
-    """A quota of 7 groups, the project's default group among them: Neutron refuses the 7th student's group. That
-    site is out of quota, the student who met it is cleaned up there, and the rest of the class goes on."""
+def test_site_out_of_key_pair_quota_moves_its_students_to_the_next_site(labctl_env, klass):
+    """Nova counts key pairs per user, and all of a class's are the instructor's: with a quota of 6, Nova refuses
+    the 7th student's. That site is out of quota, the student who met it is cleaned up there, and the rest of the
+    class goes on at the next site."""
     _, roster = klass
     w = world(labctl_env)
-    w.set_quota("kvm@tacc", "security_group", 7)
+    w.set_quota("kvm@tacc", "key_pairs", 6)
     class_up_over_two_sites(labctl_env, roster, 6)
     inventory = w.inventory("kvm@tacc")
-    assert len(inventory["leases"]) == 6 and len(inventory["security_groups"]) == 6  # the refused one cleaned up
+    assert len(inventory["leases"]) == 6 and len(inventory["keypairs"]) == 6  # the refused one cleaned up
     run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
+
+
+def test_a_class_shares_one_security_group_per_site_which_goes_after_its_last_environment(labctl_env, klass,
+                                                                                           tmp_path):
+    """Every student's would hold the same rules: the class makes one group at the site (a deployment of its own)
+    and its environments use it. A group quota of 2 (the project's default group and the class's) holds a class of
+    8. `class down` of one student keeps it for the others, a plain `down` of it is refused while it is shared, and
+    `class down` of the rest deletes it after them."""
+    import json
+
+    keys, _ = klass
+    roster = tmp_path / "eight.csv"
+    write_roster(roster, keys[:8])
+    w = world(labctl_env)
+    w.set_quota("kvm@tacc", "security_group", 2)
+    out = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--site", "sim:kvm@tacc",
+              "--course", "mlsys", "--concurrency", "8", "--json", timeout=600)
+    assert [r["status"] for r in json.loads(out.stdout)] == ["up"] * 8
+    (group,) = w.inventory("kvm@tacc")["security_groups"]
+    assert group["name"] == "labctl-mlsys-class-sim-kvm-tacc-hello"
+    servers = labctl_servers(w)
+    assert len(servers) == 8 and all(s["security_groups"] == [group["name"]] for s in servers)
+    rules = [(r["port_range_min"], r["protocol"]) for r in group["rules"] if r["direction"] == "ingress"]
+    assert rules == [(22, "tcp")]
+    shared_id = group["name"]
+
+    refused = run(labctl_env, "down", shared_id, check=False)
+    assert refused.returncode == 2 and "class down hello --course mlsys" in refused.stderr
+    assert "Traceback" not in refused.stderr and len(w.inventory("kvm@tacc")["security_groups"]) == 1
+
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--student", "s00", "--yes", timeout=600)
+    assert len(labctl_servers(w)) == 7 and len(w.inventory("kvm@tacc")["security_groups"]) == 1
+    status = run_json(labctl_env, "class", "status", "hello", "--course", "mlsys")
+    assert sorted(r["student_id"] for r in status) == [f"s{i:02d}" for i in range(1, 8)]  # the group is no student
+
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
+    assert labctl_leftovers(w) == {}
+    with contextlib.closing(sqlite3.connect(Path(labctl_env["LABCTL_STATE_DIR"]) / "state.db")) as db:
+        assert {s for (s,) in db.execute("SELECT status FROM deployments")} == {"destroyed"}
 
 
 def _moved(line: str) -> bool:

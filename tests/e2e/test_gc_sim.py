@@ -257,7 +257,11 @@ def test_gc_cleans_up_a_killed_class_whose_state_was_lost(labctl_env, tmp_path):
         assert made["server"] >= 4, made
         listed = run_json(labctl_env, "gc", "--site", "sim")["leaks"]
         assert Counter(x["kind"] for x in listed) == made, f"listed {Counter(x['kind'] for x in listed)}, made {made}"
-        assert {x["owner"] for x in listed} <= {f"s{i:02d}" for i in range(8)}
+        # The students' own resources name their owner; the group the class shares names none (a group keeps only its
+        # deployment, and the class's has no key pair or server to name it).
+        shared = "labctl-gc-class-sim-kvm-tacc-hello"
+        assert {x["owner"] for x in listed if x["deployment"] != shared} <= {f"s{i:02d}" for i in range(8)}
+        assert [(x["kind"], x["name"]) for x in listed if x["deployment"] == shared] == [("secgroup", shared)]
         deleted = run_json(labctl_env, "gc", "--site", "sim", "--delete", "--yes", timeout=600)
         assert len(deleted["deleted"]) == len(listed) and deleted["left"] == [] and deleted["not_deleted"] == []
         assert sdk.count("labctl-gc-") == Counter()

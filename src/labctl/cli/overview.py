@@ -45,7 +45,7 @@ def class_groups(deployments: list[Any]) -> list[ClassGroup]:
     states: dict[tuple[str, str], Counter] = {}
     sites: dict[tuple[str, str], Counter] = {}
     for dep in deployments:
-        if not dep.course:
+        if not dep.course or dep.class_shared:  # what a class shares at a site is none of its environments
             continue
         key = (dep.course, dep.lab)
         group = groups.setdefault(key, ClassGroup(dep.course, dep.lab))
@@ -83,7 +83,7 @@ def course_for(ctx: Any, lab: str, course: str | None, command: str) -> str:
     if course is not None:
         return course
     name = lab_name(lab)
-    counts = Counter(d.course for d in ctx.store.deployments() if d.course and d.lab == name)
+    counts = Counter(d.course for d in ctx.store.deployments() if d.course and d.lab == name and not d.class_shared)
     if len(counts) == 1:
         return next(iter(counts))
     from labctl.redact import clean

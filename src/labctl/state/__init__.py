@@ -1,5 +1,5 @@
 """State store: where labctl records what it created, before and after each cloud call."""
 
-from labctl.state.store import DeploymentRecord, DeploymentView, ResourceRecord, StateStore
+from labctl.state.store import CLASS_SHARED, DeploymentRecord, DeploymentView, ResourceRecord, StateStore
 
-__all__ = ["DeploymentRecord", "DeploymentView", "ResourceRecord", "StateStore"]
+__all__ = ["CLASS_SHARED", "DeploymentRecord", "DeploymentView", "ResourceRecord", "StateStore"]

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS events (
 _MIGRATIONS: dict[int, str] = {}
 
 
+CLASS_SHARED = "class_shared"  # in a deployment's data: see DeploymentRecord.class_shared
+
+
 @dataclass
 class DeploymentRecord:
     id: str
@@ -65,6 +68,11 @@ class DeploymentRecord:
     data: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+
+    @property
+    def class_shared(self) -> bool:
+        """Whether it holds what a class's environments at its site share (a student's environment does not)."""
+        return bool(self.data.get(CLASS_SHARED))
 
 
 @dataclass
