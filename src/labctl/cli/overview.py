@@ -83,7 +83,9 @@ def course_for(ctx: Any, lab: str, course: str | None, command: str) -> str:
     if course is not None:
         return course
     name = lab_name(lab)
-    counts = Counter(d.course for d in ctx.store.deployments() if d.course and d.lab == name and not d.class_shared)
+    of_lab = [d for d in ctx.store.deployments() if d.course and d.lab == name]
+    # What a class shares counts only where no environment is left (its `class down` deletes it).
+    counts = Counter(d.course for d in of_lab if not d.class_shared) or Counter(d.course for d in of_lab)
     if len(counts) == 1:
         return next(iter(counts))
     from labctl.redact import clean
