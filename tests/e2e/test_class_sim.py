@@ -170,6 +170,20 @@ def test_site_out_of_key_pair_quota_moves_its_students_to_the_next_site(labctl_e
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
 
+def test_a_site_that_refuses_the_class_its_shared_group_moves_every_student_on(labctl_env, klass):
+    """A group quota the project's default group fills: Neutron refuses the class's group, so that site is out of
+    quota before any environment starts there, and the whole class goes to the next site."""
+    _, roster = klass
+    w = world(labctl_env)
+    w.set_quota("kvm@tacc", "security_group", 1)
+    class_up_over_two_sites(labctl_env, roster, 0)
+    assert labctl_leftovers(w, "kvm@tacc") == {}
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
+    assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
+    with contextlib.closing(sqlite3.connect(Path(labctl_env["LABCTL_STATE_DIR"]) / "state.db")) as db:
+        assert {s for (s,) in db.execute("SELECT status FROM deployments")} == {"destroyed"}
+
+
 def test_a_class_shares_one_security_group_per_site_which_goes_after_its_last_environment(labctl_env, klass,
                                                                                            tmp_path):
     """Every student's would hold the same rules: the class makes one group at the site (a deployment of its own)
