@@ -93,6 +93,7 @@ class _Site:
     executor: ShortLivedWorkers
     exhausted: str | None = None  # why no new environment goes here any more
     shared: dict[str, Any] | None = None  # what the class's environments here use as given, once found or made
+    shared_error: str | None = None  # why it could not be made in this run (each environment here fails with it)
     shared_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -331,10 +332,20 @@ def _shared_resources(run: _Run, site: _Site) -> dict[str, Any]:
     from labctl.plan import class_shared_plan
 
     with site.shared_lock:  # the site's other environments wait for the first one's look (or create)
-        if site.shared is None:
+        if site.shared is None and site.shared_error is None:
             the_plan = class_shared_plan(site.prof, site.provider.site, run.opts.course, run.ctx.owner)
-            site.shared = {} if the_plan is None else _apply_shared(run, site, the_plan)
-        return site.shared
+            try:
+                site.shared = {} if the_plan is None else _apply_shared(run, site, the_plan)
+            except (NoCapacity, QuotaExceeded, Interrupted):
+                raise  # the site is out of room (its students move on), or the run stops
+            except LabctlError as exc:
+                # Once per run: the calls were retried already, and every environment here would wait its turn
+                # at the lock to fail the same way. `class retry` tries again.
+                why = str(exc).splitlines()[0]
+                site.shared_error = f"what the class shares at {site.name} could not be made: {why}"
+        if site.shared_error is not None:
+            raise CloudError(site.shared_error)
+        return site.shared or {}
 
 
 def _apply_shared(run: _Run, site: _Site, the_plan: Any) -> dict[str, Any]:

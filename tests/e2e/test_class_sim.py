@@ -184,6 +184,40 @@ def test_a_site_that_refuses_the_class_its_shared_group_moves_every_student_on(l
         assert {s for (s,) in db.execute("SELECT status FROM deployments")} == {"destroyed"}
 
 
+def test_a_shared_group_the_cloud_keeps_refusing_fails_the_sites_students_after_one_try_then_retry_works(
+        labctl_env, klass, tmp_path):
+    """Neutron answers every group create with a 500: the class's group is tried once in the run (its calls retried
+    as any create's), not once per student waiting in turn at the site, and every student there fails with one
+    line that says why. `class retry`, once Neutron answers again, makes them all."""
+    import json
+
+    keys, _ = klass
+    roster = tmp_path / "six.csv"
+    write_roster(roster, keys[:6])
+    w = world(labctl_env)
+    w.inject_fault("kvm@tacc", "POST /v2.0/security-groups", "error500", 100)
+    before = len(w.request_log())
+    out = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--site", "sim:kvm@tacc",
+              "--course", "mlsys", "--json", check=False, timeout=600)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["status"] for r in rows] == ["failed"] * 6
+    assert all(r["error"].startswith("what the class shares at sim:kvm@tacc could not be made: ") for r in rows)
+    creates = [p for s, m, p in w.request_log()[before:]
+               if s == "kvm@tacc" and m == "POST" and not p.startswith("/identity/")]
+    assert creates and set(creates) == {"/network/v2.0/security-groups"}  # nothing else was made
+    assert len(creates) <= 4  # providers.base.CREATE_ATTEMPTS sends, once for the class (6 x 4 before)
+    assert labctl_leftovers(w, "kvm@tacc") == {}
+
+    w.clear_faults()
+    out = run(labctl_env, "class", "retry", "hello", "--roster", str(roster), "--site", "sim:kvm@tacc",
+              "--course", "mlsys", "--json", timeout=600)
+    assert [r["status"] for r in json.loads(out.stdout)] == ["up"] * 6
+    assert len(w.inventory("kvm@tacc")["security_groups"]) == 1
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
+    assert labctl_leftovers(w) == {}
+
+
 def test_a_class_shares_one_security_group_per_site_which_goes_after_its_last_environment(labctl_env, klass,
                                                                                            tmp_path):
     """Every student's would hold the same rules: the class makes one group at the site (a deployment of its own)
