@@ -12,6 +12,7 @@ import pytest
 from tests.cli.helpers import cli, one_line_error, seed, words
 
 from labctl import sites
+from labctl.state import CLASS_SHARED, DeploymentRecord
 
 SITE_FORMS = ["chi@tacc", "chi@uc", "kvm@tacc", "aws:<region|zone>", "gcp:<zone|region>", "sim", "sim:<site>",
               "sim-aws", "sim-gcp"]
@@ -188,7 +189,13 @@ def mixed(store):
              status="failed" if sid == "carol" else "up", lease_end=f"2026-12-05T0{i}:00:00+00:00")
     seed(store, "labctl-os-dave-hello", "hello", "hello", owner="dave", course="os-101", student="dave",
          site="sim:chi@uc")
+    # What ml-sys shares at kvm@tacc (its security group): shown with the class, never counted as a student.
+    shared = seed(store, SHARED_ML, SHARED_ML, "hello", owner="student1", course="ml-sys")
+    store.save_deployment(DeploymentRecord(**{**shared.__dict__, "data": {CLASS_SHARED: True, "nodes": []}}))
     return store
+
+
+SHARED_ML = "labctl-ml-sys-class-sim-kvm-tacc-hello"
 
 
 def test_status_lists_your_labs_and_every_class_by_course_and_lab(mixed):
@@ -202,6 +209,7 @@ def test_status_lists_your_labs_and_every_class_by_course_and_lab(mixed):
     assert "sim:kvm@tacc (3)" in rows["ml-sys"] and "2026-12-05T00:00:00+00:00" in rows["ml-sys"]
     assert "1 up" in rows["os-101"] and "sim:chi@uc (1)" in rows["os-101"]
     assert "labctl class status hello --course ml-sys" in out
+    assert f"shared by ml-sys/hello: {SHARED_ML} (class down deletes it after the last environment" in out
 
 
 def test_status_all_shows_every_owner_with_an_owner_column(mixed):
@@ -218,9 +226,9 @@ def test_status_json_has_labs_and_classes(mixed):
     assert code == 0 and [s["name"] for s in data["labs"]] == ["hello"]
     assert data["classes"] == [
         {"course": "ml-sys", "lab": "hello", "environments": 3, "by_state": {"failed": 1, "up": 2},
-         "by_site": {"sim:kvm@tacc": 3}, "first_lease_end": "2026-12-05T00:00:00+00:00"},
+         "by_site": {"sim:kvm@tacc": 3}, "first_lease_end": "2026-12-05T00:00:00+00:00", "shared": [SHARED_ML]},
         {"course": "os-101", "lab": "hello", "environments": 1, "by_state": {"up": 1},
-         "by_site": {"sim:chi@uc": 1}, "first_lease_end": None},
+         "by_site": {"sim:chi@uc": 1}, "first_lease_end": None, "shared": []},
     ]
     assert [s["owner"] for s in json.loads(cli("status", "--all", "--json")[1])["labs"]] == ["student1", "ta"]
 

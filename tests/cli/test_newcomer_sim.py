@@ -112,7 +112,10 @@ def test_class_up_piped_says_what_next_and_every_printed_command_works(labctl_en
     overview = json.loads(run(labctl_env, "status", "--json").stdout)
     assert overview["classes"][0] | {"first_lease_end": None} == {
         "course": "ml-sys", "lab": "hello", "environments": 2, "by_state": {"up": 2},
-        "by_site": {"sim:kvm@tacc": 2}, "first_lease_end": None}
+        "by_site": {"sim:kvm@tacc": 2}, "first_lease_end": None,
+        "shared": ["labctl-ml-sys-class-sim-kvm-tacc-hello"]}  # the class's security group, not an environment
+    shown = run(labctl_env, "status").stdout
+    assert "shared by ml-sys/hello: labctl-ml-sys-class-sim-kvm-tacc-hello" in shown
     assert "(2 students)" in run(labctl_env, "class", "status", "hello").stdout  # the only course
 
     # The report's ssh commands: on sim, the report says what to run first; after it, they work as printed.

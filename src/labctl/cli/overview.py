@@ -22,10 +22,12 @@ class ClassGroup:
     by_state: dict[str, int] = field(default_factory=dict)
     by_site: dict[str, int] = field(default_factory=dict)
     first_lease_end: str | None = None
+    shared: list[str] = field(default_factory=list)  # ids of what the class shares (a deployment per site)
 
     def to_json(self) -> dict[str, Any]:
         return {"course": self.course, "lab": self.lab, "environments": self.environments,
-                "by_state": self.by_state, "by_site": self.by_site, "first_lease_end": self.first_lease_end}
+                "by_state": self.by_state, "by_site": self.by_site, "first_lease_end": self.first_lease_end,
+                "shared": self.shared}
 
 
 @dataclass
@@ -45,10 +47,13 @@ def class_groups(deployments: list[Any]) -> list[ClassGroup]:
     states: dict[tuple[str, str], Counter] = {}
     sites: dict[tuple[str, str], Counter] = {}
     for dep in deployments:
-        if not dep.course or dep.class_shared:  # what a class shares at a site is none of its environments
+        if not dep.course:
             continue
         key = (dep.course, dep.lab)
         group = groups.setdefault(key, ClassGroup(dep.course, dep.lab))
+        if dep.class_shared:  # what a class shares at a site is none of its environments, but is shown
+            group.shared.append(dep.id)
+            continue
         group.environments += 1
         states.setdefault(key, Counter())[dep.status] += 1
         sites.setdefault(key, Counter())[dep.site] += 1
@@ -56,8 +61,9 @@ def class_groups(deployments: list[Any]) -> list[ClassGroup]:
         if end and (group.first_lease_end is None or str(end) < group.first_lease_end):
             group.first_lease_end = str(end)
     for key, group in groups.items():
-        group.by_state = dict(sorted(states[key].items()))
-        group.by_site = dict(sorted(sites[key].items()))
+        group.by_state = dict(sorted(states.get(key, Counter()).items()))
+        group.by_site = dict(sorted(sites.get(key, Counter()).items()))
+        group.shared.sort()
     return [groups[k] for k in sorted(groups)]
 
 

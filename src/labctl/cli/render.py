@@ -185,6 +185,10 @@ def print_overview(view: Any) -> None:
                 c.course, c.lab, str(c.environments), ", ".join(f"{n} {s}" for s, n in c.by_state.items()),
                 ", ".join(f"{site} ({n})" for site, n in c.by_site.items()), c.first_lease_end or "-")))
         out_console.print(table)
+        for c in view.classes:
+            for dep_id in c.shared:  # whole ids: what `labctl status ID` takes
+                out_console.print(clean(f"shared by {c.course}/{c.lab}: {dep_id} (class down deletes it after the "
+                                        "last environment at its site)", one_line=True), highlight=False, markup=False)
         first = view.classes[0]
         out_console.print(f"per student: labctl class status {_s(first.lab)} --course {_s(first.course)}",
                           highlight=False)
