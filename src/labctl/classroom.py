@@ -109,16 +109,11 @@ class _Run:
     order: dict[str, int] = field(default_factory=dict)  # student slug -> place in the roster
 
 
-def class_deployments(ctx: service.Context, course: str, lab: str) -> list[DeploymentRecord]:
-    """The students' environments of course/lab (not what they share)."""
-    return [d for d in ctx.store.deployments()
-            if d.course == course and d.lab == lab and not d.class_shared]
-
-
-def shared_deployments(ctx: service.Context, course: str, lab: str) -> list[DeploymentRecord]:
-    """What the students of course/lab share, one deployment per site (`plan.class_shared_plan`)."""
-    return [d for d in ctx.store.deployments()
-            if d.course == course and d.lab == lab and d.class_shared and d.status != "destroyed"]
+def class_deployments(ctx: service.Context, course: str, lab: str, *, shared: bool = False
+                      ) -> list[DeploymentRecord]:
+    """The students' environments of course/lab; with `shared`, what they share instead (a deployment per site,
+    `plan.class_shared_plan`). Destroyed ones are not listed."""
+    return [d for d in ctx.store.deployments() if d.course == course and d.lab == lab and d.class_shared == shared]
 
 
 def authorize_step(public_key: str) -> ExtraStep:
@@ -359,7 +354,8 @@ def _apply_shared(run: _Run, site: _Site, the_plan: Any) -> dict[str, Any]:
         if current is not None and current.status != "destroyed" and not current.class_shared:
             raise UserError(f"deployment id {dep_id} (what the class shares at {site.name}) already belongs to "
                             f"{current.name} of {current.owner}")
-        if current is None or current.status != "up":
+        made = current is not None and current.status == "up"
+        if not made:
             store.save_deployment(DeploymentRecord(
                 id=dep_id, name=dep_id, lab=site.prof.name, owner=the_plan.owner, course=run.opts.course,
                 site=site.name, status="applying", profile_path=str(site.prof.path),
@@ -369,7 +365,7 @@ def _apply_shared(run: _Run, site: _Site, the_plan: Any) -> dict[str, Any]:
         except CloudError as exc:
             store.set_deployment_status(dep_id, "failed", error=str(exc))
             raise
-        if current is None or current.status != "up":
+        if not made:
             store.set_deployment_status(dep_id, "up", error=None)
     return found
 
@@ -488,9 +484,10 @@ def _down_shared(ctx: service.Context, course: str, lab: str, provider_for: Call
     """Delete what the class shares at each site where none of its environments is left; a row only for one that
     could not be deleted (its environments' rows say the rest)."""
     results = []
-    for dep in shared_deployments(ctx, course, lab):
-        if any(d.site == dep.site and d.status != "destroyed" for d in class_deployments(ctx, course, lab)):
-            continue  # a student's environment there still uses it
+    in_use = {d.site for d in class_deployments(ctx, course, lab)}  # the sites where a student's is left
+    for dep in class_deployments(ctx, course, lab, shared=True):
+        if dep.site in in_use:
+            continue
         with ctx.store.lock(f"env:{dep.id}", wait=True, timeout=service.LOCK_WAIT) as mine:
             current = ctx.store.get_deployment(dep.id)
             if not mine or current is None or current.status == "destroyed":
