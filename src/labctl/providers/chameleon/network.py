@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from labctl.errors import CloudError, Conflict, QuotaExceeded
+from labctl.errors import CloudError
 from labctl.providers.base import Found, converge_created, create_or_adopt, create_or_find
 from labctl.providers.chameleon.session import TABLE, Listed, Session, deployment_of, description
 from labctl.providers.kit import CloudClock
@@ -137,25 +137,24 @@ class SecurityGroups(Listed):
         else:
             sg_id, have = existing.cloud_id, ingress_rules(self.api("get", existing.cloud_id))
         for rule in res.spec["rules"]:
-            if (rule["port"], rule["protocol"], rule["cidr"]) not in have:
+            if rule_key(rule) not in have:
                 self.open_port(sg_id, rule)
         return Found("secgroup", sg_id, res.name)
 
     def open_port(self, sg_id: str, rule: Mapping[str, Any]) -> None:
         s = self.ctx
-        try:
+
+        def create() -> bool:
             s.call(f"open port {rule['port']}", lambda: s.raw_create(
                 "network", "/security-group-rules", "security_group_rule", {
                     "security_group_id": sg_id, "direction": "ingress", "ethertype": "IPv4",
                     "protocol": rule["protocol"], "port_range_min": rule["port"], "port_range_max": rule["port"],
                     "remote_ip_prefix": rule["cidr"]}))
-        except Conflict:  # a concurrent run opened it first
-            pass
-        except QuotaExceeded:
-            # Neutron checks the quota before it finds the rule taken: the resend of a create whose answer was lost,
-            # and which took the project's last room, is refused for quota. Then the rule is there.
-            if (rule["port"], rule["protocol"], rule["cidr"]) not in ingress_rules(self.api("get", sg_id)):
-                raise
+            return True
+
+        # Refused as taken (a concurrent run opened it first) or for quota (the resend of a create whose answer was
+        # lost, and which took the project's last room): fine when the group has the rule.
+        create_or_adopt(create, lambda: rule_key(rule) in ingress_rules(self.api("get", sg_id)) or None)
 
 
 @TABLE.handler("floating_ip")
@@ -240,8 +239,13 @@ def ingress_rules(sg: Any) -> set[tuple[Any, Any, Any]]:
             for r in sg.security_group_rules or [] if r.get("direction") == "ingress"}
 
 
+def rule_key(rule: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """A plan's port rule as `ingress_rules` lists a group's."""
+    return rule["port"], rule["protocol"], rule["cidr"]
+
+
 def has_rules(sg: Any, res: Resource) -> bool:
-    return {(r["port"], r["protocol"], r["cidr"]) for r in res.spec.get("rules") or []} <= ingress_rules(sg)
+    return {rule_key(r) for r in res.spec.get("rules") or []} <= ingress_rules(sg)
 
 
 def rank(sg: Any, res: Resource) -> tuple[bool, str, str]:
