@@ -225,9 +225,11 @@ def delete_keypair(req: Request, mv) -> Response:
     return Response(204 if mv >= (2, 2) else 202)
 
 
-def _quotas_and_usage(req: Request) -> tuple[dict, dict]:
+def _quotas_and_usage(req: Request, *, usage: bool = True) -> tuple[dict, dict]:
+    """The project's Nova quotas, and (with `usage`) what its servers and key pairs use of them."""
     with req.world.read() as db:
-        return {k: model.quota(db, req.site, k) for k in NOVA_QUOTAS}, model.compute_usage(db, req.site)
+        quotas = {k: model.quota(db, req.site, k) for k in NOVA_QUOTAS}
+        return quotas, model.compute_usage(db, req.site) if usage else {}
 
 
 @api("GET", "/limits")
@@ -257,7 +259,7 @@ def limits(req: Request, mv) -> Response:
 
 @api("GET", "/os-quota-sets/{project}")
 def quota_set(req: Request, mv) -> Response:
-    quotas, _ = _quotas_and_usage(req)
+    quotas, _ = _quotas_and_usage(req, usage=False)  # the limits alone: no server or flavor read
     return Response(200, {"quota_set": {"id": req.params["project"], **quotas}})
 
 
