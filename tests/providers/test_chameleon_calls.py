@@ -190,3 +190,38 @@ def test_a_lost_create_that_took_the_last_room_under_the_quota_is_found_not_fail
     assert all(f.status == "ready" for f in (provider.find(r, plan) for r in plan.resources))
     assert engine.destroy(plan) == []
     assert used() == before
+
+
+def test_each_services_endpoint_is_looked_up_once_per_token(setup, monkeypatch):
+    """keystoneauth copies the whole catalog to find a service's endpoint, on every request sent by service
+    type: labctl looks each one up once per token. Each service still gets its own endpoint, and a new token
+    (the old one invalidated) is looked up again."""
+    from keystoneauth1.access import service_catalog
+
+    tb, provider, _plan, _store = setup
+    copies = []
+    normalize = service_catalog.ServiceCatalog.normalize_catalog
+    monkeypatch.setattr(service_catalog.ServiceCatalog, "normalize_catalog",
+                        lambda self, *a, **k: copies.append(1) or normalize(self, *a, **k))
+    conn = provider.conn
+    conn.authorize()
+
+    def round_trip() -> None:
+        assert conn.network.get("/networks").status_code == 200
+        assert conn.compute.get("/flavors").status_code == 200
+        assert isinstance(provider.blazar.lease.list(), list)
+
+    round_trip()
+    first = len(copies)
+    for _ in range(5):
+        round_trip()
+    assert len(copies) == first  # nothing looked up again: every service's endpoint was remembered
+    since = len(tb.world.request_log())
+    round_trip()
+    sent = [p for _m, p in _sent(tb, since)]
+    assert any(p.startswith("/network/") for p in sent) and any(p.startswith("/compute/") for p in sent)
+    assert any(p.startswith("/reservation/") for p in sent)  # each to its own service
+
+    conn.session.auth.invalidate()  # a new token: its catalog is read again
+    round_trip()
+    assert len(copies) > first
