@@ -266,7 +266,7 @@ def lab_shape(lab: str, site_name: str, scale: float) -> dict[str, Any]:
     prof, site = service.load(lab, site_name)
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHkKvZ0Qz2Zl7uF6yN1dYx3dQ3bVQ3bVQ3bVQ3bVQ3bV bench"
     # A student's plan as class mode makes it: what the class shares at the site (made once) is given to it.
-    shared = class_shared_plan(prof, site, COURSE, "bench")
+    shared = class_shared_plan(prof, site, COURSE, "bench", key)
     plan = build_plan(prof, site, "shape", key, course=COURSE,
                       given={r.key: r for r in shared.resources} if shared else None)
     real = site.stands_for or site.name

@@ -361,24 +361,32 @@ def test_a_given_resource_is_used_as_given_never_made_recorded_or_deleted(store)
     assert Engine(cloud, store).destroy(plan) == [] and list(cloud.items.values()) == [group]
 
 
-def test_a_class_shares_one_security_group_per_chameleon_site_and_nothing_elsewhere():
+def test_a_class_shares_one_key_pair_and_security_group_per_chameleon_site_and_nothing_elsewhere():
     from labctl import sites
     from labctl.plan import build_plan, class_shared_plan
     from labctl.profile import find_profile, load_profile
 
     hello = load_profile(find_profile("hello"))
     kvm = sites.resolve("kvm@tacc")
-    shared = class_shared_plan(hello, kvm, "mlsys", "prof")
+    key = "ssh-ed25519 AAAA k"
+    shared = class_shared_plan(hello, kvm, "mlsys", "prof", key)
     assert shared is not None and shared.deployment == "labctl-mlsys-class-kvm-tacc-hello"
-    (group,) = shared.resources
+    pair, group = shared.resources
     assert (group.kind, group.name, group.depends_on) == ("secgroup", shared.deployment, ())
     assert group.spec["rules"] == [{"port": 22, "protocol": "tcp", "cidr": "0.0.0.0/0"}]
+    assert (pair.kind, pair.name, pair.depends_on) == ("keypair", shared.deployment, ())
+    # The key every environment holds, and its students' leases by pattern: `labctl-mlsys-<student>-hello-node`.
+    assert pair.spec == {"public_key": key, "leases": ["labctl-mlsys-*-hello:node"]}
     assert shared.tags["labctl:owner"] == "prof" and shared.tags["labctl:course"] == "mlsys"
-    student = build_plan(hello, kvm, "s01", "ssh-ed25519 AAAA k", course="mlsys", given={"secgroup": group})
-    assert "secgroup" not in {r.key for r in student.resources}
-    assert "secgroup" in student.get("server:node-1").depends_on
-    alone = build_plan(hello, kvm, "s01", "ssh-ed25519 AAAA k", course="mlsys")
-    assert alone.get("secgroup").name == alone.deployment  # `labctl up` and a class elsewhere: a group of its own
-    # Bare metal has no groups; on AWS and GCP a group or firewall belongs to the deployment's network.
-    for name in ("chi@tacc", "aws:us-east-1", "gcp:us-central1-a"):
-        assert class_shared_plan(hello, sites.resolve(name), "mlsys", "prof") is None, name
+    student = build_plan(hello, kvm, "s01", key, course="mlsys", given={"secgroup": group, "keypair": pair})
+    assert {"secgroup", "keypair"}.isdisjoint(r.key for r in student.resources)
+    assert {"secgroup", "keypair"} <= set(student.get("server:node-1").depends_on)
+    assert student.get("reservation:node").name == "labctl-mlsys-s01-hello-node"  # what the pattern names
+    alone = build_plan(hello, kvm, "s01", key, course="mlsys")
+    assert alone.get("secgroup").name == alone.get("keypair").name == alone.deployment  # `labctl up`: its own
+    # Bare metal has no groups: a class there shares its key pair only.
+    chi = class_shared_plan(hello, sites.resolve("chi@tacc"), "mlsys", "prof", key)
+    assert chi is not None and [r.kind for r in chi.resources] == ["keypair"]
+    # On AWS and GCP a group or firewall belongs to the deployment's network, and so does nothing else.
+    for name in ("aws:us-east-1", "gcp:us-central1-a"):
+        assert class_shared_plan(hello, sites.resolve(name), "mlsys", "prof", key) is None, name

@@ -328,7 +328,8 @@ def _shared_resources(run: _Run, site: _Site) -> dict[str, Any]:
 
     with site.shared_lock:  # the site's other environments wait for the first one's look (or create)
         if site.shared is None and site.shared_error is None:
-            the_plan = class_shared_plan(site.prof, site.provider.site, run.opts.course, run.ctx.owner)
+            the_plan = class_shared_plan(site.prof, site.provider.site, run.opts.course, run.ctx.owner,
+                                         run.key.public_key)
             try:
                 site.shared = {} if the_plan is None else _apply_shared(run, site, the_plan)
             except (NoCapacity, QuotaExceeded, Interrupted):
@@ -360,8 +361,16 @@ def _apply_shared(run: _Run, site: _Site, the_plan: Any) -> dict[str, Any]:
                 id=dep_id, name=dep_id, lab=site.prof.name, owner=the_plan.owner, course=run.opts.course,
                 site=site.name, status="applying", profile_path=str(site.prof.path),
                 data={CLASS_SHARED: True, "tags": the_plan.tags, "nodes": [], "lease_hours": site.prof.lease_hours}))
+        engine = Engine(site.provider, store, concurrency=1, should_stop=run.stop.is_set)
         try:
-            found = Engine(site.provider, store, concurrency=1, should_stop=run.stop.is_set).apply(the_plan)
+            found = engine.apply(the_plan)
+        except (NoCapacity, QuotaExceeded):
+            # The site is out of room (its students move on): what was made of it goes, as a student's partial
+            # environment does, unless an environment of the class here uses it (a rerun's).
+            if not any(d.site == site.name for d in class_deployments(run.ctx, run.opts.course, site.prof.name)):
+                engine.destroy(the_plan)
+                store.forget_deployment(dep_id)
+            raise
         except CloudError as exc:
             store.set_deployment_status(dep_id, "failed", error=str(exc))
             raise

@@ -44,6 +44,11 @@ def deployment_id(name: str, owner: str, course: str | None = None) -> str:
     return "-".join(parts)
 
 
+def class_deployments_glob(name: str, course: str) -> str:
+    """Every student's deployment of lab `name` in `course`, as a glob: `deployment_id` with `*` for the owner."""
+    return "-".join([PREFIX, sanitise(course, 16), "*", sanitise(name)])
+
+
 def resource_name(deployment: str, suffix: str | None = None) -> str:
     return f"{deployment}-{sanitise(suffix, 40)}" if suffix else deployment
 

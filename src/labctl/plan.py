@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Required, TypedDict, Union
 
 from labctl import hardware, naming
 
@@ -32,16 +32,23 @@ LONG_WAIT_KINDS = ("reservation", "server")
 #: `class_shared_plan`) before their environments, which use it as given (`Plan.given`), and deleted after the last
 #: of them. A Neutron security group belongs to the project, not to a network (as on AWS and GCP), and every
 #: student's would hold the same rules: one group for the class instead of a group and its rules per student,
-#: each counted against the project's quotas (Neutron's defaults: 10 groups, 100 rules).
-CLASS_SHARED_KINDS = {"chameleon": ("secgroup",)}
+#: each counted against the project's quotas (Neutron's defaults: 10 groups, 100 rules). Every student's key pair
+#: would hold the same key (the instructor's, whose user Nova counts key pairs against: 100 by default), so the
+#: class has one, whose comment names its students' leases by pattern (`KeypairSpec.leases`).
+CLASS_SHARED_KINDS = {"chameleon": ("secgroup", "keypair")}
+# A site's reservations made as Blazar leases, one per node role (`build_plan`).
+LEASED_RESERVATIONS = ("host", "flavor")
 
 
 # -- specs: what each kind of resource asks of a cloud (typed per kind; plain dicts at run time, so a plan stays
 # JSON as `labctl plan --json` prints it). Values named "kind:key" refer to another resource of the plan.
 
 
-class KeypairSpec(TypedDict):
-    public_key: str
+class KeypairSpec(TypedDict, total=False):
+    public_key: Required[str]
+    # The leases the key pair vouches for (Blazar keeps no tags; see providers.chameleon.leases), when not the
+    # plan's own: a class's, as `DEPLOYMENT_GLOB:ROLE` marks (`class_shared_plan`).
+    leases: list[str]
 
 
 class NetworkSpec(TypedDict):
@@ -238,7 +245,8 @@ def build_plan(
     plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, nodes,
                 given=dict(given or {}))
     res = plan.resources
-    res.append(Resource("keypair", "keypair", deployment, KeypairSpec(public_key=public_key)))
+    if "keypair" not in plan.given:
+        res.append(Resource("keypair", "keypair", deployment, KeypairSpec(public_key=public_key)))
     server_deps = ["keypair"]
     fixed = profile.fixed_ips()
     for net_name, net in profile.networks.items():
@@ -264,7 +272,7 @@ def build_plan(
                                 tuple(n["network"] for n in spec["networks"])))
         server_deps.append("secgroup")
     reservations: dict[str, str] = {}
-    if site.reservation in ("host", "flavor"):
+    if site.reservation in LEASED_RESERVATIONS:
         for role, group in profile.nodes.items():
             key = f"reservation:{role}"
             reservations[role] = key
@@ -346,18 +354,28 @@ def _secgroup_spec(profile: Profile, *, with_networks: bool) -> SecgroupSpec:
     return SecgroupSpec(rules=rules, networks=nets)
 
 
-def class_shared_plan(profile: Profile, site: Site, course: str, owner: str) -> Plan | None:
+def class_shared_plan(profile: Profile, site: Site, course: str, owner: str, public_key: str) -> Plan | None:
     """The deployment of what a class's environments at `site` share (`CLASS_SHARED_KINDS`), made by `owner` (the
-    instructor); None where they share nothing. Its id names the course, the site and the lab."""
+    instructor, whose `public_key` every environment holds); None where they share nothing. Its id names the
+    course, the site and the lab."""
     kinds = CLASS_SHARED_KINDS.get(site.provider, ())
-    if "secgroup" not in kinds or not site.security_groups:
+    if not kinds:
         return None
     deployment = naming.deployment_id(profile.name, f"class-{naming.sanitise(site.name)}", course)
     tags = {naming.TAG_DEPLOYMENT: deployment, naming.TAG_LAB: profile.name, naming.TAG_OWNER: owner,
             naming.TAG_COURSE: course}
     plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, [])
-    # A Neutron group is the project's: its rules name ports and addresses, not the students' networks.
-    plan.resources.append(Resource("secgroup", "secgroup", deployment, _secgroup_spec(profile, with_networks=False)))
+    if "keypair" in kinds:
+        # Its students' leases are named `<their deployment>-<role>` (`build_plan`), whoever the student is.
+        glob = naming.class_deployments_glob(profile.name, course)
+        leased = site.reservation in LEASED_RESERVATIONS
+        leases = [f"{glob}:{naming.sanitise(role, 40)}" for role in profile.nodes] if leased else []
+        plan.resources.append(Resource("keypair", "keypair", deployment,
+                                       KeypairSpec(public_key=public_key, leases=leases)))
+    if "secgroup" in kinds and site.security_groups:
+        # A Neutron group is the project's: its rules name ports and addresses, not the students' networks.
+        plan.resources.append(Resource("secgroup", "secgroup", deployment,
+                                       _secgroup_spec(profile, with_networks=False)))
     return plan
 
 

@@ -156,16 +156,15 @@ def test_site_out_of_capacity_moves_its_students_to_the_next_site(labctl_env, kl
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
 
-def test_site_out_of_key_pair_quota_moves_its_students_to_the_next_site(labctl_env, klass):
-    """Nova counts key pairs per user, and all of a class's are the instructor's: with a quota of 6, Nova refuses
-    the 7th student's. That site is out of quota, the student who met it is cleaned up there, and the rest of the
-    class goes on at the next site."""
+def test_site_out_of_floating_ip_quota_moves_its_students_to_the_next_site(labctl_env, klass):
+    """Each environment's node takes a floating IP: with a quota of 6, Neutron refuses the 7th student's. That site is
+    out of quota, the student who met it is cleaned up there, and the rest of the class goes on at the next site."""
     _, roster = klass
     w = world(labctl_env)
-    w.set_quota("kvm@tacc", "key_pairs", 6)
+    w.set_quota("kvm@tacc", "floatingip", 6)
     class_up_over_two_sites(labctl_env, roster, 6)
     inventory = w.inventory("kvm@tacc")
-    assert len(inventory["leases"]) == 6 and len(inventory["keypairs"]) == 6  # the refused one cleaned up
+    assert len(inventory["leases"]) == 6 and len(inventory["floating_ips"]) == 6  # the refused one cleaned up
     run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
@@ -205,9 +204,13 @@ def test_a_shared_group_the_cloud_keeps_refusing_fails_the_sites_students_after_
     assert all(r["error"].startswith("what the class shares at sim:kvm@tacc could not be made: ") for r in rows)
     creates = [p for s, m, p in w.request_log()[before:]
                if s == "kvm@tacc" and m == "POST" and not p.startswith("/identity/")]
-    assert creates and set(creates) == {"/network/v2.0/security-groups"}  # nothing else was made
-    assert len(creates) <= 4  # providers.base.CREATE_ATTEMPTS sends, once for the class (6 x 4 before)
-    assert labctl_leftovers(w, "kvm@tacc") == {}
+    # The class's key pair, once, then its group: nothing of the students was made.
+    assert creates[0] == "/compute/v2.1/os-keypairs" and set(creates[1:]) == {"/network/v2.0/security-groups"}
+    assert len(creates[1:]) <= 4  # providers.base.CREATE_ATTEMPTS sends, once for the class (6 x 4 before)
+    # What was made of it stays for `class retry` (as a failed environment's resources do) or `class down`.
+    assert [k["name"] for k in labctl_leftovers(w, "kvm@tacc")["keypairs"]] == [
+        "labctl-mlsys-class-sim-kvm-tacc-hello"]
+    assert labctl_leftovers(w, "kvm@tacc").keys() == {"keypairs"}
 
     w.clear_faults()
     out = run(labctl_env, "class", "retry", "hello", "--roster", str(roster), "--site", "sim:kvm@tacc",
@@ -218,12 +221,13 @@ def test_a_shared_group_the_cloud_keeps_refusing_fails_the_sites_students_after_
     assert labctl_leftovers(w) == {}
 
 
-def test_a_class_shares_one_security_group_per_site_which_goes_after_its_last_environment(labctl_env, klass,
-                                                                                           tmp_path):
-    """Every student's would hold the same rules: the class makes one group at the site (a deployment of its own)
-    and its environments use it. A group quota of 2 (the project's default group and the class's) holds a class of
-    8. `class down` of one student keeps it for the others, a plain `down` of it is refused while it is shared, and
-    `class down` of the rest deletes it after them."""
+def test_a_class_shares_one_key_pair_and_group_per_site_which_go_after_its_last_environment(labctl_env, klass,
+                                                                                            tmp_path):
+    """Every student's would hold the same key (the instructor's) and the same rules: the class makes one key pair
+    and one group at the site (a deployment of its own) and its environments use them. A key pair quota of 1 and a
+    group quota of 2 (the project's default group and the class's) hold a class of 8. `class down` of one student
+    keeps them for the others, a plain `down` of them is refused while they are shared, and `class down` of the
+    rest deletes them after them."""
     import json
 
     keys, _ = klass
@@ -231,13 +235,17 @@ def test_a_class_shares_one_security_group_per_site_which_goes_after_its_last_en
     write_roster(roster, keys[:8])
     w = world(labctl_env)
     w.set_quota("kvm@tacc", "security_group", 2)
+    w.set_quota("kvm@tacc", "key_pairs", 1)
     out = run(labctl_env, "class", "up", "hello", "--roster", str(roster), "--site", "sim:kvm@tacc",
               "--course", "mlsys", "--concurrency", "8", "--json", timeout=600)
     assert [r["status"] for r in json.loads(out.stdout)] == ["up"] * 8
     (group,) = w.inventory("kvm@tacc")["security_groups"]
     assert group["name"] == "labctl-mlsys-class-sim-kvm-tacc-hello"
+    (pair,) = w.inventory("kvm@tacc")["keypairs"]
+    assert pair["name"] == group["name"]
     servers = labctl_servers(w)
     assert len(servers) == 8 and all(s["security_groups"] == [group["name"]] for s in servers)
+    assert all(s["key_name"] == pair["name"] for s in servers)
     rules = [(r["port_range_min"], r["protocol"]) for r in group["rules"] if r["direction"] == "ingress"]
     assert rules == [(22, "tcp")]
     shared_id = group["name"]
@@ -245,9 +253,11 @@ def test_a_class_shares_one_security_group_per_site_which_goes_after_its_last_en
     refused = run(labctl_env, "down", shared_id, check=False)
     assert refused.returncode == 2 and "class down hello --course mlsys" in refused.stderr
     assert "Traceback" not in refused.stderr and len(w.inventory("kvm@tacc")["security_groups"]) == 1
+    assert len(w.inventory("kvm@tacc")["keypairs"]) == 1
 
     run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--student", "s00", "--yes", timeout=600)
     assert len(labctl_servers(w)) == 7 and len(w.inventory("kvm@tacc")["security_groups"]) == 1
+    assert len(w.inventory("kvm@tacc")["keypairs"]) == 1
     status = run_json(labctl_env, "class", "status", "hello", "--course", "mlsys")
     assert sorted(r["student_id"] for r in status) == [f"s{i:02d}" for i in range(1, 8)]  # the group is no student
 

@@ -257,11 +257,15 @@ def test_gc_cleans_up_a_killed_class_whose_state_was_lost(labctl_env, tmp_path):
         assert made["server"] >= 4, made
         listed = run_json(labctl_env, "gc", "--site", "sim")["leaks"]
         assert Counter(x["kind"] for x in listed) == made, f"listed {Counter(x['kind'] for x in listed)}, made {made}"
-        # The students' own resources name their owner; the group the class shares names none (a group keeps only its
-        # deployment, and the class's has no key pair or server to name it).
+        # The students' own resources name their owner (their leases by the class key pair's pattern); what the
+        # class shares names the instructor (its key pair's comment).
         shared = "labctl-gc-class-sim-kvm-tacc-hello"
         assert {x["owner"] for x in listed if x["deployment"] != shared} <= {f"s{i:02d}" for i in range(8)}
-        assert [(x["kind"], x["name"]) for x in listed if x["deployment"] == shared] == [("secgroup", shared)]
+        assert {x["deployment"] for x in listed if x["kind"] == "reservation"} <= {
+            f"labctl-gc-s{i:02d}-hello" for i in range(8)}
+        class_made = sorted((x["kind"], x["name"], x["owner"]) for x in listed if x["deployment"] == shared)
+        assert [(kind, name) for kind, name, _ in class_made] == [("keypair", shared), ("secgroup", shared)]
+        assert len({owner for *_, owner in class_made}) == 1 and class_made[0][2] not in (None, "s00")
         deleted = run_json(labctl_env, "gc", "--site", "sim", "--delete", "--yes", timeout=600)
         assert len(deleted["deleted"]) == len(listed) and deleted["left"] == [] and deleted["not_deleted"] == []
         assert sdk.count("labctl-gc-") == Counter()

@@ -8,6 +8,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from labctl import sites
 from labctl.credentials import find_openstack_credentials
@@ -114,3 +116,57 @@ def test_inventory_lists_every_labctl_kind_of_every_deployment_and_no_look_alike
 
     assert engine.destroy(alice) == [] and engine.destroy(bob) == []
     assert provider.inventory() == []  # the look-alikes are still there, and still not labctl's
+
+
+def test_a_class_key_pair_vouches_for_its_students_leases_by_pattern_and_no_other(setup):
+    """A class at a site shares one key pair (`class_shared_plan`), which names its students' leases by pattern:
+    inventory gives each lease its student's deployment and owner; a lease of another role, lab or course is
+    not the class's."""
+    from labctl.plan import class_shared_plan
+
+    provider, profile, store = setup
+    engine = Engine(provider, store)
+    shared = class_shared_plan(profile, provider.site, "mlsys", "prof", KEY)
+    given = engine.apply(shared)
+    students = [build_plan(profile, provider.site, s, KEY, course="mlsys", given=given) for s in ("s01", "s-02")]
+    for plan in students:
+        engine.apply(plan)
+    for name in ("labctl-mlsys-s03-inv-extra", "labctl-other-s01-inv-node", "labctl-mlsys-s01-inv2-node",
+                 "labctl-mlsys--inv-node"):
+        provider.blazar.lease.create(name=name, start="now", end="2099-01-01 00:00", events=[],
+                                     reservations=[{"resource_type": "flavor:instance", "amount": 1,
+                                                    "flavor_id": provider.flavor("m1.small").id}])
+
+    found = provider.inventory()
+    kinds: dict[str, set[str]] = {}
+    for f in found:
+        kinds.setdefault(f.attrs["deployment"], set()).add(f.kind)
+    assert kinds == {shared.deployment: {"keypair", "secgroup"},
+                     **{plan.deployment: KINDS - {"keypair", "secgroup"} for plan in students}}
+    leases = {(f.name, f.attrs["deployment"], f.attrs["owner"]) for f in found if f.kind == "reservation"}
+    assert leases == {("labctl-mlsys-s01-inv-node", "labctl-mlsys-s01-inv", "s01"),
+                      ("labctl-mlsys-s-02-inv-node", "labctl-mlsys-s-02-inv", "s-02")}
+    for plan in students:
+        assert engine.destroy(plan) == []
+    assert engine.destroy(shared) == []
+    assert provider.inventory() == []
+
+
+@given(course=st.from_regex(r"[a-z0-9]{1,8}(-[a-z0-9]{1,4}){0,2}", fullmatch=True),
+       student=st.from_regex(r"[a-z0-9]{1,8}(-[a-z0-9]{1,4}){0,2}", fullmatch=True),
+       lab=st.from_regex(r"[a-z0-9]{1,8}(-[a-z0-9]{1,4}){0,2}", fullmatch=True),
+       role=st.from_regex(r"[a-z0-9]{1,8}(-[a-z0-9]{1,4}){0,1}", fullmatch=True),
+       other=st.text(alphabet="abcdefgh0123456789-:*", max_size=40))
+def test_a_class_lease_mark_gives_back_each_students_deployment_and_nothing_else(course, student, lab, role, other):
+    """Any student's lease of the class's lab and role maps back to that student's deployment and slug; a name the
+    pattern does not fit maps to nothing."""
+    from labctl import naming
+    from labctl.providers.chameleon.leases import class_lease_owner
+
+    mark = [naming.class_deployments_glob(lab, course), role]
+    deployment = naming.deployment_id(lab, student, course)
+    assert class_lease_owner(naming.resource_name(deployment, role), [mark]) == (deployment, student)
+    dep, owner = class_lease_owner(other, [mark])
+    if dep is not None:  # only a name of the pattern: its deployment and owner spelled out again give it back
+        assert other == f"{dep}-{role}" and dep == f"labctl-{course}-{owner}-{lab}" and owner
+    assert class_lease_owner(naming.resource_name(deployment, role + "x"), [mark]) == (None, None)

@@ -96,12 +96,13 @@ class ChameleonProvider(Session):
         return leases.extend(self, found, hours)
 
     def inventory(self) -> list[Found]:
-        """Every kind's tagged resources, then the leases each deployment's key pair records (Blazar keeps no
-        tags); an owner the resource does not record (Neutron descriptions carry the deployment only) is its
-        deployment's."""
+        """Every kind's tagged resources, then the leases the key pairs record (Blazar keeps no tags): a
+        deployment's by name, a class's by pattern; an owner the resource does not record (Neutron descriptions
+        carry the deployment only) is its deployment's."""
         found = [f for kind in OWNED if kind != "reservation" for f in self.handlers[kind].inventory()]
-        leases = {name: f.attrs["deployment"] for f in found if f.kind == "keypair" for name in f.attrs["leases"]}
-        found += self.handlers["reservation"].inventory(leases)
+        marks = [(mark, f.attrs["deployment"]) for f in found if f.kind == "keypair"
+                 for mark in f.attrs.get("leases", ())]
+        found += self.handlers["reservation"].inventory(marks)
         owners = {f.attrs["deployment"]: f.attrs["owner"] for f in found if f.attrs.get("owner")}
         for f in found:
             f.attrs["owner"] = f.attrs.get("owner") or owners.get(f.attrs["deployment"])

@@ -2,7 +2,10 @@
 
 A lease in ERROR is a Found in error (the engine tries the next type); a taken lease name is a concurrent run's
 lease (or a lost answer's), adopted. Blazar keeps no tags: `list_owned` knows a deployment's leases by the
-plan's names, `inventory` those the deployments' key pairs record."""
+plan's names, `inventory` those the key pairs record in their comments. A deployment's key pair names its leases;
+a class's (one per site, the students share it) gives `DEPLOYMENT_GLOB:ROLE` marks, e.g. `labctl-ml-*-hello:node`:
+a lease named `<deployment>-<role>` whose deployment fits the glob is that deployment's, and the glob's `*` its
+owner (the student)."""
 
 from __future__ import annotations
 
@@ -84,19 +87,39 @@ class Leases(Handler):
         return [Found("reservation", x["id"], x["name"]) for x in self.live(plan, self.ctx.changed(plan.deployment))
                 if x["name"] in names]
 
-    def inventory(self, deployments: Mapping[str, str]) -> list[Found]:
-        """The live leases named in `deployments` (lease name: deployment, as the deployments' key pairs record
-        them), never a lease for its name alone."""
+    def inventory(self, marks: Sequence[tuple[str, str]]) -> list[Found]:
+        """The live leases the key pairs' `marks` (mark, the key pair's deployment) name, never a lease for its
+        name alone: a lease name is its key pair's deployment's; a class's mark gives the deployment and owner its
+        glob matches."""
+        named = {mark: deployment for mark, deployment in marks if ":" not in mark}
+        patterns = [mark.split(":", 1) for mark, _ in marks if ":" in mark]
         found = []
         for lease in self.live(None, self.ctx.changed(None)):
-            if lease["name"] in deployments:
+            owner = None
+            deployment = named.get(lease["name"])
+            if deployment is None:
+                deployment, owner = class_lease_owner(lease["name"], patterns)
+            if deployment is not None:
                 found.append(lease_found(lease))
-                found[-1].attrs.update(deployment=deployments[lease["name"]], created=iso_utc(lease.get("created_at")))
+                found[-1].attrs.update(deployment=deployment, created=iso_utc(lease.get("created_at")))
+                if owner:
+                    found[-1].attrs["owner"] = owner
         return found
 
 
 # What `lease_found` and the lookups read of a listed lease (Blazar lists each with its reservations and events).
 LEASE_FIELDS = kept({"end_date": None, "degraded": None, "reservations": ("id", "resource_properties")})
+
+
+def class_lease_owner(name: str, patterns: Sequence[Sequence[str]]) -> tuple[str | None, str | None]:
+    """(deployment, owner) of the lease `name` by a class's (glob, role) marks; (None, None) if none fits."""
+    for glob, role in patterns:
+        prefix, _, suffix = glob.partition("*")
+        deployment = name.removesuffix(f"-{role}")
+        if (deployment != name and deployment.startswith(prefix) and deployment.endswith(suffix)
+                and len(deployment) > len(prefix) + len(suffix)):
+            return deployment, deployment[len(prefix): len(deployment) - len(suffix)]
+    return None, None
 
 
 def list_leases(s: Session) -> list[Any]:

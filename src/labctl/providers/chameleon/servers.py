@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from labctl.plan import KeypairSpec, Plan, Resource, ServerSpec
 
 NODE_TYPE = "labctl:node_type"  # server metadata: the node type or flavor it runs as
-LEASES = "labctl:leases"  # in the key pair's comment: the deployment's lease names (Blazar keeps no tags)
+# In the key pair's comment: the deployment's lease names, or a class's marks (Blazar keeps no tags; see leases.py).
+LEASES = "labctl:leases"
 
 
 @TABLE.handler("keypair")
@@ -50,7 +51,8 @@ class Keypairs(Listed):
 
     def create(self, res: Resource, plan: Plan, deps: Mapping[str, Found], candidate: str | None) -> Found:
         # labctl's tags as the key's comment: the only mark of ownership a Nova key pair can keep.
-        marks = {**plan.tags, LEASES: ",".join(r.name for r in plan.by_kind("reservation"))}
+        leases = res.spec.get("leases") or [r.name for r in plan.by_kind("reservation")]
+        marks = {**plan.tags, LEASES: ",".join(leases)}
         key = " ".join([*cast("KeypairSpec", res.spec)["public_key"].split()[:2],
                         *(f"{k}={v}" for k, v in marks.items() if v)])
 
