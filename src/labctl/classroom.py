@@ -10,6 +10,7 @@ operators running `class up` (or `class down`) at once never both work on the sa
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import shlex
 import threading
@@ -250,7 +251,8 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
     sid = student.student_id
     if run.stop.is_set():
         return StudentResult(sid, site.name, INTERRUPTED)
-    if site.exhausted:
+    if site.exhausted and not _has_environment_at(run, student, site):
+        # Out of room for new environments; one it already has resumes there (a rerun), as any would.
         nxt = _next_site(run, site)
         return nxt if nxt else StudentResult(sid, site.name, FAILED, site.exhausted)
     try:
@@ -275,6 +277,12 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
                                  f"{current.name} of {current.owner}", the_plan.deployment)
         if current and current.status == "up" and current.site == site.name:
             return StudentResult(sid, site.name, ALREADY, None, the_plan.deployment)
+        if current and current.status != "destroyed" and current.site != site.name:
+            # Made again here, its record would no longer name what it has there: nothing would delete that.
+            return StudentResult(sid, site.name, FAILED, f"has an environment at {current.site} ({current.status}): "
+                                 f"not made again at {site.name}; add {current.site} to --sites to resume it there, "
+                                 f"or 'labctl class down {site.prof.name} --course {run.opts.course} --student {sid}' "
+                                 "first", the_plan.deployment)
         run.events.student(sid, "starting", site.name)
         try:
             # The rate limit serves students in roster order: the first ones finish first, and their SSH and
@@ -300,6 +308,12 @@ def _provision_one(run: _Run, student: Any, site: _Site) -> StudentResult | _Sit
         except LabctlError as exc:
             return StudentResult(sid, site.name, FAILED, str(exc).splitlines()[0], the_plan.deployment)
     return StudentResult(sid, site.name, UP, None, the_plan.deployment)
+
+
+def _has_environment_at(run: _Run, student: Any, site: _Site) -> bool:
+    """Whether the student's environment of this class is at `site` (not destroyed)."""
+    current = run.ctx.store.get_deployment(naming.deployment_id(site.prof.name, student.slug, run.opts.course))
+    return current is not None and current.status != "destroyed" and current.site == site.name
 
 
 def _site_exhausted(run: _Run, site: _Site, student: Any, the_plan: Any, exc: CloudError) -> StudentResult | _Site:
@@ -364,12 +378,15 @@ def _apply_shared(run: _Run, site: _Site, the_plan: Any) -> dict[str, Any]:
         engine = Engine(site.provider, store, concurrency=1, should_stop=run.stop.is_set)
         try:
             found = engine.apply(the_plan)
-        except (NoCapacity, QuotaExceeded):
+        except (NoCapacity, QuotaExceeded) as exc:
             # The site is out of room (its students move on): what was made of it goes, as a student's partial
-            # environment does, unless an environment of the class here uses it (a rerun's).
+            # environment does, unless an environment of the class here uses it (a rerun's). What cannot be
+            # deleted now stays recorded, for `class down`.
+            store.set_deployment_status(dep_id, "failed", error=str(exc))
             if not any(d.site == site.name for d in class_deployments(run.ctx, run.opts.course, site.prof.name)):
-                engine.destroy(the_plan)
-                store.forget_deployment(dep_id)
+                with contextlib.suppress(LabctlError):
+                    if not engine.destroy(the_plan):
+                        store.forget_deployment(dep_id)
             raise
         except CloudError as exc:
             store.set_deployment_status(dep_id, "failed", error=str(exc))

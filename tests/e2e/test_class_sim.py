@@ -169,6 +169,58 @@ def test_site_out_of_floating_ip_quota_moves_its_students_to_the_next_site(labct
     assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
 
 
+def test_a_rerun_keeps_the_environments_a_site_already_has_when_a_new_student_finds_it_out_of_quota(
+        labctl_env, klass, tmp_path):
+    """A site out of quota takes no new environment, but those it already has stay where they are: a rerun where a
+    new student (first in the roster) meets the quota moves only that student, and does not make the others' again
+    at the next site (which would leave their first environments behind, out of labctl's state)."""
+    import json
+
+    keys, _ = klass
+    w = world(labctl_env)
+    w.set_quota("kvm@tacc", "floatingip", 4)
+    six = tmp_path / "six.csv"
+    write_roster(six, keys[:6])
+    args = ["--sites", "sim:kvm@tacc,sim-gcp", "--course", "mlsys", "--concurrency", "1", "--json"]
+    out = run(labctl_env, "class", "up", "hello", "--roster", str(six), *args, timeout=600)
+    assert [r["status"] for r in json.loads(out.stdout)] == ["up"] * 6
+    assert len(labctl_servers(w)) == 4 and len(gce_servers(labctl_env)) == 2
+
+    seven = tmp_path / "seven.csv"  # a late student, first in the roster
+    with seven.open("w", newline="") as f:
+        rows = list(csv.reader(six.open()))
+        csv.writer(f).writerows([rows[0], ["late", "Late Student", "late@uni.edu", keys[6][1]], *rows[1:]])
+    out = run(labctl_env, "class", "up", "hello", "--roster", str(seven), *args, timeout=600)
+    statuses = {r["student_id"]: (r["status"], r["site"]) for r in json.loads(out.stdout)}
+    assert statuses["late"] == ("up", "sim:gcp:us-central1-a")
+    assert all(statuses[f"s{i:02d}"] == ("already up", "sim:kvm@tacc") for i in range(4)), statuses
+    assert len(labctl_servers(w)) == 4 and len(gce_servers(labctl_env)) == 3
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
+    assert labctl_leftovers(w) == {} and gce_servers(labctl_env) == []
+
+
+def test_a_rerun_on_other_sites_does_not_make_again_an_environment_that_is_elsewhere(labctl_env, klass, tmp_path):
+    """A rerun whose --sites leave out where a student's environment is: it is not made again at another site (its
+    record would no longer name the first, and nothing would delete that); one line says where it is."""
+    import json
+
+    keys, _ = klass
+    w = world(labctl_env)
+    two = tmp_path / "two.csv"
+    write_roster(two, keys[:2])
+    run(labctl_env, "class", "up", "hello", "--roster", str(two), "--site", "sim:kvm@tacc", "--course", "mlsys",
+        timeout=600)
+    out = run(labctl_env, "class", "up", "hello", "--roster", str(two), "--site", "sim-gcp", "--course", "mlsys",
+              "--json", check=False, timeout=600)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["status"] for r in rows] == ["failed"] * 2
+    assert all(r["error"].startswith("has an environment at sim:kvm@tacc (up): not made again at ") for r in rows)
+    assert gce_servers(labctl_env) == [] and len(labctl_servers(w)) == 2
+    run(labctl_env, "class", "down", "hello", "--course", "mlsys", "--yes", timeout=600)
+    assert labctl_leftovers(w) == {}
+
+
 def test_a_site_that_refuses_the_class_its_shared_group_moves_every_student_on(labctl_env, klass):
     """A group quota the project's default group fills: Neutron refuses the class's group, so that site is out of
     quota before any environment starts there, and the whole class goes to the next site."""

@@ -50,8 +50,8 @@ def read_environment_once(session: Any) -> None:
 
 def remember_endpoints(session: Any) -> None:
     """Look each service's endpoint up in the token's catalog once, not on every request: keystoneauth copies the
-    whole catalog (`normalize_catalog`'s deepcopy) for every request sent by service type, about a tenth of
-    labctl's CPU per API call in a class, and more with a real site's longer catalog. A token of its own (a new
+    whole catalog (`normalize_catalog`'s deepcopy) for every request sent by service type: about a tenth of the
+    API path's CPU in a profile of a class, and more with a real site's longer catalog. A token of its own (a new
     `auth_ref`: authenticated again, or invalidated) looks up again; so does any lookup that found nothing."""
     lookup = session.get_endpoint
     found: dict[str, tuple[Any, str]] = {}
