@@ -78,6 +78,20 @@ def make_look_alikes(provider: ChameleonProvider, deployment: str) -> None:
                                                 "amount": 1}])
 
 
+def lease_by_hand(provider: ChameleonProvider, name: str) -> None:
+    """A lease made through blazarclient as a user would: Blazar keeps no tags."""
+    provider.blazar.lease.create(name=name, start="now", end="2099-01-01 00:00", events=[],
+                                 reservations=[{"resource_type": "flavor:instance", "amount": 1,
+                                                "flavor_id": provider.flavor("m1.small").id}])
+
+
+def kinds_by_deployment(found) -> dict[str, set[str]]:
+    kinds: dict[str, set[str]] = {}
+    for f in found:
+        kinds.setdefault(f.attrs["deployment"], set()).add(f.kind)
+    return kinds
+
+
 def test_inventory_lists_every_labctl_kind_of_every_deployment_and_no_look_alike(setup):
     provider, profile, store = setup
     alice = build_plan(profile, provider.site, "alice", KEY)
@@ -90,15 +104,10 @@ def test_inventory_lists_every_labctl_kind_of_every_deployment_and_no_look_alike
     engine.apply(alice)
     engine.apply(bob)
     # A lease made by hand under a name of a live deployment's (Blazar keeps no tags: its key pair records its own).
-    provider.blazar.lease.create(name=f"{alice.deployment}-extra", start="now", end="2099-01-01 00:00", events=[],
-                                 reservations=[{"resource_type": "flavor:instance", "amount": 1,
-                                                "flavor_id": provider.flavor("m1.small").id}])
+    lease_by_hand(provider, f"{alice.deployment}-extra")
 
     found = provider.inventory()
-    by_deployment: dict[str, set[str]] = {}
-    for f in found:
-        by_deployment.setdefault(f.attrs["deployment"], set()).add(f.kind)
-    assert by_deployment == {alice.deployment: KINDS, bob.deployment: KINDS}
+    assert kinds_by_deployment(found) == {alice.deployment: KINDS, bob.deployment: KINDS}
     owners = {(f.attrs["deployment"], f.attrs["owner"]) for f in found}
     assert owners == {(alice.deployment, "alice"), (bob.deployment, "bob")}
     for f in found:
@@ -133,16 +142,11 @@ def test_a_class_key_pair_vouches_for_its_students_leases_by_pattern_and_no_othe
         engine.apply(plan)
     for name in ("labctl-mlsys-s03-inv-extra", "labctl-other-s01-inv-node", "labctl-mlsys-s01-inv2-node",
                  "labctl-mlsys--inv-node"):
-        provider.blazar.lease.create(name=name, start="now", end="2099-01-01 00:00", events=[],
-                                     reservations=[{"resource_type": "flavor:instance", "amount": 1,
-                                                    "flavor_id": provider.flavor("m1.small").id}])
+        lease_by_hand(provider, name)
 
     found = provider.inventory()
-    kinds: dict[str, set[str]] = {}
-    for f in found:
-        kinds.setdefault(f.attrs["deployment"], set()).add(f.kind)
-    assert kinds == {shared.deployment: {"keypair", "secgroup"},
-                     **{plan.deployment: KINDS - {"keypair", "secgroup"} for plan in students}}
+    assert kinds_by_deployment(found) == {shared.deployment: {"keypair", "secgroup"},
+                                          **{plan.deployment: KINDS - {"keypair", "secgroup"} for plan in students}}
     leases = {(f.name, f.attrs["deployment"], f.attrs["owner"]) for f in found if f.kind == "reservation"}
     assert leases == {("labctl-mlsys-s01-inv-node", "labctl-mlsys-s01-inv", "s01"),
                       ("labctl-mlsys-s-02-inv-node", "labctl-mlsys-s-02-inv", "s-02")}
