@@ -317,7 +317,7 @@ def test_blazar_errors_are_told_apart_by_their_http_status(code, text, kind):
     from labctl.sites import resolve
 
     provider = ChameleonProvider(resolve("kvm@tacc"), None)
-    assert type(provider._translate("create lease", BlazarClientException(text, code=code))).__name__ == kind
+    assert type(provider.translate("create lease", BlazarClientException(text, code=code))).__name__ == kind
 
 
 def test_neutron_over_quota_is_a_quota_error_not_a_conflict():
@@ -331,5 +331,5 @@ def test_neutron_over_quota_is_a_quota_error_not_a_conflict():
     provider = ChameleonProvider(resolve("kvm@tacc"), None)
     over = sdk_exc.ConflictException(message="Quota exceeded for resources: ['security_group'].", http_status=409)
     taken = sdk_exc.ConflictException(message="Security group rule already exists. Rule id is 1.", http_status=409)
-    assert type(provider._translate("create security group", over)).__name__ == "QuotaExceeded"
-    assert type(provider._translate("add rule", taken)).__name__ == "Conflict"
+    assert type(provider.translate("create security group", over)).__name__ == "QuotaExceeded"
+    assert type(provider.translate("add rule", taken)).__name__ == "Conflict"

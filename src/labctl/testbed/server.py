@@ -475,7 +475,7 @@ class Testbed:
         """The emulated Compute Engine over this testbed's state dir (started on first use, on `port`)."""
         from labctl.testbed.gce import start_gce
 
-        return self._cloud("gce", lambda: start_gce(self.world.state_dir, self.world._explicit_scale, port))
+        return self._cloud("gce", lambda: start_gce(self.world.state_dir, self.world.explicit_scale, port))
 
     def aws(self, port: int = 0) -> Any:
         """EC2 (moto's server behind labctl's thin layer) over this testbed's state dir (started on first use,

@@ -278,7 +278,7 @@ class World(SqliteWorld):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
             time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
-        self._explicit_scale = time_scale
+        self.explicit_scale = time_scale  # given to this process (None: the one stored in the world)
         self._ssh_cache: tuple[tuple[int, ...], float, list[dict[str, Any]]] | None = None  # see ssh_targets
         self._node_dirs: dict[str, Path] = {}
         super().__init__(self.state_dir / "world.db", _SCHEMA)
@@ -310,7 +310,7 @@ class World(SqliteWorld):
                 db.set_meta("ssh_port", free_port())
                 db.set_meta(
                     "time_scale",
-                    self._explicit_scale if self._explicit_scale is not None else DEFAULT_TIME_SCALE,
+                    self.explicit_scale if self.explicit_scale is not None else DEFAULT_TIME_SCALE,
                 )
                 from labctl.testbed.openstack import model
 
@@ -319,8 +319,8 @@ class World(SqliteWorld):
     # world-level settings ----------------------------------------------------------------------------
     @property
     def time_scale(self) -> float:
-        if self._explicit_scale is not None:
-            return float(self._explicit_scale)
+        if self.explicit_scale is not None:
+            return float(self.explicit_scale)
         with self.read() as db:
             return float(db.meta("time_scale", str(DEFAULT_TIME_SCALE)))
 

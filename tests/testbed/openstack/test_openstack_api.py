@@ -817,7 +817,7 @@ def test_nova_refuses_key_pairs_and_servers_past_the_quotas_it_reports(tb):
     assert second.value.status_code == 403
     assert "Quota exceeded for instances: Requested 1, but already used 1 of 1 instances" in str(second.value)
     provider = ChameleonProvider(resolve("chi@tacc"), None)
-    assert type(provider._translate("launch node", second.value)).__name__ == "QuotaExceeded"
+    assert type(provider.translate("launch node", second.value)).__name__ == "QuotaExceeded"
 
     conn.compute.delete_server(first)
     conn.compute.wait_for_delete(first, interval=0.02, wait=10)

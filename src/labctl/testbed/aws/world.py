@@ -64,7 +64,7 @@ class AwsWorld(Launches, SqliteWorld):
         self.state_dir = Path(state_dir)
         if lease_scale is None and os.environ.get("LABCTL_TESTBED_LEASE_SCALE"):
             lease_scale = float(os.environ["LABCTL_TESTBED_LEASE_SCALE"])
-        self._explicit_scale = lease_scale
+        self.explicit_scale = lease_scale
         self.state_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(self.state_dir / DB_FILE, _SCHEMA)
         self._clients: dict[str, Any] = {}
@@ -92,7 +92,7 @@ class AwsWorld(Launches, SqliteWorld):
                 db.execute("INSERT INTO meta (key, value) VALUES ('ssh_port', ?)", (str(ssh_port or free_port()),))
                 db.execute("INSERT INTO meta (key, value) VALUES ('created', ?)", (str(time.time()),))
                 db.execute("INSERT INTO meta (key, value) VALUES ('lease_scale', ?)",
-                           (str(self._explicit_scale if self._explicit_scale is not None else DEFAULT_LEASE_SCALE),))
+                           (str(self.explicit_scale if self.explicit_scale is not None else DEFAULT_LEASE_SCALE),))
 
     def _meta(self, key: str, default: str | None = None) -> str | None:
         rows = self._read("SELECT value FROM meta WHERE key=?", (key,))
@@ -103,8 +103,8 @@ class AwsWorld(Launches, SqliteWorld):
         """Emulated seconds per real second for lease ends (this process's LABCTL_TESTBED_LEASE_SCALE, else the
         world's own: real time unless set, as the emulated Blazar leases and Compute Engine time limits; the
         testbed's time scale, which shortens boots and waits, would end an ordinary test's lab under it)."""
-        if self._explicit_scale is not None:
-            return float(self._explicit_scale)
+        if self.explicit_scale is not None:
+            return float(self.explicit_scale)
         return float(self._meta("lease_scale", str(DEFAULT_LEASE_SCALE)) or DEFAULT_LEASE_SCALE)
 
     @property
@@ -199,7 +199,7 @@ class AwsWorld(Launches, SqliteWorld):
     def set_lease_scale(self, scale: float) -> None:
         """Lease ends at this scale from now on, in this process (which the reaper of its front layer reads) and
         for the processes that do not set LABCTL_TESTBED_LEASE_SCALE."""
-        self._explicit_scale = float(scale)
+        self.explicit_scale = float(scale)
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lease_scale', ?)", (str(float(scale)),))
 

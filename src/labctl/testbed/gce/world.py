@@ -364,7 +364,7 @@ class GceWorld(SqliteWorld):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if time_scale is None and os.environ.get("LABCTL_TESTBED_TIME_SCALE"):
             time_scale = float(os.environ["LABCTL_TESTBED_TIME_SCALE"])
-        self._explicit_scale = time_scale
+        self.explicit_scale = time_scale
         self.project = project
         super().__init__(self.state_dir / "gce.db", _SCHEMA)
         self._init()
@@ -399,21 +399,21 @@ class GceWorld(SqliteWorld):
             if db.meta("created") is None:
                 db.set_meta("created", time.time())
                 db.set_meta("ssh_port", free_port())
-                db.set_meta("time_scale", self._explicit_scale if self._explicit_scale is not None
+                db.set_meta("time_scale", self.explicit_scale if self.explicit_scale is not None
                             else DEFAULT_TIME_SCALE)
 
     # settings -----------------------------------------------------------------------------------------
     @property
     def time_scale(self) -> float:
-        if self._explicit_scale is not None:
-            return float(self._explicit_scale)
+        if self.explicit_scale is not None:
+            return float(self.explicit_scale)
         with self.read() as db:
             return float(db.meta("time_scale", str(DEFAULT_TIME_SCALE)))
 
     def set_time_scale(self, scale: float) -> None:
         """Change the time scale (for resources and operations created from now on, by every process that
         did not choose its own)."""
-        self._explicit_scale = float(scale)
+        self.explicit_scale = float(scale)
         with self.tx() as db:
             db.set_meta("time_scale", float(scale))
 

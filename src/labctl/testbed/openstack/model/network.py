@@ -322,9 +322,8 @@ def new_port(
 def unbind_port(db, site: Site, port: dict) -> None:
     for fip in db.find("fip", site.name, port_id=port["id"]):
         associate_fip(db, site, fip, None)
-    port.update(device_id="", device_owner="", bound_at=None, updated=time.time())
-    port["revision"] = port.get("revision", 0) + 1
-    db.put("port", site.name, port)
+    port.update(device_id="", device_owner="", bound_at=None)
+    db.put("port", site.name, stamp(port))
 
 
 def delete_port(db, site: Site, port: dict) -> None:
@@ -449,6 +448,4 @@ def associate_fip(db, site: Site, fip: dict, port_id: str | None, fixed_ip: str 
         fip.update(
             port_id=port_id, fixed_ip=port["fixed_ip"], router_id=catalog.router_id(site), status="ACTIVE"
         )
-    fip["updated"] = time.time()
-    fip["revision"] = fip.get("revision", 0) + 1
-    return db.put("fip", site.name, fip)
+    return db.put("fip", site.name, stamp(fip))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import time
 
 from labctl.testbed.http import HTTPError, Request, Response
 from labctl.testbed.openstack import catalog as cat
@@ -256,9 +255,7 @@ def update_fip(req: Request) -> Response:
         if "port_id" in spec:
             fip = model.associate_fip(db, req.site, fip, spec["port_id"], spec.get("fixed_ip_address"))
         else:
-            fip["updated"] = time.time()
-            fip["revision"] = fip.get("revision", 0) + 1
-            db.put("fip", req.site.name, fip)
+            db.put("fip", req.site.name, model.stamp(fip))
         return Response(200, {"floatingip": fip_view(db, req.site, fip)})
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import time
 
 from labctl.testbed.http import HTTPError, Request, Response
 from labctl.testbed.openstack import model
@@ -106,9 +105,7 @@ def update_sg(req: Request) -> Response:
         for key in ("name", "description"):
             if key in spec:
                 g[key] = spec[key]
-        g["updated"] = time.time()
-        g["revision"] = g.get("revision", 0) + 1
-        db.put("secgroup", req.site.name, g)
+        db.put("secgroup", req.site.name, model.stamp(g))
         return Response(200, {"security_group": sg_view(db, req.site, g)})
 
 

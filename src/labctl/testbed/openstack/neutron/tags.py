@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from labctl.testbed.http import HTTPError, Request, Response
 from labctl.testbed.openstack import model
 from labctl.testbed.openstack.catalog import Site
@@ -32,9 +30,7 @@ def _taggable(db, req: Request) -> tuple[str, dict]:
 
 def _save_tags(db, req: Request, kind: str, obj: dict, tags: list[str]) -> None:
     obj["tags"] = sorted(set(tags))
-    obj["revision"] = obj.get("revision", 0) + 1
-    obj["updated"] = time.time()
-    db.put(kind, req.site.name, obj)
+    db.put(kind, req.site.name, model.stamp(obj))
 
 
 @router.route("GET", "/v2.0/{resource}/{id}/tags")
