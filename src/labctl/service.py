@@ -10,12 +10,14 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from labctl import naming
 from labctl.errors import CloudError, NoCapacity, UserError
-from labctl.node_setup import ExtraStep, node_targets, run_setup, volume_steps
 from labctl.state import DeploymentRecord, DeploymentView, StateStore
+
+if TYPE_CHECKING:  # setup is imported by the commands that run it: `status` and `--help` need none of it
+    from labctl.node_setup import ExtraStep
 
 Progress = Callable[[str, str, str], None]
 
@@ -278,6 +280,7 @@ def provision(ctx: Context, prof: Any, the_plan: Any, provider: Any, key: Any, *
     """Apply one deployment's plan, then run its setup. Idempotent: a rerun resumes where it stopped.
     `concurrency`: how many of one level's resources are made at once (threads of their own)."""
     from labctl.engine import Engine
+    from labctl.node_setup import run_setup, volume_steps
 
     progress = on_progress or ctx.on_progress
     site = provider.site
@@ -454,6 +457,7 @@ def ssh_argv(ctx: Context, name: str | None, node: str | None, command: list[str
              forwards: list[str]) -> list[str]:
     ports = [parse_forward(f) for f in forwards]  # bad input fails before any lookup
     from labctl.keys import ensure_keypair
+    from labctl.node_setup import node_targets
     from labctl.runner.ssh import known_hosts_file
     from labctl.runner.ssh import ssh_argv as build_argv
     from labctl.sites import resolve

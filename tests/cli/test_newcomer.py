@@ -307,3 +307,23 @@ def test_a_booting_node_is_shown_waiting_not_as_an_error(monkeypatch):
     line = screen.getvalue().strip()
     assert line.endswith("node-1: waiting for SSH (the node is still booting: it refuses connections so far)")
     assert "refused (the node is probably" not in line
+
+
+def test_what_an_adapter_logs_is_a_progress_note_until_progress_stops(monkeypatch):
+    """An adapter's own decisions (a zone full, another tried) reach the user as notes of the running command."""
+    import logging
+
+    from rich.console import Console
+
+    from labctl.cli import render
+
+    screen = io.StringIO()
+    monkeypatch.setattr(render, "err_console", Console(file=screen, width=200, no_color=True))
+    progress = render.LiveProgress()
+    logging.getLogger("labctl.providers.gcp").info("zone %s is full; launched in %s", "us-central1-a", "us-central1-b")
+    logging.getLogger("labctl.providers.gcp").debug("not shown: below INFO")
+    progress.stop()
+    logging.getLogger("labctl.providers.gcp").info("after stop: not shown")
+    lines = screen.getvalue().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith("gcp: note (zone us-central1-a is full; launched in us-central1-b)")

@@ -8,7 +8,6 @@ known secrets, strip control characters (no escape sequences reach the terminal)
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -88,8 +87,10 @@ class LiveProgress:
 
             self.live = Live(self._table(), console=err_console, refresh_per_second=4, transient=False)
             self.live.start()
+        import logging  # here, not at the top: `status` and `--help` log nothing
+
         # What an adapter decides on its own (e.g. "zone a full, launched in zone b") reaches the user too.
-        self.handler = _ProgressLogHandler(self)
+        self.handler = _progress_log_handler(self)
         logging.getLogger("labctl.providers").addHandler(self.handler)
         logging.getLogger("labctl.providers").setLevel(logging.INFO)
         _active.append(self)
@@ -137,6 +138,8 @@ class LiveProgress:
                 self.live.update(self._table(), refresh=True)
 
     def stop(self, ok: bool = True) -> None:
+        import logging
+
         logging.getLogger("labctl.providers").removeHandler(self.handler)
         if self.live is not None:
             self.finish(ok)
@@ -146,16 +149,18 @@ class LiveProgress:
             _active.remove(self)
 
 
-class _ProgressLogHandler(logging.Handler):
-    def __init__(self, progress: LiveProgress) -> None:
-        super().__init__(logging.INFO)
-        self.progress = progress
+def _progress_log_handler(progress: LiveProgress) -> Any:
+    """A logging handler that shows what the adapters log (at INFO) as progress notes."""
+    import logging
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.progress(record.name.rsplit(".", 1)[-1], "note", record.getMessage())
-        except Exception:  # noqa: BLE001 - a display problem must never break provisioning
-            self.handleError(record)
+    class ProgressLogHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                progress(record.name.rsplit(".", 1)[-1], "note", record.getMessage())
+            except Exception:  # noqa: BLE001 - a display problem must never break provisioning
+                self.handleError(record)
+
+    return ProgressLogHandler(logging.INFO)
 
 
 def progress_reporter(quiet: bool = False) -> LiveProgress:
