@@ -71,6 +71,11 @@ def make_look_alikes(provider: ChameleonProvider, deployment: str) -> None:
     conn.network.create_security_group(name=deployment, description="made by hand")
     conn.network.create_ip(floating_network_id=provider.network(public=True).id, description="labctl by hand")
     conn.block_storage.create_volume(size=1, name=f"{deployment}-data", metadata={"labctl": "no"})
+    # A user's tool runs in a process of its own: none of the metadata that an earlier create_container(metadata=)
+    # in this process (another test's) left in openstacksdk's dict shared by every Container.
+    from openstack.object_store.v1.container import Container
+
+    Container.metadata.clear()
     conn.object_store.create_container(name=f"{deployment}-box")
     flavor = provider.flavor("m1.small")
     provider.blazar.lease.create(name=f"{deployment}-node", start="now", end="2099-01-01 00:00", events=[],
@@ -96,8 +101,6 @@ def test_inventory_lists_every_labctl_kind_of_every_deployment_and_no_look_alike
     provider, profile, store = setup
     alice = build_plan(profile, provider.site, "alice", KEY)
     bob = build_plan(profile, provider.site, "bob", KEY, course="cs101")
-    # First: openstacksdk keeps a container's metadata in a class-wide dict, so a container made after labctl's
-    # in the same process would carry labctl's metadata (a user's own tool, in its own process, would not).
     make_look_alikes(provider, "labctl-carol-inv")  # deployments that labctl never made
     make_look_alikes(provider, "labctl-dave-inv")
     engine = Engine(provider, store)
@@ -174,3 +177,30 @@ def test_a_class_lease_mark_gives_back_each_students_deployment_and_nothing_else
     if dep is not None:  # only a name of the pattern: its deployment and owner spelled out again give it back
         assert other == f"{dep}-{role}" and dep == f"labctl-{course}-{owner}-{lab}" and owner
     assert class_lease_owner(naming.resource_name(deployment, role + "x"), [mark]) == (None, None)
+
+
+def test_containers_made_at_once_each_carry_their_own_deployments_tags(setup):
+    """A class makes its students' containers in threads at once. openstacksdk's `create_container(metadata=)`
+    writes the metadata into one dict shared by every Container of the process and reads it back when it sends
+    the request, so a container could be sent with another thread's tags: then the other student's `down` deleted
+    it (their data with it) and its own student's left it behind. Each must carry its own deployment, owner and
+    keep flag, and each `find` must find its own."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    provider, profile, _store = setup
+    plans = [build_plan(profile, provider.site, f"s{i:02d}", KEY, course="cs101") for i in range(24)]
+    buckets = provider.handlers["bucket"]
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: the shared dict's window opens
+    try:
+        with ThreadPoolExecutor(len(plans)) as pool:
+            made = list(pool.map(lambda p: buckets.create(p.by_kind("bucket")[0], p, {}, None), plans))
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert len(made) == len(plans)
+    for plan in plans:
+        meta = buckets.meta(plan.by_kind("bucket")[0].name)
+        assert (meta["labctl-deployment"], meta["labctl-owner"], meta["labctl-keep"]) == (
+            plan.deployment, plan.owner, "false"), plan.deployment
+        assert buckets.find(plan.by_kind("bucket")[0], plan) is not None

@@ -165,8 +165,7 @@ class Containers(Listed):
             raise CloudError(f"{self.ctx.site.name}: object-store container '{res.name}' belongs to another deployment")
         metadata = {key: plan.tags[tag] for key, tag in CONTAINER_TAGS.items()}
         metadata[CONTAINER_KEEP] = "true" if res.spec["keep"] else "false"
-        self.ctx.call(f"create container {res.name}", lambda: self.ctx.conn.object_store.create_container(
-            name=res.name, metadata=metadata))
+        self.ctx.call(f"create container {res.name}", lambda: put_container(self.ctx, res.name, metadata))
         return Found("bucket", res.name, res.name, attrs={"key": res.key, "keep": bool(res.spec["keep"])})
 
     def delete(self, found: Sequence[Found], plan: Plan) -> None:
@@ -179,6 +178,18 @@ class Containers(Listed):
 
         for f in found:
             self.ctx.call("delete container", lambda f=f: empty_and_delete(f.cloud_id), missing_ok=True)
+
+
+def put_container(s: Session, name: str, metadata: Mapping[str, str]) -> None:
+    """Create (or update: Swift's PUT is idempotent) a container with this metadata, in one request. Not
+    `create_container(metadata=)`: openstacksdk writes that metadata into a dict shared by every Container of
+    the process and reads it back to send it, so threads making containers at once sent each other's tags."""
+    from urllib.parse import quote
+
+    from openstack import exceptions as sdk_exc
+
+    headers = {f"X-Container-Meta-{key}": value for key, value in metadata.items()}
+    sdk_exc.raise_from_response(s.conn.object_store.put(f"/{quote(name, safe='')}", headers=headers))
 
 
 def get_volume(s: Session, volume_id: str) -> Any:
