@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,14 @@ def parse_json(body: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError):
         raise JsonError("the body is not valid JSON") from None
+
+
+def status_phrase(status: int, default: str = "") -> str:
+    """The standard reason phrase of an HTTP status ("Too Many Requests"), `default` for a code without one."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return default
 
 
 def read_timeout() -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import http
 import json
 import uuid
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from labctl.testbed.gce.common import ApiError
+from labctl.testbed.http import status_phrase
 
 BATCH_PATHS = ("/batch/compute/v1", "/batch")
 MAX_PARTS = 1000
@@ -95,11 +95,7 @@ def render_batch(answers: list[tuple[str | None, int, dict, dict]]) -> tuple[byt
     chunks = []
     for index, (content_id, status, body, headers) in enumerate(answers, 1):
         payload = json.dumps(body).encode()
-        try:
-            phrase = http.HTTPStatus(status).phrase
-        except ValueError:
-            phrase = ""
-        lines = [f"HTTP/1.1 {status} {phrase}".rstrip(), "Content-Type: application/json; charset=UTF-8",
+        lines = [f"HTTP/1.1 {status} {status_phrase(status)}".rstrip(), "Content-Type: application/json; charset=UTF-8",
                  "Vary: Origin, X-Origin, Referer", *(f"{k}: {v}" for k, v in headers.items()),
                  f"Content-Length: {len(payload)}"]
         chunks.append(f"--{boundary}\r\nContent-Type: application/http\r\n"

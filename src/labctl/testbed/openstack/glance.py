@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import urlencode
 
-from labctl.testbed.http import HTTPError, Request, Response, Router
+from labctl.testbed.http import HTTPError, Request, Response, Router, status_phrase
 from labctl.testbed.openstack import catalog as cat
 from labctl.testbed.openstack import model
 
@@ -13,20 +13,9 @@ PREFIX = ""
 ADMIN_PROJECT = "f3e1b2c4d5a6477889900aabbccddeef"
 router = Router()
 
-_STATUS_TEXT = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    409: "Conflict",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-}
-
-
 def error_body(status: int, message: str, kind: str | None) -> str:
     # Glance errors come from webob: an HTML page, not JSON.
-    title = f"{status} {_STATUS_TEXT.get(status, 'Error')}"
+    title = f"{status} {status_phrase(status, 'Error')}"
     return (
         f"<html>\n <head>\n  <title>{title}</title>\n </head>\n <body>\n  <h1>{title}</h1>\n"
         f"  {message}<br /><br />\n\n\n\n </body>\n</html>"

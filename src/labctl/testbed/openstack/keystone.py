@@ -6,7 +6,7 @@ import time
 import uuid
 
 from labctl.testbed.access import same_secret
-from labctl.testbed.http import HTTPError, Request, Response, Router
+from labctl.testbed.http import HTTPError, Request, Response, Router, status_phrase
 from labctl.testbed.openstack import catalog as cat
 from labctl.testbed.openstack.catalog import Site
 
@@ -14,16 +14,6 @@ PREFIX = ""
 TOKEN_TTL = 24 * 3600
 router = Router()
 
-_TITLES = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-}
 UNAUTHORIZED = "The request you have made requires authentication."
 ROLES = [
     {"id": cat.stable_id("role", "member"), "name": "member"},
@@ -43,7 +33,7 @@ SERVICE_ALIASES = {"volume": ("volumev3", "cinderv3")}
 
 
 def error_body(status: int, message: str, kind: str | None) -> dict:
-    return {"error": {"code": status, "message": message, "title": _TITLES.get(status, kind or "Error")}}
+    return {"error": {"code": status, "message": message, "title": status_phrase(status, kind or "Error")}}
 
 
 def _ts(ts: float) -> str:

@@ -20,9 +20,9 @@ from labctl.testbed.openstack.neutron.common import (
 )
 
 
-def port_view(site: Site, p: dict) -> dict:
+def port_details(p: dict) -> dict:
+    """What Neutron shows of a port in a floating IP's `port_details`; a port's own view starts with it too."""
     return {
-        "id": p["id"],
         "name": p.get("name", ""),
         "network_id": p["network_id"],
         "mac_address": p["mac"],
@@ -30,6 +30,13 @@ def port_view(site: Site, p: dict) -> dict:
         "status": "ACTIVE",
         "device_id": p["device_id"],
         "device_owner": p["device_owner"],
+    }
+
+
+def port_view(site: Site, p: dict) -> dict:
+    return {
+        "id": p["id"],
+        **port_details(p),
         "fixed_ips": [{"subnet_id": p["subnet_id"], "ip_address": p["fixed_ip"]}],
         "security_groups": list(p.get("security_groups", [])),
         "allowed_address_pairs": [],
@@ -172,15 +179,7 @@ def fip_view(db, site: Site, f: dict, ports: dict[str, dict] | None = None) -> d
     if f.get("port_id"):
         p = ports.get(f["port_id"]) if ports is not None else db.get("port", site.name, f["port_id"])
         if p:
-            details = {
-                "name": p.get("name", ""),
-                "network_id": p["network_id"],
-                "mac_address": p["mac"],
-                "admin_state_up": True,
-                "status": "ACTIVE",
-                "device_id": p["device_id"],
-                "device_owner": p["device_owner"],
-            }
+            details = port_details(p)
     return {
         "id": f["id"],
         "floating_ip_address": f["address"],
