@@ -178,9 +178,12 @@ def class_report(
     from labctl.cli.overview import course_for
     from labctl.cli.render import class_report_text
     from labctl.errors import UserError
+    from labctl.redact import clean
 
     if fmt not in ("csv", "json"):
         raise UserError(f"--format must be csv or json, not '{fmt}'")
+    if output and (refusal := _not_replaceable(output)):  # before anything is read or said
+        raise UserError(f"-o {clean(str(output), one_line=True)}: {refusal}")
     ctx = _ctx()
     rows = classroom.class_status(ctx, lab, course_for(ctx, lab, course, "report"))
     _sim_ssh_note(rows)
@@ -206,20 +209,74 @@ def _sim_ssh_note(rows: list) -> None:  # noqa: ANN001 - classroom.StudentStatus
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path`, readable by its owner only (0600): a report holds names, e-mails and IPs."""
+    """Write the report to `path` (checked by `_not_replaceable` first), readable by its owner only (0600): it
+    holds names, e-mails and IPs. It is written beside its place and renamed in, so a link put there meanwhile is
+    replaced, not followed, and a half-written report never stands in its place."""
+    import contextlib
     import os
+    import tempfile
 
     from labctl.errors import UserError
     from labctl.redact import clean
 
+    shown = clean(str(path), one_line=True)
+    tmp = None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode otherwise
             f.write(text)
+        os.replace(tmp, path)
+        tmp = None
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise UserError(f"cannot write the report to {clean(str(path), one_line=True)}: {reason}") from None
+        raise UserError(f"cannot write the report to {shown}: {reason}") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+REPORT_PEEK = 1 << 20  # bytes of an existing file read to tell whether it is a report
+
+
+def _not_replaceable(path: Path) -> str | None:
+    """Why `-o path` must not be written (None: it may). Only a new file, an empty one or a report labctl wrote
+    before is replaced (rerunning the report refreshes it): `-o roster.csv` or `-o ~/.bashrc` by mistake is
+    refused and the file left as it was."""
+    import json
+    import stat
+
+    from labctl.cli.render import REPORT_FIELDS
+
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory; name a file in it"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a link, a device...); name a file (without -o the report goes to stdout)"
+    if st.st_size == 0:
+        return None
+    try:
+        with path.open("rb") as f:
+            head = f.read(REPORT_PEEK + 1)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    first = head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
+    if first in (",".join(REPORT_FIELDS), "student_id"):  # labctl's CSV header (of an empty class too)
+        return None
+    if len(head) <= REPORT_PEEK:
+        try:
+            records = json.loads(head)
+        except ValueError:
+            records = None
+        if isinstance(records, list) and all(isinstance(r, dict) and tuple(r) == REPORT_FIELDS for r in records):
+            return None
+    return ("exists and is not a labctl class report: labctl replaces only a report it wrote; name a new file, "
+            "or move this one away first")
 
 
 @class_app.command("down")

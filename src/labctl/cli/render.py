@@ -469,6 +469,9 @@ def class_status_table(rows: list[Any], lab: str) -> Table:
     return table
 
 
+REPORT_FIELDS = ("student_id", "name", "email", "site", "status", "ips", "ssh", "lease_end", "setup", "error")
+
+
 def class_report_text(rows: list[Any], fmt: str) -> str:
     import csv
     import io
@@ -480,7 +483,7 @@ def class_report_text(rows: list[Any], fmt: str) -> str:
     if fmt == "json":
         return mask(json.dumps(records, indent=2)) + "\n"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["student_id"])
+    writer = csv.DictWriter(buf, fieldnames=list(REPORT_FIELDS) if records else ["student_id"])
     writer.writeheader()
     # A spreadsheet runs a cell starting with = + - @ as a formula (a roster name "=HYPERLINK(...)"): neutralised.
     writer.writerows({k: csv_cell(v) for k, v in rec.items()} for rec in records)
