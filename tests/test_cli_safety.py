@@ -322,8 +322,10 @@ def test_report_to_a_missing_directory_is_one_line(klass):
 def test_report_file_is_private_and_formula_free(klass, tmp_path):
     seed(klass, "labctl-c-mallory-hello", "hello", "hello", owner="mallory", course="c",
          student={"id": "mallory", "name": '=HYPERLINK("http://evil.example","x")', "email": "+1@x\x1b[2J"})
+    from labctl.cli.render import REPORT_FIELDS
+
     out = tmp_path / "report.csv"
-    out.write_text("old")
+    out.write_text(",".join(REPORT_FIELDS) + "\n")  # an earlier report, made readable by all since
     out.chmod(0o644)
     code, _, err = cli("class", "report", "hello", "--course", "c", "-o", str(out))
     assert code == 0, err
@@ -421,6 +423,48 @@ def test_state_that_is_not_a_database_is_refused_untouched(home):
     code, _, err = cli("--state", str(other), "status")
     assert_one_line_error(code, err, expect="is not a labctl state database")
     assert other.read_text() == "my notes\n" and stat.S_IMODE(other.stat().st_mode) == 0o644
+
+
+def _sqlite_of(path: Path, ddl: list[str]) -> tuple[bytes, int]:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    for statement in ddl:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    path.chmod(0o644)
+    return path.read_bytes(), 0o644
+
+
+@pytest.mark.parametrize("ddl,named", [
+    (["CREATE TABLE experiments (id INTEGER)", "CREATE TABLE runs (id INTEGER)"], "experiments, runs"),
+    (["CREATE TABLE events (at REAL, what TEXT)", "CREATE TABLE notes (x)"], "events, notes"),  # labctl's name too
+    (["CREATE TABLE meta (a, b)"], "meta"),  # labctl's table name, another application's columns
+])
+def test_another_applications_sqlite_database_is_refused_byte_for_byte_untouched(home, ddl, named):
+    """`--state mlflow.db` (MLflow's SQLite backend, in a course on ML operations): labctl added its tables to it,
+    switched it to WAL and made it 0600. Now: one line, and not a byte or mode bit changed."""
+    other = home / "mlflow.db"
+    before = _sqlite_of(other, ddl)
+    code, _, err = cli("--state", str(other), "status")
+    line = assert_one_line_error(code, err, expect="is not a labctl state database")
+    assert f"another application's tables ({named})" in line
+    assert (other.read_bytes(), stat.S_IMODE(other.stat().st_mode)) == before
+    assert sorted(p.name for p in home.iterdir() if p.name.startswith("mlflow.db")) == ["mlflow.db"]  # no -wal
+
+
+def test_labctls_own_state_with_a_table_someone_added_still_opens(home):
+    import sqlite3
+
+    mine = home / "mine.db"
+    StateStore(mine).close()
+    conn = sqlite3.connect(mine)
+    conn.execute("CREATE TABLE my_notes (x)")
+    conn.commit()
+    conn.close()
+    code, _, err = cli("--state", str(mine), "status")
+    assert code == 0, err
 
 
 def test_a_state_path_in_an_existing_directory_works(home, monkeypatch):

@@ -117,3 +117,20 @@ def test_missing_psycopg_is_explained(monkeypatch, state_env):
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(UserError, match=r"needs psycopg: pip install 'psycopg\[binary\]'"):
         PostgresDatabase("postgresql://u:pw@h/db")
+
+
+def test_a_database_of_another_application_is_refused_and_left_alone(pg_url):
+    """A course's shared PostgreSQL database that another application uses (with its own `events` table): labctl
+    would have made its tables there and written its events into theirs."""
+    import psycopg
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE events (id serial PRIMARY KEY, what text)")
+        conn.execute("INSERT INTO events (what) VALUES ('theirs')")
+    with pytest.raises(UserError, match=r"is not a labctl state database: it holds another application's tables "
+                                         r"\(events\); name another file or database"):
+        StateStore.open(pg_url)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+        assert tables == {"events"}
+        assert conn.execute("SELECT what FROM events").fetchall() == [("theirs",)]

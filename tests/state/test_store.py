@@ -13,10 +13,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tests.state.helpers import expect_line, read_line, worker
 
 from labctl.errors import UserError
 from labctl.state import DeploymentRecord, DeploymentView, StateStore
+from labctl.state import store as store_mod
 from labctl.state.db import redact_url
 from labctl.state.store import SCHEMA_VERSION, parse_state_url
 
@@ -438,3 +441,25 @@ def test_lock_of_a_killed_holder_is_released(store, state_url):
 def test_tests_use_fresh_databases(store):
     assert store.deployments(include_destroyed=True) == []
     assert isinstance(store.dir, Path)
+
+
+_NAMES = st.one_of(st.sampled_from(sorted(store_mod.LABCTL_TABLES)),
+                   st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
+
+
+@given(tables=st.sets(_NAMES, max_size=8), meta=st.sampled_from([True, False, None]))
+def test_a_database_is_labctls_only_when_nothing_in_it_says_otherwise(tables, meta):
+    """`telling_tables`: a new database, or labctl's (its version in its `meta`, or a first open cut short
+    after `meta` was made) is opened; any other table, a `meta` of other columns, or labctl's table names without
+    labctl's `meta` mark another application's database, and are named."""
+    meta = meta if "meta" in tables else None  # no table, no version
+    told = store_mod.telling_tables(tables, meta)
+    if meta is True or not tables:
+        assert told == set()
+        return
+    assert told <= tables
+    assert tables - store_mod.LABCTL_TABLES <= told
+    if meta is None:  # labctl makes `meta` first: tables without labctl's are someone else's
+        assert told or tables == {"sqlite_sequence"}  # (SQLite's own, left by a dropped table: nothing to take)
+    else:
+        assert told == tables - store_mod.LABCTL_TABLES

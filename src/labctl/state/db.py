@@ -201,6 +201,10 @@ class Database(ABC):
     @abstractmethod
     def has_table(self, table: str) -> bool: ...
 
+    @abstractmethod
+    def tables(self) -> set[str]:
+        """The names of the tables in the database (PostgreSQL: in the current schema)."""
+
     def ddl(self, stmt: str) -> str:
         return stmt
 
@@ -365,6 +369,9 @@ class SqliteDatabase(Database):
     def has_table(self, table: str) -> bool:
         return bool(self.query("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)))
 
+    def tables(self) -> set[str]:
+        return {name for (name,) in self.query("SELECT name FROM sqlite_master WHERE type='table'")}
+
     def _lock_file(self, name: str) -> Path:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
         return self.locks_dir / f"{readable}-{lock_key(name) & 0xFFFFFFFFFFFFFFFF:016x}.lock"
@@ -499,6 +506,9 @@ class PostgresDatabase(Database):
 
     def has_table(self, table: str) -> bool:
         return self.query("SELECT to_regclass(?) IS NOT NULL", (table,))[0][0]
+
+    def tables(self) -> set[str]:
+        return {name for (name,) in self.query("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
 
     # -- advisory locks, each on a dedicated session -------------------------------------------------
     def _lock_conn(self) -> Any:

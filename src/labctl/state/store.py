@@ -10,6 +10,7 @@ Operators working on the same environment at the same time coordinate with `Stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,6 +51,9 @@ CREATE TABLE IF NOT EXISTS events (
 # Schema migrations: _MIGRATIONS[v] is the DDL taking a v database to v+1 (e.g. `ALTER TABLE t ADD COLUMN
 # c TEXT`), run in the same serialised transaction that creates the schema. None yet: v1 is current.
 _MIGRATIONS: dict[int, str] = {}
+# Every table labctl makes (SQLite's own sqlite_sequence comes with AUTOINCREMENT).
+LABCTL_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA + "".join(_MIGRATIONS.values()))
+                          ) | {"sqlite_sequence"}
 
 
 CLASS_SHARED = "class_shared"  # in a deployment's data: see DeploymentRecord.class_shared
@@ -164,6 +168,49 @@ def _state_path(text: str) -> Path:
     return path
 
 
+def telling_tables(tables: set[str], meta: bool | None) -> set[str]:
+    """The tables that show a database is another application's; empty when it is new or labctl's.
+
+    `meta`: labctl's schema version is in its `meta` table (True), `meta` has labctl's columns but no version
+    (False: a first open cut short after `meta` was made, as `_SCHEMA` makes it first), or is not labctl's
+    (None: no such table, or other columns). labctl's own state may hold a table someone added."""
+    if meta is True or not tables:
+        return set()
+    foreign = tables - LABCTL_TABLES
+    if meta is None:
+        foreign |= tables & {"meta"} or tables - {"sqlite_sequence"}  # its `events` is not labctl's either
+    return foreign
+
+
+def _foreign_sqlite_tables(path: Path) -> set[str]:
+    """`telling_tables` of an existing SQLite file (`--state mlflow.db`), read without writing a byte (labctl's
+    own connection would switch the file to WAL). Empty too when it cannot be read this way: the usual open then
+    says what is wrong."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except (sqlite3.Error, ValueError):
+        return set()
+    try:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        meta = None
+        if "meta" in tables:
+            with contextlib.suppress(sqlite3.Error):  # other columns: not labctl's
+                meta = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() is not None
+        return telling_tables(tables, meta)
+    except sqlite3.Error:
+        return set()
+    finally:
+        conn.close()
+
+
+def _another_applications(where: object, foreign: set[str]) -> Exception:
+    from labctl.errors import UserError
+
+    shown = ", ".join(sorted(foreign)[:4]) + (", ..." if len(foreign) > 4 else "")
+    return UserError(f"{where} is not a labctl state database: it holds another application's tables ({shown}); "
+                     "name another file or database")
+
+
 class StateStore:
     """Thread-safe access to one state database (SQLite file or PostgreSQL).
 
@@ -197,7 +244,8 @@ class StateStore:
                     from labctl.errors import UserError
 
                     raise UserError(f"{target} is not a labctl state database (not a SQLite file); name another file")
-                os.chmod(target, 0o600)
+                if head and (foreign := _foreign_sqlite_tables(target)):  # before labctl's connection writes WAL
+                    raise _another_applications(target, foreign)
             except OSError as exc:
                 from labctl.errors import UserError
 
@@ -210,6 +258,13 @@ class StateStore:
             self._private_dir(self.dir)
         try:
             self._init_schema()
+            if self.path is not None:
+                os.chmod(self.path, 0o600)  # only once it is known to be labctl's (or new)
+        except OSError as exc:
+            self._db.close()
+            from labctl.errors import UserError
+
+            raise UserError(f"cannot open the state database {self.path}: {exc.strerror or exc}") from None
         except sqlite3.OperationalError as exc:
             self._db.close()
             from labctl.errors import CloudError, UserError
@@ -259,6 +314,7 @@ class StateStore:
             "SELECT value FROM meta WHERE key='schema_version'"
         ) == [(str(SCHEMA_VERSION),)]:
             return  # the usual case: nothing to create or migrate
+        self._refuse_another_applications_database()
         with self._tx(serialize="labctl-schema") as db:  # concurrent first opens must not race on DDL
             db.executescript(_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -277,6 +333,20 @@ class StateStore:
                 db.executescript(_MIGRATIONS[version])
                 version += 1
                 db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+
+    def _refuse_another_applications_database(self) -> None:
+        """A database that is someone else's (`telling_tables`: a course's shared PostgreSQL database; a SQLite
+        file is checked before it is opened for writing) is refused: labctl would add its tables to it, or take
+        a table of the same name (`events`) for its own."""
+        tables = self._db.tables()
+        meta = None
+        if "meta" in tables:
+            try:
+                meta = bool(self._query("SELECT value FROM meta WHERE key='schema_version'"))
+            except Exception:  # noqa: BLE001 - another application's `meta` (other columns): not labctl's
+                meta = None
+        if foreign := telling_tables(tables, meta):
+            raise _another_applications(self.path or self.url, foreign)
 
     # -- plumbing ---------------------------------------------------------------------------------
     @contextmanager
