@@ -242,6 +242,26 @@ def test_delete_off_a_terminal_needs_yes_and_asks_no_cloud(labctl_env):
     assert empty.returncode == 2 and "--site is empty" in empty.stderr
 
 
+def test_delete_with_a_state_that_holds_no_deployment_is_refused_before_any_cloud(labctl_env, tmp_path):
+    """A mistyped --state is a new, empty state: every labctl resource at the site, anyone's, looks orphaned there.
+    `gc --delete --yes` refuses it (one line, exit 2, no cloud reached) unless --lost-state says the state is lost
+    or --deployment names one deployment."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    typo = tmp_path / "sate.db"
+    proc = subprocess.run([sys.executable, "-m", "labctl", "--state", str(typo), "gc", "--site", "sim", "--delete",
+                           "--yes"], env=labctl_env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: gc --delete: the state sqlite://{typo} holds no deployment, so everything labctl made at these sites "
+        "looks orphaned, other people's labs too (a mistyped --state?); pass --deployment ID for one deployment's "
+        "leftovers, or --lost-state if the state that made them is lost"]
+    assert not Path(labctl_env["LABCTL_TESTBED_DIR"]).exists()  # no emulated cloud was even started
+
+
 @given(values=st.lists(st.text(max_size=30), min_size=1, max_size=4))
 def test_site_selections_from_users_are_names_or_a_one_line_refusal(values):
     """Whatever `--site` values a user types, gc gets non-empty trimmed names (sim expanded) or a UserError."""

@@ -266,7 +266,10 @@ def test_gc_cleans_up_a_killed_class_whose_state_was_lost(labctl_env, tmp_path):
         class_made = sorted((x["kind"], x["name"], x["owner"]) for x in listed if x["deployment"] == shared)
         assert [(kind, name) for kind, name, _ in class_made] == [("keypair", shared), ("secgroup", shared)]
         assert len({owner for *_, owner in class_made}) == 1 and class_made[0][2] not in (None, "s00")
-        deleted = run_json(labctl_env, "gc", "--site", "sim", "--delete", "--yes", timeout=600)
+        # This state never held a deployment: without --lost-state gc refuses to take it all for orphans.
+        refused = run(labctl_env, "gc", "--site", "sim", "--delete", "--yes", check=False)
+        assert refused.returncode == 2 and "--lost-state" in refused.stderr and sdk.count("labctl-gc-") == made
+        deleted = run_json(labctl_env, "gc", "--site", "sim", "--delete", "--yes", "--lost-state", timeout=600)
         assert len(deleted["deleted"]) == len(listed) and deleted["left"] == [] and deleted["not_deleted"] == []
         assert sdk.count("labctl-gc-") == Counter()
         print(f"\nGC class of 8 killed: the SDK counted {sum(made.values())} {dict(made)}; gc deleted "

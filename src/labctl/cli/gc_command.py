@@ -20,6 +20,10 @@ def gc_command(
         "--deployment", help="Only this deployment's leftovers (its id, e.g. labctl-alice-hello).")] = None,
     delete: Annotated[bool, typer.Option("--delete", help="Delete what is listed (asks first on a terminal).")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking (needed off a terminal).")] = False,
+    lost_state: Annotated[bool, typer.Option(
+        "--lost-state", help="With --delete and a state that holds no deployment at all: the state that made what "
+                             "is listed is lost, delete it all (refused without it: a mistyped --state makes "
+                             "everyone's labs look orphaned).")] = False,
     cloud: Annotated[str | None, typer.Option("--cloud", envvar="OS_CLOUD", help="clouds.yaml entry to use.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -29,7 +33,8 @@ def gc_command(
     Examples:\n
       labctl gc\n
       labctl gc --site chi@tacc --json\n
-      labctl gc --site aws:us-east-1 --delete
+      labctl gc --site aws:us-east-1 --delete\n
+      labctl gc --site chi@tacc --delete --lost-state   (the state that made them is gone)
     """
     from labctl import gc
     from labctl.errors import UserError
@@ -39,9 +44,18 @@ def gc_command(
     if delete and not yes and not interactive:  # before any cloud call
         raise UserError("gc --delete asks before deleting; not on a terminal, so pass --yes to confirm")
     ctx = Context.create()
+    # An empty state accounts for nothing: every labctl resource at the site, anyone's, would be taken for an orphan.
+    empty_state = not ctx.store.deployments(include_destroyed=True)
+    if delete and empty_state and deployment is None and not lost_state:  # before any cloud call
+        raise UserError(f"gc --delete: the state {ctx.store.url} holds no deployment, so everything labctl made at "
+                        "these sites looks orphaned, other people's labs too (a mistyped --state?); pass --deployment "
+                        "ID for one deployment's leftovers, or --lost-state if the state that made them is lost")
     found = gc.audit(ctx, site, cloud=cloud, deployment=deployment)
     if not as_json:
         _print_audit(found)
+        if empty_state and found.leaks:
+            _echo(f"note: the state {ctx.store.url} holds no deployment: all that labctl made at these sites is "
+                  "listed (is it the state you use?)", err=True)
     if not delete:
         if as_json:
             _print_json(found.to_json())
