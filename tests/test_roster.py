@@ -283,6 +283,24 @@ def test_too_many_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------------------------- bad rows
 
 
+def test_an_id_that_would_name_what_a_class_shares_is_refused(tmp_path: Path) -> None:
+    """What a class shares at a site is deployment `labctl-COURSE-class-SITE-LAB` (`plan.class_shared_plan`): a
+    student `class-sim-kvm-tacc` would have had that id, and failed at the cloud (or stopped the class's shared
+    group being made). Refused in the roster, before anything is created; `class`, `classic` and `xclass-1` are
+    fine."""
+    from labctl import naming
+
+    text = HEADER + row("Class_Sim-kvm-tacc") + row("class") + row("classic") + row("xclass-1") + row("class-a")
+    r = load_roster(write(tmp_path, text))
+    assert [s.student_id for s in r.students] == ["class", "classic", "xclass-1"]
+    by_line = errors_by_line(r)
+    assert sorted(by_line) == [2, 6]
+    assert by_line[2][0].field == "student_id" and by_line[2][0].message == (
+        "'Class_Sim-kvm-tacc' becomes resource name 'class-sim-kvm-tacc', and names starting with 'class-' are what "
+        "labctl calls what a class shares at a site; give this student another id")
+    assert naming.class_shared_owner("sim:kvm@tacc") == "class-sim-kvm-tacc"
+
+
 def test_duplicate_ids_name_both_lines(tmp_path: Path) -> None:
     text = HEADER + row("alice") + row("bob") + row("alice") + row("Bob") + row("a.b") + row("a_b")
     r = load_roster(write(tmp_path, text))

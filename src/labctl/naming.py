@@ -44,6 +44,14 @@ def deployment_id(name: str, owner: str, course: str | None = None) -> str:
     return "-".join(parts)
 
 
+CLASS_SHARED_OWNER = "class-"  # + the site: the owner part of what a class shares there (no student's id may start so)
+
+
+def class_shared_owner(site_name: str) -> str:
+    """The owner part of the deployment id of what a class shares at a site (`plan.class_shared_plan`)."""
+    return CLASS_SHARED_OWNER + sanitise(site_name)
+
+
 def class_deployments_glob(name: str, course: str) -> str:
     """Every student's deployment of lab `name` in `course`, as a glob: `deployment_id` with `*` for the owner."""
     return "-".join([PREFIX, sanitise(course, 16), "*", sanitise(name)])

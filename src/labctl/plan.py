@@ -361,7 +361,7 @@ def class_shared_plan(profile: Profile, site: Site, course: str, owner: str, pub
     kinds = CLASS_SHARED_KINDS.get(site.provider, ())
     if not kinds:
         return None
-    deployment = naming.deployment_id(profile.name, f"class-{naming.sanitise(site.name)}", course)
+    deployment = naming.deployment_id(profile.name, naming.class_shared_owner(site.name), course)
     tags = {naming.TAG_DEPLOYMENT: deployment, naming.TAG_LAB: profile.name, naming.TAG_OWNER: owner,
             naming.TAG_COURSE: course}
     plan = Plan(deployment, profile.name, owner, course, site, profile.lease_hours, tags, [])

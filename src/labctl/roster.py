@@ -32,7 +32,7 @@ from pathlib import Path
 
 from labctl import inputs
 from labctl.errors import UserError
-from labctl.naming import sanitise
+from labctl.naming import CLASS_SHARED_OWNER, sanitise
 from labctl.redact import strip_control
 
 MAX_ROWS = 20_000
@@ -177,6 +177,12 @@ def load_roster(path: Path | str, keys_dir: Path | str | None = None) -> Roster:
             other = seen_slugs.get(student.slug)
             if first is not None:
                 row_errors.append(_err(where, line, sid, "student_id", f"duplicate id '{sid}' (first on line {first})"))
+            elif student.slug.startswith(CLASS_SHARED_OWNER):
+                row_errors.append(_err(
+                    where, line, sid, "student_id",
+                    f"'{sid}' becomes resource name '{student.slug}', and names starting with '{CLASS_SHARED_OWNER}' "
+                    "are what labctl calls what a class shares at a site; give this student another id",
+                ))
             elif other is not None:
                 row_errors.append(_err(
                     where, line, sid, "student_id",
