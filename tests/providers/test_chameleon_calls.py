@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tests.fixtures.chameleon import emulated_kvm
 
 from labctl import sites
 from labctl.credentials import find_openstack_credentials
@@ -27,18 +28,9 @@ OTHER = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPm5hxn1b6Uk3m0lDqVgTFnJ8F7ulBqJqU4
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    from labctl.testbed import Testbed
-
-    tb = Testbed.start(state_dir=tmp_path / "tb", time_scale=0.001, ssh=False)
-    try:
-        site = sites.emulate(sites.resolve("kvm@tacc"))
-        site = site.__class__(**{**site.__dict__, "auth_url": tb.auth_url("kvm@tacc"), "poll_interval": 0.02})
-        provider = ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env("kvm@tacc")))
-        profile = load_profile(find_profile("hello"))
-        plan = build_plan(profile, site, "alice", KEY)
+    with emulated_kvm(tmp_path) as (tb, provider):
+        plan = build_plan(load_profile(find_profile("hello")), provider.site, "alice", KEY)
         yield tb, provider, plan, StateStore(tmp_path / "state")
-    finally:
-        tb.stop()
 
 
 def _sent(tb, since: int) -> list[tuple[str, str]]:

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.fixtures.chameleon import emulated_kvm
 
-from labctl import sites
-from labctl.credentials import find_openstack_credentials
 from labctl.engine import Engine
 from labctl.plan import build_plan
 from labctl.profile import load_profile
@@ -46,18 +45,9 @@ KINDS = {"keypair", "network", "subnet", "router", "secgroup", "reservation", "p
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    from labctl.testbed import Testbed
-
-    tb = Testbed.start(state_dir=tmp_path / "tb", time_scale=0.001, ssh=False)
-    try:
-        site = sites.emulate(sites.resolve("kvm@tacc"))
-        site = site.__class__(**{**site.__dict__, "auth_url": tb.auth_url("kvm@tacc"), "poll_interval": 0.02})
-        provider = ChameleonProvider(site, find_openstack_credentials(site, env=tb.os_env("kvm@tacc")))
+    with emulated_kvm(tmp_path) as (_tb, provider):
         (tmp_path / "inv.yaml").write_text(PROFILE)
-        profile = load_profile(tmp_path / "inv.yaml")
-        yield provider, profile, StateStore(tmp_path / "state")
-    finally:
-        tb.stop()
+        yield provider, load_profile(tmp_path / "inv.yaml"), StateStore(tmp_path / "state")
 
 
 def make_look_alikes(provider: ChameleonProvider, deployment: str) -> None:
