@@ -183,7 +183,6 @@ class Session:
             return errors.Transient(f"{where}: timed out")
         return CloudError(f"{where}: {text}")
 
-
     def delete_in_use(self, what: str, fn: Callable[[], Any]) -> None:
         """A delete (404: done), retried while Neutron says the thing is still in use (a port of a server going
         away, a subnet whose router interface is being removed)."""

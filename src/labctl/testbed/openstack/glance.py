@@ -13,6 +13,7 @@ PREFIX = ""
 ADMIN_PROJECT = "f3e1b2c4d5a6477889900aabbccddeef"
 router = Router()
 
+
 def error_body(status: int, message: str, kind: str | None) -> str:
     # Glance errors come from webob: an HTML page, not JSON.
     title = f"{status} {status_phrase(status, 'Error')}"
